@@ -1,0 +1,109 @@
+"""Audiograms: hearing thresholds in dB HL at a set of frequencies, validated once."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+#: The 8 frequencies HAAQI-Net's audiogram input uses (and pyclarity's default), Hz.
+STANDARD_FREQUENCIES = (250.0, 500.0, 1000.0, 2000.0, 3000.0, 4000.0, 6000.0, 8000.0)
+#: The frequencies HAAQI's ear model reads the loss at, Hz.
+HAAQI_FREQUENCIES = (250.0, 500.0, 1000.0, 2000.0, 4000.0, 6000.0)
+#: Valid hearing-threshold range, dB HL (audiometers measure -10..120; a margin either side).
+MIN_LEVEL_DB_HL = -20.0
+MAX_LEVEL_DB_HL = 130.0
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Audiogram:
+    """One ear's hearing thresholds.
+
+    Attributes:
+      levels: (F,) float64 thresholds in dB HL, each in [-20, 130].
+      frequencies: (F,) float64 strictly increasing, positive frequencies in Hz.
+
+    Raises:
+      ValueError: on a shape mismatch, non-finite values, levels out of range, or frequencies
+        that are not positive and strictly increasing. The message names the offending entry.
+    """
+
+    levels: np.ndarray
+    frequencies: np.ndarray = dataclasses.field(
+        default_factory=lambda: np.asarray(STANDARD_FREQUENCIES))
+
+    def __post_init__(self) -> None:
+        levels = np.asarray(self.levels, dtype=np.float64)
+        freqs = np.asarray(self.frequencies, dtype=np.float64)
+        if levels.ndim != 1 or freqs.ndim != 1:
+            raise ValueError(
+                f"audiogram levels and frequencies must be 1-D, got shapes {levels.shape} "
+                f"and {freqs.shape}")
+        if levels.shape != freqs.shape:
+            raise ValueError(
+                f"audiogram has {levels.size} levels but {freqs.size} frequencies")
+        if levels.size == 0:
+            raise ValueError("audiogram is empty")
+        bad = np.flatnonzero(~np.isfinite(levels))
+        if bad.size:
+            raise ValueError(f"audiogram level at {freqs[bad[0]]:g} Hz is not finite "
+                             f"({levels[bad[0]]})")
+        bad = np.flatnonzero((levels < MIN_LEVEL_DB_HL) | (levels > MAX_LEVEL_DB_HL))
+        if bad.size:
+            raise ValueError(
+                f"audiogram level {levels[bad[0]]:g} dB HL at {freqs[bad[0]]:g} Hz is outside "
+                f"[{MIN_LEVEL_DB_HL:g}, {MAX_LEVEL_DB_HL:g}]")
+        if not np.all(np.isfinite(freqs)) or np.any(freqs <= 0):
+            raise ValueError(f"audiogram frequencies must be finite and positive, got {freqs}")
+        if np.any(np.diff(freqs) <= 0):
+            raise ValueError(f"audiogram frequencies must be strictly increasing, got {freqs}")
+        levels.setflags(write=False)
+        freqs.setflags(write=False)
+        object.__setattr__(self, "levels", levels)
+        object.__setattr__(self, "frequencies", freqs)
+
+    @classmethod
+    def from_any(cls, audiogram) -> "Audiogram":
+        """Accepts an Audiogram, pyclarity's Audiogram (duck-typed), or 8 standard levels."""
+        if isinstance(audiogram, cls):
+            return audiogram
+        if hasattr(audiogram, "levels") and hasattr(audiogram, "frequencies"):
+            return cls(audiogram.levels, audiogram.frequencies)
+        levels = np.asarray(audiogram, dtype=np.float64)
+        if levels.shape != (len(STANDARD_FREQUENCIES),):
+            raise ValueError(
+                f"an audiogram given as plain values needs {len(STANDARD_FREQUENCIES)} levels at "
+                f"{STANDARD_FREQUENCIES} Hz, got shape {levels.shape}")
+        return cls(levels)
+
+    def has_frequencies(self, frequencies: Sequence[float]) -> bool:
+        return bool(np.all(np.isin(np.asarray(frequencies, dtype=np.float64), self.frequencies)))
+
+    def resample(self, frequencies: Sequence[float]) -> "Audiogram":
+        """Interpolates linearly in log frequency, holding the end values beyond the range."""
+        new = np.asarray(frequencies, dtype=np.float64)
+        levels = np.interp(np.log(new), np.log(self.frequencies), self.levels)
+        return Audiogram(levels, new)
+
+    def __repr__(self) -> str:
+        pairs = ", ".join(f"{f:g}: {l:g}" for f, l in zip(self.frequencies, self.levels))
+        return f"Audiogram({{{pairs}}} dB HL)"
+
+
+def validate_levels(levels, *, where: str = "audiogram") -> np.ndarray:
+    """Checks a (..., 8) array of standard-frequency levels; returns it as float32.
+
+    Raises ValueError naming `where` and the first bad entry (index, frequency, value).
+    """
+    arr = np.asarray(levels, dtype=np.float64)
+    if arr.shape[-1:] != (len(STANDARD_FREQUENCIES),):
+        raise ValueError(f"{where}: expected {len(STANDARD_FREQUENCIES)} levels at "
+                         f"{STANDARD_FREQUENCIES} Hz, got shape {arr.shape}")
+    bad = ~np.isfinite(arr) | (arr < MIN_LEVEL_DB_HL) | (arr > MAX_LEVEL_DB_HL)
+    if bad.any():
+        idx = tuple(int(i[0]) for i in np.nonzero(bad))
+        raise ValueError(
+            f"{where}: level {arr[idx]!r} dB HL at {STANDARD_FREQUENCIES[idx[-1]]:g} Hz "
+            f"(index {idx}) is not finite or outside [{MIN_LEVEL_DB_HL:g}, {MAX_LEVEL_DB_HL:g}]")
+    return arr.astype(np.float32)
