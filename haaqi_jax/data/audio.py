@@ -1,0 +1,115 @@
+"""Reading audio files as 16 kHz mono float32 waveforms, and validating waveforms.
+
+Resampling uses libsoxr at its "very high quality" setting (the `soxr` package, which librosa
+already depends on). Measured on in-band sines (440 + 1500 Hz, 8/44.1/48 kHz -> 16 kHz) it is
+within 1e-9 of the exact values, where scipy.signal.resample_poly with its default Kaiser
+window is off by 2e-4..6e-4, and it is as fast. Its output length, round-half-up of
+n * target / source, is known from the file header (`resampled_length`), which the
+length-bucketed input pipeline relies on; `load_audio` enforces it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+#: Fewest samples at 16 kHz that give one 16x16 BEATs patch: 16 fbank frames of 400 samples
+#: with a 160-sample shift.
+MIN_SAMPLES = 400 + 15 * 160
+#: |x| below this everywhere counts as silence (float32 audio from a broken export or a
+#: muted channel; real recordings have dither or noise far above it).
+SILENCE_THRESHOLD = 1e-8
+
+
+def resampled_length(n_samples: int, orig_rate: int, target_rate: int) -> int:
+    """Number of samples `load_audio` returns for n_samples at orig_rate."""
+    if orig_rate == target_rate:
+        return int(n_samples)
+    return (2 * int(n_samples) * int(target_rate) + int(orig_rate)) // (2 * int(orig_rate))
+
+
+def _info(path: Path):
+    import soundfile as sf
+    if not path.is_file():
+        raise FileNotFoundError(f"audio file {path} does not exist")
+    try:
+        return sf.info(str(path))
+    except Exception as err:  # libsndfile raises LibsndfileError / RuntimeError / TypeError
+        raise ValueError(f"{path}: not readable audio ({err})") from None
+
+
+def audio_num_samples(path: str | os.PathLike, sample_rate: int = 16000) -> int:
+    """Length `load_audio(path, sample_rate)` will have, read from the file header only."""
+    path = Path(path)
+    info = _info(path)
+    if info.frames <= 0:
+        raise ValueError(f"{path}: audio file is empty")
+    return resampled_length(info.frames, info.samplerate, sample_rate)
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
+    """Reads any libsndfile format (wav, flac, ogg, ...) as mono float32 at `sample_rate`.
+
+    Channels are averaged; integer formats are scaled to [-1, 1) by libsndfile.
+
+    Returns:
+      (N,) float32, N = resampled_length(frames, file rate, sample_rate).
+
+    Raises:
+      FileNotFoundError: the file does not exist.
+      ValueError: naming the file, when it is unreadable or corrupt, empty, or holds NaN/inf.
+    """
+    import soundfile as sf
+    import soxr
+
+    path = Path(path)
+    _info(path)
+    try:
+        data, rate = sf.read(str(path), dtype="float64", always_2d=True)
+    except Exception as err:
+        raise ValueError(f"{path}: cannot decode audio ({err})") from None
+    if data.shape[0] == 0:
+        raise ValueError(f"{path}: audio file is empty")
+    if not np.all(np.isfinite(data)):
+        bad = int(np.flatnonzero(~np.isfinite(data).all(axis=1))[0])
+        raise ValueError(f"{path}: sample {bad} is NaN or infinite")
+    mono = data.mean(axis=1)
+    if rate != sample_rate:
+        n_out = resampled_length(mono.shape[0], rate, sample_rate)
+        if n_out == 0:
+            raise ValueError(f"{path}: {mono.shape[0]} samples at {rate} Hz is empty at "
+                             f"{sample_rate} Hz")
+        mono = soxr.resample(mono, int(rate), int(sample_rate), quality="VHQ")
+        # soxr's length rule is the one above; pin it so headers predict lengths exactly.
+        mono = np.pad(mono[:n_out], (0, max(0, n_out - mono.shape[0])))
+    return mono.astype(np.float32)
+
+
+def check_waveform(x, *, name: str = "waveform", min_samples: int = MIN_SAMPLES,
+                   allow_silent: bool = False) -> np.ndarray:
+    """Validates one waveform for the encoder; returns it as float32.
+
+    Checks: a 1-D floating-point array (integer samples mean a missed 1/32768 scaling), every
+    sample finite, at least `min_samples` samples (default: one BEATs patch, 2800 at 16 kHz),
+    and not silent (all |x| < 1e-8) unless `allow_silent`.
+
+    Raises:
+      ValueError naming `name` and the problem.
+    """
+    arr = np.asarray(x)
+    if arr.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D waveform, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"{name}: expected floating-point samples in [-1, 1], got dtype "
+                         f"{arr.dtype} (scale integer PCM by 1/32768)")
+    finite = np.isfinite(arr)
+    if not finite.all():
+        raise ValueError(f"{name}: sample {int(np.flatnonzero(~finite)[0])} is NaN or infinite")
+    if arr.shape[0] < min_samples:
+        raise ValueError(f"{name}: {arr.shape[0]} samples is too short; at least {min_samples} "
+                         f"are needed (one 16x16 BEATs patch at 16 kHz)")
+    if not allow_silent and not np.any(np.abs(arr) >= SILENCE_THRESHOLD):
+        raise ValueError(f"{name}: waveform is silent (all |x| < {SILENCE_THRESHOLD:g})")
+    return arr.astype(np.float32, copy=False)

@@ -1,0 +1,342 @@
+"""A feature cache: run the frozen encoder once per clip, then train the head from disk.
+
+Layout of `cache_dir/<key>/` (key = hash of the encoder fingerprint, layers, dtype, rate):
+  meta.json     fingerprint, layers, dtype, sample_rate, feature shape
+  index.jsonl   one line per stored clip, appended as clips finish (the last line per id wins):
+                id, source (path|size|mtime_ns of the audio), file, n_samples, t_valid, t_full
+  <sha1(id)>.npy  the clip's valid tokens: (t_valid, C) or (L, t_valid, C)
+
+Each clip is encoded padded to `bucket_length(its own length)`, alone or in a batch of clips
+with that same padded length, so its features do not depend on which clips it was batched with
+(masked keys, zeroed padded tokens). Only the valid tokens (a prefix, checked) are stored;
+`t_full` (tokens of the padded input) is kept so that feature batches have the same few T
+values as the waveform buckets.
+
+Storage dtype: float16 by default. Head-only training is I/O bound and BEATs hidden states are
+LayerNorm outputs of modest range, so float16 halves disk and read time (13 layers x 768 x 1496
+tokens of a 30 s clip: 30 MB instead of 60 MB) at a relative rounding of 2**-11, far below
+label noise. Values beyond float16 range raise a ValueError naming the clip. Pass
+dtype="float32" for bit-exact features.
+
+Staleness: the cache folder is keyed by an encoder fingerprint (pass `params_fingerprint(params,
+config)`; without one, a hash of the encoder's output on a fixed probe signal is used, which costs
+one extra encode_fn call and is bit-exact, so another device or backend rebuilds). A clip is
+re-encoded when its audio file's size or modification time changed. Interrupted builds resume:
+clips already in index.jsonl with their .npy present are skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import numpy as np
+
+from haaqi_jax.data.audio import audio_num_samples, check_waveform, load_audio
+from haaqi_jax.data.buckets import bucket_length
+from haaqi_jax.data.manifest import ManifestRow
+from haaqi_jax.data.pipeline import (Batch, BatchIterator, InputConfig, local_slots,
+                                     make_batch_iterator, pad_stack, row_fields)
+
+EncodeFn = Callable[[np.ndarray, np.ndarray], tuple[Any, Any]]
+META_FILE = "meta.json"
+INDEX_FILE = "index.jsonl"
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def params_fingerprint(params: Any, config: Any = None) -> str:
+    """Hex digest of a parameter pytree (paths, shapes, dtypes, values) and a JSON-able config."""
+    import jax  # only for tree flattening; params are usually jax arrays anyway
+    h = hashlib.sha256()
+    leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+    for path, leaf in leaves:
+        arr = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype}|{arr.shape}".encode())
+        h.update(arr.tobytes())
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:32]
+
+
+def _source_id(path: Path) -> str:
+    stat = path.stat()
+    return f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def _file_name(row_id: str) -> str:
+    return hashlib.sha1(row_id.encode()).hexdigest()[:24] + ".npy"
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheEntry:
+    """Where one clip's features are and their token counts."""
+    id: str
+    source: str
+    file: str
+    n_samples: int
+    t_valid: int
+    t_full: int
+
+
+class FeatureCache:
+    """Read access to a built cache folder (see the module docstring).
+
+    Attributes:
+      directory, fingerprint, layers ("last"/"all"), dtype, sample_rate,
+      feature_shape ((C,) or (L, C)), entries ({row id: CacheEntry}).
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        meta_path = self.directory / META_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{self.directory} is not a feature cache ({META_FILE} "
+                                    "is missing)")
+        meta = json.loads(meta_path.read_text())
+        self.fingerprint = meta["fingerprint"]
+        self.layers = meta["layers"]
+        self.dtype = meta["dtype"]
+        self.sample_rate = int(meta["sample_rate"])
+        shape = meta.get("feature_shape")
+        self.feature_shape = None if shape is None else tuple(shape)
+        self.entries = self._read_index()
+
+    def _read_index(self) -> dict[str, CacheEntry]:
+        entries: dict[str, CacheEntry] = {}
+        path = self.directory / INDEX_FILE
+        if not path.is_file():
+            return entries
+        for line in path.read_text().splitlines():
+            try:
+                entry = CacheEntry(**json.loads(line))
+            except (json.JSONDecodeError, TypeError):
+                continue  # a line cut short by an interrupted build
+            if (self.directory / entry.file).is_file():
+                entries[entry.id] = entry
+        return entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def is_current(self, row: ManifestRow) -> bool:
+        """True when the row's clip is stored and its audio file is unchanged."""
+        entry = self.entries.get(row.id)
+        return entry is not None and row.file_path.is_file() and (
+            entry.source == _source_id(row.file_path))
+
+    def entry(self, row: ManifestRow) -> CacheEntry:
+        if not self.is_current(row):
+            raise ValueError(f"{row.describe()} is not in the feature cache {self.directory} "
+                             "(or its audio changed): run build_feature_cache on these rows")
+        return self.entries[row.id]
+
+    def load(self, row: ManifestRow) -> np.ndarray:
+        """The stored features as float32: (t_valid, C) or (L, t_valid, C)."""
+        return np.load(self.directory / self.entry(row).file).astype(np.float32)
+
+
+def _probe_fingerprint(encode_fn: EncodeFn, sample_rate: int) -> str:
+    n = bucket_length(sample_rate)
+    wave = (0.1 * np.random.default_rng(0).standard_normal((1, n))).astype(np.float32)
+    features, token_padding_mask = encode_fn(wave, np.zeros((1, n), bool))
+    h = hashlib.sha256(b"probe")
+    for arr in (np.asarray(features, np.float32), np.asarray(token_padding_mask, bool)):
+        h.update(repr(arr.shape).encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()[:32]
+
+
+def _split_outputs(features, token_padding_mask, *, batch: int, layers: str
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    features = np.asarray(features, np.float32)
+    mask = np.asarray(token_padding_mask, bool)
+    if features.ndim == 4 and layers == "last":
+        features = features[:, -1]
+    if features.ndim != (4 if layers == "all" else 3):
+        raise ValueError(f"encode_fn returned features of shape {features.shape}; layers="
+                         f"{layers!r} needs (B, T, C) or, for 'all', (B, L, T, C)")
+    t_axis = features.ndim - 2
+    if features.shape[0] != batch or mask.shape != (batch, features.shape[t_axis]):
+        raise ValueError(f"encode_fn returned features {features.shape} and token mask "
+                         f"{mask.shape} for a batch of {batch}: expected (B, [L,] T, C) and "
+                         "(B, T)")
+    return features, mask
+
+
+def build_feature_cache(rows: Sequence[ManifestRow], encode_fn: EncodeFn,
+                        cache_dir: str | os.PathLike, *, batch_size: int,
+                        sample_rate: int = 16000, layers: Literal["last", "all"] = "last",
+                        fingerprint: str | None = None,
+                        dtype: Literal["float16", "float32"] = "float16") -> FeatureCache:
+    """Encodes every row's clip once (skipping clips already cached) and stores the features.
+
+    Args:
+      rows: ManifestRows (ids must be unique; they key the cache).
+      encode_fn: (waveform (B, N) f32, padding_mask (B, N) bool True=pad) ->
+        (features (B, T, C) or (B, L, T, C), token_padding_mask (B, T) True=pad). Called with
+        B == batch_size always (short batches are filled with copies) and N a bucket length.
+      cache_dir: parent folder; the cache lives in a sub-folder per fingerprint.
+      batch_size: clips per encode_fn call.
+      sample_rate: audio rate fed to encode_fn.
+      layers: "last" keeps (T, C) (the last layer when encode_fn returns all); "all" keeps
+        (L, T, C) and requires 4-D output.
+      fingerprint: identifies the encoder's parameters and config (`params_fingerprint`);
+        None = hash of encode_fn's output on a probe signal (one extra call).
+      dtype: storage dtype, "float16" (default, see module docstring) or "float32".
+
+    Returns:
+      The FeatureCache.
+
+    Raises:
+      ValueError naming the row for unreadable, silent or too-short audio, non-finite or
+      float16-overflowing features, or a token mask whose valid tokens are not a prefix.
+    """
+    from tqdm.auto import tqdm
+
+    if layers not in ("last", "all"):
+        raise ValueError(f"layers must be 'last' or 'all', got {layers!r}")
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    ids = [row.id for row in rows]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"row id {dup!r} appears more than once; ids key the feature cache")
+    if fingerprint is None:
+        fingerprint = _probe_fingerprint(encode_fn, sample_rate)
+    key = hashlib.sha1(f"{fingerprint}|{layers}|{dtype}|{sample_rate}".encode()).hexdigest()[:16]
+    directory = Path(cache_dir) / key
+    directory.mkdir(parents=True, exist_ok=True)
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        meta = {"fingerprint": fingerprint, "layers": layers, "dtype": dtype,
+                "sample_rate": sample_rate, "feature_shape": None}
+        meta_path.write_text(json.dumps(meta, indent=2))
+    cache = FeatureCache(directory)
+
+    todo = [row for row in rows if not cache.is_current(row)]
+    groups: dict[int, list[tuple[ManifestRow, int]]] = defaultdict(list)
+    for row in todo:
+        try:
+            n = audio_num_samples(row.file_path, sample_rate)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{row.describe()}: {err}") from None
+        groups[bucket_length(n)].append((row, n))
+
+    feature_shape = cache.feature_shape
+    with open(directory / INDEX_FILE, "a") as index, tqdm(
+            total=len(todo), desc="encoding clips", unit="clip", disable=not todo) as bar:
+        for _, members in sorted(groups.items()):
+            for start in range(0, len(members), batch_size):
+                chunk = members[start:start + batch_size]
+                waves = []
+                for row, _ in chunk:
+                    try:
+                        waves.append(check_waveform(load_audio(row.file_path, sample_rate),
+                                                    name=str(row.file_path)))
+                    except (OSError, ValueError) as err:
+                        raise ValueError(f"{row.describe()}: {err}") from None
+                longest = max(w.shape[0] for w in waves)
+                # Short batches are filled with copies of the first clip: encode_fn always sees
+                # batch_size rows (one compiled shape per bucket).
+                waves_full = waves + [waves[0]] * (batch_size - len(waves))
+                waveform, valid = pad_stack(waves_full, bucket_length(longest))
+                features, token_pad = _split_outputs(*encode_fn(waveform, ~valid),
+                                                     batch=batch_size, layers=layers)
+                for k, (row, _) in enumerate(chunk):
+                    entry = _store(directory, row, features[k], token_pad[k], dtype,
+                                   n_samples=waves[k].shape[0])
+                    index.write(json.dumps(dataclasses.asdict(entry)) + "\n")
+                    index.flush()
+                    bar.update()
+                shape = (features.shape[-1],) if layers == "last" else (
+                    features.shape[1], features.shape[-1])
+                if feature_shape is None:
+                    feature_shape = shape
+                    meta = json.loads(meta_path.read_text())
+                    meta["feature_shape"] = list(shape)
+                    meta_path.write_text(json.dumps(meta, indent=2))
+                elif tuple(feature_shape) != shape:
+                    raise ValueError(f"encode_fn returned feature shape {shape}, but the cache "
+                                     f"{directory} holds {tuple(feature_shape)}")
+    return FeatureCache(directory)
+
+
+def _store(directory: Path, row: ManifestRow, features: np.ndarray, token_pad: np.ndarray,
+           dtype: str, *, n_samples: int) -> CacheEntry:
+    """Writes one clip's valid tokens atomically; returns its index entry."""
+    valid = ~token_pad
+    t_valid = int(valid.sum())
+    if t_valid == 0 or not valid[:t_valid].all():
+        raise ValueError(f"{row.describe()}: encode_fn's token mask has {t_valid} valid tokens "
+                         "that are not a leading prefix; cannot store it")
+    kept = features[..., :t_valid, :]
+    if not np.all(np.isfinite(kept)):
+        raise ValueError(f"{row.describe()}: encode_fn returned NaN or infinite features")
+    if dtype == "float16" and np.abs(kept).max() > _FLOAT16_MAX:
+        raise ValueError(f"{row.describe()}: features exceed the float16 range; build the "
+                         "cache with dtype='float32'")
+    name = _file_name(row.id)
+    tmp = directory / f".{name}.tmp"
+    with open(tmp, "wb") as f:
+        np.save(f, kept.astype(dtype))
+    os.replace(tmp, directory / name)
+    return CacheEntry(id=row.id, source=_source_id(row.file_path), file=name,
+                      n_samples=int(n_samples), t_valid=t_valid,
+                      t_full=int(features.shape[-2]))
+
+
+def make_feature_batches(cache: FeatureCache, rows: Sequence[ManifestRow], cfg: InputConfig,
+                         *, train: bool = True, epoch_start: int = 0,
+                         num_epochs: int | None = None) -> BatchIterator:
+    """Batches of cached features with the waveform pipeline's order, filler and resume rules.
+
+    train=True behaves as make_train_iterator (reshuffled epochs, endless unless num_epochs,
+    labels required); train=False as make_eval_batches (one pass sorted by length). Length
+    grouping uses (t_full, t_valid); T of a batch is the largest t_full in it, so T takes as
+    few values as the waveform buckets. cfg.crop_seconds must be None (features of a crop are
+    not a crop of the features).
+
+    Returns:
+      BatchIterator yielding {features (B,T,C) or (B,L,T,C) f32 (0 past t_valid),
+      token_mask (B,T) bool True=valid, audiogram (B,8) f32, label (B,) f32, weight (B,) f32,
+      index (B,) int32 (-1 = filler)}.
+    """
+    if cfg.crop_seconds is not None:
+        raise ValueError("make_feature_batches: cfg.crop_seconds must be None; cached features "
+                         "are whole clips")
+    if cfg.sample_rate != cache.sample_rate:
+        raise ValueError(f"cfg.sample_rate {cfg.sample_rate} differs from the cache's "
+                         f"{cache.sample_rate}")
+    if len(rows) == 0:
+        raise ValueError("no rows to make batches from")
+    if train:
+        for row in rows:
+            if row.haaqi_score is None:
+                raise ValueError(f"{row.describe()} has no haaqi_score; training needs labels")
+    entries = [cache.entry(row) for row in rows]
+    keys = np.array([[e.t_full, e.t_valid] for e in entries], np.int64)
+    all_layers = cache.layers == "all"
+
+    def load_batch(positions: np.ndarray, epoch: int) -> Batch:
+        del epoch  # no randomness per item
+        t = int(keys[positions, 0].max())  # same on every host: from the global batch
+        slots, real = local_slots(positions, cfg)
+        feats = [cache.load(rows[i]) for i in slots]
+        if all_layers:  # (L, t, C) -> (t, L, C) so the token axis comes first for padding
+            feats = [np.swapaxes(f, 0, 1) for f in feats]
+        features, token_mask = pad_stack(feats, t)
+        if all_layers:
+            features = np.ascontiguousarray(np.swapaxes(features, 1, 2))
+        return {"features": features, "token_mask": token_mask,
+                **row_fields(rows, slots, real)}
+
+    digest_parts = ("features", cache.fingerprint, tuple(e.id for e in entries),
+                    tuple(e.source for e in entries))
+    return make_batch_iterator(keys, load_batch, cfg, train=train, epoch_start=epoch_start,
+                               num_epochs=num_epochs, digest_parts=digest_parts)

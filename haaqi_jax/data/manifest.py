@@ -1,0 +1,328 @@
+"""Dataset manifests: one row per clip (audio file, listener audiogram, HAAQI label).
+
+Two on-disk forms are read:
+
+* JSON Lines (what `write_manifest` writes): one JSON object per line; blank lines and lines
+  starting with `#` are ignored.
+* The HAAQI-Net authors' `train.json`: one JSON document `{"data": [row, ...]}` (or a bare
+  list of rows). Its "line" numbers below are the 1-based entry positions.
+
+Row keys:
+  file_path    str, required. Relative paths resolve against the manifest's folder.
+  audiogram    8 numbers, dB HL at 250, 500, 1000, 2000, 3000, 4000, 6000, 8000 Hz, required.
+  haaqi_score  number in [0, 1] or null/absent (unlabelled; refused when `require_label`).
+  reference    str path to the clean reference, optional (same resolution rule).
+  split        str, optional (train, valid, test_seen, test_unseen, ...).
+  id           str or int, optional; defaults to the line number. Must be unique.
+  distortion   str, optional free text used for per-distortion evaluation.
+Other keys are ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping, Sequence
+
+import numpy as np
+
+from haaqi_jax.audiogram import validate_levels
+
+_OPTIONAL_TEXT_KEYS = ("split", "distortion")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ManifestRow:
+    """One validated manifest entry.
+
+    Attributes:
+      id: unique row id (the manifest's `id`, else the line number as text).
+      file_path: absolute path of the (processed) audio clip.
+      audiogram: (8,) float32 read-only, dB HL at the standard frequencies.
+      haaqi_score: label in [0, 1], or None when unlabelled.
+      reference: absolute path of the reference clip, or None.
+      split: split name, or None.
+      distortion: free-text distortion description, or None.
+      line: 1-based line (JSONL) or entry number (JSON document) in the manifest; 0 when the
+        row was built in code.
+    """
+
+    id: str
+    file_path: Path
+    audiogram: np.ndarray
+    haaqi_score: float | None = None
+    reference: Path | None = None
+    split: str | None = None
+    distortion: str | None = None
+    line: int = 0
+
+    def __post_init__(self) -> None:
+        levels = validate_levels(self.audiogram, where=f"row {self.id!r}: key 'audiogram'")
+        if levels.ndim != 1:
+            raise ValueError(f"row {self.id!r}: key 'audiogram' must be 8 values, got shape "
+                             f"{levels.shape}")
+        levels.setflags(write=False)
+        object.__setattr__(self, "audiogram", levels)
+        object.__setattr__(self, "id", str(self.id))
+        object.__setattr__(self, "file_path", Path(self.file_path))
+        if self.reference is not None:
+            object.__setattr__(self, "reference", Path(self.reference))
+        if self.haaqi_score is not None:
+            object.__setattr__(self, "haaqi_score", _check_label(self.haaqi_score))
+
+    def to_dict(self, relative_to: str | os.PathLike | None = None) -> dict[str, Any]:
+        """JSON-able dict; paths are written relative to `relative_to` when inside it."""
+        out: dict[str, Any] = {
+            "id": self.id,
+            "file_path": _path_text(self.file_path, relative_to),
+            "audiogram": [float(v) for v in self.audiogram],
+            "haaqi_score": self.haaqi_score,
+        }
+        if self.reference is not None:
+            out["reference"] = _path_text(self.reference, relative_to)
+        for key in _OPTIONAL_TEXT_KEYS:
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+    def describe(self) -> str:
+        """Short text naming the row for error messages: line, id and file."""
+        where = f"line {self.line}, " if self.line else ""
+        return f"row ({where}id {self.id!r}, {self.file_path})"
+
+
+class Manifest(list):
+    """The rows `read_manifest` returns: a plain list of ManifestRow plus two attributes.
+
+    Attributes:
+      path: the manifest file read.
+      skipped: ((line, reason), ...) of the rows dropped with on_error="skip" (else empty).
+    """
+
+    def __init__(self, rows: Iterable[ManifestRow] = (), *, path: Path | None = None,
+                 skipped: Sequence[tuple[int, str]] = ()):
+        super().__init__(rows)
+        self.path = path
+        self.skipped = tuple(skipped)
+
+
+def _check_label(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise ValueError(f"key 'haaqi_score' must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"key 'haaqi_score' must be a finite number in [0, 1], got {value!r}")
+    return value
+
+
+def _path_text(path: Path, relative_to: str | os.PathLike | None) -> str:
+    if relative_to is not None:
+        try:
+            return Path(path).relative_to(Path(relative_to).absolute()).as_posix()
+        except ValueError:
+            pass
+    return Path(path).as_posix()
+
+
+def _resolve(text: Any, key: str, base: Path) -> Path:
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"key {key!r} must be a non-empty path string, got {text!r}")
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _check_file(path: Path, key: str) -> None:
+    import soundfile as sf  # lazy: only needed when checking files
+    if not path.is_file():
+        raise ValueError(f"key {key!r}: file {path} does not exist")
+    try:
+        info = sf.info(str(path))
+    except Exception as err:  # libsndfile raises several types for foreign files
+        raise ValueError(f"key {key!r}: {path} is not readable audio ({err})") from None
+    if info.frames <= 0:
+        raise ValueError(f"key {key!r}: {path} holds no samples")
+
+
+def _parse_row(obj: Any, *, line: int, base: Path, require_label: bool,
+               check_files: bool) -> ManifestRow:
+    """Validates one decoded entry; raises ValueError(reason) without location prefix."""
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    for key in ("file_path", "audiogram"):
+        if key not in obj:
+            raise ValueError(f"missing key {key!r}")
+    row_id = obj.get("id", line)
+    if isinstance(row_id, bool) or not isinstance(row_id, (str, int)) or str(row_id) == "":
+        raise ValueError(f"key 'id' must be a non-empty string or an integer, got {row_id!r}")
+    file_path = _resolve(obj["file_path"], "file_path", base)
+    reference = obj.get("reference")
+    reference = None if reference is None else _resolve(reference, "reference", base)
+    audiogram = obj["audiogram"]
+    if not isinstance(audiogram, (list, tuple)) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in audiogram):
+        raise ValueError(f"key 'audiogram' must be a list of 8 numbers, got {audiogram!r}")
+    levels = validate_levels(audiogram, where="key 'audiogram'")
+    label = obj.get("haaqi_score")
+    if label is None:
+        if require_label:
+            raise ValueError("missing key 'haaqi_score' (a label is required)")
+    else:
+        label = _check_label(label)
+    texts = {}
+    for key in _OPTIONAL_TEXT_KEYS:
+        value = obj.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"key {key!r} must be a string, got {value!r}")
+        texts[key] = value
+    if check_files:
+        _check_file(file_path, "file_path")
+        if reference is not None:
+            _check_file(reference, "reference")
+    return ManifestRow(id=str(row_id), file_path=file_path, audiogram=levels, haaqi_score=label,
+                       reference=reference, line=line, **texts)
+
+
+def _entries(path: Path, text: str) -> list[tuple[int, Any, str | None]]:
+    """(line, decoded object or None, JSON error or None) for every entry of the file."""
+    stripped = text.lstrip()
+    if stripped[:1] in ("{", "["):
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError:
+            doc = None  # several objects, one per line: JSON Lines
+        if isinstance(doc, list) or (isinstance(doc, dict) and isinstance(doc.get("data"), list)):
+            items = doc if isinstance(doc, list) else doc["data"]
+            return [(i + 1, item, None) for i, item in enumerate(items)]
+        if isinstance(doc, dict) and "data" in doc:
+            raise ValueError(f"{path}: key 'data' must be a list of rows")
+    out = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip() or raw.lstrip().startswith("#"):
+            continue
+        try:
+            out.append((number, json.loads(raw), None))
+        except json.JSONDecodeError as err:
+            out.append((number, None, f"bad JSON ({err.msg} at column {err.colno})"))
+    return out
+
+
+def read_manifest(path: str | os.PathLike, *, require_label: bool = False,
+                  check_files: bool = False,
+                  on_error: Literal["raise", "skip"] = "raise") -> Manifest:
+    """Reads and validates a manifest (JSON Lines, or the authors' {"data": [...]} JSON).
+
+    Args:
+      path: the manifest file. Relative clip paths resolve against its folder.
+      require_label: refuse rows without `haaqi_score` (training, evaluation).
+      check_files: check that every `file_path` (and `reference`) exists and that libsndfile
+        can read its header, so a training run fails here rather than mid-epoch.
+      on_error: "raise" stops at the first bad row; "skip" drops bad rows and records them.
+
+    Returns:
+      A `Manifest` (a list of ManifestRow in file order) whose `.skipped` holds
+      ((line, reason), ...) for the dropped rows.
+
+    Raises:
+      FileNotFoundError: the manifest does not exist.
+      ValueError: "<file>:<line> (id <id>): <reason naming the key>" for the first bad row
+        (bad JSON, missing key, audiogram count or range, label outside [0, 1] or NaN, missing
+        label, duplicate id, missing or unreadable audio file), or an empty manifest.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    path = Path(path).expanduser().absolute()
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {path} does not exist")
+    base = path.parent
+    rows: list[ManifestRow] = []
+    skipped: list[tuple[int, str]] = []
+    seen: dict[str, int] = {}
+    entries = _entries(path, path.read_text(encoding="utf-8"))
+    progress = None
+    if check_files and len(entries) > 200:
+        from tqdm.auto import tqdm
+        progress = tqdm(total=len(entries), desc=f"checking {path.name}", unit="row")
+    for line, obj, json_error in entries:
+        row_id = obj.get("id", line) if isinstance(obj, Mapping) else line
+        try:
+            if json_error is not None:
+                raise ValueError(json_error)
+            row = _parse_row(obj, line=line, base=base, require_label=require_label,
+                             check_files=check_files)
+            if row.id in seen:
+                raise ValueError(f"key 'id': duplicate id, first used on line {seen[row.id]}")
+        except ValueError as err:
+            reason = f"{path}:{line} (id {str(row_id)!r}): {err}"
+            if on_error == "raise":
+                raise ValueError(reason) from None
+            skipped.append((line, reason))
+        else:
+            seen[row.id] = line
+            rows.append(row)
+        if progress is not None:
+            progress.update()
+    if progress is not None:
+        progress.close()
+    if not rows:
+        raise ValueError(f"{path}: no usable rows" + (f" ({len(skipped)} skipped)" if skipped
+                                                       else ""))
+    return Manifest(rows, path=path, skipped=skipped)
+
+
+def write_manifest(path: str | os.PathLike,
+                   rows_or_dicts: Iterable[ManifestRow | Mapping[str, Any]]) -> Path:
+    """Writes rows as JSON Lines, atomically (temporary file, then rename).
+
+    ManifestRow paths inside the manifest's folder are written relative to it, so the folder
+    can be moved; dicts are written as given (after a JSON round-trip check).
+
+    Returns:
+      The absolute path written.
+    """
+    path = Path(path).expanduser().absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for item in rows_or_dicts:
+        obj = item.to_dict(relative_to=path.parent) if isinstance(item, ManifestRow) else dict(item)
+        lines.append(json.dumps(obj, allow_nan=False))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + ("\n" if lines else ""))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def split_rows(rows: Sequence[ManifestRow], *, valid_fraction: float = 0.2,
+               seed: int = 0) -> dict[str, list[ManifestRow]]:
+    """Groups rows into splits.
+
+    A row with a `split` goes to that split. Rows without one are divided at random (seeded,
+    independent of file order only through `seed`) into "train" and "valid", the latter
+    holding round(valid_fraction * count) of them (at least 1 when there are 2 or more and
+    valid_fraction > 0), as in the authors' 80/20 split. Every list keeps manifest order.
+
+    Returns:
+      {split name: [ManifestRow, ...]}; "train" and "valid" appear only when non-empty.
+    """
+    if not 0.0 <= valid_fraction < 1.0:
+        raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
+    out: dict[str, list[ManifestRow]] = {}
+    unsplit = [i for i, row in enumerate(rows) if row.split is None]
+    n_valid = int(round(valid_fraction * len(unsplit)))
+    if valid_fraction > 0 and len(unsplit) >= 2:
+        n_valid = max(n_valid, 1)
+    chosen = np.random.default_rng(seed).permutation(len(unsplit))[:n_valid]
+    valid_positions = {unsplit[i] for i in chosen}
+    for i, row in enumerate(rows):
+        name = row.split if row.split is not None else (
+            "valid" if i in valid_positions else "train")
+        out.setdefault(name, []).append(row)
+    return out

@@ -1,0 +1,224 @@
+"""The demo dataset: listeners, determinism, caching, resuming, the CLI and real HAAQI labels."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.signal
+
+from haaqi_jax.audiogram import STANDARD_FREQUENCIES
+from haaqi_jax.data import degrade as D
+from haaqi_jax.data import demo
+from haaqi_jax.data import listeners as L
+from haaqi_jax.data import synth
+from haaqi_jax.data.manifest import read_manifest
+
+SR = synth.SAMPLE_RATE
+FREQ = np.asarray(STANDARD_FREQUENCIES)
+
+
+# ------------------------------------------------------------------------------- listeners
+
+def _mean(levels, freqs):
+    return levels[:, np.isin(FREQ, freqs)].mean(axis=1)
+
+
+def _pta(levels):  # pure-tone average 500, 1k, 2k, 4k Hz
+    return _mean(levels, [500, 1000, 2000, 4000])
+
+
+SHAPE_CHECKS = {
+    "normal": lambda a: a.max(axis=1) <= 25,
+    "mild_sloping": lambda a: (_mean(a, [4000, 6000, 8000]) - _mean(a, [250, 500]) >= 20)
+    & (_pta(a) >= 15) & (_pta(a) <= 45),
+    "moderate_sloping": lambda a: (_mean(a, [4000, 6000, 8000]) - _mean(a, [250, 500]) >= 20)
+    & (_pta(a) >= 40) & (_pta(a) <= 70),
+    "severe_sloping": lambda a: (_mean(a, [4000, 6000, 8000]) - _mean(a, [250, 500]) >= 20)
+    & (_pta(a) >= 65),
+    "flat": lambda a: (a.max(axis=1) - a.min(axis=1) <= 20) & (_pta(a) >= 20),
+    "noise_notch": lambda a: (a[:, FREQ == 4000][:, 0] - np.maximum(a[:, FREQ == 2000][:, 0],
+                                                                    a[:, FREQ == 8000][:, 0])
+                              >= 10),
+    "reverse_slope": lambda a: _mean(a, [250, 500]) - _mean(a, [4000, 6000, 8000]) >= 15,
+    "cookie_bite": lambda a: _mean(a, [1000, 2000, 3000]) - np.maximum(
+        _mean(a, [250]), _mean(a, [8000])) >= 15,
+}
+
+
+@pytest.mark.parametrize("shape", L.LISTENER_SHAPES)
+def test_audiograms_are_in_range_and_of_their_shape(shape):
+    rng = np.random.default_rng(0)
+    levels = np.stack([L.draw_audiogram(rng, shape) for _ in range(300)])
+    assert levels.shape == (300, 8) and levels.dtype == np.float32
+    assert levels.min() >= -10 and levels.max() <= 120
+    ok = SHAPE_CHECKS[shape](levels.astype(np.float64))
+    assert ok.all(), f"{shape}: {np.count_nonzero(~ok)} of 300 draws off-shape"
+    assert levels.std(axis=0).min() > 1.0  # jittered, not a constant template
+
+
+def test_listener_draws_and_bad_shape():
+    rng = np.random.default_rng(1)
+    shapes = [L.draw_listener(rng)[0] for _ in range(400)]
+    assert set(shapes) == set(L.LISTENER_SHAPES)
+    assert 0.18 < shapes.count("normal") / 400 < 0.32
+    with pytest.raises(ValueError, match="unknown listener shape"):
+        L.draw_audiogram(rng, "bionic")
+
+
+def test_nalr_gains_match_pyclarity():
+    from clarity.enhancer.nalr import NALR
+    from clarity.utils.audiogram import Audiogram as ClarityAudiogram
+    rng = np.random.default_rng(2)
+    for shape in ("normal", "mild_sloping", "severe_sloping", "reverse_slope"):
+        levels = L.draw_audiogram(rng, shape)
+        fir, _ = NALR(220, SR).build(ClarityAudiogram(levels.astype(np.float64), FREQ))
+        check = [500.0, 1000.0, 2000.0, 4000.0, 6000.0]
+        _, h = scipy.signal.freqz(fir, worN=check, fs=SR)
+        ours = L.nalr_gains_db(levels)[1:]
+        np.testing.assert_allclose(ours, 20 * np.log10(np.abs(h)), atol=1.5, err_msg=shape)
+        # The zero-phase aid applies those gains to a tone.
+        t = np.arange(SR) / SR
+        tone = np.sin(2 * np.pi * 2000 * t)
+        aided = L.fit_hearing_aid(tone, SR, levels)
+        gain = 20 * np.log10(D.rms(aided[2400:-2400]) / D.rms(tone[2400:-2400]))
+        assert abs(gain - ours[2]) < 0.2
+
+
+# ---------------------------------------------------------------------------------- builds
+
+def correlation_labeller(reference, processed, sample_rate, levels, lengths, *, seeds):
+    """Stand-in label: squared correlation of the valid samples (cheap, in [0, 1])."""
+    correlation_labeller.calls += len(seeds)
+    out = []
+    for r, p, n in zip(reference, processed, lengths):
+        c = np.corrcoef(r[:n], p[:n])[0, 1]
+        out.append(max(c, 0.0) ** 2)
+    return np.asarray(out)
+
+
+correlation_labeller.name = "test-correlation"
+correlation_labeller.calls = 0
+
+SMALL = dict(n_clips=6, clip_seconds=(0.5, 1.0), labeller=correlation_labeller, batch_size=4,
+             progress=False)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    a = demo.build_demo_dataset(tmp_path / "a", seed=3, **SMALL)
+    b = demo.build_demo_dataset(tmp_path / "b", seed=3, **SMALL)
+    c = demo.build_demo_dataset(tmp_path / "c", seed=4, **SMALL)
+    files_a, files_b, files_c = (_files(p.parent) for p in (a, b, c))
+    assert files_a == files_b
+    assert len(files_a) == 3 * 6 + 3  # 2 wavs + 1 json per clip, settings, labels, manifest
+    for name, data in files_a.items():
+        if name.endswith(".wav"):
+            assert files_c[name] != data, name
+
+
+def test_manifest_fields_and_reader(tmp_path):
+    path = demo.build_demo_dataset(tmp_path, seed=0, **SMALL)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 6
+    for row in rows:
+        for key in ("id", "file_path", "reference", "audiogram", "haaqi_score", "split",
+                    "distortion", "distortion_params", "listener_shape"):
+            assert key in row, key
+        assert (tmp_path / row["file_path"]).exists() and (tmp_path / row["reference"]).exists()
+        assert 0.0 <= row["haaqi_score"] <= 1.0
+        assert row["split"] in dict(demo.DEFAULT_SPLITS)
+        pool = D.UNSEEN_DISTORTIONS if row["split"] == "test_unseen" else D.SEEN_DISTORTIONS
+        assert row["distortion"] in pool
+        assert set(row["distortion_params"]) == set(D.split_distortion(row["distortion"]))
+        assert row["listener_shape"] in L.LISTENER_SHAPES
+    parsed = read_manifest(path, require_label=True, check_files=True)
+    assert [r.id for r in parsed] == [r["id"] for r in rows]
+    assert parsed[0].reference is not None and parsed[0].distortion == rows[0]["distortion"]
+    ref = np.asarray(__import__("soundfile").read(parsed[0].reference)[0])
+    assert np.max(np.abs(ref)) <= demo.PEAK_LIMIT + 1e-4
+
+
+def test_cached_rebuilt_and_resumed(tmp_path):
+    correlation_labeller.calls = 0
+    path = demo.build_demo_dataset(tmp_path, seed=1, **SMALL)
+    first = _files(tmp_path)
+    assert correlation_labeller.calls >= 6
+    # Same settings: nothing is done.
+    correlation_labeller.calls = 0
+    assert demo.build_demo_dataset(tmp_path, seed=1, **SMALL) == path
+    assert correlation_labeller.calls == 0 and _files(tmp_path) == first
+    # Interrupted run: a clip and two labels lost, no manifest -> only those are redone.
+    (tmp_path / "manifest.jsonl").unlink()
+    (tmp_path / "clips" / "demo000002.json").unlink()
+    (tmp_path / "audio" / "processed" / "demo000002.wav").unlink()
+    labels = (tmp_path / "labels.jsonl").read_text().splitlines()
+    (tmp_path / "labels.jsonl").write_text("\n".join(labels[:-2]) + "\n{\"id\": \"demo0")
+    demo.build_demo_dataset(tmp_path, seed=1, **SMALL)
+    assert 2 <= correlation_labeller.calls <= 4 + 4  # padded batches
+    assert _files(tmp_path)["manifest.jsonl"] == first["manifest.jsonl"]
+    assert _files(tmp_path)["audio/processed/demo000002.wav"] == \
+        first["audio/processed/demo000002.wav"]
+    # Other settings: rebuilt from scratch.
+    demo.build_demo_dataset(tmp_path, seed=1, **{**SMALL, "n_clips": 4})
+    rows = (tmp_path / "manifest.jsonl").read_text().splitlines()
+    assert len(rows) == 4 and not (tmp_path / "clips" / "demo000005.json").exists()
+
+
+def test_splits_and_bad_settings(tmp_path):
+    names = demo.assign_splits(20, demo.DEFAULT_SPLITS, 0)
+    assert [names.count(s) for s, _ in demo.DEFAULT_SPLITS] == [14, 2, 2, 2]
+    assert names != demo.assign_splits(20, demo.DEFAULT_SPLITS, 1)
+    with pytest.raises(ValueError, match="sum to 1"):
+        demo.build_demo_dataset(tmp_path, splits=(("train", 0.5),), **SMALL)
+    with pytest.raises(ValueError, match="clip_seconds"):
+        demo.build_demo_dataset(tmp_path, **{**SMALL, "clip_seconds": (2.0, 1.0)})
+
+
+# ------------------------------------------------------------------------ with real HAAQI
+
+def test_real_haaqi_labels_clean_above_severe():
+    """Clean clips for normal and mildly impaired listeners beat severely degraded ones."""
+    music, _ = synth.synthesize_piece(np.random.default_rng(5), 1.8)
+    music = music.astype(np.float64)
+    severe = D.degrade(music, SR, "babble+lowpass", np.random.default_rng(0),
+                       params={"babble": {"snr_db": -5.0, "n_talkers": 4},
+                               "lowpass": {"cutoff_hz": 400.0}}).processed
+    listeners = [L.draw_audiogram(np.random.default_rng(0), "normal"),
+                 L.draw_audiogram(np.random.default_rng(0), "mild_sloping")]
+    refs, procs, levels = [], [], []
+    for lv in listeners:
+        aided_ref = L.fit_hearing_aid(music, SR, lv)
+        for proc in (music, severe):
+            aided = L.fit_hearing_aid(proc, SR, lv)
+            aided *= D.rms(aided_ref) / D.rms(aided)
+            gain = 0.5 / max(np.abs(aided).max(), np.abs(music).max())
+            refs.append(music * gain)
+            procs.append(aided * gain)
+            levels.append(lv)
+    width = 2 * SR
+    ref = np.zeros((4, width), np.float32)
+    proc = np.zeros((4, width), np.float32)
+    for i in range(4):
+        ref[i, :music.size], proc[i, :music.size] = refs[i], procs[i]
+    scores = demo.haaqi_labeller(ref, proc, SR, np.stack(levels),
+                                 np.full(4, music.size, np.int32), seeds=np.arange(4))
+    assert np.all((scores >= 0) & (scores <= 1)), scores
+    assert scores[0] > 0.8 and scores[0] > scores[1] + 0.3, scores
+    assert scores[2] > scores[3] + 0.2, scores
+
+
+def test_cli_writes_a_readable_manifest(tmp_path, capsys):
+    from haaqi_jax.cli import main
+    rc = main(["demo-data", str(tmp_path), "--n", "4", "--seed", "2", "--seconds", "1.5", "1.9",
+               "--batch-size", "4"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "HAAQI of 4 clips" in out and "manifest:" in out
+    rows = read_manifest(tmp_path / "manifest.jsonl", require_label=True, check_files=True)
+    assert len(rows) == 4
+    assert all(0.0 <= r.haaqi_score <= 1.0 for r in rows)

@@ -1,0 +1,192 @@
+"""Manifests: both file forms, path resolution, every bad-row kind, skipping, splits."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from haaqi_jax.data.manifest import (Manifest, ManifestRow, read_manifest, split_rows,
+                                     write_manifest)
+
+AUDIOGRAM = [20, 20, 20, 30, 95, 85, 75, 30]
+
+
+def _row(i, **overrides):
+    row = {"file_path": f"audio/c{i}.wav", "audiogram": AUDIOGRAM, "haaqi_score": 0.1 * i}
+    row.update(overrides)
+    return row
+
+
+def _write_jsonl(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+@pytest.fixture()
+def audio_dir(tmp_path):
+    (tmp_path / "audio").mkdir()
+    for i in range(4):
+        sf.write(tmp_path / "audio" / f"c{i}.wav", np.full(4000, 0.1), 16000)
+    return tmp_path
+
+
+def test_authors_json_document_and_relative_paths(tmp_path):
+    # The authors' data/train.json layout: {"data": [...]}, paths relative to its folder.
+    doc = {"data": [_row(0), _row(1, file_path="/abs/x.wav")]}
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "train.json"
+    path.write_text(json.dumps(doc, indent=2))
+    rows = read_manifest(path)
+    assert isinstance(rows, Manifest) and isinstance(rows, list) and rows.skipped == ()
+    assert [r.id for r in rows] == ["1", "2"] and [r.line for r in rows] == [1, 2]
+    assert rows[0].file_path == tmp_path / "sub" / "audio" / "c0.wav"
+    assert str(rows[1].file_path) == "/abs/x.wav"
+    np.testing.assert_array_equal(rows[0].audiogram, np.asarray(AUDIOGRAM, np.float32))
+    assert rows[0].audiogram.dtype == np.float32 and not rows[0].audiogram.flags.writeable
+    assert rows[1].haaqi_score == pytest.approx(0.1)
+
+
+def test_jsonl_optional_keys_comments_and_default_ids(tmp_path):
+    path = _write_jsonl(tmp_path / "m.jsonl", [
+        "# a comment", _row(0, id="a", reference="ref/r0.wav", split="test_seen",
+                             distortion="clip 3 dB"), "", _row(1, haaqi_score=None), _row(2)])
+    rows = read_manifest(path)
+    assert [r.id for r in rows] == ["a", "4", "5"]  # default id = line number
+    assert rows[0].reference == tmp_path / "ref" / "r0.wav"
+    assert (rows[0].split, rows[0].distortion) == ("test_seen", "clip 3 dB")
+    assert rows[1].haaqi_score is None and rows[1].reference is None
+
+
+def test_write_then_read_round_trip(tmp_path):
+    rows = [ManifestRow(id=f"r{i}", file_path=tmp_path / "audio" / f"c{i}.wav",
+                        audiogram=np.asarray(AUDIOGRAM) + i, haaqi_score=0.25 * i,
+                        split="train" if i else None, distortion=None if i else "noise")
+            for i in range(3)]
+    path = write_manifest(tmp_path / "out.jsonl", rows)
+    first = json.loads(path.read_text().splitlines()[0])
+    assert first["file_path"] == "audio/c0.wav"  # relative to the manifest's folder
+    back = read_manifest(path)
+    for a, b in zip(rows, back):
+        assert (a.id, a.file_path, a.haaqi_score, a.split, a.distortion) == (
+            b.id, b.file_path, b.haaqi_score, b.split, b.distortion)
+        np.testing.assert_array_equal(a.audiogram, b.audiogram)
+    # dicts are written as given
+    write_manifest(tmp_path / "d.jsonl", [_row(0), _row(1)])
+    assert [r.haaqi_score for r in read_manifest(tmp_path / "d.jsonl")] == [0.0, 0.1]
+
+
+BAD_ROWS = [
+    ('{"file_path": "a.wav", "audiogram": [1,2', "bad JSON"),
+    (_row(0, file_path=None) | {}, "'file_path'"),
+    ({"audiogram": AUDIOGRAM, "haaqi_score": 0.5}, "missing key 'file_path'"),
+    ({"file_path": "a.wav", "haaqi_score": 0.5}, "missing key 'audiogram'"),
+    (_row(0, audiogram=AUDIOGRAM[:7]), "'audiogram'"),
+    (_row(0, audiogram=AUDIOGRAM[:7] + [140]), "'audiogram'"),
+    (_row(0, audiogram=AUDIOGRAM[:7] + ["x"]), "'audiogram'"),
+    (_row(0, haaqi_score=1.5), "'haaqi_score'"),
+    (_row(0, haaqi_score=-0.1), "'haaqi_score'"),
+    ('{"file_path": "a.wav", "audiogram": [0,0,0,0,0,0,0,0], "haaqi_score": NaN}',
+     "'haaqi_score'"),
+    (_row(0, haaqi_score="0.5"), "'haaqi_score'"),
+    (_row(0, split=3), "'split'"),
+    ("[1, 2, 3]", "JSON object"),
+]
+
+
+@pytest.mark.parametrize("bad,key", BAD_ROWS)
+def test_bad_row_message_names_file_line_id_and_key(tmp_path, bad, key):
+    if isinstance(bad, dict):
+        bad = dict(bad, id="bad-one")
+    path = _write_jsonl(tmp_path / "m.jsonl", [_row(0, id="ok"), "", bad, _row(2, id="ok2")])
+    with pytest.raises(ValueError) as err:
+        read_manifest(path)
+    message = str(err.value)
+    assert f"{path}:3" in message and key in message
+    if isinstance(bad, dict):
+        assert "'bad-one'" in message
+    # on_error="skip" keeps the good rows and reports the bad one with its line
+    rows = read_manifest(path, on_error="skip")
+    assert [r.id for r in rows] == ["ok", "ok2"]
+    assert [line for line, _ in rows.skipped] == [3]
+    assert key in rows.skipped[0][1]
+
+
+def test_missing_label_only_refused_when_required(tmp_path):
+    path = _write_jsonl(tmp_path / "m.jsonl", [_row(0), _row(1, id="u", haaqi_score=None)])
+    assert read_manifest(path)[1].haaqi_score is None
+    with pytest.raises(ValueError, match=r"m\.jsonl:2 \(id 'u'\).*haaqi_score"):
+        read_manifest(path, require_label=True)
+
+
+def test_duplicate_id(tmp_path):
+    path = _write_jsonl(tmp_path / "m.jsonl", [_row(0, id="x"), _row(1, id="x")])
+    with pytest.raises(ValueError, match=r":2 \(id 'x'\): key 'id': duplicate id.*line 1"):
+        read_manifest(path)
+
+
+def test_check_files(audio_dir):
+    (audio_dir / "audio" / "junk.wav").write_bytes(b"this is not audio" * 10)
+    good = [_row(i) for i in range(3)]
+    assert len(read_manifest(_write_jsonl(audio_dir / "m.jsonl", good), check_files=True)) == 3
+    path = _write_jsonl(audio_dir / "m.jsonl", good + [_row(9, id="gone")])
+    read_manifest(path)  # not checked unless asked
+    with pytest.raises(ValueError, match=r":4 \(id 'gone'\): key 'file_path'.*does not exist"):
+        read_manifest(path, check_files=True)
+    path = _write_jsonl(audio_dir / "m.jsonl",
+                        [_row(0, reference="audio/junk.wav", id="r")])
+    with pytest.raises(ValueError, match=r"id 'r'.*key 'reference'.*not readable audio"):
+        read_manifest(path, check_files=True)
+
+
+def test_file_level_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        read_manifest(tmp_path / "nope.jsonl")
+    path = _write_jsonl(tmp_path / "m.jsonl", [_row(0, haaqi_score=2.0)])
+    with pytest.raises(ValueError, match="no usable rows"):
+        read_manifest(path, on_error="skip")
+    with pytest.raises(ValueError, match="on_error"):
+        read_manifest(path, on_error="ignore")
+
+
+def _rows(n, splits=None):
+    return [ManifestRow(id=str(i), file_path=f"/x/{i}.wav", audiogram=AUDIOGRAM,
+                        haaqi_score=0.5, split=None if splits is None else splits[i])
+            for i in range(n)]
+
+
+def test_split_rows_seeded_80_20():
+    rows = _rows(50)
+    parts = split_rows(rows, seed=3)
+    assert set(parts) == {"train", "valid"} and len(parts["valid"]) == 10
+    ids = [r.id for r in parts["train"]] + [r.id for r in parts["valid"]]
+    assert sorted(ids, key=int) == [r.id for r in rows]  # disjoint, complete
+    assert [r.id for r in parts["train"]] == sorted((r.id for r in parts["train"]), key=int)
+    again = split_rows(rows, seed=3)
+    assert [r.id for r in again["valid"]] == [r.id for r in parts["valid"]]
+    other = split_rows(rows, seed=4)
+    assert [r.id for r in other["valid"]] != [r.id for r in parts["valid"]]
+    assert len(split_rows(rows, valid_fraction=0.3)["valid"]) == 15
+    assert set(split_rows(_rows(3), valid_fraction=0.1)) == {"train", "valid"}
+    with pytest.raises(ValueError, match="valid_fraction"):
+        split_rows(rows, valid_fraction=1.0)
+
+
+def test_split_rows_uses_split_field():
+    names = ["train", "valid", "test_seen", "test_unseen", None, None, None, None, None, None]
+    parts = split_rows(_rows(10, names))
+    assert [r.id for r in parts["test_seen"]] == ["2"]
+    assert [r.id for r in parts["test_unseen"]] == ["3"]
+    # the six unsplit rows are divided 80/20 (1 valid) and join the explicit ones
+    assert len(parts["train"]) + len(parts["valid"]) == 8 and len(parts["valid"]) == 2
+    assert "1" in {r.id for r in parts["valid"]} and "0" in {r.id for r in parts["train"]}
+
+
+def test_manifest_row_validates_when_built_in_code():
+    with pytest.raises(ValueError, match=re.escape("row 'z'")):
+        ManifestRow(id="z", file_path="/a.wav", audiogram=[0] * 7)
+    with pytest.raises(ValueError, match="haaqi_score"):
+        ManifestRow(id="z", file_path="/a.wav", audiogram=[0] * 8, haaqi_score=float("nan"))
