@@ -104,6 +104,6 @@ def validate_levels(levels, *, where: str = "audiogram") -> np.ndarray:
     if bad.any():
         idx = tuple(int(i[0]) for i in np.nonzero(bad))
         raise ValueError(
-            f"{where}: level {arr[idx]!r} dB HL at {STANDARD_FREQUENCIES[idx[-1]]:g} Hz "
+            f"{where}: level {float(arr[idx])!r} dB HL at {STANDARD_FREQUENCIES[idx[-1]]:g} Hz "
             f"(index {idx}) is not finite or outside [{MIN_LEVEL_DB_HL:g}, {MAX_LEVEL_DB_HL:g}]")
     return arr.astype(np.float32)

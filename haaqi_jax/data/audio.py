@@ -62,7 +62,6 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
       ValueError: naming the file, when it is unreadable or corrupt, empty, or holds NaN/inf.
     """
     import soundfile as sf
-    import soxr
 
     path = Path(path)
     _info(path)
@@ -76,15 +75,25 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
         bad = int(np.flatnonzero(~np.isfinite(data).all(axis=1))[0])
         raise ValueError(f"{path}: sample {bad} is NaN or infinite")
     mono = data.mean(axis=1)
-    if rate != sample_rate:
-        n_out = resampled_length(mono.shape[0], rate, sample_rate)
-        if n_out == 0:
-            raise ValueError(f"{path}: {mono.shape[0]} samples at {rate} Hz is empty at "
-                             f"{sample_rate} Hz")
-        mono = soxr.resample(mono, int(rate), int(sample_rate), quality="VHQ")
-        # soxr's length rule is the one above; pin it so headers predict lengths exactly.
-        mono = np.pad(mono[:n_out], (0, max(0, n_out - mono.shape[0])))
-    return mono.astype(np.float32)
+    if rate != sample_rate and resampled_length(mono.shape[0], rate, sample_rate) == 0:
+        raise ValueError(f"{path}: {mono.shape[0]} samples at {rate} Hz is empty at "
+                         f"{sample_rate} Hz")
+    return resample(mono, rate, sample_rate)
+
+
+def resample(waveform: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarray:
+    """Resamples a 1-D waveform with libsoxr "VHQ"; returns float32 of exactly
+    `resampled_length(len(waveform), orig_rate, target_rate)` samples (the same rule for
+    files and arrays, so scoring a file and scoring its samples agree)."""
+    import soxr
+
+    x = np.asarray(waveform, np.float64)
+    if int(orig_rate) == int(target_rate):
+        return x.astype(np.float32)
+    n_out = resampled_length(x.shape[0], orig_rate, target_rate)
+    y = soxr.resample(x, int(orig_rate), int(target_rate), quality="VHQ")
+    # soxr's length rule is the one above; pin it so headers predict lengths exactly.
+    return np.pad(y[:n_out], (0, max(0, n_out - y.shape[0]))).astype(np.float32)
 
 
 def check_waveform(x, *, name: str = "waveform", min_samples: int = MIN_SAMPLES,

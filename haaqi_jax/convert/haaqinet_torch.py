@@ -1,0 +1,244 @@
+"""Conversion of the authors' released HAAQI-Net PyTorch checkpoint to a haaqi_jax directory.
+
+The released file (github dyahayumgw/HAAQI-Net, `model/best_loss.pth`) is
+`torch.save({'model': state_dict})` with
+
+    beats_model.*                        the BEATs encoder (its own key layout, prefixed)
+    blstm.{weight_ih,weight_hh,bias_ih,bias_hh}_l0[_reverse]   nn.LSTM, gates (i, f, g, o)
+    linear0.{weight,bias}                adapter C -> 256
+    linear1.{weight,bias}                dense 200 -> 256
+    haaqiAtt_layer.{in_proj_weight (768,256), in_proj_bias, out_proj.weight, out_proj.bias}
+    haaqiframe_score.{weight,bias}       256 -> 1
+    weights, layer_norm.{i}.{weight,bias}   weighted-sum variant only
+
+Roles are checked by shape, not only by name; any missing or unexpected key or wrong shape is
+an error naming the key, and nothing is written. The BEATs configuration is not in the file: it
+is an argument (default: the released BEATs_iter3+ AS2M configuration).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from haaqi_jax.head import HeadConfig
+
+BEATS_PREFIX = "beats_model."
+
+
+def _np(value) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    return np.asarray(value, dtype=np.float32)
+
+
+def head_config_from_state_dict(state_dict: Mapping[str, Any], *, num_heads: int = 16
+                                ) -> HeadConfig:
+    """Reads the head sizes off the tensor shapes (num_heads is not stored in the file)."""
+    for key in ("linear0.weight", "linear1.weight", "blstm.weight_hh_l0", "blstm.weight_ih_l0"):
+        if key not in state_dict:
+            raise ValueError(f"HAAQI-Net state dict: missing key {key!r}")
+    adapter_dim = _np(state_dict["linear0.weight"]).shape[0]
+    lstm_hidden = _np(state_dict["blstm.weight_hh_l0"]).shape[1]
+    lstm_in = _np(state_dict["blstm.weight_ih_l0"]).shape[1]
+    num_layers = _np(state_dict["weights"]).shape[0] if "weights" in state_dict else 0
+    return HeadConfig(num_weighted_layers=int(num_layers), adapter_dim=int(adapter_dim),
+                      audiogram_dim=int(lstm_in - adapter_dim), lstm_hidden=int(lstm_hidden),
+                      dense_dim=int(_np(state_dict["linear1.weight"]).shape[0]),
+                      num_heads=num_heads)
+
+
+def _expected_head_shapes(cfg: HeadConfig, feature_dim: int) -> dict[str, tuple[int, ...]]:
+    h4, d = 4 * cfg.lstm_hidden, cfg.dense_dim
+    shapes = {
+        "linear0.weight": (cfg.adapter_dim, feature_dim), "linear0.bias": (cfg.adapter_dim,),
+        "linear1.weight": (d, 2 * cfg.lstm_hidden), "linear1.bias": (d,),
+        "haaqiAtt_layer.in_proj_weight": (3 * d, d), "haaqiAtt_layer.in_proj_bias": (3 * d,),
+        "haaqiAtt_layer.out_proj.weight": (d, d), "haaqiAtt_layer.out_proj.bias": (d,),
+        "haaqiframe_score.weight": (1, d), "haaqiframe_score.bias": (1,),
+    }
+    for sfx in ("_l0", "_l0_reverse"):
+        shapes[f"blstm.weight_ih{sfx}"] = (h4, cfg.adapter_dim + cfg.audiogram_dim)
+        shapes[f"blstm.weight_hh{sfx}"] = (h4, cfg.lstm_hidden)
+        shapes[f"blstm.bias_ih{sfx}"] = (h4,)
+        shapes[f"blstm.bias_hh{sfx}"] = (h4,)
+    if cfg.num_weighted_layers:
+        shapes["weights"] = (cfg.num_weighted_layers,)
+        for i in range(cfg.num_weighted_layers):
+            shapes[f"layer_norm.{i}.weight"] = (feature_dim,)
+            shapes[f"layer_norm.{i}.bias"] = (feature_dim,)
+    return shapes
+
+
+def check_state_dict(state_dict: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]],
+                     what: str) -> dict[str, np.ndarray]:
+    """Strict key and shape check; returns the tensors as float32 numpy arrays."""
+    missing = sorted(set(expected) - set(state_dict))
+    if missing:
+        raise ValueError(f"{what}: missing key {missing[0]!r}"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if unexpected:
+        raise ValueError(f"{what}: unexpected key {unexpected[0]!r}"
+                         + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    arrays = {}
+    for key, shape in expected.items():
+        arr = _np(state_dict[key])
+        if arr.shape != tuple(shape):
+            raise ValueError(f"{what}: key {key!r} has shape {arr.shape}, expected {tuple(shape)}")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"{what}: key {key!r} holds non-finite values")
+        arrays[key] = arr
+    return arrays
+
+
+def head_params_from_state_dict(state_dict: Mapping[str, Any], *, num_heads: int = 16
+                                ) -> tuple[dict[str, Any], HeadConfig]:
+    """Converts the head part of a released state dict (no `beats_model.` keys).
+
+    Returns:
+      (params for `HAAQINetHead`, its HeadConfig).
+    Raises:
+      ValueError naming the first missing/unexpected key or wrong shape.
+    """
+    cfg = head_config_from_state_dict(state_dict, num_heads=num_heads)
+    feature_dim = _np(state_dict["linear0.weight"]).shape[1]
+    sd = check_state_dict(state_dict, _expected_head_shapes(cfg, feature_dim),
+                          "HAAQI-Net head state dict")
+
+    def dense(prefix):
+        return {"kernel": sd[f"{prefix}.weight"].T, "bias": sd[f"{prefix}.bias"]}
+
+    def lstm(sfx):
+        # Same gate order (i, f, g, o) on both sides; PyTorch's two biases add up.
+        return {"input": {"kernel": sd[f"blstm.weight_ih{sfx}"].T,
+                          "bias": sd[f"blstm.bias_ih{sfx}"] + sd[f"blstm.bias_hh{sfx}"]},
+                "recurrent_kernel": sd[f"blstm.weight_hh{sfx}"].T}
+
+    d = cfg.dense_dim
+    w_in, b_in = sd["haaqiAtt_layer.in_proj_weight"], sd["haaqiAtt_layer.in_proj_bias"]
+    attention = {name: {"kernel": w_in[i * d:(i + 1) * d].T, "bias": b_in[i * d:(i + 1) * d]}
+                 for i, name in enumerate(("query", "key", "value"))}
+    attention["out"] = dense("haaqiAtt_layer.out_proj")
+    params: dict[str, Any] = {
+        "adapter": dense("linear0"),
+        "blstm": {"forward": lstm("_l0"), "backward": lstm("_l0_reverse")},
+        "dense": dense("linear1"),
+        "attention": attention,
+        "frame_score": dense("haaqiframe_score"),
+    }
+    if cfg.num_weighted_layers:
+        params["layer_weights"] = sd["weights"]
+        for i in range(cfg.num_weighted_layers):
+            params[f"layer_norm_{i}"] = {"scale": sd[f"layer_norm.{i}.weight"],
+                                         "bias": sd[f"layer_norm.{i}.bias"]}
+    return params, cfg
+
+
+def _load_state_dict(src_path) -> dict[str, Any]:
+    import torch
+    src_path = Path(src_path)
+    if not src_path.is_file():
+        raise FileNotFoundError(f"{src_path} does not exist")
+    try:
+        obj = torch.load(src_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, truncated files, non-tensor objects
+        raise ValueError(f"{src_path}: cannot be read as a PyTorch checkpoint ({e})") from None
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        obj = obj["model"]
+    if not isinstance(obj, Mapping) or not any(str(k).startswith(BEATS_PREFIX) for k in obj):
+        raise ValueError(f"{src_path}: not a released HAAQI-Net checkpoint (expected a dict "
+                         f"{{'model': state_dict}} with '{BEATS_PREFIX}*' keys)")
+    return dict(obj)
+
+
+def haaqinet_from_state_dict(state_dict: Mapping[str, Any], *, beats_config=None,
+                             num_heads: int = 16, feature_layers=None):
+    """Builds a `HAAQINet` from a released state dict (no file I/O).
+
+    Args:
+      state_dict: `beats_model.*` + head keys (see the module docstring).
+      beats_config: BEATs cfg dict or BEATsConfig; default `haaqi_jax.beats.RELEASED_CONFIG`.
+      num_heads: attention heads of the head (16 as released; not stored in the file).
+      feature_layers: hidden-state indices of the weighted sum; default 1..L (the L layer
+        outputs, which is what the released code sums).
+    """
+    from haaqi_jax.beats import RELEASED_CONFIG, BEATsConfig
+    from haaqi_jax.convert.beats_torch import beats_params_from_state_dict
+    from haaqi_jax.model import HAAQINet, HAAQINetConfig
+
+    beats_sd = {k[len(BEATS_PREFIX):]: v for k, v in state_dict.items()
+                if k.startswith(BEATS_PREFIX)}
+    head_sd = {k: v for k, v in state_dict.items() if not k.startswith(BEATS_PREFIX)}
+    if not beats_sd:
+        raise ValueError(f"HAAQI-Net state dict: no '{BEATS_PREFIX}*' (encoder) keys")
+    head_params, head_cfg = head_params_from_state_dict(head_sd, num_heads=num_heads)
+
+    cfg = BEATsConfig.from_dict(dict(RELEASED_CONFIG if beats_config is None else
+                                     (beats_config.to_dict() if hasattr(beats_config, "to_dict")
+                                      else beats_config)))
+    cfg_dict = dict(cfg.to_dict())
+    try:
+        encoder_params = beats_params_from_state_dict(beats_sd, cfg)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"HAAQI-Net state dict, encoder part ('{BEATS_PREFIX}' prefix "
+                         f"removed): {e}") from None
+    feature_dim = _np(head_sd["linear0.weight"]).shape[1]
+    if feature_dim != cfg_dict["encoder_embed_dim"]:
+        raise ValueError(f"HAAQI-Net state dict: linear0.weight reads {feature_dim} features "
+                         f"but the BEATs config has encoder_embed_dim "
+                         f"{cfg_dict['encoder_embed_dim']}")
+    layers = head_cfg.num_weighted_layers
+    if layers:
+        feature_layers = tuple(range(1, layers + 1)) if feature_layers is None \
+            else tuple(feature_layers)
+        if len(feature_layers) != layers or max(feature_layers) > cfg_dict["encoder_layers"]:
+            raise ValueError(f"HAAQI-Net state dict: 'weights' has {layers} entries; "
+                             f"feature_layers {feature_layers} must name {layers} of the "
+                             f"{cfg_dict['encoder_layers'] + 1} hidden states")
+    config = HAAQINetConfig(
+        encoder_kind="beats", encoder_config=cfg_dict,
+        feature_mode="weighted" if layers else "last",
+        feature_layers=feature_layers if layers else HAAQINetConfig.feature_layers,
+        head=head_cfg, freeze_encoder=True)
+    return HAAQINet.from_params(config, {"encoder": encoder_params, "head": head_params})
+
+
+def convert_haaqinet(src_path: str | os.PathLike, out_dir: str | os.PathLike, *,
+                     beats_config=None, num_heads: int = 16, feature_layers=None,
+                     overwrite: bool = False) -> Path:
+    """Converts the authors' released HAAQI-Net file to a directory `HAAQINet.load` reads.
+
+    Strict: a missing/unexpected key or a wrong shape raises ValueError naming the key, and
+    nothing is written. Returns the directory written.
+    """
+    state_dict = _load_state_dict(src_path)
+    net = haaqinet_from_state_dict(state_dict, beats_config=beats_config, num_heads=num_heads,
+                                   feature_layers=feature_layers)
+    return net.save(out_dir, overwrite=overwrite,
+                    extra={"source": str(Path(src_path).name)})
+
+
+def main(argv=None) -> int:
+    """python -m haaqi_jax.convert.haaqinet_torch SRC.pth OUT_DIR [--overwrite]"""
+    import argparse
+    import sys
+    parser = argparse.ArgumentParser(description="Convert a released HAAQI-Net checkpoint")
+    parser.add_argument("src")
+    parser.add_argument("out_dir")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        out = convert_haaqinet(args.src, args.out_dir, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,231 @@
+"""The HAAQI-Net head: encoder features + audiogram -> frame scores and a clip score.
+
+Architecture as released by the authors of HAAQI-Net (Wisnu et al. 2024,
+github.com/dyahayumgw/HAAQI-Net); this is an independent Flax implementation:
+
+    [optional] learned weighted sum of L layer outputs, each through its own LayerNorm
+    adapter      Dense C -> 256, no activation
+    concat       the 8 raw audiogram values on every token -> 264
+    BLSTM        1 layer, 100 per direction -> 200
+    dense        Dense 200 -> 256, ReLU, dropout 0.3
+    attention    16-head self-attention at 256 (no residual, no LayerNorm)
+    frame_score  Dense 256 -> 1, sigmoid -> frame scores (B, T); clip score = masked mean
+
+Unlike the released code (batch size 1, no masks) every step honours a token mask, so a
+padded batch gives each item the score it gets alone.
+
+Parameter layout (what `haaqi_jax.convert.haaqinet_torch` writes):
+
+    layer_norm_{i}/{scale,bias}      (C,)            weighted mode only, i < L
+    layer_weights                    (L,)            weighted mode only (softmax logits)
+    adapter/{kernel (C,256), bias}
+    blstm/{forward,backward}/input/{kernel (264,4H), bias (4H,)}   gates (i, f, g, o); the
+    blstm/{forward,backward}/recurrent_kernel (H,4H)               bias is b_ih + b_hh
+    dense/{kernel (2H,256), bias}
+    attention/{query,key,value,out}/{kernel (256,256), bias}
+    frame_score/{kernel (256,1), bias}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+    """Sizes of the HAAQI-Net head (defaults = the released model).
+
+    Attributes:
+      num_weighted_layers: L > 0 turns on the learned weighted sum over L stacked layer outputs
+        (the paper's later variant sums BEATs layers 1..12, L = 12); 0 takes plain features.
+      adapter_dim: adapter output width (256).
+      audiogram_dim: number of audiogram levels concatenated on every token (8).
+      lstm_hidden: BLSTM units per direction (100).
+      dense_dim: width after the BLSTM and of the attention (256).
+      num_heads: attention heads (16).
+      dropout_rate: dropout after the ReLU (0.3); the only dropout in the head.
+      layer_norm_eps: epsilon of the per-layer LayerNorms (PyTorch's 1e-5).
+    """
+
+    num_weighted_layers: int = 0
+    adapter_dim: int = 256
+    audiogram_dim: int = 8
+    lstm_hidden: int = 100
+    dense_dim: int = 256
+    num_heads: int = 16
+    dropout_rate: float = 0.3
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.dense_dim % self.num_heads:
+            raise ValueError(f"HeadConfig: dense_dim {self.dense_dim} is not divisible by "
+                             f"num_heads {self.num_heads}")
+        if self.num_weighted_layers < 0:
+            raise ValueError(f"HeadConfig: num_weighted_layers must be >= 0, got "
+                             f"{self.num_weighted_layers}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "HeadConfig":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"HeadConfig: unknown keys {sorted(unknown)}")
+        return cls(**d)
+
+
+class HeadOutput(NamedTuple):
+    """frame_scores: (B, T) in (0, 1), 0 on padded tokens; clip_score: (B,) masked mean."""
+
+    frame_scores: jax.Array
+    clip_score: jax.Array
+
+
+def reverse_valid(x: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Reverses each item's first `lengths[b]` steps, leaving the padded tail in place.
+
+    Args:
+      x: (B, T, ...).
+      lengths: (B,) int, valid steps per item.
+    Returns:
+      (B, T, ...); applying it twice gives x back.
+    """
+    steps = jnp.arange(x.shape[1])[None, :]
+    idx = jnp.where(steps < lengths[:, None], lengths[:, None] - 1 - steps, steps)
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+class LSTMDirection(nn.Module):
+    """One direction of an LSTM with PyTorch's gate order (i, f, g, o).
+
+    The input projection of every step is one matmul outside the scan; the scan only does
+    the recurrent (H, 4H) product.
+    """
+
+    hidden: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: (B, T, D) -> hidden states (B, T, H), zero initial state, left to right."""
+        gates_in = nn.Dense(4 * self.hidden, name="input")(x)  # (B, T, 4H)
+        w_hh = self.param("recurrent_kernel", nn.initializers.orthogonal(),
+                          (self.hidden, 4 * self.hidden), jnp.float32)
+
+        def step(carry, g_in):
+            h, c = carry
+            gates = g_in + h @ w_hh
+            i, f, g, o = jnp.split(gates, 4, axis=-1)
+            c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+            h = jax.nn.sigmoid(o) * jnp.tanh(c)
+            return (h, c), h
+
+        batch = x.shape[0]
+        init = (jnp.zeros((batch, self.hidden), x.dtype), jnp.zeros((batch, self.hidden), x.dtype))
+        _, hs = jax.lax.scan(step, init, jnp.swapaxes(gates_in, 0, 1))
+        return jnp.swapaxes(hs, 0, 1)
+
+
+class BLSTM(nn.Module):
+    """Bidirectional single-layer LSTM over prefix-valid sequences.
+
+    The backward direction runs over each item's valid part reversed, so padding never
+    reaches a valid step in either direction. Outputs on padded steps are meaningless.
+    """
+
+    hidden: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, lengths: jax.Array) -> jax.Array:
+        """x: (B, T, D), lengths: (B,) -> (B, T, 2H) = [forward, backward]."""
+        fwd = LSTMDirection(self.hidden, name="forward")(x)
+        bwd = reverse_valid(LSTMDirection(self.hidden, name="backward")(reverse_valid(x, lengths)),
+                            lengths)
+        return jnp.concatenate([fwd, bwd], axis=-1)
+
+
+class MaskedSelfAttention(nn.Module):
+    """Multi-head self-attention with a key padding mask (torch.nn.MultiheadAttention maths)."""
+
+    num_heads: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, token_mask: jax.Array) -> jax.Array:
+        """x: (B, T, D), token_mask: (B, T) True = valid -> (B, T, D)."""
+        batch, length, dim = x.shape
+        head_dim = dim // self.num_heads
+
+        def heads(name):
+            return nn.Dense(dim, name=name)(x).reshape(batch, length, self.num_heads, head_dim)
+
+        q, k, v = heads("query"), heads("key"), heads("value")
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(head_dim))
+        # A finite floor rather than -inf: an all-padded item gives uniform weights, not NaN.
+        logits = jnp.where(token_mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
+        weights = jax.nn.softmax(logits, axis=-1)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, dim)
+        return nn.Dense(dim, name="out")(out)
+
+
+class HAAQINetHead(nn.Module):
+    """HAAQI-Net head. See the module docstring for the layers and parameter names."""
+
+    config: HeadConfig = HeadConfig()
+
+    @nn.compact
+    def __call__(self, features: jax.Array, token_mask: jax.Array, audiogram: jax.Array, *,
+                 deterministic: bool = True) -> HeadOutput:
+        """Scores a batch.
+
+        Args:
+          features: (B, T, C) one layer's features, or (B, L, T, C) stacked layer outputs when
+            config.num_weighted_layers = L > 0.
+          token_mask: (B, T) bool, True = valid token; valid tokens must come first.
+          audiogram: (B, 8) raw hearing levels in dB HL (not normalised, as released).
+          deterministic: False turns dropout on (needs a 'dropout' rng).
+        Returns:
+          HeadOutput(frame_scores (B, T), clip_score (B,)).
+        """
+        cfg = self.config
+        if cfg.num_weighted_layers:
+            if features.ndim != 4 or features.shape[1] != cfg.num_weighted_layers:
+                raise ValueError(
+                    f"HAAQINetHead: weighted mode expects stacked features (B, "
+                    f"{cfg.num_weighted_layers}, T, C), got shape {features.shape}")
+            layer_logits = self.param("layer_weights", nn.initializers.ones,
+                                      (cfg.num_weighted_layers,), jnp.float32)
+            layer_weights = jax.nn.softmax(layer_logits)
+            x = sum(nn.LayerNorm(epsilon=cfg.layer_norm_eps, name=f"layer_norm_{i}")(
+                features[:, i]) * layer_weights[i] for i in range(cfg.num_weighted_layers))
+        else:
+            if features.ndim != 3:
+                raise ValueError(f"HAAQINetHead: expects features (B, T, C), got shape "
+                                 f"{features.shape}")
+            x = features
+        batch, length, _ = x.shape
+        if token_mask.shape != (batch, length):
+            raise ValueError(f"HAAQINetHead: token_mask shape {token_mask.shape} does not match "
+                             f"features (B, T) = {(batch, length)}")
+        if audiogram.shape != (batch, cfg.audiogram_dim):
+            raise ValueError(f"HAAQINetHead: audiogram shape {audiogram.shape}, expected "
+                             f"{(batch, cfg.audiogram_dim)}")
+        token_mask = token_mask.astype(bool)
+        lengths = token_mask.sum(axis=-1).astype(jnp.int32)
+
+        x = nn.Dense(cfg.adapter_dim, name="adapter")(x)
+        hl = jnp.broadcast_to(audiogram[:, None, :].astype(x.dtype),
+                              (batch, length, cfg.audiogram_dim))
+        x = jnp.concatenate([x, hl], axis=-1)
+        x = BLSTM(cfg.lstm_hidden, name="blstm")(x, lengths)
+        x = nn.relu(nn.Dense(cfg.dense_dim, name="dense")(x))
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        x = MaskedSelfAttention(cfg.num_heads, name="attention")(x, token_mask)
+        frame = jax.nn.sigmoid(nn.Dense(1, name="frame_score")(x)[..., 0])
+        frame = jnp.where(token_mask, frame, 0.0)
+        clip = frame.sum(axis=-1) / jnp.maximum(lengths, 1).astype(frame.dtype)
+        return HeadOutput(frame_scores=frame, clip_score=clip)

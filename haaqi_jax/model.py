@@ -1,0 +1,493 @@
+"""HAAQI-Net = a (frozen) audio encoder + the HAAQI-Net head; loading, saving and prediction.
+
+    net = HAAQINet.load("checkpoints/haaqinet")           # written by convert_haaqinet / training
+    scores = net.predict([wav_a, wav_b], 44100, [[10, 15, 20, 30, 40, 45, 50, 55]] * 2)
+
+Encoders are looked up by kind in a small registry, so another module can add one (e.g. the
+distilled student) without editing this file:
+
+    register_encoder("student", build=lambda cfg: Student(StudentConfig.from_dict(cfg)),
+                     default_config=lambda: DEFAULT_STUDENT.to_dict())
+
+An encoder is a linen module called as `encoder(waveform (B, N), padding_mask (B, N) bool
+True = pad | None, *, deterministic)` that returns an object with `last_hidden_state (B, T, C)`
+and `hidden_states` (a sequence of (B, T, C); index 0 = encoder input, i = layer i), like
+`haaqi_jax.beats.BEATs`. A kind not registered yet is imported once as `haaqi_jax.<kind>`, so a
+module named after its kind that registers itself on import is found by `HAAQINet.load`.
+
+Padding: a padded batch gives each clip the score it gets alone. The sample padding mask
+handed to the encoder is chosen so that the encoder's own (reference) reduction of it to tokens
+marks exactly the tokens an unpadded run of that clip would have (`encoder_padding_mask`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import json
+import os
+import types
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from haaqi_jax.audiogram import STANDARD_FREQUENCIES, validate_levels
+from haaqi_jax.head import HAAQINetHead, HeadConfig, HeadOutput
+
+SAMPLE_RATE = 16000
+FRAME_LENGTH = 400     # 25 ms fbank window at 16 kHz
+FRAME_SHIFT = 160      # 10 ms
+PATCH = 16             # BEATs patches are 16 frames x 16 mel bins
+MEL_PATCHES = 8        # 128 mel bins / 16: tokens per time patch
+MIN_SAMPLES = FRAME_LENGTH + (PATCH - 1) * FRAME_SHIFT  # 2800 samples = one time patch
+CHECKPOINT_KIND = "haaqinet"
+CHECKPOINT_VERSION = 1
+
+# ----------------------------------------------------------------------------- encoders
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderSpec:
+    """How to build one kind of encoder from its JSON-able config dict."""
+
+    build: Callable[[Mapping[str, Any]], nn.Module]
+    default_config: Callable[[], dict[str, Any]]
+
+
+_ENCODERS: dict[str, EncoderSpec] = {}
+
+
+def register_encoder(kind: str, build: Callable[[Mapping[str, Any]], nn.Module],
+                     default_config: Callable[[], dict[str, Any]], *,
+                     overwrite: bool = False) -> None:
+    """Makes `HAAQINetConfig(encoder_kind=kind)` buildable (see the module docstring)."""
+    if kind in _ENCODERS and not overwrite:
+        raise ValueError(f"encoder kind {kind!r} is already registered (pass overwrite=True)")
+    _ENCODERS[kind] = EncoderSpec(build, default_config)
+
+
+def encoder_spec(kind: str) -> EncoderSpec:
+    """The registered spec of `kind`, importing `haaqi_jax.<kind>` once if it is unknown."""
+    if kind not in _ENCODERS:
+        try:
+            importlib.import_module(f"haaqi_jax.{kind}")
+        except ImportError:
+            pass
+    if kind not in _ENCODERS:
+        raise ValueError(f"unknown encoder kind {kind!r}; registered: {sorted(_ENCODERS)} "
+                         "(import the module that calls register_encoder for it)")
+    return _ENCODERS[kind]
+
+
+def _config_dict(cfg) -> dict[str, Any]:
+    return dict(cfg.to_dict()) if hasattr(cfg, "to_dict") else dict(cfg)
+
+
+def _build_beats(cfg: Mapping[str, Any]) -> nn.Module:
+    from haaqi_jax.beats import BEATs, BEATsConfig
+    return BEATs(BEATsConfig.from_dict(dict(cfg)))
+
+
+def _released_beats_config() -> dict[str, Any]:
+    from haaqi_jax.beats import RELEASED_CONFIG
+    return _config_dict(RELEASED_CONFIG)
+
+
+register_encoder("beats", _build_beats, _released_beats_config)
+
+# ----------------------------------------------------------------------------- config
+
+
+def _freeze_json(value):
+    """Deep, hashable, immutable copy of a JSON-like value."""
+    if isinstance(value, Mapping):
+        return types.MappingProxyType({k: _freeze_json(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze_json(v) for v in value)
+    return value
+
+
+def _thaw_json(value):
+    if isinstance(value, Mapping):
+        return {k: _thaw_json(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_thaw_json(v) for v in value]
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class HAAQINetConfig:
+    """Everything needed to rebuild a HAAQI-Net.
+
+    Attributes:
+      encoder_kind: a registered encoder kind ("beats"; others via `register_encoder`).
+      encoder_config: that encoder's config dict; None = the kind's default (for "beats" the
+        released BEATs_iter3+ AS2M configuration).
+      feature_mode: "last" (the encoder's last hidden state, the 2024 paper) or "weighted"
+        (learned weighted sum of `feature_layers`, the later version).
+      feature_layers: hidden-state indices summed in "weighted" mode (0 = encoder input,
+        i = layer i); default layers 1..12 as in the paper.
+      head: the head's sizes; its num_weighted_layers is derived from the two fields above.
+      freeze_encoder: the encoder runs in eval mode and gets no gradient (as released).
+    """
+
+    encoder_kind: str = "beats"
+    encoder_config: Mapping[str, Any] | None = None
+    feature_mode: str = "last"
+    feature_layers: tuple[int, ...] = tuple(range(1, 13))
+    head: HeadConfig = HeadConfig()
+    freeze_encoder: bool = True
+
+    def __post_init__(self):
+        if self.feature_mode not in ("last", "weighted"):
+            raise ValueError(f"HAAQINetConfig: feature_mode must be 'last' or 'weighted', got "
+                             f"{self.feature_mode!r}")
+        layers = tuple(int(i) for i in self.feature_layers)
+        if self.feature_mode == "weighted" and (not layers or min(layers) < 0):
+            raise ValueError(f"HAAQINetConfig: feature_layers must be non-empty hidden-state "
+                             f"indices >= 0, got {layers}")
+        enc = self.encoder_config
+        if enc is None:
+            enc = encoder_spec(self.encoder_kind).default_config()
+        head = self.head if isinstance(self.head, HeadConfig) else HeadConfig.from_dict(self.head)
+        head = dataclasses.replace(
+            head, num_weighted_layers=len(layers) if self.feature_mode == "weighted" else 0)
+        object.__setattr__(self, "feature_layers", layers)
+        object.__setattr__(self, "encoder_config", _freeze_json(_thaw_json(enc)))
+        object.__setattr__(self, "head", head)
+
+    def __hash__(self):
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
+
+    def __eq__(self, other):
+        return isinstance(other, HAAQINetConfig) and self.to_dict() == other.to_dict()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict; `from_dict(to_dict())` round-trips."""
+        return {"encoder_kind": self.encoder_kind,
+                "encoder_config": _thaw_json(self.encoder_config),
+                "feature_mode": self.feature_mode, "feature_layers": list(self.feature_layers),
+                "head": self.head.to_dict(), "freeze_encoder": self.freeze_encoder}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "HAAQINetConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"HAAQINetConfig: unknown keys {sorted(unknown)}")
+        d = dict(d)
+        if "head" in d:
+            d["head"] = HeadConfig.from_dict(dict(d["head"]))
+        if "feature_layers" in d:
+            d["feature_layers"] = tuple(d["feature_layers"])
+        return cls(**d)
+
+# ----------------------------------------------------------------------------- masks
+
+
+def tokens_for_samples(num_samples):
+    """Tokens an unpadded 16 kHz clip of `num_samples` gives (8 per whole 16-frame patch).
+
+    Works on ints and on integer arrays (numpy or jax); too-short clips give 0.
+    """
+    frames = 1 + (num_samples - FRAME_LENGTH) // FRAME_SHIFT
+    frames = frames * (num_samples >= FRAME_LENGTH)
+    return (frames // PATCH) * MEL_PATCHES
+
+
+def encoder_padding_mask(num_samples: jax.Array, padded_length: int) -> jax.Array:
+    """Sample padding mask (B, N) True = pad for clips with `num_samples` (B,) valid samples.
+
+    The BEATs reference reduces a sample mask to fbank frames (chunks of N // F samples, a frame
+    is padding when its whole chunk is) and then to tokens (chunks of F // T frames, as if the
+    flattened token index were time). Marking padding from sample c_f * c_t * K on makes that
+    reduction flag exactly the tokens >= K, where K = `tokens_for_samples(num_samples)` is what
+    the clip alone gives; the frames those K tokens read never reach past the clip's own
+    samples. (Padding right after the clip's last sample would flag about K + 1 tokens.)
+    """
+    frames = 1 + (padded_length - FRAME_LENGTH) // FRAME_SHIFT
+    tokens = tokens_for_samples(padded_length)
+    if tokens == 0:
+        raise ValueError(f"a padded length of {padded_length} samples is shorter than one "
+                         f"BEATs patch ({MIN_SAMPLES} samples)")
+    samples_per_token = (padded_length // frames) * (frames // tokens)
+    first_pad = samples_per_token * tokens_for_samples(num_samples)
+    return jnp.arange(padded_length)[None, :] >= first_pad[:, None]
+
+# ----------------------------------------------------------------------------- module
+
+
+class HAAQINetModel(nn.Module):
+    """Encoder + head; parameters {"encoder": ..., "head": ...}."""
+
+    config: HAAQINetConfig
+
+    def setup(self):
+        cfg = self.config
+        self.encoder = encoder_spec(cfg.encoder_kind).build(_thaw_json(cfg.encoder_config))
+        self.head = HAAQINetHead(cfg.head)
+
+    def encode(self, waveform: jax.Array, padding_mask: jax.Array | None = None, *,
+               deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+        """The head's input.
+
+        Args:
+          waveform: (B, N) float, 16 kHz mono in [-1, 1].
+          padding_mask: (B, N) bool, True = padded sample (padding after the clip), or None.
+        Returns:
+          features (B, T, C) in "last" mode or (B, L, T, C) in "weighted" mode, and
+          token_mask (B, T) bool, True = valid token.
+        """
+        cfg = self.config
+        batch, length = waveform.shape
+        if padding_mask is None:
+            valid = jnp.full((batch,), length, jnp.int32)
+            enc_mask = None
+        else:
+            valid = (~padding_mask.astype(bool)).sum(axis=-1).astype(jnp.int32)
+            enc_mask = encoder_padding_mask(valid, length)
+        out = self.encoder(waveform, enc_mask,
+                           deterministic=True if cfg.freeze_encoder else deterministic)
+        if cfg.feature_mode == "last":
+            features = out.last_hidden_state
+        else:
+            hidden = out.hidden_states
+            if max(cfg.feature_layers) >= len(hidden):
+                raise ValueError(f"HAAQINetConfig.feature_layers {cfg.feature_layers} asks for "
+                                 f"hidden state {max(cfg.feature_layers)} but the encoder "
+                                 f"returns {len(hidden)}")
+            features = jnp.stack([hidden[i] for i in cfg.feature_layers], axis=1)
+        if features.shape[-2] != tokens_for_samples(length):
+            raise ValueError(f"encoder {cfg.encoder_kind!r} gave {features.shape[-2]} tokens for "
+                             f"{length} samples; HAAQI-Net expects BEATs' 16x16-patch layout "
+                             f"({tokens_for_samples(length)} tokens)")
+        if cfg.freeze_encoder:
+            features = jax.lax.stop_gradient(features)
+        token_mask = (jnp.arange(features.shape[-2])[None, :]
+                      < tokens_for_samples(valid)[:, None])
+        return features, token_mask
+
+    def score_features(self, features: jax.Array, token_mask: jax.Array, audiogram: jax.Array,
+                       *, deterministic: bool = True) -> HeadOutput:
+        """The head alone, e.g. on cached `encode` outputs."""
+        return self.head(features, token_mask, audiogram, deterministic=deterministic)
+
+    def __call__(self, waveform: jax.Array, padding_mask: jax.Array | None,
+                 audiogram: jax.Array, *, deterministic: bool = True) -> HeadOutput:
+        """waveform (B, N), padding_mask (B, N) True = pad | None, audiogram (B, 8) dB HL
+        -> HeadOutput(frame_scores (B, T), clip_score (B,))."""
+        features, token_mask = self.encode(waveform, padding_mask, deterministic=deterministic)
+        return self.score_features(features, token_mask, audiogram,
+                                   deterministic=deterministic)
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def resample_to_16k(waveform: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Resamples a 1-D waveform to 16 kHz float32 exactly as `haaqi_jax.data.audio.load_audio`
+    does, so that scoring a file and scoring its samples give the same number."""
+    from haaqi_jax.data.audio import resample
+    return resample(waveform, int(sample_rate), SAMPLE_RATE)
+
+
+def prepare_waveform(waveform, sample_rate: int, *, where: str = "waveform") -> np.ndarray:
+    """Validates one mono clip and resamples it to 16 kHz float32.
+
+    Raises:
+      ValueError naming `where` for: a bad sample rate, not 1-D, not float, non-finite
+      samples, silence, or fewer samples than one BEATs patch (0.175 s) after resampling
+      (checks of `haaqi_jax.data.audio.check_waveform`).
+    """
+    from haaqi_jax.data.audio import check_waveform
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) \
+            or sample_rate <= 0:
+        raise ValueError(f"{where}: sample rate must be a positive integer, got {sample_rate!r}")
+    x = check_waveform(waveform, name=where, min_samples=1)
+    return check_waveform(resample_to_16k(x, sample_rate), name=where, min_samples=MIN_SAMPLES)
+
+
+def plan_batches(lengths: Sequence[int], batch_size: int) -> list[tuple[list[int], int, int]]:
+    """Groups clips of similar length: [(clip indices, padded samples, batch rows)].
+
+    Clips are grouped by `haaqi_jax.data.buckets.bucket_length` (a geometric ladder of
+    lengths); each batch holds at most `batch_size` clips and is padded to one row count for the
+    whole call (`batch_size`, or the next power of two of a smaller clip count) by repeating a
+    clip, so one shape per bucket is compiled.
+    """
+    from haaqi_jax.data.buckets import bucket_length
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    buckets: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        buckets.setdefault(bucket_length(int(n)), []).append(i)
+    rows = min(batch_size, 1 << (len(lengths) - 1).bit_length())
+    return [(buckets[width][start:start + batch_size], width, rows)
+            for width in sorted(buckets) for start in range(0, len(buckets[width]), batch_size)]
+
+
+def _tree_shapes(tree) -> dict[str, tuple[int, ...]]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): tuple(np.shape(leaf)) for path, leaf in flat}
+
+
+def check_param_tree(params, expected, what: str) -> None:
+    """Raises ValueError naming the first missing/unexpected/mis-shaped parameter."""
+    got, want = _tree_shapes(params), _tree_shapes(expected)
+    for key in sorted(want):
+        if key not in got:
+            raise ValueError(f"{what}: missing parameter {key} (shape {want[key]})")
+    for key in sorted(got):
+        if key not in want:
+            raise ValueError(f"{what}: unexpected parameter {key}")
+        if got[key] != want[key]:
+            raise ValueError(f"{what}: parameter {key} has shape {got[key]}, expected "
+                             f"{want[key]}")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class HAAQINet:
+    """A HAAQI-Net ready to use: config + linen module + parameters (+ a jitted forward)."""
+
+    config: HAAQINetConfig
+    params: Any
+    module: HAAQINetModel = dataclasses.field(init=False, repr=False)
+    _forward: Callable[..., HeadOutput] = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "module", HAAQINetModel(self.config))
+        module = self.module
+        object.__setattr__(self, "_forward", jax.jit(
+            lambda params, wav, mask, hl: module.apply({"params": params}, wav, mask, hl)))
+
+    # -- construction ------------------------------------------------------------------
+
+    @staticmethod
+    def _init_params(config: HAAQINetConfig, seed: int):
+        module = HAAQINetModel(config)
+        wav = jnp.zeros((1, MIN_SAMPLES), jnp.float32)
+        return jax.jit(module.init)(jax.random.key(seed), wav, None,
+                                    jnp.zeros((1, len(STANDARD_FREQUENCIES))))["params"]
+
+    @staticmethod
+    def param_shapes(config: HAAQINetConfig):
+        """The parameter tree's ShapeDtypeStructs (no computation)."""
+        module = HAAQINetModel(config)
+        wav = jax.ShapeDtypeStruct((1, MIN_SAMPLES), jnp.float32)
+        hl = jax.ShapeDtypeStruct((1, len(STANDARD_FREQUENCIES)), jnp.float32)
+        return jax.eval_shape(lambda w, h: module.init(jax.random.key(0), w, None, h),
+                              wav, hl)["params"]
+
+    @classmethod
+    def init_random(cls, config: HAAQINetConfig | None = None, seed: int = 0, *,
+                    encoder_params=None) -> "HAAQINet":
+        """Random weights (demos, tests, training from scratch); `encoder_params` (e.g. from a
+        converted BEATs checkpoint) replaces the random encoder after a strict shape check."""
+        config = HAAQINetConfig() if config is None else config
+        params = dict(cls._init_params(config, seed))
+        if encoder_params is not None:
+            check_param_tree(encoder_params, params["encoder"], "encoder_params")
+            params["encoder"] = jax.tree_util.tree_map(jnp.asarray, encoder_params)
+        return cls(config, params)
+
+    @classmethod
+    def from_params(cls, config: HAAQINetConfig, params) -> "HAAQINet":
+        """Wraps a parameter tree after checking it against the config."""
+        check_param_tree(params, cls.param_shapes(config), "HAAQI-Net parameters")
+        return cls(config, params)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "HAAQINet":
+        """Reads a directory written by `save` (or by `convert_haaqinet`)."""
+        from haaqi_jax.train.checkpoint import load_config, load_params
+        meta = load_config(directory)
+        if meta.get("kind") != CHECKPOINT_KIND:
+            raise ValueError(f"{directory}: config.json has kind {meta.get('kind')!r}, expected "
+                             f"{CHECKPOINT_KIND!r} (is this a HAAQI-Net checkpoint?)")
+        config = HAAQINetConfig.from_dict(meta["config"])
+        params, _ = load_params(directory)
+        return cls.from_params(config, params)
+
+    def save(self, directory: str | os.PathLike, *, overwrite: bool = False,
+             extra: Mapping[str, Any] | None = None):
+        """Writes params + config.json {"kind": "haaqinet", "version", "config", **extra}."""
+        from haaqi_jax.train.checkpoint import save_params
+        meta = {"kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION,
+                "config": self.config.to_dict(), **dict(extra or {})}
+        return save_params(directory, self.params, meta, overwrite=overwrite)
+
+    # -- use ---------------------------------------------------------------------------
+
+    def apply(self, waveform, padding_mask, audiogram) -> HeadOutput:
+        """Jitted eval forward: (B, N) 16 kHz, (B, N) True = pad | None, (B, 8) -> HeadOutput."""
+        return self._forward(self.params, jnp.asarray(waveform, jnp.float32),
+                             None if padding_mask is None else jnp.asarray(padding_mask, bool),
+                             jnp.asarray(audiogram, jnp.float32))
+
+    def head_apply(self, features, token_mask, audiogram, *, head_params=None,
+                   deterministic: bool = True, rngs=None) -> HeadOutput:
+        """The head alone on cached features (B, T, C) / (B, L, T, C); `head_params` defaults
+        to this model's."""
+        head_params = self.params["head"] if head_params is None else head_params
+        return HAAQINetHead(self.config.head).apply(
+            {"params": head_params}, features, token_mask, audiogram,
+            deterministic=deterministic, rngs=rngs)
+
+    def predict(self, waveforms, sample_rate, audiograms, batch_size: int = 8, *,
+                progress: Any = True) -> np.ndarray:
+        """Clip scores of mono clips of any lengths.
+
+        Args:
+          waveforms: list of 1-D float arrays (any lengths) or a 2-D array (B, N).
+          sample_rate: one rate for all, or one per clip (Hz); clips are resampled to 16 kHz.
+          audiograms: (B, 8) raw levels in dB HL at 250..8000 Hz, or one (8,) for all clips.
+          batch_size: clips per forward pass; clips are grouped by length (few shapes).
+          progress: show a tqdm bar (True/False), or an open tqdm bar to advance.
+        Returns:
+          (B,) float32 predicted HAAQI in (0, 1), in input order; each clip scores as if alone.
+        Raises:
+          ValueError naming the clip ("item i") on bad audio, rates or audiograms.
+        """
+        from tqdm.auto import tqdm
+
+        items = list(waveforms) if not isinstance(waveforms, np.ndarray) or waveforms.ndim > 1 \
+            else [waveforms]
+        n = len(items)
+        if n == 0:
+            raise ValueError("predict: no waveforms given")
+        rates = [sample_rate] * n if np.ndim(sample_rate) == 0 else list(sample_rate)
+        if len(rates) != n:
+            raise ValueError(f"predict: {len(rates)} sample rates for {n} waveforms")
+        levels = np.asarray(audiograms, dtype=np.float64)
+        if levels.ndim == 1:
+            levels = np.broadcast_to(levels, (n,) + levels.shape)
+        if levels.shape != (n, len(STANDARD_FREQUENCIES)):
+            raise ValueError(f"predict: audiograms must be (B, 8) with B = {n} waveforms, got "
+                             f"shape {np.shape(audiograms)}")
+        levels = np.stack([validate_levels(levels[i], where=f"item {i} audiogram")
+                           for i in range(n)])
+        clips = [prepare_waveform(x, r, where=f"item {i}")
+                 for i, (x, r) in enumerate(zip(items, rates))]
+
+        scores = np.zeros(n, np.float32)
+        plan = plan_batches([len(c) for c in clips], batch_size)
+        if isinstance(progress, bool):
+            bar_context = tqdm(total=n, desc="HAAQI-Net", unit="clip", disable=not progress)
+        else:  # a caller's bar (e.g. the CLI's, over all files)
+            bar_context = contextlib.nullcontext(progress)
+        with bar_context as bar:
+            for idx, length, rows in plan:
+                rows_idx = idx + [idx[-1]] * (rows - len(idx))  # fill rows with a real clip
+                wav = np.zeros((rows, length), np.float32)
+                valid = np.zeros(rows, np.int64)
+                for r, i in enumerate(rows_idx):
+                    wav[r, :len(clips[i])] = clips[i]
+                    valid[r] = len(clips[i])
+                mask = np.arange(length)[None, :] >= valid[:, None]
+                out = self.apply(wav, mask, levels[rows_idx])
+                scores[idx] = np.asarray(out.clip_score)[:len(idx)]
+                bar.update(len(idx))
+        return scores

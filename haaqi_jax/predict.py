@@ -1,0 +1,267 @@
+"""`haaqi-jax predict`: HAAQI of audio files with a HAAQI-Net checkpoint, written to a CSV.
+
+    haaqi-jax predict --checkpoint ckpt/haaqinet --audiogram 10,15,20,30,40,45,50,55 \\
+        music/ one.flac --out results.csv
+    haaqi-jax predict --checkpoint ckpt/haaqinet --audiograms listeners.csv music/ --out r.csv
+    haaqi-jax predict --checkpoint ckpt/haaqinet test.jsonl --out r.csv
+
+INPUTS are audio files, folders (searched recursively for every extension soundfile reads) or
+JSONL manifests (`.jsonl`, rows with `file_path` and `audiogram`, as `haaqi_jax.data.manifest`
+reads them). Audio of any sample rate and channel count is mixed to mono and resampled to 16 kHz.
+
+Which audiogram a file gets (first match wins): its manifest row's `audiogram`; its entry in
+--audiograms FILE; the --audiogram default. --audiograms FILE maps files to 8 levels in dB HL at
+250, 500, 1000, 2000, 3000, 4000, 6000, 8000 Hz, as either
+  - CSV with a header row: `file` and then the 8 frequencies in that order (`250`, `500`, ... or
+    `250Hz`, ...), one file per row; or
+  - JSON: an object {"<file>": [8 levels], ...}.
+A key matches a file when it equals the path as found (as given on the command line, or the
+folder argument joined with the path inside it) or the file's base name (then it applies to every
+file of that name).
+
+The CSV has columns file, haaqi (empty on error), duration_s, error (empty when scored). A bad file
+(unreadable, NaN, silent, too short, no or bad audiogram) is reported on stderr and in `error`;
+the others are still scored. Exit status: 0 when every file was scored, 1 when some failed, 2 on a
+usage error (bad checkpoint, bad --audiogram/--audiograms, no inputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from haaqi_jax.audiogram import STANDARD_FREQUENCIES, validate_levels
+
+MANIFEST_SUFFIXES = (".jsonl",)
+
+
+@dataclasses.dataclass
+class Job:
+    """One file to score; `error` set means it is reported, not scored."""
+
+    file: Path
+    name: str                       # as written to the CSV
+    audiogram: np.ndarray | None = None
+    error: str | None = None
+    score: float | None = None
+    duration_s: float | None = None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="INPUTS",
+                        help="audio files, folders (recursive) or .jsonl manifests")
+    parser.add_argument("--checkpoint", required=True,
+                        help="HAAQI-Net directory (from convert_haaqinet or training)")
+    parser.add_argument("--audiogram", default=None,
+                        help="default audiogram: 8 comma-separated dB HL levels at "
+                             "250,500,1000,2000,3000,4000,6000,8000 Hz")
+    parser.add_argument("--audiograms", default=None, metavar="FILE",
+                        help="CSV or JSON mapping file names to 8 levels (see the docs)")
+    parser.add_argument("--out", required=True, help="CSV to write")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def audio_extensions() -> set[str]:
+    import soundfile
+    exts = {f".{f.lower()}" for f in soundfile.available_formats()}
+    return exts | {".wav", ".flac", ".ogg", ".oga", ".aif", ".aiff", ".mp3", ".au", ".caf"}
+
+
+def parse_audiogram(text: str, *, where: str = "--audiogram") -> np.ndarray:
+    """'v1,...,v8' -> (8,) float32, ValueError naming `where` on a bad value or count."""
+    try:
+        values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{where}: {text!r} is not a list of numbers") from None
+    return validate_levels(values, where=where)
+
+
+def _frequency_of(column: str) -> float | None:
+    text = column.strip().lower().removesuffix("hz").strip()
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def read_audiogram_table(path: str | Path) -> dict[str, np.ndarray]:
+    """Reads --audiograms FILE (CSV or JSON, see the module docstring).
+
+    Raises:
+      FileNotFoundError, or ValueError naming the file and the row/key at fault.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--audiograms: {path} does not exist")
+    table: dict[str, np.ndarray] = {}
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object mapping file names to 8 levels")
+        for key, levels in data.items():
+            if not isinstance(levels, list):
+                raise ValueError(f"{path}: key {key!r}: expected a list of 8 levels")
+            table[str(key)] = validate_levels(levels, where=f"{path}: key {key!r}")
+        return table
+    with path.open(newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"{path}: empty CSV")
+        freqs = [_frequency_of(c) for c in header[1:]]
+        if (header[0].strip().lower() != "file"
+                or tuple(freqs) != tuple(STANDARD_FREQUENCIES)):
+            raise ValueError(f"{path}: header must be 'file' then the 8 frequencies "
+                             f"{[int(f) for f in STANDARD_FREQUENCIES]}, got {header}")
+        for row_number, row in enumerate(reader, start=2):
+            if not row or not "".join(row).strip():
+                continue
+            where = f"{path}: row {row_number}"
+            if len(row) != 1 + len(STANDARD_FREQUENCIES):
+                raise ValueError(f"{where}: expected {1 + len(STANDARD_FREQUENCIES)} columns, "
+                                 f"got {len(row)}")
+            try:
+                levels = [float(v) for v in row[1:]]
+            except ValueError:
+                raise ValueError(f"{where}: levels {row[1:]} are not all numbers") from None
+            table[row[0].strip()] = validate_levels(levels, where=f"{where} ({row[0].strip()})")
+    return table
+
+
+def collect_jobs(inputs: Iterable[str]) -> list[Job]:
+    """Expands INPUTS into one Job per audio file (manifest rows carry their audiogram)."""
+    jobs: list[Job] = []
+    extensions = None
+    for text in inputs:
+        path = Path(text)
+        if path.is_dir():
+            extensions = extensions or audio_extensions()
+            found = sorted(p for p in path.rglob("*")
+                           if p.is_file() and p.suffix.lower() in extensions)
+            if not found:
+                print(f"warning: no audio files under {path}", file=sys.stderr)
+            jobs.extend(Job(p, str(p)) for p in found)
+        elif path.suffix.lower() in MANIFEST_SUFFIXES:
+            jobs.extend(_manifest_jobs(path))
+        else:
+            job = Job(path, text)
+            if not path.is_file():
+                job.error = f"{path}: no such file"
+            jobs.append(job)
+    return jobs
+
+
+def _manifest_jobs(path: Path) -> list[Job]:
+    from haaqi_jax.data.manifest import read_manifest
+    if not path.is_file():
+        return [Job(path, str(path), error=f"{path}: no such manifest")]
+    rows = read_manifest(path, on_error="skip")
+    jobs = [Job(Path(row.file_path), str(row.file_path), audiogram=np.asarray(row.audiogram))
+            for row in rows]
+    # A bad row is reported like a bad file; the other rows are still scored.
+    jobs += [Job(path, f"{path}:{line}", error=reason)
+             for line, reason in rows.skipped]
+    return jobs
+
+
+def assign_audiograms(jobs: list[Job], default: np.ndarray | None,
+                      table: dict[str, np.ndarray]) -> None:
+    for job in jobs:
+        if job.audiogram is not None or job.error:
+            continue
+        for key in (job.name, str(job.file), job.file.name):
+            if key in table:
+                job.audiogram = table[key]
+                break
+        else:
+            if default is not None:
+                job.audiogram = default
+            else:
+                job.error = (f"{job.name}: no audiogram (give --audiogram, an --audiograms "
+                             "entry or a manifest row)")
+
+
+def _load(job: Job) -> np.ndarray | None:
+    """16 kHz mono clip, or None with job.error set."""
+    from haaqi_jax.data.audio import load_audio
+    from haaqi_jax.model import SAMPLE_RATE, prepare_waveform
+    try:
+        clip = prepare_waveform(load_audio(job.file, sample_rate=SAMPLE_RATE), SAMPLE_RATE,
+                                where=job.name)
+    except (ValueError, OSError, RuntimeError) as e:  # soundfile raises RuntimeError subclasses
+        job.error = str(e) if job.name in str(e) or str(job.file) in str(e) \
+            else f"{job.name}: {e}"
+        return None
+    job.duration_s = len(clip) / SAMPLE_RATE
+    return clip
+
+
+def score_jobs(net, jobs: list[Job], *, batch_size: int = 8, progress: bool = True,
+               chunk_size: int | None = None) -> None:
+    """Loads and scores the jobs in chunks (bounded memory), filling job.score / job.error."""
+    from tqdm.auto import tqdm
+    chunk_size = chunk_size or max(32 * batch_size, 64)
+    with tqdm(total=len(jobs), desc="HAAQI-Net", unit="file", disable=not progress) as bar:
+        for start in range(0, len(jobs), chunk_size):
+            chunk = jobs[start:start + chunk_size]
+            ready, clips = [], []
+            for job in chunk:
+                clip = None if job.error else _load(job)
+                if clip is None:
+                    print(f"error: {job.error}", file=sys.stderr)
+                    bar.update(1)
+                    continue
+                ready.append(job)
+                clips.append(clip)
+            if not ready:
+                continue
+            scores = net.predict(clips, 16000, np.stack([j.audiogram for j in ready]),
+                                 batch_size=batch_size, progress=bar)
+            for job, score in zip(ready, scores):
+                job.score = float(score)
+
+
+def write_results(path: str | Path, jobs: list[Job]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "haaqi", "duration_s", "error"])
+        for job in jobs:
+            writer.writerow([job.name, "" if job.score is None else f"{job.score:.6f}",
+                             "" if job.duration_s is None else f"{job.duration_s:.3f}",
+                             job.error or ""])
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    from haaqi_jax.model import HAAQINet
+    try:
+        default = None if args.audiogram is None else parse_audiogram(args.audiogram)
+        table = {} if args.audiograms is None else read_audiogram_table(args.audiograms)
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        jobs = collect_jobs(args.inputs)
+        if not jobs:
+            raise ValueError("no audio files found in INPUTS")
+        net = HAAQINet.load(args.checkpoint)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    assign_audiograms(jobs, default, table)
+    score_jobs(net, jobs, batch_size=args.batch_size, progress=not args.no_progress)
+    out = write_results(args.out, jobs)
+    failed = sum(job.score is None for job in jobs)
+    print(f"scored {len(jobs) - failed} of {len(jobs)} files -> {out}", file=sys.stderr)
+    return 1 if failed else 0

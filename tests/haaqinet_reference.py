@@ -1,0 +1,77 @@
+"""PyTorch reference for the HAAQI-Net head, built here from standard torch layers.
+
+The layer names and the forward pass follow the authors' released model (github
+dyahayumgw/HAAQI-Net, `HAAQINet` / `BLSTM_frame_sig_att`): `blstm`, `linear0` (adapter),
+`linear1`, `haaqiAtt_layer` (nn.MultiheadAttention, sequence-first), `haaqiframe_score`, and in
+the weighted variant `weights` + `layer_norm.{i}`. Like the released code it scores one
+unpadded clip at a time (no masks), which is the truth a padded JAX batch must reproduce.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class TorchHAAQINetHead(nn.Module):
+    def __init__(self, feature_dim: int = 768, num_weighted_layers: int = 0,
+                 adapter_dim: int = 256, audiogram_dim: int = 8, lstm_hidden: int = 100,
+                 num_heads: int = 16):
+        super().__init__()
+        self.blstm = nn.LSTM(adapter_dim + audiogram_dim, lstm_hidden, num_layers=1,
+                             bidirectional=True, batch_first=True)
+        self.linear0 = nn.Linear(feature_dim, adapter_dim)
+        self.linear1 = nn.Linear(2 * lstm_hidden, adapter_dim)
+        self.dropout = nn.Dropout(0.3)
+        self.haaqiAtt_layer = nn.MultiheadAttention(adapter_dim, num_heads=num_heads)
+        self.haaqiframe_score = nn.Linear(adapter_dim, 1)
+        self.num_weighted_layers = num_weighted_layers
+        if num_weighted_layers:
+            self.weights = nn.Parameter(torch.ones(num_weighted_layers))
+            self.layer_norm = nn.Sequential(
+                *[nn.LayerNorm(feature_dim) for _ in range(num_weighted_layers)])
+
+    def forward(self, features, hl):
+        """features: (B, T, C) or a list of L such tensors; hl: (B, 8).
+        Returns frame scores (B, T) and clip scores (B,)."""
+        if self.num_weighted_layers:
+            w = torch.softmax(self.weights, -1)
+            x = sum(norm(f) * w[i] for i, (f, norm) in enumerate(zip(features, self.layer_norm)))
+        else:
+            x = features
+        t = x.shape[1]
+        x = torch.cat([self.linear0(x), hl[:, None, :].repeat(1, t, 1)], dim=2)
+        x, _ = self.blstm(x)
+        x = self.dropout(torch.relu(self.linear1(x))).transpose(0, 1)
+        x, _ = self.haaqiAtt_layer(x, x, x)
+        frame = torch.sigmoid(self.haaqiframe_score(x.transpose(0, 1)))[..., 0]
+        return frame, frame.mean(dim=1)
+
+
+def make_head(seed: int, *, feature_dim: int = 768, num_weighted_layers: int = 0,
+              **kwargs) -> TorchHAAQINetHead:
+    """A head in eval mode with seeded random weights (biases and layer weights non-trivial)."""
+    torch.manual_seed(seed)
+    head = TorchHAAQINetHead(feature_dim, num_weighted_layers, **kwargs)
+    with torch.no_grad():
+        for name, p in head.named_parameters():
+            if name.endswith("bias") or name == "weights":
+                p.copy_(0.1 * torch.randn_like(p))
+            elif name.startswith("layer_norm"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    return head.eval()
+
+
+def torch_head_scores(head: TorchHAAQINetHead, features, audiogram):
+    """Scores ONE clip at a time (as released). features: list of (T_b, C) or (L, T_b, C)
+    numpy arrays; audiogram (B, 8). Returns lists of frame scores (T_b,) and clip scores."""
+    frames, clips = [], []
+    with torch.no_grad():
+        for f, hl in zip(features, np.asarray(audiogram, np.float32)):
+            f = torch.from_numpy(np.asarray(f, np.float32))
+            x = list(f[:, None]) if head.num_weighted_layers else f[None]
+            frame, clip = head(x, torch.from_numpy(hl)[None])
+            frames.append(frame[0].numpy())
+            clips.append(float(clip[0]))
+    return frames, np.asarray(clips)

@@ -1,0 +1,117 @@
+"""convert_haaqinet on a synthetic file in the released layout -> HAAQINet.load -> predict,
+against the PyTorch reference pipeline: speechbrain BEATs + the torch head, one clip at a time."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from haaqi_jax.convert.haaqinet_torch import convert_haaqinet
+from haaqi_jax.model import HAAQINet
+from beats_reference import TINY_CFG, make_beats_state_dict, save_official_checkpoint, \
+    speechbrain_beats
+from haaqinet_reference import make_head, torch_head_scores
+
+SR = 16000
+TOL = 1e-4
+
+
+def _released_file(path, num_layers, seed=0):
+    beats_sd = make_beats_state_dict(TINY_CFG, seed)
+    head = make_head(seed + 1, feature_dim=TINY_CFG["encoder_embed_dim"],
+                     num_weighted_layers=num_layers)
+    sd = {f"beats_model.{k}": v for k, v in beats_sd.items()}
+    sd.update(head.state_dict())
+    torch.save({"model": sd}, path)
+    return beats_sd, head, sd
+
+
+def _clips(seed, lengths, rate=SR):
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in lengths:
+        t = np.arange(n) / rate
+        f0 = rng.uniform(110, 880)
+        x = sum(np.sin(2 * np.pi * f0 * h * t) / h for h in range(1, 6))
+        out.append((0.2 * x * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
+                    + 0.02 * rng.normal(size=n)).astype(np.float32))
+    return out
+
+
+@pytest.mark.parametrize("num_layers", [0, 2])
+def test_converted_predict_matches_torch_pipeline(num_layers, tmp_path):
+    beats_sd, head, _ = _released_file(tmp_path / "best_loss.pth", num_layers)
+    out_dir = convert_haaqinet(tmp_path / "best_loss.pth", tmp_path / "jax",
+                               beats_config=TINY_CFG)
+    net = HAAQINet.load(out_dir)
+    assert net.config.feature_mode == ("weighted" if num_layers else "last")
+    if num_layers:
+        assert net.config.feature_layers == (1, 2)  # the L layer outputs, as released
+
+    lengths = [16000, 9000, 24000, 4100]  # mixed: padded in shared buckets
+    clips = _clips(num_layers, lengths)
+    levels = np.random.default_rng(7).uniform(0, 90, (len(clips), 8)).astype(np.float32)
+    scores = net.predict(clips, SR, levels, batch_size=4, progress=False)
+
+    save_official_checkpoint(tmp_path / "beats.pt", TINY_CFG, beats_sd)
+    sb = speechbrain_beats(tmp_path / "beats.pt")  # all hidden states: (L+1, T, 1, C)
+    feats = []
+    with torch.no_grad():
+        for clip in clips:  # one unpadded clip at a time, as the authors' code runs
+            hidden = sb(torch.from_numpy(clip)[None], wav_lens=torch.ones(1))[0][:, :, 0]
+            feats.append(hidden[1:].numpy() if num_layers else hidden[-1].numpy())
+    _, ref = torch_head_scores(head, feats, levels)
+    np.testing.assert_allclose(scores, ref, atol=TOL, rtol=0)
+    assert np.std(ref) > 1e-3  # the clips really score differently
+
+
+def _expect_error(tmp_path, sd, match, **kw):
+    torch.save({"model": sd}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match=match):
+        convert_haaqinet(tmp_path / "bad.pth", tmp_path / "out", beats_config=TINY_CFG, **kw)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_conversion_errors_name_the_key_and_write_nothing(tmp_path):
+    _, _, sd = _released_file(tmp_path / "ok.pth", 2)
+
+    bad = dict(sd)
+    del bad["haaqiframe_score.bias"]
+    _expect_error(tmp_path, bad, "haaqiframe_score.bias")
+
+    bad = dict(sd, **{"classifier.weight": torch.zeros(3)})
+    _expect_error(tmp_path, bad, "classifier.weight")
+
+    bad = dict(sd)
+    bad["blstm.weight_hh_l0_reverse"] = torch.zeros(400, 99)
+    _expect_error(tmp_path, bad, "blstm.weight_hh_l0_reverse")
+
+    bad = dict(sd)
+    bad["layer_norm.1.bias"] = torch.zeros(5)
+    _expect_error(tmp_path, bad, "layer_norm.1.bias")
+
+    bad = dict(sd)
+    key = next(k for k in sd if k.startswith("beats_model.encoder.layers.0.fc1"))
+    del bad[key]
+    _expect_error(tmp_path, bad, key.removeprefix("beats_model."))
+
+    _expect_error(tmp_path, dict(sd), "feature_layers", feature_layers=(1, 2, 3))
+
+    _, _, sd = _released_file(tmp_path / "ok_last.pth", 0)
+    bad = dict(sd)
+    bad["linear0.weight"] = torch.zeros(256, 32)  # adapter width != encoder width
+    _expect_error(tmp_path, bad, "linear0.weight reads 32 features")
+
+
+def test_not_a_haaqinet_file(tmp_path):
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot be read"):
+        convert_haaqinet(tmp_path / "junk.pth", tmp_path / "out")
+    torch.save({"model": {"linear0.weight": torch.zeros(2, 2)}}, tmp_path / "head_only.pth")
+    with pytest.raises(ValueError, match="not a released HAAQI-Net checkpoint"):
+        convert_haaqinet(tmp_path / "head_only.pth", tmp_path / "out")
+    with pytest.raises(FileNotFoundError):
+        convert_haaqinet(tmp_path / "missing.pth", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

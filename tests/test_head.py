@@ -1,0 +1,150 @@
+"""HAAQINetHead vs a PyTorch head built from nn.LSTM / nn.Linear / nn.MultiheadAttention."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from haaqi_jax.convert.haaqinet_torch import head_params_from_state_dict
+from haaqi_jax.head import BLSTM, HAAQINetHead, HeadConfig, reverse_valid
+from haaqinet_reference import make_head, torch_head_scores
+
+LENGTHS = (37, 16, 29)
+TOL = 1e-4
+
+
+def _padded(items, length):
+    """list of (..., T_b, C) -> (B, ..., length, C) zero-padded on the T axis, mask (B, length)."""
+    out = np.zeros((len(items),) + items[0].shape[:-2] + (length, items[0].shape[-1]), np.float32)
+    mask = np.zeros((len(items), length), bool)
+    for b, x in enumerate(items):
+        out[b, ..., :x.shape[-2], :] = x
+        mask[b, :x.shape[-2]] = True
+    return out, mask
+
+
+def _run(head_cfg, params, feats, mask, hl, **kw):
+    apply = jax.jit(HAAQINetHead(head_cfg).apply, static_argnames="deterministic")
+    return apply({"params": params}, jnp.asarray(feats), jnp.asarray(mask), jnp.asarray(hl), **kw)
+
+
+@pytest.fixture(scope="module")
+def audiograms():
+    rng = np.random.default_rng(0)
+    return rng.uniform(0, 80, (len(LENGTHS), 8)).astype(np.float32)
+
+
+@pytest.mark.parametrize("num_layers", [0, 12])
+def test_head_matches_torch_per_item(num_layers, audiograms):
+    torch_head = make_head(1 + num_layers, feature_dim=768, num_weighted_layers=num_layers)
+    params, cfg = head_params_from_state_dict(torch_head.state_dict())
+    assert cfg.num_weighted_layers == num_layers and cfg.lstm_hidden == 100
+    rng = np.random.default_rng(2)
+    shape = (num_layers,) if num_layers else ()
+    items = [rng.normal(size=shape + (t, 768)).astype(np.float32) for t in LENGTHS]
+    frames_ref, clips_ref = torch_head_scores(torch_head, items, audiograms)
+
+    feats, mask = _padded(items, max(LENGTHS) + 3)
+    out = _run(cfg, params, feats, mask, audiograms)
+    np.testing.assert_allclose(np.asarray(out.clip_score), clips_ref, atol=TOL, rtol=0)
+    for b, t in enumerate(LENGTHS):
+        np.testing.assert_allclose(np.asarray(out.frame_scores[b, :t]), frames_ref[b], atol=TOL,
+                                   rtol=0)
+        assert np.all(np.asarray(out.frame_scores[b, t:]) == 0.0)
+    # The scores must depend on the audiogram (it is concatenated on every token).
+    out2 = _run(cfg, params, feats, mask, audiograms + 10.0)
+    assert np.max(np.abs(np.asarray(out2.clip_score - out.clip_score))) > 1e-4
+
+
+def test_masking_matters_and_is_complete(audiograms):
+    """Padding content must not move the scores; dropping the mask must (test can fail)."""
+    torch_head = make_head(5, feature_dim=64)
+    params, cfg = head_params_from_state_dict(torch_head.state_dict())
+    rng = np.random.default_rng(3)
+    items = [rng.normal(size=(t, 64)).astype(np.float32) for t in LENGTHS]
+    feats, mask = _padded(items, max(LENGTHS) + 5)
+    base = _run(cfg, params, feats, mask, audiograms)
+
+    noisy = feats + (~mask)[..., None] * rng.normal(size=feats.shape).astype(np.float32) * 5
+    moved = _run(cfg, params, noisy, mask, audiograms)
+    np.testing.assert_allclose(np.asarray(moved.clip_score), np.asarray(base.clip_score),
+                               atol=1e-6, rtol=0)
+    unmasked = _run(cfg, params, noisy, np.ones_like(mask), audiograms)
+    assert np.max(np.abs(np.asarray(unmasked.clip_score - base.clip_score))) > 1e-3
+
+
+def test_blstm_backward_direction_skips_padding():
+    rng = np.random.default_rng(4)
+    lengths = np.array([7, 12, 4])
+    x = rng.normal(size=(3, 12, 10)).astype(np.float32)
+    x_pad = np.where(np.arange(12)[None, :, None] < lengths[:, None, None], x, 3.0)
+    layer = BLSTM(6)
+    params = jax.jit(layer.init)(jax.random.key(0), x, lengths)
+    apply = jax.jit(layer.apply)
+    masked = np.asarray(apply(params, x_pad, lengths))
+    for b, t in enumerate(lengths):
+        alone = np.asarray(apply(params, x[b:b + 1, :t], np.array([t])))[0]
+        np.testing.assert_allclose(masked[b, :t], alone, atol=1e-6)
+    # Without lengths the padding reaches the backward half of valid steps (forward half is
+    # unaffected because padding comes last).
+    full = np.asarray(apply(params, x_pad, np.full(3, 12)))
+    assert np.allclose(full[0, :7, :6], masked[0, :7, :6], atol=1e-6)
+    assert np.max(np.abs(full[0, :7, 6:] - masked[0, :7, 6:])) > 1e-3
+    np.testing.assert_array_equal(np.asarray(reverse_valid(reverse_valid(x, lengths), lengths)), x)
+
+
+def test_dropout_only_when_not_deterministic(audiograms):
+    torch_head = make_head(6, feature_dim=64)
+    params, cfg = head_params_from_state_dict(torch_head.state_dict())
+    feats, mask = _padded([np.ones((20, 64), np.float32)] * 3, 20)
+    a = _run(cfg, params, feats, mask, audiograms)
+    b = _run(cfg, params, feats, mask, audiograms, deterministic=True)
+    np.testing.assert_array_equal(np.asarray(a.clip_score), np.asarray(b.clip_score))
+    c = _run(cfg, params, feats, mask, audiograms, deterministic=False,
+             rngs={"dropout": jax.random.key(1)})
+    assert np.max(np.abs(np.asarray(c.clip_score - a.clip_score))) > 1e-5
+
+
+def test_head_init_tree_matches_conversion():
+    torch_head = make_head(7, feature_dim=64, num_weighted_layers=3)
+    params, cfg = head_params_from_state_dict(torch_head.state_dict())
+    init = jax.jit(HAAQINetHead(cfg).init)(jax.random.key(0), jnp.zeros((1, 3, 5, 64)),
+                                           jnp.ones((1, 5), bool), jnp.zeros((1, 8)))["params"]
+    shapes = lambda t: jax.tree_util.tree_map(lambda a: tuple(a.shape), t)  # noqa: E731
+    assert shapes(init) == shapes(params)
+    # Uniform initial layer weights, as released (torch.ones before the softmax).
+    np.testing.assert_array_equal(np.asarray(init["layer_weights"]), np.ones(3))
+
+
+def test_bad_shapes_are_value_errors():
+    cfg = HeadConfig(num_weighted_layers=2)
+    head = HAAQINetHead(cfg)
+    with pytest.raises(ValueError, match="stacked features"):
+        head.init(jax.random.key(0), jnp.zeros((1, 5, 64)), jnp.ones((1, 5), bool),
+                  jnp.zeros((1, 8)))
+    head = HAAQINetHead(HeadConfig())
+    with pytest.raises(ValueError, match="audiogram shape"):
+        head.init(jax.random.key(0), jnp.zeros((1, 5, 64)), jnp.ones((1, 5), bool),
+                  jnp.zeros((1, 6)))
+    with pytest.raises(ValueError, match="token_mask shape"):
+        head.init(jax.random.key(0), jnp.zeros((1, 5, 64)), jnp.ones((1, 4), bool),
+                  jnp.zeros((1, 8)))
+    with pytest.raises(ValueError, match="divisible"):
+        HeadConfig(dense_dim=250)
+
+
+def test_head_conversion_is_strict():
+    sd = {k: v.clone() for k, v in make_head(8, feature_dim=64).state_dict().items()}
+    bad = dict(sd)
+    del bad["blstm.bias_hh_l0_reverse"]
+    with pytest.raises(ValueError, match="blstm.bias_hh_l0_reverse"):
+        head_params_from_state_dict(bad)
+    bad = dict(sd, extra_thing=sd["linear0.bias"])
+    with pytest.raises(ValueError, match="extra_thing"):
+        head_params_from_state_dict(bad)
+    bad = dict(sd)
+    bad["haaqiAtt_layer.out_proj.weight"] = sd["haaqiAtt_layer.out_proj.weight"][:, :10]
+    with pytest.raises(ValueError, match="haaqiAtt_layer.out_proj.weight"):
+        head_params_from_state_dict(bad)

@@ -1,0 +1,228 @@
+"""HAAQINetConfig / HAAQINetModel / HAAQINet: padding = alone, save/load, registry, bad input.
+
+Agreement with the PyTorch reference pipeline is in test_convert_haaqinet.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from haaqi_jax import model as M
+from haaqi_jax.head import HeadConfig
+from beats_reference import TINY_CFG
+
+SR = 16000
+
+
+def _clips(seed, lengths):
+    rng = np.random.default_rng(seed)
+    times = [np.arange(n) / SR for n in lengths]
+    return [(0.3 * np.sin(2 * np.pi * rng.uniform(100, 3000) * t) + 0.05 * rng.normal(size=t.size))
+            .astype(np.float32) for t in times]
+
+
+@pytest.fixture(scope="module")
+def weighted_net():
+    cfg = M.HAAQINetConfig(encoder_config=TINY_CFG, feature_mode="weighted",
+                           feature_layers=(0, 1, 2))
+    return M.HAAQINet.init_random(cfg, seed=3)
+
+
+@pytest.fixture(scope="module")
+def levels():
+    return np.random.default_rng(1).uniform(0, 70, (6, 8))
+
+
+def test_config_roundtrip_and_validation():
+    cfg = M.HAAQINetConfig(encoder_config=TINY_CFG, feature_mode="weighted",
+                           feature_layers=(1, 2), head=HeadConfig(lstm_hidden=50))
+    assert cfg.head.num_weighted_layers == 2 and cfg.head.lstm_hidden == 50
+    d = json.loads(json.dumps(cfg.to_dict()))
+    back = M.HAAQINetConfig.from_dict(d)
+    assert back == cfg and hash(back) == hash(cfg)
+    assert M.HAAQINetConfig(encoder_config=TINY_CFG).head.num_weighted_layers == 0
+    with pytest.raises(ValueError, match="feature_mode"):
+        M.HAAQINetConfig(encoder_config=TINY_CFG, feature_mode="mean")
+    with pytest.raises(ValueError, match="unknown keys"):
+        M.HAAQINetConfig.from_dict({**d, "colour": 1})
+    with pytest.raises(ValueError, match="unknown encoder kind 'nope'"):
+        M.HAAQINetConfig(encoder_kind="nope")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.feature_mode = "last"
+
+
+def test_padded_batches_score_each_clip_as_alone(weighted_net, levels):
+    # Two buckets shared by clips of different lengths; the one at 44.1 kHz is resampled.
+    lengths = [2800, 5123, 9000, 9950, 8000]
+    clips = _clips(0, lengths)
+    rates = [SR] * 4 + [44100]
+    levels = levels[:5]
+    together = weighted_net.predict(clips, rates, levels, batch_size=4, progress=False)
+    alone = np.array([weighted_net.predict([c], r, l[None], progress=False)[0]
+                      for c, r, l in zip(clips, rates, levels)])
+    np.testing.assert_allclose(together, alone, atol=2e-5, rtol=0)
+    assert together.shape == (5,) and np.all((together > 0) & (together < 1))
+    # The audiogram matters.
+    other = weighted_net.predict(clips[:2], SR, levels[:2] + 20, progress=False)
+    assert np.max(np.abs(other - together[:2])) > 1e-5
+
+
+def test_encoder_token_mask_equals_alone_token_count(weighted_net):
+    """Our sample mask makes the encoder's own token rule flag exactly the alone token count,
+    where the naive mask (padding from the clip's last sample) does not."""
+    length = 16000
+    valid = np.array([16000, 9000, 5123, 2800])
+    wav = np.zeros((4, length), np.float32)
+    naive = np.arange(length)[None] >= valid[:, None]
+
+    def encoder_masks(module, wav, naive):
+        ours = module.encoder(wav, M.encoder_padding_mask(jnp.asarray(valid), length)).padding_mask
+        theirs = module.encoder(wav, naive).padding_mask
+        return ours, theirs, module.encode(wav, naive)[1]
+
+    ours, theirs, token_mask = jax.jit(functools.partial(
+        weighted_net.module.apply, method=encoder_masks))({"params": weighted_net.params}, wav,
+                                                          naive)
+    expected = np.arange(ours.shape[1])[None] < M.tokens_for_samples(valid)[:, None]
+    np.testing.assert_array_equal(~np.asarray(ours), expected)
+    np.testing.assert_array_equal(np.asarray(token_mask), expected)
+    assert not np.array_equal(~np.asarray(theirs), expected)
+
+
+def test_save_load_roundtrip_and_errors(weighted_net, levels, tmp_path):
+    clips = _clips(2, [4000, 6000])
+    before = weighted_net.predict(clips, SR, levels[:2], progress=False)
+    weighted_net.save(tmp_path / "net")
+    loaded = M.HAAQINet.load(tmp_path / "net")
+    assert loaded.config == weighted_net.config
+    np.testing.assert_allclose(loaded.predict(clips, SR, levels[:2], progress=False), before,
+                               atol=1e-6)
+    with pytest.raises(FileExistsError):
+        weighted_net.save(tmp_path / "net")
+
+    from haaqi_jax.train.checkpoint import save_params
+    save_params(tmp_path / "other", {"w": np.zeros(3)}, {"kind": "beats"})
+    with pytest.raises(ValueError, match="kind 'beats'"):
+        M.HAAQINet.load(tmp_path / "other")
+    params = jax.tree_util.tree_map(np.asarray, weighted_net.params)
+    params["head"]["dense"]["bias"] = np.zeros(7, np.float32)
+    with pytest.raises(ValueError, match=r"\['head'\]\['dense'\]\['bias'\] has shape"):
+        M.HAAQINet.from_params(weighted_net.config, params)
+    del params["head"]["dense"]
+    with pytest.raises(ValueError, match="missing parameter"):
+        M.HAAQINet.from_params(weighted_net.config, params)
+
+
+def test_head_apply_and_frozen_encoder(weighted_net, levels):
+    clips = _clips(3, [6000, 4000])
+    wav = np.zeros((2, 6000), np.float32)
+    wav[0], wav[1, :4000] = clips
+    mask = np.arange(6000)[None] >= np.array([6000, 4000])[:, None]
+    hl = jnp.asarray(levels[:2], jnp.float32)
+    full = weighted_net.apply(wav, mask, hl)
+    feats, token_mask = jax.jit(functools.partial(
+        weighted_net.module.apply, method=M.HAAQINetModel.encode))(
+            {"params": weighted_net.params}, wav, mask)
+    assert feats.shape[:2] == (2, 3)
+    head_only = weighted_net.head_apply(feats, token_mask, hl)
+    np.testing.assert_allclose(head_only.clip_score, full.clip_score, atol=1e-6)
+
+    def loss(params):
+        out = weighted_net.module.apply({"params": params}, wav, mask, hl)
+        return jnp.sum(out.clip_score)
+
+    grads = jax.jit(jax.grad(loss))(weighted_net.params)
+    enc = max(float(jnp.max(jnp.abs(g))) for g in jax.tree_util.tree_leaves(grads["encoder"]))
+    head = max(float(jnp.max(jnp.abs(g))) for g in jax.tree_util.tree_leaves(grads["head"]))
+    assert enc == 0.0 and head > 0.0
+
+
+def test_few_compiled_shapes():
+    from haaqi_jax.data.buckets import bucket_length
+    lengths = np.linspace(3 * SR, 30 * SR, 60).astype(int)  # a folder of 3..30 s clips
+    plan = M.plan_batches(lengths, 8)
+    shapes = {(rows, n) for _, n, rows in plan}
+    assert len(shapes) == len({bucket_length(n) for n in lengths}) <= 12, shapes
+    assert sorted(i for idx, _, _ in plan for i in idx) == list(range(60))
+    for idx, n, rows in plan:
+        assert len(idx) <= rows == 8
+        assert all(lengths[i] <= n <= 1.3 * lengths[i] + 1600 for i in idx)
+    assert {rows for _, _, rows in M.plan_batches([5 * SR] * 3, 8)} == {4}
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c, l: (c[:1] + [np.full(4000, np.nan, np.float32)], l), "item 1: sample 0 is NaN"),
+    (lambda c, l: (c[:1] + [np.zeros(4000, np.float32)], l), "item 1: waveform is silent"),
+    (lambda c, l: (c[:1] + [c[1][:2000]], l), "item 1: 2000 samples is too short"),
+    (lambda c, l: (c[:1] + [np.stack([c[1], c[1]])], l), "item 1: expected a 1-D"),
+    (lambda c, l: (c, l[:, :7]), "audiograms must be"),
+    (lambda c, l: (c, l[:1]), "audiograms must be"),
+    (lambda c, l: (c, np.where(np.arange(8) == 3, 200.0, l)), "item 0 audiogram: level"),
+    (lambda c, l: (c[:1] + [c[1].astype(np.int16)], l), "item 1: expected floating-point"),
+])
+def test_predict_bad_input(weighted_net, levels, mutate, message):
+    clips, lev = mutate(_clips(4, [4000, 4000]), levels[:2])
+    with pytest.raises(ValueError, match=message):
+        weighted_net.predict(clips, SR, lev, progress=False)
+
+
+def test_predict_accepts_2d_array_and_one_audiogram(weighted_net, levels):
+    clips = _clips(5, [5000, 5000])
+    a = weighted_net.predict(np.stack(clips), SR, levels[0], progress=False)
+    b = weighted_net.predict(clips, SR, np.stack([levels[0]] * 2), progress=False)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    with pytest.raises(ValueError, match="sample rate"):
+        weighted_net.predict(clips, 0, levels[0], progress=False)
+
+
+# ---------------------------------------------------------------- encoder registry hook
+
+
+class _Out(NamedTuple):
+    last_hidden_state: jax.Array
+    hidden_states: tuple
+    padding_mask: jax.Array
+
+
+class _FrameEncoder(nn.Module):
+    """A toy encoder with the BEATs token layout and token padding rule."""
+
+    dim: int
+
+    @nn.compact
+    def __call__(self, wav, padding_mask, *, deterministic=True):
+        batch, n = wav.shape
+        tokens, frames = int(M.tokens_for_samples(n)), 1 + (n - 400) // 160
+        x = wav[:, :160 * 2 * tokens].reshape(batch, tokens, 320)
+        x = nn.Dense(self.dim)(x)
+        if padding_mask is None:
+            pad = jnp.zeros((batch, tokens), bool)
+        else:
+            c = n // frames
+            f = padding_mask[:, :c * frames].reshape(batch, frames, c).all(-1)
+            ct = frames // tokens
+            pad = f[:, :ct * tokens].reshape(batch, tokens, ct).all(-1)
+        return _Out(x, (x, jnp.tanh(x)), pad)
+
+
+def test_registered_encoder_kind_is_used(levels, tmp_path):
+    M.register_encoder("toy_frames", lambda cfg: _FrameEncoder(**cfg), lambda: {"dim": 12},
+                       overwrite=True)
+    with pytest.raises(ValueError, match="already registered"):
+        M.register_encoder("toy_frames", lambda cfg: None, dict)
+    net = M.HAAQINet.init_random(M.HAAQINetConfig(encoder_kind="toy_frames"), seed=0)
+    assert net.params["encoder"]["Dense_0"]["kernel"].shape == (320, 12)
+    assert net.config.encoder_config == {"dim": 12}
+    scores = net.predict(_clips(6, [3000, 4000]), SR, levels[:2], progress=False)
+    net.save(tmp_path / "toy")
+    np.testing.assert_allclose(M.HAAQINet.load(tmp_path / "toy").predict(
+        _clips(6, [3000, 4000]), SR, levels[:2], progress=False), scores, atol=1e-6)

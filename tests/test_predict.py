@@ -1,0 +1,142 @@
+"""`haaqi-jax predict` on a temporary folder: mixed lengths, rates and channels, bad files."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from haaqi_jax import cli
+from haaqi_jax.model import HAAQINet, HAAQINetConfig
+from beats_reference import TINY_CFG
+
+LEVELS = [10, 15, 20, 30, 40, 45, 50, 55]
+
+
+def _tone(rate, seconds, channels=1, seed=0):
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(rate * seconds)) / rate
+    x = 0.3 * np.sin(2 * np.pi * rng.uniform(200, 1500) * t) + 0.02 * rng.normal(size=t.size)
+    return np.stack([x, 0.5 * x], axis=1) if channels == 2 else x
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    net = HAAQINet.init_random(HAAQINetConfig(encoder_config=TINY_CFG), seed=11)
+    net.save(root / "ckpt")
+    music = root / "music"
+    (music / "sub").mkdir(parents=True)
+    sf.write(music / "a.wav", _tone(16000, 0.5, seed=1), 16000)
+    sf.write(music / "sub" / "b.flac", _tone(44100, 0.6, seed=2), 44100)
+    sf.write(music / "sub" / "c.wav", _tone(8000, 0.45, channels=2, seed=3), 8000,
+             subtype="PCM_16")
+    sf.write(music / "short.wav", _tone(16000, 0.1, seed=4), 16000)
+    sf.write(music / "silent.wav", np.zeros(8000), 16000)
+    (music / "broken.wav").write_bytes(b"RIFF0000WAVEjunk")
+    (music / "notes.txt").write_text("not audio")
+    return root, net
+
+
+def _reference(net, path, levels):
+    """The API on the file's own samples (channel mean) at its own rate: the CLI must agree,
+    resampling included."""
+    data, rate = sf.read(path, dtype="float64", always_2d=True)
+    return float(net.predict([data.mean(axis=1)], rate, np.asarray(levels)[None],
+                             progress=False)[0])
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return {r["file"]: r for r in csv.DictReader(f)}
+
+
+def test_predict_folder_with_bad_files(setup, capsys):
+    root, net = setup
+    out = root / "results.csv"
+    rc = cli.main(["predict", "--checkpoint", str(root / "ckpt"), "--audiogram",
+                   ",".join(map(str, LEVELS)), str(root / "music"), "--out", str(out),
+                   "--batch-size", "2"])
+    assert rc == 1  # some files failed, the rest were scored
+    rows = _rows(out)
+    music = root / "music"
+    assert set(rows) == {str(music / n) for n in ("a.wav", "sub/b.flac", "sub/c.wav",
+                                                   "short.wav", "silent.wav", "broken.wav")}
+    for name in ("a.wav", "sub/b.flac", "sub/c.wav"):
+        row = rows[str(music / name)]
+        assert row["error"] == ""
+        assert float(row["haaqi"]) == pytest.approx(_reference(net, music / name, LEVELS),
+                                                    abs=1e-5)
+    for name, why in (("short.wav", "too short"), ("silent.wav", "silent"),
+                      ("broken.wav", "not readable")):
+        row = rows[str(music / name)]
+        assert row["haaqi"] == "" and why in row["error"]
+    err = capsys.readouterr().err
+    assert "broken.wav" in err and "scored 3 of 6" in err and "HAAQI-Net" in err  # tqdm bar
+
+
+def test_audiogram_table_and_manifest(setup):
+    root, net = setup
+    music = root / "music"
+    other = [30, 35, 40, 50, 60, 65, 70, 75]
+    table = root / "listeners.csv"
+    table.write_text("file,250,500,1000,2000,3000,4000,6000,8000\n"
+                     f"a.wav,{','.join(map(str, other))}\n")
+    manifest = root / "m.jsonl"
+    manifest.write_text(
+        json.dumps({"file_path": "music/sub/b.flac", "audiogram": other}) + "\n"
+        + json.dumps({"file_path": "music/sub/c.wav", "audiogram": [1, 2, 3]}) + "\n")
+    out = root / "r2.csv"
+    rc = cli.main(["predict", "--checkpoint", str(root / "ckpt"), "--audiograms", str(table),
+                   str(music / "a.wav"), str(music / "sub" / "c.wav"), str(manifest),
+                   "--out", str(out), "--no-progress"])
+    assert rc == 1
+    rows = _rows(out)
+    assert float(rows[str(music / "a.wav")]["haaqi"]) == pytest.approx(
+        _reference(net, music / "a.wav", other), abs=1e-5)
+    assert float(rows[str(music / "sub" / "b.flac")]["haaqi"]) == pytest.approx(
+        _reference(net, music / "sub" / "b.flac", other), abs=1e-5)
+    assert "no audiogram" in rows[str(music / "sub" / "c.wav")]["error"]
+    assert "audiogram" in rows[f"{manifest.absolute()}:2"]["error"]
+
+    # JSON table, keyed by base name, and a default for the rest: everything scores.
+    table_json = root / "listeners.json"
+    table_json.write_text(json.dumps({"c.wav": other}))
+    rc = cli.main(["predict", "--checkpoint", str(root / "ckpt"), "--audiograms",
+                   str(table_json), "--audiogram", ",".join(map(str, LEVELS)),
+                   str(music / "a.wav"), str(music / "sub" / "c.wav"),
+                   "--out", str(root / "r3.csv"), "--no-progress"])
+    assert rc == 0
+    rows = _rows(root / "r3.csv")
+    assert float(rows[str(music / "sub" / "c.wav")]["haaqi"]) == pytest.approx(
+        _reference(net, music / "sub" / "c.wav", other), abs=1e-5)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--audiogram", "10,20,30"], "--audiogram: expected 8 levels"),
+    (["--audiogram", "10,20,x,1,1,1,1,1"], "not a list of numbers"),
+    (["--audiogram", "10,20,30,40,50,60,70,500"], "dB HL at 8000 Hz"),
+    (["--audiograms", "TABLE_BAD_ROW"], "row 3"),
+    (["--audiograms", "TABLE_BAD_HEADER"], "header must be"),
+    (["--audiograms", "MISSING.csv"], "does not exist"),
+    (["--checkpoint", "NOT_A_CHECKPOINT"], "config.json is missing"),
+])
+def test_usage_errors_exit_2(setup, capsys, args, message):
+    root, _ = setup
+    (root / "bad_row.csv").write_text("file,250,500,1000,2000,3000,4000,6000,8000\n"
+                                      "a.wav,1,2,3,4,5,6,7,8\n"
+                                      "b.wav,1,2,3,4,5,6,7\n")
+    (root / "bad_header.csv").write_text("name,250,500\n")
+    subst = {"TABLE_BAD_ROW": str(root / "bad_row.csv"),
+             "TABLE_BAD_HEADER": str(root / "bad_header.csv"),
+             "MISSING.csv": str(root / "missing.csv"), "NOT_A_CHECKPOINT": str(root / "music")}
+    args = [subst.get(a, a) for a in args]
+    base = ["predict", str(root / "music" / "a.wav"), "--out", str(root / "x.csv")]
+    if "--checkpoint" not in args:
+        base += ["--checkpoint", str(root / "ckpt")]
+    assert cli.main(base + args) == 2
+    assert message in capsys.readouterr().err
+    assert not (root / "x.csv").exists()
