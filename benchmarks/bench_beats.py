@@ -1,0 +1,159 @@
+"""BEATs encoder speed and memory: Flax (jit, warm) vs speechbrain 1.1.2 (PyTorch), same CPU.
+
+    python benchmarks/bench_beats.py [--seconds 10] [--repeats 5]
+
+Each side runs in its own subprocess so peak RSS (ru_maxrss) is its own; the figure reported
+is peak RSS minus the RSS after imports. Released configuration (12 x 768), random weights,
+batch 1, waveform in (fbank included on both sides). Also: Flax compile time, and a check that
+a second clip length in the same length bucket reuses the compiled code. Prints the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SR = 16000
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_flax(seconds: float, repeats: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    sys.path.insert(0, str(REPO))
+    from haaqi_jax.beats import RELEASED_CONFIG, BEATs, BEATsConfig, init_params
+    from haaqi_jax.data.buckets import pad_to_bucket
+
+    base = _rss_mb()
+    cfg = BEATsConfig.from_dict(RELEASED_CONFIG)
+    params = init_params(cfg, jax.random.key(0))
+    model = BEATs(cfg)
+    forward = jax.jit(lambda p, w, m: model.apply({"params": p}, w, m).last_hidden_state)
+    rng = np.random.default_rng(0)
+    clip = (0.1 * rng.normal(size=int(seconds * SR))).astype(np.float32)
+    wav = jnp.asarray(clip[None])
+    no_pad = jnp.zeros(wav.shape, bool)
+
+    start = time.perf_counter()
+    compiled = forward.lower(params, wav, no_pad).compile()
+    compile_s = time.perf_counter() - start
+    compiled(params, wav, no_pad).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        compiled(params, wav, no_pad).block_until_ready()
+        times.append(time.perf_counter() - start)
+
+    # Two clip lengths in one bucket: one compilation.
+    first, mask1 = pad_to_bucket([clip])
+    second, mask2 = pad_to_bucket([clip[: int(0.97 * clip.size)]])
+    assert first.shape == second.shape, (first.shape, second.shape)
+    forward(params, jnp.asarray(first), jnp.asarray(mask1)).block_until_ready()
+    size_after_first = forward._cache_size()
+    forward(params, jnp.asarray(second), jnp.asarray(mask2)).block_until_ready()
+    recompiled = forward._cache_size() != size_after_first
+    return {"median_s": statistics.median(times), "min_s": min(times), "compile_s": compile_s,
+            "peak_rss_delta_mb": _peak_mb() - base, "bucket_len": int(first.shape[1]),
+            "second_length_recompiled": bool(recompiled), "devices": str(jax.devices())}
+
+
+def run_torch(seconds: float, repeats: int, threads: int = 0) -> dict:
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+    sys.path.insert(0, str(REPO / "tests"))
+    import conftest  # noqa: F401  (bare torchaudio package so speechbrain imports)
+    import beats_reference as ref
+
+    base = _rss_mb()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = ref.save_official_checkpoint(Path(tmp) / "released.pt", ref.RELEASED_CFG,
+                                            ref.make_beats_state_dict(ref.RELEASED_CFG, 0))
+        model = ref.speechbrain_beats(path)
+    model.output_all_hiddens = False
+    rng = np.random.default_rng(0)
+    wav = torch.from_numpy((0.1 * rng.normal(size=(1, int(seconds * SR)))).astype(np.float32))
+    lens = torch.ones(1)
+    with torch.no_grad():
+        model(wav, lens)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(wav, lens)
+            times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "min_s": min(times),
+            "peak_rss_delta_mb": _peak_mb() - base, "threads": torch.get_num_threads()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="also time torch with this many threads (0: only its default); "
+                             "on a loaded machine OpenMP's default can oversubscribe")
+    parser.add_argument("--side", choices=["flax", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        result = (run_flax(args.seconds, args.repeats) if args.side == "flax" else
+                  run_torch(args.seconds, args.repeats, args.threads))
+        print(json.dumps(result))
+        return 0
+    results = {}
+    runs = [("torch", 0), ("flax", 0)] + ([("torch", args.torch_threads)]
+                                          if args.torch_threads else [])
+    for side, threads in runs:
+        proc = subprocess.run([sys.executable, __file__, "--side", side, "--seconds",
+                               str(args.seconds), "--repeats", str(args.repeats),
+                               "--threads", str(threads)],
+                              capture_output=True, text=True, env=dict(os.environ))
+        if proc.returncode:
+            print(proc.stderr, file=sys.stderr)
+            return proc.returncode
+        results[(side, threads)] = json.loads(proc.stdout.strip().splitlines()[-1])
+    f, t = results[("flax", 0)], results[("torch", 0)]
+    print(f"BEATs released config, {args.seconds:g} s clip, batch 1, {os.cpu_count()} CPUs "
+          f"(torch threads: {t['threads']}; jax: {f['devices']})")
+    print(f"  speechbrain (torch): median {t['median_s'] * 1e3:8.1f} ms   "
+          f"peak RSS +{t['peak_rss_delta_mb']:.0f} MB")
+    print(f"  haaqi_jax (flax):    median {f['median_s'] * 1e3:8.1f} ms   "
+          f"peak RSS +{f['peak_rss_delta_mb']:.0f} MB   compile {f['compile_s']:.1f} s")
+    print(f"  bucket {f['bucket_len']} samples: second length recompiled: "
+          f"{f['second_length_recompiled']}")
+    print(f"  time ratio flax / torch = {f['median_s'] / t['median_s']:.2f}x (target <= 1.0x)")
+    if args.torch_threads:
+        t2 = results[("torch", args.torch_threads)]
+        print(f"  speechbrain with {t2['threads']} thread(s): median {t2['median_s'] * 1e3:.1f} ms"
+              f"   ratio flax / torch = {f['median_s'] / t2['median_s']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

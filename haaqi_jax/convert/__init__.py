@@ -1,0 +1,1 @@
+"""Checkpoint converters from PyTorch; the only package in haaqi_jax that imports torch."""
