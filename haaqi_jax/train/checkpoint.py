@@ -6,6 +6,9 @@ A *parameter directory* holds:
 
 `save_params` writes into a temporary sibling directory and renames it into place only when
 everything succeeded, so a failed conversion leaves nothing behind.
+
+Training checkpoints (train state + loop position, resumable) go through
+`TrainCheckpointManager`, an orbax CheckpointManager that keeps the latest and the best step.
 """
 
 from __future__ import annotations
@@ -81,3 +84,70 @@ def load_params(directory: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
     params = _checkpointer().restore(directory / PARAMS_SUBDIR)
     params = jax.tree_util.tree_map(np.asarray, params)
     return params, config
+
+
+class TrainCheckpointManager:
+    """Resumable training checkpoints: an orbax CheckpointManager keeping the latest and the best.
+
+    Each checkpoint step holds
+      state/   the train state pytree (params, optimizer state, step, RNG) as orbax arrays
+      meta/    JSON: loop position (epoch, step in epoch), data-iterator state, early-stopping
+               bookkeeping -- whatever the loop needs to continue exactly
+    and optionally metrics (e.g. {"valid_loss": 0.01}). Checkpoints saved with metrics compete
+    for "best" (lowest `best_metric`); the newest checkpoint is kept whatever its metrics, so at
+    most two steps exist on disk. Saves are synchronous: when `save` returns, the step is
+    complete on disk (orbax writes into a temporary folder and renames it), so a kill -9 leaves
+    either the previous or the new checkpoint, never a broken one.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, best_metric: str = "valid_loss",
+                 best_mode: str = "min"):
+        import orbax.checkpoint as ocp
+        from orbax.checkpoint import checkpoint_managers as policies
+        if best_mode not in ("min", "max"):
+            raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
+        self.directory = Path(directory).absolute()
+        self.best_metric = best_metric
+        self._sign = 1.0 if best_mode == "min" else -1.0
+        policy = policies.AnyPreservationPolicy([
+            policies.LatestN(n=1),
+            # BestN keeps the last n after sorting; reverse=True sorts descending for "min".
+            policies.BestN(get_metric_fn=lambda m: m[best_metric], reverse=(best_mode == "min"),
+                           n=1, keep_checkpoints_without_metrics=False),
+        ])
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
+                                               enable_async_checkpointing=False)
+        self._ocp = ocp
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        """The newest saved step, or None."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, meta: dict[str, Any],
+             metrics: dict[str, float] | None = None) -> None:
+        """Writes `state` (pytree of arrays) and `meta` (JSON-able) as checkpoint `step`."""
+        args = self._ocp.args.Composite(state=self._ocp.args.StandardSave(state),
+                                        meta=self._ocp.args.JsonSave(meta))
+        self._manager.save(int(step), args=args, metrics=metrics, force=True)
+        self._manager.wait_until_finished()
+
+    def restore(self, step: int, template: Any) -> tuple[Any, dict[str, Any]]:
+        """(state, meta) of checkpoint `step`; `template` (a state of the same structure, e.g.
+        a fresh one) gives the tree structure, dtypes and shardings to restore into."""
+        if step not in self._manager.all_steps():
+            raise FileNotFoundError(f"{self.directory}: no checkpoint for step {step} "
+                                    f"(have {self.all_steps()})")
+        abstract = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+            template)
+        args = self._ocp.args.Composite(state=self._ocp.args.StandardRestore(abstract),
+                                        meta=self._ocp.args.JsonRestore())
+        restored = self._manager.restore(int(step), args=args)
+        return restored.state, restored.meta
+
+    def close(self) -> None:
+        self._manager.close()

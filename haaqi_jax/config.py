@@ -1,0 +1,190 @@
+"""The one config type of haaqi_jax: `ml_collections.ConfigDict`, plus the few helpers around it.
+
+A config file is a Python file with `get_config() -> ConfigDict` (big_vision / flax examples
+style). Command lines change it with `--set a.b=c` overrides, which are type checked against the
+value already in the config (so a typo or a wrong type fails loudly, naming the key); the run then
+freezes it and saves it as JSON beside its outputs.
+
+    cfg = load_config_file("configs/default.py")
+    cfg = apply_overrides(cfg, ["train.num_epochs=3", "model.encoder_checkpoint=/ckpt/beats"])
+    save_config(cfg, workdir / "config.json")
+    cfg = freeze(cfg)
+
+Optional fields use `ml_collections.config_dict.placeholder(type)`: None until set, and then
+checked against that type.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import ml_collections
+from ml_collections import config_dict
+
+ConfigDict = ml_collections.ConfigDict
+FrozenConfigDict = ml_collections.FrozenConfigDict
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def load_config_file(path: str | os.PathLike) -> ConfigDict:
+    """Imports a Python config file and returns its `get_config()` (a fresh, mutable ConfigDict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"_haaqi_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path} defines no get_config()")
+    cfg = module.get_config()
+    if not isinstance(cfg, ConfigDict):
+        raise ValueError(f"config file {path}: get_config() returned {type(cfg).__name__}, "
+                         "expected ml_collections.ConfigDict")
+    return cfg
+
+
+def _parse_bool(key: str, text: str) -> bool:
+    low = text.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ValueError(f"config override {key}={text!r}: expected a bool (true/false)")
+
+
+def _parse_literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word is a string
+
+
+def parse_value(key: str, text: str, expected: type | None) -> Any:
+    """Parses the text of an override for a field whose current type is `expected`.
+
+    None as `expected` (a field that is None and not a typed placeholder) accepts any Python
+    literal, else the text as a string. "none"/"None" clears any field.
+    """
+    if text.strip() in ("None", "none", "null"):
+        return None
+    if expected is None or expected is type(None):
+        return _parse_literal(text)
+    try:
+        if expected is bool:
+            return _parse_bool(key, text)
+        if expected is int:
+            value = _parse_literal(text)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError
+            return value
+        if expected is float:
+            value = _parse_literal(text)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError
+            return float(value)
+        if expected is str:
+            return text
+        if expected in (tuple, list):
+            value = _parse_literal(text)
+            if isinstance(value, (int, float, str)):
+                value = (value,)  # "a.b=3" on a tuple field means a 1-tuple
+            if not isinstance(value, (tuple, list)):
+                raise ValueError
+            return expected(value)
+    except ValueError:
+        raise ValueError(f"config override {key}={text!r}: expected a value of type "
+                         f"{expected.__name__}") from None
+    raise ValueError(f"config override {key}={text!r}: fields of type {expected.__name__} "
+                     "cannot be set from the command line")
+
+
+def _field_type(cfg: ConfigDict, name: str) -> type | None:
+    value = cfg[name]
+    if isinstance(value, ConfigDict):
+        return ConfigDict
+    try:
+        return cfg.get_type(name)
+    except (AttributeError, KeyError):
+        return None if value is None else type(value)
+
+
+def apply_overrides(cfg: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
+    """Applies `a.b.c=value` overrides in place and returns cfg.
+
+    Raises:
+      ValueError naming the key when an override is malformed, names a key the config does not
+      have, or gives a value of the wrong type.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"config override {item!r} is not of the form key=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        *parents, leaf = key.split(".")
+        node = cfg
+        for depth, name in enumerate(parents):
+            if name not in node or not isinstance(node[name], ConfigDict):
+                where = ".".join(parents[:depth]) or "<top>"
+                raise ValueError(f"config override {key!r}: unknown key {name!r} under {where} "
+                                 f"(known: {sorted(node.keys())})")
+            node = node[name]
+        if leaf not in node:
+            where = ".".join(parents) or "<top>"
+            raise ValueError(f"config override {key!r}: unknown key {leaf!r} under {where} "
+                             f"(known: {sorted(node.keys())})")
+        expected = _field_type(node, leaf)
+        if expected is ConfigDict:
+            raise ValueError(f"config override {key!r}: {key} is a section; set one of its "
+                             f"keys {sorted(node[leaf].keys())}")
+        value = parse_value(key, text, expected)
+        try:
+            node[leaf] = value
+        except TypeError as e:
+            raise ValueError(f"config override {key}={text!r}: {e}") from None
+    return cfg
+
+
+def freeze(cfg: ConfigDict) -> FrozenConfigDict:
+    """An immutable, hashable copy (safe to close over in jitted functions)."""
+    return FrozenConfigDict(cfg)
+
+
+def to_dict(cfg: ConfigDict | FrozenConfigDict) -> dict[str, Any]:
+    """Plain nested dict with tuples as lists (JSON-able)."""
+    def plain(x):
+        if isinstance(x, (ConfigDict, FrozenConfigDict, dict)):
+            return {k: plain(v) for k, v in (x.items())}
+        if isinstance(x, (tuple, list)):
+            return [plain(v) for v in x]
+        if isinstance(x, config_dict.FieldReference):
+            return plain(x.get())
+        return x
+    return plain(cfg)
+
+
+def save_config(cfg: ConfigDict | FrozenConfigDict, path: str | os.PathLike) -> Path:
+    """Writes the config as indented, key-sorted JSON (the record saved beside every run)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def load_config_json(path: str | os.PathLike) -> ConfigDict:
+    """Reads a config saved by `save_config` (lists stay lists)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config JSON {path} does not exist")
+    return ConfigDict(json.loads(path.read_text()))
+
+
+def get_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> ConfigDict:
+    """`load_config_file` + `apply_overrides` in one call."""
+    return apply_overrides(load_config_file(path), overrides)

@@ -1,0 +1,220 @@
+"""`haaqi-jax evaluate`: LCC, SRCC and MSE of a HAAQI-Net on a labelled manifest, with a report.
+
+    haaqi-jax evaluate --model runs/demo/report/best_model --manifest data/manifest.jsonl \
+        --out runs/demo/eval --splits test_seen test_unseen --color-by distortion
+
+writes into --out:
+  metrics.json      {"overall", "by_split", "by_distortion"}: lcc, srcc, mse, n each
+  table.md/.csv     the same numbers as one table (rows: all, split=..., distortion=...)
+  predictions.csv   one line per clip: id, split, distortion, label, prediction
+  examples.json     a few clips' predictions (the first of each split)
+  scatter.png       predicted vs true HAAQI, coloured by split or distortion
+The training loop writes the same report for its best checkpoint (`write_report`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from haaqi_jax.train import metrics as metrics_lib
+
+RECORD_FIELDS = ("id", "split", "distortion", "label", "prediction")
+
+
+def _row_field(row: Any, name: str) -> Any:
+    if isinstance(row, Mapping):
+        return row.get(name)
+    value = getattr(row, name, None)
+    if value is None and hasattr(row, "extra") and isinstance(row.extra, Mapping):
+        value = row.extra.get(name)
+    return value
+
+
+def _row_id(row: Any, fallback: str) -> str:
+    for name in ("id", "file_path", "path"):
+        value = _row_field(row, name)
+        if value is not None:
+            return str(value)
+    return fallback
+
+
+def prediction_records(rows: Sequence[Any], predictions: np.ndarray, split: str
+                       ) -> list[dict[str, Any]]:
+    """One dict per row (id, split, distortion, label, prediction); NaN predictions are an error.
+
+    Args:
+      rows: manifest rows of `split` (objects or dicts with id/label/distortion fields).
+      predictions: (len(rows),) predicted clip scores in row order.
+    """
+    predictions = np.asarray(predictions, np.float64)
+    if predictions.shape != (len(rows),):
+        raise ValueError(f"split {split!r}: {predictions.size} predictions for {len(rows)} rows")
+    records = []
+    for i, (row, pred) in enumerate(zip(rows, predictions)):
+        rid = _row_id(row, f"{split}[{i}]")
+        if not np.isfinite(pred):
+            raise ValueError(f"split {split!r}, row {i} ({rid}): no finite prediction")
+        label = _row_field(row, "haaqi_score")
+        label = _row_field(row, "label") if label is None else label
+        if label is None:
+            raise ValueError(f"split {split!r}, row {i} ({rid}): no HAAQI label to evaluate "
+                             "against; label the manifest first (haaqi-jax label)")
+        distortion = _row_field(row, "distortion")
+        records.append({"id": rid, "split": split,
+                        "distortion": "unknown" if distortion is None else str(distortion),
+                        "label": float(label), "prediction": float(pred)})
+    return records
+
+
+def compute_report_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """{"overall": ..., "by_split": {...}, "by_distortion": {...}} of lcc, srcc, mse, n."""
+    if not records:
+        raise ValueError("evaluate: no clips to evaluate")
+    pred = np.array([r["prediction"] for r in records])
+    true = np.array([r["label"] for r in records])
+    return {
+        "overall": metrics_lib.summarize(pred, true),
+        "by_split": metrics_lib.summarize_by_group(pred, true, [r["split"] for r in records]),
+        "by_distortion": metrics_lib.summarize_by_group(
+            pred, true, [r["distortion"] for r in records]),
+    }
+
+
+def _table_rows(report: Mapping[str, Any]) -> list[tuple[str, dict[str, float]]]:
+    rows = [("all", report["overall"])]
+    rows += [(f"split={k}", v) for k, v in report["by_split"].items()]
+    rows += [(f"distortion={k}", v) for k, v in report["by_distortion"].items()]
+    return rows
+
+
+def _fmt(x: Any) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.4f}"
+
+
+def scatter_plot(records: Sequence[Mapping[str, Any]], path: Path, color_by: str = "split"
+                 ) -> Path:
+    """Predicted vs true HAAQI, one colour per value of `color_by` ('split' | 'distortion')."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if color_by not in ("split", "distortion"):
+        raise ValueError(f"color_by must be 'split' or 'distortion', got {color_by!r}")
+    fig, ax = plt.subplots(figsize=(5.5, 5), dpi=120)
+    groups = sorted({r[color_by] for r in records})
+    cmap = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
+    for i, group in enumerate(groups):
+        sel = [r for r in records if r[color_by] == group]
+        ax.scatter([r["label"] for r in sel], [r["prediction"] for r in sel], s=12, alpha=0.75,
+                   color=cmap(i % cmap.N), label=f"{group} ({len(sel)})")
+    ax.plot([0, 1], [0, 1], color="0.5", lw=1, ls="--")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="true HAAQI", ylabel="predicted HAAQI",
+           title="HAAQI-Net predictions")
+    ax.legend(fontsize=7, title=color_by, title_fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, *,
+                 color_by: str = "split", num_examples: int = 8) -> Path:
+    """Writes metrics.json, table.md, table.csv, predictions.csv, examples.json, scatter.png.
+
+    Returns:
+      out_dir.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = compute_report_metrics(records)
+    (out_dir / "metrics.json").write_text(
+        json.dumps(metrics_lib.json_safe(report), indent=2, sort_keys=True) + "\n")
+
+    table = _table_rows(report)
+    md = ["| subset | n | LCC | SRCC | MSE |", "|---|---|---|---|---|"]
+    md += [f"| {name} | {m['n']} | {_fmt(m['lcc'])} | {_fmt(m['srcc'])} | {_fmt(m['mse'])} |"
+           for name, m in table]
+    (out_dir / "table.md").write_text("\n".join(md) + "\n")
+    with (out_dir / "table.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["subset", "n", "lcc", "srcc", "mse"])
+        for name, m in table:
+            w.writerow([name, m["n"], *(metrics_lib.json_safe([m["lcc"], m["srcc"], m["mse"]]))])
+    with (out_dir / "predictions.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=RECORD_FIELDS)
+        w.writeheader()
+        for r in records:
+            w.writerow({k: r[k] for k in RECORD_FIELDS})
+    # A few clips from every split, in manifest order.
+    per_split = max(1, num_examples // max(1, len(report["by_split"])))
+    examples, seen = [], {}
+    for r in records:
+        if seen.get(r["split"], 0) < per_split:
+            seen[r["split"]] = seen.get(r["split"], 0) + 1
+            examples.append({k: r[k] for k in RECORD_FIELDS})
+    (out_dir / "examples.json").write_text(json.dumps(examples, indent=2) + "\n")
+    scatter_plot(records, out_dir / "scatter.png", color_by=color_by)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="HAAQI-Net directory (e.g. a run's report/best_model)")
+    parser.add_argument("--manifest", required=True, help="labelled manifest.jsonl")
+    parser.add_argument("--out", required=True, help="folder for the report")
+    parser.add_argument("--splits", nargs="*", default=None,
+                        help="splits to evaluate (default: every split in the manifest)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--color-by", choices=("split", "distortion"), default="split")
+    parser.add_argument("--num-examples", type=int, default=8)
+
+
+def evaluate_manifest(model_dir: str | os.PathLike, manifest: str | os.PathLike,
+                      out_dir: str | os.PathLike, *, splits: Sequence[str] | None = None,
+                      batch_size: int = 8, color_by: str = "split", num_examples: int = 8,
+                      progress: bool = True) -> dict[str, Any]:
+    """Predicts every (selected) row of a labelled manifest and writes the report.
+
+    Returns:
+      the metrics dict written to metrics.json.
+    """
+    from haaqi_jax.data.audio import load_audio
+    from haaqi_jax.data.manifest import read_manifest
+    from haaqi_jax.model import HAAQINet
+
+    rows = read_manifest(manifest, require_label=True, check_files=True)
+    available = sorted({r.split for r in rows})
+    splits = available if not splits else list(splits)
+    missing = [s for s in splits if s not in available]
+    if missing:
+        raise ValueError(f"{manifest}: no rows in split(s) {missing} (have {available})")
+    net = HAAQINet.load(model_dir)
+    records = []
+    for split in splits:
+        split_rows = [r for r in rows if r.split == split]
+        waves = [load_audio(row.file_path, 16000) for row in split_rows]
+        levels = np.stack([np.asarray(r.audiogram, np.float64) for r in split_rows])
+        preds = net.predict(waves, 16000, levels, batch_size=batch_size, progress=progress)
+        records += prediction_records(split_rows, preds, split)
+    write_report(records, out_dir, color_by=color_by, num_examples=num_examples)
+    return compute_report_metrics(records)
+
+
+def run(args: argparse.Namespace) -> int:
+    report = evaluate_manifest(args.model, args.manifest, args.out, splits=args.splits,
+                               batch_size=args.batch_size, color_by=args.color_by,
+                               num_examples=args.num_examples)
+    overall = report["overall"]
+    print(f"{overall['n']} clips: LCC {_fmt(overall['lcc'])}  SRCC {_fmt(overall['srcc'])}  "
+          f"MSE {_fmt(overall['mse'])}  -> {args.out}")
+    return 0

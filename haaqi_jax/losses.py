@@ -1,0 +1,288 @@
+"""Losses by name: a registry that training configs point into (big_vision style).
+
+A loss is a pure function
+
+    loss_fn(predictions, batch, **kwargs) -> (loss, aux)
+
+where `predictions` holds what the model step produced -- for HAAQI-Net:
+  clip_score (B,), frame_scores (B, T), frame_mask (B, T) bool True = valid frame
+and `batch` the batch arrays (label (B,), weight (B,) with 0 for filler items, ...). `loss` is a
+scalar, `aux` a dict of scalars to log. Every loss weights items by `batch["weight"]` so filler
+items added to complete a batch count for nothing; the normaliser is the weight sum of the
+(global) batch, so a data-parallel step gives the loss of the whole batch.
+
+Registered: "haaqi_mse" (HAAQI-Net); distillation terms "l1_cosine" (DistilHuBERT), "l1",
+"mse", "cosine"; and the distillation objectives "distill_weighted" (fixed weights) and
+"distill_uncertainty" (learned uncertainty weights, Kendall et al. 2018), which combine a HAAQI
+loss and a distillation loss given by name (see the distillation section below).
+
+Your own loss, registered from your own code (no library edit), then chosen by config
+(`config.loss.name = "my_loss"`, keyword arguments from `config.loss.kwargs`; a distillation
+loss is named inside the objective: `loss.kwargs.distill = {"name": "my_loss", "kwargs": {}}`):
+
+    from haaqi_jax.losses import register_loss
+
+    @register_loss("my_loss")
+    def my_loss(predictions, batch, *, scale=1.0):
+        ...
+        return loss, {"my_term": loss}
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+_REGISTRY: dict[str, LossFn] = {}
+_PARAM_INITS: dict[str, Callable[[int], Any]] = {}
+
+
+def register_loss(name: str, *, overwrite: bool = False,
+                  params: Callable[[int], Any] | None = None) -> Callable[[LossFn], LossFn]:
+    """Decorator adding `fn` to the registry under `name` (an existing name needs overwrite).
+
+    `params`, for a loss with learnable parameters (e.g. uncertainty weights): a function
+    (number of distillation target layers K) -> initial parameter pytree. The trainer keeps that
+    pytree in the train state (trainable) and hands it to the loss as
+    predictions["loss_params"].
+    """
+    def decorator(fn: LossFn) -> LossFn:
+        if name in _REGISTRY and not overwrite and _REGISTRY[name] is not fn:
+            raise ValueError(f"loss {name!r} is already registered (pass overwrite=True)")
+        _REGISTRY[name] = fn
+        if params is None:
+            _PARAM_INITS.pop(name, None)
+        else:
+            _PARAM_INITS[name] = params
+        return fn
+    return decorator
+
+
+def loss_params(name: str, num_targets: int) -> Any:
+    """Initial learnable parameters of loss `name` for K = num_targets distillation layers
+    (an empty dict for a loss without parameters)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown loss {name!r}; registered: {available_losses()}")
+    init = _PARAM_INITS.get(name)
+    return {} if init is None else init(int(num_targets))
+
+
+def available_losses() -> list[str]:
+    """Names of the registered losses."""
+    return sorted(_REGISTRY)
+
+
+def get_loss(name: str, **kwargs: Any) -> LossFn:
+    """The registered loss `name` with `kwargs` bound: `fn(predictions, batch) -> (loss, aux)`."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown loss {name!r}; registered: {available_losses()}")
+    return functools.partial(_REGISTRY[name], **kwargs)
+
+
+def weighted_mean(values: jax.Array, weight: jax.Array) -> jax.Array:
+    """sum(w * v) / sum(w) over the leading axis; 0 when every weight is 0 (all filler)."""
+    total = jnp.sum(weight)
+    return jnp.sum(weight * values) / jnp.where(total > 0, total, 1.0)
+
+
+@register_loss("haaqi_mse")
+def haaqi_mse(predictions: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], *,
+              clip_weight: float = 1.0, frame_weight: float = 1.0
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """HAAQI-Net's loss: clip_weight * MSE(clip, label) + frame_weight * MSE(frames, label).
+
+    The frame term is each clip's mean over its valid frames of (frame score - label)^2, then
+    the weighted mean over clips: with batch size 1 (the paper) it is the plain frame MSE, and a
+    clip counts the same whatever its length. Unlike the 2024 release, gradients flow through
+    both terms.
+
+    Args:
+      predictions: clip_score (B,), frame_scores (B, T), frame_mask (B, T) True = valid.
+      batch: label (B,) HAAQI in [0, 1], weight (B,) 0 = filler item.
+    Returns:
+      (loss, {"clip_mse", "frame_mse"}).
+    """
+    label = batch["label"].astype(jnp.float32)
+    weight = batch["weight"].astype(jnp.float32)
+    clip_se = jnp.square(predictions["clip_score"] - label)
+    mask = predictions["frame_mask"].astype(jnp.float32)
+    frame_se = jnp.square(predictions["frame_scores"] - label[:, None]) * mask
+    frame_se = frame_se.sum(axis=-1) / jnp.maximum(mask.sum(axis=-1), 1.0)
+    clip_mse = weighted_mean(clip_se, weight)
+    frame_mse = weighted_mean(frame_se, weight)
+    loss = clip_weight * clip_mse + frame_weight * frame_mse
+    return loss, {"clip_mse": clip_mse, "frame_mse": frame_mse}
+
+
+# ----------------------------------------------------------------------------------------------
+# Distillation (distillBEATs). Predictions of a distillation step add:
+#   student_layers (B, K, T, C)  the prediction heads' outputs, one per target layer
+#   teacher_layers (B, K, T, C)  the frozen teacher's hidden states of those layers
+# with frame_mask (B, T) True = valid token. A distillation loss returns the SUM over its K
+# layers of a per-layer term (each term: mean over an item's valid tokens, then the weighted
+# mean over items) and logs every term; "distill_weighted" / "distill_uncertainty" combine a
+# HAAQI loss with such a loss, calling the latter once per layer to get the per-layer terms.
+
+
+def _per_layer(per_token: jax.Array, predictions: Mapping[str, jax.Array],
+               batch: Mapping[str, jax.Array]) -> jax.Array:
+    """(B, K, T) per-token values -> (K,) masked token mean per item, weighted item mean."""
+    mask = predictions["frame_mask"].astype(jnp.float32)[:, None, :]            # (B, 1, T)
+    per_item = (per_token * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1.0)       # (B, K)
+    return jax.vmap(weighted_mean, in_axes=(1, None))(per_item,
+                                                       batch["weight"].astype(jnp.float32))
+
+
+def _cosine(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Array:
+    """Cosine similarity over the last axis (torch.nn.functional.cosine_similarity's eps)."""
+    norms = jnp.maximum(jnp.linalg.norm(a, axis=-1), eps) * jnp.maximum(
+        jnp.linalg.norm(b, axis=-1), eps)
+    return (a * b).sum(-1) / norms
+
+
+def _distill_result(name: str, terms: jax.Array, layer_weights) -> tuple[jax.Array, dict]:
+    weights = (jnp.ones_like(terms) if layer_weights is None
+               else jnp.asarray(layer_weights, terms.dtype))
+    if weights.shape != terms.shape:
+        raise ValueError(f"{name}: layer_weights has {weights.shape[0]} entries for "
+                         f"{terms.shape[0]} target layers")
+    return (weights * terms).sum(), {f"{name}_{k}": terms[k] for k in range(terms.shape[0])}
+
+
+def _targets(predictions):
+    student = predictions["student_layers"].astype(jnp.float32)
+    teacher = jax.lax.stop_gradient(predictions["teacher_layers"].astype(jnp.float32))
+    if student.shape != teacher.shape or student.ndim != 4:
+        raise ValueError(f"distillation loss: student_layers {student.shape} and teacher_layers "
+                         f"{teacher.shape} must both be (B, K, T, C)")
+    return student, teacher
+
+
+@register_loss("l1_cosine")
+def l1_cosine(predictions, batch, *, cosine_weight: float = 1.0, layer_weights=None):
+    """DistilHuBERT's loss per target layer: mean |s - t| - cosine_weight * log sigmoid(cos(s, t)).
+
+    The L1 term is averaged over channels and valid tokens, the cosine term over valid tokens
+    (Chang et al. 2022, eq. 1-2); layers are summed (optionally weighted).
+    Returns (loss, {"l1_k", "cos_k" (the -log sigmoid term), "l1_cosine_k"}).
+    """
+    student, teacher = _targets(predictions)
+    l1 = _per_layer(jnp.abs(student - teacher).mean(-1), predictions, batch)
+    cos = _per_layer(-jax.nn.log_sigmoid(_cosine(student, teacher)), predictions, batch)
+    loss, aux = _distill_result("l1_cosine", l1 + cosine_weight * cos, layer_weights)
+    aux.update({f"l1_{k}": l1[k] for k in range(l1.shape[0])})
+    aux.update({f"cos_{k}": cos[k] for k in range(cos.shape[0])})
+    return loss, aux
+
+
+@register_loss("l1")
+def l1(predictions, batch, *, layer_weights=None):
+    """Mean absolute error per target layer (channels and valid tokens), summed over layers."""
+    student, teacher = _targets(predictions)
+    return _distill_result("l1", _per_layer(jnp.abs(student - teacher).mean(-1), predictions,
+                                            batch), layer_weights)
+
+
+@register_loss("mse")
+def mse(predictions, batch, *, layer_weights=None):
+    """Mean squared error per target layer (channels and valid tokens), summed over layers."""
+    student, teacher = _targets(predictions)
+    return _distill_result("mse", _per_layer(jnp.square(student - teacher).mean(-1),
+                                             predictions, batch), layer_weights)
+
+
+@register_loss("cosine")
+def cosine(predictions, batch, *, layer_weights=None):
+    """Cosine distance 1 - cos(s, t) per valid token, averaged, summed over layers."""
+    student, teacher = _targets(predictions)
+    return _distill_result("cosine", _per_layer(1.0 - _cosine(student, teacher), predictions,
+                                                batch), layer_weights)
+
+
+def _named(spec: Any, default: str) -> tuple[str, dict[str, Any]]:
+    """A sub-loss given as a name or {"name": ..., "kwargs": {...}}."""
+    if spec is None:
+        return default, {}
+    if isinstance(spec, str):
+        return spec, {}
+    if isinstance(spec, Mapping) and "name" in spec:
+        unknown = set(spec) - {"name", "kwargs"}
+        if unknown:
+            raise ValueError(f"loss spec {dict(spec)}: unknown keys {sorted(unknown)} "
+                             "(use name and kwargs)")
+        return str(spec["name"]), dict(spec.get("kwargs") or {})
+    raise ValueError(f"loss spec must be a name or {{'name': ..., 'kwargs': {{...}}}}, "
+                     f"got {spec!r}")
+
+
+def distillation_terms(predictions, batch, *, haaqi=None, distill=None):
+    """[HAAQI loss, distillation term of layer 1, ..., of layer K] as a (1 + K,) vector.
+
+    `haaqi` / `distill`: registered loss names or {"name", "kwargs"} (default "haaqi_mse" and
+    "l1_cosine"). The distillation loss is called once per target layer, so any registered
+    loss of the (predictions, batch) form -- a user's own included -- gives per-layer terms.
+    Returns ((1 + K,) terms, aux of every sub-loss).
+    """
+    haaqi_name, haaqi_kwargs = _named(haaqi, "haaqi_mse")
+    distill_name, distill_kwargs = _named(distill, "l1_cosine")
+    haaqi_loss, aux = get_loss(haaqi_name, **haaqi_kwargs)(predictions, batch)
+    distill_fn = get_loss(distill_name, **distill_kwargs)
+    terms = [haaqi_loss]
+    aux = {f"haaqi/{k}": v for k, v in aux.items()}
+    aux["haaqi_loss"] = haaqi_loss
+    num_targets = predictions["student_layers"].shape[1]
+    for k in range(num_targets):
+        layer_predictions = dict(predictions)
+        layer_predictions["student_layers"] = predictions["student_layers"][:, k:k + 1]
+        layer_predictions["teacher_layers"] = predictions["teacher_layers"][:, k:k + 1]
+        term, _ = distill_fn(layer_predictions, batch)
+        terms.append(term)
+        aux[f"distill_{k}"] = term
+    return jnp.stack(terms), aux
+
+
+@register_loss("distill_weighted")
+def distill_weighted(predictions, batch, *, haaqi=None, distill=None, haaqi_weight: float = 1.0,
+                     distill_weight: float = 1.0, layer_weights=None):
+    """haaqi_weight * HAAQI loss + distill_weight * sum_k layer_weights[k] * distill term k."""
+    terms, aux = distillation_terms(predictions, batch, haaqi=haaqi, distill=distill)
+    k = terms.shape[0] - 1
+    lw = jnp.ones((k,)) if layer_weights is None else jnp.asarray(layer_weights, jnp.float32)
+    if lw.shape != (k,):
+        raise ValueError(f"distill_weighted: layer_weights has {lw.shape} entries for {k} "
+                         f"target layers")
+    loss = haaqi_weight * terms[0] + distill_weight * jnp.sum(lw * terms[1:])
+    aux["distill_loss"] = jnp.sum(lw * terms[1:])
+    return loss, aux
+
+
+@register_loss("distill_uncertainty",
+               params=lambda num_targets: {"log_vars": jnp.zeros((1 + num_targets,), jnp.float32)})
+def distill_uncertainty(predictions, batch, *, haaqi=None, distill=None, min_log_var=-10.0):
+    """Adaptive weighting by learned uncertainty (Kendall, Gal & Cipolla, CVPR 2018):
+
+        loss = sum_i exp(-s_i) * L_i + s_i,   i over [HAAQI, layer 1, ..., layer K]
+
+    with s_i = predictions["loss_params"]["log_vars"][i] learnable (a log variance, initial 0,
+    i.e. weights 1). Why this: the HAAQI MSE (~1e-2) and the feature terms (~1) differ by orders
+    of magnitude and drift apart during training; each s_i tracks log L_i, so every term is
+    scaled to O(1) without hand-tuned weights, with 1 + K parameters and no extra passes. The
+    + s_i regulariser stops the trivial solution of zero weights. s is clipped below at
+    `min_log_var` so a term that reaches ~0 cannot get an unbounded weight. The loss can be
+    negative; compare runs by the logged haaqi_loss / distill_k terms.
+    """
+    terms, aux = distillation_terms(predictions, batch, haaqi=haaqi, distill=distill)
+    log_vars = predictions["loss_params"]["log_vars"]
+    if log_vars.shape != terms.shape:
+        raise ValueError(f"distill_uncertainty: {log_vars.shape[0]} log-variances for "
+                         f"{terms.shape[0]} terms (HAAQI + {terms.shape[0] - 1} layers)")
+    s = jnp.maximum(log_vars, min_log_var)
+    loss = jnp.sum(jnp.exp(-s) * terms + s)
+    aux.update({f"weight_{i}": jnp.exp(-s[i]) for i in range(terms.shape[0])})
+    aux["distill_loss"] = jnp.sum(terms[1:])
+    return loss, aux

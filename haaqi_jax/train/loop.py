@@ -1,0 +1,495 @@
+"""The training loop: config -> trained HAAQI-Net, metrics, checkpoints and a report.
+
+    python train.py --config configs/default.py --workdir runs/demo --set train.num_epochs=5
+
+`train_and_evaluate(config, workdir)`:
+ 1. saves the config as JSON in the workdir,
+ 2. builds the model (random encoder, or converted weights from `model.encoder_checkpoint`),
+ 3. builds the data (`data.cache=True`: the encoder runs once over every clip into a feature
+    cache and only the head trains; else end-to-end on waveforms, encoder frozen or not),
+ 4. trains with the jitted, data-parallel step, logging scalars as JSONL (metrics.jsonl),
+    evaluating the validation split every epoch (loss, LCC, SRCC, MSE), early-stopping on the
+    validation loss, checkpointing the latest state every `train.checkpoint_every_steps` and at
+    each epoch end (best by validation loss kept too),
+ 5. restores the best checkpoint, evaluates every split in `data.eval_splits` and writes the
+    report folder (metrics per split and distortion, scatter plot, table, example predictions,
+    best_model/ loadable with `HAAQINet.load`).
+
+Resuming: run the same command with the same workdir. The train state (params, optimizer,
+step, RNG), the data-iterator position and the early-stopping bookkeeping come back from the
+latest checkpoint, so the continued run is bit-for-bit the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from haaqi_jax import config as cfglib
+from haaqi_jax import losses
+from haaqi_jax.train import metrics as metrics_lib
+from haaqi_jax.train import sharding
+from haaqi_jax.train import state as state_lib
+from haaqi_jax.train import steps as steps_lib
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+REPORT_DIR = "report"
+
+
+# ----------------------------------------------------------------------------- data contract
+
+
+@dataclasses.dataclass
+class TrainData:
+    """What the loop needs from the data side (`build_train_data` makes it from the config).
+
+    Attributes:
+      mode: "features" (batches: features, token_mask True = valid, audiogram, label, weight,
+        index) or "waveform" (waveform, padding_mask True = pad, audiogram, label, weight, index).
+      train: endless iterator of host batches of `global batch / process_count` items, with
+        get_state() -> JSON-able and set_state(state) for exact resumption.
+      steps_per_epoch: train batches per epoch.
+      eval_batches: split name -> iterable of host batches covering that split once (filler
+        items have weight 0; `index` = row position in `rows[split]`).
+      rows: split name -> its manifest rows (for labels, ids and distortion types in reports).
+    """
+
+    mode: str
+    train: Any
+    steps_per_epoch: int
+    eval_batches: Callable[[str], Iterable[Mapping[str, np.ndarray]]]
+    rows: Mapping[str, Sequence[Any]]
+
+
+BATCH_KEYS = {
+    "features": ("features", "token_mask", "audiogram", "label", "weight"),
+    "waveform": ("waveform", "padding_mask", "audiogram", "label", "weight"),
+}
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What `train_and_evaluate` returns."""
+
+    workdir: Path
+    final_step: int
+    best_step: int | None
+    best_valid_loss: float | None
+    stopped_early: bool
+    interrupted: bool
+    state: Any
+    report_dir: Path | None
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def encoder_from_checkpoint(path: str | os.PathLike) -> tuple[str, dict[str, Any], Any]:
+    """(encoder kind, encoder config dict, encoder params) of a converted BEATs directory
+    (`kind: beats`) or of a HAAQI-Net directory (`kind: haaqinet`, its encoder part)."""
+    from haaqi_jax.train.checkpoint import load_config, load_params
+
+    meta = load_config(path)
+    kind = meta.get("kind")
+    if kind == "beats":
+        from haaqi_jax.beats import load_beats
+        module, params = load_beats(path)
+        return "beats", module.config.to_dict(), params
+    if kind == "haaqinet":
+        params, meta = load_params(path)
+        return meta["config"]["encoder_kind"], dict(meta["config"]["encoder_config"]), \
+            params["encoder"]
+    raise ValueError(f"model.encoder_checkpoint {path}: config.json has kind {kind!r}; expected "
+                     "'beats' (convert_weights.py output) or 'haaqinet'")
+
+
+def build_model_config(config: Any, encoder: tuple[str, Mapping[str, Any]] | None = None):
+    """HAAQINetConfig from the `model` section.
+
+    Args:
+      config: the run config.
+      encoder: (kind, full encoder config) from a checkpoint; replaces model.encoder_kind and
+        model.encoder_config (the checkpoint's architecture wins).
+    """
+    from haaqi_jax.head import HeadConfig
+    from haaqi_jax.model import HAAQINetConfig, encoder_spec
+
+    m = config.model
+    if encoder is not None:
+        kind, enc_cfg = encoder[0], dict(encoder[1])
+    else:
+        kind = m.encoder_kind
+        enc_cfg = dict(encoder_spec(kind).default_config())
+        overrides = cfglib.to_dict(m.encoder_config) if m.get("encoder_config") else {}
+        unknown = set(overrides) - set(enc_cfg)
+        if unknown:
+            raise ValueError(f"model.encoder_config: unknown keys {sorted(unknown)} for encoder "
+                             f"kind {kind!r} (known: {sorted(enc_cfg)})")
+        enc_cfg.update(overrides)
+    head = HeadConfig(**cfglib.to_dict(m.head)) if m.get("head") else HeadConfig()
+    return HAAQINetConfig(encoder_kind=kind, encoder_config=enc_cfg,
+                          feature_mode=m.feature_mode, feature_layers=tuple(m.feature_layers),
+                          head=head, freeze_encoder=bool(m.freeze_encoder))
+
+
+def build_model(config: Any):
+    """HAAQINet with random weights (seed `config.seed`); with `model.encoder_checkpoint` the
+    encoder (architecture and weights) comes from that converted checkpoint."""
+    from haaqi_jax.model import HAAQINet
+
+    if config.model.get("encoder_checkpoint"):
+        kind, enc_cfg, enc_params = encoder_from_checkpoint(config.model.encoder_checkpoint)
+        net_cfg = build_model_config(config, (kind, enc_cfg))
+        return HAAQINet.init_random(net_cfg, seed=int(config.seed), encoder_params=enc_params)
+    return HAAQINet.init_random(build_model_config(config), seed=int(config.seed))
+
+
+def frozen_patterns(config: Any) -> tuple[str, ...]:
+    patterns = tuple(config.train.get("frozen_patterns", ()))
+    if config.model.freeze_encoder:
+        patterns += ("encoder/.*",)
+    return patterns
+
+
+def make_forward(net_cfg: Any, mode: str) -> steps_lib.ForwardFn:
+    """The step's forward: the head on features, preceded by the encoder in waveform mode."""
+    from haaqi_jax.head import HAAQINetHead
+    from haaqi_jax.model import HAAQINetModel
+
+    head_forward = steps_lib.make_head_forward(HAAQINetHead(net_cfg.head))
+    if mode == "features":
+        return head_forward
+    model = HAAQINetModel(net_cfg)
+
+    def encode(params, waveform, padding_mask, *, rng=None, deterministic=True):
+        rngs = None if (deterministic or rng is None) else {"dropout": rng}
+        return model.apply({"params": params}, waveform, padding_mask,
+                           deterministic=deterministic, rngs=rngs, method="encode")
+
+    return steps_lib.make_encoder_head_forward(encode, head_forward)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def resolve_manifest(config: Any) -> Path:
+    """data.manifest, or the demo dataset (built once, then reused) when it is None."""
+    d = config.data
+    if d.get("manifest"):
+        return Path(d.manifest)
+    from haaqi_jax.data.demo import build_demo_dataset
+    return build_demo_dataset(d.demo_dir, n_clips=int(d.demo_clips), seed=int(d.demo_seed),
+                              progress=bool(config.train.get("progress", True)))
+
+
+def make_encode_fn(net: Any) -> Callable[[np.ndarray, np.ndarray], tuple[Any, Any]]:
+    """(waveform (B, N), padding_mask (B, N) True = pad) -> (features, token padding mask
+    True = pad): the frozen encoder as the feature cache calls it (jitted, eval mode)."""
+    module = net.module
+    encode = jax.jit(lambda params, wave, pad: module.apply(
+        {"params": params}, wave, pad, deterministic=True, method="encode"))
+
+    def encode_fn(waveform, padding_mask):
+        features, token_mask = encode(net.params, jnp.asarray(waveform, jnp.float32),
+                                      jnp.asarray(padding_mask, bool))
+        return features, ~token_mask
+
+    return encode_fn
+
+
+def load_splits(config: Any) -> dict[str, list[Any]]:
+    """The manifest's rows (labels required, files checked) grouped into the splits the run
+    uses: train, valid and data.eval_splits. Errors name the manifest line and row id."""
+    from haaqi_jax.data.manifest import read_manifest, split_rows
+
+    d = config.data
+    manifest = resolve_manifest(config)
+    rows = read_manifest(manifest, require_label=True, check_files=True)
+    splits = split_rows(rows, valid_fraction=float(d.valid_fraction), seed=int(config.seed))
+    for needed in (d.train_split, d.valid_split):
+        if not splits.get(needed):
+            raise ValueError(f"{manifest}: split {needed!r} has no rows (splits: "
+                             f"{ {k: len(v) for k, v in splits.items()} })")
+    wanted = [d.train_split, d.valid_split] + [s for s in d.eval_splits
+                                               if s not in (d.train_split, d.valid_split)]
+    return {s: splits[s] for s in wanted if splits.get(s)}
+
+
+def build_train_data(config: Any, net: Any, workdir: Path,
+                     splits: Mapping[str, Sequence[Any]] | None = None) -> TrainData:
+    """Builds the train iterator and the eval batches of `splits` (default `load_splits`):
+    on cached features (data.cache) or on waveforms.
+
+    Multi-host: every host plans the same global batches and yields its own slice
+    (shard_index = jax.process_index()); see haaqi_jax.train.sharding.
+    """
+    from haaqi_jax.data import cache as cache_lib
+    from haaqi_jax.data import pipeline
+
+    d, tc = config.data, config.train
+    used = dict(load_splits(config) if splits is None else splits)
+    in_cfg = pipeline.InputConfig(
+        batch_size=int(tc.batch_size), shuffle=True, seed=int(config.seed),
+        crop_seconds=d.get("crop_seconds"), prefetch=int(d.prefetch),
+        bucket_pool=int(d.bucket_pool), shard_index=jax.process_index(),
+        shard_count=jax.process_count())
+    eval_cfg = dataclasses.replace(in_cfg, batch_size=int(tc.eval_batch_size), shuffle=False,
+                                   crop_seconds=None)
+    if d.cache:
+        layers = "all" if net.config.feature_mode == "weighted" else "last"
+        identity = {k: v for k, v in net.config.to_dict().items()
+                    if k in ("encoder_kind", "encoder_config", "feature_mode", "feature_layers")}
+        cache = cache_lib.build_feature_cache(
+            [r for s in used.values() for r in s], make_encode_fn(net),
+            d.get("cache_dir") or (workdir / "feature_cache"), batch_size=int(d.encode_batch_size),
+            layers=layers, dtype=d.cache_dtype,
+            fingerprint=cache_lib.params_fingerprint(net.params["encoder"], identity))
+        if in_cfg.crop_seconds is not None:
+            raise ValueError("data.crop_seconds must be None with data.cache=True (cached "
+                             "features are of whole clips)")
+        train = cache_lib.make_feature_batches(cache, used[d.train_split], in_cfg, train=True)
+        eval_batches = lambda split: cache_lib.make_feature_batches(  # noqa: E731
+            cache, used[split], eval_cfg, train=False)
+        mode = "features"
+    else:
+        train = pipeline.make_train_iterator(used[d.train_split], in_cfg)
+        eval_batches = lambda split: pipeline.make_eval_batches(used[split], eval_cfg)  # noqa
+        mode = "waveform"
+    return TrainData(mode=mode, train=train, steps_per_epoch=train.steps_per_epoch,
+                     eval_batches=eval_batches, rows=used)
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to workdir/metrics.jsonl (main process only).
+
+    On resume, lines logged after the restored step are dropped first, so the file reads as
+    one uninterrupted run.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        self.enabled = sharding.is_main_process()
+        if self.enabled and path.exists():
+            keep = []
+            if resume_step is not None:
+                for line in path.read_text().splitlines():
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step:
+                        keep.append(line)
+            path.write_text("".join(line + "\n" for line in keep))
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(metrics_lib.json_safe(dict(record)), sort_keys=True) + "\n")
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def run_eval(eval_step: Callable, params: Any, batches: Iterable[Mapping[str, np.ndarray]],
+             mesh: Any, keys: Sequence[str], num_rows: int) -> tuple[float, np.ndarray]:
+    """(weighted mean loss, predicted clip score per row, NaN for rows never seen)."""
+    loss_sum, weight_sum = 0.0, 0.0
+    predictions = np.full(num_rows, np.nan, np.float64)
+    for batch in batches:
+        global_batch = sharding.shard_batch(batch, mesh, tuple(keys) + ("index",))
+        out = eval_step(params, global_batch)
+        loss_sum += float(out["loss_sum"])
+        weight_sum += float(out["weight_sum"])
+        # Global (all hosts') scores, rows and weights, in the same order.
+        scores = sharding.to_host(out["clip_score"])
+        index = sharding.to_host(global_batch["index"])
+        real = sharding.to_host(global_batch["weight"]) > 0
+        predictions[index[real]] = scores[real]
+    return (loss_sum / weight_sum if weight_sum else float("nan")), predictions
+
+
+def split_labels(rows: Sequence[Any], split: str) -> np.ndarray:
+    """(n,) HAAQI labels of a split's rows; a row without one is an error naming it."""
+    labels = []
+    for row in rows:
+        if row.haaqi_score is None:
+            raise ValueError(f"split {split!r}: {row.describe()} has no HAAQI label "
+                             "(haaqi_score); label the manifest first (haaqi-jax label)")
+        labels.append(float(row.haaqi_score))
+    return np.asarray(labels, np.float64)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _meta(data_state: Any, early: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON part of a checkpoint: where the data iterator is, early-stopping bookkeeping."""
+    return {"data_state": data_state, "early_stopping": dict(early)}
+
+
+def train_and_evaluate(config: Any, workdir: str | os.PathLike, *,
+                       data: TrainData | None = None) -> TrainResult:
+    """Trains, evaluates and writes a report; resumes from workdir's latest checkpoint.
+
+    Args:
+      config: a ConfigDict (see configs/default.py for the fields).
+      workdir: output folder (config.json, metrics.jsonl, checkpoints/, report/).
+      data: prebuilt TrainData; default `build_train_data(config, ...)`.
+    Returns:
+      TrainResult (final state, best step and loss, whether training stopped early or was
+      interrupted by `train.stop_after_steps`).
+    """
+    if "distill" in config:  # configs/distill.py: the student learns from a teacher
+        from haaqi_jax.distill import distill_and_evaluate
+        return distill_and_evaluate(config, workdir, data=data)
+    from tqdm.auto import tqdm
+    from haaqi_jax.train.checkpoint import TrainCheckpointManager
+
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    if sharding.is_main_process():
+        cfglib.save_config(config, workdir / CONFIG_FILE)
+    tc = config.train
+
+    mesh = sharding.make_mesh()
+    sharding.check_global_batch(int(tc.batch_size), mesh)
+    sharding.check_global_batch(int(tc.eval_batch_size), mesh)
+
+    splits = load_splits(config) if data is None else None  # bad rows fail before compiling
+    net = build_model(config)
+    if data is None:
+        data = build_train_data(config, net, workdir, splits)
+    mode = data.mode
+    if mode == "features" and not net.config.freeze_encoder:
+        raise ValueError("data.cache=True trains the head on cached encoder features, which "
+                         "needs model.freeze_encoder=True")
+    keys = BATCH_KEYS[mode]
+    valid_split = config.data.valid_split
+    valid_labels = split_labels(data.rows[valid_split], valid_split)
+    split_labels(data.rows[config.data.train_split], config.data.train_split)
+
+    # The state holds what the step uses: the head alone on cached features.
+    params = {"head": net.params["head"]} if mode == "features" else dict(net.params)
+    labels = state_lib.param_labels(params, frozen_patterns(config))
+    total_steps = int(tc.num_epochs) * data.steps_per_epoch
+    tx = state_lib.make_optimizer(config.optimizer, labels, total_steps)
+    state = sharding.replicate(state_lib.create_train_state(params, tx, int(config.seed)), mesh)
+
+    loss_fn = losses.get_loss(config.loss.name, **cfglib.to_dict(config.loss.get("kwargs") or {}))
+    forward = make_forward(net.config, mode)
+    train_step, eval_step = steps_lib.jit_steps(
+        steps_lib.make_train_step(forward, loss_fn, tx, labels),
+        steps_lib.make_eval_step(forward, loss_fn), mesh)
+
+    ckpt = TrainCheckpointManager(workdir / CHECKPOINT_DIR)
+    early = {"best_valid_loss": None, "best_step": None, "bad_epochs": 0, "stopped": False}
+    start = ckpt.latest_step()
+    if start is not None:
+        state, meta = ckpt.restore(start, state)
+        data.train.set_state(meta["data_state"])
+        early = dict(meta["early_stopping"])
+    start_step = int(state.step)
+    writer = MetricsWriter(workdir / METRICS_FILE, start_step if start is not None else None)
+
+    stop_after = int(tc.get("stop_after_steps", 0))
+    ckpt_every = int(tc.checkpoint_every_steps)
+    log_every = int(tc.log_every_steps)
+    patience = int(tc.patience)
+    interrupted = False
+    step = start_step
+    pending: list[dict] = []
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+               disable=not (tc.get("progress", True) and sharding.is_main_process()))
+    try:
+        while step < total_steps and not early["stopped"]:
+            if stop_after and step >= stop_after:
+                interrupted = True  # test hook: behaves like a kill after this step
+                break
+            batch = next(data.train)
+            state, step_metrics = train_step(state, sharding.shard_batch(batch, mesh, keys))
+            step += 1
+            bar.update(1)
+            pending.append(step_metrics)
+            at_checkpoint = ckpt_every > 0 and step % ckpt_every == 0
+            at_epoch_end = step % data.steps_per_epoch == 0
+            # Flushing the log at every checkpoint keeps a resumed log identical.
+            if step % log_every == 0 or at_epoch_end or at_checkpoint:
+                host = jax.device_get(pending)
+                record = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
+                writer.write({"step": step, "kind": "train", **record})
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                pending = []
+            if at_epoch_end:
+                epoch = step // data.steps_per_epoch
+                valid_loss, predictions = run_eval(eval_step, state.params,
+                                                   data.eval_batches(valid_split), mesh, keys,
+                                                   len(valid_labels))
+                summary = metrics_lib.summarize(predictions, valid_labels,
+                                                np.isfinite(predictions).astype(float))
+                improved = (early["best_valid_loss"] is None or
+                            valid_loss < early["best_valid_loss"] - float(tc.min_delta))
+                if improved:
+                    early.update(best_valid_loss=valid_loss, best_step=step, bad_epochs=0)
+                else:
+                    early["bad_epochs"] += 1
+                if patience > 0 and early["bad_epochs"] >= patience:
+                    early["stopped"] = True
+                writer.write({"step": step, "epoch": epoch, "kind": "valid", "loss": valid_loss,
+                              **{k: summary[k] for k in ("lcc", "srcc", "mse")},
+                              "best": improved})
+                ckpt.save(step, state, _meta(data.train.get_state(), early),
+                          metrics={"valid_loss": valid_loss})
+            elif at_checkpoint:
+                ckpt.save(step, state, _meta(data.train.get_state(), early))
+    finally:
+        bar.close()
+
+    report_dir = None
+    if not interrupted and early["best_step"] is not None and tc.get("write_report", True):
+        best_state, _ = ckpt.restore(int(early["best_step"]), state)
+        report_dir = write_training_report(config, net, best_state.params, data, eval_step,
+                                           mesh, keys, workdir / REPORT_DIR, early)
+    ckpt.close()
+    return TrainResult(workdir=workdir, final_step=step, best_step=early["best_step"],
+                       best_valid_loss=early["best_valid_loss"], stopped_early=early["stopped"],
+                       interrupted=interrupted, state=state, report_dir=report_dir)
+
+
+def write_training_report(config: Any, net: Any, params: Any, data: TrainData,
+                          eval_step: Callable, mesh: Any, keys: Sequence[str], out_dir: Path,
+                          early: Mapping[str, Any]) -> Path:
+    """Evaluates the best params on every eval split and writes the report folder."""
+    from haaqi_jax.evaluate import prediction_records, write_report
+    from haaqi_jax.model import HAAQINet
+
+    records = []
+    for split in config.data.eval_splits:
+        if split not in data.rows or not len(data.rows[split]):
+            continue
+        _, predictions = run_eval(eval_step, params, data.eval_batches(split), mesh, keys,
+                                  len(data.rows[split]))
+        records += prediction_records(data.rows[split], predictions, split)
+    if not sharding.is_main_process():
+        return out_dir  # the other hosts took part in the (collective) evaluation only
+    out = write_report(records, out_dir, color_by=config.report.color_by,
+                       num_examples=int(config.report.num_example_predictions))
+    summary = {"best_step": early["best_step"], "best_valid_loss": early["best_valid_loss"],
+               "stopped_early": early["stopped"], "mode": data.mode,
+               "encoder_checkpoint": config.model.get("encoder_checkpoint")}
+    (out / "training.json").write_text(
+        json.dumps(metrics_lib.json_safe(summary), indent=2, sort_keys=True) + "\n")
+    # A HAAQINet directory: the frozen encoder of the run + the best trained params.
+    full = dict(net.params)
+    full.update(jax.device_get(params))
+    HAAQINet(net.config, full).save(
+        out / "best_model", overwrite=True,
+        extra={"best_step": early["best_step"], "best_valid_loss": early["best_valid_loss"]})
+    return out

@@ -1,0 +1,121 @@
+"""Evaluation metrics of HAAQI-Net: Pearson LCC, Spearman SRCC and MSE of clip scores.
+
+Pure numpy functions on host arrays (jax arrays are accepted and copied to host). Every function
+takes optional per-item weights: items with weight 0 (filler items of a padded last batch) are
+ignored, other weights scale each item's contribution. With 0/1 weights the results equal
+scipy.stats.pearsonr / spearmanr / a plain MSE on the kept items.
+
+A correlation is undefined for fewer than 2 items or a constant input; it is then NaN (the JSON
+writers turn NaN into null). Non-finite inputs are an error.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+
+def _prepare(pred: Any, true: Any, weight: Any | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    pred = np.asarray(pred, dtype=np.float64).reshape(-1)
+    true = np.asarray(true, dtype=np.float64).reshape(-1)
+    if pred.shape != true.shape:
+        raise ValueError(f"metrics: {pred.size} predictions but {true.size} targets")
+    if weight is None:
+        weight = np.ones_like(pred)
+    weight = np.asarray(weight, dtype=np.float64).reshape(-1)
+    if weight.shape != pred.shape:
+        raise ValueError(f"metrics: {weight.size} weights for {pred.size} items")
+    if np.any(weight < 0) or not np.all(np.isfinite(weight)):
+        raise ValueError("metrics: weights must be finite and >= 0")
+    keep = weight > 0
+    pred, true, weight = pred[keep], true[keep], weight[keep]
+    for name, x in (("predictions", pred), ("targets", true)):
+        bad = np.flatnonzero(~np.isfinite(x))
+        if bad.size:
+            raise ValueError(f"metrics: {name} hold non-finite values (first at kept item "
+                             f"{int(bad[0])})")
+    return pred, true, weight
+
+
+def _weighted_pearson(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
+    if x.size < 2:
+        return float("nan")
+    w = w / w.sum()
+    dx = x - np.sum(w * x)
+    dy = y - np.sum(w * y)
+    sxx, syy = np.sum(w * dx * dx), np.sum(w * dy * dy)
+    if sxx <= 0 or syy <= 0:
+        return float("nan")
+    r = np.sum(w * dx * dy) / np.sqrt(sxx * syy)
+    return float(np.clip(r, -1.0, 1.0))
+
+
+def average_ranks(x: Any) -> np.ndarray:
+    """Ranks 1..n with ties given their average rank (scipy.stats.rankdata's 'average')."""
+    x = np.asarray(x).reshape(-1)
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    # Start index of each run of equal values, and each element's run.
+    new_run = np.concatenate([[True], sorted_x[1:] != sorted_x[:-1]])
+    run_id = np.cumsum(new_run) - 1
+    starts = np.flatnonzero(new_run)
+    ends = np.concatenate([starts[1:], [x.size]])
+    run_rank = (starts + ends + 1) / 2.0  # mean of ranks starts+1 .. ends
+    ranks = np.empty(x.size, dtype=np.float64)
+    ranks[order] = run_rank[run_id]
+    return ranks
+
+
+def pearson_lcc(pred: Any, true: Any, weight: Any | None = None) -> float:
+    """(Weighted) Pearson linear correlation coefficient of predictions and targets."""
+    pred, true, weight = _prepare(pred, true, weight)
+    return _weighted_pearson(pred, true, weight)
+
+
+def spearman_srcc(pred: Any, true: Any, weight: Any | None = None) -> float:
+    """(Weighted) Spearman rank correlation: Pearson of the average ranks of the kept items."""
+    pred, true, weight = _prepare(pred, true, weight)
+    return _weighted_pearson(average_ranks(pred), average_ranks(true), weight)
+
+
+def mse(pred: Any, true: Any, weight: Any | None = None) -> float:
+    """(Weighted) mean squared error; NaN when no item is kept."""
+    pred, true, weight = _prepare(pred, true, weight)
+    if pred.size == 0:
+        return float("nan")
+    return float(np.sum(weight * (pred - true) ** 2) / np.sum(weight))
+
+
+def summarize(pred: Any, true: Any, weight: Any | None = None) -> dict[str, float]:
+    """{"lcc", "srcc", "mse", "n"} of one set of clips."""
+    p, t, w = _prepare(pred, true, weight)
+    return {"lcc": _weighted_pearson(p, t, w),
+            "srcc": _weighted_pearson(average_ranks(p), average_ranks(t), w),
+            "mse": float(np.sum(w * (p - t) ** 2) / np.sum(w)) if p.size else float("nan"),
+            "n": int(p.size)}
+
+
+def summarize_by_group(pred: Any, true: Any, groups: Sequence[Any],
+                       weight: Any | None = None) -> dict[str, dict[str, float]]:
+    """`summarize` for each distinct value of `groups` (e.g. split or distortion), keyed by str."""
+    pred = np.asarray(pred).reshape(-1)
+    true = np.asarray(true).reshape(-1)
+    groups = np.asarray([str(g) for g in groups])
+    if groups.shape != pred.shape:
+        raise ValueError(f"metrics: {groups.size} group labels for {pred.size} items")
+    weight = np.ones(pred.shape) if weight is None else np.asarray(weight, np.float64).reshape(-1)
+    return {str(g): summarize(pred, true, weight * (groups == g)) for g in sorted(set(groups))}
+
+
+def json_safe(tree: Mapping[str, Any] | Any) -> Any:
+    """Replaces NaN/inf floats by None (strict JSON has no NaN), recursively."""
+    if isinstance(tree, Mapping):
+        return {k: json_safe(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [json_safe(v) for v in tree]
+    if isinstance(tree, (float, np.floating)):
+        return float(tree) if np.isfinite(tree) else None
+    if isinstance(tree, np.integer):
+        return int(tree)
+    return tree

@@ -1,0 +1,116 @@
+"""The one place that decides how arrays are laid out over devices: data parallelism.
+
+A 1-D `Mesh` over every device with the axis name 'data'. Batches are split along their leading
+(batch) axis over 'data' (`batch_sharding`); parameters, optimizer state and RNG keys are
+replicated (`replicated`). Steps are `jax.jit`-ed with these as in/out shardings, so XLA inserts
+the gradient all-reduce; the loss, normalised by the weight sum of the global batch, is the
+same number as on one device.
+
+Multi-host (several machines, each with its local accelerators)
+-----------------------------------------------------------------
+1. Call `jax.distributed.initialize()` at the very start of every process (before any other
+   JAX call; on TPU pods and SLURM/Kubernetes clusters the arguments are detected, otherwise
+   pass coordinator_address, num_processes, process_id).
+2. `make_mesh()` then spans `jax.devices()`, i.e. the devices of *all* hosts.
+3. Each host reads only its shard of the data: the pipelines take
+   `shard_index=jax.process_index(), shard_count=jax.process_count()` and yield host-local
+   batches of `global_batch // jax.process_count()` items (`local_batch_size`).
+4. `shard_batch` turns the host-local arrays into global arrays with
+   `jax.make_array_from_process_local_data`, so the jitted step sees the global batch.
+5. Only process 0 writes logs and reports (`is_main_process()`); orbax checkpoints are written
+   collectively by all processes (every process calls save/restore).
+On one host (the default) steps 1 and 3 are no-ops: process_count() == 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """1-D mesh with axis 'data' over `devices` (default: every device of every process)."""
+    devices = list(jax.devices() if devices is None else devices)
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading axis split over 'data', other axes whole."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A full copy on every device (parameters, optimizer state, RNG)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def check_global_batch(global_batch_size: int, mesh: Mesh) -> None:
+    """Raises a ValueError unless the global batch divides evenly over the devices and hosts."""
+    n_dev = mesh.devices.size
+    if global_batch_size % n_dev:
+        raise ValueError(
+            f"the global batch size {global_batch_size} does not divide by the number of devices "
+            f"{n_dev} (data parallelism over mesh axis '{DATA_AXIS}'); choose a multiple of "
+            f"{n_dev}, e.g. {max(n_dev, (global_batch_size // n_dev) * n_dev)}")
+    n_proc = jax.process_count()
+    if global_batch_size % n_proc:
+        raise ValueError(f"the global batch size {global_batch_size} does not divide by the "
+                         f"number of processes {n_proc}")
+
+
+def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
+    """The number of items this host must feed per step (checks divisibility first)."""
+    check_global_batch(global_batch_size, mesh)
+    return global_batch_size // jax.process_count()
+
+
+def is_main_process() -> bool:
+    """True on the process that writes logs, reports and exported models."""
+    return jax.process_index() == 0
+
+
+def shard_batch(batch: Mapping[str, Any], mesh: Mesh,
+                keys: Sequence[str] | None = None) -> dict[str, jax.Array]:
+    """Host-local numpy batch -> global jax arrays split over 'data'.
+
+    Args:
+      batch: dict of arrays with a leading batch axis (this host's items).
+      mesh: from `make_mesh`.
+      keys: the entries to transfer (default: every numeric array); others (e.g. strings) stay
+        on the host and are not returned.
+    Returns:
+      dict of global arrays, leading axis = local batch * process_count.
+    """
+    sharding = batch_sharding(mesh)
+    out = {}
+    for key in (batch.keys() if keys is None else keys):
+        value = np.asarray(batch[key])
+        if keys is None and value.dtype.kind not in "biuf":
+            continue
+        if value.ndim == 0:
+            raise ValueError(f"shard_batch: entry {key!r} has no batch axis")
+        global_items = value.shape[0] * jax.process_count()
+        if global_items % mesh.devices.size:
+            raise ValueError(
+                f"shard_batch: entry {key!r} holds a global batch of {global_items} items, which "
+                f"does not divide by the number of devices {mesh.devices.size}")
+        out[key] = jax.make_array_from_process_local_data(sharding, value)
+    return out
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Places a pytree (parameters, optimizer state) as a full copy on every device."""
+    return jax.device_put(tree, replicated(mesh))
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A (possibly multi-host) global array as one numpy array on every host."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

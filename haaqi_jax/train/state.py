@@ -1,0 +1,114 @@
+"""Training state and the optimizer, with frozen parameters masked out (big_vision style).
+
+Each parameter gets a label, "trainable" or "frozen", from regular expressions on its path
+("encoder/.*", "head/blstm/.*"; path parts joined by "/"). The optimizer is an
+`optax.multi_transform` that gives "frozen" leaves `optax.set_to_zero()`: they hold NO optimizer
+state (Adam moments exist only for trainable leaves) and the step keeps them bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+TRAINABLE = "trainable"
+FROZEN = "frozen"
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes; a pytree, so it can be jitted, sharded and checkpointed.
+
+    Attributes:
+      step: () int32, number of optimizer steps taken.
+      params: parameter pytree.
+      opt_state: optax state (no entries for frozen leaves).
+      rng: (2,) uint32 raw PRNG key; step i uses fold_in(rng, i), so resuming at step i
+        draws the same dropout masks as an uninterrupted run.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def path_name(path: Sequence[Any]) -> str:
+    """'encoder/layers_0/kernel' for a jax key path."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def param_labels(params: Any, frozen_patterns: Sequence[str] = ()) -> Any:
+    """Pytree like `params` of "frozen" (path fully matches a pattern) or "trainable" strings."""
+    compiled = [re.compile(p) for p in frozen_patterns]
+
+    def label(path, _):
+        name = path_name(path)
+        return FROZEN if any(c.fullmatch(name) for c in compiled) else TRAINABLE
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def count_params(params: Any, labels: Any | None = None, which: str = TRAINABLE) -> int:
+    """Number of scalars in `params` (only the leaves labelled `which` when labels are given)."""
+    sizes = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda p: int(jnp.size(p)), params))
+    if labels is None:
+        return sum(sizes)
+    return sum(s for s, l in zip(sizes, jax.tree_util.tree_leaves(labels)) if l == which)
+
+
+def make_schedule(opt_cfg: Any, total_steps: int) -> optax.Schedule:
+    """Learning-rate schedule: linear warm-up then 'constant' or 'cosine' decay to 0."""
+    lr = float(opt_cfg.learning_rate)
+    warmup = int(opt_cfg.get("warmup_steps", 0))
+    kind = opt_cfg.get("schedule", "constant")
+    if kind == "constant":
+        main = optax.constant_schedule(lr)
+    elif kind == "cosine":
+        main = optax.cosine_decay_schedule(lr, max(1, total_steps - warmup))
+    else:
+        raise ValueError(f"optimizer.schedule: unknown schedule {kind!r} (constant | cosine)")
+    if warmup <= 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+
+
+def make_optimizer(opt_cfg: Any, labels: Any, total_steps: int) -> optax.GradientTransformation:
+    """optax optimizer from the `optimizer` config section, frozen leaves set to zero.
+
+    opt_cfg fields: name ('adam' | 'adamw' | 'sgd'), learning_rate, schedule, warmup_steps,
+    weight_decay (adamw), grad_clip_norm (<= 0: no clipping), b1, b2 (adam/adamw).
+    """
+    schedule = make_schedule(opt_cfg, total_steps)
+    name = opt_cfg.get("name", "adam")
+    b1, b2 = float(opt_cfg.get("b1", 0.9)), float(opt_cfg.get("b2", 0.999))
+    if name == "adam":
+        base = optax.adam(schedule, b1=b1, b2=b2)
+    elif name == "adamw":
+        base = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=float(opt_cfg.weight_decay))
+    elif name == "sgd":
+        base = optax.sgd(schedule, momentum=opt_cfg.get("momentum", None))
+    else:
+        raise ValueError(f"optimizer.name: unknown optimizer {name!r} (adam | adamw | sgd)")
+    clip = float(opt_cfg.get("grad_clip_norm", 0.0))
+    trainable = optax.chain(optax.clip_by_global_norm(clip), base) if clip > 0 else base
+    return optax.multi_transform({TRAINABLE: trainable, FROZEN: optax.set_to_zero()}, labels)
+
+
+def create_train_state(params: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """Step 0 state; `seed` seeds the dropout RNG."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params), rng=jax.random.PRNGKey(seed))

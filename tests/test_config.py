@@ -1,0 +1,74 @@
+"""Config files, typed --set overrides, freezing and the JSON record."""
+
+import json
+from pathlib import Path
+
+import pytest
+from ml_collections import config_dict
+
+from haaqi_jax import config as cfglib
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cfg():
+    c = config_dict.ConfigDict()
+    c.train = config_dict.ConfigDict({"num_epochs": 3, "lr": 1e-3, "cache": True, "name": "x",
+                                      "patterns": ("a", "b")})
+    c.model = config_dict.ConfigDict({"encoder_checkpoint": config_dict.placeholder(str)})
+    return c
+
+
+def test_overrides_parse_by_type():
+    c = cfglib.apply_overrides(_cfg(), ["train.num_epochs=7", "train.lr=5e-4", "train.cache=false",
+                                        "train.name=hello world", "train.patterns=('x',)",
+                                        "model.encoder_checkpoint=/tmp/beats"])
+    assert c.train.num_epochs == 7 and isinstance(c.train.num_epochs, int)
+    assert c.train.lr == 5e-4 and c.train.cache is False and c.train.name == "hello world"
+    assert c.train.patterns == ("x",) and c.model.encoder_checkpoint == "/tmp/beats"
+    c = cfglib.apply_overrides(c, ["train.lr=1"])  # an int for a float field is fine
+    assert c.train.lr == 1.0 and isinstance(c.train.lr, float)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("train.num_epochs=2.5", r"train.num_epochs=.*int"),
+    ("train.num_epochs=abc", r"train.num_epochs=.*int"),
+    ("train.cache=maybe", r"train.cache=.*bool"),
+    ("train.lr=fast", r"train.lr=.*float"),
+    ("train.nmu_epochs=3", r"unknown key 'nmu_epochs' under train"),
+    ("trian.num_epochs=3", r"unknown key 'trian' under <top>"),
+    ("train=3", r"train is a section"),
+    ("train.num_epochs", r"not of the form key=value"),
+])
+def test_override_errors_name_the_key(override, match):
+    with pytest.raises(ValueError, match=match):
+        cfglib.apply_overrides(_cfg(), [override])
+
+
+def test_freeze_and_json_roundtrip(tmp_path):
+    c = _cfg()
+    frozen = cfglib.freeze(c)
+    with pytest.raises((AttributeError, TypeError, ValueError)):
+        frozen.train.num_epochs = 1
+    hash(frozen)
+    path = cfglib.save_config(frozen, tmp_path / "run" / "config.json")
+    data = json.loads(path.read_text())
+    assert data["train"]["patterns"] == ["a", "b"] and data["model"]["encoder_checkpoint"] is None
+    back = cfglib.load_config_json(path)
+    assert back.train.num_epochs == 3
+
+
+@pytest.mark.parametrize("name", ["default", "tiny", "haaqinet_beats", "haaqinet_beats_weighted"])
+def test_shipped_configs_load(name):
+    c = cfglib.load_config_file(REPO / "configs" / f"{name}.py")
+    assert c.loss.name and c.optimizer.learning_rate > 0 and c.train.batch_size > 0
+    cfglib.apply_overrides(c, ["train.num_epochs=1"])
+    json.dumps(cfglib.to_dict(c))
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        cfglib.load_config_file(tmp_path / "nope.py")
+    (tmp_path / "bad.py").write_text("x = 1\n")
+    with pytest.raises(ValueError, match="get_config"):
+        cfglib.load_config_file(tmp_path / "bad.py")

@@ -1,0 +1,81 @@
+"""`haaqi-jax evaluate` and the report writer: files written, numbers vs scipy."""
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+import soundfile as sf
+
+from haaqi_jax import cli, evaluate
+
+_spec = importlib.util.spec_from_file_location("_train_helpers", Path(__file__).with_name("test_train.py"))
+_helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_helpers)
+
+
+def test_evaluate_subcommand_writes_its_files(tmp_path):
+    from haaqi_jax import config as cfglib
+    from haaqi_jax.model import HAAQINet
+    from haaqi_jax.train import loop
+
+    manifest = _helpers.write_tiny_dataset(tmp_path / "data")
+    net = loop.build_model(cfglib.load_config_file(_helpers.TINY))
+    net.save(tmp_path / "model")
+    out = tmp_path / "eval"
+    assert cli.main(["evaluate", "--model", str(tmp_path / "model"), "--manifest", str(manifest),
+                     "--out", str(out), "--splits", "valid", "test_seen", "test_unseen",
+                     "--color-by", "distortion", "--batch-size", "4"]) == 0
+    for name in ("metrics.json", "table.md", "table.csv", "predictions.csv", "examples.json",
+                 "scatter.png"):
+        assert (out / name).is_file(), name
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert len(rows) == 8 and {r["split"] for r in rows} == {"valid", "test_seen", "test_unseen"}
+
+    # Predictions are the model's on the audio files (read independently here).
+    manifest_rows = {json.loads(l)["id"]: json.loads(l) for l in manifest.read_text().splitlines()}
+    waves = [sf.read(tmp_path / "data" / manifest_rows[r["id"]]["file_path"], dtype="float32")[0]
+             for r in rows]
+    pred = HAAQINet.load(tmp_path / "model").predict(
+        waves, 16000, [manifest_rows[r["id"]]["audiogram"] for r in rows], progress=False)
+    np.testing.assert_allclose(pred, [float(r["prediction"]) for r in rows], atol=1e-5)
+    for r in rows:
+        assert float(r["label"]) == manifest_rows[r["id"]]["haaqi_score"]
+
+    # Metrics vs scipy on the written predictions.
+    metrics = json.loads((out / "metrics.json").read_text())
+    p = np.array([float(r["prediction"]) for r in rows])
+    t = np.array([float(r["label"]) for r in rows])
+    assert metrics["overall"]["lcc"] == pytest.approx(scipy.stats.pearsonr(p, t)[0], abs=1e-9)
+    assert metrics["overall"]["srcc"] == pytest.approx(scipy.stats.spearmanr(p, t)[0], abs=1e-9)
+    assert metrics["overall"]["mse"] == pytest.approx(np.mean((p - t) ** 2), abs=1e-12)
+    noise = np.array([r["distortion"] == "noise" for r in rows])
+    assert metrics["by_distortion"]["noise"]["lcc"] == pytest.approx(
+        scipy.stats.pearsonr(p[noise], t[noise])[0], abs=1e-9)
+    assert metrics["by_split"]["valid"]["n"] == 4
+    table = (out / "table.md").read_text()
+    assert "| distortion=noise | 4 |" in table and "| split=valid | 4 |" in table
+    import matplotlib.image
+    assert matplotlib.image.imread(out / "scatter.png").ndim == 3
+
+
+def test_report_errors(tmp_path):
+    rows = [{"id": "a", "haaqi_score": 0.5, "distortion": "x"}, {"id": "b", "haaqi_score": None}]
+    with pytest.raises(ValueError, match=r"row 1 \(b\): no HAAQI label"):
+        evaluate.prediction_records(rows, np.array([0.1, 0.2]), "test")
+    with pytest.raises(ValueError, match=r"row 0 \(a\): no finite prediction"):
+        evaluate.prediction_records(rows[:1], np.array([np.nan]), "test")
+    with pytest.raises(ValueError, match="2 predictions for 1 rows"):
+        evaluate.prediction_records(rows[:1], np.array([0.1, 0.2]), "test")
+    recs = evaluate.prediction_records(rows[:1], np.array([0.4]), "test")
+    with pytest.raises(ValueError, match="color_by"):
+        evaluate.write_report(recs, tmp_path, color_by="listener")
+
+
+def test_missing_split_is_named(tmp_path):
+    manifest = _helpers.write_tiny_dataset(tmp_path / "data", n_train=2, n_valid=1, n_test=1)
+    with pytest.raises(ValueError, match=r"no rows in split\(s\) \['test'\]"):
+        evaluate.evaluate_manifest(tmp_path / "model", manifest, tmp_path / "o", splits=["test"])

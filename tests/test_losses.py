@@ -1,0 +1,78 @@
+"""The loss registry and haaqi_mse vs a batch-size-1 PyTorch reference (the paper's setting)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from haaqi_jax import losses
+
+
+def _batch(seed=0, b=5, t=9):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, t + 1, b)
+    mask = np.arange(t)[None, :] < lengths[:, None]
+    frames = rng.uniform(0, 1, (b, t)) * mask
+    clip = frames.sum(1) / lengths
+    label = rng.uniform(0, 1, b)
+    weight = np.array([1, 1, 0, 1, 1], np.float32)[:b]
+    preds = {"clip_score": jnp.asarray(clip, jnp.float32), "frame_scores": jnp.asarray(frames, jnp.float32),
+             "frame_mask": jnp.asarray(mask)}
+    batch = {"label": jnp.asarray(label, jnp.float32), "weight": jnp.asarray(weight)}
+    return preds, batch, lengths
+
+
+@pytest.mark.parametrize("cw,fw", [(1.0, 1.0), (0.3, 2.0)])
+def test_haaqi_mse_matches_torch_batch_one(cw, fw):
+    preds, batch, lengths = _batch()
+    loss, aux = losses.get_loss("haaqi_mse", clip_weight=cw, frame_weight=fw)(preds, batch)
+    mse = torch.nn.functional.mse_loss
+    per_item, weights = [], []
+    for i in range(len(lengths)):  # the released model sees one unpadded clip at a time
+        frames = torch.tensor(np.asarray(preds["frame_scores"][i, :lengths[i]]), dtype=torch.float64)
+        label = torch.tensor(float(batch["label"][i]), dtype=torch.float64)
+        clip = torch.tensor(float(preds["clip_score"][i]), dtype=torch.float64)
+        per_item.append(cw * mse(clip, label) + fw * mse(frames, label.expand_as(frames)))
+        weights.append(float(batch["weight"][i]))
+    ref = sum(w * l for w, l in zip(weights, per_item)) / sum(weights)
+    assert float(loss) == pytest.approx(float(ref), rel=1e-5)
+    assert float(cw * aux["clip_mse"] + fw * aux["frame_mse"]) == pytest.approx(float(loss), rel=1e-6)
+
+
+def test_filler_items_do_not_count():
+    preds, batch, _ = _batch()
+    fn = losses.get_loss("haaqi_mse")
+    moved = dict(preds, clip_score=preds["clip_score"].at[2].set(123.0),
+                 frame_scores=preds["frame_scores"].at[2].set(-50.0))
+    assert float(fn(preds, batch)[0]) == float(fn(moved, batch)[0])
+    all_filler = dict(batch, weight=jnp.zeros_like(batch["weight"]))
+    assert float(fn(preds, all_filler)[0]) == 0.0
+
+
+def test_gradient_flows_through_frame_term():
+    preds, batch, _ = _batch()
+    fn = losses.get_loss("haaqi_mse", clip_weight=0.0, frame_weight=1.0)
+    g = jax.grad(lambda f: fn(dict(preds, frame_scores=f), batch)[0])(preds["frame_scores"])
+    g = np.asarray(g)
+    mask = np.asarray(preds["frame_mask"])
+    assert np.all(g[~mask] == 0) and np.all(g[2] == 0)  # padded frames, filler item
+    assert np.count_nonzero(g[mask & (np.asarray(batch["weight"])[:, None] > 0)]) > 0
+
+
+def test_user_registered_loss_and_errors():
+    @losses.register_loss("test_abs_clip")
+    def abs_clip(predictions, batch, *, scale=1.0):
+        err = scale * jnp.abs(predictions["clip_score"] - batch["label"])
+        return losses.weighted_mean(err, batch["weight"]), {}
+
+    assert "test_abs_clip" in losses.available_losses()
+    preds, batch, _ = _batch()
+    got = float(losses.get_loss("test_abs_clip", scale=2.0)(preds, batch)[0])
+    w = np.asarray(batch["weight"])
+    ref = 2.0 * np.sum(w * np.abs(np.asarray(preds["clip_score"]) - np.asarray(batch["label"]))) / w.sum()
+    assert got == pytest.approx(ref, rel=1e-6)
+    with pytest.raises(ValueError, match="already registered"):
+        losses.register_loss("test_abs_clip")(lambda p, b: (0.0, {}))
+    with pytest.raises(ValueError, match="unknown loss 'nope'"):
+        losses.get_loss("nope")

@@ -1,0 +1,81 @@
+"""Metrics vs scipy.stats (pearsonr, spearmanr) and numpy's weighted covariance."""
+
+import numpy as np
+import pytest
+import scipy.stats
+from hypothesis import given, settings, strategies as st
+
+from haaqi_jax.train import metrics
+
+
+def _data(seed, n=40, ties=False):
+    rng = np.random.default_rng(seed)
+    true = rng.uniform(0, 1, n)
+    pred = 0.7 * true + 0.3 * rng.uniform(0, 1, n)
+    if ties:  # many ties in both
+        true, pred = np.round(true, 1), np.round(pred, 1)
+    return pred, true
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_unweighted_matches_scipy(ties):
+    pred, true = _data(0, ties=ties)
+    assert metrics.pearson_lcc(pred, true) == pytest.approx(scipy.stats.pearsonr(pred, true)[0], abs=1e-12)
+    assert metrics.spearman_srcc(pred, true) == pytest.approx(scipy.stats.spearmanr(pred, true)[0], abs=1e-12)
+    assert metrics.mse(pred, true) == pytest.approx(np.mean((pred - true) ** 2), abs=1e-15)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10_000), st.integers(3, 60), st.booleans())
+def test_zero_weights_drop_items(seed, n, ties):
+    pred, true = _data(seed, n, ties)
+    keep = np.random.default_rng(seed + 1).uniform(size=n) < 0.7
+    keep[:3] = True
+    s = metrics.summarize(pred, true, keep.astype(float))
+    p, t = pred[keep], true[keep]
+    assert s["n"] == keep.sum()
+    assert s["mse"] == pytest.approx(np.mean((p - t) ** 2))
+    if np.ptp(p) > 0 and np.ptp(t) > 0:
+        assert s["lcc"] == pytest.approx(scipy.stats.pearsonr(p, t)[0], abs=1e-9)
+        assert s["srcc"] == pytest.approx(scipy.stats.spearmanr(p, t)[0], abs=1e-9)
+
+
+def test_average_ranks_match_scipy_rankdata():
+    x = np.array([3.0, 1.0, 3.0, 2.0, 3.0, 1.0, 7.0])
+    np.testing.assert_array_equal(metrics.average_ranks(x), scipy.stats.rankdata(x))
+
+
+def test_weighted_pearson_matches_numpy_cov():
+    pred, true = _data(3)
+    w = np.random.default_rng(4).uniform(0.1, 2.0, pred.size)
+    c = np.cov(pred, true, aweights=w)
+    assert metrics.pearson_lcc(pred, true, w) == pytest.approx(c[0, 1] / np.sqrt(c[0, 0] * c[1, 1]), abs=1e-12)
+    assert metrics.mse(pred, true, w) == pytest.approx(np.average((pred - true) ** 2, weights=w))
+
+
+def test_integer_weights_equal_repetition():
+    pred, true = _data(5, n=12)
+    w = np.arange(1, 13) % 3 + 1
+    rep_p, rep_t = np.repeat(pred, w), np.repeat(true, w)
+    assert metrics.pearson_lcc(pred, true, w) == pytest.approx(scipy.stats.pearsonr(rep_p, rep_t)[0], abs=1e-12)
+
+
+def test_by_group():
+    pred, true = _data(6, n=30)
+    groups = ["a", "b", "c"] * 10
+    out = metrics.summarize_by_group(pred, true, groups)
+    assert sorted(out) == ["a", "b", "c"]
+    sel = np.array(groups) == "b"
+    assert out["b"]["lcc"] == pytest.approx(scipy.stats.pearsonr(pred[sel], true[sel])[0], abs=1e-12)
+
+
+def test_undefined_and_bad_inputs():
+    assert np.isnan(metrics.pearson_lcc([0.5, 0.5, 0.5], [0.1, 0.2, 0.3]))
+    assert np.isnan(metrics.spearman_srcc([0.5], [0.1]))
+    assert metrics.json_safe({"a": float("nan"), "b": [1.0, float("inf")]}) == {"a": None, "b": [1.0, None]}
+    with pytest.raises(ValueError, match="non-finite"):
+        metrics.mse([0.1, float("nan")], [0.1, 0.2])
+    with pytest.raises(ValueError, match="3 predictions but 2 targets"):
+        metrics.mse([0.1, 0.2, 0.3], [0.1, 0.2])
+    with pytest.raises(ValueError, match="weights"):
+        metrics.mse([0.1, 0.2], [0.1, 0.2], [1.0, -1.0])

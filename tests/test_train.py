@@ -1,0 +1,249 @@
+"""Training: the real config shrunk (configs/tiny.py) end to end, exact resumption in a fresh
+process, frozen parameters, a falling loss, and clear errors."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import soundfile as sf
+
+from haaqi_jax import config as cfglib
+from haaqi_jax.train import loop
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.py"
+
+
+def write_tiny_dataset(out_dir, *, n_train=8, n_valid=4, n_test=2, seconds=1.0, seed=0,
+                       unlabelled_row=None):
+    """Short tones with noise or clipping; the label is a logistic function of the SNR (an
+    independent rule, so a model that learns anything correlates with it)."""
+    out_dir = Path(out_dir)
+    (out_dir / "audio").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    splits = (["train"] * n_train + ["valid"] * n_valid + ["test_seen"] * n_test
+              + ["test_unseen"] * n_test)
+    rows = []
+    for i, split in enumerate(splits):
+        n = int(seconds * 16000 * rng.uniform(0.8, 1.0))
+        t = np.arange(n) / 16000
+        clean = 0.3 * np.sin(2 * np.pi * rng.uniform(200, 800) * t)
+        snr_db = rng.uniform(-10, 30)
+        noise = rng.standard_normal(n) * np.sqrt(np.mean(clean ** 2) / 10 ** (snr_db / 10))
+        kind = "noise" if i % 2 else "clipping"
+        x = clean + noise if kind == "noise" else np.clip(clean + noise, -0.1, 0.1)
+        sf.write(out_dir / "audio" / f"clip{i:03d}.wav", x.astype(np.float32), 16000,
+                 subtype="FLOAT")
+        row = {"id": f"clip{i:03d}", "file_path": f"audio/clip{i:03d}.wav",
+               "audiogram": [float(v) for v in rng.uniform(0, 60, 8)],
+               "haaqi_score": float(1 / (1 + np.exp(-(snr_db - 10) / 6))), "split": split,
+               "distortion": kind}
+        if unlabelled_row == i:
+            del row["haaqi_score"]
+        rows.append(row)
+    manifest = out_dir / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    manifest = write_tiny_dataset(root / "data")
+    # 8 train rows, batch 2: 4 steps per epoch, 8 steps; checkpoints every 2 steps.
+    overrides = [f"data.manifest={manifest}", f"data.cache_dir={root / 'cache'}",
+                 "data.cache_dtype=float32", "train.batch_size=2", "train.eval_batch_size=2",
+                 "train.num_epochs=2", "train.patience=0", "data.prefetch=0"]
+    return root, overrides
+
+
+def _config(overrides):
+    return cfglib.get_config(TINY, overrides)
+
+
+def _flat(tree):
+    return {jax.tree_util.keystr(p): np.asarray(x)
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny):
+    root, overrides = tiny
+    result = loop.train_and_evaluate(_config(overrides), root / "straight")
+    return result
+
+
+def test_tiny_config_trains_and_reports(straight_run, tiny):
+    """One full run of the real default config shrunk: steps, eval each epoch, report."""
+    from haaqi_jax.model import HAAQINet
+
+    r = straight_run
+    assert r.final_step == 8 and not r.interrupted and r.best_step in (4, 8)
+    lines = [json.loads(l) for l in (r.workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines if l["kind"] == "train"] == list(range(1, 9))
+    valid = [l for l in lines if l["kind"] == "valid"]
+    assert [l["epoch"] for l in valid] == [1, 2]
+    assert all(np.isfinite(l["loss"]) and -1 <= l["lcc"] <= 1 for l in valid)
+    saved = json.loads((r.workdir / "config.json").read_text())
+    assert saved["train"]["num_epochs"] == 2 and saved["model"]["encoder_config"]["encoder_layers"] == 2
+    rep = r.report_dir
+    for name in ("metrics.json", "table.md", "table.csv", "predictions.csv", "examples.json",
+                 "scatter.png", "training.json"):
+        assert (rep / name).is_file(), name
+    metrics = json.loads((rep / "metrics.json").read_text())
+    assert set(metrics["by_split"]) == {"valid", "test_seen", "test_unseen"}
+    assert set(metrics["by_distortion"]) == {"noise", "clipping"}
+    assert json.loads((rep / "training.json").read_text())["best_step"] == r.best_step
+
+    # The exported best model reproduces the report's predictions from the audio files.
+    import csv
+    net = HAAQINet.load(rep / "best_model")
+    rows = list(csv.DictReader((rep / "predictions.csv").open()))
+    data_dir = Path(_config(tiny[1]).data.manifest).parent
+    waves = [sf.read(data_dir / "audio" / f"{row['id']}.wav", dtype="float32")[0] for row in rows]
+    levels = {json.loads(l)["id"]: json.loads(l)["audiogram"]
+              for l in (data_dir / "manifest.jsonl").read_text().splitlines()}
+    pred = net.predict(waves, 16000, [levels[row["id"]] for row in rows], progress=False)
+    np.testing.assert_allclose(pred, [float(row["prediction"]) for row in rows], atol=2e-5)
+
+
+def test_resume_in_fresh_process_is_bitwise_exact(straight_run, tiny):
+    """k steps, a crash (after step 5; last checkpoint at 4), a fresh process finishing the
+    run: same parameters, optimizer state, and the same metrics log, bit for bit."""
+    from haaqi_jax.train.checkpoint import TrainCheckpointManager
+
+    root, overrides = tiny
+    work = root / "resumed"
+    first = loop.train_and_evaluate(_config(overrides + ["train.stop_after_steps=5"]), work)
+    assert first.interrupted and first.final_step == 5 and first.report_dir is None
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, str(REPO / "train.py"), "--config", str(TINY), "--workdir", str(work)]
+    for o in overrides + ["train.write_report=false"]:
+        cmd += ["--set", o]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    ckpt = TrainCheckpointManager(work / "checkpoints")
+    assert ckpt.latest_step() == 8
+    resumed, meta = ckpt.restore(8, straight_run.state)
+    ckpt.close()
+    a, b = _flat(straight_run.state), _flat(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert meta["data_state"]["epoch"] == 2 and meta["data_state"]["step"] == 0
+    assert ((work / "metrics.jsonl").read_text()
+            == (straight_run.workdir / "metrics.jsonl").read_text())
+
+
+def test_frozen_encoder_has_no_optimizer_state_and_stays_put(tiny, tmp_path):
+    """End-to-end training on waveforms (data.cache=False): a frozen encoder gets no Adam
+    moments and is bit-for-bit unchanged after a step; unfrozen, it gets moments and moves."""
+    from haaqi_jax.train import state as state_lib
+
+    _, overrides = tiny
+    initial = _flat(loop.build_model(_config(overrides)).params)  # same seed: the runs' start
+    for freeze in (True, False):
+        cfg = _config(overrides + ["data.cache=false", "train.stop_after_steps=1",
+                                   f"model.freeze_encoder={freeze}"])
+        result = loop.train_and_evaluate(cfg, tmp_path / f"freeze_{freeze}")
+        assert result.final_step == 1
+        params = result.state.params
+        labels = state_lib.param_labels(params, loop.frozen_patterns(cfg))
+        n_trainable = state_lib.count_params(params, labels)
+        n_encoder = state_lib.count_params(params["encoder"])
+        assert n_trainable == state_lib.count_params(params) - (n_encoder if freeze else 0)
+        opt_scalars = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(result.state.opt_state))
+        # Adam mu and nu for trainable leaves, plus two step counters (Adam, lr schedule).
+        assert opt_scalars == 2 * n_trainable + 2
+        after = _flat(params)
+        assert after.keys() == initial.keys()
+        enc = [k for k in initial if k.startswith("['encoder']")]
+        head = [k for k in initial if k.startswith("['head']")]
+        assert any(not np.array_equal(initial[k], after[k]) for k in head)
+        enc_moved = [k for k in enc if not np.array_equal(initial[k], after[k])]
+        if freeze:
+            assert enc_moved == []
+        else:
+            assert len(enc_moved) > len(enc) // 2
+
+
+def test_loss_falls_on_a_small_synthetic_task():
+    """The head learns a label that is a function of its features (same step code path)."""
+    from ml_collections import ConfigDict
+    from haaqi_jax import losses
+    from haaqi_jax.head import HAAQINetHead, HeadConfig
+    from haaqi_jax.train import sharding, state as state_lib, steps
+
+    rng = np.random.default_rng(0)
+    b, t, c = 16, 10, 8
+    feats = rng.normal(size=(b, t, c)).astype(np.float32)
+    lengths = rng.integers(4, t + 1, b)
+    mask = np.arange(t)[None, :] < lengths[:, None]
+    label = 1 / (1 + np.exp(-2 * feats[..., 0].sum(1) / lengths))
+    batch = {"features": feats, "token_mask": mask, "audiogram": np.zeros((b, 8), np.float32),
+             "label": label.astype(np.float32), "weight": np.ones(b, np.float32)}
+    head = HAAQINetHead(HeadConfig(adapter_dim=16, lstm_hidden=16, dense_dim=16, num_heads=4,
+                                   dropout_rate=0.0))
+    params = {"head": head.init(jax.random.PRNGKey(0), feats, mask, batch["audiogram"])["params"]}
+    labels = state_lib.param_labels(params)
+    tx = state_lib.make_optimizer(ConfigDict({"name": "adam", "learning_rate": 1e-2}), labels, 80)
+    mesh = sharding.make_mesh()
+    forward = steps.make_head_forward(head)
+    loss_fn = losses.get_loss("haaqi_mse")
+    train_step, eval_step = steps.jit_steps(steps.make_train_step(forward, loss_fn, tx, labels),
+                                            steps.make_eval_step(forward, loss_fn), mesh)
+    st = sharding.replicate(state_lib.create_train_state(params, tx, 0), mesh)
+    sharded = sharding.shard_batch(batch, mesh)
+    first = float(eval_step(st.params, sharded)["loss_sum"]) / b
+    for _ in range(80):
+        st, _ = train_step(st, sharded)
+    last = float(eval_step(st.params, sharded)["loss_sum"]) / b
+    assert last < 0.2 * first, (first, last)
+
+
+def test_unlabelled_row_is_a_clear_error(tmp_path, tiny):
+    _, overrides = tiny
+    manifest = write_tiny_dataset(tmp_path / "data", unlabelled_row=2)
+    cfg = _config(overrides + [f"data.manifest={manifest}"])
+    with pytest.raises(ValueError, match=r"manifest.jsonl:3 \(id 'clip002'\).*haaqi_score"):
+        loop.train_and_evaluate(cfg, tmp_path / "work")
+
+
+def test_batch_must_divide_and_frozen_patterns(tiny):
+    from haaqi_jax.train import state as state_lib
+    params = {"encoder": {"a": jnp.ones(3)}, "head": {"blstm": {"k": jnp.ones(2)},
+                                                     "dense": {"k": jnp.ones(4)}}}
+    labels = state_lib.param_labels(params, ("encoder/.*", "head/blstm/.*"))
+    assert labels == {"encoder": {"a": "frozen"}, "head": {"blstm": {"k": "frozen"},
+                                                           "dense": {"k": "trainable"}}}
+    _, overrides = tiny
+    with pytest.raises(ValueError, match=r"optimizer.name: unknown optimizer 'adamm'"):
+        state_lib.make_optimizer(_config(overrides + ["optimizer.name=adamm"]).optimizer,
+                                 labels, 1)
+
+
+def test_checkpoint_manager_keeps_best_and_latest(tmp_path):
+    from haaqi_jax.train.checkpoint import TrainCheckpointManager
+
+    state = {"w": jnp.arange(3.0), "step": jnp.int32(0)}
+    mgr = TrainCheckpointManager(tmp_path / "ckpt")
+    for step, valid_loss in [(1, 0.5), (2, None), (3, 0.2), (4, None), (5, 0.4), (6, None)]:
+        mgr.save(step, {"w": state["w"] + step, "step": jnp.int32(step)}, {"at": step},
+                 metrics=None if valid_loss is None else {"valid_loss": valid_loss})
+    assert mgr.all_steps() == [3, 6]  # the best (lowest valid loss) and the latest
+    mgr.close()
+    again = TrainCheckpointManager(tmp_path / "ckpt")  # a fresh process sees the same
+    assert again.latest_step() == 6
+    restored, meta = again.restore(3, state)
+    np.testing.assert_array_equal(restored["w"], np.arange(3.0) + 3)
+    assert meta == {"at": 3} and int(restored["step"]) == 3
+    with pytest.raises(FileNotFoundError, match="no checkpoint for step 4"):
+        again.restore(4, state)

@@ -1,0 +1,50 @@
+"""Train HAAQI-Net from a config file (configs/*.py) with --set overrides.
+
+    python train.py [--config configs/default.py] [--set key=value ...] [--workdir DIR]
+
+With no arguments it runs the demo job (configs/default.py): build/reuse the demo dataset,
+train the head on cached encoder features, evaluate, write runs/default/report/. Running the
+same command again with the same workdir resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from haaqi_jax import config as cfglib
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/default.py",
+                        help="Python config file with get_config()")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a config value (repeatable), "
+                        "e.g. --set train.num_epochs=3")
+    parser.add_argument("--workdir", default=None,
+                        help="output folder (default: runs/<config name>)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="multi-host: call jax.distributed.initialize() first (run the same "
+                        "command on every host; see haaqi_jax/train/sharding.py)")
+    args = parser.parse_args(argv)
+    if args.distributed:
+        import jax
+        jax.distributed.initialize()  # coordinator/process ids from the cluster environment
+
+    try:
+        config = cfglib.get_config(args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
+    from haaqi_jax.train.loop import train_and_evaluate  # after parsing: --help stays fast
+    result = train_and_evaluate(cfglib.freeze(config), workdir)
+    if result.report_dir is not None:
+        print(f"best valid loss {result.best_valid_loss:.5f} at step {result.best_step}; "
+              f"report in {result.report_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
