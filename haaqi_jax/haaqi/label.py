@@ -1,0 +1,789 @@
+"""`haaqi-jax label`: HAAQI labels for every row of a manifest -- batched, resumable.
+
+    haaqi-jax label MANIFEST --out LABELS.jsonl [--errors ERRORS.jsonl] [--batch-size 8]
+        [--equalisation 1|2] [--level1 65|cadenza] [--ears average|left|right]
+        [--dtype float32|float64] [--seed 0] [--limit N]
+
+MANIFEST is JSONL (one object per line) or CSV (`.csv`, a header row) with the keys
+  reference, processed   paths; relative paths resolve against the manifest's folder
+  audiogram              8 dB HL values at 250..8000 Hz (the same hearing on both ears), or
+  audiogram_left, audiogram_right   one per ear
+  audiogram_frequencies  optional, Hz, when the audiogram is not at the 8 standard frequencies
+  level1                 optional dB SPL of RMS 1 for this row (beats --level1)
+  id                     optional (default: the row's 0-based position among the data rows)
+In CSV, a list is one cell with comma- or space-separated numbers ("0,10,20,..."; quote it) and an
+empty cell means "not given".
+
+Ears: stereo files give the left channel to the left ear and the right channel to the right ear,
+mono files the same signal to both. `--ears average` scores every ear the row describes and
+averages the combined scores (a single `audiogram` on a mono pair is one item, ear "both"); `left`
+/ `right` score one ear. `--level1 cadenza` sets level1 = 65 - 20 log10(rms(reference channel))
+per ear, as the Cadenza recipes do.
+
+Bad rows (malformed line, missing key, invalid audiogram, missing/corrupt file, rates or lengths
+that differ between reference and processed, NaN/inf samples, empty or silent reference, a metric
+error or non-finite score) go to the errors file (default: OUT with `.errors.jsonl`) with their
+id, line and reason; the run goes on. Reference and processed must share a sample rate: resample
+offline (with the resampler your scores should reflect) rather than have this tool pick one.
+
+Output rows (JSONL): id, line, reference, processed (as written in the manifest), haaqi (the
+combined score, ears averaged), per_ear {ear: {combined, nonlinear, linear, cephigh, bmsync5,
+d_loud, d_norm, level1}}, sample_rate, and the settings equalisation, level1_rule, ears, dtype,
+seed (a rerun into the same OUT must use the same settings).
+
+Resuming: rows whose id is already in OUT or in the errors file are skipped. Each ear's threshold
+noise key comes from (seed, row id, ear) only, and the batch plan is made from the whole
+manifest (sorted by sample rate and length, then packed), so a rerun pads the same batches to the
+same shapes and its output equals an uninterrupted run's. Each batch is appended with flush +
+fsync, so a killed run loses at most the batch in flight (a half-written last line is removed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from haaqi_jax.audiogram import STANDARD_FREQUENCIES, Audiogram
+
+#: Fields of HAAQIResult, each written per ear.
+COMPONENTS = ("combined", "nonlinear", "linear", "cephigh", "bmsync5", "d_loud", "d_norm")
+EAR_CHOICES = ("average", "left", "right")
+DTYPE_CHOICES = ("float32", "float64")
+#: Signals whose peak is below this are "silent" (HAAQI's trim and level need a real reference).
+SILENCE_PEAK = 1e-8
+
+Scorer = Callable[..., Any]
+
+
+# ----------------------------------------------------------------------------------------------
+# Manifest rows
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelRow:
+    """One parsed manifest row.
+
+    Attributes:
+      id: the row id as written (or the row position), `key` is its string form.
+      line: 1-based line of the row in the manifest file.
+      reference, processed: the paths as written; *_path: resolved.
+      audiograms: ear name ("both", "left" or "right") -> Audiogram.
+      level1: the row's own level1 in dB SPL, or None.
+    """
+
+    id: Any
+    line: int
+    reference: str
+    processed: str
+    reference_path: Path
+    processed_path: Path
+    audiograms: dict[str, Audiogram]
+    level1: float | None
+
+    @property
+    def key(self) -> str:
+        return str(self.id)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowError:
+    """Why one row got no label. `stage`: manifest, audio or metric."""
+
+    id: Any
+    line: int
+    stage: str
+    reason: str
+    reference: str | None = None
+    processed: str | None = None
+
+    @property
+    def key(self) -> str:
+        return str(self.id)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "line": self.line, "reference": self.reference,
+                "processed": self.processed, "stage": self.stage, "reason": self.reason}
+
+
+def _as_values(value: Any, key: str) -> np.ndarray:
+    """A list of numbers from JSON (list) or CSV (a "v1,v2,..." or "v1 v2 ..." cell)."""
+    if isinstance(value, str):
+        parts = value.replace(",", " ").split()
+        try:
+            return np.asarray([float(p) for p in parts], dtype=np.float64)
+        except ValueError:
+            raise ValueError(f"{key}: cannot read {value!r} as numbers") from None
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise ValueError(f"{key}: expected a list of numbers, got {value!r}")
+    return np.asarray(value, dtype=np.float64)
+
+
+def _parse_row(fields: dict[str, Any], *, index: int, line: int, root: Path) -> LabelRow:
+    """Turns one manifest object into a LabelRow; ValueError names the key at fault."""
+    fields = {k: v for k, v in fields.items() if v is not None and v != ""}
+    row_id = fields.get("id", index)
+    if not isinstance(row_id, (int, str)) or isinstance(row_id, bool):
+        raise ValueError(f"id: expected a string or an integer, got {row_id!r}")
+    paths = {}
+    for key in ("reference", "processed"):
+        if key not in fields:
+            raise ValueError(f"missing key {key!r}")
+        if not isinstance(fields[key], str):
+            raise ValueError(f"{key}: expected a path string, got {fields[key]!r}")
+        paths[key] = fields[key]
+    frequencies = (_as_values(fields["audiogram_frequencies"], "audiogram_frequencies")
+                   if "audiogram_frequencies" in fields else np.asarray(STANDARD_FREQUENCIES))
+    given = [k for k in ("audiogram", "audiogram_left", "audiogram_right") if k in fields]
+    if not given:
+        raise ValueError("missing key 'audiogram' (or 'audiogram_left' and 'audiogram_right')")
+    if "audiogram" in given and len(given) > 1:
+        raise ValueError("give either 'audiogram' or 'audiogram_left'/'audiogram_right', not both")
+    audiograms = {}
+    for key in given:
+        levels = _as_values(fields[key], key)
+        try:
+            audiograms[key.removeprefix("audiogram_").replace("audiogram", "both")] = Audiogram(
+                levels, frequencies)
+        except ValueError as err:
+            raise ValueError(f"{key}: {err}") from None
+    level1 = None
+    if "level1" in fields:
+        try:
+            level1 = float(fields["level1"])
+        except (TypeError, ValueError):
+            raise ValueError(f"level1: expected a number, got {fields['level1']!r}") from None
+        if not math.isfinite(level1):
+            raise ValueError(f"level1: not finite ({level1})")
+    return LabelRow(id=row_id, line=line, reference=paths["reference"],
+                    processed=paths["processed"], reference_path=root / paths["reference"],
+                    processed_path=root / paths["processed"], audiograms=audiograms,
+                    level1=level1)
+
+
+def _raw_rows(path: Path) -> Iterable[tuple[int, int, dict[str, Any] | None, str | None]]:
+    """(row index, line, fields or None, problem or None) for every data row of the file."""
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            for index, record in enumerate(reader):
+                extra = record.pop(None, None)  # cells beyond the header
+                problem = f"{len(extra)} more cells than the header has" if extra else None
+                fields = {k.strip(): (v.strip() if isinstance(v, str) else v)
+                          for k, v in record.items() if k}
+                if "id" in fields and fields["id"] and fields["id"].lstrip("-").isdigit():
+                    fields["id"] = int(fields["id"])
+                yield index, reader.line_num, fields, problem
+        return
+    with open(path) as f:
+        index = 0
+        for line_number, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                fields = json.loads(text)
+            except json.JSONDecodeError as err:
+                yield index, line_number, None, f"malformed JSON: {err.msg} (column {err.colno})"
+            else:
+                if isinstance(fields, dict):
+                    yield index, line_number, fields, None
+                else:
+                    kind = type(fields).__name__
+                    yield index, line_number, None, f"expected a JSON object, got {kind}"
+            index += 1
+
+
+def read_label_manifest(path: str | os.PathLike, *, limit: int | None = None,
+                        ) -> tuple[list[LabelRow], list[RowError]]:
+    """Parses a label manifest (JSONL, or CSV by the `.csv` suffix; format: module docstring).
+
+    Returns the good rows and a RowError per bad one (malformed line, missing key, bad audiogram or
+    level1, duplicate id), in file order. `limit` keeps only the first `limit` data rows.
+    Raises FileNotFoundError if the manifest itself is missing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest not found: {path}")
+    rows, errors, seen = [], [], set()
+    for index, line, fields, problem in _raw_rows(path):
+        if limit is not None and index >= limit:
+            break
+        row_id = fields.get("id", index) if fields else index
+        ref = fields.get("reference") if fields else None
+        proc = fields.get("processed") if fields else None
+        if problem is None:
+            try:
+                row = _parse_row(fields, index=index, line=line, root=path.parent)
+            except ValueError as err:
+                problem = str(err)
+            else:
+                if row.key in seen:
+                    problem = f"duplicate id {row.id!r}"
+        if problem is not None:
+            errors.append(RowError(row_id if isinstance(row_id, (int, str)) else index, line,
+                                   "manifest", f"{path}, line {line}: {problem}",
+                                   ref if isinstance(ref, str) else None,
+                                   proc if isinstance(proc, str) else None))
+            seen.add(str(row_id))
+            continue
+        seen.add(row.key)
+        rows.append(row)
+    return rows, errors
+
+
+# ----------------------------------------------------------------------------------------------
+# Audio: header probe (planning) and reading (per batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Probe:
+    sample_rate: int
+    frames: int
+    reference_channels: int
+    processed_channels: int
+
+
+def _probe(row: LabelRow) -> _Probe:
+    """Header-level checks of both files; ValueError names the file and the problem."""
+    import soundfile as sf
+    infos = {}
+    for what, path in (("reference", row.reference_path), ("processed", row.processed_path)):
+        if not path.is_file():
+            raise ValueError(f"{what} file not found: {path}")
+        try:
+            info = sf.info(str(path))
+        except Exception as err:  # libsndfile reports corrupt files in several exception types
+            raise ValueError(f"cannot read {what} file {path}: {err}") from None
+        if info.frames <= 0:
+            raise ValueError(f"{what} file {path} is empty")
+        if info.channels not in (1, 2):
+            raise ValueError(f"{what} file {path} has {info.channels} channels; expected 1 or 2")
+        infos[what] = info
+    ref, proc = infos["reference"], infos["processed"]
+    if ref.samplerate != proc.samplerate:
+        raise ValueError(f"sample rates differ: reference {ref.samplerate} Hz, processed "
+                         f"{proc.samplerate} Hz (resample one of them first)")
+    if ref.frames != proc.frames:
+        raise ValueError(f"lengths differ: reference {ref.frames} samples, processed "
+                         f"{proc.frames} samples")
+    return _Probe(int(ref.samplerate), int(ref.frames), int(ref.channels), int(proc.channels))
+
+
+def _read_audio(path: Path, what: str) -> tuple[np.ndarray, int]:
+    """(frames, channels) float64 samples and the sample rate; ValueError names the file."""
+    import soundfile as sf
+    try:
+        samples, rate = sf.read(str(path), dtype="float64", always_2d=True)
+    except Exception as err:  # libsndfile errors, truncated files
+        raise ValueError(f"cannot read {what} file {path}: {err}") from None
+    if samples.shape[0] == 0:
+        raise ValueError(f"{what} file {path} is empty")
+    bad = ~np.isfinite(samples)
+    if bad.any():
+        frame, channel = (int(i[0]) for i in np.nonzero(bad))
+        raise ValueError(f"{what} file {path} has a non-finite sample ({samples[frame, channel]}) "
+                         f"at frame {frame}, channel {channel}")
+    return samples, int(rate)
+
+
+# ----------------------------------------------------------------------------------------------
+# Items: one (signal pair, audiogram, level1) per ear
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelSettings:
+    """Run-wide choices; recorded in every output row and checked on resume."""
+
+    equalisation: int = 1
+    level1: float | str = 65.0  # a number, or "cadenza"
+    ears: str = "average"
+    dtype: str = "float32"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.equalisation not in (1, 2):
+            raise ValueError(f"equalisation must be 1 or 2, got {self.equalisation!r}")
+        if self.level1 != "cadenza" and not (isinstance(self.level1, (int, float))
+                                             and math.isfinite(self.level1)):
+            raise ValueError(f"level1 must be a finite number or 'cadenza', got {self.level1!r}")
+        if self.ears not in EAR_CHOICES:
+            raise ValueError(f"ears must be one of {EAR_CHOICES}, got {self.ears!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
+
+    def recorded(self) -> dict[str, Any]:
+        return {"equalisation": self.equalisation, "level1_rule": self.level1, "ears": self.ears,
+                "dtype": self.dtype, "seed": self.seed}
+
+
+def _ear_plan(row: LabelRow, probe: _Probe, ears: str) -> list[tuple[str, int]]:
+    """[(ear name, channel)] the row is scored on; channel 1 reads the right channel of a stereo
+    file (a mono file's only channel serves both ears). ValueError if an ear has no audiogram."""
+    stereo = max(probe.reference_channels, probe.processed_channels) == 2
+    if ears == "average":
+        if "both" in row.audiograms:
+            return [("left", 0), ("right", 1)] if stereo else [("both", 0)]
+        missing = [e for e in ("left", "right") if e not in row.audiograms]
+        if missing:
+            raise ValueError(f"--ears average needs audiogram_{missing[0]} (or one 'audiogram')")
+        return [("left", 0), ("right", 1)]
+    if ears not in row.audiograms and "both" not in row.audiograms:
+        raise ValueError(f"--ears {ears} needs audiogram_{ears} (or 'audiogram')")
+    return [(ears, 0 if ears == "left" else 1)]
+
+
+def _channel(samples: np.ndarray, channel: int) -> np.ndarray:
+    return samples[:, min(channel, samples.shape[1] - 1)]
+
+
+def _rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(x))))
+
+
+def cadenza_level1(reference: np.ndarray) -> float:
+    """level1 = 65 - 20 log10(rms(reference)), dB SPL of RMS 1 (Cadenza recipes)."""
+    return 65.0 - 20.0 * math.log10(_rms(reference))
+
+
+def item_key(seed: int, row_key: str, ear: str) -> np.ndarray:
+    """(2,) uint32 PRNG key of one ear of one row: from the seed, the row id and the ear only,
+    so a row's threshold noise does not depend on the batch it lands in."""
+    import jax
+    row_hash = zlib.crc32(row_key.encode()) & 0x7FFFFFFF
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), row_hash)
+    return np.asarray(jax.random.fold_in(key, 1 if ear == "right" else 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Item:
+    row: int  # position of the row in its batch
+    ear: str
+    reference: np.ndarray  # (n,)
+    processed: np.ndarray  # (n,)
+    levels: np.ndarray  # (8,) dB HL at STANDARD_FREQUENCIES
+    level1: float
+    key: np.ndarray  # (2,) uint32 PRNG key of this item's threshold noise
+
+
+def _row_items(row: LabelRow, position: int, ears: list[tuple[str, int]],
+               settings: LabelSettings) -> list[_Item]:
+    """Reads and checks one row's audio and makes its per-ear items; ValueError on bad audio."""
+    reference, ref_rate = _read_audio(row.reference_path, "reference")
+    processed, proc_rate = _read_audio(row.processed_path, "processed")
+    if ref_rate != proc_rate:
+        raise ValueError(f"sample rates differ: reference {ref_rate} Hz, processed {proc_rate} Hz")
+    if reference.shape[0] != processed.shape[0]:
+        raise ValueError(f"lengths differ: reference {reference.shape[0]} samples, processed "
+                         f"{processed.shape[0]} samples")
+    items = []
+    for ear, channel in ears:
+        ref = _channel(reference, channel)
+        if np.max(np.abs(ref)) < SILENCE_PEAK:
+            side = "" if reference.shape[1] == 1 else f" ({ear} channel)"
+            raise ValueError(f"reference file {row.reference_path} is silent{side}")
+        if row.level1 is not None:
+            level1 = row.level1
+        elif settings.level1 == "cadenza":
+            level1 = cadenza_level1(ref)
+        else:
+            level1 = float(settings.level1)
+        # HAAQI reads the loss at 250..6000 Hz, all among the standard frequencies, so resampling
+        # onto them first (log-frequency, clamped) leaves the metric's audiogram unchanged.
+        audiogram = row.audiograms.get(ear, row.audiograms.get("both"))
+        items.append(_Item(position, ear, ref, _channel(processed, channel).copy(),
+                           audiogram.resample(STANDARD_FREQUENCIES).levels, level1,
+                           item_key(settings.seed, row.key, ear)))
+    return items
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning: sort by (rate, length), pack rows into batches of at most `batch_items` items
+
+
+@dataclasses.dataclass(frozen=True)
+class _Batch:
+    sample_rate: int
+    rows: tuple[LabelRow, ...]
+    ears: tuple[tuple[tuple[str, int], ...], ...]  # per row
+
+
+def _plan(probed: list[tuple[LabelRow, _Probe, list[tuple[str, int]]]],
+          batch_items: int) -> list[_Batch]:
+    order = sorted(probed, key=lambda t: (t[1].sample_rate, t[1].frames, t[0].line))
+    batches, current, count = [], [], 0
+    for entry in order:
+        n_items = len(entry[2])
+        if current and (count + n_items > batch_items
+                        or entry[1].sample_rate != current[0][1].sample_rate):
+            batches.append(current)
+            current, count = [], 0
+        current.append(entry)
+        count += n_items
+    if current:
+        batches.append(current)
+    return [_Batch(b[0][1].sample_rate, tuple(e[0] for e in b), tuple(tuple(e[2]) for e in b))
+            for b in batches]
+
+
+# ----------------------------------------------------------------------------------------------
+# Output files
+
+
+def _read_done(path: Path | None) -> list[dict[str, Any]]:
+    """Rows already in a JSONL output. A final line cut off by a kill (no newline) is removed
+    from the file, after the complete lines before it were checked to be JSON rows with an id."""
+    if path is None or not path.exists():
+        return []
+    data = path.read_bytes()
+    complete = data[:data.rfind(b"\n") + 1]
+    done = []
+    for number, text in enumerate(complete.decode().splitlines(), start=1):
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {number}: not JSON ({err.msg}); is it a labels "
+                             f"file?") from None
+        if not isinstance(obj, dict) or "id" not in obj:
+            raise ValueError(f"{path}, line {number}: no 'id'; is it a labels file?")
+        done.append(obj)
+    if len(complete) < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(complete))
+    return done
+
+
+class _JsonlAppender:
+    """Appends rows and makes them durable (flush + fsync) at every `commit`."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a")
+
+    def write(self, obj: dict[str, Any]) -> None:
+        self._file.write(json.dumps(obj, allow_nan=False) + "\n")
+
+    def commit(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring a batch
+
+
+def _stack(items: list[_Item], size: int) -> dict[str, np.ndarray]:
+    """Zero-padded (size, N) arrays; slots past len(items) repeat item 0 (results dropped)."""
+    filled = items + [items[0]] * (size - len(items))
+    lengths = np.asarray([it.reference.size for it in filled], dtype=np.int32)
+    reference = np.zeros((size, int(lengths.max())), dtype=np.float64)
+    processed = np.zeros_like(reference)
+    for slot, it in enumerate(filled):
+        reference[slot, :it.reference.size] = it.reference
+        processed[slot, :it.processed.size] = it.processed
+    return {"reference": reference, "processed": processed, "lengths": lengths,
+            "levels": np.stack([it.levels for it in filled]),
+            "level1": np.asarray([it.level1 for it in filled], dtype=np.float64),
+            "keys": np.stack([it.key for it in filled])}
+
+
+def _scores(result: Any, size: int) -> np.ndarray:
+    scores = np.stack([np.asarray(getattr(result, name), dtype=np.float64)
+                       for name in COMPONENTS], axis=1)
+    if scores.shape != (size, len(COMPONENTS)):
+        raise RuntimeError(f"the metric returned scores of shape {scores.shape}, expected "
+                           f"({size}, {len(COMPONENTS)})")
+    return scores
+
+
+def _score_with_api(items: list[_Item], size: int, sample_rate: int,
+                    settings: LabelSettings) -> tuple[np.ndarray, dict[int, str]]:
+    """haaqi_jax.haaqi.api: `prepare_batch` reports bad items one by one, `score_prepared`
+    scores the good ones, padded to `size` items so that every call has the same shape."""
+    from haaqi_jax.haaqi import api
+    arrays = _stack(items, len(items))
+    prepared = api.prepare_batch(arrays["reference"], arrays["processed"], sample_rate,
+                                 arrays["levels"], STANDARD_FREQUENCIES,
+                                 equalisation=settings.equalisation, level1=arrays["level1"],
+                                 lengths=arrays["lengths"])
+    errors = {i: reason.removeprefix(f"item {i}: ")
+              for i, (_, reason) in enumerate(prepared) if reason is not None}
+    good = [i for i in range(len(items)) if i not in errors]
+    scores = np.full((len(items), len(COMPONENTS)), np.nan)
+    if good:
+        slots = good + [good[0]] * (size - len(good))
+        result = api.score_prepared([prepared[i][0] for i in slots], key=arrays["keys"][slots],
+                                    dtype=np.dtype(settings.dtype).type, progress=False)
+        scores[good] = _scores(result, size)[:len(good)]
+    return scores, errors
+
+
+def _score_with(scorer: Scorer, items: list[_Item], size: int, sample_rate: int,
+                settings: LabelSettings) -> tuple[np.ndarray, dict[int, str]]:
+    """Any `haaqi_batch`-compatible scorer. If it rejects the batch (ValueError), each item is
+    rescored alone (same batch shape, so no new compile) to find the bad ones."""
+
+    def call(chosen: list[_Item]) -> np.ndarray:
+        arrays = _stack(chosen, size)
+        result = scorer(arrays["reference"], arrays["processed"], sample_rate, arrays["levels"],
+                        np.asarray(STANDARD_FREQUENCIES), equalisation=settings.equalisation,
+                        level1=arrays["level1"], lengths=arrays["lengths"], key=arrays["keys"],
+                        dtype=np.dtype(settings.dtype).type)
+        return _scores(result, size)[:len(chosen)]
+
+    try:
+        return call(items), {}
+    except ValueError:
+        scores = np.full((len(items), len(COMPONENTS)), np.nan)
+        errors = {}
+        for i, item in enumerate(items):
+            try:
+                scores[i] = call([item])[0]
+            except ValueError as err:
+                errors[i] = str(err)
+        return scores, errors
+
+
+def _score_batch(batch: _Batch, todo: set[str], scorer: Scorer | None, size: int,
+                 settings: LabelSettings) -> tuple[list[dict], list[RowError]]:
+    """Labels and errors for the rows of one batch whose key is in `todo`."""
+    errors: dict[int, RowError] = {}
+    items: list[_Item] = []
+    for position, (row, ears) in enumerate(zip(batch.rows, batch.ears)):
+        try:
+            items.extend(_row_items(row, position, list(ears), settings))
+        except ValueError as err:
+            errors[position] = RowError(row.id, row.line, "audio", str(err), row.reference,
+                                        row.processed)
+    scores, item_errors = np.zeros((0, len(COMPONENTS))), {}
+    if items:
+        if scorer is None:
+            scores, item_errors = _score_with_api(items, size, batch.sample_rate, settings)
+        else:
+            scores, item_errors = _score_with(scorer, items, size, batch.sample_rate, settings)
+    for i, item in enumerate(items):
+        reason = item_errors.get(i)
+        if reason is None and not np.all(np.isfinite(scores[i])):
+            reason = "the metric returned a non-finite score"
+        if reason is not None and item.row not in errors:
+            row = batch.rows[item.row]
+            errors[item.row] = RowError(row.id, row.line, "metric", f"{item.ear} ear: {reason}",
+                                        row.reference, row.processed)
+    labels = []
+    for position, row in enumerate(batch.rows):
+        if row.key not in todo or position in errors:
+            continue
+        mine = [i for i, it in enumerate(items) if it.row == position]
+        per_ear = {items[i].ear: {**{n: float(v) for n, v in zip(COMPONENTS, scores[i])},
+                                  "level1": items[i].level1} for i in mine}
+        labels.append({
+            "id": row.id, "line": row.line, "reference": row.reference,
+            "processed": row.processed,
+            "haaqi": float(np.mean([e["combined"] for e in per_ear.values()])),
+            "per_ear": per_ear, "sample_rate": batch.sample_rate, **settings.recorded()})
+    return labels, [e for p, e in sorted(errors.items()) if batch.rows[p].key in todo]
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole manifest
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelSummary:
+    """What a `label_manifest` call did. n_rows: rows in the manifest (after `limit`);
+    n_ok / n_failed: labelled / failed in this call; n_skipped: already done before it."""
+
+    n_rows: int
+    n_ok: int
+    n_failed: int
+    n_skipped: int
+    seconds: float
+    out_path: Path
+    errors_path: Path
+
+    def __str__(self) -> str:
+        return (f"{self.n_rows} rows: {self.n_ok} labelled, {self.n_failed} failed, "
+                f"{self.n_skipped} already done ({self.seconds:.1f} s) -> {self.out_path}"
+                + (f" (errors: {self.errors_path})" if self.n_failed else ""))
+
+
+def default_errors_path(out_path: str | os.PathLike) -> Path:
+    out_path = Path(out_path)
+    stem = out_path.name[:-len(".jsonl")] if out_path.name.endswith(".jsonl") else out_path.name
+    return out_path.with_name(stem + ".errors.jsonl")
+
+
+def _check_settings(done: Sequence[dict[str, Any]], settings: LabelSettings, path: Path) -> None:
+    want = settings.recorded()
+    for obj in done[:1]:
+        have = {k: obj.get(k) for k in want}
+        if have != want:
+            diff = ", ".join(f"{k}={have[k]!r} (now {want[k]!r})"
+                             for k in want if have[k] != want[k])
+            raise ValueError(f"{path} was written with other settings: {diff}; rerun with the same "
+                             f"settings or write to a new --out")
+
+
+def label_manifest(manifest_path: str | os.PathLike, out_path: str | os.PathLike, *,
+                   errors_path: str | os.PathLike | None = None, batch_size: int = 8,
+                   equalisation: int = 1, level1: float | str = 65.0, ears: str = "average",
+                   dtype: str = "float32", seed: int = 0, limit: int | None = None,
+                   scorer: Scorer | None = None, progress: bool = True) -> LabelSummary:
+    """Writes HAAQI labels for every row of a manifest to `out_path` (JSONL), resumably.
+
+    Args:
+      manifest_path: JSONL or CSV manifest (format in the module docstring).
+      out_path: labels JSONL; rows already in it (by id) are skipped, new ones appended.
+      errors_path: JSONL of failed rows (id, line, stage, reason); default OUT.errors.jsonl.
+        Rows in it are skipped too: delete it to retry them.
+      batch_size: HAAQI items (ears) per metric call, rounded up to a multiple of
+        jax.local_device_count() (and to at least one row's ears); every call has this shape.
+      equalisation: 1 (NAL-R applied to the reference) or 2 (reference already amplified).
+      level1: dB SPL of RMS 1, or "cadenza" (65 - 20 log10 rms(reference), per ear); a row's own
+        `level1` wins.
+      ears: "average" (every ear the row has, combined scores averaged), "left" or "right".
+      dtype: "float32" or "float64" (the metric's compute precision).
+      seed: threshold-noise seed; each row's ears fold in a hash of its id (see `item_key`).
+      limit: label only the first `limit` rows of the manifest.
+      scorer: a `haaqi_batch`-compatible metric to use instead of haaqi_jax.haaqi.api (whose
+      prepare_batch + score_prepared report bad items one by one); `key` gets (B, 2) per-item
+      keys.
+      progress: show a tqdm bar.
+
+    Returns:
+      LabelSummary. Raises ValueError for bad arguments, an unreadable manifest, or an output
+      written with other settings; per-row problems never raise (they go to the errors file).
+    """
+    import jax
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    settings = LabelSettings(equalisation, level1 if isinstance(level1, str) else float(level1),
+                             ears, dtype, int(seed))
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    out_path = Path(out_path)
+    errors_path = default_errors_path(out_path) if errors_path is None else Path(errors_path)
+
+    done_labels = _read_done(out_path)
+    _check_settings(done_labels, settings, out_path)
+    done = {str(o["id"]) for o in done_labels} | {str(o["id"]) for o in _read_done(errors_path)}
+
+    rows, manifest_errors = read_label_manifest(manifest_path, limit=limit)
+    n_rows = len(rows) + len(manifest_errors)
+    new_errors = [e for e in manifest_errors if e.key not in done]
+    probed = []
+    for row in rows:
+        try:
+            probe = _probe(row)
+            probed.append((row, probe, _ear_plan(row, probe, settings.ears)))
+        except ValueError as err:
+            if row.key not in done:
+                new_errors.append(RowError(row.id, row.line, "audio", str(err), row.reference,
+                                           row.processed))
+    devices = jax.local_device_count()
+    widest = max((len(p[2]) for p in probed), default=1)
+    size = -(-max(batch_size, widest) // devices) * devices
+    batches = [b for b in _plan(probed, size) if any(r.key not in done for r in b.rows)]
+
+    labels_out, errors_out = _JsonlAppender(out_path), _JsonlAppender(errors_path)
+    n_ok, n_failed = 0, 0
+    try:
+        for error in new_errors:
+            errors_out.write(error.to_json())
+        errors_out.commit()
+        n_failed += len(new_errors)
+        pending = sum(r.key not in done for b in batches for r in b.rows)
+        with tqdm(total=pending, unit="row", desc="HAAQI labels", disable=not progress,
+                  dynamic_ncols=True) as bar:
+            for batch in batches:
+                todo = {r.key for r in batch.rows} - done
+                labels, errors = _score_batch(batch, todo, scorer, size, settings)
+                for obj in labels:
+                    labels_out.write(obj)
+                for error in errors:
+                    errors_out.write(error.to_json())
+                labels_out.commit()
+                errors_out.commit()
+                n_ok += len(labels)
+                n_failed += len(errors)
+                bar.update(len(todo))
+                bar.set_postfix(ok=n_ok, failed=n_failed, refresh=False)
+    finally:
+        labels_out.close()
+        errors_out.close()
+    return LabelSummary(n_rows, n_ok, n_failed, n_rows - n_ok - n_failed,
+                        time.perf_counter() - start, out_path, errors_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def _level1_arg(text: str) -> float | str:
+    if text.lower() == "cadenza":
+        return "cadenza"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'cadenza', got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"level1 must be finite, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the `label` subcommand's arguments."""
+    parser.add_argument("manifest", type=Path, help="JSONL or CSV manifest of reference/processed "
+                        "pairs with audiograms")
+    parser.add_argument("--out", type=Path, required=True, help="labels JSONL (appended; rows "
+                        "already there are skipped)")
+    parser.add_argument("--errors", type=Path, default=None,
+                        help="failed rows JSONL (default: OUT with .errors.jsonl)")
+    parser.add_argument("--batch-size", type=_positive_int, default=8,
+                        help="HAAQI items (ears) per metric call (default 8)")
+    parser.add_argument("--equalisation", type=int, choices=(1, 2), default=1,
+                        help="1: apply NAL-R to the reference; 2: reference already amplified")
+    parser.add_argument("--level1", type=_level1_arg, default=65.0,
+                        help="dB SPL of RMS 1, or 'cadenza' for 65 - 20 log10 rms(reference)")
+    parser.add_argument("--ears", choices=EAR_CHOICES, default="average",
+                        help="score both ears and average, or one ear")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32")
+    parser.add_argument("--seed", type=int, default=0, help="threshold-noise seed")
+    parser.add_argument("--limit", type=_positive_int, default=None,
+                        help="label only the first N manifest rows")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs `haaqi-jax label`; prints the summary. Returns 0 (failed rows are in the errors
+    file), 1 if no row could be labelled at all."""
+    summary = label_manifest(args.manifest, args.out, errors_path=args.errors,
+                             batch_size=args.batch_size, equalisation=args.equalisation,
+                             level1=args.level1, ears=args.ears, dtype=args.dtype,
+                             seed=args.seed, limit=args.limit, progress=not args.no_progress)
+    print(summary)
+    return 1 if summary.n_ok == 0 and summary.n_failed > 0 and summary.n_skipped == 0 else 0

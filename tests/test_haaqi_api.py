@@ -1,0 +1,289 @@
+"""Public HAAQI API (haaqi_v1, compute_haaqi, haaqi_batch, `haaqi-jax score`) against pyclarity
+0.9.0 end to end, plus the batch's own properties (float32 accuracy, batch == items alone,
+validation, no NaN)."""
+
+from __future__ import annotations
+
+import json
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.signal
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from clarity.evaluator.haaqi import compute_haaqi as clarity_compute_haaqi
+from clarity.evaluator.haaqi import haaqi_v1 as clarity_haaqi_v1
+from clarity.utils.audiogram import Audiogram as ClarityAudiogram
+
+from haaqi_jax.audiogram import STANDARD_FREQUENCIES, Audiogram
+from haaqi_jax.haaqi import api
+from haaqi_jax.haaqi.api import compute_haaqi, haaqi_batch, haaqi_v1, prepare_batch
+
+FIELDS = ("combined", "nonlinear", "linear", "cephigh", "bmsync5", "d_loud", "d_norm")
+AUDIOGRAMS = {
+    "normal": [0, 0, 5, 0, 5, 10, 10, 15],
+    "sloping": [10, 15, 20, 30, 40, 50, 60, 65],
+    "flat60": [60] * 8,
+    "severe": [70, 75, 80, 85, 90, 95, 100, 100],
+}
+
+
+def music(seconds: float, fs: float, seed: int) -> np.ndarray:
+    """Harmonic tones with slow amplitude modulation and a little noise (music-like)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(round(seconds * fs))) / fs
+    x = np.zeros_like(t)
+    for f0 in rng.uniform(110, 440, 3):
+        for h in range(1, 8):
+            x += (0.5 / h) * np.sin(2 * np.pi * f0 * h * t + rng.uniform(0, 2 * np.pi))
+    x *= 1 + 0.6 * np.sin(2 * np.pi * rng.uniform(1, 6) * t)
+    return 0.05 * (x + 0.05 * rng.standard_normal(t.size))
+
+
+def degrade(x: np.ndarray, fs: float, condition: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(reference, processed) for a named condition."""
+    rng = np.random.default_rng(seed + 1000)
+    if condition == "identity":
+        return x, x.copy()
+    if condition == "noise":
+        return x, x + 0.3 * np.std(x) * rng.standard_normal(x.size)
+    if condition == "lowpass":
+        b, a = scipy.signal.butter(4, 1500 / (fs / 2))
+        return x, scipy.signal.lfilter(b, a, x)
+    if condition == "delayed":                           # 10 ms later
+        d = int(0.01 * fs)
+        return x, np.concatenate([np.zeros(d), x[:-d]])
+    if condition == "gain":
+        return x, 0.5 * x
+    if condition == "silence":                           # 0.1 s of silence before and after
+        z = np.zeros(int(0.1 * fs))
+        ref = np.concatenate([z, x, z])
+        return ref, ref + 0.1 * np.std(x) * rng.standard_normal(ref.size)
+    if condition == "near_silent":
+        return x, 1e-5 * x + 1e-7 * rng.standard_normal(x.size)
+    raise ValueError(condition)
+
+
+def cadenza_level1(ref: np.ndarray) -> float:
+    return 65.0 - 20.0 * np.log10(np.sqrt(np.mean(ref**2)))
+
+
+# (id, seconds, fs, condition, audiogram, equalisation, level1 rule)
+CASES = [
+    ("identity-normal-eq2", 0.5, 24000, "identity", "normal", 2, "65"),
+    ("noise-sloping-eq1", 0.5, 44100, "noise", "sloping", 1, "65"),
+    ("lowpass-flat60-cadenza", 0.5, 48000, "lowpass", "flat60", 1, "cadenza"),
+    ("delayed-severe-eq2", 0.5, 16000, "delayed", "severe", 2, "cadenza"),
+    ("gain-sloping-eq2", 0.5, 24000, "gain", "sloping", 2, "65"),
+    ("silence-normal-eq1", 0.5, 44100, "silence", "normal", 1, "65"),
+    ("near-silent-flat60", 0.5, 24000, "near_silent", "flat60", 2, "65"),
+    ("identity-sloping-eq1", 0.5, 16000, "identity", "sloping", 1, "65"),
+    ("noise-severe-3s", 3.0, 44100, "noise", "severe", 1, "cadenza"),
+    ("identity-normal-3s", 3.0, 24000, "identity", "normal", 2, "65"),
+    pytest.param("noise-sloping-10s", 10.0, 44100, "noise", "sloping", 1, "65",
+                 marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("name,seconds,fs,condition,audiogram,eq,level_rule", CASES,
+                         ids=[c.values[0] if hasattr(c, "marks") else c[0] for c in CASES])
+def test_haaqi_v1_matches_pyclarity(name, seconds, fs, condition, audiogram, eq, level_rule):
+    seed = zlib.crc32(name.encode()) % 1000
+    ref, proc = degrade(music(seconds, fs, seed), fs, condition, seed)
+    level1 = 65.0 if level_rule == "65" else cadenza_level1(ref)
+    levels = np.asarray(AUDIOGRAMS[audiogram], dtype=float)
+    np.random.seed(seed)
+    expected = clarity_haaqi_v1(ref, fs, proc, fs, ClarityAudiogram(levels, STANDARD_FREQUENCIES),
+                                eq, level1)
+    after_expected = np.random.random()
+    np.random.seed(seed)
+    ours = haaqi_v1(ref, fs, proc, fs, Audiogram(levels), eq, level1)
+    after_ours = np.random.random()
+    flat = lambda r: [r[0], r[1], r[2], *r[3]]
+    np.testing.assert_allclose(flat(ours), flat(expected), atol=1e-6, rtol=0)
+    assert after_ours == after_expected, "numpy's global generator must end in pyclarity's state"
+    if condition == "identity" and eq == 2:
+        assert ours[0] > 0.99
+
+
+def test_pyclarity_regression_haaqi_v1():
+    """pyclarity's tests/evaluator/haaqi/test_haaqi.py::test_haaqi_v1, verbatim inputs."""
+    np.random.seed(0)
+    sample_rate = 16000
+    x = np.random.uniform(-1, 1, int(sample_rate * 0.5))
+    y = np.random.uniform(-1, 1, int(sample_rate * 0.5))
+    audiogram = ClarityAudiogram(levels=np.array([45, 45, 35, 45, 60, 65]),
+                                 frequencies=np.array([250, 500, 1000, 2000, 4000, 6000]))
+    score, _, _, _ = haaqi_v1(x, sample_rate, y, sample_rate, audiogram, 1, 65)
+    assert score == pytest.approx(0.111290948, abs=1e-7)
+
+
+@pytest.mark.parametrize("levels,freqs", [
+    ([10, 20, 30, 40, 50, 60], [250, 500, 1000, 2000, 4000, 6000]),
+    ([10, 20, 40, 50, 60], [250, 500, 2000, 4000, 6000]),        # 1 kHz interpolated
+])
+def test_pyclarity_regression_compute_haaqi(levels, freqs):
+    """pyclarity's test_compute_haaqi, verbatim inputs."""
+    np.random.seed(42)
+    sample_rate = 16000
+    enh_signal = np.random.uniform(-1, 1, int(sample_rate * 0.5))
+    ref_signal = np.random.uniform(-1, 1, int(sample_rate * 0.5))
+    audiogram = ClarityAudiogram(levels=np.array(levels), frequencies=np.array(freqs))
+    score = compute_haaqi(processed_signal=enh_signal, reference_signal=ref_signal,
+                          processed_sample_rate=sample_rate, reference_sample_rate=sample_rate,
+                          audiogram=audiogram)
+    assert score == pytest.approx(0.113759275, abs=1e-7)
+
+
+def test_compute_haaqi_empty_reference_like_pyclarity():
+    audiogram = ClarityAudiogram(np.zeros(8), np.asarray(STANDARD_FREQUENCIES))
+    for proc in (np.zeros(0), np.ones(10)):
+        assert compute_haaqi(proc, np.zeros(0), 16000, 16000, audiogram) == \
+            clarity_compute_haaqi(proc, np.zeros(0), 16000, 16000, audiogram)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches
+
+FS = 24000
+
+
+def _pairs(count: int, seconds: float = 0.5):
+    refs, procs = [], []
+    for i in range(count):
+        ref, proc = degrade(music(seconds, FS, 50 + i), FS, ("noise", "lowpass")[i % 2], i)
+        refs.append(ref)
+        procs.append(proc)
+    return np.stack(refs), np.stack(procs)
+
+
+def test_batch_float64_equals_haaqi_v1_with_the_same_noise():
+    ref, proc = _pairs(1)
+    levels = np.asarray([AUDIOGRAMS["sloping"]], dtype=float)
+    key = jax.random.PRNGKey(3)
+    batch = haaqi_batch(ref, proc, FS, levels, equalisation=1, key=key, dtype=jnp.float64)
+    n = prepare_batch(ref, proc, FS, levels)[0][0].n
+    with jax.enable_x64(True):
+        noise = np.asarray(api.threshold_noise(jax.random.fold_in(key, 0), n, jnp.float64))
+    single = haaqi_v1(ref[0], FS, proc[0], FS, Audiogram(levels[0]), 1,
+                      reference_noise=noise[0], processed_noise=noise[1])
+    flat = [single[0], single[1], single[2], *single[3]]
+    np.testing.assert_allclose([float(getattr(batch, f)[0]) for f in FIELDS], flat, atol=1e-9)
+
+
+def test_batch_float32_close_to_float64_and_items_alone():
+    ref, proc = _pairs(2)
+    lengths = np.array([ref.shape[1], ref.shape[1] - 400])   # one length bucket
+    levels = np.asarray([AUDIOGRAMS["sloping"], AUDIOGRAMS["normal"]], dtype=float)
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+    r32 = haaqi_batch(ref, proc, FS, levels, lengths=lengths, key=keys, dtype=jnp.float32)
+    r64 = haaqi_batch(ref, proc, FS, levels, lengths=lengths, key=keys, dtype=jnp.float64)
+    for f in FIELDS:
+        np.testing.assert_allclose(getattr(r32, f), getattr(r64, f), atol=2e-3, err_msg=f)
+    for i in range(2):
+        alone = haaqi_batch(ref[i:i + 1, :lengths[i]], proc[i:i + 1, :lengths[i]], FS,
+                            levels[i:i + 1], key=keys[i:i + 1], dtype=jnp.float32)
+        for f in FIELDS:
+            np.testing.assert_allclose(getattr(alone, f)[0], getattr(r32, f)[i], atol=1e-5,
+                                       err_msg=f"item {i} {f}")
+
+
+def test_batch_validation_names_the_item():
+    ref, proc = _pairs(2)
+    levels = np.zeros((2, 8))
+    bad = ref.copy()
+    bad[1, 100] = np.nan
+    with pytest.raises(ValueError, match=r"item 1: .*non-finite"):
+        haaqi_batch(bad, proc, FS, levels)
+    silent = ref.copy()
+    silent[0] = 0
+    with pytest.raises(ValueError, match=r"item 0: .*silent"):
+        haaqi_batch(silent, proc, FS, levels)
+    with pytest.raises(ValueError, match=r"item 1: .*outside"):
+        haaqi_batch(ref, proc, FS, np.array([[0] * 8, [0] * 7 + [200]]))
+    with pytest.raises(ValueError, match="shape"):
+        haaqi_batch(ref, proc[:, :-1], FS, levels)
+    with pytest.raises(ValueError, match="audiogram_levels"):
+        haaqi_batch(ref, proc, FS, np.zeros((3, 8)))
+    short = np.zeros_like(ref)
+    short[:, :200] = ref[:, :200]
+    with pytest.raises(ValueError, match=r"item 0: .*16 ms"):
+        haaqi_batch(short, proc, FS, levels)
+    # prepare_batch reports per item instead of raising.
+    prepared = prepare_batch(bad, proc, FS, levels)
+    assert prepared[0][1] is None and prepared[0][0] is not None
+    assert prepared[1][0] is None and prepared[1][1].startswith("item 1:")
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), gain_db=st.floats(-40, 20),
+       level=st.floats(-10, 110), delay=st.integers(0, 600), equalisation=st.sampled_from([1, 2]))
+def test_batch_never_nan(seed, gain_db, level, delay, equalisation):
+    rng = np.random.default_rng(seed)
+    ref = music(0.5, FS, seed) * 10 ** rng.uniform(-3, 1)
+    proc = 10 ** (gain_db / 20) * np.roll(ref, delay) + 1e-3 * rng.standard_normal(ref.size)
+    levels = np.clip(level + rng.normal(0, 15, 8), -20, 130)[None]
+    result = haaqi_batch(ref[None], proc[None], FS, levels, equalisation=equalisation,
+                         key=jax.random.split(jax.random.PRNGKey(seed), 1))
+    for f in FIELDS:
+        value = float(getattr(result, f)[0])
+        assert np.isfinite(value) and -1e-6 <= value <= 1 + 1e-6, (f, value)
+
+
+def test_score_cli_matches_pyclarity(tmp_path, capsys):
+    import soundfile as sf
+    from haaqi_jax import cli
+
+    ref, proc = degrade(music(0.5, 16000, 5), 16000, "noise", 5)
+    sf.write(tmp_path / "ref.wav", ref, 16000, subtype="DOUBLE")
+    sf.write(tmp_path / "proc.wav", proc, 16000, subtype="DOUBLE")
+    levels = AUDIOGRAMS["sloping"]
+    code = cli.main(["score", str(tmp_path / "ref.wav"), str(tmp_path / "proc.wav"),
+                     "--audiogram", ",".join(map(str, levels)), "--seed", "4", "--json"])
+    assert code == 0
+    scores = json.loads(capsys.readouterr().out)
+    np.random.seed(4)
+    expected = clarity_haaqi_v1(ref, 16000, proc, 16000,
+                                ClarityAudiogram(np.asarray(levels, float), STANDARD_FREQUENCIES),
+                                1, 65.0)
+    assert scores["combined"] == pytest.approx(expected[0], abs=1e-6)
+    assert cli.main(["score", str(tmp_path / "missing.wav"), str(tmp_path / "proc.wav"),
+                     "--audiogram", "0,0,0,0,0,0,0,0"]) == 2
+
+
+_TWO_DEVICE_SCRIPT = """
+import json, sys
+import jax, numpy as np
+sys.path.insert(0, sys.argv[1])
+from test_haaqi_api import _pairs
+from haaqi_jax.haaqi.api import haaqi_batch
+assert jax.local_device_count() == 2
+ref, proc = _pairs(3)
+levels = np.zeros((3, 8))
+keys = jax.random.split(jax.random.PRNGKey(1), 3)
+batch = haaqi_batch(ref, proc, 24000, levels, key=keys, chunk=2)   # 2 chunks, last padded
+alone = haaqi_batch(ref[2:], proc[2:], 24000, levels[2:], key=keys[2:], chunk=2)
+print(json.dumps([batch.combined.tolist(), alone.combined.tolist()]))
+"""
+
+
+def test_batch_data_parallel_over_two_devices():
+    """Chunks split over a 2-device 'data' mesh, odd batches padded and the dummies dropped."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               PYTHONPATH=os.pathsep.join([str(here.parent), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", _TWO_DEVICE_SCRIPT, str(here)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    batch, alone = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(batch) == 3 and np.all(np.isfinite(batch))
+    assert alone[0] == pytest.approx(batch[2], abs=1e-5)
