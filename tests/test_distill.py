@@ -1,0 +1,355 @@
+"""Distillation: each loss vs PyTorch on known inputs, the adaptive weighting, a user's own
+loss, the distillation step (frozen parts get no gradient and no optimizer state, the teacher
+gets nothing), 8 simulated devices = 1 device, and the whole job on a tiny dataset."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from haaqi_jax import config as cfglib
+from haaqi_jax import losses
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_TEACHER_ENCODER = {
+    "encoder_layers": 4, "encoder_embed_dim": 32, "encoder_ffn_embed_dim": 64,
+    "encoder_attention_heads": 4, "embed_dim": 32, "conv_pos": 16, "conv_pos_groups": 4,
+    "num_buckets": 32, "max_distance": 64}
+TINY_HEAD = {"adapter_dim": 8, "lstm_hidden": 4, "dense_dim": 8, "num_heads": 2,
+             "dropout_rate": 0.3}
+
+# ----------------------------------------------------------------------------- losses
+
+
+def _inputs(seed=0, b=4, k=3, t=7, c=5):
+    rng = np.random.default_rng(seed)
+    lengths = np.array([7, 3, 5, 1])[:b]
+    mask = np.arange(t)[None, :] < lengths[:, None]
+    student = rng.normal(size=(b, k, t, c)).astype(np.float32)
+    teacher = rng.normal(size=(b, k, t, c)).astype(np.float32)
+    teacher[0, 0, 0] = 2.0 * student[0, 0, 0]  # a token with cos = 1
+    frames = rng.uniform(0, 1, (b, t)) * mask
+    predictions = {"student_layers": jnp.asarray(student),
+                   "teacher_layers": jnp.asarray(teacher), "frame_mask": jnp.asarray(mask),
+                   "frame_scores": jnp.asarray(frames, jnp.float32),
+                   "clip_score": jnp.asarray(frames.sum(1) / lengths, jnp.float32)}
+    batch = {"label": jnp.asarray(rng.uniform(0, 1, b), jnp.float32),
+             "weight": jnp.asarray([1.0, 1.0, 0.0, 1.0][:b], jnp.float32)}
+    return predictions, batch, lengths
+
+
+def _torch_layer_terms(predictions, batch, lengths, per_token):
+    """Per layer: each (weighted) item alone, its valid tokens only -- the b = 1 setting."""
+    student = torch.tensor(np.asarray(predictions["student_layers"]), dtype=torch.float64)
+    teacher = torch.tensor(np.asarray(predictions["teacher_layers"]), dtype=torch.float64)
+    weight = np.asarray(batch["weight"], np.float64)
+    terms = []
+    for k in range(student.shape[1]):
+        items = [float(per_token(student[i, k, :lengths[i]], teacher[i, k, :lengths[i]]))
+                 for i in range(student.shape[0])]
+        terms.append(float(np.sum(weight * np.asarray(items)) / weight.sum()))
+    return np.asarray(terms)
+
+
+F = torch.nn.functional
+TORCH_TERMS = {
+    "l1": lambda s, t: F.l1_loss(s, t),
+    "mse": lambda s, t: F.mse_loss(s, t),
+    "cosine": lambda s, t: (1 - F.cosine_similarity(s, t, dim=-1)).mean(),
+    "l1_cosine": lambda s, t: F.l1_loss(s, t) - 0.5 * F.logsigmoid(
+        F.cosine_similarity(s, t, dim=-1)).mean(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TORCH_TERMS))
+def test_distillation_losses_match_torch(name):
+    predictions, batch, lengths = _inputs()
+    kwargs = {"cosine_weight": 0.5} if name == "l1_cosine" else {}
+    loss, aux = losses.get_loss(name, **kwargs)(predictions, batch)
+    expected = _torch_layer_terms(predictions, batch, lengths, TORCH_TERMS[name])
+    assert float(loss) == pytest.approx(expected.sum(), rel=1e-5)
+    for k in range(3):
+        assert float(aux[f"{name}_{k}"]) == pytest.approx(expected[k], rel=1e-5)
+    weighted, _ = losses.get_loss(name, layer_weights=(1.0, 0.0, 2.0), **kwargs)(predictions,
+                                                                                  batch)
+    assert float(weighted) == pytest.approx(expected[0] + 2 * expected[2], rel=1e-5)
+
+
+def test_filler_items_and_padding_do_not_count():
+    predictions, batch, _ = _inputs()
+    changed = dict(predictions)
+    noise = np.asarray(predictions["student_layers"]).copy()
+    noise[2] += 100.0                      # the weight-0 item
+    noise[1, :, 3:] += 100.0               # padded tokens of item 1
+    changed["student_layers"] = jnp.asarray(noise)
+    for name in TORCH_TERMS:
+        a, _ = losses.get_loss(name)(predictions, batch)
+        b, _ = losses.get_loss(name)(changed, batch)
+        assert float(a) == pytest.approx(float(b), rel=1e-6), name
+
+
+def test_distill_weighted_and_uncertainty():
+    predictions, batch, lengths = _inputs()
+    haaqi, _ = losses.get_loss("haaqi_mse")(predictions, batch)
+    per_layer = _torch_layer_terms(predictions, batch, lengths, TORCH_TERMS["l1_cosine"])
+    spec = {"haaqi": {"name": "haaqi_mse"},
+            "distill": {"name": "l1_cosine", "kwargs": {"cosine_weight": 0.5}}}
+    loss, aux = losses.get_loss("distill_weighted", haaqi_weight=2.0, distill_weight=0.5,
+                                layer_weights=(1.0, 1.0, 3.0), **spec)(predictions, batch)
+    expected = 2.0 * float(haaqi) + 0.5 * (per_layer[0] + per_layer[1] + 3 * per_layer[2])
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+    log_vars = jnp.asarray([0.5, -1.0, 0.0, 2.0])
+    assert losses.loss_params("distill_uncertainty", 3)["log_vars"].shape == (4,)
+    assert losses.loss_params("distill_weighted", 3) == {}
+    fn = losses.get_loss("distill_uncertainty", **spec)
+    loss, aux = fn({**predictions, "loss_params": {"log_vars": log_vars}}, batch)
+    terms = np.concatenate([[float(haaqi)], per_layer])
+    s = np.asarray(log_vars, np.float64)
+    assert float(loss) == pytest.approx(np.sum(np.exp(-s) * terms + s), rel=1e-5)
+    # d/ds_i = 1 - exp(-s_i) L_i: the learned weights move towards 1 / L_i.
+    grad = jax.grad(lambda lv: fn({**predictions, "loss_params": {"log_vars": lv}}, batch)[0])(
+        log_vars)
+    np.testing.assert_allclose(np.asarray(grad), 1 - np.exp(-s) * terms, rtol=1e-4)
+
+
+def test_user_registered_loss_is_selectable_by_name():
+    """A loss registered from user code (no library edit) is picked by the config and gives
+    per-layer terms inside the combined loss."""
+
+    @losses.register_loss("test_user_max_abs", overwrite=True)
+    def max_abs(predictions, batch, *, scale=1.0):
+        diff = jnp.abs(predictions["student_layers"] - predictions["teacher_layers"])
+        mask = predictions["frame_mask"][:, None, :, None]
+        value = scale * jnp.max(jnp.where(mask, diff, 0.0))
+        return value, {"max_abs": value}
+
+    predictions, batch, lengths = _inputs()
+    cfg = cfglib.ConfigDict({"name": "distill_weighted", "kwargs": {
+        "distill": {"name": "test_user_max_abs", "kwargs": {"scale": 2.0}}}})
+    fn = losses.get_loss(cfg.name, **cfglib.to_dict(cfg.kwargs))
+    loss, aux = fn(predictions, batch)
+    diff = np.abs(np.asarray(predictions["student_layers"]) -
+                  np.asarray(predictions["teacher_layers"]))
+    mask = np.asarray(predictions["frame_mask"])
+    expected = [2.0 * max(diff[i, k, :lengths[i]].max() for i in range(4)) for k in range(3)]
+    for k in range(3):
+        assert float(aux[f"distill_{k}"]) == pytest.approx(expected[k], rel=1e-6)
+    haaqi, _ = losses.get_loss("haaqi_mse")(predictions, batch)
+    assert float(loss) == pytest.approx(float(haaqi) + sum(expected), rel=1e-6)
+    with pytest.raises(ValueError, match="already registered"):
+        losses.register_loss("test_user_max_abs")(lambda p, b: (0.0, {}))
+    with pytest.raises(ValueError, match="unknown loss 'nope'"):
+        losses.get_loss("distill_weighted", distill="nope")(predictions, batch)
+    assert mask.any()
+
+# ----------------------------------------------------------------------------- the step
+
+
+def _tiny_setup(seed=0, frozen_head=("blstm", "attention"), loss="distill_uncertainty",
+                optimizer="adam"):
+    """A random tiny teacher HAAQI-Net, its student, a train state, a batch of 8 waveforms."""
+    from haaqi_jax import distill
+    from haaqi_jax.head import HeadConfig
+    from haaqi_jax.model import HAAQINet, HAAQINetConfig
+    from haaqi_jax.train import state as state_lib
+
+    teacher = HAAQINet.init_random(HAAQINetConfig(
+        encoder_config={**_released(), **TINY_TEACHER_ENCODER}, head=HeadConfig(**TINY_HEAD)),
+        seed=seed)
+    dcfg = cfglib.ConfigDict({"student_layers": (0, 1), "target_layers": (2, 4),
+                              "head_kind": "sequential", "shared_position_bias": False,
+                              "feature_mode": "weighted", "head_init": "teacher",
+                              "frozen_head": frozen_head})
+    student, pred = distill.init_student(teacher, dcfg, seed)
+    cfg = cfglib.ConfigDict({"distill": dcfg, "train": {"frozen_patterns": ()}})
+    params = {**student.params, "pred_heads": pred, "loss": losses.loss_params(loss, 2)}
+    labels = state_lib.param_labels(params, distill.distill_frozen_patterns(cfg))
+    opt = cfglib.ConfigDict({"name": optimizer, "learning_rate": 1e-2})
+    tx = state_lib.make_optimizer(opt, labels, 10)
+    state = state_lib.create_train_state(params, tx, seed)
+    loss_fn = losses.get_loss(loss, distill="l1_cosine")
+    forward = distill.make_distill_forward(teacher.config, student.config, (2, 4), "sequential")
+    rng = np.random.default_rng(seed)
+    lengths = np.array([8000, 6000, 8000, 6500, 7000, 8000, 6000, 7500])
+    wav = np.clip(0.2 * rng.normal(size=(8, 8000)), -1, 1).astype(np.float32)
+    pad = np.arange(8000)[None, :] >= lengths[:, None]
+    wav[pad] = 0
+    batch = {"waveform": wav, "padding_mask": pad,
+             "audiogram": rng.uniform(0, 60, (8, 8)).astype(np.float32),
+             "label": rng.uniform(0, 1, 8).astype(np.float32),
+             "weight": np.array([1, 1, 1, 1, 1, 1, 1, 0], np.float32)}
+    return teacher, student, state, labels, tx, loss_fn, forward, batch
+
+
+def _released():
+    from haaqi_jax.beats import RELEASED_CONFIG
+    return dict(RELEASED_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def tiny_setup():
+    return _tiny_setup()
+
+
+def test_student_starts_as_teacher_copy_with_head_from_teacher(tiny_setup):
+    teacher, student, state, *_ = tiny_setup
+    head_t, head_s = teacher.params["head"], state.params["head"]
+    for part in ("adapter", "blstm", "dense", "attention", "frame_score"):
+        for a, b in zip(jax.tree_util.tree_leaves(head_t[part]),
+                        jax.tree_util.tree_leaves(head_s[part])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=part)
+    assert "layer_weights" in head_s and "layer_weights" not in head_t  # weighted: fresh
+    np.testing.assert_array_equal(
+        np.asarray(state.params["encoder"]["layers_1"]["fc1"]["kernel"]),
+        np.asarray(teacher.params["encoder"]["layers_1"]["fc1"]["kernel"]))
+
+
+def test_distill_step_freezes_frozen_parts(tiny_setup):
+    """Frozen head parts get no update and no optimizer state; the teacher is an argument of
+    the step, outside the state, so it has neither."""
+    from haaqi_jax import distill
+    from haaqi_jax.train.state import FROZEN
+
+    teacher, _, state, labels, tx, loss_fn, forward, batch = tiny_setup
+    leaves = list(zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(labels)))
+    trainable = sum(int(np.size(x)) for x, label in leaves if label != FROZEN)
+    assert any(label == FROZEN for _, label in leaves)
+    opt_scalars = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(state.opt_state)
+                      if np.ndim(x) > 0)
+    assert opt_scalars == 2 * trainable  # Adam: mu and nu of trainable leaves, nothing else
+
+    step = jax.jit(distill.make_distill_step(forward, loss_fn, tx, labels))
+    before = jax.tree_util.tree_map(np.asarray, state.params)
+    new_state, metrics = step(state, teacher.params["encoder"], batch)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+    for (path, old), new, label in zip(jax.tree_util.tree_flatten_with_path(before)[0],
+                                       jax.tree_util.tree_leaves(new_state.params),
+                                       jax.tree_util.tree_leaves(labels)):
+        name = jax.tree_util.keystr(path)
+        if label == FROZEN:
+            np.testing.assert_array_equal(np.asarray(new), old, err_msg=name)
+        elif "head" in name and "blstm" not in name:
+            assert not np.array_equal(np.asarray(new), old), name
+    assert set(jax.tree_util.tree_leaves(labels["head"]["blstm"])) == {FROZEN}
+    assert set(jax.tree_util.tree_leaves(labels["head"]["attention"])) == {FROZEN}
+    assert FROZEN not in jax.tree_util.tree_leaves(labels["encoder"])
+
+
+_DEVICES_SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {tests!r})
+    import jax, numpy as np
+    from test_distill import _tiny_setup
+    from haaqi_jax import distill
+    from haaqi_jax.train import sharding
+    assert jax.device_count() == 8
+    out = {{}}
+    # SGD: the update is linear in the gradient (Adam's first step, g / (|g| + eps), turns
+    # summation-order noise in near-zero gradients into large relative differences).
+    teacher, _, state0, labels, tx, loss_fn, forward, batch = _tiny_setup(optimizer="sgd")
+    host_state = jax.tree_util.tree_map(np.asarray, state0)
+    for n in (1, 8):
+        mesh = sharding.make_mesh(jax.devices()[:n])
+        step = distill.jit_distill_step(distill.make_distill_step(forward, loss_fn, tx, labels),
+                                        mesh)
+        state = sharding.replicate(host_state, mesh)
+        new, metrics = step(state, sharding.replicate(teacher.params["encoder"], mesh),
+                            sharding.shard_batch(batch, mesh))
+        out[n] = {{"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+                   "params": [np.asarray(x).ravel()[:50].tolist()
+                              for x in jax.tree_util.tree_leaves(new.params)]}}
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_eight_simulated_devices_equal_one():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
+               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.run([sys.executable, "-c",
+                           _DEVICES_SCRIPT.format(tests=str(REPO / "tests"))],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
+    out = json.loads(line[len("RESULT"):])
+    one, eight = out["1"], out["8"]
+    assert eight["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    assert eight["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
+    for a, b in zip(one["params"], eight["params"]):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+# ----------------------------------------------------------------------------- the job
+
+
+def _write_dataset(out_dir, n=(6, 2, 2, 2), seconds=1.0, seed=0):
+    """Noisy tones; the label is a logistic function of the SNR (independent of any model)."""
+    import soundfile as sf
+    out_dir = Path(out_dir)
+    (out_dir / "audio").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, split in enumerate(sum(([s] * k for s, k in zip(
+            ("train", "valid", "test_seen", "test_unseen"), n)), [])):
+        m = int(seconds * 16000 * rng.uniform(0.8, 1.0))
+        clean = 0.3 * np.sin(2 * np.pi * rng.uniform(200, 800) * np.arange(m) / 16000)
+        snr = rng.uniform(-10, 30)
+        x = clean + rng.standard_normal(m) * np.sqrt(np.mean(clean ** 2) / 10 ** (snr / 10))
+        sf.write(out_dir / "audio" / f"c{i}.wav", x.astype(np.float32), 16000, subtype="FLOAT")
+        rows.append({"id": f"c{i}", "file_path": f"audio/c{i}.wav", "split": split,
+                     "audiogram": [float(v) for v in rng.uniform(0, 60, 8)],
+                     "haaqi_score": float(1 / (1 + np.exp(-(snr - 10) / 6)))})
+    (out_dir / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out_dir / "manifest.jsonl"
+
+
+def test_distillation_job_end_to_end(tmp_path):
+    """train.py --config configs/distill.py (shrunk): teacher trained first, student distilled,
+    reports written, the student loadable as a HAAQI-Net."""
+    import importlib.util
+    from haaqi_jax.model import HAAQINet
+
+    spec = importlib.util.spec_from_file_location("_train_script", REPO / "train.py")
+    train_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_script)
+
+    manifest = _write_dataset(tmp_path / "data")
+    sets = [f"data.manifest={manifest}", "data.prefetch=0", "train.batch_size=2",
+            "train.eval_batch_size=2", "train.num_epochs=2", "train.patience=0",
+            "train.progress=False", "train.checkpoint_every_steps=2", "train.log_every_steps=1",
+            "distill.student_layers=(0, 1)", "distill.target_layers=(2, 4)",
+            "distill.timing_seconds=1.0", f"distill.teacher.data.cache_dir={tmp_path / 'cache'}",
+            "distill.teacher.train.num_epochs=1", "distill.teacher.train.batch_size=2",
+            "distill.teacher.train.eval_batch_size=2", "distill.teacher.data.prefetch=0"]
+    sets += [f"distill.teacher.model.encoder_config.{k}={v}"
+             for k, v in TINY_TEACHER_ENCODER.items()]
+    sets += [f"distill.teacher.model.head.{k}={v}" for k, v in TINY_HEAD.items()]
+    workdir = tmp_path / "run"
+    argv = ["--config", str(REPO / "configs" / "distill.py"), "--workdir", str(workdir)]
+    for s in sets:
+        argv += ["--set", s]
+    # Interrupted after 2 distillation steps (checkpointed), then resumed to the end.
+    assert train_script.main(argv + ["--set", "train.stop_after_steps=2"]) == 0
+    assert not (workdir / "distill_report.json").exists()
+    assert train_script.main(argv) == 0
+    report = json.loads((workdir / "distill_report.json").read_text())
+    assert set(report["splits"]) == {"valid", "test_seen", "test_unseen"}
+    for row in report["splits"].values():
+        assert set(row["student"]) == {"lcc", "srcc", "mse"}
+    assert report["params"]["student_encoder"] < report["params"]["teacher_encoder"]
+    assert report["seconds_per_clip"]["student"]["model"] > 0
+    records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train_records] == list(range(1, 7))  # 3 steps x 2 epochs, once
+    assert {"haaqi_loss", "distill_0", "distill_1", "weight_0"} <= set(train_records[0])
+    net = HAAQINet.load(workdir / "report" / "best_model")
+    assert net.config.encoder_kind == "student"
+    assert (workdir / "teacher" / "report" / "best_model" / "config.json").is_file()
