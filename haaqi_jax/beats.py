@@ -265,12 +265,20 @@ def check_waveform(waveform: Any, padding_mask: Any = None, *, patch_size: int =
         raise ValueError(f"waveform peak {peak:.4g} is far outside [-1, 1]: integer PCM scale? "
                          f"(divide by 32768)")
     if padding_mask is not None and _is_concrete(padding_mask):
-        valid = (~np.asarray(padding_mask)).sum(axis=1)
-        short = np.flatnonzero(valid < min_samples(patch_size))
-        if short.size:
-            raise ValueError(f"waveform rows {short.tolist()} have too few valid samples "
-                             f"({valid[short].tolist()}); each clip needs at least "
-                             f"{min_samples(patch_size)} (one {patch_size}-frame patch)")
+        # What matters is the reference's own reduction of the mask to tokens: a row with no
+        # valid token would attend over nothing. (A one-patch clip padded into a long batch
+        # can keep its token with fewer than min_samples unmasked samples.)
+        mask = np.asarray(padding_mask)
+        n_frames = fbank_lib.num_frames(shape[1])
+        tokens = token_padding_mask(
+            np.asarray(fbank_lib.frame_padding_mask(mask, n_frames)),
+            num_tokens(n_frames, patch_size))
+        empty = np.flatnonzero(np.asarray(tokens).all(axis=1))
+        if empty.size:
+            valid = (~mask).sum(axis=1)
+            raise ValueError(f"waveform rows {empty.tolist()} have too few valid samples "
+                             f"({valid[empty].tolist()}) for one BEATs token; each clip needs "
+                             f"at least {min_samples(patch_size)} (one {patch_size}-frame patch)")
 
 
 # ----------------------------------------------------------------------------------------------

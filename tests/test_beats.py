@@ -224,9 +224,17 @@ def test_bad_masks_and_fbank_raise(tiny):
         check_waveform(wav, np.zeros((2, SR + 1), bool))
     with pytest.raises(ValueError, match="bool"):
         check_waveform(wav, np.zeros((2, SR), np.int32))
-    short = np.arange(SR)[None, :] >= np.array([[SR], [min_samples() - 1]])
+    # A row whose mask leaves no token valid under the reference's reduction rule.
+    empty = np.arange(SR)[None, :] >= np.array([[SR], [0]])
     with pytest.raises(ValueError, match=r"rows \[1\].*too few valid samples"):
-        tiny.model.apply({"params": tiny.params}, wav, short)
+        tiny.model.apply({"params": tiny.params}, wav, empty)
+    # A one-patch clip padded into a long batch keeps its token(s) even though fewer than
+    # min_samples() samples stay unmasked (HAAQI-Net pads that way to match the clip alone).
+    from haaqi_jax.model import encoder_padding_mask
+    one_patch = np.asarray(encoder_padding_mask(jnp.array([SR, min_samples()]), SR))
+    assert (~one_patch[1]).sum() < min_samples()
+    out = tiny.model.apply({"params": tiny.params}, wav, one_patch)
+    assert (~np.asarray(out.padding_mask[1])).sum() == 8
     with pytest.raises(ValueError, match="at least 16"):
         tiny.model.apply({"params": tiny.params}, jnp.zeros((1, 15, 128)),
                          method=BEATs.encode_fbank)
