@@ -20,7 +20,7 @@ def get_config() -> ConfigDict:
     c.data = ConfigDict()
     c.data.manifest = config_dict.placeholder(str)  # None: build/reuse the demo dataset
     c.data.demo_dir = "data_cache/demo"
-    c.data.demo_clips = 240
+    c.data.demo_clips = 160
     c.data.demo_seed = 0
     c.data.train_split = "train"
     c.data.valid_split = "valid"

@@ -47,7 +47,7 @@ from haaqi_jax.data import listeners as listeners_lib
 from haaqi_jax.data import synth
 
 SETTINGS_VERSION = 1
-DEFAULT_SPLITS = (("train", 0.7), ("valid", 0.1), ("test_seen", 0.1), ("test_unseen", 0.1))
+DEFAULT_SPLITS = (("train", 0.6), ("valid", 0.1), ("test_seen", 0.1), ("test_unseen", 0.2))
 DEFAULT_SECONDS = (3.0, 5.0)
 #: Splits whose name starts with this draw from UNSEEN_DISTORTIONS, all others from SEEN.
 UNSEEN_PREFIX = "test_unseen"
@@ -65,19 +65,30 @@ Labeller = Callable[..., np.ndarray]
 
 
 def haaqi_labeller(reference, processed, sample_rate, audiogram_levels, lengths, *, seeds):
-    """HAAQI combined scores with the project's batched JAX HAAQI (float32, eq 1, level1 65)."""
+    """HAAQI combined scores with the project's batched JAX HAAQI (float32, equalisation 1).
+
+    level1 follows the Cadenza rule, 65 - 20 log10(rms(reference)): every reference is presented
+    at 65 dB SPL whatever its digital level. HAAQI-Net hears only the waveform, not the playback
+    level, so labels must not depend on how loud a file happens to be written; with a fixed
+    level1 of 65, quiet files sank below moderate and severe losses' thresholds and a quarter
+    of the labels piled up at HAAQI's floor (0.162).
+    """
     import jax
     import jax.numpy as jnp
 
     from haaqi_jax.haaqi.api import haaqi_batch
+    reference = np.asarray(reference, np.float64)
+    valid = np.arange(reference.shape[1])[None, :] < np.asarray(lengths)[:, None]
+    rms = np.sqrt((np.where(valid, reference, 0.0) ** 2).sum(1) / np.asarray(lengths))
+    level1 = 65.0 - 20.0 * np.log10(np.maximum(rms, 1e-8))
     result = haaqi_batch(reference, processed, sample_rate, audiogram_levels,
-                         np.asarray(STANDARD_FREQUENCIES), equalisation=1, level1=65.0,
+                         np.asarray(STANDARD_FREQUENCIES), equalisation=1, level1=level1,
                          lengths=lengths, dtype=jnp.float32,
                          key=jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds]))
     return np.asarray(result.combined, dtype=np.float64)
 
 
-haaqi_labeller.name = "haaqi_jax.haaqi_batch/float32/eq1/level1=65"
+haaqi_labeller.name = "haaqi_jax.haaqi_batch/float32/eq1/level1=cadenza"
 
 
 def _labeller_name(labeller: Labeller) -> str:
