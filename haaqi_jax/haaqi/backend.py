@@ -325,8 +325,9 @@ def _segment_covariance(x, y, window, inverse_corr, norm, max_lag):
     nfft = _fast_length(window.shape[-1] + max_lag)   # no circular wrap within +-max_lag
     spec = jnp.fft.rfft(u, nfft) * jnp.conj(jnp.fft.rfft(v, nfft))
     corr = jnp.fft.irfft(spec, nfft)                      # corr[l] = sum_t u[t + l] v[t]
-    lags = np.arange(-max_lag, max_lag + 1) % nfft
-    corr = corr[..., lags] * _const(inverse_corr, dtype)
+    # Lags -max_lag..max_lag as two slices (a gather of them cost more than the FFTs).
+    corr = jnp.concatenate([corr[..., nfft - max_lag:], corr[..., :max_lag + 1]], axis=-1)
+    corr = corr * _const(inverse_corr, dtype)
     peak = jnp.max(jnp.abs(corr), axis=-1)
     return _safe_ratio(peak, ms_u, ms_v), ms_u, ms_v
 

@@ -244,7 +244,8 @@ def _band_group(mid, n, level1, cf, control_bw, control_pole, bw_min, attn_ohc, 
     x = mid[:, None, :]                                             # (2, 1, N)
 
     # Wide control filter -> level-dependent bandwidth of the main filter.
-    control = jnp.abs(filters.gammatone(x, control_pole, theta, block=block))
+    control_re, control_im = filters.gammatone_parts(x, control_pole, theta, block=block)
+    control = jnp.sqrt(control_re * control_re + control_im * control_im)
     control = jnp.where(valid, control_gain[:, None] * control, 0)  # (2, G, N)
     control_rms = jnp.sqrt(filters.masked_mean(control**2, n))      # (2, G)
     control_db = 20 * jnp.log10(control_rms) + level1
@@ -257,11 +258,12 @@ def _band_group(mid, n, level1, cf, control_bw, control_pole, bw_min, attn_ohc, 
         control_db < 50, pole_min,
         jnp.where(control_db > 100, control_pole,
                   jnp.exp(-(bandwidth * (2 * np.pi / SAMPLE_RATE) * erb * 1.019))))  # (2, G)
-    band = filters.gammatone(x, pole, jnp.broadcast_to(theta, pole.shape), block=block)
+    band_re, band_im = filters.gammatone_parts(x, pole, jnp.broadcast_to(theta, pole.shape),
+                                               block=block)
     gain = jnp.where(control_db < 50, gain_min,
                      jnp.where(control_db > 100, control_gain, _gammatone_gain(pole)))[..., None]
-    env = jnp.where(valid, gain * jnp.abs(band), 0)
-    bm = jnp.where(valid, gain * band.real, 0)
+    env = jnp.where(valid, gain * jnp.sqrt(band_re * band_re + band_im * band_im), 0)
+    bm = jnp.where(valid, gain * band_re, 0)
     average = jnp.sqrt(filters.masked_mean(env**2, n))
 
     env, bm = compress(env, bm, control, attn_ohc, low_knee, ratio, level1, block=block)
