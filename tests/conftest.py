@@ -38,3 +38,20 @@ def kaldi():
     """torchaudio.compliance.kaldi, the fbank reference."""
     import torchaudio.compliance.kaldi as kaldi_module
     return kaldi_module
+
+
+def _drop_speechbrain_lazy_modules() -> None:
+    """speechbrain 1.1.2 puts LazyModule placeholders for optional integrations (k2, spacy,
+    flair, ...) into sys.modules. Anything that walks sys.modules and touches attributes (the
+    warnings machinery when a test triggers a warning, for one) then tries to import them and
+    fails. They are placeholders only; removing them changes nothing speechbrain's BEATs uses."""
+    if "speechbrain" not in sys.modules:
+        return
+    from speechbrain.utils.importutils import LazyModule
+    for name, module in list(sys.modules.items()):
+        if isinstance(module, LazyModule) and module.lazy_module is None:
+            del sys.modules[name]
+
+
+def pytest_runtest_setup(item):
+    _drop_speechbrain_lazy_modules()

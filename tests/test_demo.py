@@ -171,7 +171,7 @@ def test_cached_rebuilt_and_resumed(tmp_path):
 
 def test_splits_and_bad_settings(tmp_path):
     names = demo.assign_splits(20, demo.DEFAULT_SPLITS, 0)
-    assert [names.count(s) for s, _ in demo.DEFAULT_SPLITS] == [14, 2, 2, 2]
+    assert [names.count(s) for s, _ in demo.DEFAULT_SPLITS] == [12, 2, 2, 4]
     assert names != demo.assign_splits(20, demo.DEFAULT_SPLITS, 1)
     with pytest.raises(ValueError, match="sum to 1"):
         demo.build_demo_dataset(tmp_path, splits=(("train", 0.5),), **SMALL)
