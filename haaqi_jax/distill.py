@@ -44,7 +44,7 @@ from haaqi_jax.train import metrics as metrics_lib
 from haaqi_jax.train import sharding
 from haaqi_jax.train import state as state_lib
 from haaqi_jax.train import steps as steps_lib
-from haaqi_jax.train.state import FROZEN, TrainState
+from haaqi_jax.train.state import TrainState
 
 REPORT_FILE = "distill_report.json"
 TEACHER_DIR = "teacher"
@@ -177,29 +177,7 @@ def make_distill_step(forward: Callable[..., dict], loss_fn: steps_lib.LossFn,
     no state for it. Frozen student leaves (labels) get stop_gradient and are carried over
     bit for bit, as in `haaqi_jax.train.steps.make_train_step`.
     """
-
-    def distill_step(state: TrainState, teacher_params: Any, batch):
-        rng = jax.random.fold_in(state.rng, state.step)
-
-        def loss_of(params):
-            predictions = forward(steps_lib.stop_frozen(params, labels), teacher_params, batch,
-                                  rng=rng, deterministic=False)
-            return loss_fn(predictions, batch)
-
-        (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        new_params = jax.tree_util.tree_map(
-            lambda new, old, label: old if label == FROZEN else new,
-            new_params, state.params, labels)
-        trainable = jax.tree_util.tree_map(
-            lambda g, label: jnp.zeros((), g.dtype) if label == FROZEN else g, grads, labels)
-        metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(trainable),
-                   "weight_sum": jnp.sum(batch["weight"])}
-        return state.replace(step=state.step + 1, params=new_params, opt_state=opt_state), \
-            metrics
-
-    return distill_step
+    return steps_lib.make_train_step(forward, loss_fn, tx, labels)
 
 
 def jit_distill_step(step: Callable, mesh: Any) -> Callable:

@@ -71,13 +71,18 @@ def make_train_step(forward: ForwardFn, loss_fn: LossFn, tx: optax.GradientTrans
 
     Metrics: loss, the loss's aux terms, grad_norm (trainable leaves), weight_sum (items that
     counted). Dropout uses fold_in(state.rng, state.step).
+
+    Arguments between the state and the batch are passed through to `forward` before the
+    batch and get no gradient: distillation calls `step(state, teacher_params, batch)` with a
+    `forward(params, teacher_params, batch, *, rng, deterministic)`.
     """
 
-    def train_step(state: TrainState, batch: Batch):
+    def train_step(state: TrainState, *inputs):
+        *context, batch = inputs
         rng = jax.random.fold_in(state.rng, state.step)
 
         def loss_of(params):
-            predictions = forward(stop_frozen(params, labels), batch, rng=rng,
+            predictions = forward(stop_frozen(params, labels), *context, batch, rng=rng,
                                   deterministic=False)
             return loss_fn(predictions, batch)
 
