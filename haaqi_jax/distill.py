@@ -285,10 +285,8 @@ def distill_and_evaluate(config: Any, workdir: str | os.PathLike, *, data: Any =
     Returns:
       haaqi_jax.train.loop.TrainResult of the student.
     """
-    from tqdm.auto import tqdm
     from haaqi_jax.model import HAAQINet
     from haaqi_jax.train import loop
-    from haaqi_jax.train.checkpoint import TrainCheckpointManager
 
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -335,64 +333,15 @@ def distill_and_evaluate(config: Any, workdir: str | os.PathLike, *, data: Any =
         lambda s, b: (s, {}),
         steps_lib.make_eval_step(loop.make_forward(student.config, "waveform"), head_loss), mesh)
 
-    ckpt = TrainCheckpointManager(workdir / loop.CHECKPOINT_DIR)
-    early = {"best_valid_loss": None, "best_step": None, "bad_epochs": 0, "stopped": False}
-    start = ckpt.latest_step()
-    if start is not None:
-        state, meta = ckpt.restore(start, state)
-        data.train.set_state(meta["data_state"])
-        early = dict(meta["early_stopping"])
-    step = int(state.step)
-    writer = loop.MetricsWriter(workdir / loop.METRICS_FILE, step if start is not None else None)
-    stop_after = int(tc.get("stop_after_steps", 0))
-    ckpt_every, log_every = int(tc.checkpoint_every_steps), int(tc.log_every_steps)
-    patience = int(tc.patience)
-    interrupted = False
-    pending: list[dict] = []
-    bar = tqdm(total=total_steps, initial=step, desc="distill", unit="step",
-               disable=not (tc.get("progress", True) and sharding.is_main_process()))
-    try:
-        while step < total_steps and not early["stopped"]:
-            if stop_after and step >= stop_after:
-                interrupted = True
-                break
-            batch = sharding.shard_batch(next(data.train), mesh, keys)
-            state, step_metrics = step_fn(state, teacher_params, batch)
-            step += 1
-            bar.update(1)
-            pending.append(step_metrics)
-            if step % log_every == 0 or step % data.steps_per_epoch == 0:
-                host = jax.device_get(pending)
-                record = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
-                writer.write({"step": step, "kind": "train", **record})
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
-                pending = []
-            if step % data.steps_per_epoch == 0:
-                valid_loss, predictions = loop.run_eval(
-                    student_eval, _model_params(state.params), data.eval_batches(valid_split),
-                    mesh, keys, len(valid_labels))
-                summary = metrics_lib.summarize(predictions, valid_labels,
-                                                np.isfinite(predictions).astype(float))
-                improved = (early["best_valid_loss"] is None or
-                            valid_loss < early["best_valid_loss"] - float(tc.min_delta))
-                if improved:
-                    early.update(best_valid_loss=valid_loss, best_step=step, bad_epochs=0)
-                else:
-                    early["bad_epochs"] += 1
-                if patience > 0 and early["bad_epochs"] >= patience:
-                    early["stopped"] = True
-                writer.write({"step": step, "epoch": step // data.steps_per_epoch,
-                              "kind": "valid", "loss": valid_loss,
-                              **{k: summary[k] for k in ("lcc", "srcc", "mse")},
-                              "best": improved})
-                ckpt.save(step, state, {"data_state": data.train.get_state(),
-                                        "early_stopping": dict(early)},
-                          metrics={"valid_loss": valid_loss})
-            elif ckpt_every > 0 and step % ckpt_every == 0:
-                ckpt.save(step, state, {"data_state": data.train.get_state(),
-                                        "early_stopping": dict(early)})
-    finally:
-        bar.close()
+    run = loop.run_loop(
+        state, step_fn=lambda st, batch: step_fn(st, teacher_params, batch),
+        evaluate=lambda st: loop.run_eval(student_eval, _model_params(st.params),
+                                          data.eval_batches(valid_split), mesh, keys,
+                                          len(valid_labels)),
+        data=data, mesh=mesh, keys=keys, valid_labels=valid_labels, tc=tc, workdir=workdir,
+        desc="distill")
+    state, step, early, interrupted, ckpt = (run.state, run.step, run.early, run.interrupted,
+                                             run.ckpt)
 
     report_dir = None
     if not interrupted and early["best_step"] is not None and tc.get("write_report", True):

@@ -26,7 +26,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,9 @@ from haaqi_jax.train import metrics as metrics_lib
 from haaqi_jax.train import sharding
 from haaqi_jax.train import state as state_lib
 from haaqi_jax.train import steps as steps_lib
+
+if TYPE_CHECKING:  # orbax is imported lazily: it is slow to import
+    from haaqi_jax.train.checkpoint import TrainCheckpointManager
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -350,8 +353,6 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *,
     if "distill" in config:  # configs/distill.py: the student learns from a teacher
         from haaqi_jax.distill import distill_and_evaluate
         return distill_and_evaluate(config, workdir, data=data)
-    from tqdm.auto import tqdm
-    from haaqi_jax.train.checkpoint import TrainCheckpointManager
 
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -389,6 +390,56 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *,
         steps_lib.make_train_step(forward, loss_fn, tx, labels),
         steps_lib.make_eval_step(forward, loss_fn), mesh)
 
+    run = run_loop(
+        state, step_fn=train_step,
+        evaluate=lambda st: run_eval(eval_step, st.params, data.eval_batches(valid_split), mesh,
+                                     keys, len(valid_labels)),
+        data=data, mesh=mesh, keys=keys, valid_labels=valid_labels, tc=tc, workdir=workdir)
+    state, step, early, interrupted, ckpt = (run.state, run.step, run.early, run.interrupted,
+                                             run.ckpt)
+
+    report_dir = None
+    if not interrupted and early["best_step"] is not None and tc.get("write_report", True):
+        best_state, _ = ckpt.restore(int(early["best_step"]), state)
+        report_dir = write_training_report(config, net, best_state.params, data, eval_step,
+                                           mesh, keys, workdir / REPORT_DIR, early)
+    ckpt.close()
+    return TrainResult(workdir=workdir, final_step=step, best_step=early["best_step"],
+                       best_valid_loss=early["best_valid_loss"], stopped_early=early["stopped"],
+                       interrupted=interrupted, state=state, report_dir=report_dir)
+
+
+@dataclasses.dataclass
+class LoopRun:
+    """What `run_loop` leaves: the last state and step, the early-stopping record, whether a
+    test hook stopped it, and the (still open) checkpoint manager."""
+
+    state: Any
+    step: int
+    early: dict
+    interrupted: bool
+    ckpt: TrainCheckpointManager
+
+
+def run_loop(state: Any, *, step_fn: Callable, evaluate: Callable, data: TrainData, mesh: Any,
+             keys: Sequence[str], valid_labels: np.ndarray, tc: Any, workdir: Path,
+             desc: str = "train") -> LoopRun:
+    """The optimisation loop shared by training and distillation.
+
+    Resumes from the latest checkpoint (state, data position, early-stopping record), then
+    steps until `tc.num_epochs` epochs or early stopping: logs train scalars every
+    `tc.log_every_steps`, evaluates at each epoch end (valid loss, LCC, SRCC, MSE; patience on
+    the valid loss) and checkpoints there and every `tc.checkpoint_every_steps`.
+
+    Args:
+      state: the replicated TrainState (restored over if a checkpoint exists).
+      step_fn: jitted (state, sharded batch) -> (state, scalar metrics).
+      evaluate: state -> (valid loss, (n_valid,) predictions).
+    """
+    from tqdm.auto import tqdm
+    from haaqi_jax.train.checkpoint import TrainCheckpointManager
+
+    total_steps = int(tc.num_epochs) * data.steps_per_epoch
     ckpt = TrainCheckpointManager(workdir / CHECKPOINT_DIR)
     early = {"best_valid_loss": None, "best_step": None, "bad_epochs": 0, "stopped": False}
     start = ckpt.latest_step()
@@ -406,7 +457,7 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *,
     interrupted = False
     step = start_step
     pending: list[dict] = []
-    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+    bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step",
                disable=not (tc.get("progress", True) and sharding.is_main_process()))
     try:
         while step < total_steps and not early["stopped"]:
@@ -414,7 +465,7 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *,
                 interrupted = True  # test hook: behaves like a kill after this step
                 break
             batch = next(data.train)
-            state, step_metrics = train_step(state, sharding.shard_batch(batch, mesh, keys))
+            state, step_metrics = step_fn(state, sharding.shard_batch(batch, mesh, keys))
             step += 1
             bar.update(1)
             pending.append(step_metrics)
@@ -429,9 +480,7 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *,
                 pending = []
             if at_epoch_end:
                 epoch = step // data.steps_per_epoch
-                valid_loss, predictions = run_eval(eval_step, state.params,
-                                                   data.eval_batches(valid_split), mesh, keys,
-                                                   len(valid_labels))
+                valid_loss, predictions = evaluate(state)
                 summary = metrics_lib.summarize(predictions, valid_labels,
                                                 np.isfinite(predictions).astype(float))
                 improved = (early["best_valid_loss"] is None or
@@ -451,16 +500,7 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *,
                 ckpt.save(step, state, _meta(data.train.get_state(), early))
     finally:
         bar.close()
-
-    report_dir = None
-    if not interrupted and early["best_step"] is not None and tc.get("write_report", True):
-        best_state, _ = ckpt.restore(int(early["best_step"]), state)
-        report_dir = write_training_report(config, net, best_state.params, data, eval_step,
-                                           mesh, keys, workdir / REPORT_DIR, early)
-    ckpt.close()
-    return TrainResult(workdir=workdir, final_step=step, best_step=early["best_step"],
-                       best_valid_loss=early["best_valid_loss"], stopped_early=early["stopped"],
-                       interrupted=interrupted, state=state, report_dir=report_dir)
+    return LoopRun(state=state, step=step, early=early, interrupted=interrupted, ckpt=ckpt)
 
 
 def write_training_report(config: Any, net: Any, params: Any, data: TrainData,
