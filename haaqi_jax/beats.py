@@ -281,6 +281,24 @@ def check_waveform(waveform: Any, padding_mask: Any = None, *, patch_size: int =
                              f"at least {min_samples(patch_size)} (one {patch_size}-frame patch)")
 
 
+
+def check_fbank(fbank: jax.Array, frame_padding_mask: jax.Array | None,
+                patch_size: int) -> jax.Array:
+    """Shape checks of the feature-level entry point; returns the (B, F) mask (all False when
+    None was given). Raises ValueError naming the problem."""
+    if fbank.ndim != 3 or fbank.shape[-1] != fbank_lib.NUM_MEL_BINS:
+        raise ValueError(f"fbank must be (batch, frames, {fbank_lib.NUM_MEL_BINS}), "
+                         f"got {fbank.shape}")
+    if fbank.shape[1] < patch_size:
+        raise ValueError(f"fbank has {fbank.shape[1]} frames; BEATs needs at least "
+                         f"{patch_size} (one patch)")
+    if frame_padding_mask is None:
+        return jnp.zeros(fbank.shape[:2], bool)
+    if frame_padding_mask.shape != fbank.shape[:2]:
+        raise ValueError(f"frame_padding_mask shape {frame_padding_mask.shape} != fbank "
+                         f"frames {fbank.shape[:2]}")
+    return frame_padding_mask
+
 # ----------------------------------------------------------------------------------------------
 # Modules
 
@@ -486,17 +504,7 @@ class BEATs(nn.Module):
                      deterministic: bool = True) -> BEATsOutput:
         """Feature-level entry point: normalised fbank (B, F, 128) -> BEATsOutput."""
         cfg = self.config
-        if fbank.ndim != 3 or fbank.shape[-1] != fbank_lib.NUM_MEL_BINS:
-            raise ValueError(f"fbank must be (batch, frames, {fbank_lib.NUM_MEL_BINS}), "
-                             f"got {fbank.shape}")
-        if fbank.shape[1] < cfg.input_patch_size:
-            raise ValueError(f"fbank has {fbank.shape[1]} frames; BEATs needs at least "
-                             f"{cfg.input_patch_size} (one patch)")
-        if frame_padding_mask is None:
-            frame_padding_mask = jnp.zeros(fbank.shape[:2], bool)
-        elif frame_padding_mask.shape != fbank.shape[:2]:
-            raise ValueError(f"frame_padding_mask shape {frame_padding_mask.shape} != fbank "
-                             f"frames {fbank.shape[:2]}")
+        frame_padding_mask = check_fbank(fbank, frame_padding_mask, cfg.input_patch_size)
         x, token_mask = self.front_end(fbank, frame_padding_mask, deterministic=deterministic)
         x = jnp.where(token_mask[..., None], 0.0, x)
         x = self.encoder_layer_norm(x + self.pos_conv(x))

@@ -135,14 +135,8 @@ class StudentEncoder(nn.Module):
                      deterministic: bool = True) -> beats_lib.BEATsOutput:
         """Feature-level entry point: normalised fbank (B, F, 128) -> BEATsOutput."""
         bcfg = self.config.beats
-        if fbank.ndim != 3 or fbank.shape[-1] != fbank_lib.NUM_MEL_BINS:
-            raise ValueError(f"fbank must be (batch, frames, {fbank_lib.NUM_MEL_BINS}), "
-                             f"got {fbank.shape}")
-        if fbank.shape[1] < bcfg.input_patch_size:
-            raise ValueError(f"fbank has {fbank.shape[1]} frames; the student needs at least "
-                             f"{bcfg.input_patch_size} (one patch)")
-        if frame_padding_mask is None:
-            frame_padding_mask = jnp.zeros(fbank.shape[:2], bool)
+        frame_padding_mask = beats_lib.check_fbank(fbank, frame_padding_mask,
+                                                   bcfg.input_patch_size)
         x, token_mask = self.front_end(fbank, frame_padding_mask, deterministic=deterministic)
         x = jnp.where(token_mask[..., None], 0.0, x)
         hidden_states = [x]
