@@ -220,25 +220,3 @@ def convert_haaqinet(src_path: str | os.PathLike, out_dir: str | os.PathLike, *,
                                    feature_layers=feature_layers)
     return net.save(out_dir, overwrite=overwrite,
                     extra={"source": str(Path(src_path).name)})
-
-
-def main(argv=None) -> int:
-    """python -m haaqi_jax.convert.haaqinet_torch SRC.pth OUT_DIR [--overwrite]"""
-    import argparse
-    import sys
-    parser = argparse.ArgumentParser(description="Convert a released HAAQI-Net checkpoint")
-    parser.add_argument("src")
-    parser.add_argument("out_dir")
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    try:
-        out = convert_haaqinet(args.src, args.out_dir, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
