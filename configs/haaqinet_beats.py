@@ -8,27 +8,27 @@ Adam 1e-4, batch 1, at most 10 epochs, early stopping with patience 3 on the val
 Without data.manifest the demo dataset is used.
 """
 
-import importlib.util
 import pathlib
 
 from ml_collections import ConfigDict, config_dict
 
+from haaqi_jax.config import load_config_file
+
 
 def _default():
-    spec = importlib.util.spec_from_file_location(
-        "_haaqi_default_config", pathlib.Path(__file__).with_name("default.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config_file(pathlib.Path(__file__).with_name("default.py"))
 
 
 def get_config():
     c = _default()
+    c.model.encoder_kind = "beats"
     c.model.encoder_config = ConfigDict()  # no overrides: the released (checkpoint's) config
     c.model.encoder_checkpoint = config_dict.placeholder(str)
     c.model.feature_mode = "last"
     c.model.feature_layers = tuple(range(1, 13))
+    c.model.head.audiogram_scale = 1.0  # the released head: raw dB HL
     c.optimizer.learning_rate = 1e-4
+    c.optimizer.schedule = "constant"
     c.train.batch_size = 1
     c.train.eval_batch_size = 8
     c.train.num_epochs = 10

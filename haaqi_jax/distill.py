@@ -17,9 +17,18 @@ section):
     combining the HAAQI loss and per-layer distillation terms); validation on the student's
     HAAQI loss every epoch, early stopping, checkpoints and resumption as in
     `haaqi_jax.train.loop` (same checkpoint manager, metrics file, progress bar);
+    with `distill.cache_targets` the teacher's target layers are computed once per clip into a
+    disk cache (`haaqi_jax.data.cache`, keyed by the teacher and the layers, float16 by
+    default, resumable) and the step reads them from the batch: the teacher never runs in it;
  4. the report: the student's report folder (as the teacher's) plus distill_report.json with
     student vs teacher LCC, SRCC, MSE per split, parameter counts and inference time per 10 s
-    clip.
+    clip (`time_inference`: teacher and student timed interleaved, min and median).
+
+Cached targets are off by default: they cost disk (K layers x C x 2 bytes per token: 2.3 MB per
+10 s clip for 3 layers of 768 in float16), pay off only after the first epoch (that epoch runs
+the teacher anyway, to fill the cache), round the targets to float16 (relative 2**-11, unless
+distill.target_cache_dtype="float32") and rule out random crops (a target belongs to one exact
+input: crops are refused with a ValueError).
 
 Parameters of the train state: {"encoder": student, "head": HAAQI-Net head, "pred_heads": the
 prediction heads, "loss": learnable loss parameters (may be empty)}.
@@ -27,6 +36,8 @@ prediction heads, "loss": learnable loss parameters (may be empty)}.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import time
@@ -48,6 +59,7 @@ from haaqi_jax.train.state import TrainState
 
 REPORT_FILE = "distill_report.json"
 TEACHER_DIR = "teacher"
+TARGET_CACHE_DIR = "target_cache"
 
 # ----------------------------------------------------------------------------- the student
 
@@ -121,19 +133,41 @@ def distill_frozen_patterns(config: Any) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------- step
 
 
-def make_distill_forward(teacher_cfg: Any, student_cfg: Any, target_layers, head_kind: str
-                         ) -> Callable[..., dict[str, jax.Array]]:
-    """(params, teacher_params, batch, rng, deterministic) -> predictions.
+def _encoder_mask(batch: Mapping[str, jax.Array]) -> jax.Array:
+    """The sample mask both encoders get: `encoder_padding_mask` of the batch's valid counts,
+    which makes an encoder flag exactly the tokens past each clip (also for the cache)."""
+    from haaqi_jax.model import encoder_padding_mask
+
+    waveform, padding_mask = batch["waveform"], batch["padding_mask"]
+    valid = (~padding_mask.astype(bool)).sum(-1).astype(jnp.int32)
+    return encoder_padding_mask(valid, waveform.shape[1])
+
+
+def _teacher_targets(teacher: Any, teacher_params: Any, waveform: jax.Array,
+                     enc_mask: jax.Array, target_layers: tuple[int, ...]):
+    """(targets (B, K, T, C) under stop_gradient, token padding mask (B, T) True = pad)."""
+    out = teacher.apply({"params": teacher_params}, waveform, enc_mask, deterministic=True)
+    targets = jnp.stack([out.hidden_states[i] for i in target_layers], axis=1)
+    return jax.lax.stop_gradient(targets), out.padding_mask
+
+
+def make_distill_forward(teacher_cfg: Any, student_cfg: Any, target_layers, head_kind: str, *,
+                         cached_targets: bool = False) -> Callable[..., dict[str, jax.Array]]:
+    """The distillation forward.
+
+    cached_targets=False: (params, teacher_params, batch, *, rng, deterministic); the teacher
+      encoder runs on the batch in eval mode under stop_gradient.
+    cached_targets=True: (params, batch, *, rng, deterministic); the targets are read from
+      batch["targets"] (B, K, T, C) (`haaqi_jax.data.cache.add_cached_targets`) and no teacher
+      is built or run at all.
 
     predictions: clip_score (B,), frame_scores (B, T), frame_mask (B, T) True = valid,
-    student_layers / teacher_layers (B, K, T, C), loss_params. The teacher encoder runs in eval
-    mode under stop_gradient.
+    student_layers / teacher_layers (B, K, T, C) float32, loss_params.
     """
     from haaqi_jax.head import HAAQINetHead
-    from haaqi_jax.model import _thaw_json, encoder_padding_mask, encoder_spec
+    from haaqi_jax.model import _thaw_json, encoder_spec
     from haaqi_jax.student import PredictionHeads
 
-    teacher = encoder_spec("beats").build(_thaw_json(teacher_cfg.encoder_config))
     student = encoder_spec("student").build(_thaw_json(student_cfg.encoder_config))
     head = HAAQINetHead(student_cfg.head)
     heads = PredictionHeads(len(target_layers), head_kind)
@@ -141,17 +175,11 @@ def make_distill_forward(teacher_cfg: Any, student_cfg: Any, target_layers, head
     feature_layers = tuple(student_cfg.feature_layers)
     weighted = student_cfg.feature_mode == "weighted"
 
-    def forward(params, teacher_params, batch, *, rng=None, deterministic=True):
-        waveform, padding_mask = batch["waveform"], batch["padding_mask"]
-        valid = (~padding_mask.astype(bool)).sum(-1).astype(jnp.int32)
-        enc_mask = encoder_padding_mask(valid, waveform.shape[1])
-        t_out = teacher.apply({"params": teacher_params}, waveform, enc_mask, deterministic=True)
-        targets = jax.lax.stop_gradient(
-            jnp.stack([t_out.hidden_states[i] for i in target_layers], axis=1))
+    def student_forward(params, batch, enc_mask, targets, rng, deterministic):
         enc_rng, head_rng = (None, None) if rng is None else jax.random.split(rng)
         s_rngs = None if deterministic or rng is None else {"dropout": enc_rng}
         h_rngs = None if deterministic or rng is None else {"dropout": head_rng}
-        s_out = student.apply({"params": params["encoder"]}, waveform, enc_mask,
+        s_out = student.apply({"params": params["encoder"]}, batch["waveform"], enc_mask,
                               deterministic=deterministic, rngs=s_rngs)
         # encoder_padding_mask makes the encoder flag exactly the tokens past each clip.
         token_mask = ~s_out.padding_mask
@@ -160,17 +188,87 @@ def make_distill_forward(teacher_cfg: Any, student_cfg: Any, target_layers, head
         out = head.apply({"params": params["head"]}, features, token_mask, batch["audiogram"],
                          deterministic=deterministic, rngs=h_rngs)
         predicted = heads.apply({"params": params["pred_heads"]}, s_out.last_hidden_state)
+        if targets.shape != predicted.shape:
+            raise ValueError(f"distillation targets have shape {targets.shape}, the prediction "
+                             f"heads make {predicted.shape} (B, K, T, C)")
         return {"clip_score": out.clip_score, "frame_scores": out.frame_scores,
                 "frame_mask": token_mask, "student_layers": predicted,
                 "teacher_layers": targets, "loss_params": params.get("loss", {})}
 
+    if cached_targets:
+        def forward_cached(params, batch, *, rng=None, deterministic=True):
+            targets = jax.lax.stop_gradient(jnp.asarray(batch["targets"], jnp.float32))
+            return student_forward(params, batch, _encoder_mask(batch), targets, rng,
+                                   deterministic)
+
+        return forward_cached
+
+    teacher = encoder_spec("beats").build(_thaw_json(teacher_cfg.encoder_config))
+
+    def forward(params, teacher_params, batch, *, rng=None, deterministic=True):
+        enc_mask = _encoder_mask(batch)
+        targets, _ = _teacher_targets(teacher, teacher_params, batch["waveform"], enc_mask,
+                                      target_layers)
+        return student_forward(params, batch, enc_mask, targets, rng, deterministic)
+
     return forward
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_target_encoder(encoder_config_json: str, layers: tuple[int, ...]) -> Callable:
+    """One jitted teacher-target function per teacher architecture and layers (compiled once
+    per shape however many caches are built)."""
+    from haaqi_jax.model import encoder_spec
+
+    module = encoder_spec("beats").build(json.loads(encoder_config_json))
+    return jax.jit(lambda params, wave, pad: _teacher_targets(
+        module, params, wave, _encoder_mask({"waveform": wave, "padding_mask": pad}), layers))
+
+
+def make_target_encode_fn(teacher: Any, target_layers) -> Callable[[np.ndarray, np.ndarray],
+                                                                   tuple[Any, Any]]:
+    """The teacher as `haaqi_jax.data.cache.build_feature_cache` calls it: (waveform (B, N),
+    padding_mask (B, N) True = pad) -> (targets (B, K, T, C), token padding mask (B, T)), with
+    the same sample mask and layers as `make_distill_forward` (jitted, eval mode)."""
+    from haaqi_jax.model import _thaw_json
+
+    encode = _jitted_target_encoder(
+        json.dumps(_thaw_json(teacher.config.encoder_config), sort_keys=True),
+        tuple(int(i) for i in target_layers))
+    params = jax.device_put(teacher.params["encoder"])
+
+    def encode_fn(waveform, padding_mask):
+        return encode(params, jnp.asarray(waveform, jnp.float32), jnp.asarray(padding_mask, bool))
+
+    return encode_fn
+
+
+def build_target_cache(teacher: Any, config: Any, rows, workdir: Path):
+    """The teacher's target hidden states of every row's whole clip, on disk
+    (`haaqi_jax.data.cache.build_feature_cache`, layers "all" = the K target layers): keyed by
+    the teacher encoder's parameters and config and the target layers, `distill.
+    target_cache_dtype` (float16 by default), resumable, clips whose audio changed re-encoded.
+    Folder: `distill.target_cache_dir`, default workdir/target_cache."""
+    from haaqi_jax.data import cache as cache_lib
+
+    dc = config.distill
+    layers = [int(i) for i in dc.target_layers]
+    identity = {"kind": "distill_targets", "encoder_config": dict(teacher.config.encoder_config),
+                "target_layers": layers}
+    fingerprint = cache_lib.params_fingerprint(teacher.params["encoder"], identity)
+    return cache_lib.build_feature_cache(
+        rows, make_target_encode_fn(teacher, layers),
+        dc.get("target_cache_dir") or (workdir / TARGET_CACHE_DIR),
+        batch_size=int(config.data.get("encode_batch_size", 8)), layers="all",
+        fingerprint=fingerprint, dtype=str(dc.get("target_cache_dtype", "float16")))
 
 
 def make_distill_step(forward: Callable[..., dict], loss_fn: steps_lib.LossFn,
                       tx: optax.GradientTransformation, labels: Any
                       ) -> Callable[[TrainState, Any, Mapping[str, jax.Array]], tuple]:
-    """One optimizer step: (state, teacher_params, batch) -> (new state, scalar metrics).
+    """One optimizer step: (state, teacher_params, batch) -> (new state, scalar metrics), or
+    (state, batch) with a cached-targets forward (`make_distill_forward(...,
+    cached_targets=True)`: the teacher does not run).
 
     The teacher parameters are an argument, not part of the state: the gradient is taken
     with respect to state.params only, so nothing reaches the teacher and the optimizer holds
@@ -180,17 +278,19 @@ def make_distill_step(forward: Callable[..., dict], loss_fn: steps_lib.LossFn,
     return steps_lib.make_train_step(forward, loss_fn, tx, labels)
 
 
-def jit_distill_step(step: Callable, mesh: Any) -> Callable:
-    """jit for data parallelism: state and teacher replicated, batch split over 'data', the
-    state donated."""
+def jit_distill_step(step: Callable, mesh: Any, *, with_teacher: bool = True) -> Callable:
+    """jit for data parallelism: state (and teacher) replicated, batch split over 'data', the
+    state donated. with_teacher=False for the cached-targets step (state, batch)."""
     repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    return jax.jit(step, in_shardings=(repl, repl, data), out_shardings=(repl, repl),
+    in_shardings = (repl, repl, data) if with_teacher else (repl, data)
+    return jax.jit(step, in_shardings=in_shardings, out_shardings=(repl, repl),
                    donate_argnums=(0,))
 
 # ----------------------------------------------------------------------------- teacher
 
-_SHARED_DATA_KEYS = ("manifest", "demo_dir", "demo_clips", "demo_seed", "train_split",
-                     "valid_split", "eval_splits", "valid_fraction", "prefetch", "bucket_pool")
+_SHARED_DATA_KEYS = ("manifest", "demo_dir", "demo_clips", "demo_seed", "demo_seconds",
+                     "demo_label_batch", "train_split", "valid_split", "eval_splits",
+                     "valid_fraction", "prefetch", "bucket_pool")
 
 
 def teacher_config(config: Any) -> Any:
@@ -236,29 +336,76 @@ def param_counts(teacher: Any, student: Any) -> dict[str, int]:
     return out
 
 
-def inference_seconds(net: Any, seconds: float = 10.0, repeats: int = 5, seed: int = 0
-                      ) -> dict[str, float]:
-    """Median wall time of a jitted, compiled forward on one clip of `seconds` (batch 1):
-    {"model": encoder + head, "encoder": encoder alone}."""
+def _timed_forwards(net: Any, seconds: float, seed: int) -> dict[str, Callable[[], Any]]:
+    """{"model": encoder + head -> clip score, "encoder": encoder -> features} of one clip of
+    `seconds` (batch 1), as a user calls them: `HAAQINet.apply` and a jitted `encode`. Inputs
+    and parameters are on the device already, so no host transfer is timed."""
     from haaqi_jax.model import HAAQINet
 
-    net = HAAQINet(net.config, jax.device_put(net.params))  # no host transfer per call
+    net = HAAQINet(net.config, jax.device_put(net.params))
     rng = np.random.default_rng(seed)
     wav = jnp.asarray(0.1 * rng.standard_normal((1, int(seconds * 16000))), jnp.float32)
     hl = jnp.zeros((1, 8), jnp.float32)
     module = net.module
     encoder = jax.jit(lambda p, w: module.apply({"params": p}, w, None, method="encode")[0])
-    times = {}
-    for name, fn in (("model", lambda: net.apply(wav, None, hl).clip_score),
-                     ("encoder", lambda: encoder(net.params, wav))):
-        jax.block_until_ready(fn())  # compile
-        runs = []
-        for _ in range(repeats):
+    return {"model": lambda: net.apply(wav, None, hl).clip_score,
+            "encoder": lambda: encoder(net.params, wav)}
+
+
+def time_inference(nets: Mapping[str, Any], seconds: float = 10.0, repeats: int = 15,
+                   seed: int = 0) -> dict[str, dict[str, dict[str, Any]]]:
+    """Wall times of jitted forwards of several HAAQI-Nets on one clip (batch 1), interleaved.
+
+    Every (net, part) function is compiled and run once first (not timed). Then `repeats`
+    rounds; in each round every function runs once, in an order rotated from round to round,
+    so a slow spell of a shared machine hits all nets alike and none always runs first.
+
+    Args:
+      nets: name -> HAAQINet (e.g. {"teacher": ..., "student": ...}).
+      seconds: clip length; repeats: timed rounds; seed: of the random clip.
+    Returns:
+      {name: {"model" | "encoder": {"min", "median" (seconds), "runs" (list, round order)}}}.
+    """
+    if repeats < 1:
+        raise ValueError(f"time_inference: repeats must be >= 1, got {repeats}")
+    jobs = [((name, part), fn) for name, net in nets.items()
+            for part, fn in _timed_forwards(net, seconds, seed).items()]
+    for _, fn in jobs:
+        jax.block_until_ready(fn())  # compile and warm up
+    runs: dict[tuple[str, str], list[float]] = {key: [] for key, _ in jobs}
+    for r in range(repeats):
+        shift = r % len(jobs)
+        for key, fn in jobs[shift:] + jobs[:shift]:
             start = time.perf_counter()
             jax.block_until_ready(fn())
-            runs.append(time.perf_counter() - start)
-        times[name] = float(np.median(runs))
-    return times
+            runs[key].append(time.perf_counter() - start)
+    out: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in nets}
+    for (name, part), times in runs.items():
+        out[name][part] = {"min": float(np.min(times)), "median": float(np.median(times)),
+                           "runs": [float(t) for t in times]}
+    return out
+
+
+def timing_ratios(times: Mapping[str, Any], numerator: str = "student",
+                  denominator: str = "teacher") -> dict[str, dict[str, float]]:
+    """numerator / denominator per part of `time_inference`'s result: ratio of the minima, of
+    the medians, and the median of the per-round ratios (each pair timed in the same round)."""
+    out = {}
+    for part in times[numerator]:
+        a, b = times[numerator][part], times[denominator][part]
+        paired = np.asarray(a["runs"]) / np.asarray(b["runs"])
+        out[part] = {"min": a["min"] / b["min"], "median": a["median"] / b["median"],
+                     "paired_median": float(np.median(paired))}
+    return out
+
+
+def inference_seconds(net: Any, seconds: float = 10.0, repeats: int = 5, seed: int = 0
+                      ) -> dict[str, float]:
+    """Median wall time of one net's jitted forward on one clip of `seconds` (batch 1):
+    {"model": encoder + head, "encoder": encoder alone}. To compare nets, time them together
+    with `time_inference` (interleaved)."""
+    times = time_inference({"net": net}, seconds, repeats, seed)["net"]
+    return {part: t["median"] for part, t in times.items()}
 
 # ----------------------------------------------------------------------------- the loop
 
@@ -268,6 +415,24 @@ def _head_loss(config: Any) -> steps_lib.LossFn:
     kwargs = cfglib.to_dict(config.loss.get("kwargs") or {})
     name, sub_kwargs = losses._named(kwargs.get("haaqi"), "haaqi_mse")
     return losses.get_loss(name, **sub_kwargs)
+
+
+def with_cached_targets(config: Any, teacher: Any, data: Any, workdir: Path) -> Any:
+    """`data` whose train batches carry the teacher's cached targets ("targets", float16 by
+    default, cast on the device): the cache is built over the train split first (or resumed,
+    or reused). Raises ValueError when crops are configured (a target belongs to one exact
+    input)."""
+    from haaqi_jax.data import cache as cache_lib
+    from haaqi_jax.model import tokens_for_samples
+
+    if config.data.get("crop_seconds") is not None:
+        raise ValueError("distill.cache_targets=True needs data.crop_seconds=None: a cached "
+                         "target belongs to one exact input, the whole clip (or set "
+                         "distill.cache_targets=False to run the teacher on every crop)")
+    rows = data.rows[config.data.train_split]
+    cache = build_target_cache(teacher, config, rows, workdir)
+    train = cache_lib.add_cached_targets(data.train, cache, rows, tokens_for_samples)
+    return dataclasses.replace(data, train=train)
 
 
 def _model_params(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -312,6 +477,10 @@ def distill_and_evaluate(config: Any, workdir: str | os.PathLike, *, data: Any =
     if data.mode != "waveform":
         raise ValueError(f"distillation needs waveform batches, got mode {data.mode!r}")
     keys = loop.BATCH_KEYS["waveform"]
+    cached = bool(dc.get("cache_targets", False))
+    train_keys = keys + ("targets",) if cached else keys
+    if cached:
+        data = with_cached_targets(config, teacher, data, workdir)
     valid_split = config.data.valid_split
     valid_labels = loop.split_labels(data.rows[valid_split], valid_split)
 
@@ -323,23 +492,26 @@ def distill_and_evaluate(config: Any, workdir: str | os.PathLike, *, data: Any =
     total_steps = int(tc.num_epochs) * data.steps_per_epoch
     tx = state_lib.make_optimizer(config.optimizer, labels, total_steps)
     state = sharding.replicate(state_lib.create_train_state(params, tx, int(config.seed)), mesh)
-    teacher_params = sharding.replicate(teacher.params["encoder"], mesh)
-
     forward = make_distill_forward(teacher.config, student.config, dc.target_layers,
-                                   str(dc.head_kind))
-    step_fn = jit_distill_step(make_distill_step(forward, loss_fn, tx, labels), mesh)
+                                   str(dc.head_kind), cached_targets=cached)
+    step_fn = jit_distill_step(make_distill_step(forward, loss_fn, tx, labels), mesh,
+                               with_teacher=not cached)
+    if not cached:
+        teacher_params = sharding.replicate(teacher.params["encoder"], mesh)
+        teacher_step = step_fn
+        step_fn = lambda st, batch: teacher_step(st, teacher_params, batch)  # noqa: E731
     head_loss = _head_loss(config)
     _, student_eval = steps_lib.jit_steps(
         lambda s, b: (s, {}),
         steps_lib.make_eval_step(loop.make_forward(student.config, "waveform"), head_loss), mesh)
 
     run = loop.run_loop(
-        state, step_fn=lambda st, batch: step_fn(st, teacher_params, batch),
+        state, step_fn=step_fn,
         evaluate=lambda st: loop.run_eval(student_eval, _model_params(st.params),
                                           data.eval_batches(valid_split), mesh, keys,
                                           len(valid_labels)),
-        data=data, mesh=mesh, keys=keys, valid_labels=valid_labels, tc=tc, workdir=workdir,
-        desc="distill")
+        data=data, mesh=mesh, keys=train_keys, valid_labels=valid_labels, tc=tc,
+        workdir=workdir, desc="distill")
     state, step, early, interrupted, ckpt = (run.state, run.step, run.early, run.interrupted,
                                              run.ckpt)
 
@@ -385,12 +557,17 @@ def compare(config: Any, teacher: Any, student: Any, data: Any, head_loss: steps
         row["lcc_gap"] = row["teacher"]["lcc"] - row["student"]["lcc"]
         splits[split] = row
     seconds = float(config.distill.get("timing_seconds", 10.0))
-    t_time = inference_seconds(teacher, seconds)
-    s_time = inference_seconds(student, seconds)
+    repeats = int(config.distill.get("timing_repeats", 15))
+    times = time_inference({"teacher": teacher, "student": student}, seconds, repeats)
+    ratios = timing_ratios(times)
+    per_clip = {"clip_seconds": seconds, "repeats": repeats,
+                "ratio_model": ratios["model"]["median"],
+                "ratio_encoder": ratios["encoder"]["median"], "ratios": ratios}
+    for name, parts in times.items():  # medians as the headline, minima next to them
+        per_clip[name] = {**{part: t["median"] for part, t in parts.items()},
+                          **{f"{part}_min": t["min"] for part, t in parts.items()}}
     return {"splits": splits, "params": param_counts(teacher, student),
-            "seconds_per_clip": {"clip_seconds": seconds, "teacher": t_time, "student": s_time,
-                                 "ratio_model": s_time["model"] / t_time["model"],
-                                 "ratio_encoder": s_time["encoder"] / t_time["encoder"]}}
+            "seconds_per_clip": per_clip}
 
 
 def format_comparison(c: Mapping[str, Any]) -> str:
@@ -406,7 +583,8 @@ def format_comparison(c: Mapping[str, Any]) -> str:
                  f"{p['student_encoder']:,} ({100 * p['encoder_reduction']:.2f} % fewer)")
     lines.append(f"whole model parameters: teacher {p['teacher_total']:,}, student "
                  f"{p['student_total']:,}")
-    lines.append(f"inference per {t['clip_seconds']:g} s clip: teacher "
-                 f"{t['teacher']['model']:.4f} s, student {t['student']['model']:.4f} s "
-                 f"(ratio {t['ratio_model']:.3f}; encoders alone {t['ratio_encoder']:.3f})")
+    lines.append(f"inference per {t['clip_seconds']:g} s clip (median of {t['repeats']}, "
+                 f"interleaved): teacher {t['teacher']['model']:.4f} s, student "
+                 f"{t['student']['model']:.4f} s (ratio {t['ratio_model']:.3f}, of minima "
+                 f"{t['ratios']['model']['min']:.3f}; encoders alone {t['ratio_encoder']:.3f})")
     return "\n".join(lines)

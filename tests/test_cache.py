@@ -1,4 +1,5 @@
-"""The feature cache: one encoder call per clip, staleness, resume, batches equal to encoding."""
+"""The feature cache: one encoder call per clip, staleness, resume, batches equal to encoding,
+cached targets added to waveform batches."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import soundfile as sf
 
 from haaqi_jax.data.audio import load_audio
 from haaqi_jax.data.buckets import bucket_length
-from haaqi_jax.data.cache import (FeatureCache, build_feature_cache, make_feature_batches,
-                                  params_fingerprint)
+from haaqi_jax.data.cache import (FeatureCache, add_cached_targets, build_feature_cache,
+                                  make_feature_batches, params_fingerprint)
 from haaqi_jax.data.manifest import ManifestRow
 from haaqi_jax.data.pipeline import InputConfig, make_train_iterator
 
@@ -244,3 +245,55 @@ def test_errors(rows, tmp_path):
         make_feature_batches(cache, rows, InputConfig(batch_size=2))
     with pytest.raises(ValueError, match="crop_seconds must be None"):
         make_feature_batches(cache, rows[:2], InputConfig(batch_size=2, crop_seconds=1.0))
+
+
+def test_cached_targets_added_to_waveform_batches(rows, tmp_path):
+    """add_cached_targets: the waveform pipeline's batches unchanged plus each clip's cached
+    outputs (as encoded alone), zeros past them and for fillers; same resume; crops and a
+    cache of another token rule refused."""
+    encoder = ToyEncoder(all_layers=True)
+    cache = build_feature_cache(rows, encoder, tmp_path / "cache", batch_size=2, layers="all",
+                                fingerprint="toy", dtype="float32")
+    num_tokens = lambda n: -(-n // HOP)  # noqa: E731  (the toy's rule; buckets are whole hops)
+    cfg = InputConfig(batch_size=3, seed=2, prefetch=0)
+    waves = make_train_iterator(rows, cfg)
+    batches = add_cached_targets(make_train_iterator(rows, cfg), cache, rows, num_tokens)
+    assert batches.steps_per_epoch == waves.steps_per_epoch == 3
+    fillers = 0
+    for _ in range(2 * batches.steps_per_epoch):
+        batch, plain = next(batches), next(waves)
+        assert set(batch) == set(plain) | {"targets"}
+        for key in plain:
+            np.testing.assert_array_equal(batch[key], plain[key], err_msg=key)
+        t = plain["waveform"].shape[1] // HOP
+        assert batch["targets"].shape == (3, LAYERS, t, 5)
+        assert batch["targets"].dtype == np.float32
+        for slot, i in enumerate(batch["index"]):
+            if i < 0:
+                fillers += 1
+                assert not batch["targets"][slot].any()
+                continue
+            expected, _ = encoder.direct(load_audio(rows[i].file_path))
+            t_valid = expected.shape[-2]
+            np.testing.assert_allclose(batch["targets"][slot, :, :t_valid], expected, atol=1e-6)
+            assert not batch["targets"][slot, :, t_valid:].any()
+    assert fillers == 4  # 7 rows in batches of 3: 2 fillers per epoch
+    state = json.loads(json.dumps(batches.get_state()))
+    want = next(batches)
+    resumed = add_cached_targets(make_train_iterator(rows, cfg), cache, rows, num_tokens)
+    resumed.set_state(state)
+    got = next(resumed)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+    cropped = make_train_iterator(rows, InputConfig(batch_size=7, prefetch=0, crop_seconds=0.4))
+    with pytest.raises(ValueError, match=r"id 'clip/\d'.*whole clips"):
+        next(add_cached_targets(cropped, cache, rows, num_tokens))
+    other_rule = add_cached_targets(make_train_iterator(rows, cfg), cache, rows,
+                                    lambda n: n // HOP + 1)
+    with pytest.raises(ValueError, match="built by another encoder"):
+        next(other_rule)
+    with pytest.raises(ValueError, match=r"id 'clip/new'.*run build_feature_cache"):
+        add_cached_targets(waves, FeatureCache(cache.directory), rows + [
+            ManifestRow(id="clip/new", file_path=rows[0].file_path, audiogram=np.zeros(8))],
+            num_tokens)

@@ -58,12 +58,17 @@ def test_freeze_and_json_roundtrip(tmp_path):
     assert back.train.num_epochs == 3
 
 
-@pytest.mark.parametrize("name", ["default", "tiny", "haaqinet_beats", "haaqinet_beats_weighted"])
+@pytest.mark.parametrize("name", ["default", "tiny", "haaqinet_beats", "haaqinet_beats_weighted",
+                                  "demo_random_beats", "distill", "distill_l1_cosine"])
 def test_shipped_configs_load(name):
     c = cfglib.load_config_file(REPO / "configs" / f"{name}.py")
     assert c.loss.name and c.optimizer.learning_rate > 0 and c.train.batch_size > 0
     cfglib.apply_overrides(c, ["train.num_epochs=1"])
     json.dumps(cfglib.to_dict(c))
+    # The model config it describes builds (encoder kind and its config keys agree).
+    from haaqi_jax.train import loop
+    model_config = c.distill.teacher if "distill" in c else c
+    loop.build_model_config(model_config)
 
 
 def test_missing_config_file(tmp_path):

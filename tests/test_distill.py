@@ -1,7 +1,10 @@
 """Distillation: each loss vs PyTorch on known inputs, the adaptive weighting, a user's own
 loss, the distillation step (frozen parts get no gradient and no optimizer state, the teacher
-gets nothing), 8 simulated devices = 1 device, and the whole job on a tiny dataset."""
+gets nothing), 8 simulated devices = 1 device, the step on cached teacher targets = the step
+that runs the teacher (which it never calls), and the whole job on a tiny dataset, with and
+without cached targets."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -287,6 +290,141 @@ def test_eight_simulated_devices_equal_one():
     for a, b in zip(one["params"], eight["params"]):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 
+# ----------------------------------------------------------------------------- cached targets
+
+
+def _target_rows(tmp_path):
+    """The train rows of a tiny dataset: 6 clips of 0.8-1 s (one bucket, 16000 samples)."""
+    from haaqi_jax.data.manifest import read_manifest, split_rows
+    manifest = _write_dataset(tmp_path / "data")
+    return split_rows(read_manifest(manifest, require_label=True))["train"]
+
+
+def _target_config(tmp_path, dtype):
+    return cfglib.ConfigDict({
+        "distill": {"target_layers": (2, 4), "target_cache_dir": str(tmp_path / "targets"),
+                    "target_cache_dtype": dtype},
+        "data": {"encode_batch_size": 4}})
+
+
+def test_cached_target_step_equals_teacher_step(tmp_path, tiny_setup, monkeypatch):
+    """Targets from the disk cache give the step of the teacher-running step (exactly with a
+    float32 cache, to float16 rounding with a float16 one), and that step never calls the
+    teacher."""
+    from haaqi_jax import distill
+    from haaqi_jax.data.cache import add_cached_targets
+    from haaqi_jax.data.pipeline import InputConfig, make_train_iterator
+    from haaqi_jax.model import tokens_for_samples
+    from haaqi_jax.train import state as state_lib
+
+    teacher, student, adam_state, labels, _, loss_fn, _, _ = tiny_setup
+    # SGD: the update is the gradient (Adam's first step turns rounding noise in near-zero
+    # gradients, e.g. of the attention key biases, into full-size steps).
+    tx = state_lib.make_optimizer(cfglib.ConfigDict({"name": "sgd", "learning_rate": 1e-2}),
+                                  labels, 10)
+    state = state_lib.create_train_state(adam_state.params, tx, 0)
+    rows = _target_rows(tmp_path)
+    calls = []
+    real_targets = distill._teacher_targets
+    monkeypatch.setattr(distill, "_teacher_targets",
+                        lambda *a, **k: calls.append(1) or real_targets(*a, **k))
+    with_teacher = jax.jit(distill.make_distill_step(
+        distill.make_distill_forward(teacher.config, student.config, (2, 4), "sequential"),
+        loss_fn, tx, labels))
+    # No teacher config, no teacher parameters: nothing of the teacher can run.
+    cached = jax.jit(distill.make_distill_step(
+        distill.make_distill_forward(None, student.config, (2, 4), "sequential",
+                                     cached_targets=True), loss_fn, tx, labels))
+    caches = {dtype: distill.build_target_cache(teacher, _target_config(tmp_path, dtype),
+                                                rows, tmp_path)
+              for dtype in ("float32", "float16")}
+    # float32 batches of both (the float16 values exactly): one compiled cached step.
+    iterators = {dtype: add_cached_targets(
+        make_train_iterator(rows, InputConfig(batch_size=4, prefetch=0, seed=3)), cache, rows,
+        tokens_for_samples, dtype=np.float32) for dtype, cache in caches.items()}
+    built = len(calls)  # building the caches ran the teacher
+    for _ in range(2):  # a full batch, then one with 2 weight-0 fillers
+        batches = {dtype: next(it) for dtype, it in iterators.items()}
+        plain = {k: v for k, v in batches["float32"].items() if k != "targets"}
+        ref_state, ref = with_teacher(state, teacher.params["encoder"], plain)
+        assert len(calls) > built  # the counter sees the teacher (traced once)
+        n_calls = len(calls)
+        for dtype, batch in batches.items():
+            assert batch["targets"].dtype == np.float32
+            assert batch["targets"].shape == (4, 2, tokens_for_samples(16000), 32)
+            np.testing.assert_array_equal(batch["waveform"], plain["waveform"])
+            new_state, got = cached(state, batch)
+            assert len(calls) == n_calls  # the cached step never traced the teacher
+            leaves = zip(jax.tree_util.tree_flatten_with_path(ref_state.params)[0],
+                         jax.tree_util.tree_leaves(new_state.params),
+                         jax.tree_util.tree_leaves(state.params))
+            if dtype == "float32":
+                assert {k: float(v) for k, v in got.items()} == {
+                    k: float(v) for k, v in ref.items()}
+                for (path, a), b, _ in leaves:
+                    np.testing.assert_array_equal(np.asarray(b), np.asarray(a),
+                                                  err_msg=jax.tree_util.keystr(path))
+                continue
+            for key in ref:
+                assert float(got[key]) == pytest.approx(float(ref[key]), rel=2e-3, abs=1e-6)
+            for (path, a), b, before in leaves:  # updates (-lr * gradient) to float16 rounding
+                step_ref = np.asarray(a) - np.asarray(before)
+                np.testing.assert_allclose(np.asarray(b) - np.asarray(before), step_ref, rtol=0,
+                                           atol=1e-2 * np.abs(step_ref).max() + 1e-9,
+                                           err_msg=jax.tree_util.keystr(path))
+    assert np.asarray(batch["weight"]).tolist() == [1, 1, 0, 0]
+    assert not np.asarray(batch["targets"][2:]).any()  # fillers: zeros, weight 0
+
+
+def test_target_cache_resumes_and_refuses_crops(tmp_path, tiny_setup):
+    """The target cache is built once per clip (a build resumes), keyed by the target layers;
+    target batches resume like waveform batches; crops and unknown clips are refused."""
+    from haaqi_jax import distill
+    from haaqi_jax.data.cache import add_cached_targets
+    from haaqi_jax.data.pipeline import InputConfig, make_train_iterator
+    from haaqi_jax.model import tokens_for_samples
+
+    teacher = tiny_setup[0]
+    rows = _target_rows(tmp_path)
+    config = _target_config(tmp_path, "float16")
+    first = distill.build_target_cache(teacher, config, rows[:3], tmp_path)
+    index = first.directory / "index.jsonl"
+    assert len(index.read_text().splitlines()) == 3
+    cache = distill.build_target_cache(teacher, config, rows, tmp_path)  # resumes
+    assert cache.directory == first.directory
+    assert len(index.read_text().splitlines()) == len(rows)
+    other_layers = _target_config(tmp_path, "float16")
+    other_layers.distill.target_layers = (1, 4)
+    assert distill.build_target_cache(teacher, other_layers, rows[:1],
+                                      tmp_path).directory != first.directory
+
+    in_cfg = InputConfig(batch_size=2, prefetch=0, seed=5)
+    make = lambda: add_cached_targets(make_train_iterator(rows, in_cfg), cache, rows,  # noqa
+                                      tokens_for_samples)
+    reference = make()
+    expected = [next(reference) for _ in range(5)]
+    it = make()
+    for _ in range(3):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    resumed = make()
+    resumed.set_state(state)
+    for want in expected[3:]:
+        got = next(resumed)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+    cropped = make_train_iterator(rows, dataclasses.replace(in_cfg, crop_seconds=0.5))
+    with pytest.raises(ValueError, match="cached targets belong to whole clips"):
+        next(add_cached_targets(cropped, cache, rows, tokens_for_samples))
+    with pytest.raises(ValueError, match="'new'.*not in the feature cache"):
+        add_cached_targets(cropped, cache, rows + [dataclasses.replace(rows[0], id="new")],
+                           tokens_for_samples)
+    crop_config = cfglib.ConfigDict({"data": {"crop_seconds": 0.5}})
+    with pytest.raises(ValueError, match="cache_targets=True needs data.crop_seconds=None"):
+        distill.with_cached_targets(crop_config, teacher, None, tmp_path)
+
+
 # ----------------------------------------------------------------------------- the job
 
 
@@ -311,45 +449,92 @@ def _write_dataset(out_dir, n=(6, 2, 2, 2), seconds=1.0, seed=0):
     return out_dir / "manifest.jsonl"
 
 
-def test_distillation_job_end_to_end(tmp_path):
-    """train.py --config configs/distill.py (shrunk): teacher trained first, student distilled,
-    reports written, the student loadable as a HAAQI-Net."""
+def _train_script():
     import importlib.util
-    from haaqi_jax.model import HAAQINet
-
     spec = importlib.util.spec_from_file_location("_train_script", REPO / "train.py")
     train_script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train_script)
+    return train_script
 
+
+def _argv(workdir, sets):
+    argv = ["--config", str(REPO / "configs" / "distill.py"), "--workdir", str(workdir)]
+    for s in sets:
+        argv += ["--set", s]
+    return argv
+
+
+def _train_records(workdir):
+    records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r["kind"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def distill_job(tmp_path_factory):
+    """train.py --config configs/distill.py (shrunk): the teacher trained first, the student
+    distilled with an interruption after 2 steps (checkpointed), then resumed to the end."""
+    tmp_path = tmp_path_factory.mktemp("job")
     manifest = _write_dataset(tmp_path / "data")
     sets = [f"data.manifest={manifest}", "data.prefetch=0", "train.batch_size=2",
             "train.eval_batch_size=2", "train.num_epochs=2", "train.patience=0",
             "train.progress=False", "train.checkpoint_every_steps=2", "train.log_every_steps=1",
             "distill.student_layers=(0, 1)", "distill.target_layers=(2, 4)",
-            "distill.timing_seconds=1.0", f"distill.teacher.data.cache_dir={tmp_path / 'cache'}",
+            "distill.timing_seconds=1.0", "distill.timing_repeats=3",
+            f"distill.teacher.data.cache_dir={tmp_path / 'cache'}",
             "distill.teacher.train.num_epochs=1", "distill.teacher.train.batch_size=2",
             "distill.teacher.train.eval_batch_size=2", "distill.teacher.data.prefetch=0"]
     sets += [f"distill.teacher.model.encoder_config.{k}={v}"
              for k, v in TINY_TEACHER_ENCODER.items()]
     sets += [f"distill.teacher.model.head.{k}={v}" for k, v in TINY_HEAD.items()]
     workdir = tmp_path / "run"
-    argv = ["--config", str(REPO / "configs" / "distill.py"), "--workdir", str(workdir)]
-    for s in sets:
-        argv += ["--set", s]
-    # Interrupted after 2 distillation steps (checkpointed), then resumed to the end.
-    assert train_script.main(argv + ["--set", "train.stop_after_steps=2"]) == 0
-    assert not (workdir / "distill_report.json").exists()
-    assert train_script.main(argv) == 0
+    train_script = _train_script()
+    assert train_script.main(_argv(workdir, sets + ["train.stop_after_steps=2"])) == 0
+    interrupted_report = (workdir / "distill_report.json").exists()
+    assert train_script.main(_argv(workdir, sets)) == 0
+    return {"workdir": workdir, "sets": sets, "interrupted_report": interrupted_report,
+            "train_script": train_script}
+
+
+def test_distillation_job_end_to_end(distill_job):
+    """Teacher trained first, student distilled (resumed once), reports written, the student
+    loadable as a HAAQI-Net."""
+    from haaqi_jax.model import HAAQINet
+
+    workdir = distill_job["workdir"]
+    assert not distill_job["interrupted_report"]
     report = json.loads((workdir / "distill_report.json").read_text())
     assert set(report["splits"]) == {"valid", "test_seen", "test_unseen"}
     for row in report["splits"].values():
         assert set(row["student"]) == {"lcc", "srcc", "mse"}
     assert report["params"]["student_encoder"] < report["params"]["teacher_encoder"]
-    assert report["seconds_per_clip"]["student"]["model"] > 0
-    records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-    train_records = [r for r in records if r["kind"] == "train"]
+    timing = report["seconds_per_clip"]
+    assert timing["repeats"] == 3 and 0 < timing["student"]["model_min"]
+    assert timing["student"]["model_min"] <= timing["student"]["model"]
+    assert set(timing["ratios"]["model"]) == {"min", "median", "paired_median"}
+    train_records = _train_records(workdir)
     assert [r["step"] for r in train_records] == list(range(1, 7))  # 3 steps x 2 epochs, once
     assert {"haaqi_loss", "distill_0", "distill_1", "weight_0"} <= set(train_records[0])
     net = HAAQINet.load(workdir / "report" / "best_model")
     assert net.config.encoder_kind == "student"
     assert (workdir / "teacher" / "report" / "best_model" / "config.json").is_file()
+    assert not (workdir / "target_cache").exists()  # cache_targets is off by default
+
+
+def test_distillation_job_with_cached_targets(distill_job, tmp_path):
+    """The same job with distill.cache_targets (teacher from the first job's checkpoint):
+    targets encoded once per train clip, and the training steps equal the teacher-running
+    job's to float16 rounding."""
+    train_script = distill_job["train_script"]
+    teacher = distill_job["workdir"] / "teacher" / "report" / "best_model"
+    sets = distill_job["sets"] + [f"distill.teacher_checkpoint={teacher}",
+                                  "distill.cache_targets=True"]
+    workdir = tmp_path / "cached"
+    sets += ["train.write_report=False"]  # the first job tests the reports
+    assert train_script.main(_argv(workdir, sets)) == 0
+    (index,) = (workdir / "target_cache").glob("*/index.jsonl")
+    assert len(index.read_text().splitlines()) == 6  # the 6 train clips, encoded once
+    cached, ref = _train_records(workdir), _train_records(distill_job["workdir"])
+    assert [r["step"] for r in cached] == list(range(1, 7))
+    for a, b in zip(cached[:2], ref[:2]):
+        for key in ("loss", "haaqi_loss", "distill_0", "distill_1", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=5e-3), (a["step"], key)

@@ -175,6 +175,21 @@ def test_batch_float64_equals_haaqi_v1_with_the_same_noise():
     np.testing.assert_allclose([float(getattr(batch, f)[0]) for f in FIELDS], flat, atol=1e-9)
 
 
+def test_threshold_noise_is_standard_normal_independent_and_prefix_stable():
+    """The counter-hash generator against scipy's normal law (KS), and for independence."""
+    from scipy import stats
+    key = jax.random.PRNGKey(7)
+    noise = np.asarray(api.threshold_noise(key, 20_000)).reshape(64, -1)
+    assert abs(noise.mean()) < 0.005 and abs(noise.std() - 1) < 0.005
+    assert stats.kstest(noise.ravel(), "norm").pvalue > 1e-3
+    corr = np.corrcoef(np.concatenate([noise[:, 1:], noise[:, :-1]], axis=0))  # rows, lag 1
+    assert np.abs(corr - np.eye(128)).max() < 0.04                           # 4.5 sigma
+    other = np.asarray(api.threshold_noise(jax.random.PRNGKey(8), 20_000)).reshape(64, -1)
+    assert abs(np.corrcoef(noise.ravel(), other.ravel())[0, 1]) < 0.005
+    np.testing.assert_array_equal(np.asarray(api.threshold_noise(key, 5_000)).reshape(64, -1),
+                                  noise[:, :5_000])
+
+
 def test_batch_float32_close_to_float64_and_items_alone():
     ref, proc = _pairs(2)
     lengths = np.array([ref.shape[1], ref.shape[1] - 400])   # one length bucket

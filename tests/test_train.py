@@ -92,7 +92,7 @@ def test_tiny_config_trains_and_reports(straight_run, tiny):
     assert [l["epoch"] for l in valid] == [1, 2]
     assert all(np.isfinite(l["loss"]) and -1 <= l["lcc"] <= 1 for l in valid)
     saved = json.loads((r.workdir / "config.json").read_text())
-    assert saved["train"]["num_epochs"] == 2 and saved["model"]["encoder_config"]["encoder_layers"] == 2
+    assert saved["train"]["num_epochs"] == 2 and saved["model"]["encoder_kind"] == "fbank_patches"
     rep = r.report_dir
     for name in ("metrics.json", "table.md", "table.csv", "predictions.csv", "examples.json",
                  "scatter.png", "training.json"):

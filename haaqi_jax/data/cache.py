@@ -23,6 +23,11 @@ config)`; without one, a hash of the encoder's output on a fixed probe signal is
 one extra encode_fn call and is bit-exact, so another device or backend rebuilds). A clip is
 re-encoded when its audio file's size or modification time changed. Interrupted builds resume:
 clips already in index.jsonl with their .npy present are skipped.
+
+Two readers: `make_feature_batches` (the encoder's features INSTEAD of the waveforms: head-only
+training) and `add_cached_targets` (waveform batches WITH the cached outputs of a frozen
+encoder added, e.g. a distillation teacher's target layers, so the teacher never runs in the
+training step).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import json
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 
@@ -134,9 +139,10 @@ class FeatureCache:
                              "(or its audio changed): run build_feature_cache on these rows")
         return self.entries[row.id]
 
-    def load(self, row: ManifestRow) -> np.ndarray:
-        """The stored features as float32: (t_valid, C) or (L, t_valid, C)."""
-        return np.load(self.directory / self.entry(row).file).astype(np.float32)
+    def load(self, row: ManifestRow, dtype: Any = np.float32) -> np.ndarray:
+        """The stored features as `dtype` (None = as stored): (t_valid, C) or (L, t_valid, C)."""
+        stored = np.load(self.directory / self.entry(row).file)
+        return stored if dtype is None else stored.astype(dtype)
 
 
 def _probe_fingerprint(encode_fn: EncodeFn, sample_rate: int) -> str:
@@ -340,3 +346,98 @@ def make_feature_batches(cache: FeatureCache, rows: Sequence[ManifestRow], cfg: 
                     tuple(e.source for e in entries))
     return make_batch_iterator(keys, load_batch, cfg, train=train, epoch_start=epoch_start,
                                num_epochs=num_epochs, digest_parts=digest_parts)
+
+
+class TargetBatches(Iterator[Batch]):
+    """Waveform batches with each clip's cached encoder outputs added (see `add_cached_targets`).
+
+    Position, state and resumption are the wrapped iterator's: get_state / set_state /
+    steps_per_epoch / position / close are passed through, so a checkpoint taken with cached
+    targets resumes exactly like one of the plain waveform pipeline.
+    """
+
+    def __init__(self, batches: Any, cache: FeatureCache, rows: Sequence[ManifestRow],
+                 num_tokens: Callable[[int], int], key: str, dtype: Any):
+        self._batches = batches
+        self._cache = cache
+        self._rows = rows
+        self._num_tokens = num_tokens
+        self._key = key
+        self._dtype = dtype
+        self.steps_per_epoch = batches.steps_per_epoch
+
+    def __iter__(self) -> "TargetBatches":
+        return self
+
+    def __next__(self) -> Batch:
+        batch = dict(next(self._batches))
+        n_valid = (~np.asarray(batch["padding_mask"], bool)).sum(axis=1)
+        t = int(self._num_tokens(int(batch["waveform"].shape[1])))
+        index = np.asarray(batch["index"])
+        shape = tuple(self._cache.feature_shape)  # (C,) or (L, C)
+        dtype = np.dtype(self._cache.dtype if self._dtype is None else self._dtype)
+        targets = np.zeros((len(index),) + shape[:-1] + (t, shape[-1]), dtype)
+        for slot, i in enumerate(index):
+            if i < 0:
+                continue  # a filler (weight 0): zeros are finite and count for nothing
+            row = self._rows[int(i)]
+            entry = self._cache.entry(row)
+            if entry.n_samples != int(n_valid[slot]):
+                raise ValueError(
+                    f"{row.describe()}: the batch holds {int(n_valid[slot])} samples of this "
+                    f"clip but its cached targets were computed from {entry.n_samples}; cached "
+                    "targets belong to whole clips (set data.crop_seconds=None)")
+            expected = int(self._num_tokens(entry.n_samples))
+            if entry.t_valid != expected or entry.t_valid > t:
+                raise ValueError(
+                    f"{row.describe()}: the cache holds {entry.t_valid} target tokens, the "
+                    f"model makes {expected} of {entry.n_samples} samples ({t} in the batch); "
+                    f"the cache {self._cache.directory} was built by another encoder")
+            targets[slot, ..., :entry.t_valid, :] = self._cache.load(row, dtype)
+        batch[self._key] = targets
+        return batch
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return self._batches.position
+
+    def get_state(self) -> dict[str, Any]:
+        return self._batches.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._batches.set_state(state)
+
+    def close(self) -> None:
+        self._batches.close()
+
+
+def add_cached_targets(batches: Any, cache: FeatureCache, rows: Sequence[ManifestRow],
+                       num_tokens: Callable[[int], int], *, key: str = "targets",
+                       dtype: Any = None) -> TargetBatches:
+    """Adds each clip's cached encoder outputs to waveform batches, e.g. a frozen teacher's
+    target layers for distillation, so that the training step never runs the teacher.
+
+    Args:
+      batches: a waveform BatchIterator (`make_train_iterator` of the same `rows`); its
+        `index` entries name the rows.
+      cache: a FeatureCache built (`build_feature_cache`) over those rows from whole clips,
+        with the same padding rule as the model (so its valid tokens are the model's).
+      rows: the rows `batches` was made from.
+      num_tokens: samples -> tokens of the model (e.g. `haaqi_jax.model.tokens_for_samples`).
+      key: name of the added entry.
+      dtype: of the added entry; None = the cache's storage dtype (float16 halves the transfer;
+        cast on the device).
+    Returns:
+      An iterator of the same batches plus `key`: (B, T, C) or (B, L, T, C) with T =
+      num_tokens(waveform length), each clip's t_valid cached tokens first, zeros after them
+      and for fillers (weight 0).
+    Raises:
+      ValueError naming the row when a clip is not cached or its audio changed, when the batch
+      does not hold the whole clip (a crop: a target belongs to one exact input), or when the
+      cache's token counts are not the model's. Rows are checked up front, clips per batch.
+    """
+    for row in rows:
+        cache.entry(row)  # fails fast on a missing or stale clip
+    if cache.feature_shape is None:
+        raise ValueError(f"the cache {cache.directory} holds no clips")
+    return TargetBatches(batches, cache, rows, num_tokens, key, dtype)

@@ -9,7 +9,9 @@ as at a hearing aid's microphone, then noise reduction, shaping, compression), a
 Seen and unseen types: the paper tests on distortions held out of training. Here
 `UNSEEN_DISTORTIONS` (only in the test_unseen split) holds two single types that never occur in
 training (negative tilt, several resonances) and combinations of seen types that never occur
-together in training; `SEEN_DISTORTIONS` is everything the train/valid/test_seen splits use.
+together in training; `SEEN_DISTORTIONS` is everything the train/valid/test_seen splits use:
+"clean", the seven other single types and eleven of their pairs (a hearing aid chains its
+stages, so training sees chains, just never the held-out ones).
 
 Loudness: a hearing aid hands the listener a signal at a comfortable level, so every processed
 clip is scaled to the RMS of its reference (`match_loudness`); the degradation functions
@@ -287,6 +289,8 @@ def noise_then_subtract(x: np.ndarray, rng: np.random.Generator, sample_rate: in
 SEEN_DISTORTIONS = (
     "clean", "babble", "spectral_subtraction", "compression", "lowpass", "highpass", "tilt_up",
     "resonance", "babble+compression", "spectral_subtraction+tilt_up", "lowpass+resonance",
+    "babble+lowpass", "babble+resonance", "spectral_subtraction+highpass", "highpass+resonance",
+    "lowpass+tilt_up", "tilt_up+compression", "resonance+compression", "highpass+compression",
 )
 #: Distortions only in test_unseen: two held-out single types and unseen combinations.
 UNSEEN_DISTORTIONS = (

@@ -32,9 +32,6 @@ logger = logging.getLogger(__name__)
 NUM_BANDS = backend.NUM_BANDS
 #: Buffers are whole multiples of this many 24 kHz samples (one 16 ms covariance window).
 BUCKET_UNIT = 384
-#: Noise is drawn in blocks of this many samples, each from fold_in(item_key, block index), so
-#: an item's noise does not depend on the buffer length it is padded to.
-NOISE_BLOCK = 384
 #: Default memory budget of one `haaqi_batch` chunk, in 24 kHz samples (items x buffer length):
 #: 3 ten-second clips (buffer 245,760); measured peak RSS 2.3 GB on CPU in float32, whatever
 #: the batch size.
@@ -61,14 +58,32 @@ def bucket_length(n: int) -> int:
     return units * BUCKET_UNIT
 
 
+def _mix32(x: jax.Array) -> jax.Array:
+    """The "lowbias32" integer hash (C. Wellons): a bijection of uint32 with full avalanche."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
 def threshold_noise(key: jax.Array, length: int, dtype=jnp.float32) -> jax.Array:
     """(2, 32, length) standard normals (reference, processed) for one item's IHC threshold
-    noise; sample t is the same for every `length` > t."""
-    blocks = -(-length // NOISE_BLOCK)
-    draw = jax.vmap(lambda b: jax.random.normal(jax.random.fold_in(key, b),
-                                                (2, NUM_BANDS, NOISE_BLOCK), dtype))
-    noise = draw(jnp.arange(blocks))                                     # (blocks, 2, 32, L)
-    return jnp.moveaxis(noise, 0, 2).reshape(2, NUM_BANDS, blocks * NOISE_BLOCK)[..., :length]
+    noise; sample t is the same for every `length` > t.
+
+    Counter-based: sample t of row r (2 x 32 rows) is a function of (key, 64 t + r) only, two
+    rounds of an integer hash seeded from the key, then the normal quantile of the 24-bit
+    uniform. This is ~3x cheaper than drawing with threefry (which was ~17 % of `haaqi_batch`'s
+    time) and, for threshold noise 10 dB below audibility, statistically indistinguishable
+    from it (tests check the moments, a KS test and independence across rows and samples).
+    Counters wrap after 2**26 samples (46 min at 24 kHz).
+    """
+    seed = jax.random.bits(key, (2,), jnp.uint32)
+    counter = (jnp.arange(length, dtype=jnp.uint32)[None, :] * jnp.uint32(2 * NUM_BANDS)
+               + jnp.arange(2 * NUM_BANDS, dtype=jnp.uint32)[:, None])       # (64, length)
+    bits = _mix32(_mix32(counter ^ seed[0]) + seed[1])
+    uniform = ((bits >> 8).astype(dtype) + 0.5) * (2.0 ** -24)              # in (0, 1)
+    return jax.scipy.special.ndtri(uniform).reshape(2, NUM_BANDS, length)
 
 
 def _check_length(n: int, where: str) -> None:

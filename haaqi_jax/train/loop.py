@@ -189,8 +189,11 @@ def resolve_manifest(config: Any) -> Path:
     d = config.data
     if d.get("manifest"):
         return Path(d.manifest)
-    from haaqi_jax.data.demo import build_demo_dataset
+    from haaqi_jax.data.demo import DEFAULT_SECONDS, build_demo_dataset
+    seconds = d.get("demo_seconds") or DEFAULT_SECONDS
     return build_demo_dataset(d.demo_dir, n_clips=int(d.demo_clips), seed=int(d.demo_seed),
+                              clip_seconds=(float(seconds[0]), float(seconds[1])),
+                              batch_size=int(d.get("demo_label_batch") or 8),
                               progress=bool(config.train.get("progress", True)))
 
 

@@ -1,0 +1,112 @@
+"""A transformer-free encoder: the normalised log-mel patches that BEATs reads, as tokens.
+
+Encoder kind "fbank_patches" (registered on import, so `HAAQINetConfig(encoder_kind=
+"fbank_patches")` and `HAAQINet.load` find it). It computes BEATs' own input -- the Kaldi
+fbank of the 16 kHz waveform, normalised as BEATs does -- and cuts it into BEATs' 16 x 16
+patches in BEATs' token order (time patch major, 8 mel patches within), so every token of the
+HAAQI-Net head sits exactly where a BEATs token would. A token's feature is its patch's 256
+log-mel values (16 frames x 16 bins, frame major), followed by a small embedding of its mel
+patch index (0..7; initialised to one-hot) so that the head can tell the bands apart.
+
+Why it exists: with no pretrained BEATs weights on the machine (the demo job), a *random*
+BEATs projects each patch through a random convolution, a per-token LayerNorm (which removes
+the patch's overall level, i.e. exactly the spectral balance that low-pass, tilt and
+resonance change) and random attention that mixes tokens. Handing the head the patches
+themselves keeps all of that information and costs only the fbank.
+
+    __call__(waveform (B, N) float in [-1, 1], padding_mask (B, N) bool True = pad | None)
+      -> beats.BEATsOutput(last_hidden_state (B, T, 256 + position_dim), hidden_states (that one
+         array), padding_mask (B, T) True = pad)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from haaqi_jax import beats as beats_lib
+from haaqi_jax import fbank as fbank_lib
+from haaqi_jax import model as model_lib
+
+PATCH = 16
+MEL_PATCHES = fbank_lib.NUM_MEL_BINS // PATCH
+
+
+@dataclasses.dataclass(frozen=True)
+class FbankPatchesConfig:
+    """position_dim: width of the mel-patch index embedding appended to each token (0 = none;
+    initialised to the first `position_dim` columns of an 8 x 8 identity, so <= 8 is one-hot).
+    spectrum_context: also append the whole 128-bin spectrum of the token's time patch (mean
+    over its 16 frames), so that every token sees the spectral balance, not one band of it."""
+
+    position_dim: int = MEL_PATCHES
+    spectrum_context: bool = False
+
+    def __post_init__(self):
+        if self.position_dim < 0:
+            raise ValueError(f"position_dim must be >= 0, got {self.position_dim}")
+
+    @classmethod
+    def from_dict(cls, cfg: Mapping[str, Any]) -> "FbankPatchesConfig":
+        unknown = set(cfg) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown fbank_patches config keys {sorted(unknown)}")
+        return cls(**cfg)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def feature_dim(self) -> int:
+        return PATCH * PATCH + self.position_dim + fbank_lib.NUM_MEL_BINS * self.spectrum_context
+
+
+def _one_hot_init(key, shape, dtype=jnp.float32):
+    del key
+    return jnp.eye(*shape, dtype=dtype)
+
+
+class FbankPatches(nn.Module):
+    """See the module docstring."""
+
+    config: FbankPatchesConfig = FbankPatchesConfig()
+
+    @nn.compact
+    def __call__(self, waveform: jax.Array, padding_mask: jax.Array | None = None, *,
+                 deterministic: bool = True) -> beats_lib.BEATsOutput:
+        del deterministic  # no dropout
+        beats_lib.check_waveform(waveform, padding_mask, patch_size=PATCH)
+        fbank, _ = fbank_lib.kaldi_fbank(jnp.asarray(waveform, jnp.float32))
+        fbank = fbank_lib.normalize_fbank(fbank)                        # (B, F, 128)
+        batch, n_frames, _ = fbank.shape
+        if padding_mask is None:
+            frame_mask = jnp.zeros((batch, n_frames), bool)
+        else:
+            frame_mask = fbank_lib.frame_padding_mask(jnp.asarray(padding_mask), n_frames)
+        n_time = n_frames // PATCH
+        patches = fbank[:, :n_time * PATCH].reshape(batch, n_time, PATCH, MEL_PATCHES, PATCH)
+        tokens = patches.transpose(0, 1, 3, 2, 4).reshape(batch, n_time * MEL_PATCHES,
+                                                           PATCH * PATCH)
+        token_mask = beats_lib.token_padding_mask(frame_mask, tokens.shape[1])
+        if self.config.spectrum_context:
+            spectrum = patches.mean(axis=2).reshape(batch, n_time, 1, -1)  # (B, T/8, 1, 128)
+            spectrum = jnp.broadcast_to(spectrum, (batch, n_time, MEL_PATCHES, spectrum.shape[-1]))
+            tokens = jnp.concatenate([tokens, spectrum.reshape(batch, tokens.shape[1], -1)], -1)
+        if self.config.position_dim:
+            table = self.param("mel_position", _one_hot_init,
+                               (MEL_PATCHES, self.config.position_dim))
+            position = jnp.tile(table, (n_time, 1))                     # (T, position_dim)
+            tokens = jnp.concatenate(
+                [tokens, jnp.broadcast_to(position, (batch,) + position.shape)], axis=-1)
+        tokens = jnp.where(token_mask[..., None], 0.0, tokens)
+        return beats_lib.BEATsOutput(last_hidden_state=tokens, hidden_states=(tokens,),
+                                     padding_mask=token_mask)
+
+
+model_lib.register_encoder(
+    "fbank_patches", build=lambda cfg: FbankPatches(FbankPatchesConfig.from_dict(cfg)),
+    default_config=lambda: FbankPatchesConfig().to_dict())
