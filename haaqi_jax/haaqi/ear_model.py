@@ -267,8 +267,10 @@ def _band_group(mid, n, level1, cf, control_bw, control_pole, bw_min, attn_ohc, 
     average = jnp.sqrt(filters.masked_mean(env**2, n))
 
     env, bm = compress(env, bm, control, attn_ohc, low_knee, ratio, level1, block=block)
-    env = jnp.where(valid, env, 0)
-    bm = jnp.where(valid, bm, 0)
+    # Materialise once: otherwise XLA re-evaluates the compression's log/pow chain inside each
+    # of the four FFT zero-padding fusions of the alignment search below.
+    env, bm = jax.lax.optimization_barrier(
+        (jnp.where(valid, env, 0), jnp.where(valid, bm, 0)))
 
     # Align the processed envelope and BM to the reference (separately).
     env_lag = filters.correlation_lag(env[0], env[1], n, ALIGN_MAX_LAG)
