@@ -128,8 +128,7 @@ def lstm_recurrence(gates_in: jax.Array, w_hh: jax.Array, *, unroll: int = 4) ->
     Args:
       gates_in: (D, B, T, 4H) input contributions to the gates (i, f, g, o).
       w_hh: (D, H, 4H) recurrent kernels.
-      unroll: scan steps per loop iteration (fewer loop trips; the recurrence itself is
-        sequential, so on CPU its per-step overhead dominates the head's time).
+      unroll: scan steps per loop iteration (fewer loop trips of the sequential recurrence).
     Returns:
       (D, B, T, H) hidden states.
     """

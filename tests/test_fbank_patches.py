@@ -62,6 +62,17 @@ def test_mel_position_one_hot_and_padding_matches_reference_rule(kaldi):
     np.testing.assert_allclose(feats[0, :, :256], _torch_patch_tokens(kaldi, wav[:1])[0], atol=1e-4)
 
 
+def test_spectrum_context_is_each_time_patch_mean_spectrum(kaldi):
+    wav = _wavs([SR], seed=3)
+    module = FbankPatches(FbankPatchesConfig(position_dim=0, spectrum_context=True))
+    feats = np.asarray(module.apply({}, jnp.asarray(wav)).last_hidden_state)[0]
+    fbank = torch_kaldi_fbank(kaldi, wav)[0]                                 # (F, 128)
+    n_time = fbank.shape[0] // 16
+    spectra = fbank[:n_time * 16].reshape(n_time, 16, 128).mean(axis=1)      # (T/8, 128)
+    assert feats.shape == (n_time * 8, 256 + 128)
+    np.testing.assert_allclose(feats[:, 256:], np.repeat(spectra, 8, axis=0), atol=1e-4)
+
+
 def test_haaqinet_with_fbank_patches_batch_equals_alone():
     config = HAAQINetConfig(encoder_kind="fbank_patches", encoder_config={"position_dim": 8})
     net = HAAQINet.init_random(config, seed=0)

@@ -74,8 +74,8 @@ def threshold_noise(key: jax.Array, length: int, dtype=jnp.float32) -> jax.Array
     Counter-based: sample t of row r (2 x 32 rows) is a function of (key, 64 t + r) only, two
     rounds of an integer hash seeded from the key, then the normal quantile of the 24-bit
     uniform. This is ~3x cheaper than drawing with threefry (which was ~17 % of `haaqi_batch`'s
-    time) and, for threshold noise 10 dB below audibility, statistically indistinguishable
-    from it (tests check the moments, a KS test and independence across rows and samples).
+    time); for threshold noise 10 dB below audibility its quality is ample (tests check the
+    moments, a KS test against the normal law and independence across rows, lags and keys).
     Counters wrap after 2**26 samples (46 min at 24 kHz).
     """
     seed = jax.random.bits(key, (2,), jnp.uint32)
