@@ -22,6 +22,7 @@ from clarity.utils.audiogram import Audiogram as ClarityAudiogram
 from haaqi_jax.audiogram import STANDARD_FREQUENCIES, Audiogram
 from haaqi_jax.haaqi import api
 from haaqi_jax.haaqi.api import compute_haaqi, haaqi_batch, haaqi_v1, prepare_batch
+from signals import harmonic_music
 
 FIELDS = ("combined", "nonlinear", "linear", "cephigh", "bmsync5", "d_loud", "d_norm")
 AUDIOGRAMS = {
@@ -33,15 +34,7 @@ AUDIOGRAMS = {
 
 
 def music(seconds: float, fs: float, seed: int) -> np.ndarray:
-    """Harmonic tones with slow amplitude modulation and a little noise (music-like)."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(round(seconds * fs))) / fs
-    x = np.zeros_like(t)
-    for f0 in rng.uniform(110, 440, 3):
-        for h in range(1, 8):
-            x += (0.5 / h) * np.sin(2 * np.pi * f0 * h * t + rng.uniform(0, 2 * np.pi))
-    x *= 1 + 0.6 * np.sin(2 * np.pi * rng.uniform(1, 6) * t)
-    return 0.05 * (x + 0.05 * rng.standard_normal(t.size))
+    return harmonic_music(seconds, fs, seed, harmonics=7)
 
 
 def degrade(x: np.ndarray, fs: float, condition: str, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -14,21 +14,14 @@ import pytest
 from clarity.evaluator.haspi import eb
 
 from haaqi_jax.haaqi import backend
+from signals import harmonic_music
 
 FS = 24000
 PAD = 1000          # buffers are longer than the signals by this (not a multiple of any hop)
 
 
 def music(seconds: float, seed: int, fs: int = FS) -> np.ndarray:
-    """Harmonic tones with slow amplitude modulation, plus a little noise."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * fs)) / fs
-    x = np.zeros_like(t)
-    for f0 in rng.uniform(110, 440, 3):
-        for h in range(1, 6):
-            x += (0.5 / h) * np.sin(2 * np.pi * f0 * h * t + rng.uniform(0, 2 * np.pi))
-    x *= 1 + 0.6 * np.sin(2 * np.pi * rng.uniform(1, 6) * t)
-    return 0.05 * (x + 0.05 * rng.standard_normal(t.size))
+    return harmonic_music(seconds, fs, seed, harmonics=5)
 
 
 @pytest.fixture(scope="module")
