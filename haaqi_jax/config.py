@@ -17,6 +17,7 @@ checked against that type.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import json
 import os
@@ -31,6 +32,15 @@ FrozenConfigDict = ml_collections.FrozenConfigDict
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
+
+
+def reject_unknown_keys(d: Any, cls: type) -> None:
+    """Raises ValueError naming the keys of mapping `d` that are not fields of dataclass `cls`
+    (and the known ones): the one check behind the frozen config dataclasses' from_dict."""
+    known = sorted(f.name for f in dataclasses.fields(cls))
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {unknown} (known: {', '.join(known)})")
 
 
 def load_config_file(path: str | os.PathLike) -> ConfigDict:

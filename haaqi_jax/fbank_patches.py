@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from haaqi_jax import beats as beats_lib
 from haaqi_jax import fbank as fbank_lib
 from haaqi_jax import model as model_lib
+from haaqi_jax.config import reject_unknown_keys
 
 PATCH = 16
 MEL_PATCHES = fbank_lib.NUM_MEL_BINS // PATCH
@@ -52,9 +53,7 @@ class FbankPatchesConfig:
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> "FbankPatchesConfig":
-        unknown = set(cfg) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown fbank_patches config keys {sorted(unknown)}")
+        reject_unknown_keys(cfg, cls)
         return cls(**cfg)
 
     def to_dict(self) -> dict[str, Any]:

@@ -35,6 +35,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from haaqi_jax.config import reject_unknown_keys
+
 
 @dataclasses.dataclass(frozen=True)
 class HeadConfig:
@@ -78,9 +80,7 @@ class HeadConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "HeadConfig":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"HeadConfig: unknown keys {sorted(unknown)}")
+        reject_unknown_keys(d, cls)
         return cls(**d)
 
 

@@ -43,6 +43,7 @@ import numpy as np
 
 from haaqi_jax import beats as beats_lib
 from haaqi_jax import fbank as fbank_lib
+from haaqi_jax.config import reject_unknown_keys
 
 HEAD_KINDS = ("independent", "sequential")
 
@@ -82,10 +83,7 @@ class StudentConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "StudentConfig":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"StudentConfig: unknown keys {sorted(unknown)} (known: beats, "
-                             f"num_layers, shared_position_bias)")
+        reject_unknown_keys(d, cls)
         d = dict(d)
         if "beats" in d:
             d["beats"] = beats_lib.BEATsConfig.from_dict(dict(d["beats"]))

@@ -89,7 +89,7 @@ def test_haaqinet_with_fbank_patches_batch_equals_alone():
 
 
 def test_bad_config_and_short_input_name_the_problem():
-    with pytest.raises(ValueError, match="unknown fbank_patches config keys"):
+    with pytest.raises(ValueError, match=r"FbankPatchesConfig: unknown keys \['position_dims'\]"):
         FbankPatchesConfig.from_dict({"position_dims": 8})
     with pytest.raises(ValueError, match="position_dim"):
         FbankPatchesConfig(position_dim=-1)
