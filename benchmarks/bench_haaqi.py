@@ -1,13 +1,15 @@
 """HAAQI speed and memory: haaqi_jax.haaqi_batch (float32, warm) vs pyclarity's haaqi_v1.
 
     python benchmarks/bench_haaqi.py [--seconds 10] [--rate 44100] [--batch 8]
-        [--big-batch 64] [--reference-clips 1]
+        [--big-batch 64] [--reference-clips 1] [--no-reference]
 
 Each side runs in its own subprocess so that its peak memory (ru_maxrss) is its own:
   pyclarity   haaqi_v1 on --reference-clips clips, one at a time (seconds per clip)
   jax         haaqi_batch on --batch clips: one call to compile, one warm call timed
   jax-big     haaqi_batch on --big-batch clips (chunked), peak memory
-Prints per-clip times, the speed-up ratio and the peak resident memory of each process.
+Prints per-clip times (and clips/s), the speed-up ratio and the peak resident memory of each
+process. --no-reference skips pyclarity (e.g. on an accelerator machine without it installed;
+its CPU figure is then the one recorded in benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -104,6 +106,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--big-batch", type=int, default=64)
     parser.add_argument("--reference-clips", type=int, default=1)
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip pyclarity; time haaqi_batch alone")
     parser.add_argument("--chunk", type=int, default=None, help="haaqi_batch chunk (default auto)")
     parser.add_argument("--worker", choices=("pyclarity", "jax", "jax-big"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -112,16 +116,20 @@ def main() -> None:
         return
 
     print(f"{args.seconds:g} s clips at {args.rate} Hz; audiogram {AUDIOGRAM}")
-    ref = run_worker("pyclarity", args)
-    print(f"pyclarity haaqi_v1: {ref['per_clip_s']:.2f} s per clip, peak {ref['peak_mb']:.0f} MB")
+    ref = None if args.no_reference else run_worker("pyclarity", args)
+    if ref:
+        print(f"pyclarity haaqi_v1: {ref['per_clip_s']:.2f} s per clip, peak "
+              f"{ref['peak_mb']:.0f} MB")
     jax_run = run_worker("jax", args)
     print(f"haaqi_batch float32 (batch {args.batch}, {jax_run['device']}): "
-          f"{jax_run['per_clip_s']:.3f} s per clip warm (first call {jax_run['cold_s']:.1f} s), "
-          f"peak {jax_run['peak_mb']:.0f} MB")
-    print(f"speed-up per clip: {ref['per_clip_s'] / jax_run['per_clip_s']:.1f}x")
-    m = min(len(ref["scores"]), len(jax_run["scores"]))
-    diff = np.max(np.abs(np.subtract(ref["scores"][:m], jax_run["scores"][:m])))
-    print(f"max |HAAQI float32 - pyclarity| on the shared clips: {diff:.2e}")
+          f"{jax_run['per_clip_s']:.3f} s per clip warm = {1 / jax_run['per_clip_s']:.2f} clips/s "
+          f"(first call {jax_run['cold_s']:.1f} s), peak host RSS {jax_run['peak_mb']:.0f} MB")
+    print(f"scores: {np.round(jax_run['scores'], 6).tolist()}")
+    if ref:
+        print(f"speed-up per clip: {ref['per_clip_s'] / jax_run['per_clip_s']:.1f}x")
+        m = min(len(ref["scores"]), len(jax_run["scores"]))
+        diff = np.max(np.abs(np.subtract(ref["scores"][:m], jax_run["scores"][:m])))
+        print(f"max |HAAQI float32 - pyclarity| on the shared clips: {diff:.2e}")
     if args.big_batch:
         big = run_worker("jax-big", args)
         print(f"haaqi_batch float32 (batch {args.big_batch}, chunked): {big['cold_s']:.1f} s "

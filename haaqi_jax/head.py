@@ -179,15 +179,22 @@ class MaskedSelfAttention(nn.Module):
         batch, length, dim = x.shape
         head_dim = dim // self.num_heads
 
-        def heads(name):
-            return nn.Dense(dim, name=name)(x).reshape(batch, length, self.num_heads, head_dim)
+        def heads(name):                                     # -> (B, heads, T, head_dim)
+            y = nn.Dense(dim, name=name)(x).reshape(batch, length, self.num_heads, head_dim)
+            return jnp.transpose(y, (0, 2, 1, 3))
 
         q, k, v = heads("query"), heads("key"), heads("value")
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(head_dim))
-        # A finite floor rather than -inf: an all-padded item gives uniform weights, not NaN.
-        logits = jnp.where(token_mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
-        weights = jax.nn.softmax(logits, axis=-1)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, dim)
+        # Heads-first layout: both einsums are plain batched matmuls (no transposes inside).
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q * head_dim ** -0.5, k)
+        # An additive key bias of half the dtype's lowest value: finite after adding any
+        # logit, so an all-padded item gets uniform weights rather than NaN.
+        key_bias = jnp.where(token_mask, 0.0, 0.5 * jnp.finfo(logits.dtype).min)
+        logits = logits + key_bias[:, None, None, :].astype(logits.dtype)
+        # Softmax with the normalisation after the weighted sum: T x D divisions instead of
+        # heads x T x T.
+        exp = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
+        out = jnp.einsum("bhqk,bhkd->bhqd", exp, v) / exp.sum(axis=-1)[..., None]
+        out = jnp.transpose(out, (0, 2, 1, 3)).reshape(batch, length, dim)
         return nn.Dense(dim, name="out")(out)
 
 

@@ -227,6 +227,55 @@ def test_batch_validation_names_the_item():
     assert prepared[1][0] is None and prepared[1][1].startswith("item 1:")
 
 
+def test_prepare_batch_threads_equal_serial_and_keep_item_order():
+    ref, proc = _pairs(4)
+    levels = np.zeros((4, 8))
+    ref[2, 50] = np.inf
+    serial = prepare_batch(ref, proc, FS, levels, workers=1)
+    threaded = prepare_batch(ref, proc, FS, levels, workers=3)
+    assert [err for _, err in threaded] == [err for _, err in serial]
+    assert threaded[2][0] is None and threaded[2][1].startswith("item 2:")
+    for (a, _), (b, _) in zip(serial, threaded):
+        if a is not None:
+            np.testing.assert_array_equal(a.reference_24k, b.reference_24k)
+            np.testing.assert_array_equal(a.processed_24k, b.processed_24k)
+            assert (a.lag, a.trim_start, a.trim_stop) == (b.lag, b.trim_start, b.trim_stop)
+
+
+def test_all_bands_in_one_step_equal_groups_of_eight():
+    """The accelerator default (32 bands per step) computes what the CPU default (8) does."""
+    ref, proc = _pairs(2)
+    pairs = [p for p, _ in prepare_batch(ref, proc, FS, np.asarray(
+        [AUDIOGRAMS["sloping"], AUDIOGRAMS["normal"]], dtype=float))]
+    key = jax.random.PRNGKey(5)
+    groups = api.score_prepared(pairs, key=key, bands_per_step=8, dtype=jnp.float64)
+    whole = api.score_prepared(pairs, key=key, bands_per_step=32, dtype=jnp.float64)
+    for f in FIELDS:
+        np.testing.assert_allclose(getattr(whole, f), getattr(groups, f), atol=1e-10, err_msg=f)
+
+
+class _FakeDevice:
+    def __init__(self, platform, limit=None):
+        self.platform, self._limit = platform, limit
+
+    def memory_stats(self):
+        return None if self._limit is None else {"bytes_limit": self._limit}
+
+
+def test_default_chunking_cpu_budget_and_accelerator_memory():
+    n = 245_760                                         # a ten-second clip's buffer
+    assert api.default_chunking(n, [_FakeDevice("cpu")]) == (api.DEFAULT_CHUNK_SAMPLES // n, 8)
+    assert api.default_chunking(10 * n, [_FakeDevice("cpu")]) == (1, 8)   # never 0 items
+    item = api.ACCELERATOR_BYTES_PER_SAMPLE * n
+    limit = int(40 * item / api.ACCELERATOR_MEMORY_SHARE) + 1        # room for 40 items
+    gpu = _FakeDevice("gpu", limit)
+    assert api.default_chunking(n, [gpu]) == (40, 32)
+    assert api.default_chunking(n, [gpu], np.float64) == (20, 32)
+    # Per device, by the smallest limit; a device that reports no limit falls back to the CPU rule.
+    assert api.default_chunking(n, [gpu, _FakeDevice("gpu", limit // 2)]) == (2 * 20, 32)
+    assert api.default_chunking(n, [gpu, _FakeDevice("tpu")]) == (api.DEFAULT_CHUNK_SAMPLES // n, 8)
+
+
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10_000), gain_db=st.floats(-40, 20),
        level=st.floats(-10, 110), delay=st.integers(0, 600), equalisation=st.sampled_from([1, 2]))
