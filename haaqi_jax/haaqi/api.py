@@ -382,8 +382,9 @@ def score_prepared(pairs: Sequence[ear_model.PreparedPair], *, key=None, dtype=j
       key: PRNG key for the threshold noise (default PRNGKey(0)); item i uses fold_in(key, i),
         or key[i] when `key` holds B keys.
       dtype: jnp.float32 or jnp.float64 (the latter computes under jax.enable_x64).
-      chunk: items per device call (rounded to a multiple of the device count); default from
-        `default_chunking` (a fixed budget on CPU, a share of device memory on accelerators).
+      chunk: at most this many items per device call (chunks are balanced, then rounded up to
+        a multiple of the device count); default from `default_chunking` (a fixed budget on
+        CPU, a share of device memory on accelerators).
       bands_per_step: ear-model bands computed together (divides 32); default from
         `default_chunking` (8 on CPU, 32 on accelerators).
       progress: show a progress bar over chunks (default: when there is more than one).
@@ -409,7 +410,8 @@ def score_prepared(pairs: Sequence[ear_model.PreparedPair], *, key=None, dtype=j
     auto_chunk, auto_bands = default_chunking(length, devices, dtype)
     chunk = auto_chunk if chunk is None else chunk
     bands_per_step = auto_bands if bands_per_step is None else int(bands_per_step)
-    chunk = min(int(chunk), batch)
+    n_chunks = -(-batch // max(1, min(int(chunk), batch)))
+    chunk = -(-batch // n_chunks)                     # balanced: the last chunk is not mostly padding
     chunk = -(-chunk // n_dev) * n_dev                # whole items per device
     n_chunks = -(-batch // chunk)
     mesh = sharding.make_mesh(devices)
