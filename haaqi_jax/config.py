@@ -187,6 +187,64 @@ def save_config(cfg: ConfigDict | FrozenConfigDict, path: str | os.PathLike) -> 
     return path
 
 
+#: Dotted keys (fnmatch patterns) that may change when a run is resumed: they steer the loop
+#: (length, logging, progress, reporting), not what one step computes. The same keys of a
+#: distillation's teacher config (distill.teacher.*) are resumable too.
+_LOOP_KEYS = ("train.num_epochs", "train.patience", "train.stop_after_steps", "train.progress",
+              "train.write_report", "train.checkpoint_every_steps", "train.log_every_steps",
+              "report.*", "data.prefetch")
+RESUMABLE_KEYS = _LOOP_KEYS + ("distill.timing_*",) + tuple(f"distill.teacher.{k}"
+                                                            for k in _LOOP_KEYS)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_differences(saved: dict[str, Any], new: dict[str, Any],
+                       ignore: Iterable[str] = RESUMABLE_KEYS) -> list[str]:
+    """Dotted keys whose values differ between two `to_dict` configs, as "key: old -> new"
+    (a key missing on one side shows as <absent>), skipping keys that match `ignore`."""
+    import fnmatch
+    old, cur = _flatten(saved), _flatten(new)
+    out = []
+    for key in sorted(set(old) | set(cur)):
+        if any(fnmatch.fnmatchcase(key, pattern) for pattern in ignore):
+            continue
+        a, b = old.get(key, "<absent>"), cur.get(key, "<absent>")
+        if a != b:
+            out.append(f"{key}: {a!r} -> {b!r}")
+    return out
+
+
+def save_run_config(cfg: ConfigDict | FrozenConfigDict, workdir: str | os.PathLike,
+                    name: str = "config.json") -> Path:
+    """Writes a run's config.json, refusing a workdir that holds another run's checkpoints.
+
+    Resuming a run with a different model, data or optimiser would mix two runs (or stop later
+    on a data-iterator mismatch), so when `workdir` already has checkpoints or a report and its
+    saved config differs outside RESUMABLE_KEYS this raises ValueError naming the keys.
+    """
+    workdir = Path(workdir)
+    path = workdir / name
+    has_run = any((workdir / d).is_dir() and any((workdir / d).iterdir())
+                   for d in ("checkpoints", "report"))
+    if path.is_file() and has_run:
+        diffs = config_differences(json.loads(path.read_text()), to_dict(cfg))
+        if diffs:
+            shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6
+                                             else "")
+            raise ValueError(f"{workdir} holds a run made with another config ({shown}). "
+                             f"Resuming it would mix the two runs: pass another --workdir, or "
+                             f"delete {workdir} to start over.")
+    return save_config(cfg, path)
+
+
 def load_config_json(path: str | os.PathLike) -> ConfigDict:
     """Reads a config saved by `save_config` (lists stay lists)."""
     path = Path(path)

@@ -315,9 +315,12 @@ def resolve_teacher(config: Any, workdir: Path) -> Path:
     if given:
         return Path(given)
     best = workdir / TEACHER_DIR / loop.REPORT_DIR / "best_model"
-    if not (best / "config.json").is_file():
-        result = loop.train_and_evaluate(cfglib.freeze(teacher_config(config)),
-                                         workdir / TEACHER_DIR)
+    teacher_cfg = cfglib.freeze(teacher_config(config))
+    if (best / "config.json").is_file():
+        # A finished teacher is reused only if it was trained with this teacher config.
+        cfglib.save_run_config(teacher_cfg, workdir / TEACHER_DIR, loop.CONFIG_FILE)
+    else:
+        result = loop.train_and_evaluate(teacher_cfg, workdir / TEACHER_DIR)
         if result.report_dir is None:
             raise ValueError(f"teacher training in {workdir / TEACHER_DIR} ended without a "
                              "report (interrupted?); run again to resume it")
@@ -456,7 +459,7 @@ def distill_and_evaluate(config: Any, workdir: str | os.PathLike, *, data: Any =
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     if sharding.is_main_process():
-        cfglib.save_config(config, workdir / loop.CONFIG_FILE)
+        cfglib.save_run_config(config, workdir, loop.CONFIG_FILE)
     tc, dc = config.train, config.distill
     if config.data.cache:
         raise ValueError("distillation trains the student encoder on waveforms: set "

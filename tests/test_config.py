@@ -77,3 +77,23 @@ def test_missing_config_file(tmp_path):
     (tmp_path / "bad.py").write_text("x = 1\n")
     with pytest.raises(ValueError, match="get_config"):
         cfglib.load_config_file(tmp_path / "bad.py")
+
+
+def test_save_run_config_refuses_a_workdir_of_another_run(tmp_path):
+    from haaqi_jax.config import ConfigDict, config_differences, save_run_config
+    cfg = ConfigDict({"data": {"demo_clips": 800, "prefetch": 2}, "model": {"layers": (1, 2)},
+                      "train": {"num_epochs": 25, "progress": True}})
+    save_run_config(cfg, tmp_path)                          # a fresh workdir
+    other = ConfigDict(cfg.to_dict())
+    other.data.demo_clips = 200
+    save_run_config(other, tmp_path)                        # no checkpoint yet: nothing to mix
+    (tmp_path / "checkpoints" / "100").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"data\.demo_clips: 200 -> 800.*--workdir"):
+        save_run_config(cfg, tmp_path)
+    resumed = ConfigDict(other.to_dict())
+    resumed.train.num_epochs, resumed.train.progress, resumed.data.prefetch = 40, False, 4
+    save_run_config(resumed, tmp_path)                      # loop-only keys may change
+    assert config_differences({"a": {"b": 1}}, {"a": {"b": 1, "c": 2}}) == [
+        "a.c: '<absent>' -> 2"]
+    assert config_differences({"distill": {"teacher": {"train": {"num_epochs": 1}}}},
+                              {"distill": {"teacher": {"train": {"num_epochs": 9}}}}) == []
