@@ -42,7 +42,11 @@ def get_config() -> ConfigDict:
     # The raw log-mel patches (no weights to download; see the module docstring). Ignored when
     # encoder_checkpoint is set: the checkpoint's kind and config win.
     c.model.encoder_kind = "fbank_patches"
-    c.model.encoder_config = ConfigDict({"position_dim": 8, "spectrum_context": False})
+    # clip_statistics: every token also carries per-band summaries of the whole clip (mean,
+    # spread, frame-to-frame change), the clip-level view a BLSTM over 2-4 s learns slowly
+    # from 480 training clips; test_unseen LCC 0.55 -> 0.79 (README).
+    c.model.encoder_config = ConfigDict({"position_dim": 8, "spectrum_context": False,
+                                         "clip_statistics": True})
     c.model.encoder_checkpoint = config_dict.placeholder(str)  # converted BEATs directory
     c.model.feature_mode = "last"  # "last" | "weighted"
     c.model.feature_layers = (0,)  # hidden states summed by "weighted" (0 = encoder input)

@@ -14,9 +14,14 @@ the patch's overall level, i.e. exactly the spectral balance that low-pass, tilt
 resonance change) and random attention that mixes tokens. Handing the head the patches
 themselves keeps all of that information and costs only the fbank.
 
+Optionally every token also carries the spectrum of its time patch (`spectrum_context`) and
+per-band summaries of the whole clip (`clip_statistics`, on in configs/default.py): a head
+trained on a few hundred clips learns the clip-level spectral balance from these far more
+readily than from 496 single-band patches.
+
     __call__(waveform (B, N) float in [-1, 1], padding_mask (B, N) bool True = pad | None)
-      -> beats.BEATsOutput(last_hidden_state (B, T, 256 + position_dim), hidden_states (that one
-         array), padding_mask (B, T) True = pad)
+      -> beats.BEATsOutput(last_hidden_state (B, T, FbankPatchesConfig.feature_dim),
+         hidden_states (that one array), padding_mask (B, T) True = pad)
 """
 
 from __future__ import annotations
@@ -42,10 +47,14 @@ class FbankPatchesConfig:
     """position_dim: width of the mel-patch index embedding appended to each token (0 = none;
     initialised to the first `position_dim` columns of an 8 x 8 identity, so <= 8 is one-hot).
     spectrum_context: also append the whole 128-bin spectrum of the token's time patch (mean
-    over its 16 frames), so that every token sees the spectral balance, not one band of it."""
+    over its 16 frames), so that every token sees the spectral balance, not one band of it.
+    clip_statistics: also append, to every token, three 128-bin summaries of the whole clip's
+    valid frames: the mean and standard deviation of each band and the standard deviation of
+    its frame-to-frame change (what benchmarks/demo_feature_baseline.py regresses on)."""
 
     position_dim: int = MEL_PATCHES
     spectrum_context: bool = False
+    clip_statistics: bool = False
 
     def __post_init__(self):
         if self.position_dim < 0:
@@ -61,7 +70,30 @@ class FbankPatchesConfig:
 
     @property
     def feature_dim(self) -> int:
-        return PATCH * PATCH + self.position_dim + fbank_lib.NUM_MEL_BINS * self.spectrum_context
+        return (PATCH * PATCH + self.position_dim
+                + fbank_lib.NUM_MEL_BINS * (self.spectrum_context + 3 * self.clip_statistics))
+
+
+def clip_band_statistics(fbank: jax.Array, frame_mask: jax.Array) -> jax.Array:
+    """Per-band summaries of each clip's valid frames.
+
+    Args:
+      fbank: (B, F, M) log-mel frames; frame_mask: (B, F) bool, True = padded frame (valid
+        frames first).
+    Returns:
+      (B, 3 M): band means, band standard deviations, standard deviations of the frame-to-frame
+      change (over pairs of valid frames; 0 for a one-frame clip).
+    """
+    valid = (~frame_mask).astype(fbank.dtype)[..., None]               # (B, F, 1)
+    count = jnp.maximum(valid.sum(axis=1), 1.0)                          # (B, 1)
+    mean = (fbank * valid).sum(axis=1) / count
+    std = jnp.sqrt(((fbank - mean[:, None]) ** 2 * valid).sum(axis=1) / count)
+    delta = fbank[:, 1:] - fbank[:, :-1]
+    pair = valid[:, 1:] * valid[:, :-1]
+    pairs = jnp.maximum(pair.sum(axis=1), 1.0)
+    delta_mean = (delta * pair).sum(axis=1) / pairs
+    delta_std = jnp.sqrt(((delta - delta_mean[:, None]) ** 2 * pair).sum(axis=1) / pairs)
+    return jnp.concatenate([mean, std, delta_std], axis=-1)
 
 
 def _one_hot_init(key, shape, dtype=jnp.float32):
@@ -95,6 +127,10 @@ class FbankPatches(nn.Module):
             spectrum = patches.mean(axis=2).reshape(batch, n_time, 1, -1)  # (B, T/8, 1, 128)
             spectrum = jnp.broadcast_to(spectrum, (batch, n_time, MEL_PATCHES, spectrum.shape[-1]))
             tokens = jnp.concatenate([tokens, spectrum.reshape(batch, tokens.shape[1], -1)], -1)
+        if self.config.clip_statistics:
+            stats = clip_band_statistics(fbank, frame_mask)             # (B, 384)
+            tokens = jnp.concatenate([tokens, jnp.broadcast_to(
+                stats[:, None], (batch, tokens.shape[1], stats.shape[-1]))], axis=-1)
         if self.config.position_dim:
             table = self.param("mel_position", _one_hot_init,
                                (MEL_PATCHES, self.config.position_dim))

@@ -73,6 +73,25 @@ def test_spectrum_context_is_each_time_patch_mean_spectrum(kaldi):
     np.testing.assert_allclose(feats[:, 256:], np.repeat(spectra, 8, axis=0), atol=1e-4)
 
 
+def test_clip_statistics_are_band_summaries_of_the_valid_frames(kaldi):
+    lengths = [SR, 9000]
+    wav = _wavs(lengths, seed=4)
+    wav[1, 9000:] = 0.3          # garbage after the clip's end must not leak into its summary
+    module = FbankPatches(FbankPatchesConfig(position_dim=0, clip_statistics=True))
+    pad = np.arange(wav.shape[1])[None] >= np.asarray(lengths)[:, None]
+    out = module.apply({}, jnp.asarray(wav), jnp.asarray(pad))
+    feats, token_pad = np.asarray(out.last_hidden_state), np.asarray(out.padding_mask)
+    fbank = torch_kaldi_fbank(kaldi, wav)                                     # (B, F, 128)
+    frame_pad, _ = reference_padding_masks(wav.shape[1], lengths, fbank.shape[1], feats.shape[1])
+    assert feats.shape[-1] == 256 + 3 * 128
+    for i in range(2):
+        frames = fbank[i][~frame_pad[i]].astype(np.float64)
+        expected = np.concatenate([frames.mean(0), frames.std(0), np.diff(frames, axis=0).std(0)])
+        valid_tokens = feats[i][~token_pad[i]]
+        np.testing.assert_allclose(valid_tokens[:, 256:], np.broadcast_to(
+            expected, (len(valid_tokens), expected.size)), atol=2e-4, err_msg=f"item {i}")
+
+
 def test_haaqinet_with_fbank_patches_batch_equals_alone():
     config = HAAQINetConfig(encoder_kind="fbank_patches", encoder_config={"position_dim": 8})
     net = HAAQINet.init_random(config, seed=0)

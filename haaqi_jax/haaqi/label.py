@@ -41,6 +41,7 @@ fsync, so a killed run loses at most the batch in flight (a half-written last li
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import csv
 import dataclasses
 import json
@@ -510,23 +511,30 @@ def _scores(result: Any, size: int) -> np.ndarray:
     return scores
 
 
-def _score_with_api(items: list[_Item], size: int, sample_rate: int,
-                    settings: LabelSettings) -> tuple[np.ndarray, dict[int, str]]:
-    """haaqi_jax.haaqi.api: `prepare_batch` reports bad items one by one, `score_prepared`
-    scores the good ones, padded to `size` items so that every call has the same shape."""
+def _prepare_with_api(items: list[_Item], sample_rate: int, settings: LabelSettings) -> list:
+    """haaqi_jax.haaqi.api.prepare_batch of the items (host side; bad items are reported)."""
     from haaqi_jax.haaqi import api
     arrays = _stack(items, len(items))
-    prepared = api.prepare_batch(arrays["reference"], arrays["processed"], sample_rate,
-                                 arrays["levels"], STANDARD_FREQUENCIES,
-                                 equalisation=settings.equalisation, level1=arrays["level1"],
-                                 lengths=arrays["lengths"])
+    return api.prepare_batch(arrays["reference"], arrays["processed"], sample_rate,
+                             arrays["levels"], STANDARD_FREQUENCIES,
+                             equalisation=settings.equalisation, level1=arrays["level1"],
+                             lengths=arrays["lengths"])
+
+
+def _score_with_api(items: list[_Item], prepared: list, size: int,
+                    settings: LabelSettings) -> tuple[np.ndarray, dict[int, str]]:
+    """haaqi_jax.haaqi.api: `prepare_batch` (done by `_prepare_with_api`) reports bad items one
+    by one, `score_prepared` scores the good ones, padded to `size` items so that every call
+    has the same shape."""
+    from haaqi_jax.haaqi import api
+    keys = np.stack([it.key for it in items])
     errors = {i: reason.removeprefix(f"item {i}: ")
               for i, (_, reason) in enumerate(prepared) if reason is not None}
     good = [i for i in range(len(items)) if i not in errors]
     scores = np.full((len(items), len(COMPONENTS)), np.nan)
     if good:
         slots = good + [good[0]] * (size - len(good))
-        result = api.score_prepared([prepared[i][0] for i in slots], key=arrays["keys"][slots],
+        result = api.score_prepared([prepared[i][0] for i in slots], key=keys[slots],
                                     dtype=np.dtype(settings.dtype).type, progress=False)
         scores[good] = _scores(result, size)[:len(good)]
     return scores, errors
@@ -558,9 +566,18 @@ def _score_with(scorer: Scorer, items: list[_Item], size: int, sample_rate: int,
         return scores, errors
 
 
-def _score_batch(batch: _Batch, todo: set[str], scorer: Scorer | None, size: int,
-                 settings: LabelSettings) -> tuple[list[dict], list[RowError]]:
-    """Labels and errors for the rows of one batch whose key is in `todo`."""
+@dataclasses.dataclass
+class _Loaded:
+    """One batch's host work: its items, the rows whose audio failed, and (built-in metric)
+    the prepared pairs."""
+
+    items: list[_Item]
+    errors: dict[int, RowError]
+    prepared: list | None
+
+
+def _load_batch(batch: _Batch, scorer: Scorer | None, settings: LabelSettings) -> _Loaded:
+    """Reads a batch's audio and, for the built-in metric, prepares its pairs (host side)."""
     errors: dict[int, RowError] = {}
     items: list[_Item] = []
     for position, (row, ears) in enumerate(zip(batch.rows, batch.ears)):
@@ -569,10 +586,19 @@ def _score_batch(batch: _Batch, todo: set[str], scorer: Scorer | None, size: int
         except ValueError as err:
             errors[position] = RowError(row.id, row.line, "audio", str(err), row.reference,
                                         row.processed)
+    prepared = (_prepare_with_api(items, batch.sample_rate, settings)
+                if items and scorer is None else None)
+    return _Loaded(items, errors, prepared)
+
+
+def _score_batch(batch: _Batch, loaded: _Loaded, todo: set[str], scorer: Scorer | None,
+                 size: int, settings: LabelSettings) -> tuple[list[dict], list[RowError]]:
+    """Labels and errors for the rows of one loaded batch whose key is in `todo`."""
+    items, errors = loaded.items, dict(loaded.errors)
     scores, item_errors = np.zeros((0, len(COMPONENTS))), {}
     if items:
         if scorer is None:
-            scores, item_errors = _score_with_api(items, size, batch.sample_rate, settings)
+            scores, item_errors = _score_with_api(items, loaded.prepared, size, settings)
         else:
             scores, item_errors = _score_with(scorer, items, size, batch.sample_rate, settings)
     for i, item in enumerate(items):
@@ -703,6 +729,7 @@ def label_manifest(manifest_path: str | os.PathLike, out_path: str | os.PathLike
     batches = [b for b in _plan(probed, size) if any(r.key not in done for r in b.rows)]
 
     labels_out, errors_out = _JsonlAppender(out_path), _JsonlAppender(errors_path)
+    reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="label-reader")
     n_ok, n_failed = 0, 0
     try:
         for error in new_errors:
@@ -712,9 +739,15 @@ def label_manifest(manifest_path: str | os.PathLike, out_path: str | os.PathLike
         pending = sum(r.key not in done for b in batches for r in b.rows)
         with tqdm(total=pending, unit="row", desc="HAAQI labels", disable=not progress,
                   dynamic_ncols=True) as bar:
-            for batch in batches:
+            # One thread reads and prepares the next batch while this one is scored, so that
+            # the host work and the device's overlap (the device waits less on a GPU).
+            ahead = reader.submit(_load_batch, batches[0], scorer, settings) if batches else None
+            for k, batch in enumerate(batches):
+                loaded = ahead.result()
+                if k + 1 < len(batches):
+                    ahead = reader.submit(_load_batch, batches[k + 1], scorer, settings)
                 todo = {r.key for r in batch.rows} - done
-                labels, errors = _score_batch(batch, todo, scorer, size, settings)
+                labels, errors = _score_batch(batch, loaded, todo, scorer, size, settings)
                 for obj in labels:
                     labels_out.write(obj)
                 for error in errors:
@@ -726,6 +759,7 @@ def label_manifest(manifest_path: str | os.PathLike, out_path: str | os.PathLike
                 bar.update(len(todo))
                 bar.set_postfix(ok=n_ok, failed=n_failed, refresh=False)
     finally:
+        reader.shutdown(wait=False, cancel_futures=True)
         labels_out.close()
         errors_out.close()
     return LabelSummary(n_rows, n_ok, n_failed, n_rows - n_ok - n_failed,
