@@ -411,7 +411,7 @@ def score_prepared(pairs: Sequence[ear_model.PreparedPair], *, key=None, dtype=j
     chunk = auto_chunk if chunk is None else chunk
     bands_per_step = auto_bands if bands_per_step is None else int(bands_per_step)
     n_chunks = -(-batch // max(1, min(int(chunk), batch)))
-    chunk = -(-batch // n_chunks)                     # balanced: the last chunk is not mostly padding
+    chunk = -(-batch // n_chunks)                     # balanced: no mostly-padded last chunk
     chunk = -(-chunk // n_dev) * n_dev                # whole items per device
     n_chunks = -(-batch // chunk)
     mesh = sharding.make_mesh(devices)
