@@ -259,6 +259,8 @@ class _FakeDevice:
         self.platform, self._limit = platform, limit
 
     def memory_stats(self):
+        if self._limit == "raises":
+            raise NotImplementedError("no memory statistics on this backend")
         return None if self._limit is None else {"bytes_limit": self._limit}
 
 
@@ -274,6 +276,8 @@ def test_default_chunking_cpu_budget_and_accelerator_memory():
     # Per device, by the smallest limit; a device that reports no limit falls back to the CPU rule.
     assert api.default_chunking(n, [gpu, _FakeDevice("gpu", limit // 2)]) == (2 * 20, 32)
     assert api.default_chunking(n, [gpu, _FakeDevice("tpu")]) == (api.DEFAULT_CHUNK_SAMPLES // n, 8)
+    assert api.default_chunking(n, [_FakeDevice("gpu", "raises")]) == (
+        api.DEFAULT_CHUNK_SAMPLES // n, 8)
 
 
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])

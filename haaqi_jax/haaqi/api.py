@@ -63,7 +63,10 @@ def default_chunking(length: int, devices: Sequence, dtype=np.float32) -> tuple[
     """
     limits = []
     for device in devices:
-        stats = device.memory_stats() if device.platform != "cpu" else None
+        try:
+            stats = device.memory_stats() if device.platform != "cpu" else None
+        except Exception:  # noqa: BLE001 -- a backend without memory statistics: CPU rule
+            stats = None
         limits.append((stats or {}).get("bytes_limit"))
     if not limits or None in limits:
         return max(1, DEFAULT_CHUNK_SAMPLES // length), 8
