@@ -183,7 +183,9 @@ def save_config(cfg: ConfigDict | FrozenConfigDict, path: str | os.PathLike) -> 
     """Writes the config as indented, key-sorted JSON (the record saved beside every run)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
+    tmp = path.with_name(path.name + ".tmp")   # atomic: other hosts may be reading it
+    tmp.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
     return path
 
 
@@ -223,12 +225,13 @@ def config_differences(saved: dict[str, Any], new: dict[str, Any],
 
 
 def save_run_config(cfg: ConfigDict | FrozenConfigDict, workdir: str | os.PathLike,
-                    name: str = "config.json") -> Path:
+                    name: str = "config.json", *, write: bool = True) -> Path:
     """Writes a run's config.json, refusing a workdir that holds another run's checkpoints.
 
     Resuming a run with a different model, data or optimiser would mix two runs (or stop later
     on a data-iterator mismatch), so when `workdir` already has checkpoints or a report and its
-    saved config differs outside RESUMABLE_KEYS this raises ValueError naming the keys.
+    saved config differs outside RESUMABLE_KEYS this raises ValueError naming the keys. Every
+    host of a multi-host run should call it (so that all stop alike), with `write` true on one.
     """
     workdir = Path(workdir)
     path = workdir / name
@@ -242,7 +245,7 @@ def save_run_config(cfg: ConfigDict | FrozenConfigDict, workdir: str | os.PathLi
             raise ValueError(f"{workdir} holds a run made with another config ({shown}). "
                              f"Resuming it would mix the two runs: pass another --workdir, or "
                              f"delete {workdir} to start over.")
-    return save_config(cfg, path)
+    return save_config(cfg, path) if write else path
 
 
 def load_config_json(path: str | os.PathLike) -> ConfigDict:

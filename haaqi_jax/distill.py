@@ -318,7 +318,8 @@ def resolve_teacher(config: Any, workdir: Path) -> Path:
     teacher_cfg = cfglib.freeze(teacher_config(config))
     if (best / "config.json").is_file():
         # A finished teacher is reused only if it was trained with this teacher config.
-        cfglib.save_run_config(teacher_cfg, workdir / TEACHER_DIR, loop.CONFIG_FILE)
+        cfglib.save_run_config(teacher_cfg, workdir / TEACHER_DIR, loop.CONFIG_FILE,
+                               write=sharding.is_main_process())
     else:
         result = loop.train_and_evaluate(teacher_cfg, workdir / TEACHER_DIR)
         if result.report_dir is None:
@@ -458,8 +459,7 @@ def distill_and_evaluate(config: Any, workdir: str | os.PathLike, *, data: Any =
 
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    if sharding.is_main_process():
-        cfglib.save_run_config(config, workdir, loop.CONFIG_FILE)
+    cfglib.save_run_config(config, workdir, loop.CONFIG_FILE, write=sharding.is_main_process())
     tc, dc = config.train, config.distill
     if config.data.cache:
         raise ValueError("distillation trains the student encoder on waveforms: set "

@@ -93,6 +93,11 @@ def test_save_run_config_refuses_a_workdir_of_another_run(tmp_path):
     resumed = ConfigDict(other.to_dict())
     resumed.train.num_epochs, resumed.train.progress, resumed.data.prefetch = 40, False, 4
     save_run_config(resumed, tmp_path)                      # loop-only keys may change
+    # Hosts other than the first check the same way but do not write.
+    with pytest.raises(ValueError, match="demo_clips"):
+        save_run_config(cfg, tmp_path, write=False)
+    save_run_config(cfg, tmp_path / "other", write=False)
+    assert not (tmp_path / "other" / "config.json").exists()
     assert config_differences({"a": {"b": 1}}, {"a": {"b": 1, "c": 2}}) == [
         "a.c: '<absent>' -> 2"]
     assert config_differences({"distill": {"teacher": {"train": {"num_epochs": 1}}}},

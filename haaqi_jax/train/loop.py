@@ -359,8 +359,7 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *,
 
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    if sharding.is_main_process():
-        cfglib.save_run_config(config, workdir, CONFIG_FILE)
+    cfglib.save_run_config(config, workdir, CONFIG_FILE, write=sharding.is_main_process())
     tc = config.train
 
     mesh = sharding.make_mesh()
