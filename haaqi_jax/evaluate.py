@@ -4,8 +4,10 @@
         --out runs/demo/eval --splits test_seen test_unseen --color-by distortion
 
 writes into --out:
-  metrics.json      {"overall", "by_split", "by_distortion"}: lcc, srcc, mse, n each
-  table.md/.csv     the same numbers as one table (rows: all, split=..., distortion=...)
+  metrics.json      {"overall", "by_split", "by_distortion"}: lcc, srcc, mse, n each; overall
+                    and each split also ci95: {"lcc", "srcc"} 95 % bootstrap intervals
+  table.md/.csv     the same numbers as one table (rows: all, split=..., distortion=...);
+                    table.md then lists the intervals
   predictions.csv   one line per clip: id, split, distortion, label, prediction
   examples.json     a few clips' predictions (the first of each split)
   scatter.png       predicted vs true HAAQI, coloured by split or distortion
@@ -79,12 +81,18 @@ def compute_report_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, An
         raise ValueError("evaluate: no clips to evaluate")
     pred = np.array([r["prediction"] for r in records])
     true = np.array([r["label"] for r in records])
-    return {
+    splits = np.array([r["split"] for r in records])
+    report = {
         "overall": metrics_lib.summarize(pred, true),
-        "by_split": metrics_lib.summarize_by_group(pred, true, [r["split"] for r in records]),
+        "by_split": metrics_lib.summarize_by_group(pred, true, splits),
         "by_distortion": metrics_lib.summarize_by_group(
             pred, true, [r["distortion"] for r in records]),
     }
+    # How much of a split's score is the luck of its clips: 95 % bootstrap intervals.
+    report["overall"]["ci95"] = metrics_lib.bootstrap_intervals(pred, true)
+    for split, entry in report["by_split"].items():
+        entry["ci95"] = metrics_lib.bootstrap_intervals(pred, true, splits == split)
+    return report
 
 
 def _table_rows(report: Mapping[str, Any]) -> list[tuple[str, dict[str, float]]]:
@@ -141,6 +149,10 @@ def write_report(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLik
     md = ["| subset | n | LCC | SRCC | MSE |", "|---|---|---|---|---|"]
     md += [f"| {name} | {m['n']} | {_fmt(m['lcc'])} | {_fmt(m['srcc'])} | {_fmt(m['mse'])} |"
            for name, m in table]
+    md += ["", "95 % bootstrap intervals (1000 resamples of the clips):", ""]
+    md += [f"- {name}: LCC [{_fmt(m['ci95']['lcc'][0])}, {_fmt(m['ci95']['lcc'][1])}], SRCC "
+           f"[{_fmt(m['ci95']['srcc'][0])}, {_fmt(m['ci95']['srcc'][1])}]"
+           for name, m in table if "ci95" in m]
     (out_dir / "table.md").write_text("\n".join(md) + "\n")
     with (out_dir / "table.csv").open("w", newline="") as f:
         w = csv.writer(f)

@@ -56,8 +56,12 @@ def test_evaluate_subcommand_writes_its_files(tmp_path):
     assert metrics["by_distortion"]["noise"]["lcc"] == pytest.approx(
         scipy.stats.pearsonr(p[noise], t[noise])[0], abs=1e-9)
     assert metrics["by_split"]["valid"]["n"] == 4
+    low, high = metrics["overall"]["ci95"]["lcc"]
+    assert low <= metrics["overall"]["lcc"] <= high
+    assert set(metrics["by_split"]["valid"]["ci95"]) == {"lcc", "srcc"}
     table = (out / "table.md").read_text()
     assert "| distortion=noise | 4 |" in table and "| split=valid | 4 |" in table
+    assert "- all: LCC [" in table and "- split=valid: LCC [" in table
     import matplotlib.image
     assert matplotlib.image.imread(out / "scatter.png").ndim == 3
 

@@ -79,3 +79,29 @@ def test_undefined_and_bad_inputs():
         metrics.mse([0.1, 0.2, 0.3], [0.1, 0.2])
     with pytest.raises(ValueError, match="weights"):
         metrics.mse([0.1, 0.2], [0.1, 0.2], [1.0, -1.0])
+
+
+def test_bootstrap_intervals_match_scipy_percentile_bootstrap():
+    rng = np.random.default_rng(3)
+    true = rng.uniform(0, 1, 160)
+    pred = np.round(true + 0.2 * rng.standard_normal(160), 2)      # ties for the ranks
+    ours = metrics.bootstrap_intervals(pred, true, n_resamples=4000, seed=1)
+
+    def both(name):
+        fn = scipy.stats.pearsonr if name == "lcc" else scipy.stats.spearmanr
+        return scipy.stats.bootstrap((pred, true), lambda a, b: fn(a, b)[0], paired=True,
+                                     vectorized=False, method="percentile", n_resamples=4000,
+                                     random_state=2).confidence_interval
+
+    for name in ("lcc", "srcc"):
+        ref = both(name)
+        assert ours[name][0] == pytest.approx(ref.low, abs=0.015), name       # Monte Carlo
+        assert ours[name][1] == pytest.approx(ref.high, abs=0.015), name
+        assert ours[name][0] < metrics.summarize(pred, true)[name] < ours[name][1]
+    # Items with weight 0 are not drawn; too few clips give NaN bounds.
+    weight = np.r_[np.ones(150), np.zeros(10)]
+    noisy = pred.copy()
+    noisy[150:] = 5.0
+    assert metrics.bootstrap_intervals(noisy, true, weight) == metrics.bootstrap_intervals(
+        pred[:150], true[:150])
+    assert all(np.isnan(metrics.bootstrap_intervals([0.1, 0.2], [0.3, 0.1])["lcc"]))

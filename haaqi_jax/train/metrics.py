@@ -96,6 +96,47 @@ def summarize(pred: Any, true: Any, weight: Any | None = None) -> dict[str, floa
             "n": int(p.size)}
 
 
+def bootstrap_intervals(pred: Any, true: Any, weight: Any | None = None, *,
+                        n_resamples: int = 1000, level: float = 0.95,
+                        seed: int = 0) -> dict[str, list[float]]:
+    """Percentile bootstrap intervals of LCC and SRCC over clips (pairs resampled together).
+
+    How far a split's correlation could move with another draw of clips of the same kinds:
+    with 160 clips an LCC of 0.8 is uncertain by several hundredths.
+
+    Args:
+      pred, true: (n,) scores; weight: optional (n,), items with weight 0 are left out (other
+        weights are ignored here: each kept clip is one draw).
+      n_resamples: bootstrap resamples (all at once: an (n_resamples, n) index array).
+      level: coverage of the central interval.
+      seed: of the numpy generator that draws the resamples.
+    Returns:
+      {"lcc": [low, high], "srcc": [low, high]}; NaN bounds for fewer than 3 clips.
+    """
+    from scipy.stats import rankdata
+    p, t, _ = _prepare(pred, true, weight)
+    if p.size < 3:
+        return {"lcc": [float("nan")] * 2, "srcc": [float("nan")] * 2}
+    idx = np.random.default_rng(seed).integers(0, p.size, size=(n_resamples, p.size))
+
+    def rowwise_pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:   # (R, n) -> (R,)
+        dx = x - x.mean(axis=1, keepdims=True)
+        dy = y - y.mean(axis=1, keepdims=True)
+        den = np.sqrt((dx * dx).sum(axis=1) * (dy * dy).sum(axis=1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(den > 0, (dx * dy).sum(axis=1) / den, np.nan)
+
+    tails = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+    out = {}
+    for name, (x, y) in (("lcc", (p[idx], t[idx])),
+                         ("srcc", (rankdata(p[idx], axis=1), rankdata(t[idx], axis=1)))):
+        r = rowwise_pearson(x, y)
+        r = r[np.isfinite(r)]       # a resample of one repeated clip has no correlation
+        out[name] = ([float(v) for v in np.percentile(r, tails)] if r.size
+                     else [float("nan")] * 2)
+    return out
+
+
 def summarize_by_group(pred: Any, true: Any, groups: Sequence[Any],
                        weight: Any | None = None) -> dict[str, dict[str, float]]:
     """`summarize` for each distinct value of `groups` (e.g. split or distortion), keyed by str."""
