@@ -1,14 +1,14 @@
 """Labelling throughput: `haaqi-jax label` on a manifest of wav pairs vs pyclarity's haaqi_v1.
 
     python benchmarks/bench_label.py [--rows 32] [--seconds 10] [--rate 44100]
-        [--batch-size 8] [--no-reference]
+        [--batch-size B] [--no-reference]
 
 Writes --rows reference/processed pairs (bench_haaqi.py's music-like clips, float wav) and a
 JSONL manifest to a temporary folder and labels it in this process with `label_manifest` (what
 `haaqi-jax label` runs) in two calls: `--limit` one batch first (compilation included, as a
 user meets it), then the rest, which the resumable labeller finds still to do (warm). Prints
 rows/s of both and, unless --no-reference, pyclarity's time per clip (one clip, in its own
-process) and the speed-ups. On a GPU use --batch-size 64 or more.
+process) and the speed-ups.
 """
 
 from __future__ import annotations
@@ -49,12 +49,17 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rate", type=int, default=44100)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="items per metric call (default: the labeller's, 8 on CPU, 64 "
+                             "per accelerator)")
     parser.add_argument("--no-reference", action="store_true", help="skip pyclarity")
     args = parser.parse_args(argv)
 
     import jax
-    from haaqi_jax.haaqi.label import label_manifest
+    from haaqi_jax.haaqi.label import default_batch_size, label_manifest
+
+    if args.batch_size is None:
+        args.batch_size = default_batch_size(jax.local_devices())
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

@@ -481,3 +481,13 @@ def test_cli_float32_cadenza_labels_equal_pyclarity(real_manifest, tmp_path):
     assert code == 0
     want = _pyclarity_labels(real_manifest, equalisation=2, level1_rule="cadenza")
     _check_against_pyclarity(out, want, atol=2e-3)
+
+
+def test_default_batch_size_is_wide_on_accelerators():
+    class Device:
+        def __init__(self, platform):
+            self.platform = platform
+
+    assert label_mod.default_batch_size([Device("cpu")]) == 8
+    assert label_mod.default_batch_size([Device("gpu")]) == 64
+    assert label_mod.default_batch_size([Device("tpu")] * 4) == 256

@@ -1,6 +1,6 @@
 """`haaqi-jax label`: HAAQI labels for every row of a manifest -- batched, resumable.
 
-    haaqi-jax label MANIFEST --out LABELS.jsonl [--errors ERRORS.jsonl] [--batch-size 8]
+    haaqi-jax label MANIFEST --out LABELS.jsonl [--errors ERRORS.jsonl] [--batch-size B]
         [--equalisation 1|2] [--level1 65|cadenza] [--ears average|left|right]
         [--dtype float32|float64] [--seed 0] [--limit N]
 
@@ -664,8 +664,18 @@ def _check_settings(done: Sequence[dict[str, Any]], settings: LabelSettings, pat
                              f"settings or write to a new --out")
 
 
+def default_batch_size(devices: Sequence[Any]) -> int:
+    """Items per metric call when none is given: 8 on CPU (memory is shared with the host and
+    the metric is compute bound there), 64 per accelerator (a GPU fills only with many clips
+    at once: on an H100 the metric took 0.32 s per ten-second clip in calls of 3 clips and
+    0.011-0.019 s in calls of 64)."""
+    if all(d.platform == "cpu" for d in devices):
+        return 8
+    return 64 * len(devices)
+
+
 def label_manifest(manifest_path: str | os.PathLike, out_path: str | os.PathLike, *,
-                   errors_path: str | os.PathLike | None = None, batch_size: int = 8,
+                   errors_path: str | os.PathLike | None = None, batch_size: int | None = None,
                    equalisation: int = 1, level1: float | str = 65.0, ears: str = "average",
                    dtype: str = "float32", seed: int = 0, limit: int | None = None,
                    scorer: Scorer | None = None, progress: bool = True) -> LabelSummary:
@@ -678,6 +688,7 @@ def label_manifest(manifest_path: str | os.PathLike, out_path: str | os.PathLike
         Rows in it are skipped too: delete it to retry them.
       batch_size: HAAQI items (ears) per metric call, rounded up to a multiple of
         jax.local_device_count() (and to at least one row's ears); every call has this shape.
+        Default `default_batch_size()`: 8 on CPU, 64 per accelerator.
       equalisation: 1 (NAL-R applied to the reference) or 2 (reference already amplified).
       level1: dB SPL of RMS 1, or "cadenza" (65 - 20 log10 rms(reference), per ear); a row's own
         `level1` wins.
@@ -700,6 +711,8 @@ def label_manifest(manifest_path: str | os.PathLike, out_path: str | os.PathLike
     start = time.perf_counter()
     settings = LabelSettings(equalisation, level1 if isinstance(level1, str) else float(level1),
                              ears, dtype, int(seed))
+    if batch_size is None:
+        batch_size = default_batch_size(jax.local_devices())
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
@@ -797,9 +810,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "already there are skipped)")
     parser.add_argument("--errors", type=Path, default=None,
                         help="failed rows JSONL (default: OUT with .errors.jsonl)")
-    parser.add_argument("--batch-size", type=_positive_int, default=8,
-                        help="HAAQI items (ears) per metric call (default 8; on a GPU use "
-                             "64 or more: the device fills only with many clips at once)")
+    parser.add_argument("--batch-size", type=_positive_int, default=None,
+                        help="HAAQI items (ears) per metric call (default: 8 on CPU, 64 per "
+                             "GPU/TPU, where the device fills only with many clips at once)")
     parser.add_argument("--equalisation", type=int, choices=(1, 2), default=1,
                         help="1: apply NAL-R to the reference; 2: reference already amplified")
     parser.add_argument("--level1", type=_level1_arg, default=65.0,
