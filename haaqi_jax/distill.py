@@ -290,7 +290,7 @@ def jit_distill_step(step: Callable, mesh: Any, *, with_teacher: bool = True) ->
 
 _SHARED_DATA_KEYS = ("manifest", "demo_dir", "demo_clips", "demo_seed", "demo_seconds",
                      "demo_label_batch", "train_split", "valid_split", "eval_splits",
-                     "valid_fraction", "prefetch", "bucket_pool")
+                     "hold_out", "valid_fraction", "prefetch", "bucket_pool")
 
 
 def teacher_config(config: Any) -> Any:
@@ -546,7 +546,7 @@ def compare(config: Any, teacher: Any, student: Any, data: Any, head_loss: steps
         lambda s, b: (s, {}),
         steps_lib.make_eval_step(loop.make_forward(teacher.config, "waveform"), head_loss), mesh)
     splits = {}
-    for split in config.data.eval_splits:
+    for split in loop.evaluated_splits(config):
         if split not in data.rows or not len(data.rows[split]):
             continue
         labels = loop.split_labels(data.rows[split], split)

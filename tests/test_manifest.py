@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from haaqi_jax.data.manifest import (Manifest, ManifestRow, read_manifest, split_rows,
-                                     write_manifest)
+from haaqi_jax.data.manifest import (HELD_OUT_SPLIT, Manifest, ManifestRow,
+                                     distortion_stages, hold_out_distortions, read_manifest,
+                                     split_rows, write_manifest)
 
 AUDIOGRAM = [20, 20, 20, 30, 95, 85, 75, 30]
 
@@ -190,3 +191,38 @@ def test_manifest_row_validates_when_built_in_code():
         ManifestRow(id="z", file_path="/a.wav", audiogram=[0] * 7)
     with pytest.raises(ValueError, match="haaqi_score"):
         ManifestRow(id="z", file_path="/a.wav", audiogram=[0] * 8, haaqi_score=float("nan"))
+
+
+def _distorted(specs):
+    """specs: (split, distortion) pairs -> rows with ids 0.."""
+    return [ManifestRow(id=str(i), file_path=f"/x/{i}.wav", audiogram=AUDIOGRAM,
+                        haaqi_score=0.5, split=split, distortion=distortion, line=i + 1)
+            for i, (split, distortion) in enumerate(specs)]
+
+
+def test_hold_out_distortions_moves_train_and_valid_rows_of_the_stages():
+    rows = _distorted([("train", "clean"), ("train", "babble+resonance"), ("valid", "tilt_up"),
+                       ("train", "lowpass"), ("test_seen", "resonance"), ("valid", "babble"),
+                       ("train", "tilt_up+compression"), ("test_unseen", "tilt_down")])
+    parts = hold_out_distortions(split_rows(rows), ["resonance", "tilt_up"])
+    ids = {name: [r.id for r in part] for name, part in parts.items()}
+    assert ids == {"train": ["0", "3"], "valid": ["5"], "test_seen": ["4"],
+                   "test_unseen": ["7"], HELD_OUT_SPLIT: ["1", "6", "2"]}
+    # whole stages only: "tilt" is not "tilt_up"
+    assert distortion_stages("babble + tilt_up") == ("babble", "tilt_up")
+    with pytest.raises(ValueError, match=r"\['tilt'\] occur in no row"):
+        hold_out_distortions(split_rows(rows), ["tilt"])
+    # stages that only test splits have are a typo for this purpose, too
+    with pytest.raises(ValueError, match="tilt_down"):
+        hold_out_distortions(split_rows(rows), ["tilt_down"])
+    with pytest.raises(ValueError, match="no stages"):
+        hold_out_distortions(split_rows(rows), [])
+
+
+def test_hold_out_distortions_needs_every_row_to_name_its_distortion():
+    rows = _distorted([("train", "clean"), ("train", None), ("valid", "babble")])
+    with pytest.raises(ValueError, match=r"row '1' \(line 2, split 'train'\) has no 'distortion'"):
+        hold_out_distortions(split_rows(rows), ["babble"])
+    named = _distorted([("train", "babble"), (HELD_OUT_SPLIT, "clean")])
+    with pytest.raises(ValueError, match="already has a split"):
+        hold_out_distortions(split_rows(named), ["babble"])

@@ -217,6 +217,28 @@ def test_unlabelled_row_is_a_clear_error(tmp_path, tiny):
         loop.train_and_evaluate(cfg, tmp_path / "work")
 
 
+def test_held_out_distortion_and_a_weightless_encoder(tiny, tmp_path):
+    """data.hold_out: train and valid rows of the held stage train nothing and are scored as
+    the split "held_out"; with position_dim 0 the fbank_patches encoder has no weights at all."""
+    root, overrides = tiny
+    cfg = _config(overrides + ['data.hold_out=("noise",)', "train.num_epochs=1",
+                               "model.encoder_config.position_dim=0",
+                               f"data.cache_dir={tmp_path / 'cache'}"])
+    rows = [json.loads(l) for l in Path(cfg.data.manifest).read_text().splitlines()]
+    held = [r["id"] for r in rows if r["split"] in ("train", "valid") and r["distortion"] == "noise"]
+    n_train = sum(r["split"] == "train" and r["distortion"] != "noise" for r in rows)
+    result = loop.train_and_evaluate(cfg, tmp_path / "work")
+    assert result.final_step == n_train // 2           # batch 2, one epoch of clipping rows
+    metrics = json.loads((result.report_dir / "metrics.json").read_text())
+    assert metrics["by_split"]["held_out"]["n"] == len(held) > 0
+    import csv
+    scored = {row["id"] for row in csv.DictReader((result.report_dir / "predictions.csv").open())
+              if row["split"] == "held_out"}
+    assert scored == set(held)
+    with pytest.raises(ValueError, match=r"data.hold_out: hold-out stage\(s\) \['nois'\]"):
+        loop.load_splits(_config(overrides + ['data.hold_out=("nois",)']))
+
+
 def test_batch_must_divide_and_frozen_patterns(tiny):
     from haaqi_jax.train import state as state_lib
     params = {"encoder": {"a": jnp.ones(3)}, "head": {"blstm": {"k": jnp.ones(2)},

@@ -326,3 +326,64 @@ def split_rows(rows: Sequence[ManifestRow], *, valid_fraction: float = 0.2,
             "valid" if i in valid_positions else "train")
         out.setdefault(name, []).append(row)
     return out
+
+
+#: The split that `hold_out_distortions` fills.
+HELD_OUT_SPLIT = "held_out"
+
+
+def distortion_stages(distortion: str) -> tuple[str, ...]:
+    """The stages of a "+"-joined distortion chain ("babble+tilt_down" -> two stages)."""
+    return tuple(s.strip() for s in distortion.split("+") if s.strip())
+
+
+def hold_out_distortions(splits: Mapping[str, Sequence[ManifestRow]], stages: Iterable[str], *,
+                         from_splits: Sequence[str] = ("train", "valid")
+                         ) -> dict[str, list[ManifestRow]]:
+    """Leave-distortion-out: a validation split of distortion types the model never trains on.
+
+    Every row of `from_splits` whose distortion chain contains one of `stages` moves to the
+    split `HELD_OUT_SPLIT` (in the order of `from_splits`, each split's order kept); other
+    splits are untouched. Scores on that
+    split rank models by how they generalise to unseen distortion types without looking at a
+    test split (the demo's test_unseen, for one, holds types that valid never shows).
+
+    Args:
+      splits: {split name: rows}, e.g. from `split_rows`.
+      stages: distortion stage names, e.g. ("resonance", "tilt_up").
+      from_splits: the splits that lose their held-out rows.
+
+    Returns:
+      A new {split name: rows} with HELD_OUT_SPLIT added.
+
+    Raises:
+      ValueError: no stages; a stage that no row of `from_splits` has (a typo would otherwise
+        hold out nothing); a row of `from_splits` without a `distortion`; a split already
+        named HELD_OUT_SPLIT.
+    """
+    held = tuple(dict.fromkeys(str(s) for s in stages))
+    if not held:
+        raise ValueError("hold_out_distortions: no stages given")
+    if HELD_OUT_SPLIT in splits:
+        raise ValueError(f"hold_out_distortions: the manifest already has a split named "
+                         f"{HELD_OUT_SPLIT!r}")
+    out = {name: list(rows) for name, rows in splits.items()}
+    moved: list[ManifestRow] = []
+    present: set[str] = set()
+    for name in from_splits:
+        keep = []
+        for row in out.get(name, []):
+            if row.distortion is None:
+                raise ValueError(f"row {row.id!r} (line {row.line}, split {name!r}) has no "
+                                 f"'distortion': holding out distortion types needs every "
+                                 f"row of splits {list(from_splits)} to name its distortion")
+            row_stages = distortion_stages(row.distortion)
+            present.update(row_stages)
+            (moved if any(s in held for s in row_stages) else keep).append(row)
+        out[name] = keep
+    missing = [s for s in held if s not in present]
+    if missing:
+        raise ValueError(f"hold-out stage(s) {missing} occur in no row of splits "
+                         f"{list(from_splits)}; stages present: {sorted(present)}")
+    out[HELD_OUT_SPLIT] = moved
+    return out

@@ -11,7 +11,7 @@
     evaluating the validation split every epoch (loss, LCC, SRCC, MSE), early-stopping on the
     validation loss, checkpointing the latest state every `train.checkpoint_every_steps` and at
     each epoch end (best by validation loss kept too),
- 5. restores the best checkpoint, evaluates every split in `data.eval_splits` and writes the
+ 5. restores the best checkpoint, evaluates every split in `evaluated_splits` and writes the
     report folder (metrics per split and distortion, scatter plot, table, example predictions,
     best_model/ loadable with `HAAQINet.load`).
 
@@ -212,20 +212,39 @@ def make_encode_fn(net: Any) -> Callable[[np.ndarray, np.ndarray], tuple[Any, An
     return encode_fn
 
 
+def evaluated_splits(config: Any) -> tuple[str, ...]:
+    """The splits the final report scores: data.eval_splits, then the leave-distortion-out
+    split when data.hold_out names stages."""
+    from haaqi_jax.data.manifest import HELD_OUT_SPLIT
+
+    splits = tuple(config.data.eval_splits)
+    if tuple(config.data.get("hold_out") or ()) and HELD_OUT_SPLIT not in splits:
+        splits += (HELD_OUT_SPLIT,)
+    return splits
+
+
 def load_splits(config: Any) -> dict[str, list[Any]]:
     """The manifest's rows (labels required, files checked) grouped into the splits the run
-    uses: train, valid and data.eval_splits. Errors name the manifest line and row id."""
-    from haaqi_jax.data.manifest import read_manifest, split_rows
+    uses: train, valid and `evaluated_splits`. With data.hold_out, train and valid rows of
+    those distortion stages form the split "held_out" instead (`hold_out_distortions`).
+    Errors name the manifest line and row id."""
+    from haaqi_jax.data.manifest import hold_out_distortions, read_manifest, split_rows
 
     d = config.data
     manifest = resolve_manifest(config)
     rows = read_manifest(manifest, require_label=True, check_files=True)
     splits = split_rows(rows, valid_fraction=float(d.valid_fraction), seed=int(config.seed))
+    if tuple(d.get("hold_out") or ()):
+        try:
+            splits = hold_out_distortions(splits, d.hold_out,
+                                          from_splits=(d.train_split, d.valid_split))
+        except ValueError as err:
+            raise ValueError(f"{manifest}: data.hold_out: {err}") from None
     for needed in (d.train_split, d.valid_split):
         if not splits.get(needed):
             raise ValueError(f"{manifest}: split {needed!r} has no rows (splits: "
                              f"{ {k: len(v) for k, v in splits.items()} })")
-    wanted = [d.train_split, d.valid_split] + [s for s in d.eval_splits
+    wanted = [d.train_split, d.valid_split] + [s for s in evaluated_splits(config)
                                                if s not in (d.train_split, d.valid_split)]
     return {s: splits[s] for s in wanted if splits.get(s)}
 
@@ -258,7 +277,8 @@ def build_train_data(config: Any, net: Any, workdir: Path,
             [r for s in used.values() for r in s], make_encode_fn(net),
             d.get("cache_dir") or (workdir / "feature_cache"), batch_size=int(d.encode_batch_size),
             layers=layers, dtype=d.cache_dtype,
-            fingerprint=cache_lib.params_fingerprint(net.params["encoder"], identity))
+            # (an encoder without weights, e.g. fbank_patches with position_dim 0, has no entry)
+            fingerprint=cache_lib.params_fingerprint(net.params.get("encoder", {}), identity))
         if in_cfg.crop_seconds is not None:
             raise ValueError("data.crop_seconds must be None with data.cache=True (cached "
                              "features are of whole clips)")
@@ -513,7 +533,7 @@ def write_training_report(config: Any, net: Any, params: Any, data: TrainData,
     from haaqi_jax.model import HAAQINet
 
     records = []
-    for split in config.data.eval_splits:
+    for split in evaluated_splits(config):
         if split not in data.rows or not len(data.rows[split]):
             continue
         _, predictions = run_eval(eval_step, params, data.eval_batches(split), mesh, keys,
