@@ -10,6 +10,7 @@ same command again with the same workdir resumes from the latest checkpoint.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -25,12 +26,20 @@ def main(argv: list[str] | None = None) -> int:
                         "e.g. --set train.num_epochs=3")
     parser.add_argument("--workdir", default=None,
                         help="output folder (default: runs/<config name>)")
+    parser.add_argument("--compilation-cache", default="data_cache/jax_compilation",
+                        metavar="DIR", help="JAX's persistent compilation cache: reruns and "
+                        "sweeps skip compiles done before (default: %(default)s; 'none' = off; "
+                        "JAX_COMPILATION_CACHE_DIR, when set, wins)")
     parser.add_argument("--distributed", action="store_true",
                         help="multi-host: call jax.distributed.initialize() first (run the same "
                         "command on every host; see haaqi_jax/train/sharding.py)")
     args = parser.parse_args(argv)
+    import jax
+    if args.compilation_cache.lower() != "none" and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
+        # The many sub-second CPU compiles (one per length bucket) are worth keeping too.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     if args.distributed:
-        import jax
         jax.distributed.initialize()  # coordinator/process ids from the cluster environment
 
     try:

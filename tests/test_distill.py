@@ -458,7 +458,8 @@ def _train_script():
 
 
 def _argv(workdir, sets):
-    argv = ["--config", str(REPO / "configs" / "distill.py"), "--workdir", str(workdir)]
+    argv = ["--config", str(REPO / "configs" / "distill.py"), "--workdir", str(workdir),
+            "--compilation-cache", "none"]  # in-process: leave JAX's global config alone
     for s in sets:
         argv += ["--set", s]
     return argv

@@ -116,7 +116,8 @@ def test_tiny_config_trains_and_reports(straight_run, tiny):
 
 def test_resume_in_fresh_process_is_bitwise_exact(straight_run, tiny):
     """k steps, a crash (after step 5; last checkpoint at 4), a fresh process finishing the
-    run: same parameters, optimizer state, and the same metrics log, bit for bit."""
+    run (train.py, with its compilation cache): same parameters, optimizer state, and the same
+    metrics log, bit for bit."""
     from haaqi_jax.train.checkpoint import TrainCheckpointManager
 
     root, overrides = tiny
@@ -124,7 +125,9 @@ def test_resume_in_fresh_process_is_bitwise_exact(straight_run, tiny):
     first = loop.train_and_evaluate(_config(overrides + ["train.stop_after_steps=5"]), work)
     assert first.interrupted and first.final_step == 5 and first.report_dir is None
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, str(REPO / "train.py"), "--config", str(TINY), "--workdir", str(work)]
+    cmd = [sys.executable, str(REPO / "train.py"), "--config", str(TINY), "--workdir", str(work),
+           "--compilation-cache", str(root / "jax_cache")]
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     for o in overrides + ["train.write_report=false"]:
         cmd += ["--set", o]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -141,6 +144,9 @@ def test_resume_in_fresh_process_is_bitwise_exact(straight_run, tiny):
     assert meta["data_state"]["epoch"] == 2 and meta["data_state"]["step"] == 0
     assert ((work / "metrics.jsonl").read_text()
             == (straight_run.workdir / "metrics.jsonl").read_text())
+    # train.py's persistent compilation cache kept the fresh process's train step (a rerun or
+    # the next run of a sweep loads it instead of compiling)
+    assert any(p.name.startswith("jit_train_step") for p in (root / "jax_cache").iterdir())
 
 
 def test_frozen_encoder_has_no_optimizer_state_and_stays_put(tiny, tmp_path):
