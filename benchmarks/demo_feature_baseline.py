@@ -1,17 +1,19 @@
 """How predictable are a demo set's labels from simple clip statistics? A yardstick for HAAQI-Net.
 
     python benchmarks/demo_feature_baseline.py [data_cache/demo/manifest.jsonl]
+        [--hold-out resonance,tilt_up]
 
 Features per processed clip (no reference): the mean, standard deviation and frame-to-frame
 change of each of BEATs' 128 Kaldi log-mel bands, plus the audiogram / 100. Fits a ridge
 regression (numpy; standardised features, several penalties) and, when scikit-learn is
 installed, gradient-boosted trees, on the train split, and prints LCC / SRCC per split.
+--hold-out moves the train and valid rows of those distortion stages to the split "held_out",
+as `train.py --set data.hold_out=...` does, so the yardstick can be read next to that split.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -21,6 +23,7 @@ from scipy.stats import pearsonr, spearmanr
 from tqdm.auto import tqdm
 
 from haaqi_jax.data.audio import resample
+from haaqi_jax.data.manifest import hold_out_distortions, read_manifest, split_rows
 from haaqi_jax.fbank import kaldi_fbank
 
 
@@ -48,13 +51,19 @@ def report(name: str, predicted: np.ndarray, labels: np.ndarray, splits: np.ndar
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("manifest", nargs="?", default="data_cache/demo/manifest.jsonl")
+    parser.add_argument("--hold-out", default="", metavar="STAGES",
+                        help="comma-separated distortion stages whose train/valid rows form "
+                        "the split held_out (as data.hold_out)")
     args = parser.parse_args()
-    manifest = Path(args.manifest)
-    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
-    features = np.stack([clip_features(manifest.parent / r["file_path"], r["audiogram"])
-                         for r in tqdm(rows, desc="features")])
-    labels = np.asarray([r["haaqi_score"] for r in rows])
-    splits = np.asarray([r.get("split", "train") for r in rows])
+    parts = split_rows(read_manifest(args.manifest, require_label=True))
+    stages = [s for s in args.hold_out.split(",") if s.strip()]
+    if stages:
+        parts = hold_out_distortions(parts, stages)
+    rows = [(name, row) for name, part in parts.items() for row in part]
+    features = np.stack([clip_features(row.file_path, row.audiogram)
+                         for _, row in tqdm(rows, desc="features")])
+    labels = np.asarray([row.haaqi_score for _, row in rows])
+    splits = np.asarray([name for name, _ in rows])
     train = splits == "train"
     mean, std = features[train].mean(0), features[train].std(0) + 1e-6
     z = (features - mean) / std
