@@ -344,9 +344,9 @@ def hold_out_distortions(splits: Mapping[str, Sequence[ManifestRow]], stages: It
 
     Every row of `from_splits` whose distortion chain contains one of `stages` moves to the
     split `HELD_OUT_SPLIT` (in the order of `from_splits`, each split's order kept); other
-    splits are untouched. Scores on that
-    split rank models by how they generalise to unseen distortion types without looking at a
-    test split (the demo's test_unseen, for one, holds types that valid never shows).
+    splits are untouched. Scores on that split rank models by how they generalise to unseen
+    distortion types without looking at a test split (the demo's test_unseen, for one, holds
+    types that valid never shows).
 
     Args:
       splits: {split name: rows}, e.g. from `split_rows`.
