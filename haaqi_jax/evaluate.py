@@ -11,6 +11,9 @@ writes into --out:
   predictions.csv   one line per clip: id, split, distortion, label, prediction
   examples.json     a few clips' predictions (the first of each split)
   scatter.png       predicted vs true HAAQI, coloured by split or distortion
+  by_distortion.png mean label and mean prediction of every distortion, sorted by their gap
+                    (where a model rates a degradation too close to clean, or too harshly)
+Every metrics entry also has label_mean and prediction_mean.
 The training loop writes the same report for its best checkpoint (`write_report`).
 """
 
@@ -82,12 +85,18 @@ def compute_report_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, An
     pred = np.array([r["prediction"] for r in records])
     true = np.array([r["label"] for r in records])
     splits = np.array([r["split"] for r in records])
+    distortions = np.array([str(r["distortion"]) for r in records])
     report = {
         "overall": metrics_lib.summarize(pred, true),
         "by_split": metrics_lib.summarize_by_group(pred, true, splits),
-        "by_distortion": metrics_lib.summarize_by_group(
-            pred, true, [r["distortion"] for r in records]),
+        "by_distortion": metrics_lib.summarize_by_group(pred, true, distortions),
     }
+    # Means show a bias that correlations hide (a type rated too close to clean as a whole).
+    for entry, mask in [(report["overall"], np.ones(len(records), bool))] + [
+            (entry, splits == k) for k, entry in report["by_split"].items()] + [
+            (entry, distortions == k) for k, entry in report["by_distortion"].items()]:
+        entry["label_mean"] = float(true[mask].mean())
+        entry["prediction_mean"] = float(pred[mask].mean())
     # How much of a split's score is the luck of its clips: 95 % bootstrap intervals.
     report["overall"]["ci95"] = metrics_lib.bootstrap_intervals(pred, true)
     for split, entry in report["by_split"].items():
@@ -132,9 +141,50 @@ def scatter_plot(records: Sequence[Mapping[str, Any]], path: Path, color_by: str
     return path
 
 
+def distortion_plot(records: Sequence[Mapping[str, Any]], report: Mapping[str, Any], path: Path
+                    ) -> Path:
+    """Mean label (black) and mean prediction (coloured by the split most of the type's clips
+    are in) of every distortion, one row each, sorted by prediction - label."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_type = report["by_distortion"]
+    names = sorted(by_type, key=lambda k: by_type[k]["prediction_mean"] - by_type[k]["label_mean"])
+    home = {}
+    for name in names:
+        counts = {}
+        for r in records:
+            if str(r["distortion"]) == name:
+                counts[r["split"]] = counts.get(r["split"], 0) + 1
+        home[name] = max(sorted(counts), key=counts.get)
+    splits = sorted(set(home.values()))
+    cmap = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(6.5, 1.2 + 0.28 * len(names)), dpi=120)
+    for y, name in enumerate(names):
+        label, pred = by_type[name]["label_mean"], by_type[name]["prediction_mean"]
+        color = cmap(splits.index(home[name]) % cmap.N)
+        ax.plot([label, pred], [y, y], color=color, lw=2, alpha=0.6)
+        ax.scatter([label], [y], color="black", s=18, zorder=3)
+        ax.scatter([pred], [y], color=color, s=24, zorder=3)
+    for i, split in enumerate(splits):
+        ax.scatter([], [], color=cmap(i % cmap.N), s=24, label=f"prediction ({split})")
+    ax.scatter([], [], color="black", s=18, label="label")
+    ax.set_yticks(range(len(names)),
+                  [f"{name} ({by_type[name]['n']})" for name in names], fontsize=7)
+    ax.set(xlim=(0, 1), xlabel="mean HAAQI", title="Mean label vs mean prediction per distortion")
+    ax.grid(axis="x", color="0.9")
+    ax.legend(fontsize=7, loc="best", framealpha=0.85)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def write_report(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, *,
                  color_by: str = "split", num_examples: int = 8) -> Path:
-    """Writes metrics.json, table.md, table.csv, predictions.csv, examples.json, scatter.png.
+    """Writes metrics.json, table.md, table.csv, predictions.csv, examples.json, scatter.png,
+    by_distortion.png.
 
     Returns:
       out_dir.
@@ -146,9 +196,10 @@ def write_report(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLik
         json.dumps(metrics_lib.json_safe(report), indent=2, sort_keys=True) + "\n")
 
     table = _table_rows(report)
-    md = ["| subset | n | LCC | SRCC | MSE |", "|---|---|---|---|---|"]
-    md += [f"| {name} | {m['n']} | {_fmt(m['lcc'])} | {_fmt(m['srcc'])} | {_fmt(m['mse'])} |"
-           for name, m in table]
+    md = ["| subset | n | LCC | SRCC | MSE | mean label | mean prediction |",
+          "|---|---|---|---|---|---|---|"]
+    md += [f"| {name} | {m['n']} | {_fmt(m['lcc'])} | {_fmt(m['srcc'])} | {_fmt(m['mse'])} | "
+           f"{_fmt(m['label_mean'])} | {_fmt(m['prediction_mean'])} |" for name, m in table]
     md += ["", "95 % bootstrap intervals (1000 resamples of the clips):", ""]
     md += [f"- {name}: LCC [{_fmt(m['ci95']['lcc'][0])}, {_fmt(m['ci95']['lcc'][1])}], SRCC "
            f"[{_fmt(m['ci95']['srcc'][0])}, {_fmt(m['ci95']['srcc'][1])}]"
@@ -156,9 +207,10 @@ def write_report(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLik
     (out_dir / "table.md").write_text("\n".join(md) + "\n")
     with (out_dir / "table.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["subset", "n", "lcc", "srcc", "mse"])
+        w.writerow(["subset", "n", "lcc", "srcc", "mse", "label_mean", "prediction_mean"])
         for name, m in table:
-            w.writerow([name, m["n"], *(metrics_lib.json_safe([m["lcc"], m["srcc"], m["mse"]]))])
+            w.writerow([name, m["n"], *(metrics_lib.json_safe(
+                [m["lcc"], m["srcc"], m["mse"], m["label_mean"], m["prediction_mean"]]))])
     with (out_dir / "predictions.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=RECORD_FIELDS)
         w.writeheader()
@@ -173,6 +225,7 @@ def write_report(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLik
             examples.append({k: r[k] for k in RECORD_FIELDS})
     (out_dir / "examples.json").write_text(json.dumps(examples, indent=2) + "\n")
     scatter_plot(records, out_dir / "scatter.png", color_by=color_by)
+    distortion_plot(records, report, out_dir / "by_distortion.png")
     return out_dir
 
 

@@ -30,7 +30,7 @@ def test_evaluate_subcommand_writes_its_files(tmp_path):
                      "--out", str(out), "--splits", "valid", "test_seen", "test_unseen",
                      "--color-by", "distortion", "--batch-size", "4"]) == 0
     for name in ("metrics.json", "table.md", "table.csv", "predictions.csv", "examples.json",
-                 "scatter.png"):
+                 "scatter.png", "by_distortion.png"):
         assert (out / name).is_file(), name
     rows = list(csv.DictReader((out / "predictions.csv").open()))
     assert len(rows) == 8 and {r["split"] for r in rows} == {"valid", "test_seen", "test_unseen"}
@@ -56,6 +56,12 @@ def test_evaluate_subcommand_writes_its_files(tmp_path):
     assert metrics["by_distortion"]["noise"]["lcc"] == pytest.approx(
         scipy.stats.pearsonr(p[noise], t[noise])[0], abs=1e-9)
     assert metrics["by_split"]["valid"]["n"] == 4
+    valid = np.array([r["split"] == "valid" for r in rows])
+    for entry, mask in ((metrics["overall"], np.ones_like(valid)),
+                        (metrics["by_split"]["valid"], valid),
+                        (metrics["by_distortion"]["noise"], noise)):
+        assert entry["label_mean"] == pytest.approx(t[mask].mean(), abs=1e-12)
+        assert entry["prediction_mean"] == pytest.approx(p[mask].mean(), abs=1e-12)
     low, high = metrics["overall"]["ci95"]["lcc"]
     assert low <= metrics["overall"]["lcc"] <= high
     assert set(metrics["by_split"]["valid"]["ci95"]) == {"lcc", "srcc"}
@@ -64,6 +70,10 @@ def test_evaluate_subcommand_writes_its_files(tmp_path):
     assert "- all: LCC [" in table and "- split=valid: LCC [" in table
     import matplotlib.image
     assert matplotlib.image.imread(out / "scatter.png").ndim == 3
+    assert matplotlib.image.imread(out / "by_distortion.png").ndim == 3
+    csv_rows = {r["subset"]: r for r in csv.DictReader((out / "table.csv").open())}
+    assert float(csv_rows["distortion=noise"]["prediction_mean"]) == pytest.approx(
+        p[noise].mean(), abs=1e-12)
 
 
 def test_report_errors(tmp_path):

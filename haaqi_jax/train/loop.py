@@ -12,8 +12,8 @@
     validation loss, checkpointing the latest state every `train.checkpoint_every_steps` and at
     each epoch end (best by validation loss kept too),
  5. restores the best checkpoint, evaluates every split in `evaluated_splits` and writes the
-    report folder (metrics per split and distortion, scatter plot, table, example predictions,
-    best_model/ loadable with `HAAQINet.load`).
+    report folder (metrics per split and distortion, scatter and per-distortion plots, table,
+    example predictions, best_model/ loadable with `HAAQINet.load`).
 
 Resuming: run the same command with the same workdir. The train state (params, optimizer,
 step, RNG), the data-iterator position and the early-stopping bookkeeping come back from the
