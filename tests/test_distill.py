@@ -539,3 +539,14 @@ def test_distillation_job_with_cached_targets(distill_job, tmp_path):
     for a, b in zip(cached[:2], ref[:2]):
         for key in ("loss", "haaqi_loss", "distill_0", "distill_1", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=5e-3), (a["step"], key)
+
+
+def test_teacher_shares_the_runs_hold_out():
+    """A distillation run's teacher is trained on the run's data split, held-out types included
+    (otherwise the teacher would train on the types the student is scored on as unseen)."""
+    from haaqi_jax import distill
+    cfg = cfglib.get_config(REPO / "configs" / "distill.py",
+                            ['data.hold_out=("resonance", "tilt_up")'])
+    assert tuple(distill.teacher_config(cfg).data.hold_out) == ("resonance", "tilt_up")
+    assert tuple(distill.teacher_config(cfglib.get_config(
+        REPO / "configs" / "distill.py")).data.hold_out) == ()
