@@ -12,7 +12,8 @@ writes into --out:
   examples.json     a few clips' predictions (the first of each split)
   scatter.png       predicted vs true HAAQI, coloured by split or distortion
   by_distortion.png mean label and mean prediction of every distortion, sorted by their gap
-                    (where a model rates a degradation too close to clean, or too harshly)
+                    (where a model rates a degradation too close to clean, or too harshly);
+                    only when rows name their distortion
 Every metrics entry also has label_mean and prediction_mean.
 The training loop writes the same report for its best checkpoint (`write_report`).
 """
@@ -225,7 +226,8 @@ def write_report(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLik
             examples.append({k: r[k] for k in RECORD_FIELDS})
     (out_dir / "examples.json").write_text(json.dumps(examples, indent=2) + "\n")
     scatter_plot(records, out_dir / "scatter.png", color_by=color_by)
-    distortion_plot(records, report, out_dir / "by_distortion.png")
+    if {r["distortion"] for r in records} - {None, "unknown"}:  # rows that name none: no plot
+        distortion_plot(records, report, out_dir / "by_distortion.png")
     return out_dir
 
 

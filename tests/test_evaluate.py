@@ -87,6 +87,12 @@ def test_report_errors(tmp_path):
     recs = evaluate.prediction_records(rows[:1], np.array([0.4]), "test")
     with pytest.raises(ValueError, match="color_by"):
         evaluate.write_report(recs, tmp_path, color_by="listener")
+    # rows that name no distortion: no per-distortion plot (one "unknown" bar says nothing)
+    unnamed = evaluate.prediction_records([{"id": "c", "haaqi_score": 0.3}], np.array([0.2]), "t")
+    assert unnamed[0]["distortion"] == "unknown"
+    evaluate.write_report(unnamed, tmp_path / "unnamed")
+    assert (tmp_path / "unnamed" / "scatter.png").is_file()
+    assert not (tmp_path / "unnamed" / "by_distortion.png").exists()
 
 
 def test_missing_split_is_named(tmp_path):
