@@ -184,8 +184,8 @@ def distortion_plot(records: Sequence[Mapping[str, Any]], report: Mapping[str, A
 
 def write_report(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, *,
                  color_by: str = "split", num_examples: int = 8) -> Path:
-    """Writes metrics.json, table.md, table.csv, predictions.csv, examples.json, scatter.png,
-    by_distortion.png.
+    """Writes metrics.json, table.md, table.csv, predictions.csv, examples.json, scatter.png
+    and, when rows name their distortion, by_distortion.png.
 
     Returns:
       out_dir.
