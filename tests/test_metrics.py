@@ -43,6 +43,9 @@ def test_zero_weights_drop_items(seed, n, ties):
 def test_average_ranks_match_scipy_rankdata():
     x = np.array([3.0, 1.0, 3.0, 2.0, 3.0, 1.0, 7.0])
     np.testing.assert_array_equal(metrics.average_ranks(x), scipy.stats.rankdata(x))
+    # row by row along the last axis (the bootstrap ranks all its resamples at once)
+    rows = np.random.default_rng(0).integers(0, 5, size=(40, 9)).astype(float)
+    np.testing.assert_array_equal(metrics.average_ranks(rows), scipy.stats.rankdata(rows, axis=1))
 
 
 def test_weighted_pearson_matches_numpy_cov():

@@ -52,18 +52,23 @@ def _weighted_pearson(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
 
 
 def average_ranks(x: Any) -> np.ndarray:
-    """Ranks 1..n with ties given their average rank (scipy.stats.rankdata's 'average')."""
-    x = np.asarray(x).reshape(-1)
-    order = np.argsort(x, kind="mergesort")
-    sorted_x = x[order]
-    # Start index of each run of equal values, and each element's run.
-    new_run = np.concatenate([[True], sorted_x[1:] != sorted_x[:-1]])
-    run_id = np.cumsum(new_run) - 1
-    starts = np.flatnonzero(new_run)
-    ends = np.concatenate([starts[1:], [x.size]])
-    run_rank = (starts + ends + 1) / 2.0  # mean of ranks starts+1 .. ends
-    ranks = np.empty(x.size, dtype=np.float64)
-    ranks[order] = run_rank[run_id]
+    """Ranks 1..n along the last axis with ties given their average rank (scipy.stats.rankdata's
+    'average', axis=-1); a scalar or 1-D input is ranked as one flat vector."""
+    x = np.asarray(x)
+    if x.ndim <= 1:
+        x = x.reshape(-1)
+    order = np.argsort(x, axis=-1, kind="mergesort")
+    sorted_x = np.take_along_axis(x, order, axis=-1)
+    n = x.shape[-1]
+    pos = np.broadcast_to(np.arange(n), x.shape)
+    # Each sorted position's run of equal values: its first and last position.
+    tie = sorted_x[..., 1:] == sorted_x[..., :-1]
+    first = np.concatenate([np.ones(x.shape[:-1] + (1,), bool), ~tie], axis=-1)
+    last = np.concatenate([~tie, np.ones(x.shape[:-1] + (1,), bool)], axis=-1)
+    start = np.maximum.accumulate(np.where(first, pos, 0), axis=-1)
+    end = np.flip(np.minimum.accumulate(np.flip(np.where(last, pos, n), -1), axis=-1), -1)
+    ranks = np.empty(x.shape, dtype=np.float64)
+    np.put_along_axis(ranks, order, (start + end) / 2.0 + 1, axis=-1)
     return ranks
 
 
@@ -113,7 +118,6 @@ def bootstrap_intervals(pred: Any, true: Any, weight: Any | None = None, *,
     Returns:
       {"lcc": [low, high], "srcc": [low, high]}; NaN bounds for fewer than 3 clips.
     """
-    from scipy.stats import rankdata
     p, t, _ = _prepare(pred, true, weight)
     if p.size < 3:
         return {"lcc": [float("nan")] * 2, "srcc": [float("nan")] * 2}
@@ -129,7 +133,7 @@ def bootstrap_intervals(pred: Any, true: Any, weight: Any | None = None, *,
     tails = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
     out = {}
     for name, (x, y) in (("lcc", (p[idx], t[idx])),
-                         ("srcc", (rankdata(p[idx], axis=1), rankdata(t[idx], axis=1)))):
+                         ("srcc", (average_ranks(p[idx]), average_ranks(t[idx])))):
         r = rowwise_pearson(x, y)
         r = r[np.isfinite(r)]       # a resample of one repeated clip has no correlation
         out[name] = ([float(v) for v in np.percentile(r, tails)] if r.size
