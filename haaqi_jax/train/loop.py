@@ -212,13 +212,17 @@ def make_encode_fn(net: Any) -> Callable[[np.ndarray, np.ndarray], tuple[Any, An
     return encode_fn
 
 
+def _hold_out_stages(config: Any) -> tuple[str, ...]:
+    return tuple(config.data.get("hold_out") or ())
+
+
 def evaluated_splits(config: Any) -> tuple[str, ...]:
     """The splits the final report scores: data.eval_splits, then the leave-distortion-out
     split when data.hold_out names stages."""
     from haaqi_jax.data.manifest import HELD_OUT_SPLIT
 
     splits = tuple(config.data.eval_splits)
-    if tuple(config.data.get("hold_out") or ()) and HELD_OUT_SPLIT not in splits:
+    if _hold_out_stages(config) and HELD_OUT_SPLIT not in splits:
         splits += (HELD_OUT_SPLIT,)
     return splits
 
@@ -234,9 +238,9 @@ def load_splits(config: Any) -> dict[str, list[Any]]:
     manifest = resolve_manifest(config)
     rows = read_manifest(manifest, require_label=True, check_files=True)
     splits = split_rows(rows, valid_fraction=float(d.valid_fraction), seed=int(config.seed))
-    if tuple(d.get("hold_out") or ()):
+    if _hold_out_stages(config):
         try:
-            splits = hold_out_distortions(splits, d.hold_out,
+            splits = hold_out_distortions(splits, _hold_out_stages(config),
                                           from_splits=(d.train_split, d.valid_split))
         except ValueError as err:
             raise ValueError(f"{manifest}: data.hold_out: {err}") from None
