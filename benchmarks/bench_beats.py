@@ -1,11 +1,12 @@
 """BEATs encoder speed and memory: Flax (jit, warm) vs speechbrain 1.1.2 (PyTorch), same CPU.
 
-    python benchmarks/bench_beats.py [--seconds 10] [--repeats 5]
+    python benchmarks/bench_beats.py [--seconds 10] [--repeats 5] [--batch 1]
 
 Each side runs in its own subprocess so peak RSS (ru_maxrss) is its own; the figure reported
 is peak RSS minus the RSS after imports. Released configuration (12 x 768), random weights,
-batch 1, waveform in (fbank included on both sides). Also: Flax compile time, and a check that
-a second clip length in the same length bucket reuses the compiled code. Prints the ratio.
+waveform in (fbank included on both sides), `--batch` clips per call (times are per call and
+per clip). Also: Flax compile time, and a check that a second clip length in the same length
+bucket reuses the compiled code. Prints the ratio.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_flax(seconds: float, repeats: int) -> dict:
+def run_flax(seconds: float, repeats: int, batch: int = 1) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -51,8 +52,9 @@ def run_flax(seconds: float, repeats: int) -> dict:
     model = BEATs(cfg)
     forward = jax.jit(lambda p, w, m: model.apply({"params": p}, w, m).last_hidden_state)
     rng = np.random.default_rng(0)
-    clip = (0.1 * rng.normal(size=int(seconds * SR))).astype(np.float32)
-    wav = jnp.asarray(clip[None])
+    clips = (0.1 * rng.normal(size=(batch, int(seconds * SR)))).astype(np.float32)
+    clip = clips[0]
+    wav = jnp.asarray(clips)
     no_pad = jnp.zeros(wav.shape, bool)
 
     start = time.perf_counter()
@@ -78,7 +80,7 @@ def run_flax(seconds: float, repeats: int) -> dict:
             "second_length_recompiled": bool(recompiled), "devices": str(jax.devices())}
 
 
-def run_torch(seconds: float, repeats: int, threads: int = 0) -> dict:
+def run_torch(seconds: float, repeats: int, threads: int = 0, batch: int = 1) -> dict:
     import tempfile
 
     import numpy as np
@@ -98,8 +100,8 @@ def run_torch(seconds: float, repeats: int, threads: int = 0) -> dict:
         model = ref.speechbrain_beats(path)
     model.output_all_hiddens = False
     rng = np.random.default_rng(0)
-    wav = torch.from_numpy((0.1 * rng.normal(size=(1, int(seconds * SR)))).astype(np.float32))
-    lens = torch.ones(1)
+    wav = torch.from_numpy((0.1 * rng.normal(size=(batch, int(seconds * SR)))).astype(np.float32))
+    lens = torch.ones(batch)
     with torch.no_grad():
         model(wav, lens)
         times = []
@@ -115,6 +117,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=1, help="clips per call (default 1)")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="also time torch with this many threads (0: only its default); "
                              "on a loaded machine OpenMP's default can oversubscribe")
@@ -122,8 +125,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
-        result = (run_flax(args.seconds, args.repeats) if args.side == "flax" else
-                  run_torch(args.seconds, args.repeats, args.threads))
+        result = (run_flax(args.seconds, args.repeats, args.batch) if args.side == "flax" else
+                  run_torch(args.seconds, args.repeats, args.threads, args.batch))
         print(json.dumps(result))
         return 0
     results = {}
@@ -132,19 +135,21 @@ def main() -> int:
     for side, threads in runs:
         proc = subprocess.run([sys.executable, __file__, "--side", side, "--seconds",
                                str(args.seconds), "--repeats", str(args.repeats),
-                               "--threads", str(threads)],
+                               "--threads", str(threads), "--batch", str(args.batch)],
                               capture_output=True, text=True, env=dict(os.environ))
         if proc.returncode:
             print(proc.stderr, file=sys.stderr)
             return proc.returncode
         results[(side, threads)] = json.loads(proc.stdout.strip().splitlines()[-1])
     f, t = results[("flax", 0)], results[("torch", 0)]
-    print(f"BEATs released config, {args.seconds:g} s clip, batch 1, {os.cpu_count()} CPUs "
+    b = args.batch
+    print(f"BEATs released config, {args.seconds:g} s clips, batch {b}, {os.cpu_count()} CPUs "
           f"(torch threads: {t['threads']}; jax: {f['devices']})")
-    print(f"  speechbrain (torch): median {t['median_s'] * 1e3:8.1f} ms   "
-          f"peak RSS +{t['peak_rss_delta_mb']:.0f} MB")
-    print(f"  haaqi_jax (flax):    median {f['median_s'] * 1e3:8.1f} ms   "
-          f"peak RSS +{f['peak_rss_delta_mb']:.0f} MB   compile {f['compile_s']:.1f} s")
+    ms = {side: r["median_s"] * 1e3 for side, r in (("torch", t), ("flax", f))}
+    print(f"  speechbrain (torch): median {ms['torch']:8.1f} ms ({ms['torch'] / b:.1f} per clip)"
+          f"   peak RSS +{t['peak_rss_delta_mb']:.0f} MB")
+    print(f"  haaqi_jax (flax):    median {ms['flax']:8.1f} ms ({ms['flax'] / b:.1f} per clip)"
+          f"   peak RSS +{f['peak_rss_delta_mb']:.0f} MB   compile {f['compile_s']:.1f} s")
     print(f"  bucket {f['bucket_len']} samples: second length recompiled: "
           f"{f['second_length_recompiled']}")
     print(f"  time ratio flax / torch = {f['median_s'] / t['median_s']:.2f}x (target <= 1.0x)")

@@ -60,12 +60,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from haaqi_jax import attention as attention_lib
 from haaqi_jax import fbank as fbank_lib
 
 LAYER_NORM_EPS = 1e-5
-# Finite stand-in for -inf on padded keys: a fully padded row (e.g. a dummy item that pads a
-# batch to the device count) then stays finite instead of turning gradients into NaN.
-_MASK_VALUE = float(np.finfo(np.float32).min)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,22 +417,23 @@ class BEATsSelfAttention(nn.Module):
         q = split(nn.Dense(channels, name="q_proj")(x))
         k = split(nn.Dense(channels, name="k_proj")(x))
         v = split(nn.Dense(channels, name="v_proj")(x))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim ** -0.5, k)
-        if position_bias is not None:
-            bias = position_bias[None]                               # (1, H, T, T)
-            if cfg.gru_rel_pos:
-                # Gate from the unscaled per-head query; grep_linear is shared across heads.
-                grep_a = self.param("grep_a", nn.initializers.ones, (heads,))
-                gates = nn.Dense(8, name="grep_linear")(q)           # (B, T, H, 8)
-                gates = jax.nn.sigmoid(gates.reshape(batch, length, heads, 2, 4).sum(-1))
-                gate_a, gate_b = gates[..., 0], gates[..., 1]         # (B, T, H)
-                gate = gate_a * (gate_b * grep_a - 1.0) + 2.0
-                bias = jnp.transpose(gate, (0, 2, 1))[..., None] * bias
-            logits = logits + bias
-        logits = jnp.where(key_padding_mask[:, None, None, :], _MASK_VALUE, logits)
-        weights = jax.nn.softmax(logits, axis=-1)
-        weights = nn.Dropout(cfg.attention_dropout)(weights, deterministic=deterministic)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, channels)
+        heads_first = lambda y: jnp.transpose(y, (0, 2, 1, 3))          # (B, H, T, Dh)
+        gate = None
+        if position_bias is not None and cfg.gru_rel_pos:
+            # Gate from the unscaled per-head query; grep_linear is shared across heads.
+            grep_a = self.param("grep_a", nn.initializers.ones, (heads,))
+            gates = nn.Dense(8, name="grep_linear")(q)                   # (B, T, H, 8)
+            gates = jax.nn.sigmoid(gates.reshape(batch, length, heads, 2, 4).sum(-1))
+            gate_a, gate_b = gates[..., 0], gates[..., 1]                 # (B, T, H)
+            gate = jnp.transpose(gate_a * (gate_b * grep_a - 1.0) + 2.0, (0, 2, 1))[..., None]
+        dropout_key = None
+        if not deterministic and cfg.attention_dropout > 0.0:
+            dropout_key = self.make_rng("dropout")
+        out = attention_lib.attend(
+            heads_first(q * head_dim ** -0.5), heads_first(k), heads_first(v), ~key_padding_mask,
+            bias=position_bias, bias_gate=gate, dropout_rate=cfg.attention_dropout,
+            dropout_key=dropout_key)
+        out = jnp.transpose(out, (0, 2, 1, 3)).reshape(batch, length, channels)
         return nn.Dense(channels, name="out_proj")(out)
 
 

@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from haaqi_jax import attention as attention_lib
 from haaqi_jax.config import reject_unknown_keys
 
 
@@ -184,16 +185,7 @@ class MaskedSelfAttention(nn.Module):
             return jnp.transpose(y, (0, 2, 1, 3))
 
         q, k, v = heads("query"), heads("key"), heads("value")
-        # Heads-first layout: both einsums are plain batched matmuls (no transposes inside).
-        logits = jnp.einsum("bhqd,bhkd->bhqk", q * head_dim ** -0.5, k)
-        # An additive key bias of half the dtype's lowest value: finite after adding any
-        # logit, so an all-padded item gets uniform weights rather than NaN.
-        key_bias = jnp.where(token_mask, 0.0, 0.5 * jnp.finfo(logits.dtype).min)
-        logits = logits + key_bias[:, None, None, :].astype(logits.dtype)
-        # Softmax with the normalisation after the weighted sum: T x D divisions instead of
-        # heads x T x T.
-        exp = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
-        out = jnp.einsum("bhqk,bhkd->bhqd", exp, v) / exp.sum(axis=-1)[..., None]
+        out = attention_lib.attend(q * head_dim ** -0.5, k, v, token_mask)
         out = jnp.transpose(out, (0, 2, 1, 3)).reshape(batch, length, dim)
         return nn.Dense(dim, name="out")(out)
 

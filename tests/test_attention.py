@@ -1,0 +1,96 @@
+"""haaqi_jax.attention.attend vs torch's scaled_dot_product_attention; its two batch paths
+(one item per step, as on a CPU, and the whole batch at once, as on accelerators) agree."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from haaqi_jax.attention import attend, default_items_per_step
+
+B, H, T, D = 3, 4, 11, 8
+VALID = (11, 7, 0)  # the last item has no valid key at all (a dummy batch filler)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((B, H, T, D)).astype(np.float32) for _ in range(3))
+    bias = rng.standard_normal((H, T, T)).astype(np.float32)
+    gate = rng.uniform(0.5, 2.0, (B, H, T, 1)).astype(np.float32)
+    key_valid = np.arange(T)[None, :] < np.asarray(VALID)[:, None]
+    return q, k, v, bias, gate, key_valid
+
+
+def _torch_reference(q, k, v, bias, gate, key_valid):
+    """Per item with at least one valid key: torch SDPA with the gated bias and -inf on
+    padded keys (scale 1: `attend` takes scaled queries)."""
+    out = {}
+    for b in range(B):
+        if not key_valid[b].any():
+            continue
+        mask = torch.from_numpy(gate[b] * bias)
+        mask = mask.masked_fill(~torch.from_numpy(key_valid[b])[None, None, :], float("-inf"))
+        out[b] = torch.nn.functional.scaled_dot_product_attention(
+            torch.from_numpy(q[b]), torch.from_numpy(k[b]), torch.from_numpy(v[b]),
+            attn_mask=mask, scale=1.0).numpy()
+    return out
+
+
+@pytest.mark.parametrize("items_per_step", [None, 1, 2])
+def test_attend_matches_torch(inputs, items_per_step):
+    q, k, v, bias, gate, key_valid = inputs
+    out = np.asarray(jax.jit(lambda *a: attend(*a[:4], bias=a[4], bias_gate=a[5],
+                                               items_per_step=items_per_step))(
+        q, k, v, key_valid, bias, gate))
+    assert out.shape == (B, H, T, D)
+    for b, expected in _torch_reference(q, k, v, bias, gate, key_valid).items():
+        np.testing.assert_allclose(out[b], expected, rtol=1e-5, atol=1e-5, err_msg=f"item {b}")
+    # No valid key: uniform weights over all keys, finite (never NaN).
+    np.testing.assert_allclose(out[2], np.broadcast_to(v[2].mean(axis=1, keepdims=True),
+                                                       (H, T, D)), rtol=1e-5, atol=1e-5)
+
+
+def test_attend_without_bias_matches_torch(inputs):
+    q, k, v, _, _, key_valid = inputs
+    out = np.asarray(attend(q, k, v, key_valid))
+    for b in range(2):
+        mask = torch.from_numpy(key_valid[b])[None, None, :].expand(H, T, T)
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            torch.from_numpy(q[b]), torch.from_numpy(k[b]), torch.from_numpy(v[b]),
+            attn_mask=mask, scale=1.0).numpy()
+        np.testing.assert_allclose(out[b], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_paths_agree_with_dropout_and_gradients(inputs):
+    """The same dropout key drops the same weights on both paths; gradients agree."""
+    q, k, v, bias, gate, key_valid = inputs
+    key = jax.random.key(3)
+
+    def loss(q, items_per_step):
+        out = attend(q, k, v, key_valid, bias=bias, bias_gate=gate, dropout_rate=0.5,
+                     dropout_key=key, items_per_step=items_per_step)
+        return (out ** 2).sum(), out
+
+    (_, out_map), grad_map = jax.value_and_grad(loss, has_aux=True)(jnp.asarray(q), 1)
+    (_, out_all), grad_all = jax.value_and_grad(loss, has_aux=True)(jnp.asarray(q), None)
+    np.testing.assert_allclose(out_map, out_all, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grad_map, grad_all, rtol=1e-4, atol=1e-4)
+    assert np.isfinite(np.asarray(grad_map)).all()
+    # Dropout changed the result (rate 0.5 on 11 keys), and scaling keeps it unbiased-sized.
+    plain = np.asarray(attend(q, k, v, key_valid, bias=bias, bias_gate=gate))
+    assert not np.allclose(np.asarray(out_map)[:2], plain[:2], atol=1e-3)
+
+
+def test_default_items_per_step_keeps_cpu_steps_cache_sized():
+    if jax.default_backend() != "cpu":
+        assert default_items_per_step(8, 12, 496, 496) is None
+        return
+    assert default_items_per_step(2, 12, 496, 496) is None    # 2 x 11.8 MB: one step
+    assert default_items_per_step(8, 12, 496, 496) == 1       # 94 MB: one item per step
+    assert default_items_per_step(8, 16, 1500, 1500) == 1     # never 0
+    assert default_items_per_step(8, 16, 200, 200) is None    # 8 x 2.6 MB
+    assert default_items_per_step(64, 16, 200, 200) == 6
