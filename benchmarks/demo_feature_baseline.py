@@ -1,7 +1,7 @@
 """How predictable are a demo set's labels from simple clip statistics? A yardstick for HAAQI-Net.
 
     python benchmarks/demo_feature_baseline.py [data_cache/demo/manifest.jsonl]
-        [--hold-out resonance,tilt_up]
+        [--hold-out resonance,tilt_up] [--with-reference]
 
 Features per processed clip (no reference): the mean, standard deviation and frame-to-frame
 change of each of BEATs' 128 Kaldi log-mel bands, plus the audiogram / 100. Fits a ridge
@@ -9,6 +9,8 @@ regression (numpy; standardised features, several penalties) and, when scikit-le
 installed, gradient-boosted trees, on the train split, and prints LCC / SRCC per split.
 --hold-out moves the train and valid rows of those distortion stages to the split "held_out",
 as `train.py --set data.hold_out=...` does, so the yardstick can be read next to that split.
+--with-reference adds the same statistics of processed minus reference (an intrusive yardstick:
+what these summaries can tell when the clean clip is known, which HAAQI-Net never sees).
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ def report(name: str, predicted: np.ndarray, labels: np.ndarray, splits: np.ndar
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("manifest", nargs="?", default="data_cache/demo/manifest.jsonl")
+    parser.add_argument("--with-reference", action="store_true",
+                        help="also give the models the processed-minus-reference statistics "
+                             "(intrusive; an upper yardstick for these summaries)")
     parser.add_argument("--hold-out", default="", metavar="STAGES",
                         help="comma-separated distortion stages whose train/valid rows form "
                         "the split held_out (as data.hold_out)")
@@ -62,6 +67,15 @@ def main() -> None:
     rows = [(name, row) for name, part in parts.items() for row in part]
     features = np.stack([clip_features(row.file_path, row.audiogram)
                          for _, row in tqdm(rows, desc="features")])
+    if args.with_reference:
+        missing = [row.id for _, row in rows if row.reference is None]
+        if missing:
+            parser.error(f"--with-reference: {len(missing)} row(s) have no 'reference', "
+                         f"e.g. id {missing[0]!r}")
+        n_stats = features.shape[1] - len(rows[0][1].audiogram)
+        reference = np.stack([clip_features(row.reference, row.audiogram)[:n_stats]
+                              for _, row in tqdm(rows, desc="reference features")])
+        features = np.concatenate([features, features[:, :n_stats] - reference], axis=1)
     labels = np.asarray([row.haaqi_score for _, row in rows])
     splits = np.asarray([name for name, _ in rows])
     train = splits == "train"
