@@ -14,7 +14,7 @@ Two choices make it fast without changing the maths (tests compare both models w
   logits of one step stay in the last-level cache (`default_items_per_step`): a 10 s clip's
   BEATs logits are 12 x 496 x 496 floats = 12 MB, a batch of 8 of them 94 MB, which spills to
   memory. On the project's 2-core CPU (32 MB L3) this made a whole BEATs HAAQI-Net at batch 8
-  ~15 % faster per clip (benchmarks/README.md). Short clips (the demo's 2-4 s) still go in
+  ~13 % faster per clip (benchmarks/README.md). Short clips (the demo's 2-4 s) still go in
   one step. On accelerators the whole batch is always attended at once.
 """
 
@@ -22,12 +22,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-
-# A finite stand-in for -inf on padded keys: an item whose keys are all padding (e.g. a dummy
-# item that fills a batch up to the device count) gets uniform weights instead of NaN.
-MASK_VALUE = float(np.finfo(np.float32).min)
-
 
 #: On a CPU, a batch whose float32 logits fit in this many bytes (a 32 MB last-level cache) is
 #: attended in one step; a larger one in steps of at most `CPU_STEP_BYTES`.
@@ -43,8 +37,8 @@ def default_items_per_step(batch: int, heads: int, queries: int, keys: int) -> i
     `CPU_STEP_BYTES` (at least 1).
 
     Measured on the project's 2-core CPU, BEATs at 10 s (12 MB of logits per item): one item
-    per step halves the attention's forward time per item at batch 4-8 and is ~10 % faster
-    with gradients, but at batch 2 its backward pass is ~30 % slower than one step.
+    per step cuts the attention's forward time per item by a third or more at batch 4-8 and
+    by 5-15 % with gradients, but at batch 2 its backward pass is ~30 % slower than one step.
     """
     if jax.default_backend() != "cpu":
         return None
@@ -60,7 +54,10 @@ def _attend_item(q, k, v, key_valid, bias, bias_gate, dropout_rate, dropout_key)
     logits = jnp.einsum("hqd,hkd->hqk", q, k)
     if bias is not None:
         logits = logits + (bias if bias_gate is None else bias_gate * bias)
-    logits = jnp.where(key_valid[None, None, :], logits, MASK_VALUE)
+    # The dtype's lowest finite value rather than -inf on padded keys: an item whose keys are
+    # all padding (e.g. a dummy item that fills a batch up to the device count) then gets
+    # uniform weights instead of NaN.
+    logits = jnp.where(key_valid[None, None, :], logits, jnp.finfo(logits.dtype).min)
     exp = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
     total = exp.sum(axis=-1, keepdims=True)
     if dropout_key is not None:
