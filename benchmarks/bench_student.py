@@ -1,7 +1,7 @@
 """Inference time of distillBEATs vs BEATs at the released sizes, per 10 s clip (batch 1).
 
     python benchmarks/bench_student.py [--seconds 10] [--repeats 15] [--layers 0 1 2]
-                                       [--breakdown] [--train-step 2]
+                                       [--batch 1] [--breakdown] [--train-step 2]
 
 Random weights in the released shapes (timing does not depend on the values): a HAAQI-Net
 with BEATs_iter3+ (12 layers, 90,311,792 encoder parameters) and the student built from it by
@@ -10,7 +10,8 @@ with BEATs_iter3+ (12 layers, 90,311,792 encoder parameters) and the student bui
 runs once, in rotating order), so load on a shared machine hits both alike. Prints min and
 median seconds per clip and the student/teacher ratios (of minima, of medians, median of the
 per-round ratios) for the encoders alone and for whole HAAQI-Nets (encoder + head).
-Target: whole model <= 0.25.
+Target: whole model <= 0.25. `--batch B` times forwards of B clips instead (per clip), as
+batched evaluation runs them.
 
 --train-step B times one distillation step at batch B x `--seconds` (released sizes): the
 step that runs the teacher vs the step on cached targets (`distill.cache_targets`), interleaved.
@@ -143,6 +144,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--layers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--batch", type=int, default=1,
+                        help="clips per forward (times are per clip; default 1)")
     parser.add_argument("--shared-position-bias", action="store_true",
                         help="one relative-position table for all student layers")
     parser.add_argument("--breakdown", action="store_true",
@@ -151,6 +154,8 @@ def main(argv=None) -> int:
                         help="also time a distillation step at batch B, with the teacher vs "
                              "on cached targets")
     args = parser.parse_args(argv)
+    if args.breakdown and args.batch != 1:
+        parser.error("--breakdown times its pieces on one clip: use it with --batch 1")
 
     sys.path.insert(0, str(REPO))
     from haaqi_jax import distill
@@ -166,12 +171,13 @@ def main(argv=None) -> int:
     counts = distill.param_counts(teacher, student)
     load = os.getloadavg()
     print(f"device: {jax.devices()[0].device_kind} ({jax.devices()[0].platform}), "
-          f"clip {args.seconds:g} s, batch 1, {args.repeats} interleaved rounds; load average "
+          f"clip {args.seconds:g} s, batch {args.batch}, {args.repeats} interleaved rounds; "
+          f"load average "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(f"encoder parameters: teacher {counts['teacher_encoder']:,}, student "
           f"{counts['student_encoder']:,} ({100 * counts['encoder_reduction']:.2f} % fewer)")
     times = distill.time_inference({"teacher": teacher, "student": student}, args.seconds,
-                                   args.repeats)
+                                   args.repeats, batch=args.batch)
     ratios = distill.timing_ratios(times)
     for part in ("encoder", "model"):
         t, s, r = times["teacher"][part], times["student"][part], ratios[part]

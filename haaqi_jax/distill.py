@@ -340,16 +340,17 @@ def param_counts(teacher: Any, student: Any) -> dict[str, int]:
     return out
 
 
-def _timed_forwards(net: Any, seconds: float, seed: int) -> dict[str, Callable[[], Any]]:
-    """{"model": encoder + head -> clip score, "encoder": encoder -> features} of one clip of
-    `seconds` (batch 1), as a user calls them: `HAAQINet.apply` and a jitted `encode`. Inputs
-    and parameters are on the device already, so no host transfer is timed."""
+def _timed_forwards(net: Any, seconds: float, seed: int, batch: int = 1
+                    ) -> dict[str, Callable[[], Any]]:
+    """{"model": encoder + head -> clip scores, "encoder": encoder -> features} of `batch`
+    random clips of `seconds`, as a user calls them: `HAAQINet.apply` and a jitted `encode`.
+    Inputs and parameters are on the device already, so no host transfer is timed."""
     from haaqi_jax.model import HAAQINet
 
     net = HAAQINet(net.config, jax.device_put(net.params))
     rng = np.random.default_rng(seed)
-    wav = jnp.asarray(0.1 * rng.standard_normal((1, int(seconds * 16000))), jnp.float32)
-    hl = jnp.zeros((1, 8), jnp.float32)
+    wav = jnp.asarray(0.1 * rng.standard_normal((batch, int(seconds * 16000))), jnp.float32)
+    hl = jnp.zeros((batch, 8), jnp.float32)
     module = net.module
     encoder = jax.jit(lambda p, w: module.apply({"params": p}, w, None, method="encode")[0])
     return {"model": lambda: net.apply(wav, None, hl).clip_score,
@@ -357,8 +358,8 @@ def _timed_forwards(net: Any, seconds: float, seed: int) -> dict[str, Callable[[
 
 
 def time_inference(nets: Mapping[str, Any], seconds: float = 10.0, repeats: int = 15,
-                   seed: int = 0) -> dict[str, dict[str, dict[str, Any]]]:
-    """Wall times of jitted forwards of several HAAQI-Nets on one clip (batch 1), interleaved.
+                   seed: int = 0, batch: int = 1) -> dict[str, dict[str, dict[str, Any]]]:
+    """Wall times per clip of jitted forwards of several HAAQI-Nets, interleaved.
 
     Every (net, part) function is compiled and run once first (not timed). Then `repeats`
     rounds; in each round every function runs once, in an order rotated from round to round,
@@ -366,14 +367,18 @@ def time_inference(nets: Mapping[str, Any], seconds: float = 10.0, repeats: int 
 
     Args:
       nets: name -> HAAQINet (e.g. {"teacher": ..., "student": ...}).
-      seconds: clip length; repeats: timed rounds; seed: of the random clip.
+      seconds: clip length; repeats: timed rounds; seed: of the random clips.
+      batch: clips per forward (1: one clip at a time, as the released code runs).
     Returns:
-      {name: {"model" | "encoder": {"min", "median" (seconds), "runs" (list, round order)}}}.
+      {name: {"model" | "encoder": {"min", "median" (seconds per clip: a forward's wall time
+      / batch), "runs" (list, round order)}}}.
     """
     if repeats < 1:
         raise ValueError(f"time_inference: repeats must be >= 1, got {repeats}")
+    if batch < 1:
+        raise ValueError(f"time_inference: batch must be >= 1, got {batch}")
     jobs = [((name, part), fn) for name, net in nets.items()
-            for part, fn in _timed_forwards(net, seconds, seed).items()]
+            for part, fn in _timed_forwards(net, seconds, seed, batch).items()]
     for _, fn in jobs:
         jax.block_until_ready(fn())  # compile and warm up
     runs: dict[tuple[str, str], list[float]] = {key: [] for key, _ in jobs}
@@ -382,7 +387,7 @@ def time_inference(nets: Mapping[str, Any], seconds: float = 10.0, repeats: int 
         for key, fn in jobs[shift:] + jobs[:shift]:
             start = time.perf_counter()
             jax.block_until_ready(fn())
-            runs[key].append(time.perf_counter() - start)
+            runs[key].append((time.perf_counter() - start) / batch)
     out: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in nets}
     for (name, part), times in runs.items():
         out[name][part] = {"min": float(np.min(times)), "median": float(np.median(times)),

@@ -550,3 +550,20 @@ def test_teacher_shares_the_runs_hold_out():
     assert tuple(distill.teacher_config(cfg).data.hold_out) == ("resonance", "tilt_up")
     assert tuple(distill.teacher_config(cfglib.get_config(
         REPO / "configs" / "distill.py")).data.hold_out) == ()
+
+
+def test_time_inference_reports_seconds_per_clip(tiny_setup, monkeypatch):
+    """A batch of B clips is timed once per round and reported per clip; bad args are refused."""
+    from haaqi_jax import distill
+
+    teacher, student = tiny_setup[:2]
+    ticks = iter(np.arange(0.0, 1000.0, 0.5))         # every forward "takes" 0.5 s
+    monkeypatch.setattr(distill.time, "perf_counter", lambda: float(next(ticks)))
+    times = distill.time_inference({"teacher": teacher, "student": student}, seconds=0.5,
+                                   repeats=3, batch=4)
+    for name in ("teacher", "student"):
+        for part in ("model", "encoder"):
+            assert times[name][part]["runs"] == [0.125] * 3
+    assert distill.timing_ratios(times)["model"]["paired_median"] == 1.0
+    with pytest.raises(ValueError, match="batch must be >= 1"):
+        distill.time_inference({"teacher": teacher}, seconds=0.5, repeats=1, batch=0)
