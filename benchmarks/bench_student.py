@@ -172,8 +172,7 @@ def main(argv=None) -> int:
     load = os.getloadavg()
     print(f"device: {jax.devices()[0].device_kind} ({jax.devices()[0].platform}), "
           f"clip {args.seconds:g} s, batch {args.batch}, {args.repeats} interleaved rounds; "
-          f"load average "
-          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(f"encoder parameters: teacher {counts['teacher_encoder']:,}, student "
           f"{counts['student_encoder']:,} ({100 * counts['encoder_reduction']:.2f} % fewer)")
     times = distill.time_inference({"teacher": teacher, "student": student}, args.seconds,
