@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -44,6 +43,7 @@ def _breakdown(teacher, student, seconds: float, repeats: int) -> dict[str, dict
     import flax.linen as nn
 
     from haaqi_jax import beats as beats_lib
+    from haaqi_jax import distill as distill_lib
     from haaqi_jax import fbank as fbank_lib
     from haaqi_jax.head import HAAQINetHead
 
@@ -78,15 +78,7 @@ def _breakdown(teacher, student, seconds: float, repeats: int) -> dict[str, dict
             "pos_conv": lambda: pos(tp["encoder"]["pos_conv"],
                                     tp["encoder"]["encoder_layer_norm"], x),
             "head": lambda: head_fn(tp["head"], x)}
-    for fn in jobs.values():
-        jax.block_until_ready(fn())
-    runs = {k: [] for k in jobs}
-    names = list(jobs)
-    for r in range(repeats):
-        for k in names[r % len(names):] + names[:r % len(names)]:
-            start = time.perf_counter()
-            jax.block_until_ready(jobs[k]())
-            runs[k].append(time.perf_counter() - start)
+    runs = distill_lib.interleaved_runs(jobs, repeats)
     return {k: {"min": float(np.min(v)), "median": float(np.median(v))} for k, v in runs.items()}
 
 
@@ -127,15 +119,7 @@ def _train_steps(teacher, student, pred_params, batch_size: int, seconds: float,
         labels))
     jobs = {"teacher_step": lambda: with_teacher(state, teacher_params, plain),
             "cached_step": lambda: cached(state, batch)}
-    for fn in jobs.values():
-        jax.block_until_ready(fn())
-    runs = {k: [] for k in jobs}
-    names = list(jobs)
-    for r in range(repeats):
-        for k in names[r % 2:] + names[:r % 2]:
-            start = time.perf_counter()
-            jax.block_until_ready(jobs[k]())
-            runs[k].append(time.perf_counter() - start)
+    runs = distill.interleaved_runs(jobs, repeats)
     return {k: {"min": float(np.min(v)), "median": float(np.median(v))} for k, v in runs.items()}
 
 

@@ -65,10 +65,11 @@ def main() -> None:
     if stages:
         parts = hold_out_distortions(parts, stages)
     rows = [(name, row) for name, part in parts.items() for row in part]
-    missing = [row.id for _, row in rows if row.reference is None]
-    if args.with_reference and missing:
-        parser.error(f"--with-reference: {len(missing)} row(s) have no 'reference', "
-                     f"e.g. id {missing[0]!r}")
+    if args.with_reference:
+        missing = [row.id for _, row in rows if row.reference is None]
+        if missing:
+            parser.error(f"--with-reference: {len(missing)} row(s) have no 'reference', "
+                         f"e.g. id {missing[0]!r}")
     features = np.stack([clip_features(row.file_path, row.audiogram)
                          for _, row in tqdm(rows, desc="features")])
     if args.with_reference:

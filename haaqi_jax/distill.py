@@ -357,13 +357,33 @@ def _timed_forwards(net: Any, seconds: float, seed: int, batch: int = 1
             "encoder": lambda: encoder(net.params, wav)}
 
 
+def interleaved_runs(jobs: Mapping[Any, Callable[[], Any]], repeats: int
+                     ) -> dict[Any, list[float]]:
+    """Wall seconds of every job in `repeats` rounds, interleaved.
+
+    Every job is run once first (compile, warm-up; not timed). In each round every job runs
+    once, in an order rotated from round to round, so a slow spell of a shared machine hits
+    all jobs alike and none always runs first. Returns {job key: [seconds per round]}.
+    """
+    keys = list(jobs)
+    for key in keys:
+        jax.block_until_ready(jobs[key]())
+    runs: dict[Any, list[float]] = {key: [] for key in keys}
+    for r in range(repeats):
+        shift = r % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            start = time.perf_counter()
+            jax.block_until_ready(jobs[key]())
+            runs[key].append(time.perf_counter() - start)
+    return runs
+
+
 def time_inference(nets: Mapping[str, Any], seconds: float = 10.0, repeats: int = 15,
                    seed: int = 0, batch: int = 1) -> dict[str, dict[str, dict[str, Any]]]:
     """Wall times per clip of jitted forwards of several HAAQI-Nets, interleaved.
 
-    Every (net, part) function is compiled and run once first (not timed). Then `repeats`
-    rounds; in each round every function runs once, in an order rotated from round to round,
-    so a slow spell of a shared machine hits all nets alike and none always runs first.
+    Every (net, part) function is timed by `interleaved_runs` (compiled first, then
+    `repeats` rotated rounds).
 
     Args:
       nets: name -> HAAQINet (e.g. {"teacher": ..., "student": ...}).
@@ -377,21 +397,14 @@ def time_inference(nets: Mapping[str, Any], seconds: float = 10.0, repeats: int 
         raise ValueError(f"time_inference: repeats must be >= 1, got {repeats}")
     if batch < 1:
         raise ValueError(f"time_inference: batch must be >= 1, got {batch}")
-    jobs = [((name, part), fn) for name, net in nets.items()
-            for part, fn in _timed_forwards(net, seconds, seed, batch).items()]
-    for _, fn in jobs:
-        jax.block_until_ready(fn())  # compile and warm up
-    runs: dict[tuple[str, str], list[float]] = {key: [] for key, _ in jobs}
-    for r in range(repeats):
-        shift = r % len(jobs)
-        for key, fn in jobs[shift:] + jobs[:shift]:
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            runs[key].append((time.perf_counter() - start) / batch)
+    jobs = {(name, part): fn for name, net in nets.items()
+            for part, fn in _timed_forwards(net, seconds, seed, batch).items()}
+    runs = interleaved_runs(jobs, repeats)
     out: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in nets}
     for (name, part), times in runs.items():
+        times = [t / batch for t in times]
         out[name][part] = {"min": float(np.min(times)), "median": float(np.median(times)),
-                           "runs": [float(t) for t in times]}
+                           "runs": times}
     return out
 
 

@@ -152,13 +152,11 @@ def distortion_plot(records: Sequence[Mapping[str, Any]], report: Mapping[str, A
 
     by_type = report["by_distortion"]
     names = sorted(by_type, key=lambda k: by_type[k]["prediction_mean"] - by_type[k]["label_mean"])
-    home = {}
-    for name in names:
-        counts = {}
-        for r in records:
-            if str(r["distortion"]) == name:
-                counts[r["split"]] = counts.get(r["split"], 0) + 1
-        home[name] = max(sorted(counts), key=counts.get)
+    counts: dict[str, dict[str, int]] = {}                  # distortion -> split -> clips
+    for r in records:
+        per_split = counts.setdefault(str(r["distortion"]), {})
+        per_split[r["split"]] = per_split.get(r["split"], 0) + 1
+    home = {name: max(sorted(counts[name]), key=counts[name].get) for name in names}
     splits = sorted(set(home.values()))
     cmap = plt.get_cmap("tab10")
     fig, ax = plt.subplots(figsize=(6.5, 1.2 + 0.28 * len(names)), dpi=120)
