@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="multi-host: call jax.distributed.initialize() first (run the same "
                         "command on every host; see haaqi_jax/train/sharding.py)")
     args = parser.parse_args(argv)
+    from haaqi_jax import host_memory
+    host_memory.keep_freed_memory()  # XLA's CPU scratch reused, not page-faulted afresh
     import jax
     if args.compilation_cache.lower() != "none" and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache)

@@ -11,7 +11,8 @@ runs once, in rotating order), so load on a shared machine hits both alike. Prin
 median seconds per clip and the student/teacher ratios (of minima, of medians, median of the
 per-round ratios) for the encoders alone and for whole HAAQI-Nets (encoder + head).
 Target: whole model <= 0.25. `--batch B` times forwards of B clips instead (per clip), as
-batched evaluation runs them.
+batched evaluation runs them. Like the `haaqi-jax` CLI and train.py, it first calls
+`haaqi_jax.host_memory.keep_freed_memory()` (XLA's scratch reused, not page-faulted afresh).
 
 --train-step B times one distillation step at batch B x `--seconds` (released sizes): the
 step that runs the teacher vs the step on cached targets (`distill.cache_targets`), interleaved.
@@ -142,7 +143,8 @@ def main(argv=None) -> int:
         parser.error("--breakdown times its pieces on one clip: use it with --batch 1")
 
     sys.path.insert(0, str(REPO))
-    from haaqi_jax import distill
+    from haaqi_jax import distill, host_memory
+    host_memory.keep_freed_memory()  # as the CLI does: no page faults on XLA's scratch
     from haaqi_jax.model import HAAQINet, HAAQINetConfig
     from ml_collections import ConfigDict
 

@@ -54,10 +54,13 @@ def _attend_item(q, k, v, key_valid, bias, bias_gate, dropout_rate, dropout_key)
     logits = jnp.einsum("hqd,hkd->hqk", q, k)
     if bias is not None:
         logits = logits + (bias if bias_gate is None else bias_gate * bias)
-    # The dtype's lowest finite value rather than -inf on padded keys: an item whose keys are
-    # all padding (e.g. a dummy item that fills a batch up to the device count) then gets
-    # uniform weights instead of NaN.
-    logits = jnp.where(key_valid[None, None, :], logits, jnp.finfo(logits.dtype).min)
+    # Padded keys get half the dtype's lowest value added, not -inf: no logit below half the
+    # dtype's range overflows, so an item whose keys are all padding (e.g. a dummy item that
+    # fills a batch up to the device count) gets finite weights, never NaN (in float32 exactly
+    # uniform ones: the sums round to one value for logits below ~5e30). An add of a (T,)
+    # vector, unlike a select, fuses into the logits matmul on XLA:CPU.
+    key_bias = jnp.where(key_valid, 0.0, jnp.finfo(logits.dtype).min / 2).astype(logits.dtype)
+    logits = logits + key_bias[None, None, :]
     exp = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
     total = exp.sum(axis=-1, keepdims=True)
     if dropout_key is not None:

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from haaqi_jax import host_memory
+
 # name -> (module, one-line help)
 SUBCOMMANDS = {
     "score": ("haaqi_jax.haaqi.score_cli", "HAAQI of one processed/reference pair"),
@@ -35,6 +37,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
+    host_memory.keep_freed_memory()  # a process setting: see haaqi_jax/host_memory.py
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     return int(module.run(args) or 0)
 

@@ -54,6 +54,18 @@ def test_attend_matches_torch(inputs, items_per_step):
                                                        (H, T, D)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
+def test_all_padded_item_stays_finite_in_low_precision(dtype):
+    """Logits of -100 on an item with no valid key: no -inf (float16's range ends at 65504)."""
+    q = jnp.full((1, 2, 3, 4), 5.0, dtype)
+    k = jnp.full((1, 2, 3, 4), -5.0, dtype)
+    v = jnp.arange(24, dtype=jnp.float32).reshape(1, 2, 3, 4).astype(dtype)
+    out = np.asarray(attend(q, k, v, jnp.zeros((1, 3), bool)), np.float32)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out[0], np.broadcast_to(
+        np.asarray(v, np.float32)[0].mean(axis=1, keepdims=True), (2, 3, 4)), rtol=1e-2)
+
+
 def test_attend_without_bias_matches_torch(inputs):
     q, k, v, _, _, key_valid = inputs
     out = np.asarray(attend(q, k, v, key_valid))
