@@ -43,7 +43,7 @@ def _einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def lti_filter(x: jax.Array, a: jax.Array, b: jax.Array, c: jax.Array, *,
-               block: int = 32, multi_output: bool = False) -> jax.Array:
+               block: int = 32, multi_output: bool = False, state_block: int = 8) -> jax.Array:
     """Runs `s[t] = a s[t-1] + b x[t]`, `y[t] = c . s[t]` from a zero state.
 
     Args:
@@ -53,12 +53,14 @@ def lti_filter(x: jax.Array, a: jax.Array, b: jax.Array, c: jax.Array, *,
         x's leading dims (per-channel coefficients).
       block: samples per block (the Toeplitz size). N need not divide by it.
       multi_output: c holds M outputs read from the same states (one pass for all of them).
+      state_block: blocks per step of the block-end state recursion (`_states_entering`).
 
     Returns:
       (..., N) output, or (..., M, N) with `multi_output`; complex if any operand is complex.
     """
     if not multi_output:
-        return lti_filter(x, a, b, c[..., None, :], block=block, multi_output=True)[..., 0, :]
+        return lti_filter(x, a, b, c[..., None, :], block=block, multi_output=True,
+                          state_block=state_block)[..., 0, :]
     x, n = _pad_to_multiple(x, block)
     k = a.shape[-1]
     m = c.shape[-2]
@@ -104,14 +106,7 @@ def lti_filter(x: jax.Array, a: jax.Array, b: jax.Array, c: jax.Array, *,
     xb = x.reshape(xdims + (-1, block))
     end_local = _einsum(f"{xs}bj,{cs}kj->{os_}bk", xb, to_end)            # block-end states
 
-    # Block-end states s_b = a_block s_{b-1} + e_b: a sequential scan over N / block blocks
-    # (an associative scan here compiled 3x slower and ran no faster on CPU).
-    def carry(state, e):
-        new = _einsum(f"{cs}ij,{os_}j->{os_}i", a_block, state) + e
-        return new, state
-    init = jnp.zeros(odims + (k,), jnp.result_type(end_local, a_block))
-    _, before = lax.scan(carry, init, jnp.moveaxis(end_local, -2, 0))
-    before = jnp.moveaxis(before, 0, -2)                                   # (..., nb, K)
+    before = _states_entering(a_block, end_local, cs, os_, level=state_block)  # (..., nb, K)
     # Zero-state response + the response to the state entering each block, as ONE matmul
     # [x_b, s_{b-1}] @ [T; F]^T in its natural output layout (..., nb, M, L): XLA's CPU dots
     # with permuted output layouts, or two dots summed, ran ~4x slower.
@@ -131,6 +126,52 @@ def lti_filter(x: jax.Array, a: jax.Array, b: jax.Array, c: jax.Array, *,
     y = _einsum(f"{os_}bj,{rs}Zij->{os_}bZi", stacked, response)           # (..., nb, M, L)
     y = jnp.swapaxes(y, -3, -2)
     return y.reshape(lead + (m, -1))[..., :n]
+
+
+def _states_entering(a_block: jax.Array, ends: jax.Array, cs: str, os_: str, *,
+                     level: int) -> jax.Array:
+    """The state entering each block of `s_b = a_block s_{b-1} + e_b` from s_{-1} = 0.
+
+    The same blocking as `lti_filter`, one level up: inside a group of `level` blocks the
+    states are one block-Toeplitz matmul of the e_b with the powers of a_block, and only the
+    group-end states go through a sequential scan, N / (block * level) steps instead of
+    N / block. A sequential loop step costs far more than its few flops (on a CPU, each
+    step's small kernels are dispatched one by one), so a 10 s band at 24 kHz and block 32
+    runs 938 steps instead of 7,500: 3x faster for this part on the project's CPU, rounding
+    ~1e-15 in float64 (an associative scan compiled 3x slower and ran no faster).
+
+    Args:
+      a_block: (cdims..., K, K) transition over one block; cs names its lead axes.
+      ends: (odims..., nb, K) the zero-state block-end states e_b; os_ names the lead axes.
+      level: blocks per group.
+    Returns:
+      (odims..., nb, K): entry b is s_{b-1} (zeros for b = 0).
+    """
+    nb, k = ends.shape[-2:]
+    e = jnp.pad(ends, [(0, 0)] * (ends.ndim - 2) + [(0, (-nb) % level), (0, 0)])
+    e = e.reshape(e.shape[:-2] + (-1, level, k))                          # (..., groups, L, K)
+
+    def step(p, _):
+        return _einsum("...ij,...jk->...ik", a_block, p), p
+    eye = jnp.broadcast_to(jnp.eye(k, dtype=a_block.dtype), a_block.shape)
+    last, powers = lax.scan(step, eye, None, length=level)
+    powers = jnp.concatenate([powers, last[None]], axis=0)               # (L + 1, ..., K, K)
+    lag = np.arange(level)[:, None] - np.arange(level)[None, :]
+    toeplitz = jnp.where(jnp.asarray(lag >= 0)[(...,) + (None,) * (powers.ndim - 1)],
+                         powers[np.clip(lag, 0, None)], 0)               # (L, L, ..., K, K)
+    toeplitz = jnp.moveaxis(toeplitz, (0, 1), (-4, -3))                  # (..., L, L, K, K)
+    local = _einsum(f"{cs}jipq,{os_}niq->{os_}njp", toeplitz, e)          # zero-state, per group
+
+    # Group-end states: the only sequential part.
+    def carry(state, end):
+        return _einsum(f"{cs}pq,{os_}q->{os_}p", powers[level], state) + end, state
+    group_ends = jnp.moveaxis(local[..., -1, :], -2, 0)                   # (groups, ..., K)
+    _, entering = lax.scan(carry, jnp.zeros_like(group_ends[0]), group_ends)
+    entering = jnp.moveaxis(entering, 0, -2)                              # (..., groups, K)
+    states = local + _einsum(f"{cs}jpq,{os_}nq->{os_}njp", jnp.moveaxis(powers[1:], 0, -3),
+                             entering)
+    states = states.reshape(states.shape[:-3] + (-1, k))[..., :nb, :]
+    return jnp.concatenate([jnp.zeros_like(states[..., :1, :]), states[..., :-1, :]], axis=-2)
 
 
 def transfer_function_state_space(b: jax.Array, a: jax.Array):
