@@ -298,7 +298,8 @@ def compress(env, bm, control, attn_ohc, low_knee, ratio, level1, *, block=32):
     gain_db = -attn_ohc[..., None] - (log_control - low_knee[..., None]) * (
         1 - (1 / ratio[..., None]))
     lp_b, lp_a = _butter1(800.0)
-    smooth = filters.iir(10 ** (gain_db / 20), lp_b, lp_a, block=block)
+    # exp, not 10 ** x: XLA:CPU evaluates a power as exp(y log x) per sample, log(10) included.
+    smooth = filters.iir(jnp.exp(gain_db * (np.log(10.0) / 20)), lp_b, lp_a, block=block)
     return smooth * env, smooth * bm
 
 
