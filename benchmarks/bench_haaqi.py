@@ -8,8 +8,9 @@ Each side runs in its own subprocess so that its peak memory (ru_maxrss) is its 
   jax         haaqi_batch on --batch clips: one call to compile, one warm call timed
   jax-big     haaqi_batch on --big-batch clips (chunked), peak memory
 Prints per-clip times (and clips/s), the speed-up ratio and the peak resident memory of each
-process. --no-reference skips pyclarity (e.g. on an accelerator machine without it installed;
-its CPU figure is then the one recorded in benchmarks/README.md).
+process. Both sides first call `haaqi_jax.host_memory.keep_freed_memory()`, as the
+`haaqi-jax` CLI does. --no-reference skips pyclarity (e.g. on an accelerator machine without
+it installed; its CPU figure is then the one recorded in benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def peak_mb() -> float:
 
 
 def worker(args: argparse.Namespace) -> dict:
+    from haaqi_jax import host_memory
+    host_memory.keep_freed_memory()  # both sides, as `haaqi-jax label` runs
     if args.worker == "pyclarity":
         from clarity.evaluator.haaqi import haaqi_v1
         from clarity.utils.audiogram import Audiogram

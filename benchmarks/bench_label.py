@@ -55,6 +55,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-reference", action="store_true", help="skip pyclarity")
     args = parser.parse_args(argv)
 
+    from haaqi_jax import host_memory
+    host_memory.keep_freed_memory()  # as `haaqi-jax label` does
     import jax
     from haaqi_jax.haaqi.label import default_batch_size, label_manifest
 
