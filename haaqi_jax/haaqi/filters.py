@@ -42,6 +42,23 @@ def _einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.einsum(spec, a, b, precision=_HIGHEST)
 
 
+def _matrix_powers(a: jax.Array, count: int) -> jax.Array:
+    """a^0 .. a^count of (..., K, K) matrices, stacked on a new axis 0: (count + 1, ..., K, K)."""
+    def step(p, _):
+        return jnp.einsum("...ij,...jk->...ik", a, p, precision=_HIGHEST), p
+    eye = jnp.broadcast_to(jnp.eye(a.shape[-1], dtype=a.dtype), a.shape)
+    last, powers = lax.scan(step, eye, None, length=count)
+    return jnp.concatenate([powers, last[None]], axis=0)
+
+
+def _causal_toeplitz(seq: jax.Array) -> jax.Array:
+    """(L, ...) -> (L, L, ...) with [i, j] = seq[i - j] where i >= j, zero above the diagonal."""
+    size = seq.shape[0]
+    lag = np.arange(size)[:, None] - np.arange(size)[None, :]
+    return jnp.where(jnp.asarray(lag >= 0)[(...,) + (None,) * (seq.ndim - 1)],
+                     seq[np.clip(lag, 0, None)], 0)
+
+
 def lti_filter(x: jax.Array, a: jax.Array, b: jax.Array, c: jax.Array, *,
                block: int = 32, multi_output: bool = False, state_block: int = 8) -> jax.Array:
     """Runs `s[t] = a s[t-1] + b x[t]`, `y[t] = c . s[t]` from a zero state.
@@ -84,19 +101,10 @@ def lti_filter(x: jax.Array, a: jax.Array, b: jax.Array, c: jax.Array, *,
     b = jnp.broadcast_to(b, clead + (k,)).reshape(cdims + (k,)).astype(dtype)
     c = jnp.broadcast_to(c, clead + (m, k)).reshape(cdims + (m, k)).astype(dtype)
 
-    # Powers a^0 .. a^block, stacked on axis 0: (block + 1, ..., K, K).
-    def step(p, _):
-        nxt = jnp.einsum("...ij,...jk->...ik", a, p, precision=_HIGHEST)
-        return nxt, p
-    eye = jnp.broadcast_to(jnp.eye(k, dtype=dtype), cdims + (k, k))
-    last, powers = lax.scan(step, eye, None, length=block)
-    powers = jnp.concatenate([powers, last[None]], axis=0)
-
+    powers = _matrix_powers(a, block)                                      # (L + 1, ..., K, K)
     pb = jnp.einsum("p...ij,...j->p...i", powers, b, precision=_HIGHEST)   # a^p b
     impulse = jnp.einsum("...zi,p...i->p...z", c, pb[:block], precision=_HIGHEST)  # c a^p b
-    lag = np.arange(block)[:, None] - np.arange(block)[None, :]
-    toeplitz = jnp.where(jnp.asarray(lag >= 0)[(...,) + (None,) * (len(cdims) + 1)],
-                         impulse[np.clip(lag, 0, None)], 0)                # (L, L, ..., M)
+    toeplitz = _causal_toeplitz(impulse)                                   # (L, L, ..., M)
     toeplitz = jnp.moveaxis(toeplitz, (0, 1), (-2, -1))                   # (..., M, L, L)
     to_end = jnp.moveaxis(pb[block - 1::-1], 0, -1)                        # (..., K, L)
     from_state = jnp.einsum("...zi,p...ij->...zpj", c, powers[1:],
@@ -151,15 +159,8 @@ def _states_entering(a_block: jax.Array, ends: jax.Array, cs: str, os_: str, *,
     e = jnp.pad(ends, [(0, 0)] * (ends.ndim - 2) + [(0, (-nb) % level), (0, 0)])
     e = e.reshape(e.shape[:-2] + (-1, level, k))                          # (..., groups, L, K)
 
-    def step(p, _):
-        return _einsum("...ij,...jk->...ik", a_block, p), p
-    eye = jnp.broadcast_to(jnp.eye(k, dtype=a_block.dtype), a_block.shape)
-    last, powers = lax.scan(step, eye, None, length=level)
-    powers = jnp.concatenate([powers, last[None]], axis=0)               # (L + 1, ..., K, K)
-    lag = np.arange(level)[:, None] - np.arange(level)[None, :]
-    toeplitz = jnp.where(jnp.asarray(lag >= 0)[(...,) + (None,) * (powers.ndim - 1)],
-                         powers[np.clip(lag, 0, None)], 0)               # (L, L, ..., K, K)
-    toeplitz = jnp.moveaxis(toeplitz, (0, 1), (-4, -3))                  # (..., L, L, K, K)
+    powers = _matrix_powers(a_block, level)                               # (L + 1, ..., K, K)
+    toeplitz = jnp.moveaxis(_causal_toeplitz(powers[:level]), (0, 1), (-4, -3))  # (..., L, L, K, K)
     local = _einsum(f"{cs}jipq,{os_}niq->{os_}njp", toeplitz, e)          # zero-state, per group
 
     # Group-end states: the only sequential part.
