@@ -58,6 +58,37 @@ def test_head_matches_torch_per_item(num_layers, audiograms):
     assert np.max(np.abs(np.asarray(out2.clip_score - out.clip_score))) > 1e-4
 
 
+def test_head_gradients_match_torch_autograd(audiograms):
+    """Training sees the same gradients as the released head: the attention's folded value /
+    output / frame-score maps must give torch's gradients for every parameter."""
+    import torch
+
+    torch_head = make_head(9, feature_dim=64).train(False)
+    params, cfg = head_params_from_state_dict(torch_head.state_dict())
+    rng = np.random.default_rng(5)
+    items = [rng.normal(size=(t, 64)).astype(np.float32) for t in LENGTHS]
+    total = sum(torch_head(torch.from_numpy(x)[None], torch.from_numpy(hl)[None])[1][0]
+                for x, hl in zip(items, audiograms))
+    total.backward()
+    # PyTorch's two LSTM biases add up in the converted kernel: each gets the same gradient,
+    # so keep one of them to convert the gradients like the weights.
+    grads = {k: (torch.zeros_like(p) if "bias_hh" in k else p.grad)
+             for k, p in torch_head.named_parameters()}
+    expected, _ = head_params_from_state_dict(grads)
+
+    feats, mask = _padded(items, max(LENGTHS) + 3)
+    loss = lambda p: HAAQINetHead(cfg).apply(  # noqa: E731
+        {"params": p}, jnp.asarray(feats), jnp.asarray(mask), jnp.asarray(audiograms)
+    ).clip_score.sum()
+    got = jax.jit(jax.grad(loss))(params)
+    flat_expected = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+    for path, g in jax.tree_util.tree_flatten_with_path(got)[0]:
+        want = np.asarray(flat_expected[path])
+        scale = max(np.max(np.abs(want)), 1e-3)
+        np.testing.assert_allclose(np.asarray(g), want, atol=1e-4 * scale, rtol=0,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
 def test_masking_matters_and_is_complete(audiograms):
     """Padding content must not move the scores; dropping the mask must (test can fail)."""
     torch_head = make_head(5, feature_dim=64)
