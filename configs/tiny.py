@@ -16,7 +16,8 @@ def get_config():
     c.data.demo_dir = "data_cache/demo_tiny"
     c.data.demo_clips = 24
     c.model.head = ConfigDict({"adapter_dim": 16, "lstm_hidden": 8, "dense_dim": 16,
-                               "num_heads": 4, "dropout_rate": 0.3, "audiogram_scale": 0.01})
+                               "num_heads": 4, "dropout_rate": 0.3, "audiogram_scale": 0.01,
+                               "readout": c.model.head.readout})
     c.train.batch_size = 4
     c.train.eval_batch_size = 4
     c.train.num_epochs = 2

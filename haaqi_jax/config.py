@@ -197,6 +197,9 @@ _LOOP_KEYS = ("train.num_epochs", "train.patience", "train.stop_after_steps", "t
               "report.*", "data.prefetch")
 RESUMABLE_KEYS = _LOOP_KEYS + ("distill.timing_*",) + tuple(f"distill.teacher.{k}"
                                                             for k in _LOOP_KEYS)
+#: Keys added to the configs after runs were saved without them, with the value those runs
+#: used implicitly: a saved config that lacks one counts as having that value.
+IMPLICIT_VALUES = {"model.head.readout": "score", "distill.teacher.model.head.readout": "score"}
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -211,14 +214,15 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def config_differences(saved: dict[str, Any], new: dict[str, Any],
                        ignore: Iterable[str] = RESUMABLE_KEYS) -> list[str]:
     """Dotted keys whose values differ between two `to_dict` configs, as "key: old -> new"
-    (a key missing on one side shows as <absent>), skipping keys that match `ignore`."""
+    (a key missing on one side shows as <absent>, or as its `IMPLICIT_VALUES` entry on the
+    saved side), skipping keys that match `ignore`."""
     import fnmatch
     old, cur = _flatten(saved), _flatten(new)
     out = []
     for key in sorted(set(old) | set(cur)):
         if any(fnmatch.fnmatchcase(key, pattern) for pattern in ignore):
             continue
-        a, b = old.get(key, "<absent>"), cur.get(key, "<absent>")
+        a, b = old.get(key, IMPLICIT_VALUES.get(key, "<absent>")), cur.get(key, "<absent>")
         if a != b:
             out.append(f"{key}: {a!r} -> {b!r}")
     return out

@@ -191,8 +191,7 @@ def make_distill_forward(teacher_cfg: Any, student_cfg: Any, target_layers, head
         if targets.shape != predicted.shape:
             raise ValueError(f"distillation targets have shape {targets.shape}, the prediction "
                              f"heads make {predicted.shape} (B, K, T, C)")
-        return {"clip_score": out.clip_score, "frame_scores": out.frame_scores,
-                "frame_mask": token_mask, "student_layers": predicted,
+        return {**steps_lib.head_predictions(out, token_mask), "student_layers": predicted,
                 "teacher_layers": targets, "loss_params": params.get("loss", {})}
 
     if cached_targets:
@@ -503,9 +502,11 @@ def distill_and_evaluate(config: Any, workdir: str | os.PathLike, *, data: Any =
     if cached:
         data = with_cached_targets(config, teacher, data, workdir)
     valid_split = config.data.valid_split
-    valid_labels = loop.split_labels(data.rows[valid_split], valid_split)
-
     loss_kwargs = cfglib.to_dict(config.loss.get("kwargs") or {})
+    needs = losses.required_row_fields(config.loss.name, loss_kwargs)
+    valid_labels = loop.split_labels(data.rows[valid_split], valid_split, needs)
+    loop.split_labels(data.rows[config.data.train_split], config.data.train_split, needs)
+
     loss_fn = losses.get_loss(config.loss.name, **loss_kwargs)
     params = {**student.params, "pred_heads": pred_params,
               "loss": losses.loss_params(config.loss.name, len(dc.target_layers))}

@@ -10,12 +10,15 @@ github.com/dyahayumgw/HAAQI-Net); this is an independent Flax implementation:
     dense        Dense 200 -> 256, ReLU, dropout 0.3
     attention    16-head self-attention at 256 (no residual, no LayerNorm)
     frame_score  Dense 256 -> 1, sigmoid -> frame scores (B, T); clip score = masked mean
+                 (readout "haaqi_components", not in the release: Dense 256 -> 2, sigmoids ->
+                 HAAQI's nonlinear and linear parts per frame; their masked means; frame and
+                 clip scores = HAAQI's polynomial of the parts)
 
 Unlike the released code (batch size 1, no masks) every step honours a token mask, so a
 padded batch gives each item the score it gets alone. The attention's value and output
-projections and the frame score are linear maps in a row, so they are folded into one scalar
-value per head and token (`SelfAttentionReadout`): the same scores and gradients, less
-work.
+projections and the frame score are linear maps in a row, so they are folded into one value
+per head, token and frame output (`SelfAttentionReadout`): the same scores and gradients,
+less work.
 
 Parameter layout (what `haaqi_jax.convert.haaqinet_torch` writes):
 
@@ -26,7 +29,7 @@ Parameter layout (what `haaqi_jax.convert.haaqinet_torch` writes):
     blstm/{forward,backward}/recurrent_kernel (H,4H)               bias is b_ih + b_hh
     dense/{kernel (2H,256), bias}
     attention/{query,key,value,out}/{kernel (256,256), bias}
-    frame_score/{kernel (256,1), bias}
+    frame_score/{kernel (256,1), bias}               (256,2) with readout "haaqi_components"
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ import jax.numpy as jnp
 
 from haaqi_jax import attention as attention_lib
 from haaqi_jax.config import reject_unknown_keys
+
+
+#: Frame readouts of the head and their outputs per frame.
+READOUTS = ("score", "haaqi_components")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +66,10 @@ class HeadConfig:
       audiogram_scale: factor on the dB HL levels before they join the tokens. 1.0 is the
         released model (raw 0..120 dB into the BLSTM gates, which saturates them); a head
         trained from scratch learns faster with 0.01 (levels of order 1).
+      readout: "score" (released): one sigmoid per frame, the HAAQI score. "haaqi_components":
+        two sigmoids per frame, HAAQI's nonlinear and linear parts, which HAAQI's own polynomial
+        turns into the score (`haaqi.backend.combined_from_parts`); trained with the
+        `haaqi_components` loss on labels that carry both parts.
     """
 
     num_weighted_layers: int = 0
@@ -70,8 +81,12 @@ class HeadConfig:
     dropout_rate: float = 0.3
     layer_norm_eps: float = 1e-5
     audiogram_scale: float = 1.0
+    readout: str = "score"
 
     def __post_init__(self):
+        if self.readout not in READOUTS:
+            raise ValueError(f"HeadConfig: readout must be one of {READOUTS}, got "
+                             f"{self.readout!r}")
         if self.dense_dim % self.num_heads:
             raise ValueError(f"HeadConfig: dense_dim {self.dense_dim} is not divisible by "
                              f"num_heads {self.num_heads}")
@@ -89,10 +104,17 @@ class HeadConfig:
 
 
 class HeadOutput(NamedTuple):
-    """frame_scores: (B, T) in (0, 1), 0 on padded tokens; clip_score: (B,) masked mean."""
+    """frame_scores: (B, T) in (0, 1), 0 on padded tokens; clip_score: (B,).
+
+    With the "haaqi_components" readout also frame_components (B, T, 2) and clip_components
+    (B, 2): HAAQI's (nonlinear, linear) parts per frame (0 on padded tokens) and their masked
+    means; then frame_scores and clip_score are HAAQI's polynomial of those. Otherwise None.
+    """
 
     frame_scores: jax.Array
     clip_score: jax.Array
+    frame_components: jax.Array | None = None
+    clip_components: jax.Array | None = None
 
 
 def reverse_valid(x: jax.Array, lengths: jax.Array) -> jax.Array:
@@ -192,16 +214,16 @@ class DenseParams(nn.Module):
 
 class SelfAttentionReadout(nn.Module):
     """Multi-head self-attention with a key padding mask (torch.nn.MultiheadAttention maths),
-    read out through one linear map: (attention output) @ w + b, HAAQI-Net's frame score.
+    read out through one linear map: (attention output) @ w + b, HAAQI-Net's frame score(s).
 
     The readout, the attention's output projection and each head's value projection are
-    linear maps in a row, so they fold into one scalar value per head and token,
-    s_h = x (W_v,h W_o,h w) + b_v,h . W_o,h w, and the attention averages H scalars per query
-    instead of H vectors of D / H, with no output projection. The same function of the same
-    parameters (`attention/{query,key,value,out}` as nn.Dense lays them out), exact up to
+    linear maps in a row, so they fold into K values per head and token,
+    s_h = x (W_v,h W_o,h w) + b_v,h W_o,h w, and the attention averages H x K numbers per
+    query instead of H vectors of D / H, with no output projection. The same function of the
+    same parameters (`attention/{query,key,value,out}` as nn.Dense lays them out), exact up to
     rounding; for a 10 s clip it saves ~1.3 of the head's ~11 ms on the project's CPU.
 
-    __call__(x (B, T, D), token_mask (B, T) True = valid, w (D,), b ()) -> (B, T)
+    __call__(x (B, T, D), token_mask (B, T) True = valid, w (D, K), b (K,)) -> (B, T, K)
     """
 
     num_heads: int
@@ -219,12 +241,16 @@ class SelfAttentionReadout(nn.Module):
 
         value_kernel, value_bias = DenseParams(dim, name="value")(dim)
         out_kernel, out_bias = DenseParams(dim, name="out")(dim)
-        per_channel = out_kernel @ w                             # (D,) = W_o w
-        fold = lambda y: (y * per_channel).reshape(y.shape[:-1] + (self.num_heads, head_dim))
-        values = x @ fold(value_kernel).sum(-1) + fold(value_bias).sum(-1)   # (B, T, heads)
+        per_channel = (out_kernel @ w).reshape(self.num_heads, head_dim, -1)  # (H, Dh, K)
+        values = (jnp.einsum("ihd,hdk->ihk", value_kernel.reshape(dim, self.num_heads, head_dim),
+                             per_channel)                                    # (D, H, K)
+                  .reshape(dim, -1))
+        value_bias = jnp.einsum("hd,hdk->hk", value_bias.reshape(self.num_heads, head_dim),
+                                per_channel).reshape(-1)
+        values = (x @ values + value_bias).reshape(batch, length, self.num_heads, -1)
         out = attention_lib.attend(heads("query") * head_dim ** -0.5, heads("key"),
-                                   heads_first(values[..., None]), token_mask)  # (B, H, T, 1)
-        return out[..., 0].sum(axis=1) + out_bias @ w + b
+                                   heads_first(values), token_mask)          # (B, H, T, K)
+        return out.sum(axis=1) + out_bias @ w + b
 
 
 class HAAQINetHead(nn.Module):
@@ -279,9 +305,17 @@ class HAAQINetHead(nn.Module):
         x = BLSTM(cfg.lstm_hidden, name="blstm")(x, lengths)
         x = nn.relu(nn.Dense(cfg.dense_dim, name="dense")(x))
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
-        score_kernel, score_bias = DenseParams(1, name="frame_score")(cfg.dense_dim)
+        outputs = 2 if cfg.readout == "haaqi_components" else 1
+        score_kernel, score_bias = DenseParams(outputs, name="frame_score")(cfg.dense_dim)
         frame = jax.nn.sigmoid(SelfAttentionReadout(cfg.num_heads, name="attention")(
-            x, token_mask, score_kernel[:, 0], score_bias[0]))
-        frame = jnp.where(token_mask, frame, 0.0)
-        clip = frame.sum(axis=-1) / jnp.maximum(lengths, 1).astype(frame.dtype)
-        return HeadOutput(frame_scores=frame, clip_score=clip)
+            x, token_mask, score_kernel, score_bias))                       # (B, T, outputs)
+        frame = jnp.where(token_mask[..., None], frame, 0.0)
+        clip = frame.sum(axis=1) / jnp.maximum(lengths, 1).astype(frame.dtype)[:, None]
+        if outputs == 1:
+            return HeadOutput(frame_scores=frame[..., 0], clip_score=clip[:, 0])
+        from haaqi_jax.haaqi.backend import combined_from_parts
+        return HeadOutput(
+            frame_scores=jnp.where(token_mask, combined_from_parts(frame[..., 0], frame[..., 1]),
+                                   0.0),
+            clip_score=combined_from_parts(clip[:, 0], clip[:, 1]),
+            frame_components=frame, clip_components=clip)

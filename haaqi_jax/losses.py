@@ -11,7 +11,8 @@ scalar, `aux` a dict of scalars to log. Every loss weights items by `batch["weig
 items added to complete a batch count for nothing; the normaliser is the weight sum of the
 (global) batch, so a data-parallel step gives the loss of the whole batch.
 
-Registered: "haaqi_mse" (HAAQI-Net); distillation terms "l1_cosine" (DistilHuBERT), "l1",
+Registered: "haaqi_mse" (HAAQI-Net), "haaqi_components" (the same on HAAQI's two parts, for a
+head with the "haaqi_components" readout); distillation terms "l1_cosine" (DistilHuBERT), "l1",
 "mse", "cosine"; and the distillation objectives "distill_weighted" (fixed weights) and
 "distill_uncertainty" (learned uncertainty weights, Kendall et al. 2018), which combine a HAAQI
 loss and a distillation loss given by name (see the distillation section below).
@@ -40,16 +41,20 @@ LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 _REGISTRY: dict[str, LossFn] = {}
 _PARAM_INITS: dict[str, Callable[[int], Any]] = {}
+_ROW_FIELDS: dict[str, tuple[str, ...]] = {}
 
 
 def register_loss(name: str, *, overwrite: bool = False,
-                  params: Callable[[int], Any] | None = None) -> Callable[[LossFn], LossFn]:
+                  params: Callable[[int], Any] | None = None,
+                  row_fields: tuple[str, ...] = ()) -> Callable[[LossFn], LossFn]:
     """Decorator adding `fn` to the registry under `name` (an existing name needs overwrite).
 
     `params`, for a loss with learnable parameters (e.g. uncertainty weights): a function
     (number of distillation target layers K) -> initial parameter pytree. The trainer keeps that
     pytree in the train state (trainable) and hands it to the loss as
     predictions["loss_params"].
+    `row_fields`: `ManifestRow` fields beyond haaqi_score that every train and valid row must
+    have (e.g. "haaqi_components"); the trainer checks them before the first step.
     """
     def decorator(fn: LossFn) -> LossFn:
         if name in _REGISTRY and not overwrite and _REGISTRY[name] is not fn:
@@ -59,8 +64,21 @@ def register_loss(name: str, *, overwrite: bool = False,
             _PARAM_INITS.pop(name, None)
         else:
             _PARAM_INITS[name] = params
+        _ROW_FIELDS[name] = tuple(row_fields)
         return fn
     return decorator
+
+
+def required_row_fields(name: str, kwargs: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+    """The manifest row fields loss `name` needs, with those of a HAAQI loss named inside a
+    distillation objective (`kwargs["haaqi"]`)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown loss {name!r}; registered: {available_losses()}")
+    fields = _ROW_FIELDS.get(name, ())
+    inner = (kwargs or {}).get("haaqi")
+    if inner is not None:
+        fields += required_row_fields(*_named(inner, "haaqi_mse"))
+    return tuple(dict.fromkeys(fields))
 
 
 def loss_params(name: str, num_targets: int) -> Any:
@@ -117,6 +135,40 @@ def haaqi_mse(predictions: Mapping[str, jax.Array], batch: Mapping[str, jax.Arra
     frame_mse = weighted_mean(frame_se, weight)
     loss = clip_weight * clip_mse + frame_weight * frame_mse
     return loss, {"clip_mse": clip_mse, "frame_mse": frame_mse}
+
+
+@register_loss("haaqi_components", row_fields=("haaqi_components",))
+def haaqi_components(predictions: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], *,
+                     clip_weight: float = 1.0, frame_weight: float = 1.0,
+                     score_weight: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`haaqi_mse` on each of HAAQI's two parts, for a head with the "haaqi_components" readout,
+    plus score_weight * `haaqi_mse` on the combined score.
+
+    Args:
+      predictions: clip_components (B, 2), frame_components (B, T, 2), clip_score (B,),
+        frame_scores (B, T), frame_mask (B, T) True = valid.
+      batch: components (B, 2) the labels' (nonlinear, linear) parts, label (B,), weight (B,).
+    Returns:
+      (loss, {"nonlinear_clip_mse", "nonlinear_frame_mse", "linear_clip_mse", ...}).
+    """
+    if predictions.get("clip_components") is None:
+        raise ValueError("loss 'haaqi_components' needs a head with readout "
+                         "'haaqi_components' (model.head.readout)")
+    kwargs = dict(clip_weight=clip_weight, frame_weight=frame_weight)
+    total, aux = 0.0, {}
+    for i, part in enumerate(("nonlinear", "linear")):
+        part_loss, part_aux = haaqi_mse(
+            {"clip_score": predictions["clip_components"][:, i],
+             "frame_scores": predictions["frame_components"][..., i],
+             "frame_mask": predictions["frame_mask"]},
+            {"label": batch["components"][:, i], "weight": batch["weight"]}, **kwargs)
+        total = total + part_loss
+        aux.update({f"{part}_{k}": v for k, v in part_aux.items()})
+    if score_weight:
+        score_loss, score_aux = haaqi_mse(predictions, batch, **kwargs)
+        total = total + score_weight * score_loss
+        aux.update(score_aux)
+    return total, aux
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from torch import nn
 class TorchHAAQINetHead(nn.Module):
     def __init__(self, feature_dim: int = 768, num_weighted_layers: int = 0,
                  adapter_dim: int = 256, audiogram_dim: int = 8, lstm_hidden: int = 100,
-                 num_heads: int = 16):
+                 num_heads: int = 16, score_outputs: int = 1):
         super().__init__()
         self.blstm = nn.LSTM(adapter_dim + audiogram_dim, lstm_hidden, num_layers=1,
                              bidirectional=True, batch_first=True)
@@ -25,7 +25,8 @@ class TorchHAAQINetHead(nn.Module):
         self.linear1 = nn.Linear(2 * lstm_hidden, adapter_dim)
         self.dropout = nn.Dropout(0.3)
         self.haaqiAtt_layer = nn.MultiheadAttention(adapter_dim, num_heads=num_heads)
-        self.haaqiframe_score = nn.Linear(adapter_dim, 1)
+        # score_outputs 2: HAAQI's (nonlinear, linear) parts per frame (not in the release).
+        self.haaqiframe_score = nn.Linear(adapter_dim, score_outputs)
         self.num_weighted_layers = num_weighted_layers
         if num_weighted_layers:
             self.weights = nn.Parameter(torch.ones(num_weighted_layers))
@@ -45,7 +46,9 @@ class TorchHAAQINetHead(nn.Module):
         x, _ = self.blstm(x)
         x = self.dropout(torch.relu(self.linear1(x))).transpose(0, 1)
         x, _ = self.haaqiAtt_layer(x, x, x)
-        frame = torch.sigmoid(self.haaqiframe_score(x.transpose(0, 1)))[..., 0]
+        frame = torch.sigmoid(self.haaqiframe_score(x.transpose(0, 1)))
+        if frame.shape[-1] == 1:
+            frame = frame[..., 0]
         return frame, frame.mean(dim=1)
 
 
@@ -65,7 +68,8 @@ def make_head(seed: int, *, feature_dim: int = 768, num_weighted_layers: int = 0
 
 def torch_head_scores(head: TorchHAAQINetHead, features, audiogram):
     """Scores ONE clip at a time (as released). features: list of (T_b, C) or (L, T_b, C)
-    numpy arrays; audiogram (B, 8). Returns lists of frame scores (T_b,) and clip scores."""
+    numpy arrays; audiogram (B, 8). Returns lists of frame scores (T_b,) and clip scores
+    (with score_outputs 2: frame parts (T_b, 2) and clip parts (B, 2))."""
     frames, clips = [], []
     with torch.no_grad():
         for f, hl in zip(features, np.asarray(audiogram, np.float32)):
@@ -73,5 +77,5 @@ def torch_head_scores(head: TorchHAAQINetHead, features, audiogram):
             x = list(f[:, None]) if head.num_weighted_layers else f[None]
             frame, clip = head(x, torch.from_numpy(hl)[None])
             frames.append(frame[0].numpy())
-            clips.append(float(clip[0]))
+            clips.append(clip[0].numpy())
     return frames, np.asarray(clips)

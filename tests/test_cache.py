@@ -81,7 +81,8 @@ def rows(tmp_path):
 def _check_against_direct(batches, rows, encoder, cfg, *, layers, rtol=0.0):
     seen = []
     for batch in batches:
-        assert set(batch) == {"features", "token_mask", "audiogram", "label", "weight", "index"}
+        assert set(batch) == {"features", "token_mask", "audiogram", "label", "components",
+                              "weight", "index"}
         t = batch["features"].shape[-2]
         assert batch["features"].dtype == np.float32
         assert batch["token_mask"].shape == (cfg.batch_size, t)

@@ -102,3 +102,9 @@ def test_save_run_config_refuses_a_workdir_of_another_run(tmp_path):
         "a.c: '<absent>' -> 2"]
     assert config_differences({"distill": {"teacher": {"train": {"num_epochs": 1}}}},
                               {"distill": {"teacher": {"train": {"num_epochs": 9}}}}) == []
+    # A key added after a run was saved counts as the value that run used implicitly.
+    assert config_differences({"model": {"head": {}}},
+                              {"model": {"head": {"readout": "score"}}}) == []
+    assert config_differences({"model": {"head": {}}},
+                              {"model": {"head": {"readout": "haaqi_components"}}}) == [
+        "model.head.readout: 'score' -> 'haaqi_components'"]

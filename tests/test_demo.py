@@ -13,6 +13,7 @@ from haaqi_jax.data import demo
 from haaqi_jax.data import listeners as L
 from haaqi_jax.data import synth
 from haaqi_jax.data.manifest import read_manifest
+from haaqi_jax.haaqi.backend import combined_from_parts
 
 SR = synth.SAMPLE_RATE
 FREQ = np.asarray(STANDARD_FREQUENCIES)
@@ -143,6 +144,32 @@ def test_manifest_fields_and_reader(tmp_path):
     assert np.max(np.abs(ref)) <= demo.PEAK_LIMIT + 1e-4
 
 
+def parts_labeller(reference, processed, sample_rate, levels, lengths, *, seeds):
+    """A labeller that also returns two parts (the square root of its score, and one part
+    above 1 that the manifest must clip)."""
+    score = correlation_labeller(reference, processed, sample_rate, levels, lengths,
+                                 seeds=seeds)
+    return {"combined": score, "nonlinear": np.sqrt(score), "linear": 1.0 + score}
+
+
+parts_labeller.name = "test-parts"
+
+
+def test_labeller_parts_reach_the_manifest(tmp_path):
+    path = demo.build_demo_dataset(tmp_path, seed=0, **dict(SMALL, labeller=parts_labeller))
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for row in rows:
+        parts = row["haaqi_components"]
+        assert parts["nonlinear"] == pytest.approx(np.sqrt(row["haaqi_score"]))
+        assert parts["linear"] == 1.0                                   # clipped
+    parsed = read_manifest(path, require_label=True)
+    assert parsed[0].haaqi_components == (rows[0]["haaqi_components"]["nonlinear"],
+                                          rows[0]["haaqi_components"]["linear"])
+    # labels.jsonl keeps the raw (unclipped) parts
+    raw = [json.loads(line) for line in (tmp_path / "labels.jsonl").read_text().splitlines()]
+    assert max(r["haaqi_components"]["linear"] for r in raw) > 1.0
+
+
 def test_cached_rebuilt_and_resumed(tmp_path):
     correlation_labeller.calls = 0
     path = demo.build_demo_dataset(tmp_path, seed=1, **SMALL)
@@ -205,9 +232,15 @@ def test_real_haaqi_labels_clean_above_severe():
     proc = np.zeros((4, width), np.float32)
     for i in range(4):
         ref[i, :music.size], proc[i, :music.size] = refs[i], procs[i]
-    scores = demo.haaqi_labeller(ref, proc, SR, np.stack(levels),
+    labels = demo.haaqi_labeller(ref, proc, SR, np.stack(levels),
                                  np.full(4, music.size, np.int32), seeds=np.arange(4))
+    scores = labels["combined"]
     assert np.all((scores >= 0) & (scores <= 1)), scores
+    # The two parts stored for the "haaqi_components" loss give the score by HAAQI's polynomial
+    # (itself checked against pyclarity in test_haaqi_backend).
+    np.testing.assert_allclose(combined_from_parts(labels["nonlinear"], labels["linear"]), scores,
+                               atol=1e-6)
+    assert labels["linear"][1] < labels["linear"][0] - 0.1   # low-pass: a spectral change
     assert scores[0] > 0.8 and scores[0] > scores[1] + 0.3, scores
     assert scores[2] > scores[3] + 0.2, scores
 

@@ -185,3 +185,24 @@ def test_backend_float32_close_to_float64(ear):
     for f in FIELDS:
         assert np.isfinite(float(getattr(r32, f)))
         assert abs(float(getattr(r32, f)) - float(getattr(r64, f))) < 1e-4, f
+
+
+def test_combined_from_parts_is_pyclarity_combination():
+    """HAAQI's score from its two parts (used by the head's "haaqi_components" readout) is
+    pyclarity's: its haaqi_v1 returns the score and both parts."""
+    from clarity.evaluator.haaqi import haaqi_v1
+
+    ref = music(0.6, 3)
+    proc = np.convolve(ref, np.ones(6) / 6, "same") + 0.01 * np.random.default_rng(2).normal(
+        size=ref.size)
+    np.random.seed(0)
+    combined, nonlinear, linear, _ = haaqi_v1(ref, FS, proc, FS, _clarity_audiogram(), 1, 65.0)
+    assert 0.05 < nonlinear < 0.95 and 0.05 < linear < 0.95     # not a trivial corner
+    assert float(backend.combined_from_parts(nonlinear, linear)) == pytest.approx(combined,
+                                                                                  abs=1e-12)
+
+
+def _clarity_audiogram():
+    from clarity.utils.audiogram import Audiogram
+    return Audiogram(np.array([20, 25, 30, 40, 50, 60.0]),
+                     np.array([250, 500, 1000, 2000, 4000, 6000]))

@@ -89,6 +89,44 @@ def test_head_gradients_match_torch_autograd(audiograms):
                                    err_msg=jax.tree_util.keystr(path))
 
 
+def test_components_readout_matches_torch(audiograms):
+    """readout "haaqi_components": two sigmoids per frame (a torch head with a 256 -> 2 frame
+    score), their masked means, and HAAQI's polynomial of both (checked against pyclarity in
+    test_haaqi_backend)."""
+    import dataclasses
+
+    from haaqi_jax.haaqi.backend import combined_from_parts
+
+    torch_head = make_head(10, feature_dim=64, score_outputs=2)
+    sd = torch_head.state_dict()
+    weight, bias = sd["haaqiframe_score.weight"], sd["haaqiframe_score.bias"]
+    params, cfg = head_params_from_state_dict(
+        dict(sd, **{"haaqiframe_score.weight": weight[:1], "haaqiframe_score.bias": bias[:1]}))
+    params["frame_score"] = {"kernel": weight.numpy().T, "bias": bias.numpy()}
+    cfg = dataclasses.replace(cfg, readout="haaqi_components")
+    rng = np.random.default_rng(6)
+    items = [rng.normal(size=(t, 64)).astype(np.float32) for t in LENGTHS]
+    frames_ref, _ = torch_head_scores(torch_head, items, audiograms)
+    feats, mask = _padded(items, max(LENGTHS) + 3)
+    out = _run(cfg, params, feats, mask, audiograms)
+    for b, t in enumerate(LENGTHS):
+        parts = frames_ref[b]                                            # (t, 2)
+        np.testing.assert_allclose(np.asarray(out.frame_components[b, :t]), parts, atol=TOL)
+        np.testing.assert_allclose(np.asarray(out.clip_components[b]), parts.mean(0), atol=TOL)
+        np.testing.assert_allclose(np.asarray(out.frame_scores[b, :t]),
+                                   combined_from_parts(parts[:, 0], parts[:, 1]), atol=TOL)
+        np.testing.assert_allclose(float(out.clip_score[b]),
+                                   combined_from_parts(*parts.mean(0)), atol=TOL)
+        assert np.all(np.asarray(out.frame_scores[b, t:]) == 0.0)
+        assert np.all(np.asarray(out.frame_components[b, t:]) == 0.0)
+    plain = _run(dataclasses.replace(cfg, readout="score"),
+                 dict(params, frame_score={"kernel": weight.numpy().T[:, :1],
+                                           "bias": bias.numpy()[:1]}), feats, mask, audiograms)
+    assert plain.frame_components is None and plain.clip_components is None
+    with pytest.raises(ValueError, match="readout"):
+        HeadConfig(readout="components")
+
+
 def test_masking_matters_and_is_complete(audiograms):
     """Padding content must not move the scores; dropping the mask must (test can fail)."""
     torch_head = make_head(5, feature_dim=64)

@@ -76,3 +76,41 @@ def test_user_registered_loss_and_errors():
         losses.register_loss("test_abs_clip")(lambda p, b: (0.0, {}))
     with pytest.raises(ValueError, match="unknown loss 'nope'"):
         losses.get_loss("nope")
+
+
+def test_haaqi_components_is_haaqi_mse_on_each_part_plus_the_score():
+    """Known inputs: the loss must equal haaqi_mse (checked against torch above) on the
+    nonlinear part, on the linear part, and score_weight times on the combined score."""
+    preds, batch, _ = _batch(1)
+    rng = np.random.default_rng(2)
+    mask = np.asarray(preds["frame_mask"])
+    frame_parts = rng.uniform(0, 1, mask.shape + (2,)) * mask[..., None]
+    clip_parts = frame_parts.sum(1) / mask.sum(1)[:, None]
+    parts = rng.uniform(0, 1, (len(mask), 2))
+    preds = dict(preds, frame_components=jnp.asarray(frame_parts, jnp.float32),
+                 clip_components=jnp.asarray(clip_parts, jnp.float32))
+    batch = dict(batch, components=jnp.asarray(parts, jnp.float32))
+    mse = losses.get_loss("haaqi_mse", clip_weight=0.5, frame_weight=2.0)
+    expected = sum(float(mse({"clip_score": preds["clip_components"][:, i],
+                              "frame_scores": preds["frame_components"][..., i],
+                              "frame_mask": preds["frame_mask"]},
+                             {"label": batch["components"][:, i], "weight": batch["weight"]})[0])
+                   for i in range(2))
+    fn = losses.get_loss("haaqi_components", clip_weight=0.5, frame_weight=2.0)
+    loss, aux = fn(preds, batch)
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    assert set(aux) == {"nonlinear_clip_mse", "nonlinear_frame_mse", "linear_clip_mse",
+                        "linear_frame_mse"}
+    with_score = losses.get_loss("haaqi_components", clip_weight=0.5, frame_weight=2.0,
+                                 score_weight=0.3)(preds, batch)[0]
+    assert float(with_score) == pytest.approx(expected + 0.3 * float(mse(preds, batch)[0]),
+                                              rel=1e-6)
+    # the part labels matter (the test can fail): swapping them moves the loss
+    swapped = dict(batch, components=batch["components"][:, ::-1])
+    assert abs(float(fn(preds, swapped)[0]) - float(loss)) > 1e-3
+    with pytest.raises(ValueError, match="readout 'haaqi_components'"):
+        fn({k: v for k, v in preds.items() if "components" not in k}, batch)
+    assert losses.required_row_fields("haaqi_components") == ("haaqi_components",)
+    assert losses.required_row_fields("haaqi_mse") == ()
+    assert losses.required_row_fields("distill_weighted",
+                                      {"haaqi": "haaqi_components"}) == ("haaqi_components",)

@@ -75,6 +75,12 @@ def test_write_then_read_round_trip(tmp_path):
         assert (a.id, a.file_path, a.haaqi_score, a.split, a.distortion) == (
             b.id, b.file_path, b.haaqi_score, b.split, b.distortion)
         np.testing.assert_array_equal(a.audiogram, b.audiogram)
+    # HAAQI's two parts survive the round trip; rows without them read None
+    parts = ManifestRow(id="p", file_path=tmp_path / "p.wav", audiogram=np.asarray(AUDIOGRAM),
+                        haaqi_score=0.5, haaqi_components={"nonlinear": 0.6, "linear": 0.7})
+    assert parts.haaqi_components == (0.6, 0.7)
+    back = read_manifest(write_manifest(tmp_path / "p.jsonl", [parts, rows[0]]))
+    assert back[0].haaqi_components == (0.6, 0.7) and back[1].haaqi_components is None
     # dicts are written as given
     write_manifest(tmp_path / "d.jsonl", [_row(0), _row(1)])
     assert [r.haaqi_score for r in read_manifest(tmp_path / "d.jsonl")] == [0.0, 0.1]
@@ -95,6 +101,9 @@ BAD_ROWS = [
     (_row(0, haaqi_score="0.5"), "'haaqi_score'"),
     (_row(0, split=3), "'split'"),
     ("[1, 2, 3]", "JSON object"),
+    (_row(0, haaqi_components={"nonlinear": 0.5}), "lacks 'linear'"),
+    (_row(0, haaqi_components={"nonlinear": 0.5, "linear": 1.2}), "'haaqi_components.linear'"),
+    (_row(0, haaqi_components=0.5), "'haaqi_components'"),
 ]
 
 

@@ -15,7 +15,7 @@ from haaqi_jax.data.pipeline import InputConfig, make_eval_batches, make_train_i
 
 # 11 clips of 0.2 .. 2.6 s, some at 44.1 kHz, so lengths (and buckets) differ.
 SECONDS = [0.2, 0.5, 1.3, 2.6, 0.9, 1.1, 0.35, 2.0, 1.6, 0.7, 1.0]
-KEYS = {"waveform", "padding_mask", "audiogram", "label", "weight", "index"}
+KEYS = {"waveform", "padding_mask", "audiogram", "label", "components", "weight", "index"}
 
 
 @pytest.fixture(scope="module")
@@ -254,3 +254,16 @@ def test_config_validation():
         InputConfig(crop_seconds=0.1)
     with pytest.raises(ValueError, match="prefetch"):
         InputConfig(prefetch=-1)
+
+
+def test_row_fields_carry_haaqi_components():
+    """components (B, 2): a row's (nonlinear, linear) parts; 0 for rows without them and for
+    filler slots."""
+    from haaqi_jax.data.manifest import ManifestRow
+    from haaqi_jax.data.pipeline import row_fields
+    rows = [ManifestRow(id=str(i), file_path=f"c{i}.wav", audiogram=np.zeros(8), haaqi_score=0.5,
+                        haaqi_components=(0.1 * i, 0.2 * i) if i else None) for i in range(3)]
+    fields = row_fields(rows, np.array([2, 0, 1, 1]), np.array([True, True, True, False]))
+    np.testing.assert_allclose(fields["components"],
+                               [[0.2, 0.4], [0.0, 0.0], [0.1, 0.2], [0.0, 0.0]], rtol=1e-6)
+    assert fields["components"].dtype == np.float32

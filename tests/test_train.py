@@ -22,7 +22,7 @@ TINY = REPO / "configs" / "tiny.py"
 
 
 def write_tiny_dataset(out_dir, *, n_train=8, n_valid=4, n_test=2, seconds=1.0, seed=0,
-                       unlabelled_row=None):
+                       unlabelled_row=None, components=False):
     """Short tones with noise or clipping; the label is a logistic function of the SNR (an
     independent rule, so a model that learns anything correlates with it)."""
     out_dir = Path(out_dir)
@@ -45,6 +45,9 @@ def write_tiny_dataset(out_dir, *, n_train=8, n_valid=4, n_test=2, seconds=1.0, 
                "audiogram": [float(v) for v in rng.uniform(0, 60, 8)],
                "haaqi_score": float(1 / (1 + np.exp(-(snr_db - 10) / 6))), "split": split,
                "distortion": kind}
+        if components:  # two parts of the label: the SNR rule and the clipping
+            row["haaqi_components"] = {"nonlinear": float(1 / (1 + np.exp(-snr_db / 8))),
+                                       "linear": 0.3 if kind == "clipping" else 0.9}
         if unlabelled_row == i:
             del row["haaqi_score"]
         rows.append(row)
@@ -221,6 +224,25 @@ def test_unlabelled_row_is_a_clear_error(tmp_path, tiny):
     cfg = _config(overrides + [f"data.manifest={manifest}"])
     with pytest.raises(ValueError, match=r"manifest.jsonl:3 \(id 'clip002'\).*haaqi_score"):
         loop.train_and_evaluate(cfg, tmp_path / "work")
+
+
+def test_components_readout_trains_and_needs_component_labels(tiny, tmp_path):
+    """model.head.readout=haaqi_components with loss haaqi_components: one short run reports
+    finite scores; a manifest without the parts is refused, naming a row."""
+    _, overrides = tiny
+    parts = ["model.head.readout=haaqi_components", "loss.name=haaqi_components",
+             "train.num_epochs=1", f"data.cache_dir={tmp_path / 'cache'}"]
+    with_parts = write_tiny_dataset(tmp_path / "parts", components=True)
+    result = loop.train_and_evaluate(_config(overrides + parts + [f"data.manifest={with_parts}"]),
+                                     tmp_path / "work")
+    metrics = json.loads((result.report_dir / "metrics.json").read_text())
+    assert np.isfinite(metrics["by_split"]["valid"]["prediction_mean"])
+    params = result.state.params["head"]
+    assert params["frame_score"]["kernel"].shape[-1] == 2
+    without = write_tiny_dataset(tmp_path / "plain")
+    with pytest.raises(ValueError, match=r"id 'clip\d+'.*'haaqi_components'"):
+        loop.train_and_evaluate(_config(overrides + parts + [f"data.manifest={without}"]),
+                                tmp_path / "work2")
 
 
 def test_held_out_distortion_and_a_weightless_encoder(tiny, tmp_path):

@@ -12,9 +12,11 @@ Layout of OUT_DIR:
   audio/reference/<id>.wav     clean mix, 16-bit PCM at 24 kHz
   audio/processed/<id>.wav     degraded, loudness-matched to its reference
   clips/<id>.json              one clip's metadata (written after its wavs: resume skips it)
-  labels.jsonl                 {"id", "haaqi_score"} per clip, appended one batch at a time
+  labels.jsonl                 {"id", "haaqi_score", "haaqi_components"} per clip, appended
+                               one batch at a time
   manifest.jsonl               one row per clip: id, file_path (= processed), reference,
-                               audiogram, haaqi_score, split, distortion, distortion_params,
+                               audiogram, haaqi_score, haaqi_components (HAAQI's nonlinear and
+                               linear parts), split, distortion, distortion_params,
                                listener_shape, plus style, seconds, level_dbfs; paths relative
                                to OUT_DIR
 
@@ -35,7 +37,7 @@ import os
 import shutil
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import soundfile as sf
@@ -59,13 +61,15 @@ PEAK_LIMIT = 0.98
 
 #: labeller(reference (B, N) float32, processed (B, N) float32, sample_rate,
 #:          audiogram_levels (B, 8) float32, lengths (B,) int32, *, seeds (B,) uint32)
-#:   -> (B,) scores. seeds[i] is item i's own seed (HAAQI's threshold noise), so a clip's label
-#:   does not depend on which batch it lands in.
+#:   -> (B,) scores, or a mapping {"combined": (B,), "nonlinear": (B,), "linear": (B,)} (HAAQI's
+#:   score and its two parts, stored as haaqi_components). seeds[i] is item i's own seed
+#:   (HAAQI's threshold noise), so a clip's label does not depend on which batch it lands in.
 Labeller = Callable[..., np.ndarray]
 
 
 def haaqi_labeller(reference, processed, sample_rate, audiogram_levels, lengths, *, seeds):
-    """HAAQI combined scores with the project's batched JAX HAAQI (float32, equalisation 1).
+    """HAAQI combined scores and their nonlinear and linear parts with the project's batched
+    JAX HAAQI (float32, equalisation 1): {"combined", "nonlinear", "linear"} of (B,) arrays.
 
     level1 follows the Cadenza rule, 65 - 20 log10(rms(reference)): every reference is presented
     at 65 dB SPL whatever its digital level. HAAQI-Net hears only the waveform, not the playback
@@ -85,10 +89,11 @@ def haaqi_labeller(reference, processed, sample_rate, audiogram_levels, lengths,
                          np.asarray(STANDARD_FREQUENCIES), equalisation=1, level1=level1,
                          lengths=lengths, dtype=jnp.float32, chunk=len(reference),
                          key=jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds]))
-    return np.asarray(result.combined, dtype=np.float64)
+    return {part: np.asarray(getattr(result, part), dtype=np.float64)
+            for part in ("combined", "nonlinear", "linear")}
 
 
-haaqi_labeller.name = "haaqi_jax.haaqi_batch/float32/eq1/level1=cadenza"
+haaqi_labeller.name = "haaqi_jax.haaqi_batch/float32/eq1/level1=cadenza/with-parts"
 
 
 def _labeller_name(labeller: Labeller) -> str:
@@ -222,14 +227,17 @@ def _write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> None:
     os.replace(tmp, path)
 
 
-def _read_labels(path: Path) -> dict[str, float]:
-    labels: dict[str, float] = {}
+def _read_labels(path: Path) -> dict[str, dict[str, Any]]:
+    """id -> {"haaqi_score", ["haaqi_components"]} of the labels recorded so far."""
+    labels: dict[str, dict[str, Any]] = {}
     if not path.exists():
         return labels
     for line in path.read_text().splitlines():
         try:  # a torn last line (killed mid-write) is simply redone
             row = json.loads(line)
-            labels[str(row["id"])] = float(row["haaqi_score"])
+            labels[str(row["id"])] = {"haaqi_score": float(row["haaqi_score"]),
+                                      **({"haaqi_components": dict(row["haaqi_components"])}
+                                         if row.get("haaqi_components") else {})}
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             continue
     return labels
@@ -295,16 +303,25 @@ def _label_batch(out: Path, metas: list[dict[str, Any]], batch: list[int], batch
                              where=f"demo batch starting {metas[batch[0]]['id']}")
     seeds = np.asarray([clip_seed(settings.seed, metas[batch[j]]["id"]) for j in slots],
                        np.uint32)
-    scores = np.asarray(labeller(reference, processed, sr, levels, lengths, seeds=seeds),
-                        dtype=np.float64).reshape(-1)
-    if scores.shape != (batch_size,):
-        raise ValueError(f"labeller returned shape {scores.shape}, expected ({batch_size},)")
-    scores = scores[:len(batch)]
-    bad = np.flatnonzero(~np.isfinite(scores))
-    if bad.size:
-        raise ValueError(f"labeller gave a non-finite score ({scores[bad[0]]}) for clip "
-                         f"{metas[batch[bad[0]]]['id']}")
-    return [float(s) for s in scores]
+    out = labeller(reference, processed, sr, levels, lengths, seeds=seeds)
+    parts = out if isinstance(out, Mapping) else {"combined": out}
+    values = {}
+    for name, part in parts.items():
+        part = np.asarray(part, dtype=np.float64).reshape(-1)
+        if part.shape != (batch_size,):
+            raise ValueError(f"labeller returned {name} of shape {part.shape}, expected "
+                             f"({batch_size},)")
+        part = part[:len(batch)]
+        bad = np.flatnonzero(~np.isfinite(part))
+        if bad.size:
+            raise ValueError(f"labeller gave a non-finite {name} ({part[bad[0]]}) for clip "
+                             f"{metas[batch[bad[0]]]['id']}")
+        values[name] = part
+    labels = [{"haaqi_score": float(s)} for s in values["combined"]]
+    if "nonlinear" in values and "linear" in values:
+        for label, n, lin in zip(labels, values["nonlinear"], values["linear"]):
+            label["haaqi_components"] = {"nonlinear": float(n), "linear": float(lin)}
+    return labels
 
 
 # ------------------------------------------------------------------------------ the dataset
@@ -376,10 +393,10 @@ def build_demo_dataset(out_dir: str | os.PathLike, *, n_clips: int = 100, seed: 
                                            disable=not progress) as bar:
         bar.update(len(metas) - sum(len(batch) for batch in todo))
         for batch in todo:
-            scores = _label_batch(out, metas, batch, batch_size, labeller, settings)
-            for i, score in zip(batch, scores):
-                labels[metas[i]["id"]] = score
-                f.write(json.dumps({"id": metas[i]["id"], "haaqi_score": score}) + "\n")
+            batch_labels = _label_batch(out, metas, batch, batch_size, labeller, settings)
+            for i, label in zip(batch, batch_labels):
+                labels[metas[i]["id"]] = label
+                f.write(json.dumps({"id": metas[i]["id"], **label}) + "\n")
             f.flush()
             os.fsync(f.fileno())
             bar.update(len(batch))
@@ -387,8 +404,13 @@ def build_demo_dataset(out_dir: str | os.PathLike, *, n_clips: int = 100, seed: 
     rows = []
     for meta in metas:
         row = {k: meta[k] for k in ("id", "file_path", "reference", "audiogram")}
-        # HAAQI's polynomial can dip a hair below 0; labels.jsonl keeps the raw value.
-        row["haaqi_score"] = float(np.clip(labels[meta["id"]], 0.0, 1.0))
+        # HAAQI's polynomial (and its nonlinear part) can dip a hair below 0; labels.jsonl
+        # keeps the raw values.
+        label = labels[meta["id"]]
+        row["haaqi_score"] = float(np.clip(label["haaqi_score"], 0.0, 1.0))
+        if "haaqi_components" in label:
+            row["haaqi_components"] = {k: float(np.clip(v, 0.0, 1.0))
+                                       for k, v in label["haaqi_components"].items()}
         row.update({k: v for k, v in meta.items() if k not in row})
         rows.append(row)
     _write_manifest(manifest, rows)

@@ -11,6 +11,8 @@ Row keys:
   file_path    str, required. Relative paths resolve against the manifest's folder.
   audiogram    8 numbers, dB HL at 250, 500, 1000, 2000, 3000, 4000, 6000, 8000 Hz, required.
   haaqi_score  number in [0, 1] or null/absent (unlabelled; refused when `require_label`).
+  haaqi_components  {"nonlinear": x, "linear": y}, HAAQI's two parts in [0, 1], optional
+               (written by the demo labeller; the `haaqi_components` loss needs them).
   reference    str path to the clean reference, optional (same resolution rule).
   split        str, optional (train, valid, test_seen, test_unseen, ...).
   id           str or int, optional; defaults to the line number. Must be unique.
@@ -33,6 +35,8 @@ import numpy as np
 from haaqi_jax.audiogram import validate_levels
 
 _OPTIONAL_TEXT_KEYS = ("split", "distortion")
+#: HAAQI's two parts, in the order of `ManifestRow.haaqi_components` and of batch["components"].
+COMPONENT_NAMES = ("nonlinear", "linear")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -44,6 +48,7 @@ class ManifestRow:
       file_path: absolute path of the (processed) audio clip.
       audiogram: (8,) float32 read-only, dB HL at the standard frequencies.
       haaqi_score: label in [0, 1], or None when unlabelled.
+      haaqi_components: (nonlinear, linear) parts of the label, each in [0, 1], or None.
       reference: absolute path of the reference clip, or None.
       split: split name, or None.
       distortion: free-text distortion description, or None.
@@ -59,6 +64,7 @@ class ManifestRow:
     split: str | None = None
     distortion: str | None = None
     line: int = 0
+    haaqi_components: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         levels = validate_levels(self.audiogram, where=f"row {self.id!r}: key 'audiogram'")
@@ -73,6 +79,9 @@ class ManifestRow:
             object.__setattr__(self, "reference", Path(self.reference))
         if self.haaqi_score is not None:
             object.__setattr__(self, "haaqi_score", _check_label(self.haaqi_score))
+        if self.haaqi_components is not None:
+            object.__setattr__(self, "haaqi_components",
+                               _check_components(self.haaqi_components))
 
     def to_dict(self, relative_to: str | os.PathLike | None = None) -> dict[str, Any]:
         """JSON-able dict; paths are written relative to `relative_to` when inside it."""
@@ -82,6 +91,8 @@ class ManifestRow:
             "audiogram": [float(v) for v in self.audiogram],
             "haaqi_score": self.haaqi_score,
         }
+        if self.haaqi_components is not None:
+            out["haaqi_components"] = dict(zip(COMPONENT_NAMES, self.haaqi_components))
         if self.reference is not None:
             out["reference"] = _path_text(self.reference, relative_to)
         for key in _OPTIONAL_TEXT_KEYS:
@@ -110,13 +121,28 @@ class Manifest(list):
         self.skipped = tuple(skipped)
 
 
-def _check_label(value: Any) -> float:
+def _check_label(value: Any, key: str = "haaqi_score") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise ValueError(f"key 'haaqi_score' must be a number, got {value!r}")
+        raise ValueError(f"key {key!r} must be a number, got {value!r}")
     value = float(value)
     if not math.isfinite(value) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"key 'haaqi_score' must be a finite number in [0, 1], got {value!r}")
+        raise ValueError(f"key {key!r} must be a finite number in [0, 1], got {value!r}")
     return value
+
+
+def _check_components(value: Any) -> tuple[float, float]:
+    """{"nonlinear": x, "linear": y} (or a pair in that order) -> (x, y), each in [0, 1]."""
+    if isinstance(value, Mapping):
+        missing = [k for k in COMPONENT_NAMES if k not in value]
+        if missing:
+            raise ValueError(f"key 'haaqi_components' lacks {missing[0]!r} (expected "
+                             f"{ {k: 0.5 for k in COMPONENT_NAMES} })")
+        value = tuple(value[k] for k in COMPONENT_NAMES)
+    if not isinstance(value, (tuple, list)) or len(value) != len(COMPONENT_NAMES):
+        raise ValueError(f"key 'haaqi_components' must map {COMPONENT_NAMES} to numbers, got "
+                         f"{value!r}")
+    return tuple(_check_label(v, f"haaqi_components.{k}")
+                 for k, v in zip(COMPONENT_NAMES, value))
 
 
 def _path_text(path: Path, relative_to: str | os.PathLike | None) -> str:
@@ -172,6 +198,9 @@ def _parse_row(obj: Any, *, line: int, base: Path, require_label: bool,
             raise ValueError("missing key 'haaqi_score' (a label is required)")
     else:
         label = _check_label(label)
+    components = obj.get("haaqi_components")
+    if components is not None:
+        components = _check_components(components)
     texts = {}
     for key in _OPTIONAL_TEXT_KEYS:
         value = obj.get(key)
@@ -183,7 +212,7 @@ def _parse_row(obj: Any, *, line: int, base: Path, require_label: bool,
         if reference is not None:
             _check_file(reference, "reference")
     return ManifestRow(id=str(row_id), file_path=file_path, audiogram=levels, haaqi_score=label,
-                       reference=reference, line=line, **texts)
+                       reference=reference, line=line, haaqi_components=components, **texts)
 
 
 def _entries(path: Path, text: str) -> list[tuple[int, Any, str | None]]:

@@ -330,14 +330,19 @@ def local_slots(positions: np.ndarray, cfg: InputConfig) -> tuple[np.ndarray, np
 
 
 def row_fields(rows: Sequence[ManifestRow], slots: np.ndarray, real: np.ndarray) -> Batch:
-    """audiogram (B,8) f32, label (B,) f32, weight (B,) f32, index (B,) int32 for the slots.
+    """audiogram (B,8) f32, label (B,) f32, components (B, 2) f32, weight (B,) f32, index (B,)
+    int32 for the slots.
 
-    Fillers (real False) get label 0, weight 0 and index -1.
+    components: HAAQI's (nonlinear, linear) parts of the label, 0 where a row has none (a loss
+    that uses them checks the rows first: `losses.required_row_fields`). Fillers (real False)
+    get label and components 0, weight 0 and index -1.
     """
     audiogram = np.stack([rows[i].audiogram for i in slots]).astype(np.float32)
     label = np.array([rows[i].haaqi_score or 0.0 for i in slots], np.float32) * real
+    components = np.array([rows[i].haaqi_components or (0.0, 0.0) for i in slots],
+                          np.float32).reshape(len(slots), 2) * real[:, None]
     return {"audiogram": audiogram, "label": label.astype(np.float32),
-            "weight": real.astype(np.float32),
+            "components": components.astype(np.float32), "weight": real.astype(np.float32),
             "index": np.where(real, slots, -1).astype(np.int32)}
 
 

@@ -411,13 +411,19 @@ def ave_covary2(covariance: jax.Array, reference_ms: jax.Array, segments: jax.Ar
 # Scores
 
 
+def combined_from_parts(nonlinear, linear):
+    """HAAQI's index from its two parts: 0.336 N + 0.001 L + 0.501 N^2 + 0.161 L^2 (any
+    matching shapes; N, L in [0, 1] give a score in [0, 1])."""
+    return 0.336 * nonlinear + 0.001 * linear + 0.501 * nonlinear**2 + 0.161 * linear**2
+
+
 def combine(cephigh, bmsync5, dloud_std, dnorm_std) -> HAAQIResult:
     """HAAQI's model from the raw features (Kates & Arehart 2016)."""
     d_loud = jnp.clip(1.0 - dloud_std / 2.5, 0, 1)
     d_norm = jnp.clip(1.0 - dnorm_std / 25, 0, 1)
     nonlinear = 0.754 * cephigh**3 + 0.246 * bmsync5
     linear = 0.329 * d_loud + 0.671 * d_norm
-    combined = 0.336 * nonlinear + 0.001 * linear + 0.501 * nonlinear**2 + 0.161 * linear**2
+    combined = combined_from_parts(nonlinear, linear)
     return HAAQIResult(combined=combined, nonlinear=nonlinear, linear=linear, cephigh=cephigh,
                        bmsync5=bmsync5, d_loud=d_loud, d_norm=d_norm)
 

@@ -74,8 +74,8 @@ class TrainData:
 
 
 BATCH_KEYS = {
-    "features": ("features", "token_mask", "audiogram", "label", "weight"),
-    "waveform": ("waveform", "padding_mask", "audiogram", "label", "weight"),
+    "features": ("features", "token_mask", "audiogram", "label", "components", "weight"),
+    "waveform": ("waveform", "padding_mask", "audiogram", "label", "components", "weight"),
 }
 
 
@@ -346,13 +346,19 @@ def run_eval(eval_step: Callable, params: Any, batches: Iterable[Mapping[str, np
     return (loss_sum / weight_sum if weight_sum else float("nan")), predictions
 
 
-def split_labels(rows: Sequence[Any], split: str) -> np.ndarray:
-    """(n,) HAAQI labels of a split's rows; a row without one is an error naming it."""
+def split_labels(rows: Sequence[Any], split: str, row_fields: Sequence[str] = ()
+                 ) -> np.ndarray:
+    """(n,) HAAQI labels of a split's rows; a row without one, or without one of the further
+    `row_fields` a loss needs (`losses.required_row_fields`), is an error naming it."""
     labels = []
     for row in rows:
         if row.haaqi_score is None:
             raise ValueError(f"split {split!r}: {row.describe()} has no HAAQI label "
                              "(haaqi_score); label the manifest first (haaqi-jax label)")
+        for field in row_fields:
+            if getattr(row, field) is None:
+                raise ValueError(f"split {split!r}: {row.describe()} has no {field!r}, which "
+                                 f"the configured loss needs (the demo labeller writes it)")
         labels.append(float(row.haaqi_score))
     return np.asarray(labels, np.float64)
 
@@ -400,8 +406,10 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *,
                          "needs model.freeze_encoder=True")
     keys = BATCH_KEYS[mode]
     valid_split = config.data.valid_split
-    valid_labels = split_labels(data.rows[valid_split], valid_split)
-    split_labels(data.rows[config.data.train_split], config.data.train_split)
+    needs = losses.required_row_fields(config.loss.name,
+                                       cfglib.to_dict(config.loss.get("kwargs") or {}))
+    valid_labels = split_labels(data.rows[valid_split], valid_split, needs)
+    split_labels(data.rows[config.data.train_split], config.data.train_split, needs)
 
     # The state holds what the step uses: the head alone on cached features.
     params = {"head": net.params["head"]} if mode == "features" else dict(net.params)

@@ -29,6 +29,18 @@ ForwardFn = Callable[..., dict[str, jax.Array]]
 LossFn = Callable[[Mapping[str, jax.Array], Batch], tuple[jax.Array, dict[str, jax.Array]]]
 
 
+def head_predictions(out: Any, token_mask: jax.Array) -> dict[str, jax.Array]:
+    """A HeadOutput as the predictions a loss reads: clip_score, frame_scores, frame_mask
+    (token_mask as bool) and, from the "haaqi_components" readout, clip_components and
+    frame_components."""
+    predictions = {"clip_score": out.clip_score, "frame_scores": out.frame_scores,
+                   "frame_mask": token_mask.astype(bool)}
+    if out.clip_components is not None:
+        predictions.update(clip_components=out.clip_components,
+                           frame_components=out.frame_components)
+    return predictions
+
+
 def make_head_forward(head_module: Any, param_key: str = "head") -> ForwardFn:
     """Forward of a HAAQINetHead on batch["features"], ["token_mask"] (True = valid), ["audiogram"]."""
 
@@ -37,8 +49,7 @@ def make_head_forward(head_module: Any, param_key: str = "head") -> ForwardFn:
         out = head_module.apply({"params": params[param_key]}, batch["features"],
                                 batch["token_mask"], batch["audiogram"],
                                 deterministic=deterministic, rngs=rngs)
-        return {"clip_score": out.clip_score, "frame_scores": out.frame_scores,
-                "frame_mask": batch["token_mask"].astype(bool)}
+        return head_predictions(out, batch["token_mask"])
 
     return forward
 
