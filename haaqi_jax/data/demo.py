@@ -64,7 +64,7 @@ PEAK_LIMIT = 0.98
 #:   -> (B,) scores, or a mapping {"combined": (B,), "nonlinear": (B,), "linear": (B,)} (HAAQI's
 #:   score and its two parts, stored as haaqi_components). seeds[i] is item i's own seed
 #:   (HAAQI's threshold noise), so a clip's label does not depend on which batch it lands in.
-Labeller = Callable[..., np.ndarray]
+Labeller = Callable[..., "np.ndarray | Mapping[str, np.ndarray]"]
 
 
 def haaqi_labeller(reference, processed, sample_rate, audiogram_levels, lengths, *, seeds):
