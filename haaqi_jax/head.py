@@ -313,7 +313,7 @@ class HAAQINetHead(nn.Module):
         clip = frame.sum(axis=1) / jnp.maximum(lengths, 1).astype(frame.dtype)[:, None]
         if outputs == 1:
             return HeadOutput(frame_scores=frame[..., 0], clip_score=clip[:, 0])
-        from haaqi_jax.haaqi.backend import combined_from_parts
+        from haaqi_jax.haaqi.backend import combined_from_parts  # lazy: the metric needs scipy
         return HeadOutput(
             frame_scores=jnp.where(token_mask, combined_from_parts(frame[..., 0], frame[..., 1]),
                                    0.0),
