@@ -502,10 +502,8 @@ def distill_and_evaluate(config: Any, workdir: str | os.PathLike, *, data: Any =
     if cached:
         data = with_cached_targets(config, teacher, data, workdir)
     valid_split = config.data.valid_split
+    valid_labels = loop.training_labels(config, data.rows)
     loss_kwargs = cfglib.to_dict(config.loss.get("kwargs") or {})
-    needs = losses.required_row_fields(config.loss.name, loss_kwargs)
-    valid_labels = loop.split_labels(data.rows[valid_split], valid_split, needs)
-    loop.split_labels(data.rows[config.data.train_split], config.data.train_split, needs)
 
     loss_fn = losses.get_loss(config.loss.name, **loss_kwargs)
     params = {**student.params, "pred_heads": pred_params,

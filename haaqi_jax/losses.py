@@ -37,6 +37,8 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from haaqi_jax.data.manifest import COMPONENT_NAMES
+
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 _REGISTRY: dict[str, LossFn] = {}
@@ -156,7 +158,7 @@ def haaqi_components(predictions: Mapping[str, jax.Array], batch: Mapping[str, j
                          "'haaqi_components' (model.head.readout)")
     kwargs = dict(clip_weight=clip_weight, frame_weight=frame_weight)
     total, aux = 0.0, {}
-    for i, part in enumerate(("nonlinear", "linear")):
+    for i, part in enumerate(COMPONENT_NAMES):
         part_loss, part_aux = haaqi_mse(
             {"clip_score": predictions["clip_components"][:, i],
              "frame_scores": predictions["frame_components"][..., i],

@@ -47,6 +47,7 @@ from haaqi_jax.audiogram import STANDARD_FREQUENCIES, validate_levels
 from haaqi_jax.data import degrade as degrade_lib
 from haaqi_jax.data import listeners as listeners_lib
 from haaqi_jax.data import synth
+from haaqi_jax.data.manifest import COMPONENT_NAMES
 
 SETTINGS_VERSION = 2  # 2: eleven seen pairs (was three)
 DEFAULT_SPLITS = (("train", 0.6), ("valid", 0.1), ("test_seen", 0.1), ("test_unseen", 0.2))
@@ -90,7 +91,7 @@ def haaqi_labeller(reference, processed, sample_rate, audiogram_levels, lengths,
                          lengths=lengths, dtype=jnp.float32, chunk=len(reference),
                          key=jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds]))
     return {part: np.asarray(getattr(result, part), dtype=np.float64)
-            for part in ("combined", "nonlinear", "linear")}
+            for part in ("combined",) + COMPONENT_NAMES}
 
 
 haaqi_labeller.name = "haaqi_jax.haaqi_batch/float32/eq1/level1=cadenza/with-parts"
@@ -318,9 +319,9 @@ def _label_batch(out: Path, metas: list[dict[str, Any]], batch: list[int], batch
                              f"{metas[batch[bad[0]]]['id']}")
         values[name] = part
     labels = [{"haaqi_score": float(s)} for s in values["combined"]]
-    if "nonlinear" in values and "linear" in values:
-        for label, n, lin in zip(labels, values["nonlinear"], values["linear"]):
-            label["haaqi_components"] = {"nonlinear": float(n), "linear": float(lin)}
+    if all(name in values for name in COMPONENT_NAMES):
+        for i, label in enumerate(labels):
+            label["haaqi_components"] = {name: float(values[name][i]) for name in COMPONENT_NAMES}
     return labels
 
 

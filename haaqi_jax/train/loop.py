@@ -363,6 +363,16 @@ def split_labels(rows: Sequence[Any], split: str, row_fields: Sequence[str] = ()
     return np.asarray(labels, np.float64)
 
 
+def training_labels(config: Any, rows: Mapping[str, Sequence[Any]]) -> np.ndarray:
+    """Checks the train and valid rows for what the configured loss needs (a label and its
+    `losses.required_row_fields`) and returns the valid split's labels."""
+    needs = losses.required_row_fields(config.loss.name,
+                                       cfglib.to_dict(config.loss.get("kwargs") or {}))
+    valid_labels = split_labels(rows[config.data.valid_split], config.data.valid_split, needs)
+    split_labels(rows[config.data.train_split], config.data.train_split, needs)
+    return valid_labels
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -406,10 +416,7 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *,
                          "needs model.freeze_encoder=True")
     keys = BATCH_KEYS[mode]
     valid_split = config.data.valid_split
-    needs = losses.required_row_fields(config.loss.name,
-                                       cfglib.to_dict(config.loss.get("kwargs") or {}))
-    valid_labels = split_labels(data.rows[valid_split], valid_split, needs)
-    split_labels(data.rows[config.data.train_split], config.data.train_split, needs)
+    valid_labels = training_labels(config, data.rows)
 
     # The state holds what the step uses: the head alone on cached features.
     params = {"head": net.params["head"]} if mode == "features" else dict(net.params)
