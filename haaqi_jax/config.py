@@ -125,8 +125,16 @@ def _field_type(cfg: ConfigDict, name: str) -> type | None:
         return None if value is None else type(value)
 
 
+#: Sections named so (`loss.kwargs`, a distillation term's `kwargs`) accept new keys from
+#: overrides: they are keyword arguments of a loss picked by name, which checks them itself.
+OPEN_SECTION = "kwargs"
+
+
 def apply_overrides(cfg: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
     """Applies `a.b.c=value` overrides in place and returns cfg.
+
+    A key may be added only under a section named `kwargs` (its value is read as a Python
+    literal); everywhere else the key must exist.
 
     Raises:
       ValueError naming the key when an override is malformed, names a key the config does not
@@ -146,6 +154,10 @@ def apply_overrides(cfg: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
                                  f"(known: {sorted(node.keys())})")
             node = node[name]
         if leaf not in node:
+            if parents and parents[-1] == OPEN_SECTION:
+                # A loss's keywords are its own: a new one is checked by losses.get_loss.
+                node[leaf] = parse_value(key, text, None)
+                continue
             where = ".".join(parents) or "<top>"
             raise ValueError(f"config override {key!r}: unknown key {leaf!r} under {where} "
                              f"(known: {sorted(node.keys())})")

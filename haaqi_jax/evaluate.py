@@ -267,7 +267,7 @@ def evaluate_manifest(model_dir: str | os.PathLike, manifest: str | os.PathLike,
     records = []
     for split in splits:
         split_rows = [r for r in rows if r.split == split]
-        waves = [load_audio(row.file_path, 16000) for row in split_rows]
+        waves = [load_audio(row.file_path, 16000, row.channel) for row in split_rows]
         levels = np.stack([np.asarray(r.audiogram, np.float64) for r in split_rows])
         preds = net.predict(waves, 16000, levels, batch_size=batch_size, progress=progress)
         records += prediction_records(split_rows, preds, split)

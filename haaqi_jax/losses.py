@@ -32,6 +32,7 @@ loss is named inside the objective: `loss.kwargs.distill = {"name": "my_loss", "
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Callable, Mapping
 
 import jax
@@ -98,10 +99,24 @@ def available_losses() -> list[str]:
 
 
 def get_loss(name: str, **kwargs: Any) -> LossFn:
-    """The registered loss `name` with `kwargs` bound: `fn(predictions, batch) -> (loss, aux)`."""
+    """The registered loss `name` with `kwargs` bound: `fn(predictions, batch) -> (loss, aux)`.
+
+    Raises ValueError naming the keyword when the loss does not take one of `kwargs` (a typo in
+    a config's `loss.kwargs` fails here, not inside a compiled step).
+    """
     if name not in _REGISTRY:
         raise ValueError(f"unknown loss {name!r}; registered: {available_losses()}")
-    return functools.partial(_REGISTRY[name], **kwargs)
+    fn = _REGISTRY[name]
+    params = inspect.signature(fn).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        takes = [n for n, p in list(params.items())[2:]
+                 if p.kind in (inspect.Parameter.KEYWORD_ONLY,
+                               inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        unknown = [k for k in kwargs if k not in takes]
+        if unknown:
+            raise ValueError(f"loss {name!r} takes no keyword {unknown[0]!r} (its keywords: "
+                             f"{takes})")
+    return functools.partial(fn, **kwargs)
 
 
 def weighted_mean(values: jax.Array, weight: jax.Array) -> jax.Array:

@@ -49,6 +49,7 @@ class Job:
     file: Path
     name: str                       # as written to the CSV
     audiogram: np.ndarray | None = None
+    channel: str | None = None      # "left" / "right": one channel of a stereo file
     error: str | None = None
     score: float | None = None
     duration_s: float | None = None
@@ -167,7 +168,9 @@ def _manifest_jobs(path: Path) -> list[Job]:
     if not path.is_file():
         return [Job(path, str(path), error=f"{path}: no such manifest")]
     rows = read_manifest(path, on_error="skip")
-    jobs = [Job(Path(row.file_path), str(row.file_path), audiogram=np.asarray(row.audiogram))
+    jobs = [Job(Path(row.file_path), str(row.file_path) + (
+                    f" ({row.channel} channel)" if row.channel else ""),
+                audiogram=np.asarray(row.audiogram), channel=row.channel)
             for row in rows]
     # A bad row is reported like a bad file; the other rows are still scored.
     jobs += [Job(path, f"{path}:{line}", error=reason)
@@ -197,7 +200,7 @@ def _load(job: Job) -> np.ndarray | None:
     from haaqi_jax.data.audio import load_audio
     from haaqi_jax.model import SAMPLE_RATE, prepare_waveform
     try:
-        clip = prepare_waveform(load_audio(job.file, sample_rate=SAMPLE_RATE), SAMPLE_RATE,
+        clip = prepare_waveform(load_audio(job.file, SAMPLE_RATE, job.channel), SAMPLE_RATE,
                                 where=job.name)
     except (ValueError, OSError, RuntimeError) as e:  # soundfile raises RuntimeError subclasses
         job.error = str(e) if job.name in str(e) or str(job.file) in str(e) \

@@ -124,3 +124,20 @@ def test_check_waveform():
         check_waveform(np.full(4000, 1e-9), name="clip")
     assert check_waveform(np.zeros(4000), name="clip", allow_silent=True).shape == (4000,)
     assert MIN_SAMPLES == 2800
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+def test_load_audio_reads_one_channel(tmp_path, channels):
+    t = np.arange(int(DURATION * 16000)) / 16000
+    data = np.stack([_tones(t, c) for c in range(channels)], axis=1)
+    sf.write(tmp_path / "x.wav", data, 16000, subtype="FLOAT")
+    stored = sf.read(tmp_path / "x.wav", dtype="float64", always_2d=True)[0]
+    for name, column in (("left", 0), ("right", 1)):
+        # a mono file's only channel serves either ear, as in `haaqi-jax label`
+        np.testing.assert_array_equal(load_audio(tmp_path / "x.wav", 16000, name),
+                                      stored[:, min(column, channels - 1)].astype(np.float32))
+    if channels == 2:
+        assert not np.allclose(load_audio(tmp_path / "x.wav", 16000, "left"),
+                               load_audio(tmp_path / "x.wav", 16000, "right"))
+    with pytest.raises(ValueError, match="channel must be one of"):
+        load_audio(tmp_path / "x.wav", 16000, "centre")

@@ -298,3 +298,27 @@ def test_cached_targets_added_to_waveform_batches(rows, tmp_path):
         add_cached_targets(waves, FeatureCache(cache.directory), rows + [
             ManifestRow(id="clip/new", file_path=rows[0].file_path, audiogram=np.zeros(8))],
             num_tokens)
+
+
+def test_a_changed_channel_is_recomputed(tmp_path):
+    stereo = 0.1 * np.random.default_rng(4).standard_normal((16000, 2))
+    sf.write(tmp_path / "s.wav", stereo, 16000, subtype="FLOAT")
+    left = ManifestRow(id="s", file_path=tmp_path / "s.wav", audiogram=np.zeros(8),
+                       haaqi_score=0.5, channel="left")
+    encoder = ToyEncoder()
+    cache = build_feature_cache([left], encoder, tmp_path / "cache", batch_size=1,
+                                fingerprint="toy", dtype="float32")
+    stored = cache.load(left)
+    np.testing.assert_allclose(stored, encoder.direct(stereo[:, 0].astype(np.float32))[0],
+                               rtol=1e-6)
+    # the same id now reading the right channel: stale, so encoded again from that channel
+    right = ManifestRow(id="s", file_path=left.file_path, audiogram=np.zeros(8),
+                        haaqi_score=0.5, channel="right")
+    assert cache.is_current(left) and not cache.is_current(right)
+    calls = encoder.calls
+    cache = build_feature_cache([right], encoder, tmp_path / "cache", batch_size=1,
+                                fingerprint="toy", dtype="float32")
+    assert encoder.calls == calls + 1
+    stored = cache.load(right)
+    np.testing.assert_allclose(stored, encoder.direct(stereo[:, 1].astype(np.float32))[0],
+                               rtol=1e-6)

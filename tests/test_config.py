@@ -30,6 +30,20 @@ def test_overrides_parse_by_type():
     assert c.train.lr == 1.0 and isinstance(c.train.lr, float)
 
 
+def test_loss_keywords_can_be_added_by_override():
+    # a loss's keywords are its own (checked by losses.get_loss), so `kwargs` sections are open
+    c = cfglib.load_config_file(REPO / "configs" / "default.py")
+    cfglib.apply_overrides(c, ["loss.name=haaqi_components", "loss.kwargs.score_weight=0.5",
+                               "loss.kwargs.frame_weight=2"])
+    assert cfglib.to_dict(c.loss.kwargs) == {"clip_weight": 1.0, "frame_weight": 2.0,
+                                             "score_weight": 0.5}
+    d = cfglib.load_config_file(REPO / "configs" / "distill.py")
+    cfglib.apply_overrides(d, ["loss.kwargs.distill.kwargs.layer_weights=(1, 2, 3)"])
+    assert d.loss.kwargs.distill.kwargs.layer_weights == (1, 2, 3)
+    with pytest.raises(ValueError, match="unknown key 'score_weight' under loss"):
+        cfglib.apply_overrides(c, ["loss.score_weight=1"])  # only under kwargs
+
+
 @pytest.mark.parametrize("override,match", [
     ("train.num_epochs=2.5", r"train.num_epochs=.*int"),
     ("train.num_epochs=abc", r"train.num_epochs=.*int"),

@@ -99,3 +99,28 @@ def test_missing_split_is_named(tmp_path):
     manifest = _helpers.write_tiny_dataset(tmp_path / "data", n_train=2, n_valid=1, n_test=1)
     with pytest.raises(ValueError, match=r"no rows in split\(s\) \['test'\]"):
         evaluate.evaluate_manifest(tmp_path / "model", manifest, tmp_path / "o", splits=["test"])
+
+
+def test_rows_of_one_channel_are_scored_on_that_channel(tmp_path):
+    from haaqi_jax import config as cfglib
+    from haaqi_jax.model import HAAQINet
+    from haaqi_jax.train import loop
+
+    rng = np.random.default_rng(5)
+    stereo = np.stack([0.1 * rng.standard_normal(16000), 0.02 * rng.standard_normal(16000)], 1)
+    sf.write(tmp_path / "s.wav", stereo, 16000, subtype="FLOAT")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(
+        {"id": f"s/{ear}", "file_path": "s.wav", "audiogram": [20] * 8, "haaqi_score": score,
+         "split": "test", "channel": ear, "group": "s"}) + "\n"
+        for ear, score in (("left", 0.3), ("right", 0.7))))
+    net = loop.build_model(cfglib.load_config_file(_helpers.TINY))
+    net.save(tmp_path / "model")
+    evaluate.evaluate_manifest(tmp_path / "model", manifest, tmp_path / "eval", splits=["test"])
+    rows = {r["id"]: float(r["prediction"])
+            for r in csv.DictReader((tmp_path / "eval" / "predictions.csv").open())}
+    stored = sf.read(tmp_path / "s.wav", dtype="float32")[0]
+    expected = HAAQINet.load(tmp_path / "model").predict(
+        [stored[:, 0], stored[:, 1]], 16000, [[20] * 8] * 2, progress=False)
+    np.testing.assert_allclose([rows["s/left"], rows["s/right"]], expected, atol=1e-5)
+    assert abs(expected[0] - expected[1]) > 1e-3  # the channels do score differently

@@ -287,6 +287,66 @@ def test_one_ear_and_metric_errors(dataset, tmp_path):
         assert got["per_ear"]["right"]["d_norm"] == 1.0  # float64 reached the scorer
 
 
+def test_training_manifest_one_row_per_ear(dataset, tmp_path):
+    from haaqi_jax.data.manifest import read_manifest, split_rows
+
+    good = dataset["rows"][:len(dataset["good"])]
+    rows = [dict(r, distortion=f"noise {i}", split="test_seen" if i == 3 else None)
+            for i, r in enumerate(good)]
+    manifest = _write_jsonl(dataset["root"] / "pairs_for_training.jsonl", rows)
+    out, train = tmp_path / "labels.jsonl", tmp_path / "train" / "train.jsonl"
+    summary = label_mod.label_manifest(manifest, out, batch_size=3, scorer=FakeScorer(),
+                                       progress=False, manifest_out=train)
+    written = read_manifest(train, require_label=True, check_files=True)
+    by_id = {r.id: r for r in written}
+    expected_ids = []
+    for row in rows:
+        want = _expected_fake(dataset["root"], row, level1_rule=65.0)
+        several = len(want) > 1
+        for ear, values in want.items():
+            row_id = f"{row['id']}/{ear}" if several else row["id"]
+            expected_ids.append(row_id)
+            got = by_id[row_id]
+            assert got.haaqi_score == pytest.approx(min(max(values["combined"], 0), 1), rel=1e-9)
+            assert got.haaqi_components == pytest.approx(
+                (min(values["nonlinear"], 1), min(values["linear"], 1)), rel=1e-9)
+            # the fake's nonlinear part is the mean of the audiogram it was given
+            np.testing.assert_allclose(got.audiogram.mean() / 100, values["nonlinear"],
+                                       rtol=1e-6)
+            assert got.channel == (None if ear == "both" else ear)
+            assert got.group == (row["id"] if several else None)
+            assert got.file_path == (dataset["root"] / row["processed"]).absolute()
+            assert got.reference == (dataset["root"] / row["reference"]).absolute()
+            assert (got.split, got.distortion) == (row.get("split"), row["distortion"])
+    assert sorted(by_id) == sorted(expected_ids)
+    assert (summary.training.n_rows, summary.training.n_labels) == (len(expected_ids), len(rows))
+    assert summary.training.left_out == ()
+    assert "training manifest: " in str(summary)
+    # a random train / valid split keeps the two ears of a clip together
+    for seed in range(4):
+        side = {r.id: name for name, part in split_rows(written, seed=seed).items() for r in part}
+        assert all(side[f"{g}/left"] == side[f"{g}/right"] for g in {r.group for r in written
+                                                                      if r.group})
+    # label rows missing from the manifest, or with a non-finite score, are left out and named
+    labels = {label["id"]: label for label in _read_jsonl(out)}
+    labels["good1"]["per_ear"]["both"]["linear"] = float("nan")
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text("".join(json.dumps(label) + "\n" for label in labels.values()))
+    fewer = _write_jsonl(dataset["root"] / "pairs_fewer.jsonl", rows[1:])
+    partial = label_mod.write_training_manifest(edited, fewer, tmp_path / "partial.jsonl")
+    reasons = dict(partial.left_out)
+    assert sorted(reasons) == ["good0", "good1"]
+    assert "no row with this id" in reasons["good0"]
+    assert "'good1', both ear: haaqi_components.linear is not finite" in reasons["good1"]
+    kept = [i for i in expected_ids if i.split("/")[0] not in ("good0", "good1")]
+    assert partial.n_labels == len(rows) - 2
+    assert sorted(r.id for r in read_manifest(partial.path)) == sorted(kept)
+    with pytest.raises(ValueError, match="no labelled row"):
+        label_mod.write_training_manifest(
+            edited, _write_jsonl(tmp_path / "other.jsonl", [dict(rows[0], id="unknown")]),
+            tmp_path / "none.jsonl")
+
+
 def test_csv_manifest_equals_jsonl(dataset, tmp_path):
     rows = dataset["rows"][:len(dataset["good"])]
     columns = ["id", "reference", "processed", "audiogram", "audiogram_left", "audiogram_right",
@@ -377,9 +437,12 @@ def test_cli_arguments_reach_the_labeller(dataset, tmp_path, monkeypatch, capsys
     code = cli.main(["label", str(dataset["manifest"]), "--out", str(out), "--errors",
                      str(errors), "--batch-size", "5", "--equalisation", "2", "--level1",
                      "cadenza", "--ears", "left", "--dtype", "float64", "--seed", "3",
-                     "--limit", "4", "--no-progress"])
+                     "--limit", "4", "--no-progress", "--manifest-out",
+                     str(tmp_path / "train.jsonl")])
     assert code == 0
-    assert "4 rows: 4 labelled, 0 failed" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "4 rows: 4 labelled, 0 failed" in printed
+    assert f"training manifest: 4 rows from 4 labels -> {tmp_path / 'train.jsonl'}" in printed
     labels = _read_jsonl(out)
     assert [r["id"] for r in labels] == ["good0", "good1", "good2", "good3"][:len(labels)]
     assert {s[0] for s in scorer.shapes} == {5} and errors.read_text() == ""

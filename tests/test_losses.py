@@ -76,6 +76,12 @@ def test_user_registered_loss_and_errors():
         losses.register_loss("test_abs_clip")(lambda p, b: (0.0, {}))
     with pytest.raises(ValueError, match="unknown loss 'nope'"):
         losses.get_loss("nope")
+    # a keyword the loss does not take is named at build time, not inside a compiled step
+    with pytest.raises(ValueError, match=r"loss 'test_abs_clip' takes no keyword 'scael' "
+                                         r"\(its keywords: \['scale'\]\)"):
+        losses.get_loss("test_abs_clip", scael=2.0)
+    with pytest.raises(ValueError, match="takes no keyword 'score_weight'"):
+        losses.get_loss("haaqi_mse", score_weight=1.0)
 
 
 def test_haaqi_components_is_haaqi_mse_on_each_part_plus_the_score():

@@ -11,7 +11,7 @@ import soundfile as sf
 
 from haaqi_jax.data.manifest import (HELD_OUT_SPLIT, Manifest, ManifestRow,
                                      distortion_stages, hold_out_distortions, read_manifest,
-                                     split_rows, write_manifest)
+                                     label_fields, split_rows, write_manifest)
 
 AUDIOGRAM = [20, 20, 20, 30, 95, 85, 75, 30]
 
@@ -81,6 +81,15 @@ def test_write_then_read_round_trip(tmp_path):
     assert parts.haaqi_components == (0.6, 0.7)
     back = read_manifest(write_manifest(tmp_path / "p.jsonl", [parts, rows[0]]))
     assert back[0].haaqi_components == (0.6, 0.7) and back[1].haaqi_components is None
+    # one ear of a stereo file, and the group that keeps a clip's ears in one split
+    ear = ManifestRow(id="e", file_path=tmp_path / "e.wav", audiogram=np.asarray(AUDIOGRAM),
+                      channel="right", group=7)
+    assert ear.group == "7"
+    back = read_manifest(write_manifest(tmp_path / "e.jsonl", [ear, rows[0]]))
+    assert (back[0].channel, back[0].group) == ("right", "7")
+    assert (back[1].channel, back[1].group) == (None, None)
+    with pytest.raises(ValueError, match="'channel'"):
+        ManifestRow(id="e", file_path="/e.wav", audiogram=AUDIOGRAM, channel="both")
     # dicts are written as given
     write_manifest(tmp_path / "d.jsonl", [_row(0), _row(1)])
     assert [r.haaqi_score for r in read_manifest(tmp_path / "d.jsonl")] == [0.0, 0.1]
@@ -104,6 +113,9 @@ BAD_ROWS = [
     (_row(0, haaqi_components={"nonlinear": 0.5}), "lacks 'linear'"),
     (_row(0, haaqi_components={"nonlinear": 0.5, "linear": 1.2}), "'haaqi_components.linear'"),
     (_row(0, haaqi_components=0.5), "'haaqi_components'"),
+    (_row(0, channel="mid"), "'channel'"),
+    (_row(0, channel=1), "'channel'"),
+    (_row(0, group=[1]), "'group'"),
 ]
 
 
@@ -183,6 +195,35 @@ def test_split_rows_seeded_80_20():
     assert set(split_rows(_rows(3), valid_fraction=0.1)) == {"train", "valid"}
     with pytest.raises(ValueError, match="valid_fraction"):
         split_rows(rows, valid_fraction=1.0)
+
+
+def test_split_rows_keeps_groups_together():
+    rows = [ManifestRow(id=f"{i}/{ear}", file_path=f"/x/{i}.wav", audiogram=AUDIOGRAM,
+                        channel=ear, group=str(i)) for i in range(20) for ear in ("left", "right")]
+    rows += [ManifestRow(id=f"solo{i}", file_path=f"/y/{i}.wav", audiogram=AUDIOGRAM)
+             for i in range(10)]
+    for seed in range(5):
+        parts = split_rows(rows, seed=seed)
+        side = {r.id: name for name, members in parts.items() for r in members}
+        assert len(side) == len(rows)
+        assert all(side[f"{i}/left"] == side[f"{i}/right"] for i in range(20))
+        # 30 units (20 clips, 10 single rows), 20 % of them valid
+        units = {r.group or r.id for r in parts["valid"]}
+        assert len(units) == 6
+    # a manifest without groups splits exactly as one unit per row does
+    plain = _rows(30)
+    grouped = [ManifestRow(id=r.id, file_path=r.file_path, audiogram=AUDIOGRAM,
+                           haaqi_score=0.5, group=f"g{r.id}") for r in plain]
+    assert ([r.id for r in split_rows(plain, seed=2)["valid"]]
+            == [r.id for r in split_rows(grouped, seed=2)["valid"]])
+
+
+def test_label_fields_clip_and_refuse_non_finite():
+    assert label_fields(1.0000003) == {"haaqi_score": 1.0}
+    out = label_fields(0.5, {"nonlinear": -2e-7, "linear": 0.25, "other": 9.0})
+    assert out == {"haaqi_score": 0.5, "haaqi_components": {"nonlinear": 0.0, "linear": 0.25}}
+    with pytest.raises(ValueError, match="haaqi_components.linear is not finite"):
+        label_fields(0.5, {"nonlinear": 0.5, "linear": float("nan")})
 
 
 def test_split_rows_uses_split_field():

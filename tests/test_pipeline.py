@@ -267,3 +267,19 @@ def test_row_fields_carry_haaqi_components():
     np.testing.assert_allclose(fields["components"],
                                [[0.2, 0.4], [0.0, 0.0], [0.1, 0.2], [0.0, 0.0]], rtol=1e-6)
     assert fields["components"].dtype == np.float32
+
+
+def test_rows_of_one_channel_read_that_channel(tmp_path):
+    # The two ears of a stereo clip (rows of `haaqi-jax label --manifest-out`) and the whole clip
+    stereo = 0.1 * np.random.default_rng(3).standard_normal((9000, 2))
+    sf.write(tmp_path / "s.wav", stereo, 16000, subtype="FLOAT")
+    stereo = sf.read(tmp_path / "s.wav", dtype="float64")[0]  # as stored (float32 values)
+    rows = [ManifestRow(id=f"s/{ear}", file_path=tmp_path / "s.wav", audiogram=np.zeros(8),
+                        haaqi_score=0.5, channel=ear, group="s") for ear in ("left", "right")]
+    rows.append(ManifestRow(id="s", file_path=tmp_path / "s.wav", audiogram=np.zeros(8),
+                            haaqi_score=0.5))
+    expected = [stereo[:, 0], stereo[:, 1], stereo.mean(axis=1)]
+    (batch,) = make_eval_batches(rows, InputConfig(batch_size=3, shuffle=False))
+    for slot in range(3):
+        np.testing.assert_array_equal(batch["waveform"][slot, :9000],
+                                      expected[batch["index"][slot]].astype(np.float32))

@@ -115,6 +115,26 @@ def test_audiogram_table_and_manifest(setup):
         _reference(net, music / "sub" / "c.wav", other), abs=1e-5)
 
 
+def test_manifest_rows_of_one_channel(setup):
+    # rows from `haaqi-jax label --manifest-out`: one ear of a stereo file each
+    root, net = setup
+    stereo = root / "music" / "sub" / "c.wav"
+    manifest = root / "ears.jsonl"
+    manifest.write_text("".join(
+        json.dumps({"id": f"c/{ear}", "file_path": str(stereo), "audiogram": LEVELS,
+                    "channel": ear}) + "\n" for ear in ("left", "right")))
+    out = root / "ears.csv"
+    assert cli.main(["predict", "--checkpoint", str(root / "ckpt"), str(manifest),
+                     "--out", str(out), "--no-progress"]) == 0
+    rows = _rows(out)
+    data, rate = sf.read(stereo, dtype="float64", always_2d=True)
+    for column, ear in enumerate(("left", "right")):
+        expected = float(net.predict([data[:, column]], rate, np.asarray(LEVELS)[None],
+                                     progress=False)[0])
+        assert float(rows[f"{stereo} ({ear} channel)"]["haaqi"]) == pytest.approx(expected,
+                                                                                  abs=1e-5)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--audiogram", "10,20,30"], "--audiogram: expected 8 levels"),
     (["--audiogram", "10,20,x,1,1,1,1,1"], "not a list of numbers"),

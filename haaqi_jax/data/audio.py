@@ -49,10 +49,13 @@ def audio_num_samples(path: str | os.PathLike, sample_rate: int = 16000) -> int:
     return resampled_length(info.frames, info.samplerate, sample_rate)
 
 
-def load_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
+def load_audio(path: str | os.PathLike, sample_rate: int = 16000,
+               channel: str | None = None) -> np.ndarray:
     """Reads any libsndfile format (wav, flac, ogg, ...) as mono float32 at `sample_rate`.
 
-    Channels are averaged; integer formats are scaled to [-1, 1) by libsndfile.
+    Channels are averaged, or with `channel` "left" / "right" the first / second channel is
+    read (a mono file's only channel serves either, as in `haaqi-jax label`); integer formats
+    are scaled to [-1, 1) by libsndfile.
 
     Returns:
       (N,) float32, N = resampled_length(frames, file rate, sample_rate).
@@ -63,6 +66,10 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
     """
     import soundfile as sf
 
+    from haaqi_jax.data.manifest import CHANNELS
+
+    if channel is not None and channel not in CHANNELS:
+        raise ValueError(f"{path}: channel must be one of {CHANNELS} or None, got {channel!r}")
     path = Path(path)
     _info(path)
     try:
@@ -74,7 +81,10 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
     if not np.all(np.isfinite(data)):
         bad = int(np.flatnonzero(~np.isfinite(data).all(axis=1))[0])
         raise ValueError(f"{path}: sample {bad} is NaN or infinite")
-    mono = data.mean(axis=1)
+    if channel is None:
+        mono = data.mean(axis=1)
+    else:
+        mono = data[:, min(CHANNELS.index(channel), data.shape[1] - 1)]
     if rate != sample_rate and resampled_length(mono.shape[0], rate, sample_rate) == 0:
         raise ValueError(f"{path}: {mono.shape[0]} samples at {rate} Hz is empty at "
                          f"{sample_rate} Hz")

@@ -67,9 +67,11 @@ def params_fingerprint(params: Any, config: Any = None) -> str:
     return h.hexdigest()[:32]
 
 
-def _source_id(path: Path) -> str:
-    stat = path.stat()
-    return f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+def _source_id(row: ManifestRow) -> str:
+    """What the stored features were computed from: the file as it was, and the channel."""
+    stat = row.file_path.stat()
+    channel = "" if row.channel is None else f"|{row.channel}"
+    return f"{row.file_path}|{stat.st_size}|{stat.st_mtime_ns}{channel}"
 
 
 def _file_name(row_id: str) -> str:
@@ -131,7 +133,7 @@ class FeatureCache:
         """True when the row's clip is stored and its audio file is unchanged."""
         entry = self.entries.get(row.id)
         return entry is not None and row.file_path.is_file() and (
-            entry.source == _source_id(row.file_path))
+            entry.source == _source_id(row))
 
     def entry(self, row: ManifestRow) -> CacheEntry:
         if not self.is_current(row):
@@ -243,8 +245,9 @@ def build_feature_cache(rows: Sequence[ManifestRow], encode_fn: EncodeFn,
                 waves = []
                 for row, _ in chunk:
                     try:
-                        waves.append(check_waveform(load_audio(row.file_path, sample_rate),
-                                                    name=str(row.file_path)))
+                        waves.append(check_waveform(
+                            load_audio(row.file_path, sample_rate, row.channel),
+                            name=str(row.file_path)))
                     except (OSError, ValueError) as err:
                         raise ValueError(f"{row.describe()}: {err}") from None
                 longest = max(w.shape[0] for w in waves)
@@ -292,7 +295,7 @@ def _store(directory: Path, row: ManifestRow, features: np.ndarray, token_pad: n
     with open(tmp, "wb") as f:
         np.save(f, kept.astype(dtype))
     os.replace(tmp, directory / name)
-    return CacheEntry(id=row.id, source=_source_id(row.file_path), file=name,
+    return CacheEntry(id=row.id, source=_source_id(row), file=name,
                       n_samples=int(n_samples), t_valid=t_valid,
                       t_full=int(features.shape[-2]))
 

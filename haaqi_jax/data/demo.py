@@ -47,7 +47,7 @@ from haaqi_jax.audiogram import STANDARD_FREQUENCIES, validate_levels
 from haaqi_jax.data import degrade as degrade_lib
 from haaqi_jax.data import listeners as listeners_lib
 from haaqi_jax.data import synth
-from haaqi_jax.data.manifest import COMPONENT_NAMES
+from haaqi_jax.data.manifest import COMPONENT_NAMES, label_fields
 
 SETTINGS_VERSION = 2  # 2: eleven seen pairs (was three)
 DEFAULT_SPLITS = (("train", 0.6), ("valid", 0.1), ("test_seen", 0.1), ("test_unseen", 0.2))
@@ -408,10 +408,7 @@ def build_demo_dataset(out_dir: str | os.PathLike, *, n_clips: int = 100, seed: 
         # HAAQI's polynomial (and its nonlinear part) can dip a hair below 0; labels.jsonl
         # keeps the raw values.
         label = labels[meta["id"]]
-        row["haaqi_score"] = float(np.clip(label["haaqi_score"], 0.0, 1.0))
-        if "haaqi_components" in label:
-            row["haaqi_components"] = {k: float(np.clip(v, 0.0, 1.0))
-                                       for k, v in label["haaqi_components"].items()}
+        row.update(label_fields(label["haaqi_score"], label.get("haaqi_components")))
         row.update({k: v for k, v in meta.items() if k not in row})
         rows.append(row)
     _write_manifest(manifest, rows)

@@ -17,6 +17,10 @@ Row keys:
   split        str, optional (train, valid, test_seen, test_unseen, ...).
   id           str or int, optional; defaults to the line number. Must be unique.
   distortion   str, optional free text used for per-distortion evaluation.
+  channel      "left" or "right", optional: read that channel of a stereo file instead of the
+               mean of its channels (a mono file's only channel serves either).
+  group        str or int, optional: rows sharing a group land in the same split when the
+               manifest leaves the split to `split_rows` (e.g. the two ears of one clip).
 Other keys are ignored.
 """
 
@@ -35,6 +39,8 @@ import numpy as np
 from haaqi_jax.audiogram import validate_levels
 
 _OPTIONAL_TEXT_KEYS = ("split", "distortion")
+#: Values of a row's `channel` key; the index is the channel read from a stereo file.
+CHANNELS = ("left", "right")
 #: HAAQI's two parts, in the order of `ManifestRow.haaqi_components` and of batch["components"].
 COMPONENT_NAMES = ("nonlinear", "linear")
 
@@ -54,6 +60,8 @@ class ManifestRow:
       distortion: free-text distortion description, or None.
       line: 1-based line (JSONL) or entry number (JSON document) in the manifest; 0 when the
         row was built in code.
+      channel: "left" or "right" (one channel of a stereo file), or None (the channel mean).
+      group: rows with the same group are split together by `split_rows`, or None.
     """
 
     id: str
@@ -65,6 +73,8 @@ class ManifestRow:
     distortion: str | None = None
     line: int = 0
     haaqi_components: tuple[float, float] | None = None
+    channel: str | None = None
+    group: str | None = None
 
     def __post_init__(self) -> None:
         levels = validate_levels(self.audiogram, where=f"row {self.id!r}: key 'audiogram'")
@@ -82,6 +92,11 @@ class ManifestRow:
         if self.haaqi_components is not None:
             object.__setattr__(self, "haaqi_components",
                                _check_components(self.haaqi_components))
+        if self.channel is not None and self.channel not in CHANNELS:
+            raise ValueError(f"row {self.id!r}: key 'channel' must be one of {CHANNELS}, got "
+                             f"{self.channel!r}")
+        if self.group is not None:
+            object.__setattr__(self, "group", str(self.group))
 
     def to_dict(self, relative_to: str | os.PathLike | None = None) -> dict[str, Any]:
         """JSON-able dict; paths are written relative to `relative_to` when inside it."""
@@ -95,7 +110,7 @@ class ManifestRow:
             out["haaqi_components"] = dict(zip(COMPONENT_NAMES, self.haaqi_components))
         if self.reference is not None:
             out["reference"] = _path_text(self.reference, relative_to)
-        for key in _OPTIONAL_TEXT_KEYS:
+        for key in _OPTIONAL_TEXT_KEYS + ("channel", "group"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out
@@ -143,6 +158,27 @@ def _check_components(value: Any) -> tuple[float, float]:
                          f"{value!r}")
     return tuple(_check_label(v, f"haaqi_components.{k}")
                  for k, v in zip(COMPONENT_NAMES, value))
+
+
+def label_fields(score: float, components: Mapping[str, float] | None = None
+                 ) -> dict[str, Any]:
+    """A metric's raw outputs as manifest label keys: {"haaqi_score": s} plus, when the parts
+    are given, {"haaqi_components": {"nonlinear": x, "linear": y}}, each clipped to [0, 1]
+    (HAAQI's range, which float32 rounding can overstep by a hair).
+
+    Raises ValueError naming the value when one is not finite.
+    """
+    def clipped(value: float, key: str) -> float:
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"{key} is not finite ({value})")
+        return min(max(value, 0.0), 1.0)
+
+    out: dict[str, Any] = {"haaqi_score": clipped(score, "haaqi_score")}
+    if components is not None:
+        out["haaqi_components"] = {k: clipped(components[k], f"haaqi_components.{k}")
+                                   for k in COMPONENT_NAMES}
+    return out
 
 
 def _path_text(path: Path, relative_to: str | os.PathLike | None) -> str:
@@ -207,12 +243,19 @@ def _parse_row(obj: Any, *, line: int, base: Path, require_label: bool,
         if value is not None and not isinstance(value, str):
             raise ValueError(f"key {key!r} must be a string, got {value!r}")
         texts[key] = value
+    channel = obj.get("channel")
+    if channel is not None and channel not in CHANNELS:
+        raise ValueError(f"key 'channel' must be one of {CHANNELS}, got {channel!r}")
+    group = obj.get("group")
+    if group is not None and (isinstance(group, bool) or not isinstance(group, (str, int))):
+        raise ValueError(f"key 'group' must be a string or an integer, got {group!r}")
     if check_files:
         _check_file(file_path, "file_path")
         if reference is not None:
             _check_file(reference, "reference")
     return ManifestRow(id=str(row_id), file_path=file_path, audiogram=levels, haaqi_score=label,
-                       reference=reference, line=line, haaqi_components=components, **texts)
+                       reference=reference, line=line, haaqi_components=components,
+                       channel=channel, group=None if group is None else str(group), **texts)
 
 
 def _entries(path: Path, text: str) -> list[tuple[int, Any, str | None]]:
@@ -336,7 +379,10 @@ def split_rows(rows: Sequence[ManifestRow], *, valid_fraction: float = 0.2,
     A row with a `split` goes to that split. Rows without one are divided at random (seeded,
     independent of file order only through `seed`) into "train" and "valid", the latter
     holding round(valid_fraction * count) of them (at least 1 when there are 2 or more and
-    valid_fraction > 0), as in the authors' 80/20 split. Every list keeps manifest order.
+    valid_fraction > 0), as in the authors' 80/20 split. Rows that share a `group` count as
+    one unit and go together, so the two ears of one clip never sit on both sides; rows
+    without a group are units of their own (a manifest without groups splits as before
+    groups existed). Every list keeps manifest order.
 
     Returns:
       {split name: [ManifestRow, ...]}; "train" and "valid" appear only when non-empty.
@@ -344,12 +390,17 @@ def split_rows(rows: Sequence[ManifestRow], *, valid_fraction: float = 0.2,
     if not 0.0 <= valid_fraction < 1.0:
         raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
     out: dict[str, list[ManifestRow]] = {}
-    unsplit = [i for i, row in enumerate(rows) if row.split is None]
-    n_valid = int(round(valid_fraction * len(unsplit)))
-    if valid_fraction > 0 and len(unsplit) >= 2:
+    units: dict[Any, list[int]] = {}          # unit key -> row positions, first-seen order
+    for i, row in enumerate(rows):
+        if row.split is None:
+            units.setdefault(("row", i) if row.group is None else ("group", row.group),
+                             []).append(i)
+    members = list(units.values())
+    n_valid = int(round(valid_fraction * len(members)))
+    if valid_fraction > 0 and len(members) >= 2:
         n_valid = max(n_valid, 1)
-    chosen = np.random.default_rng(seed).permutation(len(unsplit))[:n_valid]
-    valid_positions = {unsplit[i] for i in chosen}
+    chosen = np.random.default_rng(seed).permutation(len(members))[:n_valid]
+    valid_positions = {i for unit in chosen for i in members[unit]}
     for i, row in enumerate(rows):
         name = row.split if row.split is not None else (
             "valid" if i in valid_positions else "train")

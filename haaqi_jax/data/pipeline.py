@@ -412,7 +412,7 @@ def _waveform_iterator(rows: Sequence[ManifestRow], cfg: InputConfig, *, train: 
         for i in slots:
             row = rows[i]
             try:
-                wave = check_waveform(load_audio(row.file_path, cfg.sample_rate),
+                wave = check_waveform(load_audio(row.file_path, cfg.sample_rate, row.channel),
                                       name=str(row.file_path))
             except (OSError, ValueError) as err:
                 raise ValueError(f"{row.describe()}: {err}") from None

@@ -2,7 +2,7 @@
 
     haaqi-jax label MANIFEST --out LABELS.jsonl [--errors ERRORS.jsonl] [--batch-size B]
         [--equalisation 1|2] [--level1 65|cadenza] [--ears average|left|right]
-        [--dtype float32|float64] [--seed 0] [--limit N]
+        [--dtype float32|float64] [--seed 0] [--limit N] [--manifest-out TRAIN.jsonl]
 
 MANIFEST is JSONL (one object per line) or CSV (`.csv`, a header row) with the keys
   reference, processed   paths; relative paths resolve against the manifest's folder
@@ -11,6 +11,7 @@ MANIFEST is JSONL (one object per line) or CSV (`.csv`, a header row) with the k
   audiogram_frequencies  optional, Hz, when the audiogram is not at the 8 standard frequencies
   level1                 optional dB SPL of RMS 1 for this row (beats --level1)
   id                     optional (default: the row's 0-based position among the data rows)
+  split, distortion      optional text, copied into the training manifest (--manifest-out)
 In CSV, a list is one cell with comma- or space-separated numbers ("0,10,20,..."; quote it) and an
 empty cell means "not given".
 
@@ -30,6 +31,15 @@ Output rows (JSONL): id, line, reference, processed (as written in the manifest)
 combined score, ears averaged), per_ear {ear: {combined, nonlinear, linear, cephigh, bmsync5,
 d_loud, d_norm, level1}}, sample_rate, and the settings equalisation, level1_rule, ears, dtype,
 seed (a rerun into the same OUT must use the same settings).
+
+Training manifest (`--manifest-out TRAIN.jsonl`): after labelling, every row of OUT becomes
+training rows in the format `train.py` reads (`haaqi_jax.data.manifest`): one row per scored ear,
+with file_path = processed, reference, that ear's audiogram at the 8 standard frequencies, the
+ear's combined score as haaqi_score and its nonlinear / linear parts as haaqi_components (each
+clipped to [0, 1]), `channel` left / right for a single ear of a file, and split / distortion
+copied from the manifest. The two ears of one row get ids `<id>/left`, `<id>/right` and share
+`group` <id>, so a random train / valid split keeps them together. HAAQI-Net scores one signal
+for one ear, hence one row per ear rather than the ears' average.
 
 Resuming: rows whose id is already in OUT or in the errors file are skipped. Each ear's threshold
 noise key comes from (seed, row id, ear) only, and the batch plan is made from the whole
@@ -80,6 +90,7 @@ class LabelRow:
       reference, processed: the paths as written; *_path: resolved.
       audiograms: ear name ("both", "left" or "right") -> Audiogram.
       level1: the row's own level1 in dB SPL, or None.
+      split, distortion: the row's optional texts (for the training manifest), or None.
     """
 
     id: Any
@@ -90,6 +101,8 @@ class LabelRow:
     processed_path: Path
     audiograms: dict[str, Audiogram]
     level1: float | None
+    split: str | None = None
+    distortion: str | None = None
 
     @property
     def key(self) -> str:
@@ -166,10 +179,15 @@ def _parse_row(fields: dict[str, Any], *, index: int, line: int, root: Path) -> 
             raise ValueError(f"level1: expected a number, got {fields['level1']!r}") from None
         if not math.isfinite(level1):
             raise ValueError(f"level1: not finite ({level1})")
+    texts = {}
+    for key in ("split", "distortion"):
+        if key in fields and not isinstance(fields[key], str):
+            raise ValueError(f"{key}: expected a string, got {fields[key]!r}")
+        texts[key] = fields.get(key)
     return LabelRow(id=row_id, line=line, reference=paths["reference"],
                     processed=paths["processed"], reference_path=root / paths["reference"],
                     processed_path=root / paths["processed"], audiograms=audiograms,
-                    level1=level1)
+                    level1=level1, **texts)
 
 
 def _raw_rows(path: Path) -> Iterable[tuple[int, int, dict[str, Any] | None, str | None]]:
@@ -640,11 +658,110 @@ class LabelSummary:
     seconds: float
     out_path: Path
     errors_path: Path
+    training: TrainingManifestSummary | None = None
 
     def __str__(self) -> str:
         return (f"{self.n_rows} rows: {self.n_ok} labelled, {self.n_failed} failed, "
                 f"{self.n_skipped} already done ({self.seconds:.1f} s) -> {self.out_path}"
-                + (f" (errors: {self.errors_path})" if self.n_failed else ""))
+                + (f" (errors: {self.errors_path})" if self.n_failed else "")
+                + (f"\n{self.training}" if self.training is not None else ""))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingManifestSummary:
+    """What `write_training_manifest` wrote. n_rows: training rows (one per ear); n_labels:
+    labelled manifest rows they came from; left_out: (label id, reason) of the label rows not
+    written (absent from the manifest, or unusable scores)."""
+
+    path: Path
+    n_rows: int
+    n_labels: int
+    left_out: tuple[tuple[str, str], ...] = ()
+
+    def __str__(self) -> str:
+        text = f"training manifest: {self.n_rows} rows from {self.n_labels} labels -> {self.path}"
+        if self.left_out:
+            text += (f" ({len(self.left_out)} label row(s) left out, e.g. id "
+                     f"{self.left_out[0][0]!r}: {self.left_out[0][1]})")
+        return text
+
+
+def training_rows(label: dict[str, Any], row: LabelRow) -> list[Any]:
+    """The training-manifest rows (`haaqi_jax.data.manifest.ManifestRow`) of one labelled row.
+
+    Args:
+      label: one row of a labels file (its `per_ear` scores).
+      row: the manifest row it was computed from (paths, audiograms, split, distortion).
+    Returns:
+      One ManifestRow per scored ear (see the module docstring for ids, channel and group).
+    Raises:
+      ValueError naming the id and ear when a score or part is missing or not finite.
+    """
+    from haaqi_jax.data.manifest import COMPONENT_NAMES, ManifestRow, label_fields
+
+    per_ear = label.get("per_ear")
+    if not isinstance(per_ear, dict) or not per_ear:
+        raise ValueError(f"label row id {row.id!r}: no 'per_ear' scores; is it a labels file?")
+    several = len(per_ear) > 1
+    out = []
+    for ear in sorted(per_ear):
+        scores = per_ear[ear]
+        try:
+            fields = label_fields(scores["combined"], {k: scores[k] for k in COMPONENT_NAMES})
+        except KeyError as err:
+            raise ValueError(f"label row id {row.id!r}, {ear} ear: no {err.args[0]!r}") from None
+        except ValueError as err:
+            raise ValueError(f"label row id {row.id!r}, {ear} ear: {err}") from None
+        audiogram = row.audiograms.get(ear, row.audiograms.get("both"))
+        if audiogram is None:
+            raise ValueError(f"label row id {row.id!r}: the manifest row has no audiogram for "
+                             f"the {ear} ear")
+        out.append(ManifestRow(
+            id=f"{row.key}/{ear}" if several else row.key,
+            file_path=row.processed_path.absolute(), reference=row.reference_path.absolute(),
+            audiogram=audiogram.resample(STANDARD_FREQUENCIES).levels,
+            haaqi_score=fields["haaqi_score"],
+            haaqi_components=tuple(fields["haaqi_components"][k] for k in COMPONENT_NAMES),
+            channel=None if ear == "both" else ear, group=row.key if several else None,
+            split=row.split, distortion=row.distortion))
+    return out
+
+
+def write_training_manifest(labels_path: str | os.PathLike, manifest_path: str | os.PathLike,
+                            out_path: str | os.PathLike) -> TrainingManifestSummary:
+    """Writes the manifest `train.py` reads from a labels file and the manifest it labelled.
+
+    Args:
+      labels_path: the labels JSONL of `label_manifest` / `haaqi-jax label --out`.
+      manifest_path: the label manifest (paths, audiograms, split, distortion per row id).
+      out_path: the training manifest (JSONL, written atomically; paths inside its folder are
+        written relative to it).
+    Returns:
+      TrainingManifestSummary; a label row that is absent from the manifest or has unusable
+      scores is left out and reported there. Raises ValueError when no row could be written.
+    """
+    from haaqi_jax.data.manifest import write_manifest
+
+    labels = _read_done(Path(labels_path))
+    rows, _ = read_label_manifest(manifest_path)
+    by_key = {row.key: row for row in rows}
+    training, left_out, used = [], [], 0
+    for label in labels:
+        row = by_key.get(str(label["id"]))
+        if row is None:
+            left_out.append((str(label["id"]), f"no row with this id in {manifest_path}"))
+            continue
+        try:
+            training += training_rows(label, row)
+        except ValueError as err:
+            left_out.append((row.key, str(err)))
+            continue
+        used += 1
+    if not training:
+        raise ValueError(f"{labels_path}: no labelled row of {manifest_path} to write"
+                         + (f" ({left_out[0][0]!r}: {left_out[0][1]})" if left_out else ""))
+    path = write_manifest(out_path, training)
+    return TrainingManifestSummary(path, len(training), used, tuple(left_out))
 
 
 def default_errors_path(out_path: str | os.PathLike) -> Path:
@@ -678,7 +795,8 @@ def label_manifest(manifest_path: str | os.PathLike, out_path: str | os.PathLike
                    errors_path: str | os.PathLike | None = None, batch_size: int | None = None,
                    equalisation: int = 1, level1: float | str = 65.0, ears: str = "average",
                    dtype: str = "float32", seed: int = 0, limit: int | None = None,
-                   scorer: Scorer | None = None, progress: bool = True) -> LabelSummary:
+                   scorer: Scorer | None = None, progress: bool = True,
+                   manifest_out: str | os.PathLike | None = None) -> LabelSummary:
     """Writes HAAQI labels for every row of a manifest to `out_path` (JSONL), resumably.
 
     Args:
@@ -700,6 +818,8 @@ def label_manifest(manifest_path: str | os.PathLike, out_path: str | os.PathLike
       prepare_batch + score_prepared report bad items one by one); `key` gets (B, 2) per-item
       keys.
       progress: show a tqdm bar.
+      manifest_out: also write the training manifest of every row labelled so far there
+        (`write_training_manifest`), after the labelling.
 
     Returns:
       LabelSummary. Raises ValueError for bad arguments, an unreadable manifest, or an output
@@ -775,8 +895,10 @@ def label_manifest(manifest_path: str | os.PathLike, out_path: str | os.PathLike
         reader.shutdown(wait=False, cancel_futures=True)
         labels_out.close()
         errors_out.close()
+    training = (None if manifest_out is None
+                else write_training_manifest(out_path, manifest_path, manifest_out))
     return LabelSummary(n_rows, n_ok, n_failed, n_rows - n_ok - n_failed,
-                        time.perf_counter() - start, out_path, errors_path)
+                        time.perf_counter() - start, out_path, errors_path, training)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -823,6 +945,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="threshold-noise seed")
     parser.add_argument("--limit", type=_positive_int, default=None,
                         help="label only the first N manifest rows")
+    parser.add_argument("--manifest-out", type=Path, default=None, metavar="TRAIN.jsonl",
+                        help="also write the training manifest train.py reads: one row per "
+                             "scored ear (score, parts, that ear's audiogram and channel)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -832,6 +957,7 @@ def run(args: argparse.Namespace) -> int:
     summary = label_manifest(args.manifest, args.out, errors_path=args.errors,
                              batch_size=args.batch_size, equalisation=args.equalisation,
                              level1=args.level1, ears=args.ears, dtype=args.dtype,
-                             seed=args.seed, limit=args.limit, progress=not args.no_progress)
+                             seed=args.seed, limit=args.limit, progress=not args.no_progress,
+                             manifest_out=args.manifest_out)
     print(summary)
     return 1 if summary.n_ok == 0 and summary.n_failed > 0 and summary.n_skipped == 0 else 0
