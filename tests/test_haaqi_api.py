@@ -183,6 +183,21 @@ def test_threshold_noise_is_standard_normal_independent_and_prefix_stable():
                                   noise[:, :5_000])
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_threshold_noise_uniforms_stay_inside_the_unit_interval(dtype):
+    """The extreme hash outputs map strictly inside (0, 1), so no noise sample is infinite
+    (a 24-bit grid rounded its top value to 1.0 in float32: ndtri(1) = inf)."""
+    with jax.enable_x64(dtype == jnp.float64):
+        bits = jnp.asarray([0, 1, 511, 512, 2**31, 2**32 - 513, 2**32 - 1], jnp.uint32)
+        u = np.asarray(api.open_unit_uniform(bits, dtype), np.float64)
+        assert np.all((u > 0) & (u < 1)) and u[0] == u[2] == 2.0**-24 and u[-1] == 1 - 2.0**-24
+        assert np.all(np.diff(u) >= 0)
+        # the whole generator on a stretch that holds such extremes: every sample finite
+        noise = np.asarray(api.threshold_noise(jax.random.fold_in(jax.random.PRNGKey(0), 4),
+                                               60_000, dtype))
+        assert np.all(np.isfinite(noise)) and np.abs(noise).max() < 5.4
+
+
 def test_batch_float32_close_to_float64_and_items_alone():
     ref, proc = _pairs(2)
     lengths = np.array([ref.shape[1], ref.shape[1] - 400])   # one length bucket

@@ -94,7 +94,9 @@ def haaqi_labeller(reference, processed, sample_rate, audiogram_levels, lengths,
             for part in ("combined",) + COMPONENT_NAMES}
 
 
-haaqi_labeller.name = "haaqi_jax.haaqi_batch/float32/eq1/level1=cadenza/with-parts"
+# The name keys the cached labels: change it when the labels change. "noise2": the threshold
+# noise's uniforms on a 23-bit grid (one sample in 2^24 used to be infinite in float32).
+haaqi_labeller.name = "haaqi_jax.haaqi_batch/float32/eq1/level1=cadenza/with-parts/noise2"
 
 
 def _labeller_name(labeller: Labeller) -> str:

@@ -109,18 +109,27 @@ def threshold_noise(key: jax.Array, length: int, dtype=jnp.float32) -> jax.Array
     noise; sample t is the same for every `length` > t.
 
     Counter-based: sample t of row r (2 x 32 rows) is a function of (key, 64 t + r) only, two
-    rounds of an integer hash seeded from the key, then the normal quantile of the 24-bit
-    uniform. This is ~3x cheaper than drawing with threefry (which was ~17 % of `haaqi_batch`'s
-    time); for threshold noise 10 dB below audibility its quality is ample (tests check the
-    moments, a KS test against the normal law and independence across rows, lags and keys).
-    Counters wrap after 2**26 samples (46 min at 24 kHz).
+    rounds of an integer hash seeded from the key, then the normal quantile of a 23-bit
+    uniform (`open_unit_uniform`; |x| < 5.3). This is ~3x cheaper than drawing with threefry
+    (which was ~17 % of `haaqi_batch`'s time); for threshold noise 10 dB below audibility its
+    quality is ample (tests check the moments, a KS test against the normal law and
+    independence across rows, lags and keys). Counters wrap after 2**26 samples (46 min at
+    24 kHz).
     """
     seed = jax.random.bits(key, (2,), jnp.uint32)
     counter = (jnp.arange(length, dtype=jnp.uint32)[None, :] * jnp.uint32(2 * NUM_BANDS)
                + jnp.arange(2 * NUM_BANDS, dtype=jnp.uint32)[:, None])       # (64, length)
     bits = _mix32(_mix32(counter ^ seed[0]) + seed[1])
-    uniform = ((bits >> 8).astype(dtype) + 0.5) * (2.0 ** -24)              # in (0, 1)
-    return jax.scipy.special.ndtri(uniform).reshape(2, NUM_BANDS, length)
+    # The quantile as sqrt(2) erfinv(2u - 1): XLA's erfinv costs ~20 % less than ndtri here.
+    normal = np.sqrt(2.0) * jax.lax.erf_inv(2 * open_unit_uniform(bits, dtype) - 1)
+    return normal.reshape(2, NUM_BANDS, length)
+
+
+def open_unit_uniform(bits: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """uint32 bits -> uniforms on the grid (k + 1/2) 2^-23, k < 2^23: strictly inside (0, 1)
+    in float32 too. (With 24 bits the top value, 1 - 2^-25, rounds to 1.0 in float32, whose
+    normal quantile is inf: about one threshold-noise sample in 2^24 was infinite.)"""
+    return ((bits >> 9).astype(dtype) + 0.5) * (2.0 ** -23)
 
 
 def _check_length(n: int, where: str) -> None:

@@ -819,7 +819,7 @@ def label_manifest(manifest_path: str | os.PathLike, out_path: str | os.PathLike
       keys.
       progress: show a tqdm bar.
       manifest_out: also write the training manifest of every row labelled so far there
-        (`write_training_manifest`), after the labelling.
+        (`write_training_manifest`), after the labelling (not when no row has a label).
 
     Returns:
       LabelSummary. Raises ValueError for bad arguments, an unreadable manifest, or an output
@@ -895,8 +895,9 @@ def label_manifest(manifest_path: str | os.PathLike, out_path: str | os.PathLike
         reader.shutdown(wait=False, cancel_futures=True)
         labels_out.close()
         errors_out.close()
-    training = (None if manifest_out is None
-                else write_training_manifest(out_path, manifest_path, manifest_out))
+    training = None
+    if manifest_out is not None and (done_labels or n_ok):  # nothing labelled: nothing to write
+        training = write_training_manifest(out_path, manifest_path, manifest_out)
     return LabelSummary(n_rows, n_ok, n_failed, n_rows - n_ok - n_failed,
                         time.perf_counter() - start, out_path, errors_path, training)
 
