@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "demo-data": ("haaqi_jax.data.demo", "write the self-made demo music-quality dataset"),
     "predict": ("haaqi_jax.predict", "predict HAAQI of audio files with a HAAQI-Net checkpoint"),
     "evaluate": ("haaqi_jax.evaluate", "LCC/SRCC/MSE and a scatter plot on a labelled manifest"),
+    "compare": ("haaqi_jax.compare", "several runs' LCC/SRCC/MSE side by side, mean and spread"),
 }
 
 

@@ -1,0 +1,100 @@
+"""`haaqi-jax compare`: several reports side by side, numbers vs scipy / numpy."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from haaqi_jax import cli, compare, evaluate
+
+
+def _records(seed: int, noise: float) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    records = []
+    for split, n in (("valid", 30), ("test_unseen", 40)):
+        labels = rng.uniform(0.1, 0.9, n)
+        preds = np.clip(labels + noise * rng.standard_normal(n), 0, 1)
+        records += [{"id": f"{split}{i}", "split": split, "distortion": "noise",
+                     "label": float(t), "prediction": float(p)}
+                    for i, (t, p) in enumerate(zip(labels, preds))]
+    return records
+
+
+@pytest.fixture()
+def reports(tmp_path):
+    """Three runs, given three ways: a workdir, a report folder, a metrics.json file."""
+    records = [_records(s, 0.05 + 0.05 * s) for s in range(3)]
+    evaluate.write_report(records[0], tmp_path / "seed0" / "report")
+    evaluate.write_report(records[1], tmp_path / "seed1")
+    evaluate.write_report(records[2], tmp_path / "seed2")
+    return [tmp_path / "seed0", tmp_path / "seed1", tmp_path / "seed2" / "metrics.json"], records
+
+
+def _truth(records, split):
+    sel = [r for r in records if split == "all" or r["split"] == split]
+    p = np.array([r["prediction"] for r in sel])
+    t = np.array([r["label"] for r in sel])
+    return {"lcc": scipy.stats.pearsonr(p, t)[0], "srcc": scipy.stats.spearmanr(p, t)[0],
+            "mse": np.mean((p - t) ** 2), "n": len(sel)}
+
+
+def test_rows_per_run_and_summaries_match_scipy_and_numpy(reports):
+    paths, records = reports
+    runs = {f"r{i}": compare.read_scores(p) for i, p in enumerate(paths)}
+    rows = compare.compare(runs)
+    assert [r["split"] for r in rows][::6] == ["all", "test_unseen", "valid"]  # 'all' first
+    for split in ("all", "valid", "test_unseen"):
+        mine = {r["run"]: r for r in rows if r["split"] == split}
+        truth = [_truth(rec, split) for rec in records]
+        for i, want in enumerate(truth):
+            for key in ("lcc", "srcc", "mse"):
+                assert mine[f"r{i}"][key] == pytest.approx(want[key], abs=1e-9)
+            assert mine[f"r{i}"]["n"] == want["n"]
+        for key in ("lcc", "srcc", "mse"):
+            values = np.array([t[key] for t in truth])
+            assert mine["mean"][key] == pytest.approx(values.mean(), abs=1e-9)
+            assert mine["sd"][key] == pytest.approx(values.std(ddof=1), abs=1e-9)
+            assert mine["range"][key] == pytest.approx((values.min(), values.max()), abs=1e-9)
+        assert mine["mean"]["n"] == 3
+    only = compare.compare(runs, ["test_unseen"])
+    assert {r["split"] for r in only} == {"test_unseen"} and len(only) == 6
+    with pytest.raises(ValueError, match="no run has split 'test'"):
+        compare.compare(runs, ["test"])
+    single = compare.compare({"a": runs["r0"]}, ["valid"])
+    assert np.isnan(single[2]["lcc"])  # no spread from one run
+
+
+def test_cli_skips_unreadable_runs_and_writes_tables(reports, tmp_path, capsys):
+    paths, records = reports
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "metrics.json").write_text("{not json")
+    out = tmp_path / "cmp" / "table.md"
+    code = cli.main(["compare", *map(str, paths), str(tmp_path / "missing"),
+                     str(tmp_path / "broken"), "--splits", "test_unseen", "--out", str(out)])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "missing: no report found" in captured.err and "broken/metrics.json: not JSON" in \
+        captured.err
+    assert "| test_unseen | seed0 | 40 |" in captured.out
+    assert "| test_unseen | **mean** | 3 runs |" in captured.out
+    assert out.read_text() == captured.out
+    table = list(csv.DictReader(out.with_suffix(".csv").open()))
+    assert [r["run"] for r in table] == ["seed0", "seed1", "seed2", "mean", "sd", "range"]
+    want = np.mean([_truth(r, "test_unseen")["lcc"] for r in records])
+    assert float(table[3]["lcc"]) == pytest.approx(want, abs=1e-9)
+    assert cli.main(["compare", str(tmp_path / "missing")]) == 1
+    assert cli.main(["compare", *map(str, paths), "--splits", "test"]) == 2
+    assert "no run has split 'test'" in capsys.readouterr().err
+
+
+def test_read_scores_names_the_file_at_fault(tmp_path):
+    (tmp_path / "metrics.json").write_text(json.dumps({"by_split": {}}))
+    with pytest.raises(ValueError, match=r"metrics.json: no 'overall' entry"):
+        compare.read_scores(tmp_path)
+    (tmp_path / "metrics.json").write_text(json.dumps({"overall": {"lcc": 0.5, "n": 3}}))
+    with pytest.raises(ValueError, match=r"entry 'all' has no 'srcc'"):
+        compare.read_scores(tmp_path / "metrics.json")
