@@ -123,6 +123,23 @@ def test_bm_covary(ear, segment_ms):
         assert not np.any(np.asarray(a)[:, segments:])
 
 
+def test_a_non_finite_sample_is_not_hidden(ear):
+    """An infinite BM sample makes its segments' covariance NaN (and so the score), where
+    pyclarity's "ratio if variance > 1e-30 else 0" would quietly give those segments 0."""
+    bm = ear["processed_bm"].copy()
+    bm[3, 700] = np.inf
+    with jax.enable_x64(True):
+        f = jax.jit(backend.bm_covary, static_argnames="segment_ms")
+        clean = np.asarray(f(padded(ear["reference_bm"]), padded(ear["processed_bm"]),
+                             ear["n"])[0])
+        broken = np.asarray(f(padded(ear["reference_bm"]), padded(bm), ear["n"])[0])
+    hit = ~np.isfinite(broken)
+    # 384-sample windows, hop 192 (segment j >= 1 covers [192 j, 192 j + 384)): sample 700
+    # lies in segments 2 and 3, of band 3 only
+    assert np.argwhere(hit).tolist() == [[3, 2], [3, 3]]
+    np.testing.assert_array_equal(broken[~hit], clean[~hit])
+
+
 @pytest.mark.parametrize("threshold", [2.5, 30.0, 1e3])
 def test_ave_covary2(ear, threshold):
     cov, ms, _ = eb.bm_covary(ear["reference_bm"], ear["processed_bm"], 16, FS)

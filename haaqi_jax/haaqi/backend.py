@@ -157,11 +157,13 @@ def _fast_length(n: int) -> int:
 
 
 def _safe_ratio(num, a, b):
-    """num / sqrt(a b) where a > 1e-30 and b > 1e-30, else 0 (sqrt taken separately: a b can
-    underflow in float32)."""
-    ok = (a > _SMALL) & (b > _SMALL)
-    den = jnp.sqrt(jnp.where(ok, a, 1)) * jnp.sqrt(jnp.where(ok, b, 1))
-    return jnp.where(ok, num / den, 0)
+    """num / sqrt(a b), or 0 where a or b is at most 1e-30 (sqrt taken separately: a b can
+    underflow in float32). Written as "0 where small" rather than pyclarity's "ratio where
+    a > 1e-30": the same for numbers, but a NaN stays NaN instead of turning into a silent 0
+    (which once hid infinite threshold-noise samples)."""
+    small = (a <= _SMALL) | (b <= _SMALL)
+    den = jnp.sqrt(jnp.where(small, 1, a)) * jnp.sqrt(jnp.where(small, 1, b))
+    return jnp.where(small, 0, num / den)
 
 
 # ----------------------------------------------------------------------------------------------
