@@ -503,8 +503,8 @@ def distill_and_evaluate(config: Any, workdir: str | os.PathLike, *, data: Any =
         data = with_cached_targets(config, teacher, data, workdir)
     valid_split = config.data.valid_split
     valid_labels = loop.training_labels(config, data.rows)
-    loss_kwargs = cfglib.to_dict(config.loss.get("kwargs") or {})
 
+    loss_kwargs = cfglib.to_dict(config.loss.get("kwargs") or {})
     loss_fn = losses.get_loss(config.loss.name, **loss_kwargs)
     params = {**student.params, "pred_heads": pred_params,
               "loss": losses.loss_params(config.loss.name, len(dc.target_layers))}

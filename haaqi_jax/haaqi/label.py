@@ -108,6 +108,16 @@ class LabelRow:
     def key(self) -> str:
         return str(self.id)
 
+    def levels(self, ear: str) -> np.ndarray:
+        """(8,) dB HL of `ear` ("both", "left" or "right"; a row's one `audiogram` serves every
+        ear) at the standard frequencies. HAAQI reads the loss at 250..6000 Hz, all among them,
+        so resampling onto them first (log-frequency, clamped) leaves the metric's audiogram
+        unchanged. ValueError when the row has no audiogram for that ear."""
+        audiogram = self.audiograms.get(ear, self.audiograms.get("both"))
+        if audiogram is None:
+            raise ValueError(f"row id {self.id!r} has no audiogram for the {ear} ear")
+        return audiogram.resample(STANDARD_FREQUENCIES).levels
+
 
 @dataclasses.dataclass(frozen=True)
 class RowError:
@@ -416,12 +426,8 @@ def _row_items(row: LabelRow, position: int, ears: list[tuple[str, int]],
             level1 = cadenza_level1(ref)
         else:
             level1 = float(settings.level1)
-        # HAAQI reads the loss at 250..6000 Hz, all among the standard frequencies, so resampling
-        # onto them first (log-frequency, clamped) leaves the metric's audiogram unchanged.
-        audiogram = row.audiograms.get(ear, row.audiograms.get("both"))
         items.append(_Item(position, ear, ref, _channel(processed, channel).copy(),
-                           audiogram.resample(STANDARD_FREQUENCIES).levels, level1,
-                           item_key(settings.seed, row.key, ear)))
+                           row.levels(ear), level1, item_key(settings.seed, row.key, ear)))
     return items
 
 
@@ -712,14 +718,10 @@ def training_rows(label: dict[str, Any], row: LabelRow) -> list[Any]:
             raise ValueError(f"label row id {row.id!r}, {ear} ear: no {err.args[0]!r}") from None
         except ValueError as err:
             raise ValueError(f"label row id {row.id!r}, {ear} ear: {err}") from None
-        audiogram = row.audiograms.get(ear, row.audiograms.get("both"))
-        if audiogram is None:
-            raise ValueError(f"label row id {row.id!r}: the manifest row has no audiogram for "
-                             f"the {ear} ear")
         out.append(ManifestRow(
             id=f"{row.key}/{ear}" if several else row.key,
             file_path=row.processed_path.absolute(), reference=row.reference_path.absolute(),
-            audiogram=audiogram.resample(STANDARD_FREQUENCIES).levels,
+            audiogram=row.levels(ear),
             haaqi_score=fields["haaqi_score"],
             haaqi_components=tuple(fields["haaqi_components"][k] for k in COMPONENT_NAMES),
             channel=None if ear == "both" else ear, group=row.key if several else None,
