@@ -34,8 +34,12 @@ class Audiogram:
         default_factory=lambda: np.asarray(STANDARD_FREQUENCIES))
 
     def __post_init__(self) -> None:
-        levels = np.asarray(self.levels, dtype=np.float64)
-        freqs = np.asarray(self.frequencies, dtype=np.float64)
+        # Copies: the stored arrays are made read-only, the caller's must stay writable.
+        try:
+            levels = np.array(self.levels, dtype=np.float64)
+            freqs = np.array(self.frequencies, dtype=np.float64)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"audiogram levels and frequencies must be numbers: {err}") from None
         if levels.ndim != 1 or freqs.ndim != 1:
             raise ValueError(
                 f"audiogram levels and frequencies must be 1-D, got shapes {levels.shape} "
@@ -85,6 +89,15 @@ class Audiogram:
         new = np.asarray(frequencies, dtype=np.float64)
         levels = np.interp(np.log(new), np.log(self.frequencies), self.levels)
         return Audiogram(levels, new)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Audiogram):
+            return NotImplemented
+        return (np.array_equal(self.levels, other.levels)
+                and np.array_equal(self.frequencies, other.frequencies))
+
+    def __hash__(self) -> int:
+        return hash((self.levels.tobytes(), self.frequencies.tobytes()))
 
     def __repr__(self) -> str:
         pairs = ", ".join(f"{f:g}: {l:g}" for f, l in zip(self.frequencies, self.levels))

@@ -303,9 +303,12 @@ def prepare_waveform(waveform, sample_rate: int, *, where: str = "waveform") -> 
       (checks of `haaqi_jax.data.audio.check_waveform`).
     """
     from haaqi_jax.data.audio import check_waveform
+    if isinstance(sample_rate, (float, np.floating)) and float(sample_rate).is_integer():
+        sample_rate = int(sample_rate)                       # 24000.0 is a rate in Hz too
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) \
             or sample_rate <= 0:
-        raise ValueError(f"{where}: sample rate must be a positive integer, got {sample_rate!r}")
+        raise ValueError(f"{where}: sample rate must be a positive whole number of Hz, got "
+                         f"{sample_rate!r}")
     x = check_waveform(waveform, name=where, min_samples=1)
     return check_waveform(resample_to_16k(x, sample_rate), name=where, min_samples=MIN_SAMPLES)
 
@@ -437,27 +440,58 @@ class HAAQINet:
             deterministic=deterministic, rngs=rngs)
 
     def predict(self, waveforms, sample_rate, audiograms, batch_size: int = 8, *,
-                progress: Any = True) -> np.ndarray:
+                lengths=None, progress: Any = True) -> np.ndarray:
         """Clip scores of mono clips of any lengths.
 
+        The model hears each clip's digital level as it is (nothing normalises it), while the
+        demo labels do not depend on it (level1 by the Cadenza rule): score audio scaled as the
+        training data was (the demo's clips peak at 0.98 less 0-3 dB). Files, folders and
+        manifests: `haaqi-jax predict`, or `haaqi_jax.predict.collect_jobs` + `score_jobs`.
+
         Args:
-          waveforms: list of 1-D float arrays (any lengths) or a 2-D array (B, N).
+          waveforms: a list of 1-D float arrays (any lengths), one 1-D array, or a 2-D array
+            (B, N) of B clips (every sample of a row is scored unless `lengths` is given).
           sample_rate: one rate for all, or one per clip (Hz); clips are resampled to 16 kHz.
           audiograms: (B, 8) raw levels in dB HL at 250..8000 Hz, or one (8,) for all clips.
           batch_size: clips per forward pass; clips are grouped by length (few shapes).
-          progress: show a tqdm bar (True/False), or an open tqdm bar to advance.
+          lengths: (B,) valid samples of each row of a zero-padded (B, N) array.
+          progress: show a tqdm bar (True/False/None), or an open tqdm bar to advance.
         Returns:
           (B,) float32 predicted HAAQI in (0, 1), in input order; each clip scores as if alone.
         Raises:
           ValueError naming the clip ("item i") on bad audio, rates or audiograms.
+          TypeError for file paths (see above).
         """
         from tqdm.auto import tqdm
 
+        if isinstance(waveforms, (str, os.PathLike)) or (
+                isinstance(waveforms, (list, tuple)) and waveforms
+                and all(isinstance(w, (str, os.PathLike)) for w in waveforms)):
+            raise TypeError("predict: takes waveforms (arrays), not file paths; for files, "
+                            "folders and manifests use `haaqi-jax predict` or "
+                            "haaqi_jax.predict.collect_jobs + score_jobs")
+        if hasattr(waveforms, "ndim"):                      # numpy or JAX array
+            waveforms = np.asarray(waveforms)
+            if waveforms.ndim == 2 and waveforms.shape[1] <= 2 < waveforms.shape[0]:
+                raise ValueError(
+                    f"predict: waveforms of shape {waveforms.shape} look like one clip of "
+                    f"(samples, channels); pass mono clips (e.g. x.mean(axis=1)) as a list or "
+                    f"a (clips, samples) array")
         items = list(waveforms) if not isinstance(waveforms, np.ndarray) or waveforms.ndim > 1 \
             else [waveforms]
         n = len(items)
         if n == 0:
             raise ValueError("predict: no waveforms given")
+        if lengths is not None:
+            lengths = np.asarray(lengths)
+            if not isinstance(waveforms, np.ndarray) or waveforms.ndim != 2:
+                raise ValueError("predict: lengths is for a zero-padded (B, N) array")
+            if lengths.shape != (n,) or lengths.dtype.kind not in "iu" \
+                    or np.any(lengths < 1) or np.any(lengths > waveforms.shape[1]):
+                raise ValueError(f"predict: lengths must be ({n},) integers in [1, "
+                                 f"{waveforms.shape[1]}], got {lengths!r}")
+            items = [item[:count] for item, count in zip(items, lengths)]
+        progress = False if progress is None else progress
         rates = [sample_rate] * n if np.ndim(sample_rate) == 0 else list(sample_rate)
         if len(rates) != n:
             raise ValueError(f"predict: {len(rates)} sample rates for {n} waveforms")

@@ -145,11 +145,11 @@ def test_manifest_fields_and_reader(tmp_path):
 
 
 def parts_labeller(reference, processed, sample_rate, levels, lengths, *, seeds):
-    """A labeller that also returns two parts (the square root of its score, and one part
-    above 1 that the manifest must clip)."""
+    """A labeller that also returns two parts (the square root of its score, and one part a
+    hair above 1, as float32 rounding gives, that the manifest must clip)."""
     score = correlation_labeller(reference, processed, sample_rate, levels, lengths,
                                  seeds=seeds)
-    return {"combined": score, "nonlinear": np.sqrt(score), "linear": 1.0 + score}
+    return {"combined": score, "nonlinear": np.sqrt(score), "linear": 1.0 + 1e-4 * score}
 
 
 parts_labeller.name = "test-parts"
@@ -204,6 +204,29 @@ def test_splits_and_bad_settings(tmp_path):
         demo.build_demo_dataset(tmp_path, splits=(("train", 0.5),), **SMALL)
     with pytest.raises(ValueError, match="clip_seconds"):
         demo.build_demo_dataset(tmp_path, **{**SMALL, "clip_seconds": (2.0, 1.0)})
+    with pytest.raises(ValueError, match="clip_seconds"):                # too short to degrade
+        demo.build_demo_dataset(tmp_path, **{**SMALL, "clip_seconds": (0.01, 0.01)})
+    with pytest.raises(ValueError, match="n_clips must be a whole number"):
+        demo.build_demo_dataset(tmp_path, **{**SMALL, "n_clips": 2.7})
+    with pytest.raises(ValueError, match="sum to 1"):
+        demo.assign_splits(10, (("train", 1.5), ("valid", -0.5)), 0)
+
+
+def _constant_labeller(output):
+    def labeller(reference, processed, sample_rate, levels, lengths, *, seeds):
+        return {k: np.full(len(reference), v) for k, v in output.items()}
+    labeller.name = f"test-constant-{sorted(output.items())}"
+    return labeller
+
+
+@pytest.mark.parametrize("output, message", [
+    ({"combined": 1.3}, r"combined = 1.3 for clip demo\d+: not finite or outside"),
+    ({"combined": np.nan}, r"combined = nan for clip demo\d+"),
+    ({"score": 0.5}, "without 'combined'"),
+])
+def test_labeller_bugs_are_named(tmp_path, output, message):
+    with pytest.raises(ValueError, match=message):
+        demo.build_demo_dataset(tmp_path, **{**SMALL, "labeller": _constant_labeller(output)})
 
 
 # ------------------------------------------------------------------------ with real HAAQI

@@ -242,6 +242,53 @@ def test_batch_validation_names_the_item():
     assert prepared[1][0] is None and prepared[1][1].startswith("item 1:")
 
 
+def test_batch_argument_checks_name_the_argument():
+    ref, proc = _pairs(2)
+    levels = np.zeros((2, 8))
+    rms = np.sqrt(np.mean(ref ** 2, axis=1, keepdims=True))
+    # float32 overflowed to NaN at ~1e15 (345 dB SPL); now a named error, while 199 dB (just
+    # under the limit) still scores finitely in float32.
+    with pytest.raises(ValueError, match=r"item 0: reference plays at \d+ dB SPL .* above 200"):
+        haaqi_batch(ref * 1e15, proc * 1e15, FS, levels)
+    with pytest.raises(ValueError, match=r"item 1: reference plays at .* above 200"):
+        haaqi_batch(ref, proc, FS, levels, level1=np.array([65.0, 1000.0]))
+    loud = 10 ** ((199 - 65) / 20) / rms
+    assert np.all(np.isfinite(haaqi_batch(ref * loud, proc * loud, FS, levels).combined))
+    with pytest.raises(ValueError, match=r"6 frequencies per item but audiogram_frequencies"):
+        haaqi_batch(ref, proc, FS, levels[:, :6])
+    with pytest.raises(ValueError, match="key must be a PRNG key"):
+        haaqi_batch(ref, proc, FS, levels, key=5)
+    with pytest.raises(ValueError, match="reference has no items"):
+        haaqi_batch(ref[:0], proc[:0], FS, levels[:0])
+    with pytest.raises(ValueError, match="sample_rate must be a number"):
+        haaqi_batch(ref, proc, None, levels)
+    with pytest.raises(ValueError, match="chunk must be a positive"):
+        haaqi_batch(ref, proc, FS, levels, chunk=0)
+    with pytest.warns(UserWarning, match="integer samples"):
+        prepare_batch((ref * 3000).astype(np.int16), proc, FS, levels)
+
+
+def test_haaqi_v1_argument_checks():
+    ref, proc = _pairs(1)
+    with pytest.raises(ValueError, match="level1 must be one number"):
+        haaqi_v1(ref[0], FS, proc[0], FS, np.zeros(8), 1, level1=np.array([65.0, 70.0]))
+    with pytest.raises(ValueError, match="at least 1000 Hz"):
+        haaqi_v1(ref[0], 500, proc[0], FS, np.zeros(8), 1)
+    for name in ("add_noise", "silence_threshold"):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+            haaqi_v1(ref[0], FS, proc[0], FS, np.zeros(8), 1, **{name: np.nan})
+    # pyclarity takes a size-1 level1 array; so do we, with the same result as the scalar.
+    n = prepare_batch(ref, proc, FS, np.zeros((1, 8)))[0][0].n
+    noise = np.random.default_rng(0).standard_normal((2, 32, n))
+    results = []
+    for level1 in (np.array([70.0]), 70.0):
+        np.random.seed(0)                                  # the envelope noise
+        results.append(haaqi_v1(ref[0], FS, proc[0], FS, np.zeros(8), 1, level1=level1,
+                                reference_noise=noise[0], processed_noise=noise[1]))
+    as_array, as_float = results
+    assert as_array[0] == as_float[0]
+
+
 def test_prepare_batch_threads_equal_serial_and_keep_item_order():
     ref, proc = _pairs(4)
     levels = np.zeros((4, 8))

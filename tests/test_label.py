@@ -161,7 +161,8 @@ def _rms(x):
 
 
 class FakeScorer:
-    """haaqi_batch-shaped; records the batch shapes it saw. Components: combined = rms ratio,
+    """haaqi_batch-shaped; records the batch shapes it saw. Components: combined = rms ratio / 2
+    (inside HAAQI's range, which the training manifest enforces),
     nonlinear = mean audiogram level / 100, linear = level1 / 100, cephigh = equalisation,
     bmsync5 = duration in s, d_loud = a key-dependent number, d_norm = dtype is float64.
     A level1 of 123 makes it raise ValueError (a metric-stage bad item); 111 gives NaN."""
@@ -180,7 +181,7 @@ class FakeScorer:
         if np.any(level1 == 123.0):
             raise ValueError(f"item {int(np.argmax(level1 == 123.0))}: level1 123 rejected")
         assert np.all(np.asarray(audiogram_frequencies) == label_mod.STANDARD_FREQUENCIES)
-        combined = np.asarray([_rms(p[:n]) / _rms(r[:n])
+        combined = np.asarray([_rms(p[:n]) / _rms(r[:n]) / 2
                                for r, p, n in zip(reference, processed, lengths)])
         combined[level1 == 111.0] = np.nan
         return types.SimpleNamespace(
@@ -215,7 +216,7 @@ def _expected_fake(root: Path, row: dict, *, level1_rule, equalisation=1, ears="
         r, p = ref[:, min(c, ref.shape[1] - 1)], proc[:, min(c, proc.shape[1] - 1)]
         lvl = row.get("level1", 65 - 20 * math.log10(_rms(r))
                       if level1_rule == "cadenza" else level1_rule)
-        out[name] = {"combined": _rms(p) / _rms(r), "nonlinear": np.mean(side[name]) / 100,
+        out[name] = {"combined": _rms(p) / _rms(r) / 2, "nonlinear": np.mean(side[name]) / 100,
                      "linear": lvl / 100, "cephigh": equalisation, "bmsync5": len(r) / sr,
                      "level1": lvl}
     return out
@@ -330,16 +331,19 @@ def test_training_manifest_one_row_per_ear(dataset, tmp_path):
     # label rows missing from the manifest, or with a non-finite score, are left out and named
     labels = {label["id"]: label for label in _read_jsonl(out)}
     labels["good1"]["per_ear"]["both"]["linear"] = float("nan")
+    labels["good2"]["per_ear"]["left"]["combined"] = 1.3                 # no HAAQI gives this
     edited = tmp_path / "edited.jsonl"
     edited.write_text("".join(json.dumps(label) + "\n" for label in labels.values()))
     fewer = _write_jsonl(dataset["root"] / "pairs_fewer.jsonl", rows[1:])
     partial = label_mod.write_training_manifest(edited, fewer, tmp_path / "partial.jsonl")
     reasons = dict(partial.left_out)
-    assert sorted(reasons) == ["good0", "good1"]
+    assert sorted(reasons) == ["good0", "good1", "good2"]
     assert "no row with this id" in reasons["good0"]
     assert "'good1', both ear: haaqi_components.linear is not finite" in reasons["good1"]
-    kept = [i for i in expected_ids if i.split("/")[0] not in ("good0", "good1")]
-    assert partial.n_labels == len(rows) - 2
+    assert "'good2', left ear: haaqi_score = 1.3 is outside what HAAQI can give" in reasons[
+        "good2"]
+    kept = [i for i in expected_ids if i.split("/")[0] not in ("good0", "good1", "good2")]
+    assert partial.n_labels == len(rows) - 3
     assert sorted(r.id for r in read_manifest(partial.path)) == sorted(kept)
     with pytest.raises(ValueError, match="no labelled row"):
         label_mod.write_training_manifest(

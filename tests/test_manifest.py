@@ -172,6 +172,26 @@ def test_file_level_errors(tmp_path):
         read_manifest(path, on_error="skip")
     with pytest.raises(ValueError, match="on_error"):
         read_manifest(path, on_error="ignore")
+    with pytest.raises(ValueError, match="is a folder"):
+        read_manifest(tmp_path)
+    binary = tmp_path / "b.jsonl"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(ValueError, match="b.jsonl is not UTF-8 text"):
+        read_manifest(binary)
+
+
+def test_a_byte_order_mark_is_not_bad_json(tmp_path):
+    path = _write_jsonl(tmp_path / "m.jsonl", [_row(0), _row(1)])
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())            # Excel's UTF-8 export
+    assert [r.id for r in read_manifest(path)] == [r.id for r in read_manifest(
+        _write_jsonl(tmp_path / "n.jsonl", [_row(0), _row(1)]))]
+
+
+def test_write_manifest_names_an_unwritable_row(tmp_path):
+    rows = [{"id": "a", "haaqi_score": 0.5}, {"id": "b", "haaqi_score": float("nan")}]
+    with pytest.raises(ValueError, match=r"row 1 \(id 'b'\) cannot be written"):
+        write_manifest(tmp_path / "out.jsonl", rows)
+    assert not (tmp_path / "out.jsonl").exists()
 
 
 def _rows(n, splits=None):
@@ -224,6 +244,13 @@ def test_label_fields_clip_and_refuse_non_finite():
     assert out == {"haaqi_score": 0.5, "haaqi_components": {"nonlinear": 0.0, "linear": 0.25}}
     with pytest.raises(ValueError, match="haaqi_components.linear is not finite"):
         label_fields(0.5, {"nonlinear": 0.5, "linear": float("nan")})
+    # A negative cepstral correlation takes HAAQI's parts below 0 (clipped); values no HAAQI
+    # can give are a labeller bug, not rounding.
+    assert label_fields(-0.05, {"nonlinear": -0.7, "linear": 0.0})["haaqi_score"] == 0.0
+    with pytest.raises(ValueError, match="haaqi_score = 1.3 is outside what HAAQI can give"):
+        label_fields(1.3)
+    with pytest.raises(ValueError, match="haaqi_components.nonlinear = -0.9 is outside"):
+        label_fields(0.5, {"nonlinear": -0.9, "linear": 0.5})
 
 
 def test_split_rows_uses_split_field():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+from pathlib import Path
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -113,6 +114,11 @@ def test_save_load_roundtrip_and_errors(weighted_net, levels, tmp_path):
     save_params(tmp_path / "other", {"w": np.zeros(3)}, {"kind": "beats"})
     with pytest.raises(ValueError, match="kind 'beats'"):
         M.HAAQINet.load(tmp_path / "other")
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
+        M.HAAQINet.load(tmp_path / "nowhere")
+    (tmp_path / "other" / "config.json").write_text('{"kind": "haaqinet",')
+    with pytest.raises(ValueError, match=r"other/config.json is not valid JSON"):
+        M.HAAQINet.load(tmp_path / "other")
     params = jax.tree_util.tree_map(np.asarray, weighted_net.params)
     params["head"]["dense"]["bias"] = np.zeros(7, np.float32)
     with pytest.raises(ValueError, match=r"\['head'\]\['dense'\]\['bias'\] has shape"):
@@ -182,6 +188,36 @@ def test_predict_accepts_2d_array_and_one_audiogram(weighted_net, levels):
     np.testing.assert_allclose(a, b, atol=1e-6)
     with pytest.raises(ValueError, match="sample rate"):
         weighted_net.predict(clips, 0, levels[0], progress=False)
+
+
+def test_predict_zero_padded_rows_with_lengths(weighted_net, levels):
+    clips = _clips(6, [6000, 4000])
+    padded = np.zeros((2, 6000), np.float32)
+    padded[0], padded[1, :4000] = clips
+    alone = weighted_net.predict(clips, SR, levels[0], progress=False)
+    trimmed = weighted_net.predict(padded, SR, levels[0], lengths=[6000, 4000], progress=None)
+    np.testing.assert_allclose(trimmed, alone, atol=1e-6)
+    # Without lengths every sample of a row is scored: the padded clip scores differently.
+    whole = weighted_net.predict(padded, SR, levels[0], progress=False)
+    assert abs(whole[1] - alone[1]) > 1e-4
+    # A JAX array, and a whole-number float rate, work as a numpy array and an int do.
+    one = weighted_net.predict(jnp.asarray(clips[0]), float(SR), levels[0], progress=False)
+    np.testing.assert_allclose(one, alone[:1], atol=1e-6)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda net, c, l: net.predict("clip.wav", SR, l), TypeError, "not file paths"),
+    (lambda net, c, l: net.predict([Path("a.wav")], SR, l), TypeError, "not file paths"),
+    (lambda net, c, l: net.predict(np.stack([c[0], c[0]], 1), SR, l), ValueError,
+     "look like one clip of \\(samples, channels\\)"),
+    (lambda net, c, l: net.predict(np.stack(c), SR, l, lengths=[0, 3]), ValueError,
+     "lengths must be"),
+    (lambda net, c, l: net.predict(c, SR, l, lengths=[3, 3]), ValueError,
+     "lengths is for a zero-padded"),
+])
+def test_predict_misuse_is_named(weighted_net, levels, call, error, message):
+    with pytest.raises(error, match=message):
+        call(weighted_net, _clips(7, [4000, 4000]), levels[0])
 
 
 # ---------------------------------------------------------------- encoder registry hook

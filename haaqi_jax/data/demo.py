@@ -47,7 +47,7 @@ from haaqi_jax.audiogram import STANDARD_FREQUENCIES, validate_levels
 from haaqi_jax.data import degrade as degrade_lib
 from haaqi_jax.data import listeners as listeners_lib
 from haaqi_jax.data import synth
-from haaqi_jax.data.manifest import COMPONENT_NAMES, label_fields
+from haaqi_jax.data.manifest import COMPONENT_NAMES, RAW_LABEL_RANGE, label_fields
 
 SETTINGS_VERSION = 2  # 2: eleven seen pairs (was three)
 DEFAULT_SPLITS = (("train", 0.6), ("valid", 0.1), ("test_seen", 0.1), ("test_unseen", 0.2))
@@ -129,11 +129,16 @@ class DemoSettings:
         return {k: v for k, v in self.to_json().items() if k != "labeller"}
 
 
+#: The shortest demo clip, s: the degradations' STFTs and HAAQI's segments need some length.
+MIN_CLIP_SECONDS = 0.5
+
+
 def _validate(n_clips, clip_seconds, splits, sample_rate):
-    if int(n_clips) < 1:
-        raise ValueError(f"n_clips must be >= 1, got {n_clips}")
-    if len(clip_seconds) != 2 or not 0 < clip_seconds[0] <= clip_seconds[1]:
-        raise ValueError(f"clip_seconds must be (min, max) with 0 < min <= max, got {clip_seconds}")
+    if isinstance(n_clips, bool) or not isinstance(n_clips, (int, np.integer)) or n_clips < 1:
+        raise ValueError(f"n_clips must be a whole number >= 1, got {n_clips!r}")
+    if len(clip_seconds) != 2 or not MIN_CLIP_SECONDS <= clip_seconds[0] <= clip_seconds[1]:
+        raise ValueError(f"clip_seconds must be (min, max) with {MIN_CLIP_SECONDS} <= min <= "
+                         f"max, got {clip_seconds}")
     names = [s[0] for s in splits]
     if len(set(names)) != len(names) or not names:
         raise ValueError(f"splits need distinct names, got {names}")
@@ -148,6 +153,8 @@ def _validate(n_clips, clip_seconds, splits, sample_rate):
 def assign_splits(n_clips: int, splits: Sequence[tuple[str, float]], seed: int) -> list[str]:
     """Split name per clip: counts by largest remainder, order by a seeded permutation."""
     fractions = np.asarray([f for _, f in splits], dtype=np.float64)
+    if np.any(fractions < 0) or not np.isclose(fractions.sum(), 1.0):
+        raise ValueError(f"split fractions must be >= 0 and sum to 1, got {list(splits)}")
     exact = fractions * n_clips
     counts = np.floor(exact).astype(int)
     for i in np.argsort(-(exact - counts), kind="stable")[: n_clips - counts.sum()]:
@@ -308,6 +315,10 @@ def _label_batch(out: Path, metas: list[dict[str, Any]], batch: list[int], batch
                        np.uint32)
     out = labeller(reference, processed, sr, levels, lengths, seeds=seeds)
     parts = out if isinstance(out, Mapping) else {"combined": out}
+    if "combined" not in parts:
+        raise ValueError(f"labeller returned a mapping without 'combined' (keys: "
+                         f"{sorted(parts)}); expected scores or {{'combined', "
+                         f"{', '.join(repr(n) for n in COMPONENT_NAMES)}}}")
     values = {}
     for name, part in parts.items():
         part = np.asarray(part, dtype=np.float64).reshape(-1)
@@ -315,10 +326,12 @@ def _label_batch(out: Path, metas: list[dict[str, Any]], batch: list[int], batch
             raise ValueError(f"labeller returned {name} of shape {part.shape}, expected "
                              f"({batch_size},)")
         part = part[:len(batch)]
-        bad = np.flatnonzero(~np.isfinite(part))
+        low, high = RAW_LABEL_RANGE
+        bad = np.flatnonzero(~(np.isfinite(part) & (part >= low) & (part <= high)))
         if bad.size:
-            raise ValueError(f"labeller gave a non-finite {name} ({part[bad[0]]}) for clip "
-                             f"{metas[batch[bad[0]]]['id']}")
+            raise ValueError(f"labeller gave {name} = {part[bad[0]]} for clip "
+                             f"{metas[batch[bad[0]]]['id']}: not finite or outside what HAAQI "
+                             f"can give ({RAW_LABEL_RANGE})")
         values[name] = part
     labels = [{"haaqi_score": float(s)} for s in values["combined"]]
     if all(name in values for name in COMPONENT_NAMES):
@@ -423,6 +436,8 @@ def build_demo_dataset(out_dir: str | os.PathLike, *, n_clips: int = 100, seed: 
 def score_histogram(scores: Sequence[float], bins: int = 10, width: int = 40) -> str:
     """Text histogram of scores over [0, 1]."""
     scores = np.asarray(scores, dtype=np.float64)
+    if scores.size == 0:
+        return "HAAQI of 0 clips"
     counts, edges = np.histogram(np.clip(scores, 0.0, 1.0), bins=bins, range=(0.0, 1.0))
     top = max(int(counts.max()), 1)
     lines = [f"HAAQI of {scores.size} clips: mean {scores.mean():.3f}, median "
@@ -438,9 +453,11 @@ def summarize(manifest: str | os.PathLike) -> str:
     rows = [json.loads(l) for l in Path(manifest).read_text().splitlines() if l.strip()]
     text = [score_histogram([r["haaqi_score"] for r in rows])]
     for key in ("split", "listener_shape", "distortion"):
+        if not any(key in r for r in rows):
+            continue
         groups: dict[str, list[float]] = {}
         for r in rows:
-            groups.setdefault(r[key], []).append(r["haaqi_score"])
+            groups.setdefault(str(r.get(key, "(none)")), []).append(r["haaqi_score"])
         text.append(f"mean HAAQI by {key}: " + ", ".join(
             f"{k} {np.mean(v):.2f} (n={len(v)})" for k, v in sorted(groups.items())))
     return "\n".join(text)

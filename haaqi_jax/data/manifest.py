@@ -160,18 +160,29 @@ def _check_components(value: Any) -> tuple[float, float]:
                  for k, v in zip(COMPONENT_NAMES, value))
 
 
+#: What HAAQI and its parts can give before clipping (see `label_fields`).
+RAW_LABEL_RANGE = (-0.76, 1.0 + 1e-3)
+
+
 def label_fields(score: float, components: Mapping[str, float] | None = None
                  ) -> dict[str, Any]:
     """A metric's raw outputs as manifest label keys: {"haaqi_score": s} plus, when the parts
-    are given, {"haaqi_components": {"nonlinear": x, "linear": y}}, each clipped to [0, 1]
-    (HAAQI's range, which float32 rounding can overstep by a hair).
+    are given, {"haaqi_components": {"nonlinear": x, "linear": y}}, each clipped to [0, 1].
 
-    Raises ValueError naming the value when one is not finite.
+    Clipping is for HAAQI's own excursions: float32 rounding oversteps 1 by a hair, and a
+    negative cepstral correlation takes the nonlinear part (0.754 c^3 + 0.246 sync, at least
+    -0.754) and the score (HAAQI's polynomial, at least -0.056) below 0.
+
+    Raises ValueError naming the value when one is not finite or is outside what HAAQI can
+    give (above 1 + 1e-3, below -0.76): a labeller bug rather than rounding.
     """
     def clipped(value: float, key: str) -> float:
         value = float(value)
         if not math.isfinite(value):
             raise ValueError(f"{key} is not finite ({value})")
+        if not RAW_LABEL_RANGE[0] <= value <= RAW_LABEL_RANGE[1]:
+            raise ValueError(f"{key} = {value:g} is outside what HAAQI can give "
+                             f"({RAW_LABEL_RANGE}); check the labeller")
         return min(max(value, 0.0), 1.0)
 
     out: dict[str, Any] = {"haaqi_score": clipped(score, "haaqi_score")}
@@ -307,13 +318,20 @@ def read_manifest(path: str | os.PathLike, *, require_label: bool = False,
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     path = Path(path).expanduser().absolute()
+    if path.is_dir():
+        raise ValueError(f"manifest {path} is a folder; pass the .jsonl or .csv file")
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
     base = path.parent
     rows: list[ManifestRow] = []
     skipped: list[tuple[int, str]] = []
     seen: dict[str, int] = {}
-    entries = _entries(path, path.read_text(encoding="utf-8"))
+    try:
+        text = path.read_text(encoding="utf-8-sig")          # a BOM (Excel's CSV) is fine
+    except UnicodeDecodeError as err:
+        raise ValueError(f"manifest {path} is not UTF-8 text (byte {err.start}): is it a "
+                         f"JSONL or CSV file?") from None
+    entries = _entries(path, text)
     progress = None
     if check_files and len(entries) > 200:
         from tqdm.auto import tqdm
@@ -358,9 +376,13 @@ def write_manifest(path: str | os.PathLike,
     path = Path(path).expanduser().absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = []
-    for item in rows_or_dicts:
+    for i, item in enumerate(rows_or_dicts):
         obj = item.to_dict(relative_to=path.parent) if isinstance(item, ManifestRow) else dict(item)
-        lines.append(json.dumps(obj, allow_nan=False))
+        try:
+            lines.append(json.dumps(obj, allow_nan=False))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: row {i} (id {obj.get('id')!r}) cannot be written as JSON: "
+                             f"{err}") from None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -198,7 +198,8 @@ def _drum_hit(kind: str, sr: int, vel: float, rng: np.random.Generator) -> np.nd
     if kind == "snare":
         n = int(0.25 * sr)
         t = np.arange(n) / sr
-        noise = scipy.signal.sosfilt(scipy.signal.butter(2, [1500, 9000], "bandpass", fs=sr,
+        band = [1500, min(9000, 0.45 * sr)]                  # below Nyquist at 16-18 kHz too
+        noise = scipy.signal.sosfilt(scipy.signal.butter(2, band, "bandpass", fs=sr,
                                                          output="sos"), rng.standard_normal(n))
         tone = np.sin(2 * np.pi * 190.0 * t)
         return (0.9 * noise * np.exp(-t / 0.06) + 0.5 * tone * np.exp(-t / 0.04)) * vel

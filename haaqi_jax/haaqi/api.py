@@ -187,7 +187,9 @@ def haaqi_v1(reference, reference_freq: float, processed, processed_freq: float,
       audiogram: pyclarity's or haaqi_jax's Audiogram (or 8 levels at the standard frequencies);
         interpolated onto 250..6000 Hz.
       equalisation: 1 = apply NAL-R to the reference; 2 = the reference is already amplified.
-      level1: dB SPL of a signal with RMS 1.
+        (0, accepted as pyclarity accepts it, is its ear model's intelligibility mode: the
+        reference through a normal-hearing ear, no NAL-R; not a HAAQI convention.)
+      level1: dB SPL of a signal with RMS 1 (a size-1 array is accepted, as in pyclarity).
       silence_threshold: dB SL below which frames/segments are ignored.
       add_noise: standard deviation (dB) of noise added to the envelopes before the cepstra.
       segment_covariance: BM covariance segment length, ms.
@@ -207,6 +209,10 @@ def haaqi_v1(reference, reference_freq: float, processed, processed_freq: float,
     if segment_covariance != int(segment_covariance) or segment_covariance < 2:
         raise ValueError(f"segment_covariance must be a whole number of ms >= 2, got "
                          f"{segment_covariance}")
+    level1 = ear_model.check_level1(level1)
+    for name, value in (("silence_threshold", silence_threshold), ("add_noise", add_noise)):
+        if not isinstance(value, (int, float, np.integer, np.floating)) or not np.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
     loss = hearing_loss_6(audiogram)
     pair = ear_model.prepare_pair(reference, reference_freq, processed, processed_freq, loss,
                                   equalisation, level1)
@@ -273,11 +279,17 @@ def _as_batch(name: str, x, batch: int | None = None) -> np.ndarray:
         raise ValueError(f"{name} has {arr.shape[0]} items but reference has {batch}")
     if arr.dtype.kind not in "iuf":
         raise ValueError(f"{name} must be numeric, got dtype {arr.dtype}")
+    if arr.shape[0] == 0:
+        raise ValueError(f"{name} has no items")
+    ear_model.warn_if_integer_samples(arr, name)
     return arr
 
 
 def _per_item(name: str, value, batch: int) -> np.ndarray:
-    arr = np.asarray(value, dtype=np.float64)
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number or ({batch},) numbers, got {value!r}") from None
     if arr.ndim == 0:
         return np.full(batch, float(arr))
     if arr.shape != (batch,):
@@ -308,17 +320,17 @@ def prepare_batch(reference, processed, sample_rate: float, audiogram_levels,
     if equalisation not in (1, 2):
         raise ValueError(f"equalisation must be 1 (apply NAL-R) or 2 (already amplified), got "
                          f"{equalisation!r}")
-    if not np.isfinite(sample_rate) or sample_rate < 500:
-        raise ValueError(f"sample_rate must be a rate in Hz, got {sample_rate}")
+    ear_model.check_sample_rate(sample_rate, "sample_rate")
     levels = np.asarray(audiogram_levels, dtype=np.float64)
     if levels.ndim != 2 or levels.shape[0] != batch:
         raise ValueError(f"audiogram_levels must have shape ({batch}, frequencies), got "
                          f"{levels.shape}")
     freqs = np.asarray(audiogram_frequencies, dtype=np.float64)
-    freqs = np.broadcast_to(freqs, levels.shape) if freqs.ndim == 1 else freqs
-    if freqs.shape != levels.shape:
-        raise ValueError(f"audiogram_frequencies must have shape ({levels.shape[1]},) or "
-                         f"{levels.shape}, got {np.shape(audiogram_frequencies)}")
+    if freqs.shape not in ((levels.shape[1],), levels.shape):
+        raise ValueError(f"audiogram_levels have {levels.shape[1]} frequencies per item but "
+                         f"audiogram_frequencies has shape {freqs.shape}: pass one frequency "
+                         f"per level, ({levels.shape[1]},) or {levels.shape}")
+    freqs = np.broadcast_to(freqs, levels.shape)
     level1 = _per_item("level1", level1, batch)
     if lengths is None:
         lengths = np.full(batch, reference.shape[1])
@@ -372,6 +384,11 @@ def _item_keys(key, batch: int) -> jax.Array:
     key = jax.random.PRNGKey(0) if key is None else key
     key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
     typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    if not (typed and key.ndim <= 1) and not (
+            key.dtype == jnp.uint32 and key.ndim in (1, 2) and key.shape[-1] == 2):
+        raise ValueError(
+            f"key must be a PRNG key (jax.random.key(0) or jax.random.PRNGKey(0)) or {batch} "
+            f"per-item keys, got dtype {key.dtype} shape {key.shape}")
     per_item = key.ndim == (1 if typed else 2)
     if per_item:
         if key.shape[0] != batch:
@@ -420,6 +437,8 @@ def score_prepared(pairs: Sequence[ear_model.PreparedPair], *, key=None, dtype=j
     devices = jax.local_devices()
     n_dev = len(devices)
     auto_chunk, auto_bands = default_chunking(length, devices, dtype)
+    if chunk is not None and (not isinstance(chunk, (int, np.integer)) or chunk < 1):
+        raise ValueError(f"chunk must be a positive number of items, got {chunk!r}")
     chunk = auto_chunk if chunk is None else chunk
     bands_per_step = auto_bands if bands_per_step is None else int(bands_per_step)
     n_chunks = -(-batch // max(1, min(int(chunk), batch)))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 
 import flax.struct
 import jax
@@ -153,16 +154,65 @@ def _check_equalisation(equalisation) -> None:
         raise ValueError(f"equalisation must be 0, 1 or 2, got {equalisation!r}")
 
 
+#: The lowest input rate: pyclarity resamples from the rate rounded to whole kHz.
+MIN_SAMPLE_RATE = 1000.0
+#: The loudest signal accepted, dB SPL (level1 + 20 log10 RMS): far above any real sound
+#: (130-140 dB is the threshold of pain), well below float32 overflow in the ear model.
+MAX_LEVEL_DB_SPL = 200.0
+
+
+def check_sample_rate(sample_rate, name: str) -> float:
+    """Returns `sample_rate` as a float; ValueError naming `name` unless it is a rate in Hz."""
+    if isinstance(sample_rate, (bool, np.bool_)) or not isinstance(
+            sample_rate, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number in Hz, got {sample_rate!r}")
+    if not np.isfinite(sample_rate) or sample_rate < MIN_SAMPLE_RATE:
+        raise ValueError(f"{name} must be at least {MIN_SAMPLE_RATE:g} Hz, got {sample_rate}")
+    return float(sample_rate)
+
+
+def check_level1(level1, name: str = "level1") -> float:
+    """A scalar level1 (a size-1 array is accepted, as pyclarity does) as a finite float."""
+    try:
+        value = np.asarray(level1, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number (dB SPL of RMS 1), got {level1!r}") from None
+    if value.size != 1:
+        raise ValueError(f"{name} must be one number (dB SPL of RMS 1), got shape {value.shape}")
+    value = float(value.reshape(()))
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def warn_if_integer_samples(x, name: str) -> None:
+    """Integer PCM is scored at its face value (+-32767 for int16), as pyclarity does: ~90 dB
+    louder than the same audio in [-1, 1]. Almost always a mistake, so say so."""
+    if np.asarray(x).dtype.kind in "iu":
+        warnings.warn(f"{name} has integer samples ({np.asarray(x).dtype}), scored at face "
+                      "value; scale PCM into [-1, 1] first (e.g. int16 / 32768)",
+                      stacklevel=5)  # the caller of haaqi_v1 / haaqi_batch
+
+
 def _check_signal(x, sample_rate, name: str) -> np.ndarray:
+    warn_if_integer_samples(x, name)
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 1 or x.size == 0:
         raise ValueError(f"{name} must be a non-empty 1-D signal, got shape {x.shape}")
     if not np.all(np.isfinite(x)):
         raise ValueError(f"{name} has non-finite samples (first at index "
                          f"{int(np.flatnonzero(~np.isfinite(x))[0])})")
-    if not np.isfinite(sample_rate) or sample_rate < 500:
-        raise ValueError(f"{name} sample rate must be a positive rate in Hz, got {sample_rate}")
+    check_sample_rate(sample_rate, f"{name} sample rate")
     return x
+
+
+def _check_level(x: np.ndarray, level1: float, name: str) -> None:
+    rms = float(np.sqrt(np.mean(np.square(x))))
+    if rms > 0 and level1 + 20 * np.log10(rms) > MAX_LEVEL_DB_SPL:
+        raise ValueError(
+            f"{name} plays at {level1 + 20 * np.log10(rms):.0f} dB SPL (level1 {level1:g} + "
+            f"20 log10 RMS {rms:.3g}), above {MAX_LEVEL_DB_SPL:g}: check the sample scale "
+            "(integer PCM?) and level1")
 
 
 def prepare_pair(reference, reference_sr: float, processed, processed_sr: float,
@@ -175,12 +225,14 @@ def prepare_pair(reference, reference_sr: float, processed, processed_sr: float,
     reference (with its 70-sample advance).
 
     Raises:
-      ValueError: on empty, non-finite or silent input, a bad loss or equalisation.
+      ValueError: on empty, non-finite or silent input, a signal above 200 dB SPL, a bad rate,
+        level1, loss or equalisation.
     """
     reference = _check_signal(reference, reference_sr, "reference")
     processed = _check_signal(processed, processed_sr, "processed")
-    if not np.isfinite(level1):
-        raise ValueError(f"level1 must be finite, got {level1}")
+    level1 = check_level1(level1)
+    _check_level(reference, level1, "reference")
+    _check_level(processed, level1, "processed")
     params = ear_params(hearing_loss_6, equalisation)
     ref = preprocess.resample_24khz(reference, reference_sr)
     proc = preprocess.resample_24khz(processed, processed_sr)

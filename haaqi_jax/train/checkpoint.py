@@ -68,11 +68,19 @@ def save_params(directory: str | os.PathLike, params: Any, config: dict[str, Any
 def load_config(directory: str | os.PathLike) -> dict[str, Any]:
     """Reads config.json of a parameter directory, with a clear error if it is not one."""
     directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} does not exist or is not a folder")
     path = directory / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(
             f"{directory} is not a haaqi_jax parameter directory: {CONFIG_FILE} is missing")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(meta).__name__}")
+    return meta
 
 
 def load_params(directory: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
