@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import tempfile
+from pathlib import Path
 
 from haaqi_jax import host_memory
 
@@ -35,12 +38,59 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def writable_file(path: str | os.PathLike, what: str) -> Path:
+    """Checks, before long work starts, that a file can be written at `path` (its folder is
+    created). Returns it as a Path; ValueError naming `what` otherwise."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; give a file name")
+    _check_folder(path.parent, f"{what} {path}")
+    return path
+
+
+def writable_folder(path: str | os.PathLike, what: str) -> Path:
+    """As `writable_file`, for an output folder (created)."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} is a file; give a folder")
+    _check_folder(path, f"{what} {path}")
+    return path
+
+
+def _check_folder(folder: Path, what: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ValueError(f"{what} cannot be written: {err.strerror or err}") from None
+
+
+#: Set to 1 to see the Python traceback behind a one-line CLI error.
+TRACEBACK_ENV = "HAAQI_JAX_TRACEBACK"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs one subcommand. Exit codes: 0 done, 1 done but some items failed (named), 2 a
+    usage or input error (one line on stderr), 130 interrupted (finished work is kept)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     host_memory.keep_freed_memory()  # a process setting: see haaqi_jax/host_memory.py
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"haaqi-jax {args.command}: interrupted; finished work is kept (label, demo-data: "
+              f"the same command resumes)", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as err:
+        # Bad files, paths, settings: every such error names its cause; a traceback would only
+        # bury it. HAAQI_JAX_TRACEBACK=1 shows it for bug reports.
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        print(f"haaqi-jax {args.command}: error: {err} (set {TRACEBACK_ENV}=1 for the "
+              f"traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -96,21 +96,26 @@ def compare(runs: Mapping[str, Mapping[str, Mapping[str, float]]],
     for split in splits:
         have = {name: scores[split] for name, scores in runs.items() if split in scores}
         rows += [{"split": split, "run": name, **entry} for name, entry in have.items()]
-        values = {k: np.asarray([entry[k] for entry in have.values()]) for k in SCORES}
+        # A run whose score is undefined (e.g. a correlation over one clip) is left out of
+        # that score's summary instead of turning it into NaN.
+        values = {k: np.asarray([v for v in (entry[k] for entry in have.values())
+                                 if math.isfinite(v)]) for k in SCORES}
         rows.append({"split": split, "run": "mean", "n": len(have),
-                     **{k: float(np.mean(v)) for k, v in values.items()}})
+                     **{k: float(np.mean(v)) if len(v) else math.nan
+                        for k, v in values.items()}})
         rows.append({"split": split, "run": "sd", "n": len(have),
                      **{k: float(np.std(v, ddof=1)) if len(v) > 1 else math.nan
                         for k, v in values.items()}})
         rows.append({"split": split, "run": "range", "n": len(have),
-                     **{k: (float(np.min(v)), float(np.max(v))) for k, v in values.items()}})
+                     **{k: (float(np.min(v)), float(np.max(v))) if len(v) else math.nan
+                        for k, v in values.items()}})
     return rows
 
 
 def _cell(value: Any) -> str:
     if isinstance(value, tuple):
         return f"{value[0]:.4f}-{value[1]:.4f}"
-    return "nan" if math.isnan(value) else f"{value:.4f}"
+    return "n/a" if math.isnan(value) else f"{value:.4f}"
 
 
 def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -119,7 +124,8 @@ def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     for row in rows:
         summary = row["run"] in ("mean", "sd", "range")
         run = f"**{row['run']}**" if summary else row["run"]
-        n = f"{row['n']} runs" if summary else int(row["n"])
+        n = (f"{row['n']} run{'s' if row['n'] != 1 else ''}" if summary
+             else int(row["n"]))
         lines.append(f"| {row['split']} | {run} | {n} | "
                      + " | ".join(_cell(row[k]) for k in SCORES) + " |")
     return "\n".join(lines) + "\n"
@@ -130,7 +136,7 @@ def _write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
         writer = csv.writer(f)
         writer.writerow(["split", "run", "n", *SCORES])
         for row in rows:
-            writer.writerow([row["split"], row["run"], row["n"],
+            writer.writerow([row["split"], row["run"], int(row["n"]),
                              *(("%s-%s" % row[k]) if isinstance(row[k], tuple) else row[k]
                                for k in SCORES)])
 
@@ -160,7 +166,10 @@ def run(args: argparse.Namespace) -> int:
     """Prints the comparison; returns 1 when no run could be read, 2 for a split no run has,
     else 0 (unreadable runs are reported on stderr and left out)."""
     import sys
+    from haaqi_jax.cli import writable_file
 
+    if args.out is not None:
+        writable_file(args.out, "--out")
     runs, names = {}, _run_names(list(args.runs))
     for path, name in zip(args.runs, names):
         try:
@@ -178,7 +187,6 @@ def run(args: argparse.Namespace) -> int:
     text = markdown(rows)
     print(text, end="")
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
         _write_csv(rows, args.out.with_suffix(".csv"))
     return 0

@@ -24,6 +24,7 @@ import argparse
 import csv
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -32,6 +33,8 @@ import numpy as np
 from haaqi_jax.train import metrics as metrics_lib
 
 RECORD_FIELDS = ("id", "split", "distortion", "label", "prediction")
+#: The split name of manifest rows that have none.
+UNSPLIT = "unsplit"
 
 
 def _row_field(row: Any, name: str) -> Any:
@@ -250,15 +253,24 @@ def evaluate_manifest(model_dir: str | os.PathLike, manifest: str | os.PathLike,
                       progress: bool = True) -> dict[str, Any]:
     """Predicts every (selected) row of a labelled manifest and writes the report.
 
+    Bad rows (malformed, a missing, corrupt, NaN, silent or too short file) are reported and
+    skipped, as `haaqi-jax predict` skips bad files: metrics["skipped"] lists them
+    ({"line" or "id", "reason"}), and the report covers the others. Rows without a split are
+    scored as split "unsplit".
+
     Returns:
-      the metrics dict written to metrics.json.
+      the metrics dict written to metrics.json, plus "skipped".
     """
     from haaqi_jax.data.audio import load_audio
     from haaqi_jax.data.manifest import read_manifest
-    from haaqi_jax.model import HAAQINet
+    from haaqi_jax.model import HAAQINet, prepare_waveform
 
-    rows = read_manifest(manifest, require_label=True, check_files=True)
-    available = sorted({r.split for r in rows})
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    rows = read_manifest(manifest, require_label=True, check_files=True, on_error="skip")
+    skipped = [{"line": line, "reason": reason} for line, reason in rows.skipped]
+    split_of = {id(r): UNSPLIT if r.split is None else r.split for r in rows}
+    available = sorted(set(split_of.values()))
     splits = available if not splits else list(splits)
     missing = [s for s in splits if s not in available]
     if missing:
@@ -266,20 +278,41 @@ def evaluate_manifest(model_dir: str | os.PathLike, manifest: str | os.PathLike,
     net = HAAQINet.load(model_dir)
     records = []
     for split in splits:
-        split_rows = [r for r in rows if r.split == split]
-        waves = [load_audio(row.file_path, 16000, row.channel) for row in split_rows]
+        split_rows, waves = [], []
+        for row in (r for r in rows if split_of[id(r)] == split):
+            try:
+                wave = load_audio(row.file_path, 16000, row.channel)
+                prepare_waveform(wave, 16000, where=str(row.file_path))   # predict's checks
+            except ValueError as err:
+                skipped.append({"id": row.id, "reason": str(err)})
+                continue
+            split_rows.append(row)
+            waves.append(wave)
+        if not split_rows:
+            continue
         levels = np.stack([np.asarray(r.audiogram, np.float64) for r in split_rows])
         preds = net.predict(waves, 16000, levels, batch_size=batch_size, progress=progress)
         records += prediction_records(split_rows, preds, split)
+    for item in skipped:
+        where = f"line {item['line']}" if "line" in item else f"id {item['id']!r}"
+        print(f"skipped {where}: {item['reason']}", file=sys.stderr)
+    if not records:
+        raise ValueError(f"{manifest}: no row could be evaluated ({len(skipped)} skipped)")
     write_report(records, out_dir, color_by=color_by, num_examples=num_examples)
-    return compute_report_metrics(records)
+    if skipped:
+        (Path(out_dir) / "skipped.json").write_text(json.dumps(skipped, indent=1) + "\n")
+    return {**compute_report_metrics(records), "skipped": skipped}
 
 
 def run(args: argparse.Namespace) -> int:
+    from haaqi_jax.cli import writable_folder
+    writable_folder(args.out, "--out")                       # before the model runs
     report = evaluate_manifest(args.model, args.manifest, args.out, splits=args.splits,
                                batch_size=args.batch_size, color_by=args.color_by,
                                num_examples=args.num_examples)
     overall = report["overall"]
     print(f"{overall['n']} clips: LCC {_fmt(overall['lcc'])}  SRCC {_fmt(overall['srcc'])}  "
-          f"MSE {_fmt(overall['mse'])}  -> {args.out}")
-    return 0
+          f"MSE {_fmt(overall['mse'])}  -> {args.out}"
+          + (f" ({len(report['skipped'])} rows skipped: skipped.json)" if report["skipped"]
+             else ""))
+    return 1 if report["skipped"] else 0

@@ -249,12 +249,14 @@ def write_results(path: str | Path, jobs: list[Job]) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from haaqi_jax.cli import writable_file
     from haaqi_jax.model import HAAQINet
     try:
         default = None if args.audiogram is None else parse_audiogram(args.audiogram)
         table = {} if args.audiograms is None else read_audiogram_table(args.audiograms)
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        writable_file(args.out, "--out")                    # before the scoring, not after
         jobs = collect_jobs(args.inputs)
         if not jobs:
             raise ValueError("no audio files found in INPUTS")

@@ -98,3 +98,18 @@ def test_read_scores_names_the_file_at_fault(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"overall": {"lcc": 0.5, "n": 3}}))
     with pytest.raises(ValueError, match=r"entry 'all' has no 'srcc'"):
         compare.read_scores(tmp_path / "metrics.json")
+
+
+def test_undefined_scores_stay_out_of_the_summary():
+    defined = {"n": 40.0, "lcc": 0.8, "srcc": 0.7, "mse": 0.02}
+    runs = {"a": {"valid": defined},
+            "b": {"valid": dict(defined, lcc=0.6)},
+            "c": {"valid": {"n": 1.0, "lcc": float("nan"), "srcc": float("nan"), "mse": 0.05}}}
+    rows = {r["run"]: r for r in compare.compare(runs, ["valid"])}
+    assert rows["mean"]["lcc"] == pytest.approx(0.7)            # was NaN: c has no LCC
+    assert rows["mean"]["mse"] == pytest.approx(np.mean([0.02, 0.02, 0.05]))
+    assert rows["sd"]["lcc"] == pytest.approx(np.std([0.8, 0.6], ddof=1))
+    assert rows["range"]["lcc"] == (0.6, 0.8)
+    text = compare.markdown(compare.compare(runs, ["valid"]))
+    assert "| valid | c | 1 | n/a | n/a | 0.0500 |" in text and "nan" not in text
+    assert "| **sd** | 1 run |" in compare.markdown(compare.compare({"a": runs["a"]}, ["valid"]))

@@ -212,6 +212,30 @@ def test_splits_and_bad_settings(tmp_path):
         demo.assign_splits(10, (("train", 1.5), ("valid", -0.5)), 0)
 
 
+def test_only_its_own_files_are_ever_deleted(tmp_path, capsys):
+    from haaqi_jax.cli import main
+    # A folder with other files and no dataset is refused, untouched.
+    theirs = tmp_path / "theirs"
+    (theirs / "audio" / "processed").mkdir(parents=True)
+    (theirs / "audio" / "processed" / "mywork.wav").write_bytes(b"keep me")
+    with pytest.raises(ValueError, match="not empty and holds no demo dataset"):
+        demo.build_demo_dataset(theirs, **SMALL)
+    assert (theirs / "audio" / "processed" / "mywork.wav").read_bytes() == b"keep me"
+    # A bad option on a rerun fails before anything is deleted (it wiped the set before).
+    ours = tmp_path / "ours"
+    manifest = demo.build_demo_dataset(ours, seed=0, **SMALL)
+    before = _files(ours)
+    assert main(["demo-data", str(ours), "--n", "6", "--seed", "-1"]) == 2
+    assert "seed must be a whole number >= 0" in capsys.readouterr().err
+    assert _files(ours) == before
+    # New settings replace the dataset's own files and nothing else.
+    (ours / "audio" / "processed" / "mywork.wav").write_bytes(b"keep me")
+    demo.build_demo_dataset(ours, seed=1, **SMALL)
+    assert (ours / "audio" / "processed" / "mywork.wav").read_bytes() == b"keep me"
+    assert manifest.exists() and _files(ours)[
+        "audio/processed/demo000000.wav"] != before["audio/processed/demo000000.wav"]
+
+
 def _constant_labeller(output):
     def labeller(reference, processed, sample_rate, levels, lengths, *, seeds):
         return {k: np.full(len(reference), v) for k, v in output.items()}

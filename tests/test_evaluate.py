@@ -124,3 +124,31 @@ def test_rows_of_one_channel_are_scored_on_that_channel(tmp_path):
         [stored[:, 0], stored[:, 1]], 16000, [[20] * 8] * 2, progress=False)
     np.testing.assert_allclose([rows["s/left"], rows["s/right"]], expected, atol=1e-5)
     assert abs(expected[0] - expected[1]) > 1e-3  # the channels do score differently
+
+
+def test_evaluate_skips_bad_rows_and_scores_rows_without_a_split(tmp_path, capsys):
+    from haaqi_jax import config as cfglib
+    from haaqi_jax.train import loop
+
+    manifest = _helpers.write_tiny_dataset(tmp_path / "data")
+    loop.build_model(cfglib.load_config_file(_helpers.TINY)).save(tmp_path / "model")
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()][:4]
+    for row in rows:
+        row.pop("split", None)
+    sf.write(tmp_path / "data" / "silent.wav", np.zeros(16000, np.float32), 16000)
+    rows.append(dict(rows[0], id="silent", file_path="silent.wav"))
+    edited = tmp_path / "data" / "edited.jsonl"
+    edited.write_text("\n".join(json.dumps(r) for r in rows[:2]) + '\n{"id": "cut",\n'
+                      + "\n".join(json.dumps(r) for r in rows[2:]) + "\n")
+    out = tmp_path / "eval"
+    code = cli.main(["evaluate", "--model", str(tmp_path / "model"), "--manifest", str(edited),
+                     "--out", str(out), "--batch-size", "4"])
+    assert code == 1                                         # done, but some rows failed
+    err = capsys.readouterr().err
+    assert "skipped line 3:" in err and "skipped id 'silent':" in err and "silent" in err
+    skipped = json.loads((out / "skipped.json").read_text())
+    assert [s.get("line", s.get("id")) for s in skipped] == [3, "silent"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["overall"]["n"] == 4 and list(metrics["by_split"]) == ["unsplit"]
+    assert metrics["by_split"]["unsplit"]["label_mean"] == pytest.approx(
+        np.mean([r["haaqi_score"] for r in rows[:4]]))

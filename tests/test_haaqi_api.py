@@ -132,6 +132,23 @@ def test_pyclarity_regression_compute_haaqi(levels, freqs):
     assert score == pytest.approx(0.113759275, abs=1e-7)
 
 
+def test_silent_processed_scores_like_a_vanishing_one_where_pyclarity_gives_nan():
+    ref, proc = degrade(music(0.5, 44100, 9), 44100, "noise", 9)
+    silent = np.zeros_like(proc)
+    audiogram = Audiogram(AUDIOGRAMS["sloping"])
+    np.random.seed(1)
+    clarity = clarity_haaqi_v1(ref, 44100, silent, 44100,
+                               ClarityAudiogram(np.asarray(AUDIOGRAMS["sloping"], float),
+                                                STANDARD_FREQUENCIES), 1, 65.0)
+    assert np.isnan(clarity[0])              # its 44.1 -> 24 kHz RMS rescale divides 0 by 0
+    scores = []
+    for processed in (silent, proc * 1e-9):
+        np.random.seed(1)
+        scores.append(haaqi_v1(ref, 44100, processed, 44100, audiogram, 1)[0])
+    assert np.isfinite(scores[0]) and scores[0] < 0.1
+    assert scores[0] == pytest.approx(scores[1], abs=1e-9)
+
+
 def test_compute_haaqi_empty_reference_like_pyclarity():
     audiogram = ClarityAudiogram(np.zeros(8), np.asarray(STANDARD_FREQUENCIES))
     for proc in (np.zeros(0), np.ones(10)):

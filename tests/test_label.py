@@ -11,6 +11,7 @@ import csv
 import functools
 import json
 import math
+import shutil
 import types
 from pathlib import Path
 
@@ -372,6 +373,20 @@ def test_csv_manifest_equals_jsonl(dataset, tmp_path):
     assert len(labels) == len(rows) and labels == [strip(r) for r in _read_jsonl(from_json)]
 
 
+def test_a_fixed_row_is_labelled_on_the_next_run(dataset, tmp_path):
+    row = dict(dataset["rows"][1], id="late", processed="late.wav")
+    row["reference"] = str(dataset["root"] / row["reference"])
+    manifest = _write_jsonl(tmp_path / "late.jsonl", [row])
+    out = tmp_path / "labels.jsonl"
+    first = label_mod.label_manifest(manifest, out, scorer=FakeScorer(), progress=False)
+    assert (first.n_ok, first.n_failed) == (0, 1)                 # late.wav is not there yet
+    shutil.copy(dataset["root"] / dataset["rows"][1]["processed"], tmp_path / "late.wav")
+    second = label_mod.label_manifest(manifest, out, scorer=FakeScorer(), progress=False)
+    assert (second.n_ok, second.n_failed, second.n_retried) == (1, 0, 1)   # was: "already done"
+    assert [r["id"] for r in _read_jsonl(out)] == ["late"]
+    assert (tmp_path / "labels.errors.jsonl").read_text() == ""
+
+
 def test_resume_after_crash_equals_uninterrupted(dataset, tmp_path):
     whole = tmp_path / "whole.jsonl"
     label_mod.label_manifest(dataset["manifest"], whole, batch_size=3, scorer=FakeScorer(),
@@ -387,15 +402,20 @@ def test_resume_after_crash_equals_uninterrupted(dataset, tmp_path):
         f.write('{"id": "good6", "haaq')
     summary = label_mod.label_manifest(dataset["manifest"], part, batch_size=3,
                                        scorer=FakeScorer(), progress=False)
-    assert summary.n_skipped == len(done) + len(failed)
+    # Failed rows are tried again (and fail again here): only labelled rows are skipped.
+    assert summary.n_skipped == len(done)
+    assert summary.n_retried == len({str(e["id"]) for e in failed} - {d["id"] for d in done})
     assert part.read_text() == whole.read_text()  # same rows, same order, same noise keys
     errors = tmp_path / "part.errors.jsonl"
-    assert errors.read_text() == (tmp_path / "whole.errors.jsonl").read_text()
-    # A third run has nothing left to do.
+    whole_errors = (tmp_path / "whole.errors.jsonl").read_text()
+    assert errors.read_text() == whole_errors
+    # A third run labels nothing new; the bad rows are retried and recorded once, as before.
     again = label_mod.label_manifest(dataset["manifest"], part, batch_size=3,
                                      scorer=FakeScorer(), progress=False)
-    assert (again.n_ok, again.n_failed, again.n_skipped) == (0, 0, summary.n_rows)
-    assert part.read_text() == whole.read_text()
+    n_bad = len(whole_errors.splitlines())
+    assert (again.n_ok, again.n_failed, again.n_skipped) == (0, n_bad, summary.n_rows - n_bad)
+    assert "had failed before" in str(again)
+    assert part.read_text() == whole.read_text() and errors.read_text() == whole_errors
     # A row relabelled alone (its line deleted, e.g. to retry it) gets the same numbers, noise
     # key included: batches come from the whole manifest, not from the rows left to do.
     lines = whole.read_text().splitlines(keepends=True)

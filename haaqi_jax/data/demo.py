@@ -34,7 +34,6 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -133,7 +132,9 @@ class DemoSettings:
 MIN_CLIP_SECONDS = 0.5
 
 
-def _validate(n_clips, clip_seconds, splits, sample_rate):
+def _validate(n_clips, seed, clip_seconds, splits, sample_rate):
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a whole number >= 0, got {seed!r}")
     if isinstance(n_clips, bool) or not isinstance(n_clips, (int, np.integer)) or n_clips < 1:
         raise ValueError(f"n_clips must be a whole number >= 1, got {n_clips!r}")
     if len(clip_seconds) != 2 or not MIN_CLIP_SECONDS <= clip_seconds[0] <= clip_seconds[1]:
@@ -253,15 +254,31 @@ def _read_labels(path: Path) -> dict[str, dict[str, Any]]:
     return labels
 
 
+#: What this module writes into a dataset folder, and nothing else is ever deleted.
+_OWN_FILES = ("audio/reference/demo[0-9]*.wav", "audio/processed/demo[0-9]*.wav",
+              "clips/demo[0-9]*.json")
+
+
 def _prepare_dir(out: Path, settings: DemoSettings) -> None:
-    """Wipes what the new settings invalidate (only files this module writes)."""
+    """Deletes what the new settings invalidate: only files this module wrote.
+
+    Raises ValueError for a folder that holds other things but no demo dataset (its
+    settings.json), so that a mistyped OUT_DIR never loses anybody's files.
+    """
     path = out / "settings.json"
-    old = json.loads(path.read_text()) if path.exists() else None
+    if not path.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty and holds no demo dataset (settings.json); "
+                         f"pick a new or empty folder")
+    try:
+        old = json.loads(path.read_text()) if path.exists() else None
+    except json.JSONDecodeError:
+        old = None                                         # torn by a crash: rebuild
     if old is not None and old == settings.to_json():
         return
     if old is None or {k: v for k, v in old.items() if k != "labeller"} != settings.audio_key():
-        for sub in ("audio", "clips"):
-            shutil.rmtree(out / sub, ignore_errors=True)
+        for pattern in _OWN_FILES:
+            for own in out.glob(pattern):
+                own.unlink()
     for name in ("labels.jsonl", "manifest.jsonl"):
         (out / name).unlink(missing_ok=True)
     _atomic_write_text(path, json.dumps(settings.to_json(), indent=1) + "\n")
@@ -372,7 +389,7 @@ def build_demo_dataset(out_dir: str | os.PathLike, *, n_clips: int = 100, seed: 
     """
     splits = tuple((str(n), float(f)) for n, f in splits)
     clip_seconds = (float(clip_seconds[0]), float(clip_seconds[1]))
-    _validate(n_clips, clip_seconds, splits, sample_rate)
+    _validate(n_clips, seed, clip_seconds, splits, sample_rate)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     labeller = haaqi_labeller if labeller is None else labeller
@@ -472,19 +489,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     parser.add_argument("--seconds", type=float, nargs=2, metavar=("MIN", "MAX"),
                         default=list(DEFAULT_SECONDS),
-                        help="clip length range in seconds (default 3 5)")
+                        help=f"clip length range in seconds, each >= {MIN_CLIP_SECONDS} "
+                             f"(default 3 5)")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="clips per HAAQI call (default 8)")
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        manifest = build_demo_dataset(args.out_dir, n_clips=args.n, seed=args.seed,
-                                      clip_seconds=tuple(args.seconds),
-                                      batch_size=args.batch_size)
-    except ValueError as err:
-        print(f"demo-data: {err}")
-        return 2
+    manifest = build_demo_dataset(args.out_dir, n_clips=args.n, seed=args.seed,
+                                  clip_seconds=tuple(args.seconds), batch_size=args.batch_size)
     print(summarize(manifest))
     print(f"manifest: {manifest}")
     return 0

@@ -41,7 +41,8 @@ copied from the manifest. The two ears of one row get ids `<id>/left`, `<id>/rig
 `group` <id>, so a random train / valid split keeps them together. HAAQI-Net scores one signal
 for one ear, hence one row per ear rather than the ears' average.
 
-Resuming: rows whose id is already in OUT or in the errors file are skipped. Each ear's threshold
+Resuming: rows whose id is already in OUT are skipped; rows in the errors file are tried again
+(their old entries are replaced), so fixing a file and rerunning labels it. Each ear's threshold
 noise key comes from (seed, row id, ear) only, and the batch plan is made from the whole
 manifest (sorted by sample rate and length, then packed), so a rerun pads the same batches to the
 same shapes and its output equals an uninterrupted run's. Each batch is appended with flush +
@@ -162,7 +163,9 @@ def _parse_row(fields: dict[str, Any], *, index: int, line: int, root: Path) -> 
     paths = {}
     for key in ("reference", "processed"):
         if key not in fields:
-            raise ValueError(f"missing key {key!r}")
+            hint = (" (a training manifest's 'file_path' is the processed file here: name it "
+                    "'processed')" if key == "processed" and "file_path" in fields else "")
+            raise ValueError(f"missing key {key!r}{hint}")
         if not isinstance(fields[key], str):
             raise ValueError(f"{key}: expected a path string, got {fields[key]!r}")
         paths[key] = fields[key]
@@ -655,7 +658,8 @@ def _score_batch(batch: _Batch, loaded: _Loaded, todo: set[str], scorer: Scorer 
 @dataclasses.dataclass(frozen=True)
 class LabelSummary:
     """What a `label_manifest` call did. n_rows: rows in the manifest (after `limit`);
-    n_ok / n_failed: labelled / failed in this call; n_skipped: already done before it."""
+    n_ok / n_failed: labelled / failed in this call; n_skipped: labelled before it; n_retried:
+    rows that had failed before and were tried again (counted in n_ok or n_failed)."""
 
     n_rows: int
     n_ok: int
@@ -665,9 +669,11 @@ class LabelSummary:
     out_path: Path
     errors_path: Path
     training: TrainingManifestSummary | None = None
+    n_retried: int = 0
 
     def __str__(self) -> str:
-        return (f"{self.n_rows} rows: {self.n_ok} labelled, {self.n_failed} failed, "
+        retried = f" ({self.n_retried} had failed before)" if self.n_retried else ""
+        return (f"{self.n_rows} rows: {self.n_ok} labelled, {self.n_failed} failed{retried}, "
                 f"{self.n_skipped} already done ({self.seconds:.1f} s) -> {self.out_path}"
                 + (f" (errors: {self.errors_path})" if self.n_failed else "")
                 + (f"\n{self.training}" if self.training is not None else ""))
@@ -844,11 +850,16 @@ def label_manifest(manifest_path: str | os.PathLike, out_path: str | os.PathLike
 
     done_labels = _read_done(out_path)
     _check_settings(done_labels, settings, out_path)
-    done = {str(o["id"]) for o in done_labels} | {str(o["id"]) for o in _read_done(errors_path)}
+    done = {str(o["id"]) for o in done_labels}
+    # Rows that failed before are tried again (a file may have been fixed since): their old
+    # entries go, and a row that fails again is written anew.
+    failed_before = {str(o["id"]) for o in _read_done(errors_path)} - done
+    if errors_path.exists():
+        errors_path.write_text("")
 
     rows, manifest_errors = read_label_manifest(manifest_path, limit=limit)
     n_rows = len(rows) + len(manifest_errors)
-    new_errors = [e for e in manifest_errors if e.key not in done]
+    new_errors = list(manifest_errors)      # the manifest's own faults (e.g. a duplicate id)
     probed = []
     for row in rows:
         try:
@@ -901,7 +912,9 @@ def label_manifest(manifest_path: str | os.PathLike, out_path: str | os.PathLike
     if manifest_out is not None and (done_labels or n_ok):  # nothing labelled: nothing to write
         training = write_training_manifest(out_path, manifest_path, manifest_out)
     return LabelSummary(n_rows, n_ok, n_failed, n_rows - n_ok - n_failed,
-                        time.perf_counter() - start, out_path, errors_path, training)
+                        time.perf_counter() - start, out_path, errors_path, training,
+                        n_retried=len(failed_before & ({str(r.key) for r in rows}
+                                                       | {str(e.key) for e in manifest_errors})))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -932,7 +945,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("manifest", type=Path, help="JSONL or CSV manifest of reference/processed "
                         "pairs with audiograms")
     parser.add_argument("--out", type=Path, required=True, help="labels JSONL (appended; rows "
-                        "already there are skipped)")
+                        "already there are skipped, rows in the errors file tried again)")
     parser.add_argument("--errors", type=Path, default=None,
                         help="failed rows JSONL (default: OUT with .errors.jsonl)")
     parser.add_argument("--batch-size", type=_positive_int, default=None,
@@ -957,6 +970,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Runs `haaqi-jax label`; prints the summary. Returns 0 (failed rows are in the errors
     file), 1 if no row could be labelled at all."""
+    from haaqi_jax.cli import writable_file
+    errors = default_errors_path(args.out) if args.errors is None else args.errors
+    outputs = {"--out": args.out, "--errors": errors, "--manifest-out": args.manifest_out}
+    named = {}
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        resolved = writable_file(path, option).absolute()
+        if resolved == Path(args.manifest).absolute() or resolved in named:
+            raise ValueError(f"{option} {path} is also "
+                             f"{named.get(resolved, 'the manifest being labelled')}")
+        named[resolved] = f"{option}"
     summary = label_manifest(args.manifest, args.out, errors_path=args.errors,
                              batch_size=args.batch_size, equalisation=args.equalisation,
                              level1=args.level1, ears=args.ears, dtype=args.dtype,

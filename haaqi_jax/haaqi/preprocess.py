@@ -80,6 +80,9 @@ def resample_24khz(signal: np.ndarray, sample_rate: float) -> np.ndarray:
     if source_khz == target_khz:
         return signal
     out = scipy.signal.resample_poly(signal, target_khz, source_khz)
+    if not np.any(out):
+        # A silent signal stays silent (pyclarity's RMS rescale below divides 0 by 0 into NaN).
+        return out
     if source_khz < target_khz:
         source_rms = np.sqrt(np.mean(signal**2))
         out_rms = np.sqrt(np.mean(out**2))
