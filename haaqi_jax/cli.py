@@ -39,8 +39,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 
 def writable_file(path: str | os.PathLike, what: str) -> Path:
-    """Checks, before long work starts, that a file can be written at `path` (its folder is
-    created). Returns it as a Path; ValueError naming `what` otherwise."""
+    """Checks, before long work starts, that a file can be written at `path` (its missing
+    folders made then). Returns it as a Path; ValueError naming `what` otherwise."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise ValueError(f"{what} {path} is a folder; give a file name")
@@ -49,7 +49,7 @@ def writable_file(path: str | os.PathLike, what: str) -> Path:
 
 
 def writable_folder(path: str | os.PathLike, what: str) -> Path:
-    """As `writable_file`, for an output folder (created)."""
+    """As `writable_file`, for an output folder."""
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise ValueError(f"{what} {path} is a file; give a folder")
@@ -58,9 +58,15 @@ def writable_folder(path: str | os.PathLike, what: str) -> Path:
 
 
 def _check_folder(folder: Path, what: str) -> None:
+    """The nearest existing folder on the way to `folder` takes a file. Creates nothing: the
+    real write makes the folders."""
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what} cannot be written: {existing} is a file")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
         raise ValueError(f"{what} cannot be written: {err.strerror or err}") from None

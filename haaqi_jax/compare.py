@@ -187,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
     text = markdown(rows)
     print(text, end="")
     if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
         _write_csv(rows, args.out.with_suffix(".csv"))
     return 0

@@ -373,6 +373,25 @@ def test_csv_manifest_equals_jsonl(dataset, tmp_path):
     assert len(labels) == len(rows) and labels == [strip(r) for r in _read_jsonl(from_json)]
 
 
+def test_cli_refuses_clashing_or_unwritable_outputs_before_labelling(dataset, tmp_path,
+                                                                       capsys):
+    from haaqi_jax import cli
+    out = tmp_path / "labels.jsonl"
+    cases = [(["--errors", str(out)], "--errors"),
+             (["--manifest-out", str(dataset["manifest"])], "the manifest being labelled"),
+             (["--manifest-out", str(out / "train.jsonl")], "--manifest-out")]
+    for extra, message in cases:
+        assert cli.main(["label", str(dataset["manifest"]), "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+        assert not out.exists()                              # nothing labelled first
+    # A labels file written with other settings: one line naming the difference, exit 2.
+    out.write_text(json.dumps({"id": "x", "equalisation": 2, "level1_rule": 65.0,
+                               "ears": "average", "dtype": "float32", "seed": 0}) + "\n")
+    assert cli.main(["label", str(dataset["manifest"]), "--out", str(out)]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
 def test_a_fixed_row_is_labelled_on_the_next_run(dataset, tmp_path):
     row = dict(dataset["rows"][1], id="late", processed="late.wav")
     row["reference"] = str(dataset["root"] / row["reference"])

@@ -143,6 +143,8 @@ def test_manifest_rows_of_one_channel(setup):
     (["--audiograms", "TABLE_BAD_HEADER"], "header must be"),
     (["--audiograms", "MISSING.csv"], "does not exist"),
     (["--checkpoint", "NOT_A_CHECKPOINT"], "config.json is missing"),
+    (["--out", "UNDER_A_FILE"], "--out"),                   # found before scoring, not after
+    (["--out", "A_FOLDER"], "is a folder"),
 ])
 def test_usage_errors_exit_2(setup, capsys, args, message):
     root, _ = setup
@@ -152,11 +154,15 @@ def test_usage_errors_exit_2(setup, capsys, args, message):
     (root / "bad_header.csv").write_text("name,250,500\n")
     subst = {"TABLE_BAD_ROW": str(root / "bad_row.csv"),
              "TABLE_BAD_HEADER": str(root / "bad_header.csv"),
-             "MISSING.csv": str(root / "missing.csv"), "NOT_A_CHECKPOINT": str(root / "music")}
+             "MISSING.csv": str(root / "missing.csv"), "NOT_A_CHECKPOINT": str(root / "music"),
+             "UNDER_A_FILE": str(root / "bad_row.csv" / "x.csv"), "A_FOLDER": str(root)}
     args = [subst.get(a, a) for a in args]
-    base = ["predict", str(root / "music" / "a.wav"), "--out", str(root / "x.csv")]
+    base = ["predict", str(root / "music" / "a.wav")]
+    if "--out" not in args:
+        base += ["--out", str(root / "x.csv")]
     if "--checkpoint" not in args:
         base += ["--checkpoint", str(root / "ckpt")]
     assert cli.main(base + args) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
     assert not (root / "x.csv").exists()

@@ -978,10 +978,12 @@ def run(args: argparse.Namespace) -> int:
         if path is None:
             continue
         resolved = writable_file(path, option).absolute()
-        if resolved == Path(args.manifest).absolute() or resolved in named:
-            raise ValueError(f"{option} {path} is also "
-                             f"{named.get(resolved, 'the manifest being labelled')}")
-        named[resolved] = f"{option}"
+        others = {Path(args.manifest).absolute(): "the manifest being labelled", **named}
+        for other, name in others.items():
+            if resolved == other or other in resolved.parents:
+                raise ValueError(f"{option} {path} is {'inside ' if resolved != other else ''}"
+                                 f"{name}")
+        named[resolved] = option
     summary = label_manifest(args.manifest, args.out, errors_path=args.errors,
                              batch_size=args.batch_size, equalisation=args.equalisation,
                              level1=args.level1, ears=args.ears, dtype=args.dtype,
