@@ -26,13 +26,19 @@ SUBCOMMANDS = {
 }
 
 
+EPILOG = ("exit codes: 0 done; 1 done, but some items failed (each named on stderr); 2 a usage "
+          "or input error (one line on stderr; HAAQI_JAX_TRACEBACK=1 adds the traceback); 130 "
+          "interrupted (finished work is kept)")
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="haaqi-jax", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="haaqi-jax", description=__doc__.splitlines()[0],
+                                     epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # Only the chosen subcommand's module is imported.
     chosen = next((a for a in argv if a in SUBCOMMANDS), None)
     for name, (module, help_text) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG)
         if name == chosen:
             importlib.import_module(module).add_arguments(p)
     return parser
