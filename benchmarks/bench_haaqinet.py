@@ -245,9 +245,7 @@ def jax_head_train(steps: int, modes: list[str], results: dict) -> None:
         with Section() as mem:
             batch = {"features": rng.normal(size=shape).astype(np.float32),
                      "token_mask": np.ones((HEAD_BATCH, tokens), bool),
-                     "audiogram": np.tile(np.float32(AUDIOGRAM), (HEAD_BATCH, 1)),
-                     "label": rng.uniform(size=HEAD_BATCH).astype(np.float32),
-                     "weight": np.ones(HEAD_BATCH, np.float32)}
+                     **_label_fields(rng, HEAD_BATCH)}
             head = HAAQINetHead(net_cfg.head).init(
                 jax.random.key(0), batch["features"][:1, ..., :8, :],
                 batch["token_mask"][:1, :8], batch["audiogram"][:1])["params"]
@@ -259,6 +257,19 @@ def jax_head_train(steps: int, modes: list[str], results: dict) -> None:
         row.update(peak_mb=mem.peak_mb, start_mb=mem.start_rss, trainable=trainable,
                    tokens=tokens)
         results[f"head_{mode}"] = row
+
+
+def _label_fields(rng, batch_size: int) -> dict:
+    """A batch's label fields as the training pipeline makes them (so that the benchmark's
+    batches follow the pipeline's format), for random labels."""
+    import numpy as np
+
+    from haaqi_jax.data.manifest import ManifestRow
+    from haaqi_jax.data.pipeline import row_fields
+
+    rows = [ManifestRow(id=str(i), file_path=f"clip{i}.wav", audiogram=AUDIOGRAM,
+                        haaqi_score=float(rng.uniform())) for i in range(batch_size)]
+    return row_fields(rows, np.arange(batch_size), np.ones(batch_size, bool))
 
 
 def jax_end_to_end(steps: int, unfrozen_steps: int, results: dict) -> None:
@@ -274,9 +285,7 @@ def jax_end_to_end(steps: int, unfrozen_steps: int, results: dict) -> None:
     n = int(CLIP_SECONDS * SR)
     batch = {"waveform": np.stack([_clip(seed=i) for i in range(E2E_BATCH)]),
              "padding_mask": np.zeros((E2E_BATCH, n), bool),
-             "audiogram": np.tile(np.float32(AUDIOGRAM), (E2E_BATCH, 1)),
-             "label": rng.uniform(size=E2E_BATCH).astype(np.float32),
-             "weight": np.ones(E2E_BATCH, np.float32)}
+             **_label_fields(rng, E2E_BATCH)}
     params = None
     for frozen in ([True, False] if unfrozen_steps else [True]):
         config = _train_config(frozen, "last", E2E_BATCH)

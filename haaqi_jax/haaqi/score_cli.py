@@ -67,6 +67,10 @@ def _read(path: str) -> tuple[np.ndarray, int]:
     return samples, int(rate)
 
 
+def _channels(x: np.ndarray) -> str:
+    return f"{x.shape[1]} channel{'s' if x.shape[1] != 1 else ''}"
+
+
 def score_files(reference_path: str, processed_path: str, levels, frequencies, *,
                 equalisation: int = 1, level1: float | str = 65.0, channel: str = "mean",
                 seed: int = 0) -> dict[str, float]:
@@ -78,8 +82,8 @@ def score_files(reference_path: str, processed_path: str, levels, frequencies, *
     ref, ref_rate = _read(reference_path)
     proc, proc_rate = _read(processed_path)
     if ref.shape[1] != proc.shape[1]:
-        raise ValueError(f"{reference_path} has {ref.shape[1]} channels but {processed_path} has "
-                         f"{proc.shape[1]}")
+        raise ValueError(f"{reference_path} has {_channels(ref)} but {processed_path} has "
+                         f"{_channels(proc)}")
     if channel == "mean":
         channels = range(ref.shape[1])
     else:
