@@ -44,6 +44,17 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (the message names the value)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
 def writable_file(path: str | os.PathLike, what: str) -> Path:
     """Checks, before long work starts, that a file can be written at `path` (its missing
     folders made then). Returns it as a Path; ValueError naming `what` otherwise."""

@@ -170,12 +170,19 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out is not None:
         writable_file(args.out, "--out")
-    runs, names = {}, _run_names(list(args.runs))
-    for path, name in zip(args.runs, names):
+    readable: dict[Path, tuple[Path, dict]] = {}           # metrics file -> (argument, scores)
+    for path in args.runs:
         try:
-            runs[name] = read_scores(path)
+            file = metrics_path(path).resolve()
+            if file in readable:                  # one report named twice is one run
+                print(f"skipped: {path} is the same report as {readable[file][0]}",
+                      file=sys.stderr)
+                continue
+            readable[file] = (path, read_scores(path))
         except (OSError, ValueError) as err:
             print(f"skipped: {err}", file=sys.stderr)
+    kept = list(readable.values())
+    runs = dict(zip(_run_names([path for path, _ in kept]), (scores for _, scores in kept)))
     if not runs:
         print("no readable report among the runs given", file=sys.stderr)
         return 1

@@ -236,15 +236,20 @@ def write_report(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLik
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from haaqi_jax.cli import positive_int
     parser.add_argument("--model", required=True,
                         help="HAAQI-Net directory (e.g. a run's report/best_model)")
     parser.add_argument("--manifest", required=True, help="labelled manifest.jsonl")
     parser.add_argument("--out", required=True, help="folder for the report")
     parser.add_argument("--splits", nargs="*", default=None,
                         help="splits to evaluate (default: every split in the manifest)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--color-by", choices=("split", "distortion"), default="split")
-    parser.add_argument("--num-examples", type=int, default=8)
+    parser.add_argument("--batch-size", type=positive_int, default=8,
+                        help="clips per forward pass (default 8)")
+    parser.add_argument("--color-by", choices=("split", "distortion"), default="split",
+                        help="what colours the scatter plot's points (default split)")
+    parser.add_argument("--num-examples", type=positive_int, default=8,
+                        help="clips listed in examples.json (default 8)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def evaluate_manifest(model_dir: str | os.PathLike, manifest: str | os.PathLike,
@@ -309,7 +314,7 @@ def run(args: argparse.Namespace) -> int:
     writable_folder(args.out, "--out")                       # before the model runs
     report = evaluate_manifest(args.model, args.manifest, args.out, splits=args.splits,
                                batch_size=args.batch_size, color_by=args.color_by,
-                               num_examples=args.num_examples)
+                               num_examples=args.num_examples, progress=not args.no_progress)
     overall = report["overall"]
     print(f"{overall['n']} clips: LCC {_fmt(overall['lcc'])}  SRCC {_fmt(overall['srcc'])}  "
           f"MSE {_fmt(overall['mse'])}  -> {args.out}"

@@ -74,11 +74,13 @@ def test_cli_skips_unreadable_runs_and_writes_tables(reports, tmp_path, capsys):
     (tmp_path / "broken" / "metrics.json").write_text("{not json")
     out = tmp_path / "cmp" / "table.md"
     code = cli.main(["compare", *map(str, paths), str(tmp_path / "missing"),
-                     str(tmp_path / "broken"), "--splits", "test_unseen", "--out", str(out)])
+                     str(tmp_path / "broken"), str(paths[0] / "report"), "--splits",
+                     "test_unseen", "--out", str(out)])
     assert code == 0
     captured = capsys.readouterr()
     assert "missing: no report found" in captured.err and "broken/metrics.json: not JSON" in \
         captured.err
+    assert f"{paths[0] / 'report'} is the same report as {paths[0]}" in captured.err  # not a 4th
     assert "| test_unseen | seed0 | 40 |" in captured.out
     assert "| test_unseen | **mean** | 3 runs |" in captured.out
     assert out.read_text() == captured.out

@@ -4,7 +4,8 @@
 
 Everything is synthesized here, nothing is downloaded: music (`synth`), degradations
 (`degrade`) and listeners (`listeners`); labels come from a labeller, by default the project's
-batched JAX HAAQI (float32, equalisation 1, level1 65 dB SPL, as HAAQI-Net's CAD1 labels).
+batched JAX HAAQI (float32, equalisation 1, level1 by the Cadenza rule: every reference plays
+at 65 dB SPL).
 
 Layout of OUT_DIR:
   settings.json                what was asked for (a second call with the same settings returns
@@ -23,9 +24,10 @@ Layout of OUT_DIR:
 The processed clip is what a hearing aid fitted to the listener would deliver: the degraded
 music through the listener's NAL-R gains, scaled to the RMS of the equally aided clean reference
 (a hearing aid's output level does not depend on what degraded the music). The reference file
-is the unaided clean mix (equalisation 1: HAAQI applies NAL-R to it itself). Level: HAAQI with
-level1 = 65 hears an RMS of 1 as 65 dB SPL, so 16-bit files are quiet to it (about 45-50 dB SPL);
-both files get one gain that puts the larger peak of the two at 0.98 less a random 0..3 dB.
+is the unaided clean mix (equalisation 1: HAAQI applies NAL-R to it itself). Level: both files
+get one gain that puts the larger peak of the two at 0.98 less a random 0..3 dB; the labels do
+not depend on it (level1 = 65 - 20 log10 RMS of the reference), the files' digital level is what
+HAAQI-Net hears.
 """
 
 from __future__ import annotations

@@ -726,13 +726,18 @@ def training_rows(label: dict[str, Any], row: LabelRow) -> list[Any]:
             raise ValueError(f"label row id {row.id!r}, {ear} ear: {err}") from None
         out.append(ManifestRow(
             id=f"{row.key}/{ear}" if several else row.key,
-            file_path=row.processed_path.absolute(), reference=row.reference_path.absolute(),
+            file_path=_clean_path(row.processed_path), reference=_clean_path(row.reference_path),
             audiogram=row.levels(ear),
             haaqi_score=fields["haaqi_score"],
             haaqi_components=tuple(fields["haaqi_components"][k] for k in COMPONENT_NAMES),
             channel=None if ear == "both" else ear, group=row.key if several else None,
             split=row.split, distortion=row.distortion))
     return out
+
+
+def _clean_path(path: Path) -> Path:
+    """Absolute, with "a/../b" folded (no symlinks resolved): readable paths in the manifest."""
+    return Path(os.path.normpath(path.absolute()))
 
 
 def write_training_manifest(labels_path: str | os.PathLike, manifest_path: str | os.PathLike,
@@ -933,22 +938,16 @@ def _level1_arg(text: str) -> float | str:
     return value
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the `label` subcommand's arguments."""
+    from haaqi_jax.cli import positive_int
     parser.add_argument("manifest", type=Path, help="JSONL or CSV manifest of reference/processed "
                         "pairs with audiograms")
     parser.add_argument("--out", type=Path, required=True, help="labels JSONL (appended; rows "
                         "already there are skipped, rows in the errors file tried again)")
     parser.add_argument("--errors", type=Path, default=None,
                         help="failed rows JSONL (default: OUT with .errors.jsonl)")
-    parser.add_argument("--batch-size", type=_positive_int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="HAAQI items (ears) per metric call (default: 8 on CPU, 64 per "
                              "GPU/TPU, where the device fills only with many clips at once)")
     parser.add_argument("--equalisation", type=int, choices=(1, 2), default=1,
@@ -959,7 +958,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="score both ears and average, or one ear")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32")
     parser.add_argument("--seed", type=int, default=0, help="threshold-noise seed")
-    parser.add_argument("--limit", type=_positive_int, default=None,
+    parser.add_argument("--limit", type=positive_int, default=None,
                         help="label only the first N manifest rows")
     parser.add_argument("--manifest-out", type=Path, default=None, metavar="TRAIN.jsonl",
                         help="also write the training manifest train.py reads: one row per "

@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("processed", help="processed audio file")
     parser.add_argument("--audiogram", type=_numbers, required=True,
                         help="hearing thresholds in dB HL, comma-separated (8 values at "
-                             "250..8000 Hz unless --frequencies is given)")
+                             "250..8000 Hz unless --frequencies is given); a first value "
+                             "below 0 needs the = form: --audiogram=-10,0,...")
     parser.add_argument("--frequencies", type=_numbers, default=list(STANDARD_FREQUENCIES),
                         help="audiogram frequencies in Hz, comma-separated")
     parser.add_argument("--equalisation", type=int, choices=(1, 2), default=1,
@@ -54,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dB SPL of a signal with RMS 1, or 'cadenza' (default 65)")
     parser.add_argument("--channel", default="mean",
                         help="channel index to score, or 'mean' (default) to average channels")
-    parser.add_argument("--seed", type=int, default=0, help="numpy seed for the threshold noise")
+    parser.add_argument("--seed", type=int, default=0, help="numpy seed for the threshold noise (default 0)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
