@@ -859,8 +859,6 @@ def label_manifest(manifest_path: str | os.PathLike, out_path: str | os.PathLike
     # Rows that failed before are tried again (a file may have been fixed since): their old
     # entries go, and a row that fails again is written anew.
     failed_before = {str(o["id"]) for o in _read_done(errors_path)} - done
-    if errors_path.exists():
-        errors_path.write_text("")
 
     rows, manifest_errors = read_label_manifest(manifest_path, limit=limit)
     n_rows = len(rows) + len(manifest_errors)
@@ -879,6 +877,8 @@ def label_manifest(manifest_path: str | os.PathLike, out_path: str | os.PathLike
     size = -(-max(batch_size, widest) // devices) * devices
     batches = [b for b in _plan(probed, size) if any(r.key not in done for r in b.rows)]
 
+    if errors_path.exists():                 # only now: a manifest that cannot be read
+        errors_path.write_text("")           # leaves the old entries in place
     labels_out, errors_out = _JsonlAppender(out_path), _JsonlAppender(errors_path)
     reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="label-reader")
     n_ok, n_failed = 0, 0
