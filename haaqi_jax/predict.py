@@ -20,9 +20,10 @@ folder argument joined with the path inside it) or the file's base name (then it
 file of that name).
 
 The CSV has columns file, haaqi (empty on error), duration_s, error (empty when scored). A bad file
-(unreadable, NaN, silent, too short, no or bad audiogram) is reported on stderr and in `error`;
-the others are still scored. Exit status: 0 when every file was scored, 1 when some failed, 2 on a
-usage error (bad checkpoint, bad --audiogram/--audiograms, no inputs).
+(unreadable, NaN, silent, too short, no or bad audiogram, including a bad --audiograms entry) is
+reported on stderr and in `error`; the others are still scored. Exit status: 0 when every file
+was scored, 1 when some failed, 2 on a usage error (bad checkpoint, bad --audiogram, an
+--audiograms file that cannot be read, no inputs, an unwritable --out).
 """
 
 from __future__ import annotations
@@ -64,9 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default audiogram: 8 comma-separated dB HL levels at "
                              "250,500,1000,2000,3000,4000,6000,8000 Hz")
     parser.add_argument("--audiograms", default=None, metavar="FILE",
-                        help="CSV or JSON mapping file names to 8 levels (see the docs)")
+                        help="CSV (header: file,250,500,...,8000) or JSON ({file: [8 levels]}) "
+                             "mapping file names to audiograms")
     parser.add_argument("--out", required=True, help="CSV to write")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="clips per forward pass (default 8)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -93,11 +96,15 @@ def _frequency_of(column: str) -> float | None:
         return None
 
 
-def read_audiogram_table(path: str | Path) -> dict[str, np.ndarray]:
+def read_audiogram_table(path: str | Path) -> dict[str, np.ndarray | str]:
     """Reads --audiograms FILE (CSV or JSON, see the module docstring).
 
+    Returns:
+      {file name: (8,) levels, or the reason its entry is unusable}: a bad entry fails only
+      the files that use it (`assign_audiograms`), not the whole run.
     Raises:
-      FileNotFoundError, or ValueError naming the file and the row/key at fault.
+      FileNotFoundError, or ValueError naming the file for a table that cannot be read at all
+      (not JSON, not a mapping, a wrong CSV header).
     """
     path = Path(path)
     if not path.is_file():
@@ -111,9 +118,13 @@ def read_audiogram_table(path: str | Path) -> dict[str, np.ndarray]:
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object mapping file names to 8 levels")
         for key, levels in data.items():
-            if not isinstance(levels, list):
-                raise ValueError(f"{path}: key {key!r}: expected a list of 8 levels")
-            table[str(key)] = validate_levels(levels, where=f"{path}: key {key!r}")
+            where = f"{path}: key {key!r}"
+            try:
+                if not isinstance(levels, list):
+                    raise ValueError(f"{where}: expected a list of 8 levels")
+                table[str(key)] = validate_levels(levels, where=where)
+            except ValueError as err:
+                table[str(key)] = str(err)
         return table
     with path.open(newline="") as f:
         reader = csv.reader(f)
@@ -128,15 +139,18 @@ def read_audiogram_table(path: str | Path) -> dict[str, np.ndarray]:
         for row_number, row in enumerate(reader, start=2):
             if not row or not "".join(row).strip():
                 continue
-            where = f"{path}: row {row_number}"
-            if len(row) != 1 + len(STANDARD_FREQUENCIES):
-                raise ValueError(f"{where}: expected {1 + len(STANDARD_FREQUENCIES)} columns, "
-                                 f"got {len(row)}")
+            where = f"{path}: row {row_number} ({row[0].strip()})"
             try:
-                levels = [float(v) for v in row[1:]]
-            except ValueError:
-                raise ValueError(f"{where}: levels {row[1:]} are not all numbers") from None
-            table[row[0].strip()] = validate_levels(levels, where=f"{where} ({row[0].strip()})")
+                if len(row) != 1 + len(STANDARD_FREQUENCIES):
+                    raise ValueError(f"{where}: expected {1 + len(STANDARD_FREQUENCIES)} "
+                                     f"columns, got {len(row)}")
+                try:
+                    levels = [float(v) for v in row[1:]]
+                except ValueError:
+                    raise ValueError(f"{where}: levels {row[1:]} are not all numbers") from None
+                table[row[0].strip()] = validate_levels(levels, where=where)
+            except ValueError as err:
+                table[row[0].strip()] = str(err)
     return table
 
 
@@ -179,13 +193,18 @@ def _manifest_jobs(path: Path) -> list[Job]:
 
 
 def assign_audiograms(jobs: list[Job], default: np.ndarray | None,
-                      table: dict[str, np.ndarray]) -> None:
+                      table: dict[str, np.ndarray | str]) -> None:
+    """Gives each job its audiogram: its manifest row's, else its --audiograms entry (a bad
+    entry fails that job with the entry's reason), else --audiogram."""
     for job in jobs:
         if job.audiogram is not None or job.error:
             continue
         for key in (job.name, str(job.file), job.file.name):
             if key in table:
-                job.audiogram = table[key]
+                if isinstance(table[key], str):
+                    job.error = f"{job.name}: bad --audiograms entry: {table[key]}"
+                else:
+                    job.audiogram = table[key]
                 break
         else:
             if default is not None:

@@ -84,22 +84,27 @@ def test_audiogram_table_and_manifest(setup):
     other = [30, 35, 40, 50, 60, 65, 70, 75]
     table = root / "listeners.csv"
     table.write_text("file,250,500,1000,2000,3000,4000,6000,8000\n"
-                     f"a.wav,{','.join(map(str, other))}\n")
+                     f"a.wav,{','.join(map(str, other))}\n"
+                     "c.wav,10,10,abc,10,10,10,10,10\n")       # fails c.wav alone
     manifest = root / "m.jsonl"
     manifest.write_text(
         json.dumps({"file_path": "music/sub/b.flac", "audiogram": other}) + "\n"
         + json.dumps({"file_path": "music/sub/c.wav", "audiogram": [1, 2, 3]}) + "\n")
     out = root / "r2.csv"
+    lonely = root / "lonely.wav"                              # in no table, no default
+    lonely.write_bytes((music / "a.wav").read_bytes())
     rc = cli.main(["predict", "--checkpoint", str(root / "ckpt"), "--audiograms", str(table),
                    str(music / "a.wav"), str(music / "sub" / "c.wav"), str(manifest),
-                   "--out", str(out), "--no-progress"])
+                   str(lonely), "--out", str(out), "--no-progress"])
     assert rc == 1
     rows = _rows(out)
     assert float(rows[str(music / "a.wav")]["haaqi"]) == pytest.approx(
         _reference(net, music / "a.wav", other), abs=1e-5)
     assert float(rows[str(music / "sub" / "b.flac")]["haaqi"]) == pytest.approx(
         _reference(net, music / "sub" / "b.flac", other), abs=1e-5)
-    assert "no audiogram" in rows[str(music / "sub" / "c.wav")]["error"]
+    assert "no audiogram" in rows[str(lonely)]["error"]
+    assert "bad --audiograms entry" in rows[str(music / "sub" / "c.wav")]["error"]
+    assert "row 3 (c.wav): levels" in rows[str(music / "sub" / "c.wav")]["error"]
     assert "audiogram" in rows[f"{manifest.absolute()}:2"]["error"]
 
     # JSON table, keyed by base name, and a default for the rest: everything scores.
@@ -139,7 +144,6 @@ def test_manifest_rows_of_one_channel(setup):
     (["--audiogram", "10,20,30"], "--audiogram: expected 8 levels"),
     (["--audiogram", "10,20,x,1,1,1,1,1"], "not a list of numbers"),
     (["--audiogram", "10,20,30,40,50,60,70,500"], "dB HL at 8000 Hz"),
-    (["--audiograms", "TABLE_BAD_ROW"], "row 3"),
     (["--audiograms", "TABLE_BAD_HEADER"], "header must be"),
     (["--audiograms", "MISSING.csv"], "does not exist"),
     (["--checkpoint", "NOT_A_CHECKPOINT"], "config.json is missing"),
