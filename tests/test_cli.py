@@ -1,0 +1,61 @@
+"""The `haaqi-jax` boundary: exit codes, one-line errors, interruption, output-path checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from haaqi_jax import cli
+from haaqi_jax.haaqi import score_cli
+
+
+def _raise(error):
+    def run(args):
+        raise error
+    return run
+
+
+@pytest.mark.parametrize("error, code, message", [
+    (ValueError("manifest m.jsonl: line 3: bad JSON"), 2, "error: manifest m.jsonl: line 3"),
+    (FileNotFoundError("no such file: x.wav"), 2, "error: no such file: x.wav"),
+    (KeyboardInterrupt(), 130, "interrupted; finished work is kept"),
+])
+def test_user_errors_are_one_line_and_interruption_exits_130(monkeypatch, capsys, error, code,
+                                                            message):
+    monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
+    monkeypatch.setattr(score_cli, "run", _raise(error))
+    assert cli.main(["score", "r.wav", "p.wav", "--audiogram", "0,0,0,0,0,0,0,0"]) == code
+    err = capsys.readouterr().err
+    assert err.startswith("haaqi-jax score: ") and message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_the_traceback_on_request_and_bugs_are_not_swallowed(monkeypatch):
+    monkeypatch.setattr(score_cli, "run", _raise(ValueError("bad input")))
+    monkeypatch.setenv(cli.TRACEBACK_ENV, "1")
+    with pytest.raises(ValueError, match="bad input"):
+        cli.main(["score", "r.wav", "p.wav", "--audiogram", "0,0,0,0,0,0,0,0"])
+    monkeypatch.delenv(cli.TRACEBACK_ENV)
+    monkeypatch.setattr(score_cli, "run", _raise(KeyError("a bug")))   # not a user error
+    with pytest.raises(KeyError):
+        cli.main(["score", "r.wav", "p.wav", "--audiogram", "0,0,0,0,0,0,0,0"])
+
+
+def test_output_checks_name_the_problem_and_create_nothing(tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ValueError, match="--out .* is a folder"):
+        cli.writable_file(tmp_path, "--out")
+    with pytest.raises(ValueError, match=r"cannot be written: .*file.txt is a file"):
+        cli.writable_file(tmp_path / "file.txt" / "out.csv", "--out")
+    with pytest.raises(ValueError, match="--out .* is a file"):
+        cli.writable_folder(tmp_path / "file.txt", "--out")
+    deep = tmp_path / "a" / "b" / "out.csv"
+    assert cli.writable_file(deep, "--out") == deep and not (tmp_path / "a").exists()
+    assert cli.writable_folder(tmp_path / "report", "--out") == tmp_path / "report"
+    assert not (tmp_path / "report").exists()
+
+
+def test_positive_int():
+    assert cli.positive_int("3") == 3
+    for text in ("0", "-2", "abc", "1.5"):
+        with pytest.raises(Exception, match="expected"):
+            cli.positive_int(text)
