@@ -266,9 +266,9 @@ def evaluate_manifest(model_dir: str | os.PathLike, manifest: str | os.PathLike,
     Returns:
       the metrics dict written to metrics.json, plus "skipped".
     """
-    from haaqi_jax.data.audio import load_audio
     from haaqi_jax.data.manifest import read_manifest
-    from haaqi_jax.model import HAAQINet, prepare_waveform
+    from haaqi_jax.model import HAAQINet
+    from haaqi_jax.predict import Job, load_job
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -285,11 +285,10 @@ def evaluate_manifest(model_dir: str | os.PathLike, manifest: str | os.PathLike,
     for split in splits:
         split_rows, waves = [], []
         for row in (r for r in rows if split_of[id(r)] == split):
-            try:
-                wave = load_audio(row.file_path, 16000, row.channel)
-                prepare_waveform(wave, 16000, where=str(row.file_path))   # predict's checks
-            except ValueError as err:
-                skipped.append({"id": row.id, "reason": str(err)})
+            job = Job(Path(row.file_path), str(row.file_path), channel=row.channel)
+            wave = load_job(job)                  # `haaqi-jax predict`'s loader and checks
+            if wave is None:
+                skipped.append({"id": row.id, "reason": job.error})
                 continue
             split_rows.append(row)
             waves.append(wave)

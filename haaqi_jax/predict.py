@@ -57,6 +57,7 @@ class Job:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from haaqi_jax.cli import positive_int
     parser.add_argument("inputs", nargs="+", metavar="INPUTS",
                         help="audio files, folders (recursive) or .jsonl manifests")
     parser.add_argument("--checkpoint", required=True,
@@ -68,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CSV (header: file,250,500,...,8000) or JSON ({file: [8 levels]}) "
                              "mapping file names to audiograms")
     parser.add_argument("--out", required=True, help="CSV to write")
-    parser.add_argument("--batch-size", type=int, default=8,
+    parser.add_argument("--batch-size", type=positive_int, default=8,
                         help="clips per forward pass (default 8)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -214,7 +215,7 @@ def assign_audiograms(jobs: list[Job], default: np.ndarray | None,
                              "entry or a manifest row)")
 
 
-def _load(job: Job) -> np.ndarray | None:
+def load_job(job: Job) -> np.ndarray | None:
     """16 kHz mono clip, or None with job.error set."""
     from haaqi_jax.data.audio import load_audio
     from haaqi_jax.model import SAMPLE_RATE, prepare_waveform
@@ -239,7 +240,7 @@ def score_jobs(net, jobs: list[Job], *, batch_size: int = 8, progress: bool = Tr
             chunk = jobs[start:start + chunk_size]
             ready, clips = [], []
             for job in chunk:
-                clip = None if job.error else _load(job)
+                clip = None if job.error else load_job(job)
                 if clip is None:
                     print(f"error: {job.error}", file=sys.stderr)
                     bar.update(1)
@@ -270,19 +271,14 @@ def write_results(path: str | Path, jobs: list[Job]) -> Path:
 def run(args: argparse.Namespace) -> int:
     from haaqi_jax.cli import writable_file
     from haaqi_jax.model import HAAQINet
-    try:
-        default = None if args.audiogram is None else parse_audiogram(args.audiogram)
-        table = {} if args.audiograms is None else read_audiogram_table(args.audiograms)
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-        writable_file(args.out, "--out")                    # before the scoring, not after
-        jobs = collect_jobs(args.inputs)
-        if not jobs:
-            raise ValueError("no audio files found in INPUTS")
-        net = HAAQINet.load(args.checkpoint)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # Usage errors raise: `haaqi-jax` reports them in one line with exit 2.
+    default = None if args.audiogram is None else parse_audiogram(args.audiogram)
+    table = {} if args.audiograms is None else read_audiogram_table(args.audiograms)
+    writable_file(args.out, "--out")                        # before the scoring, not after
+    jobs = collect_jobs(args.inputs)
+    if not jobs:
+        raise ValueError("no audio files found in INPUTS")
+    net = HAAQINet.load(args.checkpoint)
     assign_audiograms(jobs, default, table)
     score_jobs(net, jobs, batch_size=args.batch_size, progress=not args.no_progress)
     out = write_results(args.out, jobs)
