@@ -359,12 +359,17 @@ class HAAQINet:
     params: Any
     module: HAAQINetModel = dataclasses.field(init=False, repr=False)
     _forward: Callable[..., HeadOutput] = dataclasses.field(init=False, repr=False)
+    _encode: Callable[..., tuple[jax.Array, jax.Array]] = dataclasses.field(init=False,
+                                                                             repr=False)
 
     def __post_init__(self):
         object.__setattr__(self, "module", HAAQINetModel(self.config))
         module = self.module
         object.__setattr__(self, "_forward", jax.jit(
             lambda params, wav, mask, hl: module.apply({"params": params}, wav, mask, hl)))
+        object.__setattr__(self, "_encode", jax.jit(
+            lambda params, wav, mask: module.apply({"params": params}, wav, mask,
+                                                   method="encode")))
 
     # -- construction ------------------------------------------------------------------
 
@@ -430,6 +435,41 @@ class HAAQINet:
                              None if padding_mask is None else jnp.asarray(padding_mask, bool),
                              jnp.asarray(audiogram, jnp.float32))
 
+    def encode(self, waveform, padding_mask) -> tuple[np.ndarray, np.ndarray]:
+        """The head's input, eval mode, split over this host's devices (as `predict`).
+
+        Args:
+          waveform: (B, N) float, 16 kHz mono. padding_mask: (B, N) bool, True = padded.
+        Returns:
+          features (B, T, C) or (B, L, T, C) ("weighted" mode) and token_mask (B, T) bool,
+          True = valid token, as numpy arrays.
+        """
+        return self._data_parallel(self._encode, np.asarray(waveform, np.float32),
+                                   np.asarray(padding_mask, bool))
+
+    def _data_parallel(self, fn: Callable[..., Any], *batch: np.ndarray) -> Any:
+        """fn(params, *batch) data parallel over this host's devices -> numpy outputs.
+
+        The rows (leading axis) are filled up to a multiple of the device count with copies of
+        the first row and split over a 'data' mesh; the outputs' rows are cut back. Only local
+        devices, so every host of a multi-host job works on its own. The parameters are copied
+        to every device once per HAAQINet and kept.
+        """
+        from haaqi_jax.train import sharding
+        placed = self.__dict__.get("_placed")
+        if placed is None:
+            mesh = sharding.make_mesh(jax.local_devices())
+            placed = (sharding.batch_sharding(mesh), sharding.replicate(self.params, mesh),
+                      mesh.devices.size)
+            object.__setattr__(self, "_placed", placed)
+        place, params, n_dev = placed
+        rows = batch[0].shape[0]
+        fill = -rows % n_dev
+        if fill:
+            batch = tuple(np.concatenate([x, np.repeat(x[:1], fill, axis=0)]) for x in batch)
+        out = fn(params, *jax.device_put(batch, place))
+        return jax.tree.map(lambda y: np.asarray(y)[:rows], out)
+
     def head_apply(self, features, token_mask, audiogram, *, head_params=None,
                    deterministic: bool = True, rngs=None) -> HeadOutput:
         """The head alone on cached features (B, T, C) / (B, L, T, C); `head_params` defaults
@@ -453,7 +493,8 @@ class HAAQINet:
             (B, N) of B clips (every sample of a row is scored unless `lengths` is given).
           sample_rate: one rate for all, or one per clip (Hz); clips are resampled to 16 kHz.
           audiograms: (B, 8) raw levels in dB HL at 250..8000 Hz, or one (8,) for all clips.
-          batch_size: clips per forward pass; clips are grouped by length (few shapes).
+          batch_size: clips per forward pass; clips are grouped by length (few shapes). Each
+            pass is split over this host's devices (data parallel).
           lengths: (B,) valid samples of each row of a zero-padded (B, N) array.
           progress: show a tqdm bar (True/False/None), or an open tqdm bar to advance.
         Returns:
@@ -521,7 +562,8 @@ class HAAQINet:
                     wav[r, :len(clips[i])] = clips[i]
                     valid[r] = len(clips[i])
                 mask = np.arange(length)[None, :] >= valid[:, None]
-                out = self.apply(wav, mask, levels[rows_idx])
-                scores[idx] = np.asarray(out.clip_score)[:len(idx)]
+                out = self._data_parallel(self._forward, wav, mask,
+                                          levels[rows_idx].astype(np.float32))
+                scores[idx] = out.clip_score[:len(idx)]
                 bar.update(len(idx))
         return scores

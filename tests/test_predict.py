@@ -170,3 +170,59 @@ def test_usage_errors_exit_2(setup, capsys, args, message):
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (root / "x.csv").exists()
+
+
+_FOUR_DEVICE_SCRIPT = """
+import json, sys
+import jax, numpy as np, soundfile as sf
+from haaqi_jax.model import HAAQINet
+from haaqi_jax.train.loop import make_encode_fn
+assert jax.local_device_count() == 4
+ckpt, levels, out = sys.argv[1], np.asarray(json.loads(sys.argv[2])), sys.argv[3]
+net = HAAQINet.load(ckpt)
+forward, spread = net._forward, []
+def spy(params, wav, *rest):
+    spread.append(len(wav.sharding.device_set))
+    return forward(params, wav, *rest)
+object.__setattr__(net, "_forward", spy)
+clips = [sf.read(path, dtype="float64", always_2d=True) for path in sys.argv[4:]]
+scores = net.predict([data.mean(axis=1) for data, _ in clips], [rate for _, rate in clips],
+                     levels[None].repeat(len(clips), 0), batch_size=2, progress=False)
+wave = np.random.default_rng(5).normal(scale=0.1, size=(3, 8000)).astype(np.float32)
+pad = np.arange(8000)[None, :] >= np.array([8000, 5000, 3000])[:, None]
+features, token_pad = make_encode_fn(net)(wave, pad)   # 3 rows over 4 devices: one filled
+np.savez(out, scores=scores, spread=spread, features=features, token_pad=token_pad,
+         wave=wave, pad=pad)
+"""
+
+
+def test_predict_and_encode_split_over_local_devices(setup, tmp_path):
+    """Under 4 simulated CPU devices every forward pass is split over all four (a batch of 2
+    rows grows to 4) and each clip scores as on one device, across three sample rates; the
+    feature cache's encoder gives the same features for 3 rows as one device does."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from haaqi_jax.train.loop import make_encode_fn
+
+    root, net = setup
+    paths = [root / "music" / "a.wav", root / "music" / "sub" / "b.flac",
+             root / "music" / "sub" / "c.wav"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                           os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / "four.npz"
+    done = subprocess.run([sys.executable, "-c", _FOUR_DEVICE_SCRIPT, str(root / "ckpt"),
+                           json.dumps(LEVELS), str(out)] + [str(p) for p in paths],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    four = np.load(out)
+    assert four["spread"].size and set(four["spread"].tolist()) == {4}
+    alone = [_reference(net, p, LEVELS) for p in paths]
+    np.testing.assert_allclose(four["scores"], alone, atol=1e-5)
+    features, token_pad = make_encode_fn(net)(four["wave"], four["pad"])
+    assert four["features"].shape == features.shape and features.shape[0] == 3
+    np.testing.assert_allclose(four["features"], features, atol=1e-5)
+    np.testing.assert_array_equal(four["token_pad"], token_pad)

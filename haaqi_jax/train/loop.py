@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from haaqi_jax import config as cfglib
@@ -199,14 +198,11 @@ def resolve_manifest(config: Any) -> Path:
 
 def make_encode_fn(net: Any) -> Callable[[np.ndarray, np.ndarray], tuple[Any, Any]]:
     """(waveform (B, N), padding_mask (B, N) True = pad) -> (features, token padding mask
-    True = pad): the frozen encoder as the feature cache calls it (jitted, eval mode)."""
-    module = net.module
-    encode = jax.jit(lambda params, wave, pad: module.apply(
-        {"params": params}, wave, pad, deterministic=True, method="encode"))
+    True = pad): the frozen encoder as the feature cache calls it (`HAAQINet.encode`: jitted,
+    eval mode, split over this host's devices)."""
 
     def encode_fn(waveform, padding_mask):
-        features, token_mask = encode(net.params, jnp.asarray(waveform, jnp.float32),
-                                      jnp.asarray(padding_mask, bool))
+        features, token_mask = net.encode(waveform, padding_mask)
         return features, ~token_mask
 
     return encode_fn
