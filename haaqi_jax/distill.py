@@ -228,16 +228,20 @@ def make_target_encode_fn(teacher: Any, target_layers) -> Callable[[np.ndarray, 
                                                                    tuple[Any, Any]]:
     """The teacher as `haaqi_jax.data.cache.build_feature_cache` calls it: (waveform (B, N),
     padding_mask (B, N) True = pad) -> (targets (B, K, T, C), token padding mask (B, T)), with
-    the same sample mask and layers as `make_distill_forward` (jitted, eval mode)."""
+    the same sample mask and layers as `make_distill_forward` (jitted, eval mode, split over
+    this host's devices)."""
     from haaqi_jax.model import _thaw_json
 
     encode = _jitted_target_encoder(
         json.dumps(_thaw_json(teacher.config.encoder_config), sort_keys=True),
         tuple(int(i) for i in target_layers))
-    params = jax.device_put(teacher.params["encoder"])
+    mesh = sharding.make_mesh(jax.local_devices())
+    params = sharding.replicate(teacher.params["encoder"], mesh)
 
     def encode_fn(waveform, padding_mask):
-        return encode(params, jnp.asarray(waveform, jnp.float32), jnp.asarray(padding_mask, bool))
+        return sharding.local_data_parallel(
+            encode, params, (np.asarray(waveform, np.float32), np.asarray(padding_mask, bool)),
+            mesh)
 
     return encode_fn
 

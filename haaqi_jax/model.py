@@ -448,27 +448,16 @@ class HAAQINet:
                                    np.asarray(padding_mask, bool))
 
     def _data_parallel(self, fn: Callable[..., Any], *batch: np.ndarray) -> Any:
-        """fn(params, *batch) data parallel over this host's devices -> numpy outputs.
-
-        The rows (leading axis) are filled up to a multiple of the device count with copies of
-        the first row and split over a 'data' mesh; the outputs' rows are cut back. Only local
-        devices, so every host of a multi-host job works on its own. The parameters are copied
-        to every device once per HAAQINet and kept.
-        """
+        """fn(params, *batch) split over this host's devices (`sharding.local_data_parallel`);
+        the parameters are copied to every device once per HAAQINet and kept."""
         from haaqi_jax.train import sharding
         placed = self.__dict__.get("_placed")
         if placed is None:
             mesh = sharding.make_mesh(jax.local_devices())
-            placed = (sharding.batch_sharding(mesh), sharding.replicate(self.params, mesh),
-                      mesh.devices.size)
+            placed = (mesh, sharding.replicate(self.params, mesh))
             object.__setattr__(self, "_placed", placed)
-        place, params, n_dev = placed
-        rows = batch[0].shape[0]
-        fill = -rows % n_dev
-        if fill:
-            batch = tuple(np.concatenate([x, np.repeat(x[:1], fill, axis=0)]) for x in batch)
-        out = fn(params, *jax.device_put(batch, place))
-        return jax.tree.map(lambda y: np.asarray(y)[:rows], out)
+        mesh, params = placed
+        return sharding.local_data_parallel(fn, params, batch, mesh)
 
     def head_apply(self, features, token_mask, audiogram, *, head_params=None,
                    deterministic: bool = True, rngs=None) -> HeadOutput:

@@ -270,11 +270,24 @@ _DEVICES_SCRIPT = textwrap.dedent("""
         out[n] = {{"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
                    "params": [np.asarray(x).ravel()[:50].tolist()
                               for x in jax.tree_util.tree_leaves(new.params)]}}
+    # The target cache's teacher pass, 3 rows over all 8 devices (5 filled rows dropped).
+    jitted, spread = distill._jitted_target_encoder, []
+    def spy(*key):
+        encode = jitted(*key)
+        return lambda params, wave, pad: spread.append(len(wave.sharding.device_set)) or \
+            encode(params, wave, pad)
+    distill._jitted_target_encoder = spy
+    targets, token_pad = distill.make_target_encode_fn(teacher, (1, 2))(
+        batch["waveform"][:3], batch["padding_mask"][:3])
+    out["targets"] = {{"values": targets.tolist(), "token_pad": token_pad.tolist(),
+                      "spread": spread}}
     print("RESULT" + json.dumps(out))
 """)
 
 
 def test_eight_simulated_devices_equal_one():
+    """A distillation step, and the target cache's teacher pass, split over 8 devices equal
+    one device."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
                PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
@@ -289,6 +302,13 @@ def test_eight_simulated_devices_equal_one():
     assert eight["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
     for a, b in zip(one["params"], eight["params"]):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    from haaqi_jax import distill
+    teacher, *_, batch = _tiny_setup(optimizer="sgd")
+    targets, token_pad = distill.make_target_encode_fn(teacher, (1, 2))(
+        batch["waveform"][:3], batch["padding_mask"][:3])
+    assert targets.shape[:2] == (3, 2) and out["targets"]["spread"] == [8]
+    np.testing.assert_allclose(out["targets"]["values"], targets, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(out["targets"]["token_pad"], token_pad)
 
 # ----------------------------------------------------------------------------- cached targets
 

@@ -24,7 +24,7 @@ On one host (the default) steps 1 and 3 are no-ops: process_count() == 1.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -106,6 +106,29 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh,
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Places a pytree (parameters, optimizer state) as a full copy on every device."""
     return jax.device_put(tree, replicated(mesh))
+
+
+def local_data_parallel(fn: Callable[..., Any], params: Any, batch: Sequence[np.ndarray],
+                        mesh: Mesh) -> Any:
+    """fn(params, *batch) split over a mesh of this host's devices -> numpy outputs.
+
+    For inference outside the training step (prediction, feature caches): the rows (leading
+    axis) of every batch array are filled up to a multiple of the device count with copies of
+    the first row, split over 'data', and cut back to the original count in every output.
+
+    Args:
+      fn: jitted function of (params, *batch) returning a pytree of (rows, ...) arrays.
+      params: replicated over `mesh` (`replicate`), so they are not copied per call.
+      batch: arrays with the same leading row count.
+      mesh: from `make_mesh(jax.local_devices())`: each host of a multi-host job computes on
+        its own devices only.
+    """
+    rows = batch[0].shape[0]
+    fill = -rows % mesh.devices.size
+    if fill:
+        batch = [np.concatenate([x, np.repeat(x[:1], fill, axis=0)]) for x in batch]
+    out = fn(params, *jax.device_put(tuple(batch), batch_sharding(mesh)))
+    return jax.tree.map(lambda y: np.asarray(y)[:rows], out)
 
 
 def to_host(x: jax.Array) -> np.ndarray:
