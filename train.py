@@ -5,6 +5,9 @@
 With no arguments it runs the demo job (configs/default.py): build/reuse the demo dataset,
 train the head on cached encoder features, evaluate, write runs/default/report/. Running the
 same command again with the same workdir resumes from the latest checkpoint.
+
+Exit codes: 0 done; 2 bad data or settings (one line on stderr; HAAQI_JAX_TRACEBACK=1 shows the
+traceback); 130 interrupted (rerun to resume).
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from haaqi_jax import config as cfglib
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="exit codes: " + " ".join(__doc__.split("Exit codes:")[1].split()))
     parser.add_argument("--config", default="configs/default.py",
                         help="Python config file with get_config()")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
@@ -49,12 +54,19 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
+    from haaqi_jax.cli import run_guarded
     from haaqi_jax.train.loop import train_and_evaluate  # after parsing: --help stays fast
-    result = train_and_evaluate(cfglib.freeze(config), workdir)
-    if result.report_dir is not None:
-        print(f"best valid loss {result.best_valid_loss:.5f} at step {result.best_step}; "
-              f"report in {result.report_dir}")
-    return 0
+
+    def job() -> int:
+        result = train_and_evaluate(cfglib.freeze(config), workdir)
+        if result.report_dir is not None:
+            print(f"best valid loss {result.best_valid_loss:.5f} at step {result.best_step}; "
+                  f"report in {result.report_dir}")
+        return 0
+
+    # Bad data or settings: one line naming the file, row or key, exit 2.
+    return run_guarded("train.py", job, interrupted="interrupted; the same command resumes "
+                       "from the last checkpoint")
 
 
 if __name__ == "__main__":

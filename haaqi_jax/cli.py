@@ -12,6 +12,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from haaqi_jax import host_memory
 
@@ -93,6 +94,26 @@ def _check_folder(folder: Path, what: str) -> None:
 TRACEBACK_ENV = "HAAQI_JAX_TRACEBACK"
 
 
+def run_guarded(prog: str, job: Callable[[], int], *, interrupted: str) -> int:
+    """Runs a command's job at the boundary between the user and the library.
+
+    A ValueError or OSError (a bad file, path or setting: each names its cause) becomes one
+    line on stderr and exit code 2; HAAQI_JAX_TRACEBACK=1 re-raises it instead. Ctrl-C prints
+    `interrupted` and gives 130. Other exceptions are bugs and keep their traceback.
+    """
+    try:
+        return int(job() or 0)
+    except KeyboardInterrupt:
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as err:
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        print(f"{prog}: error: {err} (set {TRACEBACK_ENV}=1 for the traceback)",
+              file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs one subcommand. Exit codes: 0 done, 1 done but some items failed (named), 2 a
     usage or input error (one line on stderr), 130 interrupted (finished work is kept)."""
@@ -100,20 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     host_memory.keep_freed_memory()  # a process setting: see haaqi_jax/host_memory.py
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
-    try:
-        return int(module.run(args) or 0)
-    except KeyboardInterrupt:
-        print(f"haaqi-jax {args.command}: interrupted; finished work is kept (label, demo-data: "
-              f"the same command resumes)", file=sys.stderr)
-        return 130
-    except (ValueError, OSError) as err:
-        # Bad files, paths, settings: every such error names its cause; a traceback would only
-        # bury it. HAAQI_JAX_TRACEBACK=1 shows it for bug reports.
-        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
-            raise
-        print(f"haaqi-jax {args.command}: error: {err} (set {TRACEBACK_ENV}=1 for the "
-              f"traceback)", file=sys.stderr)
-        return 2
+    return run_guarded(f"haaqi-jax {args.command}", lambda: module.run(args),
+                       interrupted="interrupted; finished work is kept (label, demo-data: the "
+                       "same command resumes)")
 
 
 if __name__ == "__main__":

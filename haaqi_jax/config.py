@@ -206,7 +206,7 @@ def save_config(cfg: ConfigDict | FrozenConfigDict, path: str | os.PathLike) -> 
 #: distillation's teacher config (distill.teacher.*) are resumable too.
 _LOOP_KEYS = ("train.num_epochs", "train.patience", "train.stop_after_steps", "train.progress",
               "train.write_report", "train.checkpoint_every_steps", "train.log_every_steps",
-              "report.*", "data.prefetch")
+              "report.*", "data.prefetch", "data.eval_splits")
 RESUMABLE_KEYS = _LOOP_KEYS + ("distill.timing_*",) + tuple(f"distill.teacher.{k}"
                                                             for k in _LOOP_KEYS)
 #: Keys added to the configs after runs were saved without them, with the value those runs

@@ -481,13 +481,14 @@ def distill_and_evaluate(config: Any, workdir: str | os.PathLike, *, data: Any =
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     cfglib.save_run_config(config, workdir, loop.CONFIG_FILE, write=sharding.is_main_process())
+    loop.check_report_settings(config)
     tc, dc = config.train, config.distill
     if config.data.cache:
         raise ValueError("distillation trains the student encoder on waveforms: set "
                          "data.cache=False (the teacher's own run may cache)")
     mesh = sharding.make_mesh()
-    sharding.check_global_batch(int(tc.batch_size), mesh)
-    sharding.check_global_batch(int(tc.eval_batch_size), mesh)
+    sharding.check_global_batch(int(tc.batch_size), mesh, "train.batch_size")
+    sharding.check_global_batch(int(tc.eval_batch_size), mesh, "train.eval_batch_size")
 
     teacher = HAAQINet.load(resolve_teacher(config, workdir))
     n_teacher_layers = int(teacher.config.encoder_config["encoder_layers"])

@@ -119,6 +119,15 @@ def _fmt(x: Any) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.4f}"
 
 
+#: What the scatter plot can colour its points by.
+COLOR_BY = ("split", "distortion")
+
+
+def check_color_by(color_by: str, what: str = "color_by") -> None:
+    if color_by not in COLOR_BY:
+        raise ValueError(f"{what} must be one of {COLOR_BY}, got {color_by!r}")
+
+
 def scatter_plot(records: Sequence[Mapping[str, Any]], path: Path, color_by: str = "split"
                  ) -> Path:
     """Predicted vs true HAAQI, one colour per value of `color_by` ('split' | 'distortion')."""
@@ -126,8 +135,7 @@ def scatter_plot(records: Sequence[Mapping[str, Any]], path: Path, color_by: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if color_by not in ("split", "distortion"):
-        raise ValueError(f"color_by must be 'split' or 'distortion', got {color_by!r}")
+    check_color_by(color_by)
     fig, ax = plt.subplots(figsize=(5.5, 5), dpi=120)
     groups = sorted({r[color_by] for r in records})
     cmap = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")

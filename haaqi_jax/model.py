@@ -70,6 +70,10 @@ def register_encoder(kind: str, build: Callable[[Mapping[str, Any]], nn.Module],
     _ENCODERS[kind] = EncoderSpec(build, default_config)
 
 
+#: Encoder kinds of the library; each module registers itself when first imported.
+BUILTIN_ENCODERS = ("beats", "fbank_patches", "student")
+
+
 def encoder_spec(kind: str) -> EncoderSpec:
     """The registered spec of `kind`, importing `haaqi_jax.<kind>` once if it is unknown."""
     if kind not in _ENCODERS:
@@ -78,6 +82,8 @@ def encoder_spec(kind: str) -> EncoderSpec:
         except ImportError:
             pass
     if kind not in _ENCODERS:
+        for builtin in BUILTIN_ENCODERS:                 # so that the message lists them all
+            importlib.import_module(f"haaqi_jax.{builtin}")
         raise ValueError(f"unknown encoder kind {kind!r}; registered: {sorted(_ENCODERS)} "
                          "(import the module that calls register_encoder for it)")
     return _ENCODERS[kind]

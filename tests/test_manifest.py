@@ -303,3 +303,13 @@ def test_hold_out_distortions_needs_every_row_to_name_its_distortion():
     named = _distorted([("train", "babble"), (HELD_OUT_SPLIT, "clean")])
     with pytest.raises(ValueError, match="already has a split"):
         hold_out_distortions(split_rows(named), ["babble"])
+
+
+def test_a_csv_file_is_named_as_the_wrong_manifest(tmp_path):
+    """A CSV (label's pairs format) given where the JSONL manifest belongs: say so, not
+    "bad JSON" on line 1."""
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("reference,processed\nref.wav,proc.wav\n")
+    with pytest.raises(ValueError, match=r"pairs.csv: a CSV file; this manifest is JSON Lines"
+                                         r".*haaqi-jax label"):
+        read_manifest(pairs)

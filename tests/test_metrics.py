@@ -108,3 +108,14 @@ def test_bootstrap_intervals_match_scipy_percentile_bootstrap():
     assert metrics.bootstrap_intervals(noisy, true, weight) == metrics.bootstrap_intervals(
         pred[:150], true[:150])
     assert all(np.isnan(metrics.bootstrap_intervals([0.1, 0.2], [0.3, 0.1])["lcc"]))
+
+
+def test_two_clips_have_no_correlation():
+    """Two points always correlate by +-1: below three clips LCC and SRCC are NaN (n/a in the
+    tables), the MSE still counts."""
+    from haaqi_jax.train import metrics
+    two = metrics.summarize([0.1, 0.7], [0.3, 0.2])
+    assert np.isnan(two["lcc"]) and np.isnan(two["srcc"]) and two["n"] == 2
+    assert two["mse"] == pytest.approx((0.2 ** 2 + 0.5 ** 2) / 2)
+    three = metrics.summarize([0.1, 0.7, 0.4], [0.3, 0.2, 0.5])
+    assert np.isfinite(three["lcc"]) and np.isfinite(three["srcc"])

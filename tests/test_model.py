@@ -262,3 +262,17 @@ def test_registered_encoder_kind_is_used(levels, tmp_path):
     net.save(tmp_path / "toy")
     np.testing.assert_allclose(M.HAAQINet.load(tmp_path / "toy").predict(
         _clips(6, [3000, 4000]), SR, levels[:2], progress=False), scores, atol=1e-6)
+
+
+def test_unknown_encoder_kind_lists_every_builtin_kind():
+    """In a fresh process (nothing imported yet) the error still lists all built-in kinds."""
+    import os
+    import subprocess
+    import sys
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+    code = ("from haaqi_jax.model import encoder_spec\n"
+            "try:\n    encoder_spec('beatz')\nexcept ValueError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert "registered: ['beats', 'fbank_patches', 'student']" in out.stdout, out.stderr[-2000:]

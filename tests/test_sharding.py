@@ -127,3 +127,12 @@ def test_shard_batch_places_items_on_the_data_axis():
 if __name__ == "__main__":
     _run_steps(sys.argv[1])
     print(_divisibility_error())
+
+
+def test_indivisible_batch_names_the_setting():
+    from types import SimpleNamespace
+    from haaqi_jax.train import sharding
+    two_devices = SimpleNamespace(devices=np.empty(2))
+    with pytest.raises(ValueError, match=r"^train.eval_batch_size 3 does not divide by the "
+                                         r"number of devices 2 .*multiple of 2"):
+        sharding.check_global_batch(3, two_devices, "train.eval_batch_size")

@@ -297,3 +297,98 @@ def test_checkpoint_manager_keeps_best_and_latest(tmp_path):
     assert meta == {"at": 3} and int(restored["step"]) == 3
     with pytest.raises(FileNotFoundError, match="no checkpoint for step 4"):
         again.restore(4, state)
+
+
+def _respelt_splits(tmp_path, renames):
+    """The tiny dataset with its splits renamed ({old: new}; None drops the key)."""
+    manifest = write_tiny_dataset(tmp_path / "data")
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for row in rows:
+        if row["split"] in renames:
+            new = renames[row["split"]]
+            if new is None:
+                del row["split"]
+            else:
+                row["split"] = new
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return manifest, rows
+
+
+def test_own_split_names_are_scored_noted_and_rescorable(tiny, tmp_path, capsys):
+    """A validation split named "dev" is scored in the report (not a crash after training);
+    a split the run does not use is noted; data.eval_splits may change on a rerun, which
+    says it resumes and rescores."""
+    _, overrides = tiny
+    manifest, _ = _respelt_splits(tmp_path, {"valid": "dev", "test_seen": "test"})
+    base = overrides + [f"data.manifest={manifest}", "data.valid_split=dev",
+                        "train.num_epochs=1", f"data.cache_dir={tmp_path / 'cache'}"]
+    result = loop.train_and_evaluate(_config(base), tmp_path / "work")
+    metrics = json.loads((result.report_dir / "metrics.json").read_text())
+    assert set(metrics["by_split"]) == {"dev", "test_unseen"}
+    err = capsys.readouterr().err
+    assert "split(s) {'test': 2} are neither trained on nor scored" in err
+    assert "no rows in data.eval_splits ['valid', 'test_seen']" in err
+    again = loop.train_and_evaluate(
+        _config(base + ['data.eval_splits=("dev", "test", "test_unseen")']), tmp_path / "work")
+    assert again.final_step == result.final_step
+    metrics = json.loads((again.report_dir / "metrics.json").read_text())
+    assert set(metrics["by_split"]) == {"dev", "test", "test_unseen"}
+    assert f"resuming {tmp_path / 'work'} from its checkpoint at step" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("renames, hint", [
+    ({"valid": "dev"}, r"if one of \['dev', .*\] is the validation split, name it with --set "
+                       r"data.valid_split=NAME"),
+    ({"valid": "train", "test_seen": "train", "test_unseen": "train"},
+     r"give some rows \"split\": \"valid\", or leave \"split\" out .*data.valid_fraction")])
+def test_missing_validation_split_says_what_to_do(tiny, tmp_path, renames, hint):
+    _, overrides = tiny
+    manifest, _ = _respelt_splits(tmp_path, renames)
+    with pytest.raises(ValueError, match=r"split 'valid' has no rows .*" + hint):
+        loop.load_splits(_config(overrides + [f"data.manifest={manifest}"]))
+
+
+def test_relabelled_manifest_is_refused_on_resume(tiny, tmp_path):
+    """Labels changed in place (or rows dropped) after a run checkpointed: resuming it is refused,
+    naming the changed split, instead of going on with the new labels."""
+    _, overrides = tiny
+    manifest, rows = _respelt_splits(tmp_path, {})
+    base = overrides + [f"data.manifest={manifest}", f"data.cache_dir={tmp_path / 'cache'}"]
+    loop.train_and_evaluate(_config(base + ["train.stop_after_steps=3"]), tmp_path / "work")
+    for row in rows:
+        if row["split"] == "train":
+            row["haaqi_score"] = 1 - row["haaqi_score"]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"trained on other data: the train split \(8 rows -> "
+                                         r"8 rows, other files, audiograms or labels\) of .*"
+                                         r"manifest.jsonl changed since"):
+        loop.train_and_evaluate(_config(base), tmp_path / "work")
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))  # one test row less
+    loop.train_and_evaluate(_config(base + ["train.stop_after_steps=3"]), tmp_path / "fresh")
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows if r["id"] != "clip008"))
+    with pytest.raises(ValueError, match=r"the valid split \(4 rows -> 3 rows\)"):
+        loop.train_and_evaluate(_config(base), tmp_path / "fresh")
+
+
+def test_report_settings_are_checked_before_training(tiny, tmp_path):
+    _, overrides = tiny
+    with pytest.raises(ValueError, match=r"report.color_by must be one of \('split', "
+                                         r"'distortion'\), got 'distortionn'"):
+        loop.train_and_evaluate(_config(overrides + ["report.color_by=distortionn"]),
+                                tmp_path / "work")
+    assert not (tmp_path / "work" / "checkpoints").exists()
+
+
+def test_train_py_reports_bad_data_in_one_line(tmp_path):
+    """train.py's boundary: a missing manifest is one line naming it, exit code 2."""
+    missing = tmp_path / "nowhere.jsonl"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env.pop("HAAQI_JAX_TRACEBACK", None)
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(TINY),
+                           "--set", f"data.manifest={missing}", "--workdir", str(tmp_path / "w"),
+                           "--compilation-cache", "none"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"train.py: error: manifest {missing} does not exist")

@@ -319,9 +319,14 @@ def read_manifest(path: str | os.PathLike, *, require_label: bool = False,
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     path = Path(path).expanduser().absolute()
     if path.is_dir():
-        raise ValueError(f"manifest {path} is a folder; pass the .jsonl or .csv file")
+        raise ValueError(f"manifest {path} is a folder; pass the manifest file (.jsonl)")
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
+    if path.suffix.lower() == ".csv":
+        raise ValueError(f"manifest {path}: a CSV file; this manifest is JSON Lines (one JSON "
+                         f"object per row) or the authors' {{\"data\": [...]}} JSON. A CSV of "
+                         f"reference/processed pairs is `haaqi-jax label`'s input: its "
+                         f"--manifest-out writes this manifest")
     base = path.parent
     rows: list[ManifestRow] = []
     skipped: list[tuple[int, str]] = []

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
@@ -213,21 +214,33 @@ def _hold_out_stages(config: Any) -> tuple[str, ...]:
 
 
 def evaluated_splits(config: Any) -> tuple[str, ...]:
-    """The splits the final report scores: data.eval_splits, then the leave-distortion-out
-    split when data.hold_out names stages."""
+    """The splits the final report scores: the validation split, data.eval_splits, then the
+    leave-distortion-out split when data.hold_out names stages."""
     from haaqi_jax.data.manifest import HELD_OUT_SPLIT
 
-    splits = tuple(config.data.eval_splits)
+    d = config.data
+    splits = (d.valid_split,) + tuple(s for s in d.eval_splits if s != d.valid_split)
     if _hold_out_stages(config) and HELD_OUT_SPLIT not in splits:
         splits += (HELD_OUT_SPLIT,)
     return splits
+
+
+def _valid_split_hint(config: Any, splits: Mapping[str, Sequence[Any]]) -> str:
+    others = [s for s in splits if s != config.data.train_split]
+    if others:
+        return (f"; if one of {others} is the validation split, name it with --set "
+                "data.valid_split=NAME")
+    return (f"; give some rows \"split\": \"{config.data.valid_split}\", or leave \"split\" out "
+            f"of the rows so that data.valid_fraction ({config.data.valid_fraction}) carves one "
+            f"at random")
 
 
 def load_splits(config: Any) -> dict[str, list[Any]]:
     """The manifest's rows (labels required, files checked) grouped into the splits the run
     uses: train, valid and `evaluated_splits`. With data.hold_out, train and valid rows of
     those distortion stages form the split "held_out" instead (`hold_out_distortions`).
-    Errors name the manifest line and row id."""
+    Errors name the manifest line and row id; splits of the manifest that the run does not
+    use, and data.eval_splits names it lacks, are noted on stderr."""
     from haaqi_jax.data.manifest import hold_out_distortions, read_manifest, split_rows
 
     d = config.data
@@ -240,13 +253,70 @@ def load_splits(config: Any) -> dict[str, list[Any]]:
                                           from_splits=(d.train_split, d.valid_split))
         except ValueError as err:
             raise ValueError(f"{manifest}: data.hold_out: {err}") from None
+    counts = {k: len(v) for k, v in splits.items()}
     for needed in (d.train_split, d.valid_split):
         if not splits.get(needed):
-            raise ValueError(f"{manifest}: split {needed!r} has no rows (splits: "
-                             f"{ {k: len(v) for k, v in splits.items()} })")
-    wanted = [d.train_split, d.valid_split] + [s for s in evaluated_splits(config)
-                                               if s not in (d.train_split, d.valid_split)]
+            hint = _valid_split_hint(config, splits) if needed == d.valid_split else ""
+            raise ValueError(f"{manifest}: split {needed!r} has no rows (splits: {counts})"
+                             f"{hint}")
+    wanted = [d.train_split] + [s for s in evaluated_splits(config) if s != d.train_split]
+    if sharding.is_main_process():
+        unused = {s: n for s, n in counts.items() if s not in wanted}
+        if unused:
+            print(f"note: {manifest}: split(s) {unused} are neither trained on nor scored in "
+                  f"the report; score them with --set 'data.eval_splits=("
+                  f"{', '.join(repr(s) for s in list(d.eval_splits) + list(unused))})'",
+                  file=sys.stderr)
+        missing = [s for s in d.eval_splits if s not in splits]
+        if missing:
+            print(f"note: {manifest} has no rows in data.eval_splits {missing} (splits: "
+                  f"{counts}); the report leaves them out", file=sys.stderr)
     return {s: splits[s] for s in wanted if splits.get(s)}
+
+
+#: Beside config.json: what the run's train and valid rows were (`check_run_data`).
+DATA_FILE = "data.json"
+
+
+def rows_digest(rows: Sequence[Any]) -> str:
+    """A digest of what training reads from rows: ids, files, channels, audiograms, labels."""
+    import hashlib
+    h = hashlib.sha1()
+    for row in rows:
+        h.update(json.dumps([row.id, str(row.file_path), row.channel, row.haaqi_score,
+                             row.haaqi_components, np.asarray(row.audiogram).tolist()]).encode())
+    return h.hexdigest()[:16]
+
+
+def check_run_data(config: Any, splits: Mapping[str, Sequence[Any]], workdir: Path) -> None:
+    """Refuses to resume a run whose train or valid rows changed since it started.
+
+    A manifest relabelled in place (e.g. with other HAAQI settings), or rows added, dropped or
+    pointed at other files, would otherwise continue the old run on new data, its best
+    checkpoint chosen on the old labels. Writes workdir/data.json (main process) otherwise.
+    """
+    d = config.data
+    record = {"manifest": str(resolve_manifest(config)),
+              **{f"{role}_split": {"name": name, "rows": len(splits[name]),
+                                   "digest": rows_digest(splits[name])}
+                 for role, name in (("train", d.train_split), ("valid", d.valid_split))}}
+    path = workdir / DATA_FILE
+    has_run = any((workdir / sub).is_dir() and any((workdir / sub).iterdir())
+                  for sub in (CHECKPOINT_DIR, REPORT_DIR))
+    if path.is_file() and has_run:
+        saved = json.loads(path.read_text())
+        changed = [f"{role} split ({saved[role]['rows']} rows -> {record[role]['rows']} rows"
+                   + (")" if saved[role]["rows"] != record[role]["rows"] else
+                      ", other files, audiograms or labels)")
+                   for role in ("train_split", "valid_split")
+                   if saved.get(role, {}).get("digest") != record[role]["digest"]]
+        if changed:
+            raise ValueError(f"{workdir} holds a run trained on other data: the "
+                             f"{' and the '.join(c.replace('_split', '') for c in changed)} of "
+                             f"{record['manifest']} changed since. Resuming would mix the two: "
+                             f"pass another --workdir, or delete {workdir} to start over.")
+    if sharding.is_main_process():
+        path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def build_train_data(config: Any, net: Any, workdir: Path,
@@ -262,6 +332,7 @@ def build_train_data(config: Any, net: Any, workdir: Path,
 
     d, tc = config.data, config.train
     used = dict(load_splits(config) if splits is None else splits)
+    check_run_data(config, used, workdir)
     in_cfg = pipeline.InputConfig(
         batch_size=int(tc.batch_size), shuffle=True, seed=int(config.seed),
         crop_seconds=d.get("crop_seconds"), prefetch=int(d.prefetch),
@@ -396,11 +467,12 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *,
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     cfglib.save_run_config(config, workdir, CONFIG_FILE, write=sharding.is_main_process())
+    check_report_settings(config)
     tc = config.train
 
     mesh = sharding.make_mesh()
-    sharding.check_global_batch(int(tc.batch_size), mesh)
-    sharding.check_global_batch(int(tc.eval_batch_size), mesh)
+    sharding.check_global_batch(int(tc.batch_size), mesh, "train.batch_size")
+    sharding.check_global_batch(int(tc.eval_batch_size), mesh, "train.eval_batch_size")
 
     splits = load_splits(config) if data is None else None  # bad rows fail before compiling
     net = build_model(config)
@@ -481,6 +553,9 @@ def run_loop(state: Any, *, step_fn: Callable, evaluate: Callable, data: TrainDa
     early = {"best_valid_loss": None, "best_step": None, "bad_epochs": 0, "stopped": False}
     start = ckpt.latest_step()
     if start is not None:
+        if sharding.is_main_process():
+            print(f"{desc}: resuming {workdir} from its checkpoint at step {start}",
+                  file=sys.stderr)
         state, meta = ckpt.restore(start, state)
         data.train.set_state(meta["data_state"])
         early = dict(meta["early_stopping"])
@@ -538,6 +613,12 @@ def run_loop(state: Any, *, step_fn: Callable, evaluate: Callable, data: TrainDa
     finally:
         bar.close()
     return LoopRun(state=state, step=step, early=early, interrupted=interrupted, ckpt=ckpt)
+
+
+def check_report_settings(config: Any) -> None:
+    """The report's settings, checked before training rather than after it."""
+    from haaqi_jax.evaluate import check_color_by
+    check_color_by(config.report.color_by, "report.color_by")
 
 
 def write_training_report(config: Any, net: Any, params: Any, data: TrainData,

@@ -92,11 +92,18 @@ def mse(pred: Any, true: Any, weight: Any | None = None) -> float:
     return float(np.sum(weight * (pred - true) ** 2) / np.sum(weight))
 
 
+#: Fewest clips whose correlation is reported.
+MIN_CORRELATION_ITEMS = 3
+
+
 def summarize(pred: Any, true: Any, weight: Any | None = None) -> dict[str, float]:
-    """{"lcc", "srcc", "mse", "n"} of one set of clips."""
+    """{"lcc", "srcc", "mse", "n"} of one set of clips; the correlations are NaN below
+    MIN_CORRELATION_ITEMS clips (two points always correlate by +-1)."""
     p, t, w = _prepare(pred, true, weight)
-    return {"lcc": _weighted_pearson(p, t, w),
-            "srcc": _weighted_pearson(average_ranks(p), average_ranks(t), w),
+    few = p.size < MIN_CORRELATION_ITEMS
+    return {"lcc": float("nan") if few else _weighted_pearson(p, t, w),
+            "srcc": float("nan") if few else _weighted_pearson(average_ranks(p),
+                                                               average_ranks(t), w),
             "mse": float(np.sum(w * (p - t) ** 2) / np.sum(w)) if p.size else float("nan"),
             "n": int(p.size)}
 
@@ -119,7 +126,7 @@ def bootstrap_intervals(pred: Any, true: Any, weight: Any | None = None, *,
       {"lcc": [low, high], "srcc": [low, high]}; NaN bounds for fewer than 3 clips.
     """
     p, t, _ = _prepare(pred, true, weight)
-    if p.size < 3:
+    if p.size < MIN_CORRELATION_ITEMS:
         return {"lcc": [float("nan")] * 2, "srcc": [float("nan")] * 2}
     idx = np.random.default_rng(seed).integers(0, p.size, size=(n_resamples, p.size))
 

@@ -49,18 +49,20 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def check_global_batch(global_batch_size: int, mesh: Mesh) -> None:
-    """Raises a ValueError unless the global batch divides evenly over the devices and hosts."""
+def check_global_batch(global_batch_size: int, mesh: Mesh, what: str = "the global batch size"
+                       ) -> None:
+    """Raises a ValueError unless the global batch divides evenly over the devices and hosts;
+    `what` names the setting in the message (e.g. "train.batch_size")."""
     n_dev = mesh.devices.size
     if global_batch_size % n_dev:
         raise ValueError(
-            f"the global batch size {global_batch_size} does not divide by the number of devices "
+            f"{what} {global_batch_size} does not divide by the number of devices "
             f"{n_dev} (data parallelism over mesh axis '{DATA_AXIS}'); choose a multiple of "
             f"{n_dev}, e.g. {max(n_dev, (global_batch_size // n_dev) * n_dev)}")
     n_proc = jax.process_count()
     if global_batch_size % n_proc:
-        raise ValueError(f"the global batch size {global_batch_size} does not divide by the "
-                         f"number of processes {n_proc}")
+        raise ValueError(f"{what} {global_batch_size} does not divide by the number of "
+                         f"processes {n_proc}")
 
 
 def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
