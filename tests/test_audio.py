@@ -117,7 +117,8 @@ def test_check_waveform():
     bad[7] = -np.inf
     with pytest.raises(ValueError, match="clip: sample 7 is NaN or infinite"):
         check_waveform(bad, name="clip")
-    with pytest.raises(ValueError, match=f"clip: {MIN_SAMPLES - 1} samples is too short"):
+    with pytest.raises(ValueError, match=rf"clip: {MIN_SAMPLES - 1} samples \(0.175 s at 16 "
+                                         rf"kHz\) is too short; at least {MIN_SAMPLES} \(0.175 s\)"):
         check_waveform(good[1:], name="clip")
     assert check_waveform(good[:10], name="clip", min_samples=10).shape == (10,)
     with pytest.raises(ValueError, match="clip: waveform is silent"):

@@ -127,8 +127,9 @@ def check_waveform(x, *, name: str = "waveform", min_samples: int = MIN_SAMPLES,
     if not finite.all():
         raise ValueError(f"{name}: sample {int(np.flatnonzero(~finite)[0])} is NaN or infinite")
     if arr.shape[0] < min_samples:
-        raise ValueError(f"{name}: {arr.shape[0]} samples is too short; at least {min_samples} "
-                         f"are needed (one 16x16 BEATs patch at 16 kHz)")
+        raise ValueError(f"{name}: {arr.shape[0]} samples ({arr.shape[0] / 16000:.3f} s at 16 "
+                         f"kHz) is too short; at least {min_samples} ({min_samples / 16000:.3f} "
+                         f"s) are needed (one 16x16 BEATs patch)")
     if not allow_silent and not np.any(np.abs(arr) >= SILENCE_THRESHOLD):
         raise ValueError(f"{name}: waveform is silent (all |x| < {SILENCE_THRESHOLD:g})")
     return arr.astype(np.float32, copy=False)
