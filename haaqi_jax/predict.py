@@ -19,7 +19,8 @@ A key matches a file when it equals the path as found (as given on the command l
 folder argument joined with the path inside it) or the file's base name (then it applies to every
 file of that name).
 
-The CSV has columns file, haaqi (empty on error), duration_s, error (empty when scored). A bad file
+The CSV has columns file, id (a manifest row's id, else empty), haaqi (empty on error),
+duration_s, error (empty when scored). A bad file
 (unreadable, NaN, silent, too short, no or bad audiogram, including a bad --audiograms entry) is
 reported on stderr and in `error`; the others are still scored. Exit status: 0 when every file
 was scored, 1 when some failed, 2 on a usage error (bad checkpoint, bad --audiogram, an
@@ -54,6 +55,7 @@ class Job:
     error: str | None = None
     score: float | None = None
     duration_s: float | None = None
+    row_id: str | None = None       # the manifest row's id, to join results back to it
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -185,7 +187,7 @@ def _manifest_jobs(path: Path) -> list[Job]:
     rows = read_manifest(path, on_error="skip")
     jobs = [Job(Path(row.file_path), str(row.file_path) + (
                     f" ({row.channel} channel)" if row.channel else ""),
-                audiogram=np.asarray(row.audiogram), channel=row.channel)
+                audiogram=np.asarray(row.audiogram), channel=row.channel, row_id=row.id)
             for row in rows]
     # A bad row is reported like a bad file; the other rows are still scored.
     jobs += [Job(path, f"{path}:{line}", error=reason)
@@ -260,9 +262,10 @@ def write_results(path: str | Path, jobs: list[Job]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["file", "haaqi", "duration_s", "error"])
+        writer.writerow(["file", "id", "haaqi", "duration_s", "error"])
         for job in jobs:
-            writer.writerow([job.name, "" if job.score is None else f"{job.score:.6f}",
+            writer.writerow([job.name, job.row_id or "",
+                             "" if job.score is None else f"{job.score:.6f}",
                              "" if job.duration_s is None else f"{job.duration_s:.3f}",
                              job.error or ""])
     return path

@@ -136,8 +136,9 @@ def test_manifest_rows_of_one_channel(setup):
     for column, ear in enumerate(("left", "right")):
         expected = float(net.predict([data[:, column]], rate, np.asarray(LEVELS)[None],
                                      progress=False)[0])
-        assert float(rows[f"{stereo} ({ear} channel)"]["haaqi"]) == pytest.approx(expected,
-                                                                                  abs=1e-5)
+        row = rows[f"{stereo} ({ear} channel)"]
+        assert float(row["haaqi"]) == pytest.approx(expected, abs=1e-5)
+        assert row["id"] == f"c/{ear}"               # joins back to the manifest row
 
 
 @pytest.mark.parametrize("args, message", [

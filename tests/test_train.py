@@ -392,3 +392,21 @@ def test_train_py_reports_bad_data_in_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(
         f"train.py: error: manifest {missing} does not exist")
+
+
+def test_a_clip_on_both_sides_of_a_random_split_is_noted(tiny, tmp_path, capsys):
+    """Rows of one file for several listeners, no split and no group (the authors' train.json):
+    the random split may put the clip in train and valid; the run says so."""
+    _, overrides = tiny
+    manifest, rows = _respelt_splits(tmp_path, {"train": None, "valid": None})
+    for i, row in enumerate(rows):                      # every clip twice, two listeners
+        row["file_path"] = rows[i - i % 2]["file_path"]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loop.load_splits(_config(overrides + [f"data.manifest={manifest}"]))
+    assert "have rows in both train and valid" in capsys.readouterr().err
+    for row in rows:
+        row["group"] = row["file_path"]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    splits = loop.load_splits(_config(overrides + [f"data.manifest={manifest}"]))
+    assert "both train and valid" not in capsys.readouterr().err
+    assert not ({r.file_path for r in splits["train"]} & {r.file_path for r in splits["valid"]})

@@ -267,6 +267,16 @@ def load_splits(config: Any) -> dict[str, list[Any]]:
                   f"the report; score them with --set 'data.eval_splits=("
                   f"{', '.join(repr(s) for s in list(d.eval_splits) + list(unused))})'",
                   file=sys.stderr)
+        unsplit = {row.id for row in rows if row.split is None and row.group is None}
+        train_files = {row.file_path for row in splits.get(d.train_split, ())
+                       if row.id in unsplit}
+        shared = {row.file_path for row in splits.get(d.valid_split, ())
+                  if row.id in unsplit and row.file_path in train_files}
+        if shared:
+            print(f"note: {manifest}: {len(shared)} clip(s) have rows in both train and valid "
+                  f"(e.g. {sorted(shared)[0]}): rows without a split are divided one by one; "
+                  f"give the rows of one clip the same \"group\" to keep it on one side",
+                  file=sys.stderr)
         missing = [s for s in d.eval_splits if s not in splits]
         if missing:
             print(f"note: {manifest} has no rows in data.eval_splits {missing} (splits: "
