@@ -60,8 +60,14 @@ def register_loss(name: str, *, overwrite: bool = False,
     have (e.g. "haaqi_components"); the trainer checks them before the first step.
     """
     def decorator(fn: LossFn) -> LossFn:
-        if name in _REGISTRY and not overwrite and _REGISTRY[name] is not fn:
-            raise ValueError(f"loss {name!r} is already registered (pass overwrite=True)")
+        old = _REGISTRY.get(name)
+        # The same definition run again (a config file loaded twice, a notebook cell rerun)
+        # replaces itself; another function under a taken name needs overwrite.
+        same = old is not None and (getattr(old, "__module__", None), old.__qualname__) == (
+            getattr(fn, "__module__", None), fn.__qualname__)
+        if old is not None and not overwrite and not same:
+            raise ValueError(f"loss {name!r} is already registered by "
+                             f"{old.__module__}.{old.__qualname__} (pass overwrite=True)")
         _REGISTRY[name] = fn
         if params is None:
             _PARAM_INITS.pop(name, None)
@@ -116,7 +122,20 @@ def get_loss(name: str, **kwargs: Any) -> LossFn:
         if unknown:
             raise ValueError(f"loss {name!r} takes no keyword {unknown[0]!r} (its keywords: "
                              f"{takes})")
-    return functools.partial(fn, **kwargs)
+
+    @functools.wraps(fn)
+    def checked(predictions, batch):
+        # Shapes are static: a wrong return type fails once, at trace time, naming the loss.
+        out = fn(predictions, batch, **kwargs)
+        if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping)):
+            raise ValueError(f"loss {name!r} must return (loss, aux dict), got "
+                             f"{type(out).__name__}")
+        if jnp.shape(out[0]) != ():
+            raise ValueError(f"loss {name!r} returned a loss of shape {jnp.shape(out[0])}; "
+                             "expected a scalar (reduce over items and layers)")
+        return out
+
+    return checked
 
 
 def weighted_mean(values: jax.Array, weight: jax.Array) -> jax.Array:
@@ -295,7 +314,9 @@ def distillation_terms(predictions, batch, *, haaqi=None, distill=None):
     `haaqi` / `distill`: registered loss names or {"name", "kwargs"} (default "haaqi_mse" and
     "l1_cosine"). The distillation loss is called once per target layer, so any registered
     loss of the (predictions, batch) form -- a user's own included -- gives per-layer terms.
-    Returns ((1 + K,) terms, aux of every sub-loss).
+    Returns ((1 + K,) terms, aux): aux holds the HAAQI loss's terms as haaqi/<key>, each
+    layer's term as distill_<k> and the distillation loss's own terms of layer k as
+    distill_<k>/<key>.
     """
     haaqi_name, haaqi_kwargs = _named(haaqi, "haaqi_mse")
     distill_name, distill_kwargs = _named(distill, "l1_cosine")
@@ -309,9 +330,13 @@ def distillation_terms(predictions, batch, *, haaqi=None, distill=None):
         layer_predictions = dict(predictions)
         layer_predictions["student_layers"] = predictions["student_layers"][:, k:k + 1]
         layer_predictions["teacher_layers"] = predictions["teacher_layers"][:, k:k + 1]
-        term, _ = distill_fn(layer_predictions, batch)
+        term, layer_aux = distill_fn(layer_predictions, batch)
         terms.append(term)
         aux[f"distill_{k}"] = term
+        # The sub-loss's own terms of this layer, e.g. distill_0/l1 and distill_0/cos (its
+        # per-layer suffix "_0" dropped: it saw one layer).
+        aux.update({f"distill_{k}/{key[:-2] if key.endswith('_0') else key}": value
+                    for key, value in layer_aux.items()})
     return jnp.stack(terms), aux
 
 

@@ -109,6 +109,11 @@ def test_distill_weighted_and_uncertainty():
                                 layer_weights=(1.0, 1.0, 3.0), **spec)(predictions, batch)
     expected = 2.0 * float(haaqi) + 0.5 * (per_layer[0] + per_layer[1] + 3 * per_layer[2])
     assert float(loss) == pytest.approx(expected, rel=1e-5)
+    # Each layer's L1 and cosine parts are logged, not only their sum.
+    for k in range(3):
+        assert float(aux[f"distill_{k}/l1"]) + 0.5 * float(aux[f"distill_{k}/cos"]) == \
+            pytest.approx(float(aux[f"distill_{k}"]), rel=1e-5)
+        assert float(aux[f"distill_{k}/l1_cosine"]) == pytest.approx(per_layer[k], rel=1e-5)
 
     log_vars = jnp.asarray([0.5, -1.0, 0.0, 2.0])
     assert losses.loss_params("distill_uncertainty", 3)["log_vars"].shape == (4,)
@@ -146,6 +151,7 @@ def test_user_registered_loss_is_selectable_by_name():
     expected = [2.0 * max(diff[i, k, :lengths[i]].max() for i in range(4)) for k in range(3)]
     for k in range(3):
         assert float(aux[f"distill_{k}"]) == pytest.approx(expected[k], rel=1e-6)
+        assert float(aux[f"distill_{k}/max_abs"]) == pytest.approx(expected[k], rel=1e-6)
     haaqi, _ = losses.get_loss("haaqi_mse")(predictions, batch)
     assert float(loss) == pytest.approx(float(haaqi) + sum(expected), rel=1e-6)
     with pytest.raises(ValueError, match="already registered"):
@@ -153,6 +159,16 @@ def test_user_registered_loss_is_selectable_by_name():
     with pytest.raises(ValueError, match="unknown loss 'nope'"):
         losses.get_loss("distill_weighted", distill="nope")(predictions, batch)
     assert mask.any()
+
+    # A loss that forgets to reduce is named, at trace time, instead of a stacking error.
+    @losses.register_loss("test_user_unreduced", overwrite=True)
+    def unreduced(predictions, batch):
+        return jnp.abs(predictions["student_layers"] - predictions["teacher_layers"]).mean(
+            (1, 2, 3)), {}
+
+    with pytest.raises(ValueError, match=r"loss 'test_user_unreduced' returned a loss of shape "
+                                         r"\(4,\); expected a scalar"):
+        losses.get_loss("distill_weighted", distill="test_user_unreduced")(predictions, batch)
 
 # ----------------------------------------------------------------------------- the step
 

@@ -120,3 +120,23 @@ def test_haaqi_components_is_haaqi_mse_on_each_part_plus_the_score():
     assert losses.required_row_fields("haaqi_mse") == ()
     assert losses.required_row_fields("distill_weighted",
                                       {"haaqi": "haaqi_components"}) == ("haaqi_components",)
+
+
+def test_a_config_file_that_registers_a_loss_loads_twice(tmp_path):
+    """The README's pattern (register in your config file) survives loading the config twice
+    in one process (a notebook, a sweep); another function under the same name still needs
+    overwrite=True."""
+    from haaqi_jax import config as cfglib
+    config_file = tmp_path / "my_config.py"
+    config_file.write_text(
+        "from haaqi_jax.losses import register_loss\n"
+        "from ml_collections import ConfigDict\n"
+        "@register_loss('test_config_file_loss')\n"
+        "def my_loss(predictions, batch, *, scale=1.0):\n"
+        "    return scale * predictions['clip_score'].mean(), {}\n"
+        "def get_config():\n"
+        "    return ConfigDict({'loss': {'name': 'test_config_file_loss'}})\n")
+    for _ in range(2):
+        assert cfglib.load_config_file(config_file).loss.name == "test_config_file_loss"
+    with pytest.raises(ValueError, match="'test_config_file_loss' is already registered by"):
+        losses.register_loss("test_config_file_loss")(lambda p, b: (0.0, {}))

@@ -410,3 +410,21 @@ def test_a_clip_on_both_sides_of_a_random_split_is_noted(tiny, tmp_path, capsys)
     splits = loop.load_splits(_config(overrides + [f"data.manifest={manifest}"]))
     assert "both train and valid" not in capsys.readouterr().err
     assert not ({r.file_path for r in splits["train"]} & {r.file_path for r in splits["valid"]})
+
+
+def test_a_nan_loss_stops_training_naming_the_term(tiny, tmp_path):
+    """Never a silent NaN: a loss that turns NaN stops the run at the next log, naming the
+    non-finite terms, with no checkpoint of a NaN state."""
+    from haaqi_jax.losses import register_loss
+
+    @register_loss("test_nan_loss", overwrite=True)
+    def nan_loss(predictions, batch, **_):
+        value = jnp.mean(predictions["clip_score"]) * jnp.nan
+        return value, {"nan_term": value}
+
+    _, overrides = tiny
+    with pytest.raises(ValueError, match=r"train steps 1-1: the loss is nan \(not finite: "
+                                         r"grad_norm, loss, nan_term\).*No checkpoint was kept"):
+        loop.train_and_evaluate(_config(overrides + ["loss.name=test_nan_loss",
+                                                     f"data.cache_dir={tmp_path / 'cache'}"]),
+                                tmp_path / "work")

@@ -540,6 +540,18 @@ class LoopRun:
     ckpt: TrainCheckpointManager
 
 
+def _check_finite(record: Mapping[str, float], where: str, ckpt: Any) -> None:
+    """Stops the loop on a NaN or infinite loss (never trains on, or keeps as best, NaN)."""
+    if np.isfinite(record["loss"]):
+        return
+    bad = [k for k, v in record.items() if not np.isfinite(v)]
+    kept = ckpt.latest_step()
+    raise ValueError(f"{where}: the loss is {record['loss']} (not finite: {', '.join(bad)}); "
+                     f"check the loss (loss.name, loss.kwargs) and optimizer.learning_rate. "
+                     + ("No checkpoint was kept." if kept is None else
+                        f"The last finite checkpoint, step {kept}, is kept."))
+
+
 def run_loop(state: Any, *, step_fn: Callable, evaluate: Callable, data: TrainData, mesh: Any,
              keys: Sequence[str], valid_labels: np.ndarray, tc: Any, workdir: Path,
              desc: str = "train") -> LoopRun:
@@ -597,12 +609,14 @@ def run_loop(state: Any, *, step_fn: Callable, evaluate: Callable, data: TrainDa
             if step % log_every == 0 or at_epoch_end or at_checkpoint:
                 host = jax.device_get(pending)
                 record = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
+                _check_finite(record, f"{desc} steps {step - len(host) + 1}-{step}", ckpt)
                 writer.write({"step": step, "kind": "train", **record})
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 pending = []
             if at_epoch_end:
                 epoch = step // data.steps_per_epoch
                 valid_loss, predictions = evaluate(state)
+                _check_finite({"loss": valid_loss}, f"validation at step {step}", ckpt)
                 summary = metrics_lib.summarize(predictions, valid_labels,
                                                 np.isfinite(predictions).astype(float))
                 improved = (early["best_valid_loss"] is None or
