@@ -76,6 +76,10 @@ def _parse_literal(text: str) -> Any:
         return text  # a bare word is a string
 
 
+class _NotALiteral(Exception):
+    """A tuple field's text that looks like a tuple but does not parse as one."""
+
+
 def parse_value(key: str, text: str, expected: type | None) -> Any:
     """Parses the text of an override for a field whose current type is `expected`.
 
@@ -103,11 +107,16 @@ def parse_value(key: str, text: str, expected: type | None) -> Any:
             return text
         if expected in (tuple, list):
             value = _parse_literal(text)
+            if isinstance(value, str) and text.strip()[:1] in "([":
+                raise _NotALiteral
             if isinstance(value, (int, float, str)):
                 value = (value,)  # "a.b=3" on a tuple field means a 1-tuple
             if not isinstance(value, (tuple, list)):
                 raise ValueError
             return expected(value)
+    except _NotALiteral:
+        raise ValueError(f"config override {key}={text!r}: not a Python literal; quote the "
+                         f"strings inside, e.g. {key}='(\"a\", \"b\")'") from None
     except ValueError:
         raise ValueError(f"config override {key}={text!r}: expected a value of type "
                          f"{expected.__name__}") from None
@@ -134,7 +143,8 @@ def apply_overrides(cfg: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
     """Applies `a.b.c=value` overrides in place and returns cfg.
 
     A key may be added only under a section named `kwargs` (its value is read as a Python
-    literal); everywhere else the key must exist.
+    literal), where a whole section may also be replaced by a literal (a dict, or a loss
+    name); everywhere else the key must exist.
 
     Raises:
       ValueError naming the key when an override is malformed, names a key the config does not
@@ -162,6 +172,13 @@ def apply_overrides(cfg: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
             raise ValueError(f"config override {key!r}: unknown key {leaf!r} under {where} "
                              f"(known: {sorted(node.keys())})")
         expected = _field_type(node, leaf)
+        if expected is ConfigDict and OPEN_SECTION in parents + [leaf]:
+            # Inside a loss's keywords a whole sub-spec may be replaced, e.g. to switch the
+            # distillation term: loss.kwargs.distill='{"name": "mse"}', or a bare name.
+            value = parse_value(key, text, None)
+            del node[leaf]
+            node[leaf] = ConfigDict(value) if isinstance(value, dict) else value
+            continue
         if expected is ConfigDict:
             raise ValueError(f"config override {key!r}: {key} is a section; set one of its "
                              f"keys {sorted(node[leaf].keys())}")

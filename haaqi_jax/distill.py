@@ -124,6 +124,58 @@ def init_student(teacher: Any, distill_cfg: Any, seed: int) -> tuple[Any, dict[s
     return HAAQINet(net_cfg, params), pred
 
 
+#: Head parts `distill.frozen_head` may name (parameter groups of HAAQINetHead).
+HEAD_PARTS = ("adapter", "blstm", "dense", "attention", "frame_score", "layer_norm_<i>")
+
+
+def _teacher_layer_count(config: Any) -> int | None:
+    """The teacher's transformer layers, from its checkpoint's config.json or the config of
+    the teacher trained here; None when neither says."""
+    given = config.distill.get("teacher_checkpoint")
+    if given:
+        from haaqi_jax.train.checkpoint import load_config
+        encoder = load_config(given).get("config", {}).get("encoder_config") or {}
+    else:
+        encoder = cfglib.to_dict(config.distill.teacher.model.get("encoder_config") or {})
+    layers = encoder.get("encoder_layers")
+    return None if layers is None else int(layers)
+
+
+def check_distill_settings(config: Any) -> None:
+    """The distillation settings, checked before anything trains (the teacher's own run
+    included): names, layer ranges, head parts, the losses and their keywords."""
+    import re
+
+    from haaqi_jax.student import HEAD_KINDS
+
+    dc = config.distill
+    choices = {"head_kind": HEAD_KINDS, "feature_mode": ("last", "weighted"),
+               "head_init": ("teacher", "random"),
+               "target_cache_dtype": ("float16", "float32")}
+    for key, allowed in choices.items():
+        if key in dc and dc[key] not in allowed:
+            raise ValueError(f"distill.{key} must be one of {allowed}, got {dc[key]!r}")
+    unknown = [p for p in dc.get("frozen_head", ())
+               if not re.fullmatch(r"adapter|blstm|dense|attention|frame_score|layer_norm_\d+",
+                                   str(p))]
+    if unknown:
+        raise ValueError(f"distill.frozen_head names {unknown}, which the HAAQI-Net head does "
+                         f"not have (its parts: {', '.join(HEAD_PARTS)})")
+    if not tuple(dc.student_layers):
+        raise ValueError("distill.student_layers is empty: name the teacher layers to copy")
+    n_layers = _teacher_layer_count(config)
+    if n_layers is not None:
+        bad = [int(i) for i in dc.student_layers if not 0 <= int(i) < n_layers]
+        if bad:
+            raise ValueError(f"distill.student_layers {tuple(dc.student_layers)}: {bad} are not "
+                             f"teacher layers (0..{n_layers - 1}, 0-based)")
+        bad = [int(i) for i in dc.target_layers if not 0 <= int(i) <= n_layers]
+        if bad:
+            raise ValueError(f"distill.target_layers {tuple(dc.target_layers)}: {bad} are not "
+                             f"teacher hidden states (0..{n_layers})")
+    losses.check_loss_config(config.loss.name, cfglib.to_dict(config.loss.get("kwargs") or {}))
+
+
 def distill_frozen_patterns(config: Any) -> tuple[str, ...]:
     """Regexes of frozen state paths: head parts in `distill.frozen_head` plus
     `train.frozen_patterns`."""
@@ -324,7 +376,11 @@ def resolve_teacher(config: Any, workdir: Path) -> Path:
         cfglib.save_run_config(teacher_cfg, workdir / TEACHER_DIR, loop.CONFIG_FILE,
                                write=sharding.is_main_process())
     else:
-        result = loop.train_and_evaluate(teacher_cfg, workdir / TEACHER_DIR)
+        try:
+            result = loop.train_and_evaluate(teacher_cfg, workdir / TEACHER_DIR)
+        except ValueError as err:  # its keys are distill.teacher's: say so
+            raise ValueError(f"distill.teacher (the teacher's run in {workdir / TEACHER_DIR}): "
+                             f"{err}") from err
         if result.report_dir is None:
             raise ValueError(f"teacher training in {workdir / TEACHER_DIR} ended without a "
                              "report (interrupted?); run again to resume it")
@@ -482,6 +538,7 @@ def distill_and_evaluate(config: Any, workdir: str | os.PathLike, *, data: Any =
     workdir.mkdir(parents=True, exist_ok=True)
     cfglib.save_run_config(config, workdir, loop.CONFIG_FILE, write=sharding.is_main_process())
     loop.check_report_settings(config)
+    check_distill_settings(config)
     tc, dc = config.train, config.distill
     if config.data.cache:
         raise ValueError("distillation trains the student encoder on waveforms: set "

@@ -138,6 +138,18 @@ def get_loss(name: str, **kwargs: Any) -> LossFn:
     return checked
 
 
+def check_loss_config(name: str, kwargs: Mapping[str, Any] | None = None) -> None:
+    """Resolves loss `name` with `kwargs`, and the HAAQI and distillation losses named inside
+    a distillation objective (`kwargs["haaqi"]`, `kwargs["distill"]`), so that an unknown
+    name or keyword fails before any training rather than when the step is first traced."""
+    kwargs = dict(kwargs or {})
+    get_loss(name, **kwargs)
+    for key, default in (("haaqi", "haaqi_mse"), ("distill", "l1_cosine")):
+        if key in kwargs:
+            sub_name, sub_kwargs = _named(kwargs[key], default)
+            get_loss(sub_name, **sub_kwargs)
+
+
 def weighted_mean(values: jax.Array, weight: jax.Array) -> jax.Array:
     """sum(w * v) / sum(w) over the leading axis; 0 when every weight is 0 (all filler)."""
     total = jnp.sum(weight)

@@ -44,6 +44,22 @@ def test_loss_keywords_can_be_added_by_override():
         cfglib.apply_overrides(c, ["loss.score_weight=1"])  # only under kwargs
 
 
+def test_a_sub_loss_can_be_switched_by_override():
+    """Comparing distillation terms needs no config file: a sub-loss spec inside
+    loss.kwargs is replaced whole (the old term's keywords would not fit the new one)."""
+    from haaqi_jax import losses
+    for override in ['loss.kwargs.distill={"name": "mse"}', "loss.kwargs.distill=mse"]:
+        d = cfglib.load_config_file(REPO / "configs" / "distill.py")
+        cfglib.apply_overrides(d, [override])
+        losses.check_loss_config(d.loss.name, cfglib.to_dict(d.loss.kwargs))
+        assert losses._named(cfglib.to_dict(d.loss.kwargs)["distill"], "") == ("mse", {})
+    d = cfglib.load_config_file(REPO / "configs" / "distill.py")
+    cfglib.apply_overrides(d, ["loss.kwargs.distill.kwargs={}", "loss.kwargs.distill.name=l1"])
+    losses.check_loss_config(d.loss.name, cfglib.to_dict(d.loss.kwargs))
+    with pytest.raises(ValueError, match="train is a section"):   # outside kwargs: no
+        cfglib.apply_overrides(_cfg(), ["train={}"])
+
+
 @pytest.mark.parametrize("override,match", [
     ("train.num_epochs=2.5", r"train.num_epochs=.*int"),
     ("train.num_epochs=abc", r"train.num_epochs=.*int"),
@@ -52,6 +68,8 @@ def test_loss_keywords_can_be_added_by_override():
     ("train.nmu_epochs=3", r"unknown key 'nmu_epochs' under train"),
     ("trian.num_epochs=3", r"unknown key 'trian' under <top>"),
     ("train=3", r"train is a section"),
+    ("train.patterns=(x,y)", r"train.patterns='\(x,y\)': not a Python literal; quote the "
+                             r"strings inside"),
     ("train.num_epochs", r"not of the form key=value"),
 ])
 def test_override_errors_name_the_key(override, match):

@@ -603,3 +603,33 @@ def test_time_inference_reports_seconds_per_clip(tiny_setup, monkeypatch):
     assert distill.timing_ratios(times)["model"]["paired_median"] == 1.0
     with pytest.raises(ValueError, match="batch must be >= 1"):
         distill.time_inference({"teacher": teacher}, seconds=0.5, repeats=1, batch=0)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("distill.target_layers=(2, 13)", r"distill.target_layers \(2, 13\): \[13\] are not teacher "
+                                      r"hidden states \(0..4\)"),
+    ("distill.student_layers=(0, 4)", r"distill.student_layers \(0, 4\): \[4\] are not teacher "
+                                      r"layers \(0..3"),
+    ("distill.frozen_head=('blstm', 'nope')", r"distill.frozen_head names \['nope'\], which the "
+                                              r"HAAQI-Net head does not have"),
+    ("distill.head_kind=chained", r"distill.head_kind must be one of \('independent', "
+                                  r"'sequential'\)"),
+    ("distill.target_cache_dtype=int8", r"distill.target_cache_dtype must be one of"),
+    ("loss.kwargs.distill.name=qa_nope", r"unknown loss 'qa_nope'"),
+    ("loss.kwargs.distill.kwargs.cosine_wieght=1", r"loss 'l1_cosine' takes no keyword "
+                                                   r"'cosine_wieght'"),
+    ("distill.teacher.report.color_by=nope", r"distill.teacher \(the teacher's run in .*\): "
+                                             r"report.color_by must be one of"),
+])
+def test_distillation_settings_fail_before_the_teacher_trains(tmp_path, override, message):
+    """Bad distillation settings are named before any training (a teacher trained here takes
+    minutes at real sizes); an error of the teacher's own run names distill.teacher."""
+    from haaqi_jax.train import loop
+    sets = [f"distill.teacher.model.encoder_config.{k}={v}"
+            for k, v in TINY_TEACHER_ENCODER.items()]
+    sets += ["distill.student_layers=(0, 1)", "distill.target_layers=(2, 4)", override]
+    config = cfglib.apply_overrides(cfglib.load_config_file(REPO / "configs" / "distill.py"),
+                                    sets)
+    with pytest.raises(ValueError, match=message):
+        loop.train_and_evaluate(cfglib.freeze(config), tmp_path / "run")
+    assert not (tmp_path / "run" / "teacher" / "checkpoints").exists()
