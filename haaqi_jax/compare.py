@@ -114,7 +114,7 @@ def compare(runs: Mapping[str, Mapping[str, Mapping[str, float]]],
 
 def _cell(value: Any) -> str:
     if isinstance(value, tuple):
-        return f"{value[0]:.4f}-{value[1]:.4f}"
+        return f"{value[0]:.4f} to {value[1]:.4f}"
     return "n/a" if math.isnan(value) else f"{value:.4f}"
 
 

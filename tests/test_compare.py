@@ -115,3 +115,6 @@ def test_undefined_scores_stay_out_of_the_summary():
     text = compare.markdown(compare.compare(runs, ["valid"]))
     assert "| valid | c | 1 | n/a | n/a | 0.0500 |" in text and "nan" not in text
     assert "| **sd** | 1 run |" in compare.markdown(compare.compare({"a": runs["a"]}, ["valid"]))
+    # A range that starts below zero stays readable.
+    runs["b"]["valid"]["lcc"] = -0.0381
+    assert "-0.0381 to 0.8000" in compare.markdown(compare.compare(runs, ["valid"]))
