@@ -155,9 +155,8 @@ def check_distill_settings(config: Any) -> None:
     for key, allowed in choices.items():
         if key in dc and dc[key] not in allowed:
             raise ValueError(f"distill.{key} must be one of {allowed}, got {dc[key]!r}")
-    unknown = [p for p in dc.get("frozen_head", ())
-               if not re.fullmatch(r"adapter|blstm|dense|attention|frame_score|layer_norm_\d+",
-                                   str(p))]
+    part = "|".join(p.replace("<i>", r"\d+") for p in HEAD_PARTS)
+    unknown = [p for p in dc.get("frozen_head", ()) if not re.fullmatch(part, str(p))]
     if unknown:
         raise ValueError(f"distill.frozen_head names {unknown}, which the HAAQI-Net head does "
                          f"not have (its parts: {', '.join(HEAD_PARTS)})")

@@ -306,7 +306,7 @@ def check_run_data(config: Any, splits: Mapping[str, Sequence[Any]], workdir: Pa
     checkpoint chosen on the old labels. Writes workdir/data.json (main process) otherwise.
     """
     d = config.data
-    record = {"manifest": str(resolve_manifest(config)),
+    record = {"manifest": str(d.get("manifest") or f"the demo dataset in {d.demo_dir}"),
               **{f"{role}_split": {"name": name, "rows": len(splits[name]),
                                    "digest": rows_digest(splits[name])}
                  for role, name in (("train", d.train_split), ("valid", d.valid_split))}}
