@@ -257,6 +257,13 @@ def config_differences(saved: dict[str, Any], new: dict[str, Any],
     return out
 
 
+def holds_a_run(workdir: str | os.PathLike) -> bool:
+    """True when `workdir` has checkpoints or a report: a run that a rerun would resume."""
+    workdir = Path(workdir)
+    return any((workdir / d).is_dir() and any((workdir / d).iterdir())
+               for d in ("checkpoints", "report"))
+
+
 def save_run_config(cfg: ConfigDict | FrozenConfigDict, workdir: str | os.PathLike,
                     name: str = "config.json", *, write: bool = True) -> Path:
     """Writes a run's config.json, refusing a workdir that holds another run's checkpoints.
@@ -268,9 +275,7 @@ def save_run_config(cfg: ConfigDict | FrozenConfigDict, workdir: str | os.PathLi
     """
     workdir = Path(workdir)
     path = workdir / name
-    has_run = any((workdir / d).is_dir() and any((workdir / d).iterdir())
-                   for d in ("checkpoints", "report"))
-    if path.is_file() and has_run:
+    if path.is_file() and holds_a_run(workdir):
         diffs = config_differences(json.loads(path.read_text()), to_dict(cfg))
         if diffs:
             shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6

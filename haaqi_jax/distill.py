@@ -141,6 +141,18 @@ def _teacher_layer_count(config: Any) -> int | None:
     return None if layers is None else int(layers)
 
 
+def check_layer_ranges(dc: Any, n_layers: int) -> None:
+    """distill.student_layers and target_layers against a teacher of `n_layers` layers."""
+    bad = [int(i) for i in dc.student_layers if not 0 <= int(i) < n_layers]
+    if bad:
+        raise ValueError(f"distill.student_layers {tuple(dc.student_layers)}: {bad} are not "
+                         f"teacher layers (0..{n_layers - 1}, 0-based)")
+    bad = [int(i) for i in dc.target_layers if not 0 <= int(i) <= n_layers]
+    if bad:
+        raise ValueError(f"distill.target_layers {tuple(dc.target_layers)}: {bad} are not "
+                         f"teacher hidden states (0..{n_layers})")
+
+
 def check_distill_settings(config: Any) -> None:
     """The distillation settings, checked before anything trains (the teacher's own run
     included): names, layer ranges, head parts, the losses and their keywords."""
@@ -164,14 +176,7 @@ def check_distill_settings(config: Any) -> None:
         raise ValueError("distill.student_layers is empty: name the teacher layers to copy")
     n_layers = _teacher_layer_count(config)
     if n_layers is not None:
-        bad = [int(i) for i in dc.student_layers if not 0 <= int(i) < n_layers]
-        if bad:
-            raise ValueError(f"distill.student_layers {tuple(dc.student_layers)}: {bad} are not "
-                             f"teacher layers (0..{n_layers - 1}, 0-based)")
-        bad = [int(i) for i in dc.target_layers if not 0 <= int(i) <= n_layers]
-        if bad:
-            raise ValueError(f"distill.target_layers {tuple(dc.target_layers)}: {bad} are not "
-                             f"teacher hidden states (0..{n_layers})")
+        check_layer_ranges(dc, n_layers)
     losses.check_loss_config(config.loss.name, cfglib.to_dict(config.loss.get("kwargs") or {}))
 
 
@@ -547,11 +552,7 @@ def distill_and_evaluate(config: Any, workdir: str | os.PathLike, *, data: Any =
     sharding.check_global_batch(int(tc.eval_batch_size), mesh, "train.eval_batch_size")
 
     teacher = HAAQINet.load(resolve_teacher(config, workdir))
-    n_teacher_layers = int(teacher.config.encoder_config["encoder_layers"])
-    bad = [i for i in dc.target_layers if not 0 <= int(i) <= n_teacher_layers]
-    if bad:
-        raise ValueError(f"distill.target_layers {tuple(dc.target_layers)}: {bad} are not "
-                         f"teacher hidden states (0..{n_teacher_layers})")
+    check_layer_ranges(dc, int(teacher.config.encoder_config["encoder_layers"]))
     student, pred_params = init_student(teacher, dc, int(config.seed))
     if data is None:
         data = loop.build_train_data(config, student, workdir)

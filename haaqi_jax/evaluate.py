@@ -253,7 +253,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="splits to evaluate (default: every split in the manifest)")
     parser.add_argument("--batch-size", type=positive_int, default=8,
                         help="clips per forward pass (default 8)")
-    parser.add_argument("--color-by", choices=("split", "distortion"), default="split",
+    parser.add_argument("--color-by", choices=COLOR_BY, default="split",
                         help="what colours the scatter plot's points (default split)")
     parser.add_argument("--num-examples", type=positive_int, default=8,
                         help="clips listed in examples.json (default 8)")

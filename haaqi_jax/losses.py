@@ -86,7 +86,7 @@ def required_row_fields(name: str, kwargs: Mapping[str, Any] | None = None) -> t
     fields = _ROW_FIELDS.get(name, ())
     inner = (kwargs or {}).get("haaqi")
     if inner is not None:
-        fields += required_row_fields(*_named(inner, "haaqi_mse"))
+        fields += required_row_fields(*_named(inner, SUB_LOSS_DEFAULTS["haaqi"]))
     return tuple(dict.fromkeys(fields))
 
 
@@ -144,7 +144,7 @@ def check_loss_config(name: str, kwargs: Mapping[str, Any] | None = None) -> Non
     name or keyword fails before any training rather than when the step is first traced."""
     kwargs = dict(kwargs or {})
     get_loss(name, **kwargs)
-    for key, default in (("haaqi", "haaqi_mse"), ("distill", "l1_cosine")):
+    for key, default in SUB_LOSS_DEFAULTS.items():
         if key in kwargs:
             sub_name, sub_kwargs = _named(kwargs[key], default)
             get_loss(sub_name, **sub_kwargs)
@@ -304,6 +304,10 @@ def cosine(predictions, batch, *, layer_weights=None):
                                                 batch), layer_weights)
 
 
+#: The sub-losses of a distillation objective and the loss each defaults to.
+SUB_LOSS_DEFAULTS = {"haaqi": "haaqi_mse", "distill": "l1_cosine"}
+
+
 def _named(spec: Any, default: str) -> tuple[str, dict[str, Any]]:
     """A sub-loss given as a name or {"name": ..., "kwargs": {...}}."""
     if spec is None:
@@ -330,8 +334,8 @@ def distillation_terms(predictions, batch, *, haaqi=None, distill=None):
     layer's term as distill_<k> and the distillation loss's own terms of layer k as
     distill_<k>/<key>.
     """
-    haaqi_name, haaqi_kwargs = _named(haaqi, "haaqi_mse")
-    distill_name, distill_kwargs = _named(distill, "l1_cosine")
+    haaqi_name, haaqi_kwargs = _named(haaqi, SUB_LOSS_DEFAULTS["haaqi"])
+    distill_name, distill_kwargs = _named(distill, SUB_LOSS_DEFAULTS["distill"])
     haaqi_loss, aux = get_loss(haaqi_name, **haaqi_kwargs)(predictions, batch)
     distill_fn = get_loss(distill_name, **distill_kwargs)
     terms = [haaqi_loss]

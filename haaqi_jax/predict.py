@@ -20,11 +20,11 @@ folder argument joined with the path inside it) or the file's base name (then it
 file of that name).
 
 The CSV has columns file, id (a manifest row's id, else empty), haaqi (empty on error),
-duration_s, error (empty when scored). A bad file
-(unreadable, NaN, silent, too short, no or bad audiogram, including a bad --audiograms entry) is
-reported on stderr and in `error`; the others are still scored. Exit status: 0 when every file
-was scored, 1 when some failed, 2 on a usage error (bad checkpoint, bad --audiogram, an
---audiograms file that cannot be read, no inputs, an unwritable --out).
+duration_s, error (empty when scored). A bad file (unreadable, NaN, silent, too short, no or bad
+audiogram, including a bad --audiograms entry) is reported on stderr and in `error`; the others
+are still scored. Exit status: 0 when every file was scored, 1 when some failed, 2 on a usage
+error (bad checkpoint, bad --audiogram, an --audiograms file that cannot be read, no inputs, an
+unwritable --out).
 """
 
 from __future__ import annotations

@@ -311,9 +311,7 @@ def check_run_data(config: Any, splits: Mapping[str, Sequence[Any]], workdir: Pa
                                    "digest": rows_digest(splits[name])}
                  for role, name in (("train", d.train_split), ("valid", d.valid_split))}}
     path = workdir / DATA_FILE
-    has_run = any((workdir / sub).is_dir() and any((workdir / sub).iterdir())
-                  for sub in (CHECKPOINT_DIR, REPORT_DIR))
-    if path.is_file() and has_run:
+    if path.is_file() and cfglib.holds_a_run(workdir):
         saved = json.loads(path.read_text())
         changed = [f"{role} split ({saved[role]['rows']} rows -> {record[role]['rows']} rows"
                    + (")" if saved[role]["rows"] != record[role]["rows"] else
