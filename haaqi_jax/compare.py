@@ -7,9 +7,20 @@ On the demo set one training run moves by up to 0.03 LCC when its labels move by
 README), so a setting is judged on several seeds. Each argument is a training workdir (its
 `report/metrics.json`), a report folder of `haaqi-jax evaluate` (its `metrics.json`) or a
 metrics.json itself. For every split (and "all"), the table lists each run's LCC, SRCC and MSE,
-then their mean, sample standard deviation and range over the runs. A path without a readable
-report is named and skipped; the others are still compared. `--out` also writes the table
-(Markdown, and the same numbers as `<out>.csv`).
+then their mean, sample standard deviation and range over the runs.
+
+Settings: when every run is a training workdir (it has the config.json that train.py writes),
+runs whose configs differ only in `seed` (and in keys that do not change what a step computes,
+`config.RESUMABLE_KEYS`) form one setting, and the mean, sd and range are taken per setting:
+three seeds each of two distillation losses give two summaries, not one over six runs. The
+settings are listed above the table by the keys that tell them apart.
+
+Distillation: a workdir with `distill_report.json` (train.py --config configs/distill*.py) also
+gets a row per split in a second table: teacher and student LCC / SRCC, the LCC gap, the
+student's inference time as a fraction of the teacher's and its encoder's parameter reduction.
+
+A path without a readable report is named and skipped; the others are still compared. `--out`
+also writes the tables (Markdown, and the numbers as `<out>.csv`, plus `<out>.distill.csv`).
 """
 
 from __future__ import annotations
@@ -28,6 +39,10 @@ import numpy as np
 SCORES = ("lcc", "srcc", "mse")
 #: Name of the whole-report entry ("overall" in metrics.json).
 ALL = "all"
+#: Summary rows of each setting, in table order.
+SUMMARIES = ("mean", "sd", "range")
+#: Config keys that vary between repeats of one setting (besides config.RESUMABLE_KEYS).
+REPEAT_KEYS = ("seed",)
 
 
 def metrics_path(path: str | os.PathLike) -> Path:
@@ -72,18 +87,22 @@ def _number(value: Any) -> float:
 
 
 def compare(runs: Mapping[str, Mapping[str, Mapping[str, float]]],
-            splits: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Table rows: per split, one row per run, then "mean", "sd" and "range" over the runs.
+            splits: Sequence[str] | None = None,
+            settings: Mapping[str, Sequence[str]] | None = None) -> list[dict[str, Any]]:
+    """Table rows: per split and setting, one row per run, then "mean", "sd" and "range".
 
     Args:
       runs: {run name: `read_scores` output}, in table order.
       splits: splits to keep (default: every split any run has, "all" first, then sorted).
+      settings: {setting label: [run names]} (see `group_settings`), in table order; default
+        one setting "" of all runs.
     Returns:
-      [{"split", "run", "n", "lcc", "srcc", "mse"}]; the summary rows have n = number of runs
-      that have the split, "sd" is the sample standard deviation (NaN for a single run) and
-      "range" holds (min, max) pairs. Splits missing from a run are left out of its rows.
+      [{"split", "setting", "run", "n", "lcc", "srcc", "mse"}]; the summary rows have n = number
+      of the setting's runs that have the split, "sd" is the sample standard deviation (NaN for
+      a single run) and "range" holds (min, max) pairs. Splits missing from a run are left out
+      of its rows.
     Raises:
-      ValueError naming a requested split that no run has.
+      ValueError naming a requested split that no run has, or a run in no setting.
     """
     present = sorted({s for scores in runs.values() for s in scores} - {ALL})
     present = ([ALL] if any(ALL in s for s in runs.values()) else []) + present
@@ -92,23 +111,166 @@ def compare(runs: Mapping[str, Mapping[str, Mapping[str, float]]],
     unknown = [s for s in splits if s not in present]
     if unknown:
         raise ValueError(f"no run has split {unknown[0]!r} (splits: {present})")
+    settings = {"": list(runs)} if settings is None else settings
+    orphans = set(runs) - {name for names in settings.values() for name in names}
+    if orphans:
+        raise ValueError(f"compare: runs {sorted(orphans)} belong to no setting")
     rows: list[dict[str, Any]] = []
     for split in splits:
-        have = {name: scores[split] for name, scores in runs.items() if split in scores}
-        rows += [{"split": split, "run": name, **entry} for name, entry in have.items()]
-        # A run whose score is undefined (e.g. a correlation over one clip) is left out of
-        # that score's summary instead of turning it into NaN.
-        values = {k: np.asarray([v for v in (entry[k] for entry in have.values())
-                                 if math.isfinite(v)]) for k in SCORES}
-        rows.append({"split": split, "run": "mean", "n": len(have),
-                     **{k: float(np.mean(v)) if len(v) else math.nan
-                        for k, v in values.items()}})
-        rows.append({"split": split, "run": "sd", "n": len(have),
-                     **{k: float(np.std(v, ddof=1)) if len(v) > 1 else math.nan
-                        for k, v in values.items()}})
-        rows.append({"split": split, "run": "range", "n": len(have),
-                     **{k: (float(np.min(v)), float(np.max(v))) if len(v) else math.nan
-                        for k, v in values.items()}})
+        for setting, names in settings.items():
+            have = {name: runs[name][split] for name in names if split in runs[name]}
+            if not have:
+                continue
+            rows += [{"split": split, "setting": setting, "run": name, **entry}
+                     for name, entry in have.items()]
+            rows += _summary_rows(have, split, setting)
+    return rows
+
+
+def _summary_rows(have: Mapping[str, Mapping[str, float]], split: str, setting: str
+                  ) -> list[dict[str, Any]]:
+    # A run whose score is undefined (e.g. a correlation over one clip) is left out of that
+    # score's summary instead of turning it into NaN.
+    values = {k: np.asarray([v for v in (entry[k] for entry in have.values())
+                             if math.isfinite(v)]) for k in SCORES}
+    head = {"split": split, "setting": setting, "n": len(have)}
+    return [
+        {**head, "run": "mean",
+         **{k: float(np.mean(v)) if len(v) else math.nan for k, v in values.items()}},
+        {**head, "run": "sd",
+         **{k: float(np.std(v, ddof=1)) if len(v) > 1 else math.nan for k, v in values.items()}},
+        {**head, "run": "range",
+         **{k: (float(np.min(v)), float(np.max(v))) if len(v) else math.nan
+            for k, v in values.items()}},
+    ]
+
+
+def run_folder(metrics_file: str | os.PathLike) -> Path | None:
+    """The training workdir a metrics.json belongs to (the folder holding config.json, either
+    the file's folder or the one above a `report/` folder), or None (an evaluate report)."""
+    folder = Path(metrics_file).parent
+    for candidate in ([folder.parent, folder] if folder.name == "report" else [folder]):
+        if (candidate / CONFIG_FILE).is_file():
+            return candidate
+    return None
+
+
+#: What train.py writes beside a run's report: its config and a distillation's comparison.
+CONFIG_FILE = "config.json"
+DISTILL_REPORT_FILE = "distill_report.json"
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """A run's config.json as flat {dotted key: value}; ValueError names a corrupt file."""
+    from haaqi_jax import config as cfglib
+
+    file = folder / CONFIG_FILE
+    try:
+        return cfglib.flatten(json.loads(file.read_text()))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: not JSON ({err.msg})") from None
+
+
+def group_settings(configs: Mapping[str, Mapping[str, Any] | None]
+                   ) -> tuple[dict[str, list[str]], dict[str, str], str | None]:
+    """Groups runs into settings: runs whose flat configs differ only in REPEAT_KEYS and
+    config.RESUMABLE_KEYS are repeats of one setting.
+
+    Args:
+      configs: {run name: `read_config` output, or None for a run without config.json}.
+    Returns:
+      (settings {label: [run names]}, legend {label: "key=value, ..."}, note): labels are "A",
+      "B", ... in order of first appearance, each described by the keys that tell the settings
+      apart. One setting "" (legend empty) when all runs share their settings, or when a run
+      has no config (then `note` says which, else None).
+    """
+    import fnmatch
+    from haaqi_jax import config as cfglib
+
+    names = list(configs)
+    no_config = [name for name in names if configs[name] is None]
+    if no_config or len(names) < 2:
+        note = (f"runs not grouped by setting: {', '.join(no_config)} "
+                f"{'has' if len(no_config) == 1 else 'have'} no {CONFIG_FILE} (mean, sd and "
+                "range are over all runs)") if no_config and len(no_config) < len(names) else None
+        return {"": names}, {}, note
+    ignored = tuple(cfglib.RESUMABLE_KEYS) + REPEAT_KEYS
+    keys = sorted({k for c in configs.values() for k in c
+                   if not any(fnmatch.fnmatchcase(k, p) for p in ignored)})
+
+    def value(name: str, key: str) -> str:
+        return json.dumps(configs[name].get(key, cfglib.IMPLICIT_VALUES.get(key, "<absent>")),
+                          sort_keys=True)
+
+    varying = [k for k in keys if len({value(n, k) for n in names}) > 1]
+    if not varying:
+        return {"": names}, {}, None
+    settings: dict[tuple, list[str]] = {}
+    for name in names:
+        settings.setdefault(tuple(value(name, k) for k in varying), []).append(name)
+    labels = [_label(i) for i in range(len(settings))]
+    legend = {label: ", ".join(f"{k}={v}" for k, v in zip(varying, values))
+              for label, values in zip(labels, settings)}
+    return dict(zip(labels, settings.values())), legend, None
+
+
+def _label(i: int) -> str:
+    letters = ""
+    i += 1
+    while i:
+        i, r = divmod(i - 1, 26)
+        letters = chr(ord("A") + r) + letters
+    return letters
+
+
+def read_distill_report(folder: Path) -> dict[str, Any] | None:
+    """A distillation run's distill_report.json (student vs teacher), or None when it has
+    none; ValueError names a corrupt file."""
+    file = folder / DISTILL_REPORT_FILE
+    if not file.is_file():
+        return None
+    try:
+        report = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: not JSON ({err.msg})") from None
+    if not isinstance(report, Mapping) or not isinstance(report.get("splits"), Mapping):
+        raise ValueError(f"{file}: no 'splits' entry; is it a haaqi_jax distill_report.json?")
+    return report
+
+
+#: Columns of the distillation table.
+DISTILL_COLUMNS = ("teacher_lcc", "student_lcc", "lcc_gap", "teacher_srcc", "student_srcc",
+                   "time_ratio", "encoder_time_ratio", "encoder_reduction")
+
+
+def distill_rows(reports: Mapping[str, Mapping[str, Any]],
+                 splits: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Student vs teacher per split and run, from `read_distill_report` outputs.
+
+    Returns:
+      [{"split", "run", *DISTILL_COLUMNS}] (NaN where a report lacks a number), splits in
+      `splits` order (default: sorted), runs in `reports` order.
+    """
+    present = sorted({s for r in reports.values() for s in r["splits"]})
+    rows = []
+    for split in (present if splits is None else [s for s in splits if s in present]):
+        for name, report in reports.items():
+            entry = report["splits"].get(split)
+            if entry is None:
+                continue
+            teacher, student = entry.get("teacher") or {}, entry.get("student") or {}
+            timing = report.get("seconds_per_clip") or {}
+            rows.append({
+                "split": split, "run": name,
+                "teacher_lcc": _number(teacher.get("lcc")),
+                "student_lcc": _number(student.get("lcc")),
+                "lcc_gap": _number(entry.get("lcc_gap")),
+                "teacher_srcc": _number(teacher.get("srcc")),
+                "student_srcc": _number(student.get("srcc")),
+                "time_ratio": _number(timing.get("ratio_model")),
+                "encoder_time_ratio": _number(timing.get("ratio_encoder")),
+                "encoder_reduction": _number((report.get("params") or {})
+                                             .get("encoder_reduction"))})
     return rows
 
 
@@ -118,27 +280,57 @@ def _cell(value: Any) -> str:
     return "n/a" if math.isnan(value) else f"{value:.4f}"
 
 
-def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The `compare` rows as a Markdown table (summary rows in bold)."""
-    lines = ["| split | run | n | LCC | SRCC | MSE |", "|---|---|---|---|---|---|"]
+def markdown(rows: Sequence[Mapping[str, Any]], legend: Mapping[str, str] | None = None,
+             distill: Sequence[Mapping[str, Any]] = ()) -> str:
+    """The `compare` rows as a Markdown table (summary rows in bold); with several settings a
+    "setting" column and the `legend` above the table; the `distill_rows` as a second table."""
+    grouped = bool(legend)
+    lines = []
+    if grouped:
+        lines += ["Settings (runs that differ only in their seed are one setting):", ""]
+        lines += [f"- **{label}**: {text}" for label, text in legend.items()] + [""]
+    lines += ["| split | " + ("setting | " if grouped else "") + "run | n | LCC | SRCC | MSE |",
+              "|---|" + ("---|" if grouped else "") + "---|---|---|---|---|"]
     for row in rows:
-        summary = row["run"] in ("mean", "sd", "range")
+        summary = row["run"] in SUMMARIES
         run = f"**{row['run']}**" if summary else row["run"]
         n = (f"{row['n']} run{'s' if row['n'] != 1 else ''}" if summary
              else int(row["n"]))
-        lines.append(f"| {row['split']} | {run} | {n} | "
+        setting = f"{row.get('setting', '')} | " if grouped else ""
+        lines.append(f"| {row['split']} | {setting}{run} | {n} | "
                      + " | ".join(_cell(row[k]) for k in SCORES) + " |")
+    if distill:
+        lines += ["", "Distillation (distill_report.json): student vs teacher; time ratio = "
+                  "student / teacher inference time per clip, whole model (encoder alone)", "",
+                  "| split | run | teacher LCC | student LCC | LCC gap | teacher SRCC | "
+                  "student SRCC | time ratio | encoder params |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for row in distill:
+            reduction = ("n/a" if math.isnan(row["encoder_reduction"])
+                         else f"{100 * row['encoder_reduction']:.2f} % fewer")
+            lines.append(f"| {row['split']} | {row['run']} | "
+                         + " | ".join(_cell(row[k]) for k in DISTILL_COLUMNS[:5])
+                         + f" | {_cell(row['time_ratio'])} ({_cell(row['encoder_time_ratio'])})"
+                         + f" | {reduction} |")
     return "\n".join(lines) + "\n"
 
 
 def _write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["split", "run", "n", *SCORES])
+        writer.writerow(["split", "setting", "run", "n", *SCORES])
         for row in rows:
-            writer.writerow([row["split"], row["run"], int(row["n"]),
+            writer.writerow([row["split"], row.get("setting", ""), row["run"], int(row["n"]),
                              *(("%s-%s" % row[k]) if isinstance(row[k], tuple) else row[k]
                                for k in SCORES)])
+
+
+def _write_distill_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["split", "run", *DISTILL_COLUMNS])
+        for row in rows:
+            writer.writerow([row["split"], row["run"], *(row[k] for k in DISTILL_COLUMNS)])
 
 
 def _run_names(paths: Sequence[Path]) -> list[str]:
@@ -182,15 +374,36 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as err:
             print(f"skipped: {err}", file=sys.stderr)
     kept = list(readable.values())
-    runs = dict(zip(_run_names([path for path, _ in kept]), (scores for _, scores in kept)))
+    names = _run_names([path for path, _ in kept])
+    runs = dict(zip(names, (scores for _, scores in kept)))
     if not runs:
         print("no readable report among the runs given", file=sys.stderr)
         return 1
-    rows = compare(runs, args.splits)        # a split no run has: one line, exit 2 (cli)
-    text = markdown(rows)
+    folders = dict(zip(names, (run_folder(file) for file in readable)))
+    configs, distill = {}, {}
+    for name, folder in folders.items():
+        configs[name] = None
+        if folder is None:
+            continue
+        try:
+            configs[name] = read_config(folder)
+            report = read_distill_report(folder)
+        except (OSError, ValueError) as err:   # the scores still count; only the extras go
+            print(f"{name}: {err}", file=sys.stderr)
+            continue
+        if report is not None:
+            distill[name] = report
+    settings, legend, note = group_settings(configs)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    rows = compare(runs, args.splits, settings)   # a split no run has: one line, exit 2 (cli)
+    distilled = distill_rows(distill, args.splits)
+    text = markdown(rows, legend, distilled)
     print(text, end="")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
         _write_csv(rows, args.out.with_suffix(".csv"))
+        if distilled:
+            _write_distill_csv(distilled, args.out.with_suffix(".distill.csv"))
     return 0

@@ -231,11 +231,12 @@ RESUMABLE_KEYS = _LOOP_KEYS + ("distill.timing_*",) + tuple(f"distill.teacher.{k
 IMPLICIT_VALUES = {"model.head.readout": "score", "distill.teacher.model.head.readout": "score"}
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested `to_dict` config as {dotted key: leaf value}."""
     if isinstance(tree, dict):
         out = {}
         for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         return out
     return {prefix[:-1]: tree}
 
@@ -246,7 +247,7 @@ def config_differences(saved: dict[str, Any], new: dict[str, Any],
     (a key missing on one side shows as <absent>, or as its `IMPLICIT_VALUES` entry on the
     saved side), skipping keys that match `ignore`."""
     import fnmatch
-    old, cur = _flatten(saved), _flatten(new)
+    old, cur = flatten(saved), flatten(new)
     out = []
     for key in sorted(set(old) | set(cur)):
         if any(fnmatch.fnmatchcase(key, pattern) for pattern in ignore):

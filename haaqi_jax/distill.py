@@ -40,6 +40,7 @@ import dataclasses
 import functools
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -604,7 +605,10 @@ def distill_and_evaluate(config: Any, workdir: str | os.PathLike, *, data: Any =
         report_dir = loop.write_training_report(config, student, best, data, student_eval, mesh,
                                                 keys, workdir / loop.REPORT_DIR, early)
         comparison = compare(config, teacher, HAAQINet(student.config, jax.device_get(best)),
-                             data, head_loss, mesh, keys, student_eval, best)
+                             data, head_loss, mesh, keys, student_eval, best,
+                             timing=_earlier_timing(workdir / REPORT_FILE, config,
+                                                    int(early["best_step"])))
+        comparison["best_step"] = int(early["best_step"])
         if sharding.is_main_process():
             (workdir / REPORT_FILE).write_text(json.dumps(metrics_lib.json_safe(comparison),
                                                           indent=2, sort_keys=True) + "\n")
@@ -616,9 +620,26 @@ def distill_and_evaluate(config: Any, workdir: str | os.PathLike, *, data: Any =
                             state=state, report_dir=report_dir)
 
 
+def _earlier_timing(report_file: Path, config: Any, best_step: int) -> dict[str, Any] | None:
+    """The timings of an earlier distill_report.json of this run, when it timed the same best
+    student with the same timing settings (a rerun of a finished run then keeps them instead of
+    rewriting them with new, noisy ones); else None."""
+    try:
+        earlier = json.loads(report_file.read_text())
+        timing = earlier["seconds_per_clip"]
+        same = (earlier.get("best_step") == best_step
+                and timing["clip_seconds"] == float(config.distill.get("timing_seconds", 10.0))
+                and timing["repeats"] == int(config.distill.get("timing_repeats", 15)))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return timing if same else None
+
+
 def compare(config: Any, teacher: Any, student: Any, data: Any, head_loss: steps_lib.LossFn,
-            mesh: Any, keys, student_eval: Callable, student_params: Any) -> dict[str, Any]:
-    """Student vs teacher: LCC, SRCC, MSE per eval split, parameter counts, time per clip."""
+            mesh: Any, keys, student_eval: Callable, student_params: Any, *,
+            timing: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Student vs teacher: LCC, SRCC, MSE and the clip count per eval split, parameter counts,
+    time per clip (`timing`, an earlier result's "seconds_per_clip", skips the timing)."""
     from haaqi_jax.train import loop
 
     _, teacher_eval = steps_lib.jit_steps(
@@ -637,7 +658,13 @@ def compare(config: Any, teacher: Any, student: Any, data: Any, head_loss: steps
             summary = metrics_lib.summarize(pred, labels, np.isfinite(pred).astype(float))
             row[name] = {k: summary[k] for k in ("lcc", "srcc", "mse")}
         row["lcc_gap"] = row["teacher"]["lcc"] - row["student"]["lcc"]
+        row["n"] = len(labels)
         splits[split] = row
+    if timing is not None:
+        print("inference times: kept from the earlier report of this best student (delete "
+              f"{REPORT_FILE} to time again)", file=sys.stderr)
+        return {"splits": splits, "params": param_counts(teacher, student),
+                "seconds_per_clip": dict(timing)}
     seconds = float(config.distill.get("timing_seconds", 10.0))
     repeats = int(config.distill.get("timing_repeats", 15))
     times = time_inference({"teacher": teacher, "student": student}, seconds, repeats)
@@ -654,12 +681,12 @@ def compare(config: Any, teacher: Any, student: Any, data: Any, head_loss: steps
 
 def format_comparison(c: Mapping[str, Any]) -> str:
     """A small text table of `compare`'s result."""
-    lines = [f"{'split':<14}{'model':<9}{'LCC':>8}{'SRCC':>8}{'MSE':>9}"]
+    lines = [f"{'split':<14}{'clips':>6} {'model':<9}{'LCC':>8}{'SRCC':>8}{'MSE':>9}"]
     for split, row in c["splits"].items():
         for name in ("teacher", "student"):
             m = row[name]
-            lines.append(f"{split:<14}{name:<9}{m['lcc']:>8.4f}{m['srcc']:>8.4f}"
-                         f"{m['mse']:>9.5f}")
+            lines.append(f"{split:<14}{row.get('n', ''):>6} {name:<9}{m['lcc']:>8.4f}"
+                         f"{m['srcc']:>8.4f}{m['mse']:>9.5f}")
     p, t = c["params"], c["seconds_per_clip"]
     lines.append(f"encoder parameters: teacher {p['teacher_encoder']:,}, student "
                  f"{p['student_encoder']:,} ({100 * p['encoder_reduction']:.2f} % fewer)")

@@ -6,9 +6,11 @@
 writes into --out:
   metrics.json      {"overall", "by_split", "by_distortion"}: lcc, srcc, mse, n each; overall
                     and each split also ci95: {"lcc", "srcc"} 95 % bootstrap intervals
+                    (rows sharing a manifest group, e.g. two ears of a clip, drawn together)
   table.md/.csv     the same numbers as one table (rows: all, split=..., distortion=...);
                     table.md then lists the intervals
-  predictions.csv   one line per clip: id, split, distortion, label, prediction
+  predictions.csv   one line per clip: id, split, distortion, label, prediction, group (the
+                    manifest's group, empty when none)
   examples.json     a few clips' predictions (the first of each split)
   scatter.png       predicted vs true HAAQI, coloured by split or distortion
   by_distortion.png mean label and mean prediction of every distortion, sorted by their gap
@@ -32,7 +34,7 @@ import numpy as np
 
 from haaqi_jax.train import metrics as metrics_lib
 
-RECORD_FIELDS = ("id", "split", "distortion", "label", "prediction")
+RECORD_FIELDS = ("id", "split", "distortion", "label", "prediction", "group")
 #: The split name of manifest rows that have none.
 UNSPLIT = "unsplit"
 
@@ -56,7 +58,8 @@ def _row_id(row: Any, fallback: str) -> str:
 
 def prediction_records(rows: Sequence[Any], predictions: np.ndarray, split: str
                        ) -> list[dict[str, Any]]:
-    """One dict per row (id, split, distortion, label, prediction); NaN predictions are an error.
+    """One dict per row (id, split, distortion, label, prediction, group: the row's manifest
+    group or None); NaN predictions are an error.
 
     Args:
       rows: manifest rows of `split` (objects or dicts with id/label/distortion fields).
@@ -75,10 +78,11 @@ def prediction_records(rows: Sequence[Any], predictions: np.ndarray, split: str
         if label is None:
             raise ValueError(f"split {split!r}, row {i} ({rid}): no HAAQI label to evaluate "
                              "against; label the manifest first (haaqi-jax label)")
-        distortion = _row_field(row, "distortion")
+        distortion, group = _row_field(row, "distortion"), _row_field(row, "group")
         records.append({"id": rid, "split": split,
                         "distortion": "unknown" if distortion is None else str(distortion),
-                        "label": float(label), "prediction": float(pred)})
+                        "label": float(label), "prediction": float(pred),
+                        "group": None if group is None else str(group)})
     return records
 
 
@@ -102,9 +106,11 @@ def compute_report_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, An
         entry["label_mean"] = float(true[mask].mean())
         entry["prediction_mean"] = float(pred[mask].mean())
     # How much of a split's score is the luck of its clips: 95 % bootstrap intervals.
-    report["overall"]["ci95"] = metrics_lib.bootstrap_intervals(pred, true)
+    groups = [r.get("group") for r in records]
+    report["overall"]["ci95"] = metrics_lib.bootstrap_intervals(pred, true, groups=groups)
     for split, entry in report["by_split"].items():
-        entry["ci95"] = metrics_lib.bootstrap_intervals(pred, true, splits == split)
+        entry["ci95"] = metrics_lib.bootstrap_intervals(pred, true, splits == split,
+                                                        groups=groups)
     return report
 
 
@@ -210,7 +216,9 @@ def write_report(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLik
           "|---|---|---|---|---|---|---|"]
     md += [f"| {name} | {m['n']} | {_fmt(m['lcc'])} | {_fmt(m['srcc'])} | {_fmt(m['mse'])} | "
            f"{_fmt(m['label_mean'])} | {_fmt(m['prediction_mean'])} |" for name, m in table]
-    md += ["", "95 % bootstrap intervals (1000 resamples of the clips):", ""]
+    grouped = any(r.get("group") is not None for r in records)
+    md += ["", "95 % bootstrap intervals (1000 resamples of the clips"
+           + ("; rows of one manifest group drawn together" if grouped else "") + "):", ""]
     md += [f"- {name}: LCC [{_fmt(m['ci95']['lcc'][0])}, {_fmt(m['ci95']['lcc'][1])}], SRCC "
            f"[{_fmt(m['ci95']['srcc'][0])}, {_fmt(m['ci95']['srcc'][1])}]"
            for name, m in table if "ci95" in m]
@@ -225,14 +233,14 @@ def write_report(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLik
         w = csv.DictWriter(f, fieldnames=RECORD_FIELDS)
         w.writeheader()
         for r in records:
-            w.writerow({k: r[k] for k in RECORD_FIELDS})
+            w.writerow({k: r.get(k) for k in RECORD_FIELDS})
     # A few clips from every split, in manifest order.
     per_split = max(1, num_examples // max(1, len(report["by_split"])))
     examples, seen = [], {}
     for r in records:
         if seen.get(r["split"], 0) < per_split:
             seen[r["split"]] = seen.get(r["split"], 0) + 1
-            examples.append({k: r[k] for k in RECORD_FIELDS})
+            examples.append({k: r.get(k) for k in RECORD_FIELDS})
     (out_dir / "examples.json").write_text(json.dumps(examples, indent=2) + "\n")
     scatter_plot(records, out_dir / "scatter.png", color_by=color_by)
     if {r["distortion"] for r in records} - {None, "unknown"}:  # rows that name none: no plot

@@ -118,3 +118,74 @@ def test_undefined_scores_stay_out_of_the_summary():
     # A range that starts below zero stays readable.
     runs["b"]["valid"]["lcc"] = -0.0381
     assert "-0.0381 to 0.8000" in compare.markdown(compare.compare(runs, ["valid"]))
+
+
+def _workdir(path, records, **settings):
+    """A training workdir as train.py leaves it: config.json and report/metrics.json."""
+    config = {"seed": 0, "loss": {"name": "haaqi_mse", "kwargs": {"frame_weight": 1.0}},
+              "train": {"progress": True, "batch_size": 8}}
+    for dotted, value in settings.items():
+        *parents, leaf = dotted.split("__")
+        node = config
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    evaluate.write_report(records, path / "report")
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_runs_are_summarised_per_setting(tmp_path, capsys):
+    """Two losses x two seeds: one mean per loss, not one over four runs; seeds and loop-only
+    keys (train.progress) do not make settings."""
+    records = {name: _records(i, 0.05 + 0.1 * i) for i, name in enumerate(("a0", "a1", "b0", "b1"))}
+    paths = [_workdir(tmp_path / "a0", records["a0"]),
+             _workdir(tmp_path / "a1", records["a1"], seed=1, train__progress=False),
+             _workdir(tmp_path / "b0", records["b0"], loss__name="l1"),
+             _workdir(tmp_path / "b1", records["b1"], loss__name="l1", seed=1)]
+    configs = {p.name: compare.read_config(p) for p in paths}
+    settings, legend, note = compare.group_settings(configs)
+    assert settings == {"A": ["a0", "a1"], "B": ["b0", "b1"]} and note is None
+    assert legend == {"A": 'loss.name="haaqi_mse"', "B": 'loss.name="l1"'}
+
+    out = tmp_path / "cmp.md"
+    assert cli.main(["compare", *map(str, paths), "--splits", "valid", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert '- **B**: loss.name="l1"' in text
+    table = list(csv.DictReader(out.with_suffix(".csv").open()))
+    assert [(r["setting"], r["run"]) for r in table] == [
+        ("A", "a0"), ("A", "a1"), ("A", "mean"), ("A", "sd"), ("A", "range"),
+        ("B", "b0"), ("B", "b1"), ("B", "mean"), ("B", "sd"), ("B", "range")]
+    for row, names in ((table[2], ("a0", "a1")), (table[7], ("b0", "b1"))):
+        want = np.mean([_truth(records[n], "valid")["lcc"] for n in names])
+        assert float(row["lcc"]) == pytest.approx(want, abs=1e-9)
+
+    # A run without config.json (an evaluate report) cannot be placed: one summary, a note.
+    evaluate.write_report(records["a0"], tmp_path / "eval")
+    assert cli.main(["compare", *map(str, paths), str(tmp_path / "eval"), "--splits",
+                     "valid"]) == 0
+    captured = capsys.readouterr()
+    assert "eval has no config.json" in captured.err
+    assert "| valid | **mean** | 5 runs |" in captured.out
+
+
+def test_distillation_reports_get_their_own_table(tmp_path, capsys):
+    records = _records(0, 0.1)
+    run = _workdir(tmp_path / "kd", records, loss__name="distill_weighted")
+    report = {"splits": {"valid": {"teacher": {"lcc": 0.9, "srcc": 0.85, "mse": 0.01},
+                                   "student": {"lcc": 0.87, "srcc": 0.8, "mse": 0.02},
+                                   "lcc_gap": 0.03, "n": 30}},
+              "params": {"encoder_reduction": 0.7586},
+              "seconds_per_clip": {"ratio_model": 0.251, "ratio_encoder": 0.243}}
+    (run / "distill_report.json").write_text(json.dumps(report))
+    assert cli.main(["compare", str(run), str(tmp_path / "kd" / "report"), "--out",
+                     str(tmp_path / "t.md")]) == 0
+    text = capsys.readouterr().out
+    assert ("| valid | kd | 0.9000 | 0.8700 | 0.0300 | 0.8500 | 0.8000 | 0.2510 (0.2430) | "
+            "75.86 % fewer |") in text
+    (row,) = list(csv.DictReader((tmp_path / "t.distill.csv").open()))
+    assert float(row["lcc_gap"]) == 0.03 and float(row["time_ratio"]) == 0.251
+    (run / "distill_report.json").write_text("{broken")
+    assert cli.main(["compare", str(run)]) == 0              # the scores still count
+    captured = capsys.readouterr()
+    assert "distill_report.json: not JSON" in captured.err and "Distillation" not in captured.out

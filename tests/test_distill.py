@@ -557,6 +557,30 @@ def test_distillation_job_end_to_end(distill_job):
     assert not (workdir / "target_cache").exists()  # cache_targets is off by default
 
 
+def test_rerun_of_a_finished_distillation_keeps_its_timings(distill_job, capsys):
+    """A rerun of the finished job rescores but keeps the earlier inference times (new ones
+    would be new noise), and `haaqi-jax compare` shows the student-vs-teacher table."""
+    from haaqi_jax import cli
+
+    workdir = distill_job["workdir"]
+    before = json.loads((workdir / "distill_report.json").read_text())
+    assert {s: row["n"] for s, row in before["splits"].items()} == {
+        "valid": 2, "test_seen": 2, "test_unseen": 2}     # the clips of _write_dataset
+    assert distill_job["train_script"].main(_argv(workdir, distill_job["sets"])) == 0
+    assert "inference times: kept from the earlier report" in capsys.readouterr().err
+    after = json.loads((workdir / "distill_report.json").read_text())
+    assert after["seconds_per_clip"] == before["seconds_per_clip"]
+    assert after["best_step"] == before["best_step"]
+
+    assert cli.main(["compare", str(workdir), "--splits", "valid"]) == 0
+    out = capsys.readouterr().out
+    valid = after["splits"]["valid"]
+    cell = lambda v: "n/a" if v is None else f"{v:.4f}"      # noqa: E731 (2 clips: no LCC)
+    assert (f"| valid | run | {cell(valid['teacher']['lcc'])} | {cell(valid['student']['lcc'])} "
+            f"| {cell(valid['lcc_gap'])} |") in out
+    assert f"{100 * after['params']['encoder_reduction']:.2f} % fewer" in out
+
+
 def test_distillation_job_with_cached_targets(distill_job, tmp_path):
     """The same job with distill.cache_targets (teacher from the first job's checkpoint):
     targets encoded once per train clip, and the training steps equal the teacher-running

@@ -152,3 +152,24 @@ def test_evaluate_skips_bad_rows_and_scores_rows_without_a_split(tmp_path, capsy
     assert metrics["overall"]["n"] == 4 and list(metrics["by_split"]) == ["unsplit"]
     assert metrics["by_split"]["unsplit"]["label_mean"] == pytest.approx(
         np.mean([r["haaqi_score"] for r in rows[:4]]))
+
+
+def test_report_draws_the_rows_of_one_group_together(tmp_path):
+    """Two ears per clip (rows sharing a group): the report's intervals resample clips."""
+    from haaqi_jax.train import metrics as metrics_lib
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(rng.uniform(0, 1, 20), 2)
+    preds = labels + 0.2 * rng.standard_normal(40)
+    records = [{"id": f"c{i // 2}{'LR'[i % 2]}", "split": "test", "distortion": "noise",
+                "label": float(t), "prediction": float(p), "group": f"c{i // 2}"}
+               for i, (t, p) in enumerate(zip(labels, preds))]
+    evaluate.write_report(records, tmp_path)
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    groups = [r["group"] for r in records]
+    assert report["overall"]["ci95"] == metrics_lib.bootstrap_intervals(preds, labels,
+                                                                        groups=groups)
+    assert report["overall"]["ci95"] != metrics_lib.bootstrap_intervals(preds, labels)
+    assert "rows of one manifest group drawn together" in (tmp_path / "table.md").read_text()
+    rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
+    assert [r["group"] for r in rows] == groups

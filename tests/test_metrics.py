@@ -119,3 +119,38 @@ def test_two_clips_have_no_correlation():
     assert two["mse"] == pytest.approx((0.2 ** 2 + 0.5 ** 2) / 2)
     three = metrics.summarize([0.1, 0.7, 0.4], [0.3, 0.2, 0.5])
     assert np.isfinite(three["lcc"]) and np.isfinite(three["srcc"])
+
+
+def test_bootstrap_draws_whole_groups():
+    """Each clip scored for both ears with the same numbers: drawing whole groups gives the
+    interval of the clips themselves (Pearson and Spearman do not change when every point is
+    doubled), while drawing the ears one by one would make it narrower."""
+    rng = np.random.default_rng(3)
+    true = rng.uniform(0, 1, 40)
+    pred = true + 0.3 * rng.standard_normal(40)
+    clips = metrics.bootstrap_intervals(pred, true, seed=5)
+    ears_pred, ears_true = np.repeat(pred, 2), np.repeat(true, 2)
+    groups = np.repeat([f"clip{i}" for i in range(40)], 2)
+    grouped = metrics.bootstrap_intervals(ears_pred, ears_true, groups=groups, seed=5)
+    for key in ("lcc", "srcc"):
+        np.testing.assert_allclose(grouped[key], clips[key], rtol=1e-12)
+    loose = metrics.bootstrap_intervals(ears_pred, ears_true, seed=5)
+    assert np.diff(loose["lcc"])[0] < 0.85 * np.diff(clips["lcc"])[0]
+
+    # Unequal groups and left-out items: the same draws by hand, correlations by scipy.
+    sizes = rng.integers(1, 4, 30)
+    groups = np.repeat(np.arange(30), sizes)
+    true = rng.uniform(0, 1, groups.size)
+    pred = true + 0.2 * rng.standard_normal(groups.size)
+    weight = (rng.uniform(size=groups.size) > 0.1).astype(float)
+    got = metrics.bootstrap_intervals(pred, true, weight, groups=list(groups), seed=1,
+                                      n_resamples=200)
+    kept = weight > 0
+    members = [np.flatnonzero(groups[kept] == g) for g in dict.fromkeys(groups[kept])]
+    drawn = np.random.default_rng(1).integers(0, len(members), (200, len(members)))
+    for key, corr in (("lcc", scipy.stats.pearsonr), ("srcc", scipy.stats.spearmanr)):
+        r = [corr(pred[kept][i], true[kept][i])[0]
+             for i in (np.concatenate([members[c] for c in row]) for row in drawn)]
+        np.testing.assert_allclose(got[key], np.percentile(r, [2.5, 97.5]), rtol=1e-9)
+    with pytest.raises(ValueError, match="3 groups for 4 items"):
+        metrics.bootstrap_intervals(np.ones(4), np.ones(4), groups=[1, 2, 3])

@@ -412,6 +412,34 @@ def test_a_clip_on_both_sides_of_a_random_split_is_noted(tiny, tmp_path, capsys)
     assert not ({r.file_path for r in splits["train"]} & {r.file_path for r in splits["valid"]})
 
 
+def test_a_random_split_can_be_rescored_from_the_report(tiny, tmp_path):
+    """Rows without a split are divided at random; report/manifest.jsonl records where each
+    went, so `haaqi-jax evaluate` on it reproduces the report's validation scores."""
+    import csv
+    from haaqi_jax import cli
+
+    _, overrides = tiny
+    manifest, rows = _respelt_splits(tmp_path, {"train": None, "valid": None})
+    result = loop.train_and_evaluate(_config(overrides + [
+        f"data.manifest={manifest}", "train.num_epochs=1",
+        f"data.cache_dir={tmp_path / 'cache'}"]), tmp_path / "work")
+    written = [json.loads(l) for l in (result.report_dir / "manifest.jsonl").read_text()
+               .splitlines()]
+    assert sorted(r["id"] for r in written) == sorted(str(r["id"]) for r in rows)
+    predicted = {r["id"]: r for r in csv.DictReader(
+        (result.report_dir / "predictions.csv").open())}
+    valid = {r["id"] for r in written if r["split"] == "valid"}
+    assert valid == {i for i, r in predicted.items() if r["split"] == "valid"} != set()
+    assert cli.main(["evaluate", "--model", str(result.report_dir / "best_model"), "--manifest",
+                     str(result.report_dir / "manifest.jsonl"), "--out", str(tmp_path / "eval"),
+                     "--splits", "valid", "--no-progress"]) == 0
+    again = {r["id"]: float(r["prediction"]) for r in csv.DictReader(
+        (tmp_path / "eval" / "predictions.csv").open())}
+    assert set(again) == valid
+    for i in valid:
+        assert again[i] == pytest.approx(float(predicted[i]["prediction"]), abs=1e-5)
+
+
 def test_a_nan_loss_stops_training_naming_the_term(tiny, tmp_path):
     """Never a silent NaN: a loss that turns NaN stops the run at the next log, naming the
     non-finite terms, with no checkpoint of a NaN state."""

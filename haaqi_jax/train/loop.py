@@ -13,7 +13,8 @@
     each epoch end (best by validation loss kept too),
  5. restores the best checkpoint, evaluates every split in `evaluated_splits` and writes the
     report folder (metrics per split and distortion, scatter and per-distortion plots, table,
-    example predictions, best_model/ loadable with `HAAQINet.load`).
+    example predictions, best_model/ loadable with `HAAQINet.load`, manifest.jsonl: every row
+    of the run with the split it was trained or scored in, for `haaqi-jax evaluate`).
 
 Resuming: run the same command with the same workdir. The train state (params, optimizer,
 step, RNG), the data-iterator position and the early-stopping bookkeeping come back from the
@@ -643,6 +644,21 @@ def check_report_settings(config: Any) -> None:
     check_color_by(config.report.color_by, "report.color_by")
 
 
+#: The report's copy of the run's rows, each with the split it was trained or scored in.
+SPLIT_MANIFEST = "manifest.jsonl"
+
+
+def write_split_manifest(rows: Mapping[str, Sequence[Any]], path: Path) -> Path:
+    """Writes every row of the run with the split the run put it in (a random train/valid
+    split, `data.hold_out` or the manifest's own), so that `haaqi-jax evaluate --manifest` on
+    this file rescores exactly the run's splits. Rows that are not ManifestRows are skipped."""
+    from haaqi_jax.data import manifest as manifest_lib
+    return manifest_lib.write_manifest(path, [
+        dataclasses.replace(row, split=split)
+        for split, split_rows in rows.items() for row in split_rows
+        if isinstance(row, manifest_lib.ManifestRow)])
+
+
 def write_training_report(config: Any, net: Any, params: Any, data: TrainData,
                           eval_step: Callable, mesh: Any, keys: Sequence[str], out_dir: Path,
                           early: Mapping[str, Any]) -> Path:
@@ -666,6 +682,7 @@ def write_training_report(config: Any, net: Any, params: Any, data: TrainData,
                "encoder_checkpoint": config.model.get("encoder_checkpoint")}
     (out / "training.json").write_text(
         json.dumps(metrics_lib.json_safe(summary), indent=2, sort_keys=True) + "\n")
+    write_split_manifest(data.rows, out / SPLIT_MANIFEST)
     # A HAAQINet directory: the frozen encoder of the run + the best trained params.
     full = dict(net.params)
     full.update(jax.device_get(params))

@@ -109,28 +109,52 @@ def summarize(pred: Any, true: Any, weight: Any | None = None) -> dict[str, floa
 
 
 def bootstrap_intervals(pred: Any, true: Any, weight: Any | None = None, *,
-                        n_resamples: int = 1000, level: float = 0.95,
-                        seed: int = 0) -> dict[str, list[float]]:
+                        groups: Sequence[Any] | None = None, n_resamples: int = 1000,
+                        level: float = 0.95, seed: int = 0) -> dict[str, list[float]]:
     """Percentile bootstrap intervals of LCC and SRCC over clips (pairs resampled together).
 
     How far a split's correlation could move with another draw of clips of the same kinds:
-    with 160 clips an LCC of 0.8 is uncertain by several hundredths.
+    with 160 clips an LCC of 0.8 is uncertain by several hundredths. Items that share a group
+    (e.g. the two ears of one clip, or one clip heard by several listeners) are not
+    independent draws, so with `groups` whole groups are drawn (a cluster bootstrap); resampling
+    their items one by one would make the intervals too narrow.
 
     Args:
       pred, true: (n,) scores; weight: optional (n,), items with weight 0 are left out (other
         weights are ignored here: each kept clip is one draw).
-      n_resamples: bootstrap resamples (all at once: an (n_resamples, n) index array).
+      groups: optional (n,) group of each item (any values; None = the item is its own group).
+      n_resamples: bootstrap resamples (all at once: an (n_resamples, draws) index array).
       level: coverage of the central interval.
-      seed: of the numpy generator that draws the resamples.
+      seed: of the numpy generator that draws the resamples. Without groups, or with groups of
+        one item each, the same seed draws the same resamples.
     Returns:
       {"lcc": [low, high], "srcc": [low, high]}; NaN bounds for fewer than 3 clips.
     """
+    n_items = np.asarray(pred).size
+    if groups is None:
+        groups = [None] * n_items
+    if len(groups) != n_items:
+        raise ValueError(f"metrics: {len(groups)} groups for {n_items} items")
+    keep = (np.ones(n_items, bool) if weight is None
+            else np.asarray(weight, np.float64).reshape(-1) > 0)
     p, t, _ = _prepare(pred, true, weight)
     if p.size < MIN_CORRELATION_ITEMS:
         return {"lcc": [float("nan")] * 2, "srcc": [float("nan")] * 2}
-    idx = np.random.default_rng(seed).integers(0, p.size, size=(n_resamples, p.size))
+    members: dict[Any, list[int]] = {}
+    for i, g in enumerate(g for g, k in zip(groups, keep) if k):
+        members.setdefault(("item", i) if g is None else ("group", str(g)), []).append(i)
+    clusters = list(members.values())
+    drawn = np.random.default_rng(seed).integers(0, len(clusters),
+                                                 size=(n_resamples, len(clusters)))
+    sizes = {len(c) for c in clusters}
+    if len(sizes) == 1:      # equal groups (single items included): one rectangular index
+        idx = np.asarray(clusters)[drawn].reshape(n_resamples, -1)
+        resamples = [(p[idx], t[idx])]
+    else:                    # resamples of unequal lengths: one at a time
+        resamples = [(p[i], t[i]) for i in
+                     (np.concatenate([clusters[c] for c in row])[None] for row in drawn)]
 
-    def rowwise_pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:   # (R, n) -> (R,)
+    def rowwise_pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:   # (R, m) -> (R,)
         dx = x - x.mean(axis=1, keepdims=True)
         dy = y - y.mean(axis=1, keepdims=True)
         den = np.sqrt((dx * dx).sum(axis=1) * (dy * dy).sum(axis=1))
@@ -139,9 +163,9 @@ def bootstrap_intervals(pred: Any, true: Any, weight: Any | None = None, *,
 
     tails = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
     out = {}
-    for name, (x, y) in (("lcc", (p[idx], t[idx])),
-                         ("srcc", (average_ranks(p[idx]), average_ranks(t[idx])))):
-        r = rowwise_pearson(x, y)
+    for name, ranked in (("lcc", False), ("srcc", True)):
+        r = np.concatenate([rowwise_pearson(*((average_ranks(x), average_ranks(y)) if ranked
+                                              else (x, y))) for x, y in resamples])
         r = r[np.isfinite(r)]       # a resample of one repeated clip has no correlation
         out[name] = ([float(v) for v in np.percentile(r, tails)] if r.size
                      else [float("nan")] * 2)
