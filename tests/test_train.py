@@ -98,7 +98,8 @@ def test_tiny_config_trains_and_reports(straight_run, tiny):
     assert saved["train"]["num_epochs"] == 2 and saved["model"]["encoder_kind"] == "fbank_patches"
     rep = r.report_dir
     for name in ("metrics.json", "table.md", "table.csv", "predictions.csv", "examples.json",
-                 "scatter.png", "by_distortion.png", "training.json"):
+                 "scatter.png", "by_distortion.png", "training.json", "curves.png",
+                 "manifest.jsonl"):
         assert (rep / name).is_file(), name
     metrics = json.loads((rep / "metrics.json").read_text())
     assert set(metrics["by_split"]) == {"valid", "test_seen", "test_unseen"}

@@ -13,8 +13,9 @@
     each epoch end (best by validation loss kept too),
  5. restores the best checkpoint, evaluates every split in `evaluated_splits` and writes the
     report folder (metrics per split and distortion, scatter and per-distortion plots, table,
-    example predictions, best_model/ loadable with `HAAQINet.load`, manifest.jsonl: every row
-    of the run with the split it was trained or scored in, for `haaqi-jax evaluate`).
+    example predictions, best_model/ loadable with `HAAQINet.load`, curves.png: the learning
+    curves, manifest.jsonl: every row of the run with the split it was trained or scored in,
+    for `haaqi-jax evaluate`).
 
 Resuming: run the same command with the same workdir. The train state (params, optimizer,
 step, RNG), the data-iterator position and the early-stopping bookkeeping come back from the
@@ -646,6 +647,8 @@ def check_report_settings(config: Any) -> None:
 
 #: The report's copy of the run's rows, each with the split it was trained or scored in.
 SPLIT_MANIFEST = "manifest.jsonl"
+#: The report's learning curves (`haaqi_jax.train.curves`).
+CURVES_FILE = "curves.png"
 
 
 def write_split_manifest(rows: Mapping[str, Sequence[Any]], path: Path) -> Path:
@@ -683,6 +686,10 @@ def write_training_report(config: Any, net: Any, params: Any, data: TrainData,
     (out / "training.json").write_text(
         json.dumps(metrics_lib.json_safe(summary), indent=2, sort_keys=True) + "\n")
     write_split_manifest(data.rows, out / SPLIT_MANIFEST)
+    metrics_file = out.parent / METRICS_FILE
+    if metrics_file.is_file():
+        from haaqi_jax.train.curves import learning_curves
+        learning_curves(metrics_file, out / CURVES_FILE, title=str(out.parent.name))
     # A HAAQINet directory: the frozen encoder of the run + the best trained params.
     full = dict(net.params)
     full.update(jax.device_get(params))

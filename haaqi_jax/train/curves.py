@@ -1,0 +1,130 @@
+"""Learning curves of a run from its metrics.jsonl: what a person checks first after training
+(did the loss fall, when did validation peak, did a distillation term stall).
+
+`learning_curves(metrics_file, out_png)` draws, against the step:
+  loss          the training loss (thin: every log; thick: a running mean over 5 logs) and the
+                validation loss (dots), log scale, the early-stopping best step marked;
+  validation    LCC and SRCC on the validation split per epoch;
+  distillation  (distillation runs only) the HAAQI term and each layer's distillation term
+                (`haaqi_loss`, `distill_0`, `distill_1`, ... of the train records).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: Train-record keys of a distillation run drawn in the third panel: the HAAQI term, then
+#: "distill_<k>" per target layer.
+HAAQI_TERM = "haaqi_loss"
+DISTILL_PREFIX = "distill_"
+
+
+def read_series(metrics_file: str | os.PathLike) -> dict[str, Any]:
+    """The curves of a metrics.jsonl.
+
+    Returns:
+      {"train": {key: (steps (n,), values (n,))} for "loss" and the distillation terms,
+       "valid": {key: (steps, values)} for "loss", "lcc", "srcc",
+       "best_step": the last validation marked best, or None}. A step logged twice (a rerun
+      that appended) counts once, its last record; null values (NaN) are left out.
+    Raises:
+      ValueError naming the file and line of a record that is not JSON.
+    """
+    path = Path(metrics_file)
+    records: dict[tuple[str, int], dict] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {number}: not JSON ({err.msg})") from None
+        if record.get("kind") in ("train", "valid") and "step" in record:
+            records[(record["kind"], int(record["step"]))] = record
+    ordered = sorted(records.items(), key=lambda item: item[0][1])
+
+    def series(kind: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+        points = [(step, float(r[key])) for (k, step), r in ordered
+                  if k == kind and isinstance(r.get(key), (int, float))
+                  and math.isfinite(r[key])]
+        steps, values = zip(*points) if points else ((), ())
+        return np.asarray(steps, np.int64), np.asarray(values, np.float64)
+
+    train_keys = {key for (kind, _), r in ordered if kind == "train" for key in r}
+    terms = sorted((k for k in train_keys if k.startswith(DISTILL_PREFIX)
+                    and k[len(DISTILL_PREFIX):].isdigit()), key=lambda k: int(k.split("_")[1]))
+    if terms and HAAQI_TERM in train_keys:
+        terms = [HAAQI_TERM] + terms
+    best = [step for (kind, step), r in ordered if kind == "valid" and r.get("best")]
+    return {"train": {key: series("train", key) for key in ["loss"] + terms},
+            "valid": {key: series("valid", key) for key in ("loss", "lcc", "srcc")},
+            "best_step": best[-1] if best else None}
+
+
+def _running_mean(values: np.ndarray, width: int = 5) -> np.ndarray:
+    if values.size < width:
+        return values
+    kernel = np.ones(width) / width
+    return np.convolve(values, kernel, mode="valid")
+
+
+def learning_curves(metrics_file: str | os.PathLike, out_png: str | os.PathLike,
+                    title: str | None = None) -> Path:
+    """Draws the curves of `read_series` into `out_png` (see the module docstring)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = read_series(metrics_file)
+    train, valid, best = data["train"], data["valid"], data["best_step"]
+    terms = [k for k in train if k != "loss"]
+    fig, axes = plt.subplots(1, 3 if terms else 2, figsize=(12 if terms else 8.5, 3.6), dpi=120)
+    loss_ax, corr_ax = axes[0], axes[1]
+    steps, values = train["loss"]
+    if steps.size:
+        loss_ax.plot(steps, values, color="tab:blue", lw=0.6, alpha=0.4)
+        smooth = _running_mean(values)
+        loss_ax.plot(steps[steps.size - smooth.size:], smooth, color="tab:blue", lw=1.6,
+                     label="train")
+    steps, values = valid["loss"]
+    if steps.size:
+        loss_ax.plot(steps, values, "o-", color="tab:orange", ms=3, lw=1, label="validation")
+    if (train["loss"][1] > 0).all() and (valid["loss"][1] > 0).all():
+        loss_ax.set_yscale("log")
+    loss_ax.set(xlabel="step", ylabel="loss", title="loss")
+    for key, color in (("lcc", "tab:green"), ("srcc", "tab:purple")):
+        steps, values = valid[key]
+        if steps.size:
+            corr_ax.plot(steps, values, "o-", color=color, ms=3, lw=1, label=key.upper())
+    corr_ax.set(xlabel="step", ylabel="correlation", title="validation")
+    if terms:
+        term_ax = axes[2]
+        cmap = plt.get_cmap("tab10")
+        for i, key in enumerate(terms):
+            steps, values = train[key]
+            if steps.size:
+                term_ax.plot(steps[steps.size - _running_mean(values).size:],
+                             _running_mean(values), color=cmap(i % cmap.N), lw=1.4, label=key)
+        term_ax.set(xlabel="step", ylabel="term (running mean)", title="distillation terms")
+    for ax in axes:
+        if best is not None:
+            ax.axvline(best, color="0.5", ls="--", lw=1)
+        ax.grid(color="0.92")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    if best is not None:
+        loss_ax.annotate(f"best step {best}", xy=(best, 1), xycoords=("data", "axes fraction"),
+                         xytext=(3, -12), textcoords="offset points", fontsize=7, color="0.4")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png

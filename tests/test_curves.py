@@ -1,0 +1,45 @@
+"""Learning curves read from metrics.jsonl and drawn (haaqi_jax.train.curves)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from haaqi_jax.train import curves
+
+
+def _write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_series_of_a_distillation_log(tmp_path):
+    """Train terms sorted by layer (distill_10 after distill_2), validation per epoch, the last
+    best step, a step logged twice read once, null (NaN) values left out."""
+    records = []
+    for step in range(1, 13):
+        records.append({"kind": "train", "step": step, "loss": 1.0 / step, "haaqi_loss": 0.5,
+                        "distill_2": 0.1 * step, "distill_10": 0.2, "distill_k/l1": 3.0,
+                        "weight_0": 1.0})
+    records[4]["loss"] = None                        # json_safe writes NaN as null
+    records.append({"kind": "train", "step": 12, "loss": 0.01})       # a rerun's second log
+    records += [{"kind": "valid", "step": 6, "epoch": 1, "loss": 0.3, "lcc": 0.5, "srcc": 0.4,
+                 "best": True},
+                {"kind": "valid", "step": 12, "epoch": 2, "loss": 0.2, "lcc": 0.6, "srcc": 0.7,
+                 "best": False}]
+    series = curves.read_series(_write(tmp_path / "metrics.jsonl", records))
+    assert list(series["train"]) == ["loss", "haaqi_loss", "distill_2", "distill_10"]
+    steps, loss = series["train"]["loss"]
+    assert list(steps) == [1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 12]
+    assert loss[-1] == 0.01 and loss[0] == 1.0
+    np.testing.assert_array_equal(series["valid"]["srcc"][1], [0.4, 0.7])
+    assert series["best_step"] == 6
+    out = curves.learning_curves(tmp_path / "metrics.jsonl", tmp_path / "c.png", title="x")
+    assert out.stat().st_size > 10_000                           # three drawn panels
+
+
+def test_a_corrupt_log_is_named(tmp_path):
+    path = _write(tmp_path / "metrics.jsonl", [{"kind": "train", "step": 1, "loss": 1.0}])
+    path.write_text(path.read_text() + "{broken\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not JSON"):
+        curves.read_series(path)
