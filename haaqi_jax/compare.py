@@ -20,7 +20,8 @@ gets a row per split in a second table: teacher and student LCC / SRCC, the LCC 
 student's inference time as a fraction of the teacher's and its encoder's parameter reduction.
 
 A path without a readable report is named and skipped; the others are still compared. `--out`
-also writes the tables (Markdown, and the numbers as `<out>.csv`, plus `<out>.distill.csv`).
+also writes the tables (Markdown, and the numbers as `<out>.csv`, plus `<out>.distill.csv`)
+and `<out>.png`: each split's LCC per run, with each setting's mean and sd.
 """
 
 from __future__ import annotations
@@ -315,6 +316,40 @@ def markdown(rows: Sequence[Mapping[str, Any]], legend: Mapping[str, str] | None
     return "\n".join(lines) + "\n"
 
 
+def comparison_plot(rows: Sequence[Mapping[str, Any]], path: Path, score: str = "lcc") -> Path:
+    """One panel per split: each run's `score` as a dot, its setting's mean +- sd as a bar
+    (settings side by side on the x axis; one column when the runs are one setting)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = list(dict.fromkeys(row["split"] for row in rows))
+    settings = list(dict.fromkeys(row.get("setting", "") for row in rows))
+    fig, axes = plt.subplots(1, len(splits), figsize=(1.2 + 1.1 * len(settings) * len(splits)
+                                                      + 1.2 * len(splits), 3.4),
+                             dpi=120, squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        for x, setting in enumerate(settings):
+            mine = [r for r in rows if r["split"] == split and r.get("setting", "") == setting]
+            values = [r[score] for r in mine if r["run"] not in SUMMARIES
+                      and math.isfinite(r[score])]
+            summary = {r["run"]: r[score] for r in mine if r["run"] in SUMMARIES}
+            ax.scatter([x] * len(values), values, s=16, color="tab:blue", alpha=0.7, zorder=3)
+            mean, sd = summary.get("mean", math.nan), summary.get("sd", math.nan)
+            if math.isfinite(mean):
+                ax.errorbar([x + 0.15], [mean], yerr=[[sd if math.isfinite(sd) else 0.0]] * 2,
+                            fmt="_", color="black", ms=14, capsize=3, zorder=4)
+        ax.set_xticks(range(len(settings)), [s or "all runs" for s in settings])
+        ax.set_xlim(-0.5, len(settings) - 0.5)
+        ax.set(title=split, ylabel=score.upper() if ax is axes[0][0] else None)
+        ax.grid(axis="y", color="0.92")
+    fig.suptitle(f"{score.upper()} per run (dots) and per setting (mean +- sd)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def _write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
@@ -351,7 +386,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--splits", nargs="+", default=None,
                         help="splits to show (default: all of them, 'all' first)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="also write the table to this Markdown file (and a .csv beside it)")
+                        help="also write the tables to this Markdown file, the numbers to .csv "
+                             "files and an LCC plot to a .png beside it")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -406,4 +442,5 @@ def run(args: argparse.Namespace) -> int:
         _write_csv(rows, args.out.with_suffix(".csv"))
         if distilled:
             _write_distill_csv(distilled, args.out.with_suffix(".distill.csv"))
+        comparison_plot(rows, args.out.with_suffix(".png"))
     return 0

@@ -152,6 +152,7 @@ def test_runs_are_summarised_per_setting(tmp_path, capsys):
     assert cli.main(["compare", *map(str, paths), "--splits", "valid", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert '- **B**: loss.name="l1"' in text
+    assert out.with_suffix(".png").stat().st_size > 5_000
     table = list(csv.DictReader(out.with_suffix(".csv").open()))
     assert [(r["setting"], r["run"]) for r in table] == [
         ("A", "a0"), ("A", "a1"), ("A", "mean"), ("A", "sd"), ("A", "range"),
