@@ -120,3 +120,28 @@ def validate_levels(levels, *, where: str = "audiogram") -> np.ndarray:
             f"{where}: level {float(arr[idx])!r} dB HL at {STANDARD_FREQUENCIES[idx[-1]]:g} Hz "
             f"(index {idx}) is not finite or outside [{MIN_LEVEL_DB_HL:g}, {MAX_LEVEL_DB_HL:g}]")
     return arr.astype(np.float32)
+
+
+def is_audiogram(value) -> bool:
+    """True for an Audiogram or an object with `levels` and `frequencies` (pyclarity's)."""
+    return hasattr(value, "levels") and hasattr(value, "frequencies")
+
+
+def standard_levels(audiogram, *, where: str = "audiogram") -> np.ndarray:
+    """(8,) float32 levels at STANDARD_FREQUENCIES of one ear, HAAQI-Net's audiogram input.
+
+    Args:
+      audiogram: an Audiogram (or pyclarity's): read at the standard frequencies, interpolated
+        in log frequency (end values held) where it lacks one; or 8 plain levels.
+      where: names the audiogram in error messages.
+    """
+    if is_audiogram(audiogram):
+        try:
+            audiogram = Audiogram.from_any(audiogram)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        if not audiogram.has_frequencies(STANDARD_FREQUENCIES):
+            audiogram = audiogram.resample(STANDARD_FREQUENCIES)
+        keep = np.isin(audiogram.frequencies, STANDARD_FREQUENCIES)
+        return validate_levels(audiogram.levels[keep], where=where)
+    return validate_levels(audiogram, where=where)

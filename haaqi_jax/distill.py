@@ -179,6 +179,12 @@ def check_distill_settings(config: Any) -> None:
     if n_layers is not None:
         check_layer_ranges(dc, n_layers)
     losses.check_loss_config(config.loss.name, cfglib.to_dict(config.loss.get("kwargs") or {}))
+    if not dc.get("teacher_checkpoint") and "teacher" in dc:
+        from haaqi_jax.train import loop
+        try:
+            loop.check_run_settings(teacher_config(config))
+        except ValueError as err:
+            raise ValueError(f"distill.teacher: {err}") from err
 
 
 def distill_frozen_patterns(config: Any) -> tuple[str, ...]:
@@ -539,11 +545,11 @@ def distill_and_evaluate(config: Any, workdir: str | os.PathLike, *, data: Any =
     from haaqi_jax.model import HAAQINet
     from haaqi_jax.train import loop
 
+    loop.check_run_settings(config)
+    check_distill_settings(config)
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     cfglib.save_run_config(config, workdir, loop.CONFIG_FILE, write=sharding.is_main_process())
-    loop.check_report_settings(config)
-    check_distill_settings(config)
     tc, dc = config.train, config.distill
     if config.data.cache:
         raise ValueError("distillation trains the student encoder on waveforms: set "

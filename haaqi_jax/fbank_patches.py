@@ -87,13 +87,21 @@ def clip_band_statistics(fbank: jax.Array, frame_mask: jax.Array) -> jax.Array:
     valid = (~frame_mask).astype(fbank.dtype)[..., None]               # (B, F, 1)
     count = jnp.maximum(valid.sum(axis=1), 1.0)                          # (B, 1)
     mean = (fbank * valid).sum(axis=1) / count
-    std = jnp.sqrt(((fbank - mean[:, None]) ** 2 * valid).sum(axis=1) / count)
+    std = _sqrt_or_zero(((fbank - mean[:, None]) ** 2 * valid).sum(axis=1) / count)
     delta = fbank[:, 1:] - fbank[:, :-1]
     pair = valid[:, 1:] * valid[:, :-1]
     pairs = jnp.maximum(pair.sum(axis=1), 1.0)
     delta_mean = (delta * pair).sum(axis=1) / pairs
-    delta_std = jnp.sqrt(((delta - delta_mean[:, None]) ** 2 * pair).sum(axis=1) / pairs)
+    delta_std = _sqrt_or_zero(((delta - delta_mean[:, None]) ** 2 * pair).sum(axis=1) / pairs)
     return jnp.concatenate([mean, std, delta_std], axis=-1)
+
+
+def _sqrt_or_zero(variance: jax.Array) -> jax.Array:
+    """sqrt with a zero gradient at 0: a constant band (a silent mel band floors to one
+    value) has a variance of exactly 0, where sqrt's infinite slope made every input
+    gradient NaN. Values are sqrt's, bit for bit."""
+    positive = variance > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, variance, 1.0)), 0.0)
 
 
 def _one_hot_init(key, shape, dtype=jnp.float32):

@@ -28,6 +28,7 @@ import importlib
 import json
 import os
 import types
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -35,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from haaqi_jax.audiogram import STANDARD_FREQUENCIES, validate_levels
+from haaqi_jax.audiogram import STANDARD_FREQUENCIES, is_audiogram, standard_levels
 from haaqi_jax.head import HAAQINetHead, HeadConfig, HeadOutput
 
 SAMPLE_RATE = 16000
@@ -271,8 +272,9 @@ class HAAQINetModel(nn.Module):
             raise ValueError(f"encoder {cfg.encoder_kind!r} gave {features.shape[-2]} tokens for "
                              f"{length} samples; HAAQI-Net expects BEATs' 16x16-patch layout "
                              f"({tokens_for_samples(length)} tokens)")
-        if cfg.freeze_encoder:
-            features = jax.lax.stop_gradient(features)
+        # freeze_encoder does not stop gradients here: training freezes the encoder through
+        # its parameters (`steps.stop_frozen`), and gradients with respect to the input (e.g.
+        # saliency maps through `HAAQINet.apply`) still flow.
         token_mask = (jnp.arange(features.shape[-2])[None, :]
                       < tokens_for_samples(valid)[:, None])
         return features, token_mask
@@ -357,6 +359,23 @@ def check_param_tree(params, expected, what: str) -> None:
                              f"{want[key]}")
 
 
+def _checked_padding_mask(waveform, padding_mask, where: str):
+    """Checks a (B, N) waveform and its (B, N) padding mask (or None); returns the mask as bool
+    (numpy for numpy input, else a JAX array)."""
+    if waveform.ndim != 2:
+        raise ValueError(f"{where}: waveform must be (B, N) 16 kHz samples, got shape "
+                         f"{waveform.shape} (one clip: x[None])")
+    if padding_mask is None:
+        return None
+    xp = np if isinstance(padding_mask, np.ndarray) or not hasattr(padding_mask, "shape") \
+        else jnp
+    padding_mask = xp.asarray(padding_mask).astype(bool)
+    if padding_mask.shape != waveform.shape:
+        raise ValueError(f"{where}: padding_mask must have the waveform's shape "
+                         f"{waveform.shape} (True = padded sample), got {padding_mask.shape}")
+    return padding_mask
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class HAAQINet:
     """A HAAQI-Net ready to use: config + linen module + parameters (+ a jitted forward)."""
@@ -418,6 +437,9 @@ class HAAQINet:
         """Reads a directory written by `save` (or by `convert_haaqinet`)."""
         from haaqi_jax.train.checkpoint import load_config, load_params
         meta = load_config(directory)
+        best = Path(directory) / "report" / "best_model"
+        if meta.get("kind") != CHECKPOINT_KIND and (best / "config.json").is_file():
+            raise ValueError(f"{directory} is a training workdir; its model is {best}")
         if meta.get("kind") != CHECKPOINT_KIND:
             raise ValueError(f"{directory}: config.json has kind {meta.get('kind')!r}, expected "
                              f"{CHECKPOINT_KIND!r} (is this a HAAQI-Net checkpoint?)")
@@ -436,22 +458,55 @@ class HAAQINet:
     # -- use ---------------------------------------------------------------------------
 
     def apply(self, waveform, padding_mask, audiogram) -> HeadOutput:
-        """Jitted eval forward: (B, N) 16 kHz, (B, N) True = pad | None, (B, 8) -> HeadOutput."""
-        return self._forward(self.params, jnp.asarray(waveform, jnp.float32),
-                             None if padding_mask is None else jnp.asarray(padding_mask, bool),
-                             jnp.asarray(audiogram, jnp.float32))
+        """Jitted eval forward on 16 kHz batches, traceable (jit, vmap, grad of the input).
 
-    def encode(self, waveform, padding_mask) -> tuple[np.ndarray, np.ndarray]:
+        Args:
+          waveform: (B, N) float, 16 kHz mono. padding_mask: (B, N) bool, True = padded
+            sample, or None (every sample valid). audiogram: (B, 8) dB HL.
+        Returns:
+          HeadOutput(frame_scores (B, T), clip_score (B,)).
+
+        Unlike `predict` it does not check sample values (NaN in gives NaN out), resample or
+        bucket lengths; shapes are checked.
+        """
+        waveform = jnp.asarray(waveform, jnp.float32)
+        padding_mask = _checked_padding_mask(waveform, padding_mask, "HAAQINet.apply")
+        audiogram = jnp.asarray(audiogram, jnp.float32)
+        if audiogram.shape != (waveform.shape[0], len(STANDARD_FREQUENCIES)):
+            raise ValueError(f"HAAQINet.apply: audiogram must be (B, 8) = "
+                             f"{(waveform.shape[0], len(STANDARD_FREQUENCIES))}, got shape "
+                             f"{audiogram.shape}")
+        return self._forward(self.params, waveform, padding_mask, audiogram)
+
+    def encode(self, waveform, padding_mask=None) -> tuple[np.ndarray, np.ndarray]:
         """The head's input, eval mode, split over this host's devices (as `predict`).
 
         Args:
-          waveform: (B, N) float, 16 kHz mono. padding_mask: (B, N) bool, True = padded.
+          waveform: (B, N) float, 16 kHz mono. padding_mask: (B, N) bool, True = padded
+            sample (after the clip), or None (every sample valid).
         Returns:
           features (B, T, C) or (B, L, T, C) ("weighted" mode) and token_mask (B, T) bool,
           True = valid token, as numpy arrays.
+        Raises:
+          ValueError for a mask of another shape or a row with fewer valid samples than one
+          BEATs patch; TypeError under jax.jit / vmap / grad (a host function: use
+          `self.module.apply({"params": params}, waveform, padding_mask, method="encode")`
+          there). Sample values are not checked (NaN in gives NaN out).
         """
-        return self._data_parallel(self._encode, np.asarray(waveform, np.float32),
-                                   np.asarray(padding_mask, bool))
+        from haaqi_jax.tracing import refuse_traced
+        refuse_traced("HAAQINet.encode", waveform, padding_mask,
+                      traceable='HAAQINet.module.apply(..., method="encode")')
+        waveform = np.asarray(waveform, np.float32)
+        padding_mask = _checked_padding_mask(waveform, padding_mask, "HAAQINet.encode")
+        mask = (np.zeros(waveform.shape, bool) if padding_mask is None
+                else np.asarray(padding_mask, bool))
+        valid = (~mask).sum(axis=1)
+        short = np.flatnonzero(valid < MIN_SAMPLES)
+        if short.size:
+            raise ValueError(f"HAAQINet.encode: row {int(short[0])} has {int(valid[short[0]])} "
+                             f"valid samples; at least {MIN_SAMPLES} (one 16x16 BEATs patch) "
+                             f"are needed")
+        return self._data_parallel(self._encode, waveform, mask)
 
     def _data_parallel(self, fn: Callable[..., Any], *batch: np.ndarray) -> Any:
         """fn(params, *batch) split over this host's devices (`sharding.local_data_parallel`);
@@ -487,7 +542,9 @@ class HAAQINet:
           waveforms: a list of 1-D float arrays (any lengths), one 1-D array, or a 2-D array
             (B, N) of B clips (every sample of a row is scored unless `lengths` is given).
           sample_rate: one rate for all, or one per clip (Hz); clips are resampled to 16 kHz.
-          audiograms: (B, 8) raw levels in dB HL at 250..8000 Hz, or one (8,) for all clips.
+          audiograms: (B, 8) raw levels in dB HL at 250..8000 Hz, or one (8,) for all clips;
+            or Audiogram objects (haaqi_jax's or pyclarity's; one, or one per clip), read at
+            those frequencies (interpolated in log frequency where one lacks a frequency).
           batch_size: clips per forward pass; clips are grouped by length (few shapes). Each
             pass is split over this host's devices (data parallel).
           lengths: (B,) valid samples of each row of a zero-padded (B, N) array.
@@ -496,10 +553,13 @@ class HAAQINet:
           (B,) float32 predicted HAAQI in (0, 1), in input order; each clip scores as if alone.
         Raises:
           ValueError naming the clip ("item i") on bad audio, rates or audiograms.
-          TypeError for file paths (see above).
+          TypeError for file paths (see above), or under jax.jit / vmap / grad (a host
+          function; `apply` is the traceable forward).
         """
         from tqdm.auto import tqdm
 
+        from haaqi_jax.tracing import refuse_traced
+        refuse_traced("HAAQINet.predict", waveforms, audiograms, traceable="HAAQINet.apply")
         if isinstance(waveforms, (str, os.PathLike)) or (
                 isinstance(waveforms, (list, tuple)) and waveforms
                 and all(isinstance(w, (str, os.PathLike)) for w in waveforms)):
@@ -531,13 +591,19 @@ class HAAQINet:
         rates = [sample_rate] * n if np.ndim(sample_rate) == 0 else list(sample_rate)
         if len(rates) != n:
             raise ValueError(f"predict: {len(rates)} sample rates for {n} waveforms")
-        levels = np.asarray(audiograms, dtype=np.float64)
-        if levels.ndim == 1:
-            levels = np.broadcast_to(levels, (n,) + levels.shape)
-        if levels.shape != (n, len(STANDARD_FREQUENCIES)):
-            raise ValueError(f"predict: audiograms must be (B, 8) with B = {n} waveforms, got "
-                             f"shape {np.shape(audiograms)}")
-        levels = np.stack([validate_levels(levels[i], where=f"item {i} audiogram")
+        if is_audiogram(audiograms):
+            audiograms = [audiograms] * n
+        elif isinstance(audiograms, (list, tuple)) and any(map(is_audiogram, audiograms)):
+            if len(audiograms) != n:
+                raise ValueError(f"predict: {len(audiograms)} audiograms for {n} waveforms")
+        else:
+            audiograms = np.asarray(audiograms, dtype=np.float64)
+            if audiograms.ndim == 1:
+                audiograms = np.broadcast_to(audiograms, (n,) + audiograms.shape)
+            if audiograms.shape != (n, len(STANDARD_FREQUENCIES)):
+                raise ValueError(f"predict: audiograms must be (B, 8) with B = {n} waveforms, "
+                                 f"got shape {audiograms.shape}")
+        levels = np.stack([standard_levels(audiograms[i], where=f"item {i} audiogram")
                            for i in range(n)])
         clips = [prepare_waveform(x, r, where=f"item {i}")
                  for i, (x, r) in enumerate(zip(items, rates))]

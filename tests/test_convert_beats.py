@@ -136,3 +136,71 @@ def test_cli(tmp_path, state_dict):
                            str(tmp_path / "out2")], capture_output=True, text=True, cwd=REPO)
     assert fail.returncode != 0
     assert "grep_a" in fail.stderr and not (tmp_path / "out2").exists()
+
+
+def test_overwrite_replaces_only_an_earlier_output(tmp_path, state_dict, monkeypatch):
+    """--overwrite once deleted any folder: the current one given as "" (an unset shell
+    variable), or a folder of other models. Now it replaces only config.json + params/."""
+    src = ref.save_official_checkpoint(tmp_path / "beats.pt", ref.TINY_CFG, state_dict)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("precious")
+    monkeypatch.chdir(work)
+    for target in ("", ".", str(work)):
+        with pytest.raises((ValueError, FileExistsError),
+                           match="output folder is empty|not a haaqi_jax parameter folder"):
+            convert_beats_checkpoint(src, target, overwrite=True)
+    assert (work / "notes.txt").read_text() == "precious"
+    out = convert_beats_checkpoint(src, tmp_path / "out")
+    assert convert_beats_checkpoint(src, out, overwrite=True) == out      # its own output
+    assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~_umask())     # not mkdtemp's 0700
+    with pytest.raises(FileExistsError, match=r"already exists \(overwrite=True, or "
+                                              r"--overwrite on the command line"):
+        convert_beats_checkpoint(src, out)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        convert_beats_checkpoint(src, tmp_path / "afile", overwrite=True)
+    with pytest.raises(FileExistsError, match="a parent of it is a file"):
+        convert_beats_checkpoint(src, tmp_path / "afile" / "sub")
+
+
+def _umask() -> int:
+    import os
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_non_finite_weights_and_foreign_files_are_named(tmp_path, state_dict):
+    bad = dict(state_dict)
+    key = next(k for k in bad if k.endswith("fc1.weight"))
+    bad[key] = bad[key].clone()
+    bad[key][0, 0] = float("nan")
+    src = ref.save_official_checkpoint(tmp_path / "nan.pt", ref.TINY_CFG, bad)
+    with pytest.raises(ValueError, match=rf"{key}.*non-finite values"):
+        convert_beats_checkpoint(src, tmp_path / "out")
+    (tmp_path / "text.pt").write_text("not a checkpoint\n")
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint|cannot be read"):
+        convert_beats_checkpoint(tmp_path / "text.pt", tmp_path / "out")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="the file is empty"):
+        convert_beats_checkpoint(tmp_path / "empty.pt", tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="is a folder; give the .pt"):
+        convert_beats_checkpoint(tmp_path, tmp_path / "out")
+    torch.save({"model": {"beats_model.x": torch.zeros(1)}}, tmp_path / "hq.pth")
+    with pytest.raises(ValueError, match="convert it with --haaqinet"):
+        convert_beats_checkpoint(tmp_path / "hq.pth", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, state_dict):
+    src = ref.save_official_checkpoint(tmp_path / "beats.pt", ref.TINY_CFG, state_dict)
+    (tmp_path / "text.pt").write_text("garbage")
+    run = lambda *a: subprocess.run([sys.executable, str(REPO / "convert_weights.py"), *a],  # noqa
+                                    capture_output=True, text=True, cwd=tmp_path)
+    ok = run(str(src), "out")
+    assert ok.returncode == 0 and "BEATs, 2 layers x" in ok.stdout, ok.stderr
+    fail = run("text.pt", "out2")
+    assert fail.returncode == 2 and len(fail.stderr.strip().splitlines()) == 1, fail.stderr
+    assert "Traceback" not in fail.stderr
+    assert run("--haaqinet", "--allow-pickle", str(src), "o").returncode == 2

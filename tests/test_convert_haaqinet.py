@@ -115,3 +115,47 @@ def test_not_a_haaqinet_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         convert_haaqinet(tmp_path / "missing.pth", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_other_beats_dataparallel_nan_and_wrong_kind(tmp_path):
+    """A HAAQI-Net on a non-released BEATs converts with its BEATs' cfg (CLI --beats-config
+    from that BEATs' .pt); a DataParallel "module." prefix is removed; NaN encoder weights,
+    a BEATs file and a missing --beats-config are refused by name."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from haaqi_jax.convert.haaqinet_torch import read_beats_config
+    repo = Path(__file__).resolve().parents[1]
+    beats_sd, _, sd = _released_file(tmp_path / "hq.pth", 0)
+    save_official_checkpoint(tmp_path / "beats.pt", TINY_CFG, beats_sd)
+    assert read_beats_config(tmp_path / "beats.pt")["encoder_layers"] == \
+        TINY_CFG["encoder_layers"]
+    with pytest.raises(ValueError, match=r"hq.pth: .*encoder part.*--beats-config"):
+        convert_haaqinet(tmp_path / "hq.pth", tmp_path / "x")          # released size assumed
+    run = subprocess.run([sys.executable, str(repo / "convert_weights.py"), "--haaqinet",
+                          str(tmp_path / "hq.pth"), str(tmp_path / "cli"), "--beats-config",
+                          str(tmp_path / "beats.pt")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "HAAQI-Net on BEATs 2 layers" in run.stdout
+    reference = HAAQINet.load(tmp_path / "cli")
+
+    torch.save({f"module.{k}": v for k, v in sd.items()}, tmp_path / "dp.pth")
+    parallel = HAAQINet.load(convert_haaqinet(tmp_path / "dp.pth", tmp_path / "dp",
+                                              beats_config=TINY_CFG))
+    for a, b in zip(*(jax_leaves(n.params) for n in (reference, parallel))):
+        np.testing.assert_array_equal(a, b)
+
+    bad = dict(sd)
+    key = next(k for k in bad if k.startswith("beats_model.") and k.endswith("weight"))
+    bad[key] = bad[key].clone().fill_(float("inf"))
+    torch.save({"model": bad}, tmp_path / "inf.pth")
+    with pytest.raises(ValueError, match=rf"{key[len('beats_model.'):]}.*non-finite"):
+        convert_haaqinet(tmp_path / "inf.pth", tmp_path / "inf", beats_config=TINY_CFG)
+    with pytest.raises(ValueError, match="is a BEATs checkpoint .*without --haaqinet"):
+        convert_haaqinet(tmp_path / "beats.pt", tmp_path / "b", beats_config=TINY_CFG)
+
+
+def jax_leaves(tree):
+    import jax
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]

@@ -642,8 +642,10 @@ def test_time_inference_reports_seconds_per_clip(tiny_setup, monkeypatch):
     ("loss.kwargs.distill.name=qa_nope", r"unknown loss 'qa_nope'"),
     ("loss.kwargs.distill.kwargs.cosine_wieght=1", r"loss 'l1_cosine' takes no keyword "
                                                    r"'cosine_wieght'"),
-    ("distill.teacher.report.color_by=nope", r"distill.teacher \(the teacher's run in .*\): "
-                                             r"report.color_by must be one of"),
+    ("distill.teacher.report.color_by=nope", r"distill.teacher: report.color_by must be one of"),
+    ("distill.teacher.train.num_epochs=0", r"distill.teacher: train.num_epochs must be a whole "
+                                           r"number >= 1, got 0"),
+    ("train.num_epochs=-1", r"^train.num_epochs must be a whole number >= 1, got -1"),
 ])
 def test_distillation_settings_fail_before_the_teacher_trains(tmp_path, override, message):
     """Bad distillation settings are named before any training (a teacher trained here takes

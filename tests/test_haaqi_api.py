@@ -283,6 +283,30 @@ def test_batch_argument_checks_name_the_argument():
         haaqi_batch(ref, proc, FS, levels, chunk=0)
     with pytest.warns(UserWarning, match="integer samples"):
         prepare_batch((ref * 3000).astype(np.int16), proc, FS, levels)
+    with pytest.raises(ValueError, match=r"reference has no samples \(shape \(2, 0\)\)"):
+        haaqi_batch(ref[:, :0], proc[:, :0], FS, levels)        # was "outside [1, 0]"
+    with pytest.raises(ValueError, match=r"processed must hold real samples, got dtype "
+                                         r"complex128"):
+        haaqi_batch(ref, proc + 0j, FS, levels)
+    with pytest.raises(ValueError, match=r"3 audiograms for 2 items"):
+        haaqi_batch(ref, proc, FS, [Audiogram(levels[0])] * 3)
+
+
+def test_batch_takes_audiogram_objects():
+    """B Audiogram objects (ours or pyclarity's, any frequencies) score as their levels and
+    frequencies given as arrays."""
+    ref, proc = _pairs(2)
+    levels = np.asarray([AUDIOGRAMS["sloping"], AUDIOGRAMS["flat60"]], dtype=float)
+    freqs = np.asarray(STANDARD_FREQUENCIES)
+    plain = haaqi_batch(ref, proc, FS, levels, key=jax.random.PRNGKey(1))
+    objects = [Audiogram(levels[0]), ClarityAudiogram(levels=levels[1], frequencies=freqs)]
+    got = haaqi_batch(ref, proc, FS, objects, key=jax.random.PRNGKey(1))
+    np.testing.assert_array_equal(got.combined, plain.combined)
+    six = [0, 1, 2, 3, 5, 6]                                  # 250..6000 Hz, HAAQI's own
+    sparse = [Audiogram(levels[i][six], freqs[six]) for i in range(2)]
+    np.testing.assert_allclose(haaqi_batch(ref, proc, FS, sparse,
+                                           key=jax.random.PRNGKey(1)).combined,
+                               plain.combined, atol=1e-6)
 
 
 def test_haaqi_v1_argument_checks():
@@ -304,6 +328,8 @@ def test_haaqi_v1_argument_checks():
                                 reference_noise=noise[0], processed_noise=noise[1]))
     as_array, as_float = results
     assert as_array[0] == as_float[0]
+    with pytest.raises(ValueError, match=r"reference must hold real samples"):  # was cast
+        haaqi_v1(ref[0] + 1j, FS, proc[0], FS, np.zeros(8), 1)
 
 
 def test_prepare_batch_threads_equal_serial_and_keep_item_order():

@@ -140,3 +140,10 @@ def test_a_config_file_that_registers_a_loss_loads_twice(tmp_path):
         assert cfglib.load_config_file(config_file).loss.name == "test_config_file_loss"
     with pytest.raises(ValueError, match="'test_config_file_loss' is already registered by"):
         losses.register_loss("test_config_file_loss")(lambda p, b: (0.0, {}))
+    # The same file name in another folder (runs/a/config.py, runs/b/config.py) is another
+    # definition: refused, where it used to replace the first silently.
+    other = tmp_path / "other" / "my_config.py"
+    other.parent.mkdir()
+    other.write_text(config_file.read_text().replace("scale *", "2 * scale *"))
+    with pytest.raises(ValueError, match="'test_config_file_loss' is already registered"):
+        cfglib.load_config_file(other)

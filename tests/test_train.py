@@ -371,13 +371,20 @@ def test_relabelled_manifest_is_refused_on_resume(tiny, tmp_path):
         loop.train_and_evaluate(_config(base), tmp_path / "fresh")
 
 
-def test_report_settings_are_checked_before_training(tiny, tmp_path):
+@pytest.mark.parametrize("override, message", [
+    ("report.color_by=distortionn",
+     r"report.color_by must be one of \('split', 'distortion'\), got 'distortionn'"),
+    ("train.num_epochs=-1", r"train.num_epochs must be a whole number >= 1, got -1"),
+    ("train.batch_size=0", r"train.batch_size must be a whole number >= 1, got 0"),
+    ("data.demo_seconds=(1.0, 2.0, 3.0)", r"data.demo_seconds must be \(shortest, longest\)"),
+    ("data.demo_seconds=(3.0, 2.0)", r"0 < shortest <= longest, got \(3.0, 2.0\)")])
+def test_run_settings_are_checked_before_training(tiny, tmp_path, override, message):
+    """Before, a negative epoch count trained nothing and exited 0, a zero batch failed naming
+    an internal class, and a third demo length was dropped."""
     _, overrides = tiny
-    with pytest.raises(ValueError, match=r"report.color_by must be one of \('split', "
-                                         r"'distortion'\), got 'distortionn'"):
-        loop.train_and_evaluate(_config(overrides + ["report.color_by=distortionn"]),
-                                tmp_path / "work")
-    assert not (tmp_path / "work" / "checkpoints").exists()
+    with pytest.raises(ValueError, match=message):
+        loop.train_and_evaluate(_config(overrides + [override]), tmp_path / "work")
+    assert not (tmp_path / "work").exists()
 
 
 def test_train_py_reports_bad_data_in_one_line(tmp_path):

@@ -105,7 +105,11 @@ def _to_numpy(key: str, value: Any) -> np.ndarray:
     array = np.asarray(value)
     if not np.issubdtype(array.dtype, np.floating):
         raise ValueError(f"BEATs state dict: {key!r} has dtype {array.dtype}, expected float")
-    return array.astype(np.float32)
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise ValueError(f"BEATs state dict: {key!r} holds non-finite values (NaN or inf): "
+                         f"a model with them scores NaN")
+    return array
 
 
 def _name_keys(keys, limit: int = 8) -> str:
@@ -187,16 +191,22 @@ def load_torch_checkpoint(src_path: str | os.PathLike, *, allow_pickle: bool = F
     import torch
 
     src_path = Path(src_path)
+    if src_path.is_dir():
+        raise FileNotFoundError(f"{src_path} is a folder; give the .pt checkpoint file")
     if not src_path.is_file():
         raise FileNotFoundError(f"{src_path}: no such checkpoint file")
+    if src_path.stat().st_size == 0:
+        raise ValueError(f"{src_path}: the file is empty")
     try:
         return torch.load(src_path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as e:
-        raise ValueError(f"{src_path}: cannot be read with torch.load(weights_only=True) ({e}); "
-                         f"if you trust the file, pass allow_pickle=True "
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{src_path}: cannot be read with torch.load(weights_only=True) "
+                         f"({reason}); if you trust the file, pass allow_pickle=True "
                          f"(convert_weights.py --allow-pickle)") from None
-    except (RuntimeError, EOFError) as e:
-        raise ValueError(f"{src_path}: not a readable PyTorch checkpoint ({e})") from None
+    except Exception as e:  # truncated, text or otherwise foreign files
+        raise ValueError(f"{src_path}: not a readable PyTorch checkpoint "
+                         f"({type(e).__name__}: {e})") from None
 
 
 def _checkpoint_parts(obj: Any, src: str) -> tuple[dict[str, Any], Mapping[str, Any]]:
@@ -205,8 +215,12 @@ def _checkpoint_parts(obj: Any, src: str) -> tuple[dict[str, Any], Mapping[str, 
                          f"'model', got {type(obj).__name__}")
     for key in ("cfg", "model"):
         if key not in obj:
+            hint = ("; a HAAQI-Net file? convert it with --haaqinet"
+                    if any(str(k).startswith("beats_model.") for k in obj)
+                    or isinstance(obj.get("model"), Mapping)
+                    and any(str(k).startswith("beats_model.") for k in obj["model"]) else "")
             raise ValueError(f"{src} is not a BEATs checkpoint: missing key {key!r} (found "
-                             f"{_name_keys(map(str, obj.keys()))})")
+                             f"{_name_keys(map(str, obj.keys())) or 'no keys'}){hint}")
     if not isinstance(obj["cfg"], Mapping) or not isinstance(obj["model"], Mapping):
         raise ValueError(f"{src} is not a BEATs checkpoint: 'cfg' and 'model' must be dicts")
     return dict(obj["cfg"]), obj["model"]
@@ -221,9 +235,14 @@ def convert_beats_checkpoint(src_path: str | os.PathLike, out_dir: str | os.Path
     """
     from haaqi_jax.train.checkpoint import save_params
 
+    from haaqi_jax.train.checkpoint import check_params_target
+
     src = str(src_path)
+    check_params_target(out_dir, overwrite=overwrite)     # before minutes of loading
     checkpoint = load_torch_checkpoint(src_path, allow_pickle=allow_pickle)
     cfg_dict, state_dict = _checkpoint_parts(checkpoint, src)
+    # numpy scalars from a pickled cfg (allow_pickle) as plain numbers, for config.json
+    cfg_dict = {k: v.item() if isinstance(v, np.generic) else v for k, v in cfg_dict.items()}
     try:
         config = BEATsConfig.from_dict(cfg_dict)
         params = beats_params_from_state_dict(state_dict, config)

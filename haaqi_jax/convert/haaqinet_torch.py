@@ -1,7 +1,8 @@
 """Conversion of the authors' released HAAQI-Net PyTorch checkpoint to a haaqi_jax directory.
 
-The released file (github dyahayumgw/HAAQI-Net, `model/best_loss.pth`) is
-`torch.save({'model': state_dict})` with
+The released model (github dyahayumgw/HAAQI-Net, downloaded into `model/`; their test script
+reads `model/haaqi_net_best.pth`) is `torch.save({'model': state_dict})`, or a bare state dict,
+with (an `nn.DataParallel` "module." prefix is removed)
 
     beats_model.*                        the BEATs encoder (its own key layout, prefixed)
     blstm.{weight_ih,weight_hh,bias_ih,bias_hh}_l0[_reverse]   nn.LSTM, gates (i, f, g, o)
@@ -13,11 +14,14 @@ The released file (github dyahayumgw/HAAQI-Net, `model/best_loss.pth`) is
 
 Roles are checked by shape, not only by name; any missing or unexpected key or wrong shape is
 an error naming the key, and nothing is written. The BEATs configuration is not in the file: it
-is an argument (default: the released BEATs_iter3+ AS2M configuration).
+is an argument (default: the released BEATs_iter3+ AS2M configuration; `read_beats_config`
+takes it from another BEATs checkpoint). A head-only file (the authors' trainer saves the head
+without `beats_model.*`) cannot be converted alone.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -141,17 +145,29 @@ def head_params_from_state_dict(state_dict: Mapping[str, Any], *, num_heads: int
 def _load_state_dict(src_path) -> dict[str, Any]:
     import torch
     src_path = Path(src_path)
+    if src_path.is_dir():
+        raise FileNotFoundError(f"{src_path} is a folder; give the .pth checkpoint file")
     if not src_path.is_file():
         raise FileNotFoundError(f"{src_path} does not exist")
+    if src_path.stat().st_size == 0:
+        raise ValueError(f"{src_path}: the file is empty")
     try:
         obj = torch.load(src_path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncated files, non-tensor objects
         raise ValueError(f"{src_path}: cannot be read as a PyTorch checkpoint ({e})") from None
+    if isinstance(obj, Mapping) and "cfg" in obj and "model" in obj:
+        raise ValueError(f"{src_path} is a BEATs checkpoint ('cfg' and 'model'); convert it "
+                         f"without --haaqinet")
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         obj = obj["model"]
+    if isinstance(obj, Mapping) and any(str(k).startswith("module." + BEATS_PREFIX)
+                                        for k in obj):
+        obj = {str(k)[len("module."):]: v for k, v in obj.items()}   # nn.DataParallel's prefix
     if not isinstance(obj, Mapping) or not any(str(k).startswith(BEATS_PREFIX) for k in obj):
-        raise ValueError(f"{src_path}: not a released HAAQI-Net checkpoint (expected a dict "
-                         f"{{'model': state_dict}} with '{BEATS_PREFIX}*' keys)")
+        raise ValueError(f"{src_path}: not a released HAAQI-Net checkpoint with its BEATs "
+                         f"(expected a dict {{'model': state_dict}} with '{BEATS_PREFIX}*' "
+                         f"keys, as the authors' model/haaqi_net_best.pth; a head-only file "
+                         f"such as their trainer's best_loss.pth lacks the encoder)")
     return dict(obj)
 
 
@@ -215,8 +231,41 @@ def convert_haaqinet(src_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     Strict: a missing/unexpected key or a wrong shape raises ValueError naming the key, and
     nothing is written. Returns the directory written.
     """
+    from haaqi_jax.train.checkpoint import check_params_target
+
+    check_params_target(out_dir, overwrite=overwrite)     # before minutes of loading
     state_dict = _load_state_dict(src_path)
-    net = haaqinet_from_state_dict(state_dict, beats_config=beats_config, num_heads=num_heads,
-                                   feature_layers=feature_layers)
+    try:
+        net = haaqinet_from_state_dict(state_dict, beats_config=beats_config,
+                                       num_heads=num_heads, feature_layers=feature_layers)
+    except ValueError as e:
+        hint = ("; a HAAQI-Net built on another BEATs (fine-tuned, smaller) needs that BEATs' "
+                "config: convert_weights.py --haaqinet --beats-config BEATs.pt|cfg.json"
+                if beats_config is None and "encoder part" in str(e) else "")
+        raise ValueError(f"{src_path}: {e}{hint}") from None
     return net.save(out_dir, overwrite=overwrite,
                     extra={"source": str(Path(src_path).name)})
+
+
+def read_beats_config(path: str | os.PathLike) -> dict[str, Any]:
+    """A BEATs cfg for `convert_haaqinet(beats_config=...)`: from a BEATs .pt checkpoint (its
+    'cfg'), a folder written by `convert_beats_checkpoint` (its config.json "cfg"), or a JSON
+    file of the cfg itself."""
+    from haaqi_jax.convert.beats_torch import _checkpoint_parts, load_torch_checkpoint
+
+    path = Path(path)
+    if path.is_dir():
+        meta_file = path / "config.json"
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{path}: no config.json (a converted BEATs folder?)")
+        meta = json.loads(meta_file.read_text())
+        if meta.get("kind") != "beats":
+            raise ValueError(f"{path}: config.json has kind {meta.get('kind')!r}, not 'beats'")
+        return dict(meta["cfg"])
+    if path.suffix.lower() == ".json":
+        try:
+            return dict(json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError) as e:
+            raise ValueError(f"{path}: not a JSON BEATs config ({e})") from None
+    cfg, _ = _checkpoint_parts(load_torch_checkpoint(path), str(path))
+    return cfg

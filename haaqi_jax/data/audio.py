@@ -123,6 +123,8 @@ def check_waveform(x, *, name: str = "waveform", min_samples: int = MIN_SAMPLES,
     if not np.issubdtype(arr.dtype, np.floating):
         raise ValueError(f"{name}: expected floating-point samples in [-1, 1], got dtype "
                          f"{arr.dtype} (scale integer PCM by 1/32768)")
+    if arr.shape[0] == 0:
+        raise ValueError(f"{name}: the waveform is empty (0 samples)")
     finite = np.isfinite(arr)
     if not finite.all():
         raise ValueError(f"{name}: sample {int(np.flatnonzero(~finite)[0])} is NaN or infinite")

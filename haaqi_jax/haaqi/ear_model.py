@@ -194,7 +194,15 @@ def warn_if_integer_samples(x, name: str) -> None:
                       stacklevel=5)  # the caller of haaqi_v1 / haaqi_batch
 
 
+def check_real(x, name: str) -> None:
+    """Complex samples would lose their imaginary part to a float cast with only numpy's
+    ComplexWarning; refuse them by name."""
+    if np.iscomplexobj(x):
+        raise ValueError(f"{name} must hold real samples, got dtype {np.asarray(x).dtype}")
+
+
 def _check_signal(x, sample_rate, name: str) -> np.ndarray:
+    check_real(x, name)
     warn_if_integer_samples(x, name)
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 1 or x.size == 0:

@@ -32,6 +32,37 @@ def _checkpointer():
     return ocp.StandardCheckpointer()
 
 
+def check_params_target(directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """The absolute path `save_params` may write, checked before any long work.
+
+    Raises:
+      ValueError for an empty path; FileExistsError when it exists and `overwrite` is off, or
+      when it is not a parameter directory (config.json and params/ only: `overwrite` never
+      deletes another folder, e.g. the current one given as "" or ".", or a folder of
+      models), or is a file.
+    """
+    if not str(directory).strip():
+        raise ValueError("the output folder is empty; name a new folder")
+    directory = Path(directory).absolute()
+    if not directory.exists():
+        if any(parent.is_file() for parent in directory.parents):
+            raise FileExistsError(f"{directory}: a parent of it is a file, not a folder")
+        return directory
+    if not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is a file, not a parameter folder")
+    if not overwrite:
+        raise FileExistsError(f"{directory} already exists (overwrite=True, or --overwrite on "
+                              f"the command line, replaces it)")
+    entries = {entry.name for entry in directory.iterdir()}
+    if not entries <= {CONFIG_FILE, PARAMS_SUBDIR} or Path.cwd() in (directory,
+                                                                      *directory.parents):
+        raise FileExistsError(f"{directory} is not a haaqi_jax parameter folder (it holds "
+                              f"{', '.join(sorted(entries)[:5]) or 'nothing'}"
+                              f"{', ...' if len(entries) > 5 else ''}); overwrite replaces only "
+                              f"those (config.json and params/): name a new folder")
+    return directory
+
+
 def save_params(directory: str | os.PathLike, params: Any, config: dict[str, Any], *,
                 overwrite: bool = False) -> Path:
     """Saves a parameter pytree and its JSON config atomically.
@@ -45,11 +76,12 @@ def save_params(directory: str | os.PathLike, params: Any, config: dict[str, Any
     Returns:
       The absolute path written.
     """
-    directory = Path(directory).absolute()
-    if directory.exists() and not overwrite:
-        raise FileExistsError(f"{directory} already exists (pass overwrite=True to replace it)")
+    directory = check_params_target(directory, overwrite=overwrite)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)    # mkdtemp's 0700 would hide the folder from other users
     try:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
         host_params = jax.tree_util.tree_map(np.asarray, params)

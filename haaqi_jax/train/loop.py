@@ -474,10 +474,10 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *,
         from haaqi_jax.distill import distill_and_evaluate
         return distill_and_evaluate(config, workdir, data=data)
 
+    check_run_settings(config)
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     cfglib.save_run_config(config, workdir, CONFIG_FILE, write=sharding.is_main_process())
-    check_report_settings(config)
     tc = config.train
 
     mesh = sharding.make_mesh()
@@ -639,10 +639,34 @@ def run_loop(state: Any, *, step_fn: Callable, evaluate: Callable, data: TrainDa
     return LoopRun(state=state, step=step, early=early, interrupted=interrupted, ckpt=ckpt)
 
 
-def check_report_settings(config: Any) -> None:
-    """The report's settings, checked before training rather than after it."""
+#: Loop settings and their least values (a negative epoch count would train nothing and
+#: exit 0; a zero batch fails deep in the input pipeline).
+_LEAST_VALUES = {"train.batch_size": 1, "train.eval_batch_size": 1, "train.num_epochs": 1,
+                 "train.patience": 0, "train.log_every_steps": 1,
+                 "train.checkpoint_every_steps": 1, "train.stop_after_steps": 0,
+                 "data.encode_batch_size": 1, "data.demo_clips": 1, "data.prefetch": 0}
+
+
+def check_run_settings(config: Any) -> None:
+    """The loop's counts, the demo's clip lengths and the report's settings, checked before
+    anything is built or trained; ValueError names the key."""
     from haaqi_jax.evaluate import check_color_by
+
     check_color_by(config.report.color_by, "report.color_by")
+    for dotted, least in _LEAST_VALUES.items():
+        section, key = dotted.split(".")
+        value = config[section].get(key) if section in config else None
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{dotted} must be a whole number >= {least}, got {value!r}")
+    seconds = config.data.get("demo_seconds")
+    if seconds is not None:
+        if (isinstance(seconds, (str, bytes)) or len(seconds) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                           for v in seconds) or not 0 < seconds[0] <= seconds[1]):
+            raise ValueError(f"data.demo_seconds must be (shortest, longest) clip seconds with "
+                             f"0 < shortest <= longest, got {seconds!r}")
 
 
 #: The report's copy of the run's rows, each with the split it was trained or scored in.
