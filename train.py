@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.splitlines()[0],
         epilog="exit codes: " + " ".join(__doc__.split("Exit codes:")[1].split()))
     parser.add_argument("--config", default="configs/default.py",
-                        help="Python config file with get_config()")
+                        help="Python config file with get_config() (a relative path not found "
+                        "here is looked up next to train.py)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a config value (repeatable), "
                         "e.g. --set train.num_epochs=3")
@@ -50,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         jax.distributed.initialize()  # coordinator/process ids from the cluster environment
 
     try:
-        config = cfglib.get_config(args.config, args.overrides)
+        config_file = Path(args.config)
+        if not config_file.is_file() and not config_file.is_absolute() \
+                and (Path(__file__).parent / config_file).is_file():
+            config_file = Path(__file__).parent / config_file   # run from another folder
+        config = cfglib.get_config(config_file, args.overrides)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)

@@ -162,6 +162,11 @@ def check_distill_settings(config: Any) -> None:
     from haaqi_jax.student import HEAD_KINDS
 
     dc = config.distill
+    if config.model.get("encoder_checkpoint"):
+        raise ValueError("model.encoder_checkpoint is not read by a distillation (the student "
+                         "is built from the teacher): set distill.teacher.model."
+                         "encoder_checkpoint for the teacher's BEATs, or "
+                         "distill.teacher_checkpoint for a trained teacher HAAQI-Net")
     choices = {"head_kind": HEAD_KINDS, "feature_mode": ("last", "weighted"),
                "head_init": ("teacher", "random"),
                "target_cache_dtype": ("float16", "float32")}
@@ -427,17 +432,23 @@ def _timed_forwards(net: Any, seconds: float, seed: int, batch: int = 1
             "encoder": lambda: encoder(net.params, wav)}
 
 
-def interleaved_runs(jobs: Mapping[Any, Callable[[], Any]], repeats: int
-                     ) -> dict[Any, list[float]]:
+def interleaved_runs(jobs: Mapping[Any, Callable[[], Any]], repeats: int, *,
+                     progress: bool = False) -> dict[Any, list[float]]:
     """Wall seconds of every job in `repeats` rounds, interleaved.
 
     Every job is run once first (compile, warm-up; not timed). In each round every job runs
     once, in an order rotated from round to round, so a slow spell of a shared machine hits
     all jobs alike and none always runs first. Returns {job key: [seconds per round]}.
+    `progress` shows a bar over the warm-up and the rounds.
     """
+    from tqdm.auto import tqdm
+
     keys = list(jobs)
+    bar = tqdm(total=len(keys) * (repeats + 1), desc="timing inference", unit="forward",
+               disable=not progress)
     for key in keys:
         jax.block_until_ready(jobs[key]())
+        bar.update()
     runs: dict[Any, list[float]] = {key: [] for key in keys}
     for r in range(repeats):
         shift = r % len(keys)
@@ -445,11 +456,14 @@ def interleaved_runs(jobs: Mapping[Any, Callable[[], Any]], repeats: int
             start = time.perf_counter()
             jax.block_until_ready(jobs[key]())
             runs[key].append(time.perf_counter() - start)
+            bar.update()
+    bar.close()
     return runs
 
 
 def time_inference(nets: Mapping[str, Any], seconds: float = 10.0, repeats: int = 15,
-                   seed: int = 0, batch: int = 1) -> dict[str, dict[str, dict[str, Any]]]:
+                   seed: int = 0, batch: int = 1, *, progress: bool = False
+                   ) -> dict[str, dict[str, dict[str, Any]]]:
     """Wall times per clip of jitted forwards of several HAAQI-Nets, interleaved.
 
     Every (net, part) function is timed by `interleaved_runs` (compiled first, then
@@ -459,6 +473,7 @@ def time_inference(nets: Mapping[str, Any], seconds: float = 10.0, repeats: int 
       nets: name -> HAAQINet (e.g. {"teacher": ..., "student": ...}).
       seconds: clip length; repeats: timed rounds; seed: of the random clips.
       batch: clips per forward (1: one clip at a time, as the released code runs).
+      progress: a progress bar over the forwards.
     Returns:
       {name: {"model" | "encoder": {"min", "median" (seconds per clip: a forward's wall time
       / batch), "runs" (list, round order)}}}.
@@ -469,7 +484,7 @@ def time_inference(nets: Mapping[str, Any], seconds: float = 10.0, repeats: int 
         raise ValueError(f"time_inference: batch must be >= 1, got {batch}")
     jobs = {(name, part): fn for name, net in nets.items()
             for part, fn in _timed_forwards(net, seconds, seed, batch).items()}
-    runs = interleaved_runs(jobs, repeats)
+    runs = interleaved_runs(jobs, repeats, progress=progress)
     out: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in nets}
     for (name, part), times in runs.items():
         times = [t / batch for t in times]
@@ -648,6 +663,7 @@ def compare(config: Any, teacher: Any, student: Any, data: Any, head_loss: steps
     time per clip (`timing`, an earlier result's "seconds_per_clip", skips the timing)."""
     from haaqi_jax.train import loop
 
+    progress = bool(config.train.get("progress", True))
     _, teacher_eval = steps_lib.jit_steps(
         lambda s, b: (s, {}),
         steps_lib.make_eval_step(loop.make_forward(teacher.config, "waveform"), head_loss), mesh)
@@ -656,6 +672,9 @@ def compare(config: Any, teacher: Any, student: Any, data: Any, head_loss: steps
         if split not in data.rows or not len(data.rows[split]):
             continue
         labels = loop.split_labels(data.rows[split], split)
+        if progress:
+            print(f"scoring teacher and student on {split} ({len(labels)} clips)",
+                  file=sys.stderr)
         row = {}
         for name, fn, params in (("teacher", teacher_eval, teacher.params),
                                  ("student", student_eval, student_params)):
@@ -673,7 +692,8 @@ def compare(config: Any, teacher: Any, student: Any, data: Any, head_loss: steps
                 "seconds_per_clip": dict(timing)}
     seconds = float(config.distill.get("timing_seconds", 10.0))
     repeats = int(config.distill.get("timing_repeats", 15))
-    times = time_inference({"teacher": teacher, "student": student}, seconds, repeats)
+    times = time_inference({"teacher": teacher, "student": student}, seconds, repeats,
+                           progress=progress)
     ratios = timing_ratios(times)
     per_clip = {"clip_seconds": seconds, "repeats": repeats,
                 "ratio_model": ratios["model"]["median"],

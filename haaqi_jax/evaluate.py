@@ -330,9 +330,14 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate_manifest(args.model, args.manifest, args.out, splits=args.splits,
                                batch_size=args.batch_size, color_by=args.color_by,
                                num_examples=args.num_examples, progress=not args.no_progress)
-    overall = report["overall"]
-    print(f"{overall['n']} clips: LCC {_fmt(overall['lcc'])}  SRCC {_fmt(overall['srcc'])}  "
-          f"MSE {_fmt(overall['mse'])}  -> {args.out}"
+    # One line per split: a pooled figure would mix, e.g., a run's train rows with its tests.
+    entries = [("all", report["overall"])] + sorted(report["by_split"].items())
+    if len(entries) == 2:
+        entries = entries[:1]
+    for name, entry in entries:
+        print(f"{name:<14}{entry['n']:>6} clips: LCC {_fmt(entry['lcc'])}  SRCC "
+              f"{_fmt(entry['srcc'])}  MSE {_fmt(entry['mse'])}")
+    print(f"report in {args.out}"
           + (f" ({len(report['skipped'])} rows skipped: skipped.json)" if report["skipped"]
              else ""))
     return 1 if report["skipped"] else 0

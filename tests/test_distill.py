@@ -646,6 +646,8 @@ def test_time_inference_reports_seconds_per_clip(tiny_setup, monkeypatch):
     ("distill.teacher.train.num_epochs=0", r"distill.teacher: train.num_epochs must be a whole "
                                            r"number >= 1, got 0"),
     ("train.num_epochs=-1", r"^train.num_epochs must be a whole number >= 1, got -1"),
+    ("model.encoder_checkpoint=/x", r"model.encoder_checkpoint is not read by a distillation.*"
+                                    r"distill.teacher.model.encoder_checkpoint"),  # was ignored
 ])
 def test_distillation_settings_fail_before_the_teacher_trains(tmp_path, override, message):
     """Bad distillation settings are named before any training (a teacher trained here takes

@@ -17,7 +17,7 @@ _helpers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_helpers)
 
 
-def test_evaluate_subcommand_writes_its_files(tmp_path):
+def test_evaluate_subcommand_writes_its_files(tmp_path, capsys):
     from haaqi_jax import config as cfglib
     from haaqi_jax.model import HAAQINet
     from haaqi_jax.train import loop
@@ -32,6 +32,9 @@ def test_evaluate_subcommand_writes_its_files(tmp_path):
     for name in ("metrics.json", "table.md", "table.csv", "predictions.csv", "examples.json",
                  "scatter.png", "by_distortion.png"):
         assert (out / name).is_file(), name
+    printed = capsys.readouterr().out.splitlines()       # one line per split, not only pooled
+    assert [line.split()[:2] for line in printed[:4]] == [
+        ["all", "8"], ["test_seen", "2"], ["test_unseen", "2"], ["valid", "4"]]
     rows = list(csv.DictReader((out / "predictions.csv").open()))
     assert len(rows) == 8 and {r["split"] for r in rows} == {"valid", "test_seen", "test_unseen"}
 

@@ -100,6 +100,10 @@ def save_params(directory: str | os.PathLike, params: Any, config: dict[str, Any
 def load_config(directory: str | os.PathLike) -> dict[str, Any]:
     """Reads config.json of a parameter directory, with a clear error if it is not one."""
     directory = Path(directory)
+    if directory.is_file() and directory.suffix.lower() in (".pt", ".pth", ".ckpt", ".bin"):
+        raise FileNotFoundError(f"{directory} is a PyTorch checkpoint; convert it first: "
+                                f"python convert_weights.py [--haaqinet] {directory} OUT_DIR, "
+                                f"then use OUT_DIR")
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} does not exist or is not a folder")
     path = directory / CONFIG_FILE

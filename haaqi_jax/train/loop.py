@@ -103,14 +103,24 @@ def encoder_from_checkpoint(path: str | os.PathLike) -> tuple[str, dict[str, Any
     (`kind: beats`) or of a HAAQI-Net directory (`kind: haaqinet`, its encoder part)."""
     from haaqi_jax.train.checkpoint import load_config, load_params
 
-    meta = load_config(path)
+    try:
+        meta = load_config(path)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"model.encoder_checkpoint: {err}") from None
     kind = meta.get("kind")
     if kind == "beats":
         from haaqi_jax.beats import load_beats
         module, params = load_beats(path)
-        return "beats", module.config.to_dict(), params
+        cfg = module.config
+        print(f"encoder: BEATs from {path} ({cfg.encoder_layers} layers x "
+              f"{cfg.encoder_embed_dim}"
+              + (", its fine-tuned predictor unused" if cfg.finetuned_model else "") + ")",
+              file=sys.stderr)
+        return "beats", cfg.to_dict(), params
     if kind == "haaqinet":
         params, meta = load_params(path)
+        print(f"encoder: the encoder of the HAAQI-Net {path}; its head is not used (the head "
+              f"here starts from model.head's random initialisation)", file=sys.stderr)
         return meta["config"]["encoder_kind"], dict(meta["config"]["encoder_config"]), \
             params["encoder"]
     raise ValueError(f"model.encoder_checkpoint {path}: config.json has kind {kind!r}; expected "
