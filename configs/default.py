@@ -52,6 +52,9 @@ def get_config() -> ConfigDict:
     c.model.encoder_config = ConfigDict({"position_dim": 8, "spectrum_context": False,
                                          "clip_statistics": True})
     c.model.encoder_checkpoint = config_dict.placeholder(str)  # converted BEATs directory
+    # A HAAQI-Net directory whose head starts the training (fine-tuning the released model, or
+    # a run's best_model); its head settings must equal model.head's.
+    c.model.head_checkpoint = config_dict.placeholder(str)
     c.model.feature_mode = "last"  # "last" | "weighted"
     c.model.feature_layers = (0,)  # hidden states summed by "weighted" (0 = encoder input)
     c.model.freeze_encoder = True

@@ -448,6 +448,45 @@ def test_a_random_split_can_be_rescored_from_the_report(tiny, tmp_path):
         assert again[i] == pytest.approx(float(predicted[i]["prediction"]), abs=1e-5)
 
 
+def test_head_checkpoint_starts_the_head_from_a_haaqinet(tiny, tmp_path, capsys):
+    """model.head_checkpoint (fine-tuning a released or trained HAAQI-Net): the head's weights
+    come from it; a head of other settings is refused naming them."""
+    from haaqi_jax.model import HAAQINet
+
+    _, overrides = tiny
+    source = loop.build_model(_config(overrides + ["seed=5"]))
+    source.save(tmp_path / "source")
+    net = loop.build_model(_config(overrides + [f"model.head_checkpoint={tmp_path / 'source'}"]))
+    assert "head: initialised from" in capsys.readouterr().err
+    for a, b in zip(jax.tree_util.tree_leaves(net.params["head"]),
+                    jax.tree_util.tree_leaves(source.params["head"])):
+        np.testing.assert_array_equal(a, b)
+    fresh = loop.build_model(_config(overrides))
+    assert not np.array_equal(fresh.params["head"]["adapter"]["kernel"],
+                              net.params["head"]["adapter"]["kernel"])
+    with pytest.raises(ValueError, match=r"its head differs from model.head in audiogram_scale "
+                                         r"\(0.01 there, 0.5 here\)"):
+        loop.build_model(_config(overrides + [f"model.head_checkpoint={tmp_path / 'source'}",
+                                              "model.head.audiogram_scale=0.5"]))
+    with pytest.raises(FileNotFoundError, match="model.head_checkpoint: .*missing"):
+        loop.build_model(_config(overrides + [f"model.head_checkpoint={tmp_path}"]))
+    assert isinstance(net, HAAQINet)
+
+
+def test_resume_is_refused_when_the_starting_weights_changed(tiny, tmp_path):
+    """The same model.head_checkpoint path holding other weights (converted anew): the resume
+    says so (it used to blame an iterator digest, or went on)."""
+    _, overrides = tiny
+    loop.build_model(_config(overrides + ["seed=5"])).save(tmp_path / "source")
+    sets = overrides + [f"model.head_checkpoint={tmp_path / 'source'}", "train.num_epochs=1",
+                        "train.stop_after_steps=2", f"data.cache_dir={tmp_path / 'cache'}"]
+    loop.train_and_evaluate(_config(sets), tmp_path / "work")
+    loop.build_model(_config(overrides + ["seed=6"])).save(tmp_path / "source", overwrite=True)
+    with pytest.raises(ValueError, match=r"holds a run that started from other weights: the "
+                                         r"files behind model.head_checkpoint changed"):
+        loop.train_and_evaluate(_config(sets), tmp_path / "work")
+
+
 def test_a_nan_loss_stops_training_naming_the_term(tiny, tmp_path):
     """Never a silent NaN: a loss that turns NaN stops the run at the next log, naming the
     non-finite terms, with no checkpoint of a NaN state."""

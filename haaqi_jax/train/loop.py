@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from haaqi_jax import config as cfglib
@@ -119,8 +120,7 @@ def encoder_from_checkpoint(path: str | os.PathLike) -> tuple[str, dict[str, Any
         return "beats", cfg.to_dict(), params
     if kind == "haaqinet":
         params, meta = load_params(path)
-        print(f"encoder: the encoder of the HAAQI-Net {path}; its head is not used (the head "
-              f"here starts from model.head's random initialisation)", file=sys.stderr)
+        print(f"encoder: the encoder of the HAAQI-Net {path}", file=sys.stderr)
         return meta["config"]["encoder_kind"], dict(meta["config"]["encoder_config"]), \
             params["encoder"]
     raise ValueError(f"model.encoder_checkpoint {path}: config.json has kind {kind!r}; expected "
@@ -158,14 +158,64 @@ def build_model_config(config: Any, encoder: tuple[str, Mapping[str, Any]] | Non
 
 def build_model(config: Any):
     """HAAQINet with random weights (seed `config.seed`); with `model.encoder_checkpoint` the
-    encoder (architecture and weights) comes from that converted checkpoint."""
+    encoder (architecture and weights) comes from that converted checkpoint, with
+    `model.head_checkpoint` the head's weights from that HAAQI-Net."""
     from haaqi_jax.model import HAAQINet
 
     if config.model.get("encoder_checkpoint"):
         kind, enc_cfg, enc_params = encoder_from_checkpoint(config.model.encoder_checkpoint)
         net_cfg = build_model_config(config, (kind, enc_cfg))
-        return HAAQINet.init_random(net_cfg, seed=int(config.seed), encoder_params=enc_params)
-    return HAAQINet.init_random(build_model_config(config), seed=int(config.seed))
+        net = HAAQINet.init_random(net_cfg, seed=int(config.seed), encoder_params=enc_params)
+    else:
+        net = HAAQINet.init_random(build_model_config(config), seed=int(config.seed))
+    if config.model.get("head_checkpoint"):
+        net = with_head_from(net, config.model.head_checkpoint)
+    elif config.model.get("encoder_checkpoint") and kind_of(config.model.encoder_checkpoint) \
+            == "haaqinet":
+        print("head: random (model.head_checkpoint, set to the same folder, would start from "
+              "that HAAQI-Net's head)", file=sys.stderr)
+    return net
+
+
+def kind_of(path: str | os.PathLike) -> str | None:
+    """The "kind" of a parameter directory's config.json ("beats", "haaqinet", ...)."""
+    from haaqi_jax.train.checkpoint import load_config
+    return load_config(path).get("kind")
+
+
+def with_head_from(net: Any, path: str | os.PathLike) -> Any:
+    """`net` with the head weights of the HAAQI-Net directory `path` (e.g. the converted
+    released model, to fine-tune it). Its head settings must equal `net`'s (dropout aside):
+    the same weights under another audiogram scale or readout would compute something else.
+
+    Raises:
+      ValueError naming model.head_checkpoint and the settings or parameter that differ.
+    """
+    from haaqi_jax.model import HAAQINet, check_param_tree
+    from haaqi_jax.train.checkpoint import load_config, load_params
+
+    where = f"model.head_checkpoint {path}"
+    try:
+        meta = load_config(path)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"model.head_checkpoint: {err}") from None
+    if meta.get("kind") != "haaqinet":
+        raise ValueError(f"{where}: config.json has kind {meta.get('kind')!r}; expected "
+                         "'haaqinet' (a converted HAAQI-Net or a run's report/best_model)")
+    theirs = {k: v for k, v in dict(meta["config"].get("head", {})).items()
+              if k != "dropout_rate"}
+    ours = {k: v for k, v in net.config.head.to_dict().items() if k != "dropout_rate"}
+    differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    if differ:
+        raise ValueError(f"{where}: its head differs from model.head in "
+                         + ", ".join(f"{k} ({theirs.get(k)!r} there, {ours.get(k)!r} here)"
+                                     for k in differ)
+                         + f"; e.g. --set model.head.{differ[0]}={theirs.get(differ[0])!r}")
+    params, _ = load_params(path)
+    check_param_tree(params["head"], net.params["head"], where)
+    print(f"head: initialised from {path}", file=sys.stderr)
+    return HAAQINet(net.config, {**net.params,
+                                 "head": jax.tree_util.tree_map(jnp.asarray, params["head"])})
 
 
 def frozen_patterns(config: Any) -> tuple[str, ...]:
@@ -310,21 +360,41 @@ def rows_digest(rows: Sequence[Any]) -> str:
     return h.hexdigest()[:16]
 
 
-def check_run_data(config: Any, splits: Mapping[str, Sequence[Any]], workdir: Path) -> None:
-    """Refuses to resume a run whose train or valid rows changed since it started.
+#: Config keys that name weights a run starts from (files that may change under one path).
+_WEIGHT_SOURCES = ("model.encoder_checkpoint", "model.head_checkpoint")
+
+
+def check_run_data(config: Any, splits: Mapping[str, Sequence[Any]], workdir: Path,
+                   net: Any = None) -> None:
+    """Refuses to resume a run whose train or valid rows, or starting weights, changed since it
+    started.
 
     A manifest relabelled in place (e.g. with other HAAQI settings), or rows added, dropped or
     pointed at other files, would otherwise continue the old run on new data, its best
-    checkpoint chosen on the old labels. Writes workdir/data.json (main process) otherwise.
+    checkpoint chosen on the old labels; weights converted anew into the same
+    model.encoder_checkpoint / head_checkpoint folder would mix two models. Writes
+    workdir/data.json (main process) otherwise.
     """
+    from haaqi_jax.data.cache import params_fingerprint
+
     d = config.data
     record = {"manifest": str(d.get("manifest") or f"the demo dataset in {d.demo_dir}"),
               **{f"{role}_split": {"name": name, "rows": len(splits[name]),
                                    "digest": rows_digest(splits[name])}
                  for role, name in (("train", d.train_split), ("valid", d.valid_split))}}
+    sources = [key for key in _WEIGHT_SOURCES
+               if config.model.get(key.split(".", 1)[1])]
+    if net is not None and sources:
+        record["starting_weights"] = params_fingerprint(net.params)
     path = workdir / DATA_FILE
     if path.is_file() and cfglib.holds_a_run(workdir):
         saved = json.loads(path.read_text())
+        if saved.get("starting_weights", record.get("starting_weights")) != \
+                record.get("starting_weights"):
+            raise ValueError(f"{workdir} holds a run that started from other weights: the "
+                             f"files behind {' / '.join(sources)} changed since. Resuming "
+                             f"would mix two models: pass another --workdir, or delete "
+                             f"{workdir} to start over.")
         changed = [f"{role} split ({saved[role]['rows']} rows -> {record[role]['rows']} rows"
                    + (")" if saved[role]["rows"] != record[role]["rows"] else
                       ", other files, audiograms or labels)")
@@ -352,7 +422,7 @@ def build_train_data(config: Any, net: Any, workdir: Path,
 
     d, tc = config.data, config.train
     used = dict(load_splits(config) if splits is None else splits)
-    check_run_data(config, used, workdir)
+    check_run_data(config, used, workdir, net)
     in_cfg = pipeline.InputConfig(
         batch_size=int(tc.batch_size), shuffle=True, seed=int(config.seed),
         crop_seconds=d.get("crop_seconds"), prefetch=int(d.prefetch),
