@@ -63,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUTS",
                         help="audio files, folders (recursive) or .jsonl manifests")
     parser.add_argument("--checkpoint", required=True,
-                        help="HAAQI-Net directory (from convert_haaqinet or training)")
+                        help="HAAQI-Net directory (convert_weights.py --haaqinet output, or a "
+                             "run's report/best_model)")
     parser.add_argument("--audiogram", default=None,
                         help="default audiogram: 8 comma-separated dB HL levels at "
                              "250,500,1000,2000,3000,4000,6000,8000 Hz")
@@ -254,7 +255,11 @@ def score_jobs(net, jobs: list[Job], *, batch_size: int = 8, progress: bool = Tr
             scores = net.predict(clips, 16000, np.stack([j.audiogram for j in ready]),
                                  batch_size=batch_size, progress=bar)
             for job, score in zip(ready, scores):
-                job.score = float(score)
+                if np.isfinite(score):
+                    job.score = float(score)
+                else:   # never a silent NaN in the results: the model's weights are suspect
+                    job.error = "the model gave a non-finite score (NaN weights?)"
+                    print(f"error: {job.name}: {job.error}", file=sys.stderr)
 
 
 def write_results(path: str | Path, jobs: list[Job]) -> Path:

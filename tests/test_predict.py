@@ -227,3 +227,20 @@ def test_predict_and_encode_split_over_local_devices(setup, tmp_path):
     assert four["features"].shape == features.shape and features.shape[0] == 3
     np.testing.assert_allclose(four["features"], features, atol=1e-5)
     np.testing.assert_array_equal(four["token_pad"], token_pad)
+
+
+def test_a_model_giving_nan_fails_its_files_instead_of_writing_nan(setup, tmp_path, capsys):
+    """NaN weights (a corrupt or badly converted model) used to give haaqi=nan with exit 0."""
+    import jax
+    root, net = setup
+    params = jax.tree_util.tree_map(np.asarray, net.params)
+    params["head"]["dense"]["bias"] = np.full_like(params["head"]["dense"]["bias"], np.nan)
+    HAAQINet(net.config, params).save(tmp_path / "nan_model")
+    out = tmp_path / "r.csv"
+    rc = cli.main(["predict", "--checkpoint", str(tmp_path / "nan_model"), "--audiogram",
+                   ",".join(map(str, LEVELS)), str(root / "music" / "a.wav"), "--out",
+                   str(out)])
+    assert rc == 1
+    (row,) = _rows(out).values()
+    assert row["haaqi"] == "" and "non-finite score" in row["error"]
+    assert "non-finite score" in capsys.readouterr().err
