@@ -44,6 +44,10 @@ ALL = "all"
 SUMMARIES = ("mean", "sd", "range")
 #: Config keys that vary between repeats of one setting (besides config.RESUMABLE_KEYS).
 REPEAT_KEYS = ("seed",)
+#: What train.py writes beside a run's report (loop.CONFIG_FILE, distill.REPORT_FILE; named
+#: here so that `compare` stays a light numpy-only module).
+CONFIG_FILE = "config.json"
+DISTILL_REPORT_FILE = "distill_report.json"
 
 
 def metrics_path(path: str | os.PathLike) -> Path:
@@ -154,11 +158,6 @@ def run_folder(metrics_file: str | os.PathLike) -> Path | None:
         if (candidate / CONFIG_FILE).is_file():
             return candidate
     return None
-
-
-#: What train.py writes beside a run's report: its config and a distillation's comparison.
-CONFIG_FILE = "config.json"
-DISTILL_REPORT_FILE = "distill_report.json"
 
 
 def read_config(folder: Path) -> dict[str, Any]:

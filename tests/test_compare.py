@@ -190,3 +190,10 @@ def test_distillation_reports_get_their_own_table(tmp_path, capsys):
     assert cli.main(["compare", str(run)]) == 0              # the scores still count
     captured = capsys.readouterr()
     assert "distill_report.json: not JSON" in captured.err and "Distillation" not in captured.out
+
+
+def test_file_names_agree_with_the_writers():
+    from haaqi_jax import distill
+    from haaqi_jax.train import loop
+    assert compare.CONFIG_FILE == loop.CONFIG_FILE
+    assert compare.DISTILL_REPORT_FILE == distill.REPORT_FILE
