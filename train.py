@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
                 and (Path(__file__).parent / config_file).is_file():
             config_file = Path(__file__).parent / config_file   # run from another folder
         config = cfglib.get_config(config_file, args.overrides)
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
+    except (ValueError, FileNotFoundError) as err:   # one line, as for errors that come later
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 2
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
     from haaqi_jax.cli import run_guarded
     from haaqi_jax.train.loop import train_and_evaluate  # after parsing: --help stays fast

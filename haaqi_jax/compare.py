@@ -10,8 +10,8 @@ metrics.json itself. For every split (and "all"), the table lists each run's LCC
 then their mean, sample standard deviation and range over the runs.
 
 Settings: when every run is a training workdir (it has the config.json that train.py writes),
-runs whose configs differ only in `seed` (and in keys that do not change what a step computes,
-`config.RESUMABLE_KEYS`) form one setting, and the mean, sd and range are taken per setting:
+runs whose configs differ only in `seed` (and in keys that steer logging and reporting only,
+`REPEAT_KEYS`) form one setting, and the mean, sd and range are taken per setting:
 three seeds each of two distillation losses give two summaries, not one over six runs. The
 settings are listed above the table by the keys that tell them apart.
 
@@ -42,8 +42,12 @@ SCORES = ("lcc", "srcc", "mse")
 ALL = "all"
 #: Summary rows of each setting, in table order.
 SUMMARIES = ("mean", "sd", "range")
-#: Config keys that vary between repeats of one setting (besides config.RESUMABLE_KEYS).
-REPEAT_KEYS = ("seed",)
+#: Config keys (fnmatch patterns) that vary between repeats of one setting: the seed, and what
+#: steers logging and reporting only (not train.num_epochs or patience: they change results).
+REPEAT_KEYS = tuple(prefix + key for prefix in ("", "distill.teacher.") for key in (
+    "seed", "train.progress", "train.write_report", "train.checkpoint_every_steps",
+    "train.log_every_steps", "report.*", "data.prefetch", "data.eval_splits")) + (
+    "distill.timing_*",)
 #: What train.py writes beside a run's report (loop.CONFIG_FILE, distill.REPORT_FILE; named
 #: here so that `compare` stays a light numpy-only module).
 CONFIG_FILE = "config.json"
@@ -173,8 +177,8 @@ def read_config(folder: Path) -> dict[str, Any]:
 
 def group_settings(configs: Mapping[str, Mapping[str, Any] | None]
                    ) -> tuple[dict[str, list[str]], dict[str, str], str | None]:
-    """Groups runs into settings: runs whose flat configs differ only in REPEAT_KEYS and
-    config.RESUMABLE_KEYS are repeats of one setting.
+    """Groups runs into settings: runs whose flat configs differ only in REPEAT_KEYS are
+    repeats of one setting.
 
     Args:
       configs: {run name: `read_config` output, or None for a run without config.json}.
@@ -194,9 +198,8 @@ def group_settings(configs: Mapping[str, Mapping[str, Any] | None]
                 f"{'has' if len(no_config) == 1 else 'have'} no {CONFIG_FILE} (mean, sd and "
                 "range are over all runs)") if no_config and len(no_config) < len(names) else None
         return {"": names}, {}, note
-    ignored = tuple(cfglib.RESUMABLE_KEYS) + REPEAT_KEYS
     keys = sorted({k for c in configs.values() for k in c
-                   if not any(fnmatch.fnmatchcase(k, p) for p in ignored)})
+                   if not any(fnmatch.fnmatchcase(k, p) for p in REPEAT_KEYS)})
 
     def value(name: str, key: str) -> str:
         return json.dumps(configs[name].get(key, cfglib.IMPLICIT_VALUES.get(key, "<absent>")),
@@ -355,7 +358,7 @@ def _write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
         writer.writerow(["split", "setting", "run", "n", *SCORES])
         for row in rows:
             writer.writerow([row["split"], row.get("setting", ""), row["run"], int(row["n"]),
-                             *(("%s-%s" % row[k]) if isinstance(row[k], tuple) else row[k]
+                             *(("%s to %s" % row[k]) if isinstance(row[k], tuple) else row[k]
                                for k in SCORES)])
 
 
@@ -390,14 +393,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Prints the comparison; returns 1 when no run could be read, else 0 (unreadable runs are
-    reported on stderr and left out). A split no run has raises (`haaqi-jax`: exit 2)."""
+    """Prints the comparison; returns 1 when a run could not be read (named on stderr and left
+    out; the others are compared), else 0. A split no run has raises (`haaqi-jax`: exit 2)."""
     import sys
     from haaqi_jax.cli import writable_file
 
     if args.out is not None:
         writable_file(args.out, "--out")
     readable: dict[Path, tuple[Path, dict]] = {}           # metrics file -> (argument, scores)
+    unreadable = 0
     for path in args.runs:
         try:
             file = metrics_path(path).resolve()
@@ -408,6 +412,7 @@ def run(args: argparse.Namespace) -> int:
             readable[file] = (path, read_scores(path))
         except (OSError, ValueError) as err:
             print(f"skipped: {err}", file=sys.stderr)
+            unreadable += 1
     kept = list(readable.values())
     names = _run_names([path for path, _ in kept])
     runs = dict(zip(names, (scores for _, scores in kept)))
@@ -442,4 +447,4 @@ def run(args: argparse.Namespace) -> int:
         if distilled:
             _write_distill_csv(distilled, args.out.with_suffix(".distill.csv"))
         comparison_plot(rows, args.out.with_suffix(".png"))
-    return 0
+    return 1 if unreadable else 0

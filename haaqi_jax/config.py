@@ -266,19 +266,31 @@ def holds_a_run(workdir: str | os.PathLike) -> bool:
                for d in ("checkpoints", "report"))
 
 
+def resumable_keys(config: dict[str, Any]) -> tuple[str, ...]:
+    """RESUMABLE_KEYS less those this config fixes: with a cosine learning-rate schedule the
+    schedule's length is train.num_epochs x steps per epoch, so another epoch count would
+    change the learning rate of every remaining step."""
+    flat = flatten(config)
+    fixed = {prefix + "train.num_epochs" for prefix in ("", "distill.teacher.")
+             if flat.get(prefix + "optimizer.schedule", "constant") != "constant"}
+    return tuple(k for k in RESUMABLE_KEYS if k not in fixed)
+
+
 def save_run_config(cfg: ConfigDict | FrozenConfigDict, workdir: str | os.PathLike,
                     name: str = "config.json", *, write: bool = True) -> Path:
     """Writes a run's config.json, refusing a workdir that holds another run's checkpoints.
 
     Resuming a run with a different model, data or optimiser would mix two runs (or stop later
     on a data-iterator mismatch), so when `workdir` already has checkpoints or a report and its
-    saved config differs outside RESUMABLE_KEYS this raises ValueError naming the keys. Every
+    saved config differs outside `resumable_keys` this raises ValueError naming the keys. Every
     host of a multi-host run should call it (so that all stop alike), with `write` true on one.
     """
     workdir = Path(workdir)
     path = workdir / name
     if path.is_file() and holds_a_run(workdir):
-        diffs = config_differences(json.loads(path.read_text()), to_dict(cfg))
+        new = to_dict(cfg)
+        diffs = config_differences(json.loads(path.read_text()), new,
+                                   ignore=resumable_keys(new))
         if diffs:
             shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6
                                              else "")

@@ -154,6 +154,13 @@ def check_layer_ranges(dc: Any, n_layers: int) -> None:
                          f"teacher hidden states (0..{n_layers})")
 
 
+def _check_cached_targets(config: Any) -> None:
+    if config.distill.get("cache_targets") and config.data.get("crop_seconds") is not None:
+        raise ValueError("distill.cache_targets=True needs data.crop_seconds=None: a cached "
+                         "target belongs to one exact input, the whole clip (or set "
+                         "distill.cache_targets=False to run the teacher on every crop)")
+
+
 def check_distill_settings(config: Any) -> None:
     """The distillation settings, checked before anything trains (the teacher's own run
     included): names, layer ranges, head parts, the losses and their keywords."""
@@ -184,6 +191,10 @@ def check_distill_settings(config: Any) -> None:
     if n_layers is not None:
         check_layer_ranges(dc, n_layers)
     losses.check_loss_config(config.loss.name, cfglib.to_dict(config.loss.get("kwargs") or {}))
+    _check_cached_targets(config)
+    if config.data.get("cache"):
+        raise ValueError("distillation trains the student encoder on waveforms: set "
+                         "data.cache=False (the teacher's own run may cache)")
     if not dc.get("teacher_checkpoint") and "teacher" in dc:
         from haaqi_jax.train import loop
         try:
@@ -532,10 +543,7 @@ def with_cached_targets(config: Any, teacher: Any, data: Any, workdir: Path) -> 
     from haaqi_jax.data import cache as cache_lib
     from haaqi_jax.model import tokens_for_samples
 
-    if config.data.get("crop_seconds") is not None:
-        raise ValueError("distill.cache_targets=True needs data.crop_seconds=None: a cached "
-                         "target belongs to one exact input, the whole clip (or set "
-                         "distill.cache_targets=False to run the teacher on every crop)")
+    _check_cached_targets(config)
     rows = data.rows[config.data.train_split]
     cache = build_target_cache(teacher, config, rows, workdir)
     train = cache_lib.add_cached_targets(data.train, cache, rows, tokens_for_samples)
@@ -566,9 +574,6 @@ def distill_and_evaluate(config: Any, workdir: str | os.PathLike, *, data: Any =
     workdir.mkdir(parents=True, exist_ok=True)
     cfglib.save_run_config(config, workdir, loop.CONFIG_FILE, write=sharding.is_main_process())
     tc, dc = config.train, config.distill
-    if config.data.cache:
-        raise ValueError("distillation trains the student encoder on waveforms: set "
-                         "data.cache=False (the teacher's own run may cache)")
     mesh = sharding.make_mesh()
     sharding.check_global_batch(int(tc.batch_size), mesh, "train.batch_size")
     sharding.check_global_batch(int(tc.eval_batch_size), mesh, "train.eval_batch_size")

@@ -76,7 +76,7 @@ def test_cli_skips_unreadable_runs_and_writes_tables(reports, tmp_path, capsys):
     code = cli.main(["compare", *map(str, paths), str(tmp_path / "missing"),
                      str(tmp_path / "broken"), str(paths[0] / "report"), "--splits",
                      "test_unseen", "--out", str(out)])
-    assert code == 0
+    assert code == 1         # done, but two runs could not be read (named below)
     captured = capsys.readouterr()
     assert "missing: no report found" in captured.err and "broken/metrics.json: not JSON" in \
         captured.err
@@ -197,3 +197,15 @@ def test_file_names_agree_with_the_writers():
     from haaqi_jax.train import loop
     assert compare.CONFIG_FILE == loop.CONFIG_FILE
     assert compare.DISTILL_REPORT_FILE == distill.REPORT_FILE
+
+
+def test_epoch_count_and_patience_make_settings_logging_does_not():
+    base = {"seed": 0, "train.num_epochs": 2, "train.patience": 5, "train.progress": True,
+            "report.color_by": "split", "distill.teacher.train.log_every_steps": 10}
+    configs = {"a": base, "b": {**base, "seed": 1, "train.progress": False,
+                                "report.color_by": "distortion",
+                                "distill.teacher.train.log_every_steps": 1},
+               "c": {**base, "train.num_epochs": 3}, "d": {**base, "train.patience": 0}}
+    settings, legend, _ = compare.group_settings(configs)
+    assert settings == {"A": ["a", "b"], "B": ["c"], "C": ["d"]}
+    assert legend["B"] == "train.num_epochs=3, train.patience=5"

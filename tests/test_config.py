@@ -125,6 +125,13 @@ def test_save_run_config_refuses_a_workdir_of_another_run(tmp_path):
     resumed = ConfigDict(other.to_dict())
     resumed.train.num_epochs, resumed.train.progress, resumed.data.prefetch = 40, False, 4
     save_run_config(resumed, tmp_path)                      # loop-only keys may change
+    # ... but not the epoch count under a cosine schedule, whose length it sets.
+    cosine = ConfigDict({**resumed.to_dict(), "optimizer": {"schedule": "cosine"}})
+    save_run_config(cosine, tmp_path / "cos")
+    (tmp_path / "cos" / "checkpoints" / "10").mkdir(parents=True)
+    cosine.train.num_epochs = 41
+    with pytest.raises(ValueError, match=r"train\.num_epochs: 40 -> 41"):
+        save_run_config(cosine, tmp_path / "cos")
     # Hosts other than the first check the same way but do not write.
     with pytest.raises(ValueError, match="demo_clips"):
         save_run_config(cfg, tmp_path, write=False)

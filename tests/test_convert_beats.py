@@ -153,6 +153,8 @@ def test_overwrite_replaces_only_an_earlier_output(tmp_path, state_dict, monkeyp
     assert (work / "notes.txt").read_text() == "precious"
     out = convert_beats_checkpoint(src, tmp_path / "out")
     assert convert_beats_checkpoint(src, out, overwrite=True) == out      # its own output
+    monkeypatch.chdir(tmp_path)         # a relative path below the current folder, as in the
+    assert convert_beats_checkpoint(src, "out", overwrite=True) == out   # README (was refused)
     assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~_umask())     # not mkdtemp's 0700
     with pytest.raises(FileExistsError, match=r"already exists \(overwrite=True, or "
                                               r"--overwrite on the command line"):

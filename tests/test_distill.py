@@ -647,9 +647,9 @@ def test_time_inference_reports_seconds_per_clip(tiny_setup, monkeypatch):
     ("loss.kwargs.distill.kwargs.cosine_wieght=1", r"loss 'l1_cosine' takes no keyword "
                                                    r"'cosine_wieght'"),
     ("distill.teacher.report.color_by=nope", r"distill.teacher: report.color_by must be one of"),
-    ("distill.teacher.train.num_epochs=0", r"distill.teacher: train.num_epochs must be a whole "
-                                           r"number >= 1, got 0"),
-    ("train.num_epochs=-1", r"^train.num_epochs must be a whole number >= 1, got -1"),
+    ("distill.teacher.train.num_epochs=-2", r"distill.teacher: train.num_epochs must be a "
+                                            r"whole number >= 0, got -2"),
+    ("train.num_epochs=-1", r"^train.num_epochs must be a whole number >= 0, got -1"),
     ("model.encoder_checkpoint=/x", r"model.encoder_checkpoint is not read by a distillation.*"
                                     r"distill.teacher.model.encoder_checkpoint"),  # was ignored
 ])
@@ -665,3 +665,14 @@ def test_distillation_settings_fail_before_the_teacher_trains(tmp_path, override
     with pytest.raises(ValueError, match=message):
         loop.train_and_evaluate(cfglib.freeze(config), tmp_path / "run")
     assert not (tmp_path / "run" / "teacher" / "checkpoints").exists()
+
+
+def test_cached_targets_with_crops_fail_before_the_teacher_trains(tmp_path):
+    """Checked when the targets were cached, i.e. after the teacher had trained."""
+    from haaqi_jax.train import loop
+    config = cfglib.apply_overrides(cfglib.load_config_file(REPO / "configs" / "distill.py"),
+                                    ["distill.cache_targets=True", "data.crop_seconds=2.0"])
+    with pytest.raises(ValueError, match=r"distill.cache_targets=True needs "
+                                         r"data.crop_seconds=None"):
+        loop.train_and_evaluate(cfglib.freeze(config), tmp_path / "run")
+    assert not (tmp_path / "run" / "teacher").exists()

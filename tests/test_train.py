@@ -298,6 +298,15 @@ def test_checkpoint_manager_keeps_best_and_latest(tmp_path):
     assert meta == {"at": 3} and int(restored["step"]) == 3
     with pytest.raises(FileNotFoundError, match="no checkpoint for step 4"):
         again.restore(4, state)
+    # A resumed process still knows step 3 is the best (orbax's policy forgot the metrics on a
+    # restart and deleted it: the run then failed at its end, "no checkpoint for step 3").
+    for step, valid_loss in [(7, 0.3), (8, None)]:
+        again.save(step, state, {"at": step},
+                   metrics=None if valid_loss is None else {"valid_loss": valid_loss})
+    assert again.all_steps() == [3, 8] and again.best_step() == 3
+    # The caller's best wins (train.min_delta can keep an earlier step best).
+    again.save(9, state, {"at": 9}, metrics={"valid_loss": 0.1}, keep=(3,))
+    assert again.all_steps() == [3, 9]
 
 
 def _respelt_splits(tmp_path, renames):
@@ -328,6 +337,8 @@ def test_own_split_names_are_scored_noted_and_rescorable(tiny, tmp_path, capsys)
     assert set(metrics["by_split"]) == {"dev", "test_unseen"}
     err = capsys.readouterr().err
     assert "split(s) {'test': 2} are neither trained on nor scored" in err
+    assert '--set "data.eval_splits=(\'valid\', \'test_seen\', \'test_unseen\', \'test\')"' \
+        in err                                      # a hint that pastes into a shell as it is
     assert "no rows in data.eval_splits ['valid', 'test_seen']" in err
     again = loop.train_and_evaluate(
         _config(base + ['data.eval_splits=("dev", "test", "test_unseen")']), tmp_path / "work")
@@ -374,7 +385,7 @@ def test_relabelled_manifest_is_refused_on_resume(tiny, tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("report.color_by=distortionn",
      r"report.color_by must be one of \('split', 'distortion'\), got 'distortionn'"),
-    ("train.num_epochs=-1", r"train.num_epochs must be a whole number >= 1, got -1"),
+    ("train.num_epochs=-1", r"train.num_epochs must be a whole number >= 0, got -1"),
     ("train.batch_size=0", r"train.batch_size must be a whole number >= 1, got 0"),
     ("data.demo_seconds=(1.0, 2.0, 3.0)", r"data.demo_seconds must be \(shortest, longest\)"),
     ("data.demo_seconds=(3.0, 2.0)", r"0 < shortest <= longest, got \(3.0, 2.0\)")])
@@ -400,6 +411,12 @@ def test_train_py_reports_bad_data_in_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(
         f"train.py: error: manifest {missing} does not exist")
+    # A bad --set is one line too (it printed argparse's usage block first), and the default
+    # config is found from another folder.
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--set", "train.nope=1"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("train.py: error:") and "train.nope" in proc.stderr
 
 
 def test_a_clip_on_both_sides_of_a_random_split_is_noted(tiny, tmp_path, capsys):
@@ -433,6 +450,9 @@ def test_a_random_split_can_be_rescored_from_the_report(tiny, tmp_path):
         f"data.cache_dir={tmp_path / 'cache'}"]), tmp_path / "work")
     written = [json.loads(l) for l in (result.report_dir / "manifest.jsonl").read_text()
                .splitlines()]
+    umask = os.umask(0)
+    os.umask(umask)                     # readable as the report's other files (not 0600)
+    assert (result.report_dir / "manifest.jsonl").stat().st_mode & 0o777 == 0o666 & ~umask
     assert sorted(r["id"] for r in written) == sorted(str(r["id"]) for r in rows)
     predicted = {r["id"]: r for r in csv.DictReader(
         (result.report_dir / "predictions.csv").open())}

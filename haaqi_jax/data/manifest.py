@@ -389,6 +389,9 @@ def write_manifest(path: str | os.PathLike,
             raise ValueError(f"{path}: row {i} (id {obj.get('id')!r}) cannot be written as JSON: "
                              f"{err}") from None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)     # mkstemp's 0600 would hide the manifest from others
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write("\n".join(lines) + ("\n" if lines else ""))

@@ -38,8 +38,8 @@ def check_params_target(directory: str | os.PathLike, *, overwrite: bool = False
     Raises:
       ValueError for an empty path; FileExistsError when it exists and `overwrite` is off, or
       when it is not a parameter directory (config.json and params/ only: `overwrite` never
-      deletes another folder, e.g. the current one given as "" or ".", or a folder of
-      models), or is a file.
+      deletes another folder, e.g. a folder of models, or the current folder or one above it,
+      given as "" or "."), or is a file.
     """
     if not str(directory).strip():
         raise ValueError("the output folder is empty; name a new folder")
@@ -54,8 +54,8 @@ def check_params_target(directory: str | os.PathLike, *, overwrite: bool = False
         raise FileExistsError(f"{directory} already exists (overwrite=True, or --overwrite on "
                               f"the command line, replaces it)")
     entries = {entry.name for entry in directory.iterdir()}
-    if not entries <= {CONFIG_FILE, PARAMS_SUBDIR} or Path.cwd() in (directory,
-                                                                      *directory.parents):
+    cwd = Path.cwd().absolute()
+    if not entries <= {CONFIG_FILE, PARAMS_SUBDIR} or directory in (cwd, *cwd.parents):
         raise FileExistsError(f"{directory} is not a haaqi_jax parameter folder (it holds "
                               f"{', '.join(sorted(entries)[:5]) or 'nothing'}"
                               f"{', ...' if len(entries) > 5 else ''}); overwrite replaces only "
@@ -137,32 +137,54 @@ class TrainCheckpointManager:
       state/   the train state pytree (params, optimizer state, step, RNG) as orbax arrays
       meta/    JSON: loop position (epoch, step in epoch), data-iterator state, early-stopping
                bookkeeping -- whatever the loop needs to continue exactly
-    and optionally metrics (e.g. {"valid_loss": 0.01}). Checkpoints saved with metrics compete
-    for "best" (lowest `best_metric`); the newest checkpoint is kept whatever its metrics, so at
-    most two steps exist on disk. Saves are synchronous: when `save` returns, the step is
-    complete on disk (orbax writes into a temporary folder and renames it), so a kill -9 leaves
-    either the previous or the new checkpoint, never a broken one.
+    and optionally metrics (e.g. {"valid_loss": 0.01}). After each save only the new step and
+    the best one stay on disk: the step the caller names (`keep`, the loop passes its
+    early-stopping best, which `train.min_delta` may make differ from the lowest loss), else
+    the step with the best `best_metric` so far. Metrics are remembered in `metrics.json` of
+    the directory, so a resumed process knows them too (orbax's own preservation policy
+    forgot them on a restart and deleted the best step). Saves are synchronous: when `save`
+    returns, the step is complete on disk (orbax writes into a temporary folder and renames
+    it), so a kill -9 leaves either the previous or the new checkpoint, never a broken one.
     """
+
+    METRICS_FILE = "metrics.json"
 
     def __init__(self, directory: str | os.PathLike, *, best_metric: str = "valid_loss",
                  best_mode: str = "min"):
         import orbax.checkpoint as ocp
-        from orbax.checkpoint import checkpoint_managers as policies
+
         if best_mode not in ("min", "max"):
             raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
         self.directory = Path(directory).absolute()
         self.best_metric = best_metric
         self._sign = 1.0 if best_mode == "min" else -1.0
-        policy = policies.AnyPreservationPolicy([
-            policies.LatestN(n=1),
-            # BestN keeps the last n after sorting; reverse=True sorts descending for "min".
-            policies.BestN(get_metric_fn=lambda m: m[best_metric], reverse=(best_mode == "min"),
-                           n=1, keep_checkpoints_without_metrics=False),
-        ])
-        options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
-                                               enable_async_checkpointing=False)
+        # Every step is kept by orbax; `save` deletes what is neither new nor best.
+        options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
         self._ocp = ocp
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def _metrics(self) -> dict[int, dict[str, float]]:
+        path = self.directory / self.METRICS_FILE
+        if not path.is_file():
+            return {}
+        try:
+            return {int(k): v for k, v in json.loads(path.read_text()).items()}
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: not a checkpoint metrics file ({err})") from None
+
+    def _remember(self, step: int, metrics: dict[str, float]) -> None:
+        known = {**self._metrics(), int(step): {k: float(v) for k, v in metrics.items()}}
+        path = self.directory / self.METRICS_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({str(k): v for k, v in sorted(known.items())}, indent=1))
+        os.replace(tmp, path)
+
+    def best_step(self) -> int | None:
+        """The saved step with the best `best_metric`, or None when no saved step has one."""
+        on_disk = set(self._manager.all_steps())
+        scored = [(self._sign * m[self.best_metric], step) for step, m in self._metrics().items()
+                  if step in on_disk and self.best_metric in m]
+        return min(scored)[1] if scored else None
 
     def latest_step(self) -> int | None:
         """The newest saved step, or None."""
@@ -172,12 +194,21 @@ class TrainCheckpointManager:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict[str, Any],
-             metrics: dict[str, float] | None = None) -> None:
-        """Writes `state` (pytree of arrays) and `meta` (JSON-able) as checkpoint `step`."""
+             metrics: dict[str, float] | None = None, *, keep: Any = None) -> None:
+        """Writes `state` (pytree of arrays) and `meta` (JSON-able) as checkpoint `step`, then
+        deletes every other step except `keep` (steps, e.g. the loop's best) or, when `keep`
+        is None, the step with the best metric."""
+        if metrics is not None:     # remembered first: a kill -9 mid-save leaves no orphan
+            self._remember(step, metrics)
         args = self._ocp.args.Composite(state=self._ocp.args.StandardSave(state),
                                         meta=self._ocp.args.JsonSave(meta))
-        self._manager.save(int(step), args=args, metrics=metrics, force=True)
+        self._manager.save(int(step), args=args, force=True)
         self._manager.wait_until_finished()
+        kept = {int(step)} | ({self.best_step()} if keep is None
+                              else {int(k) for k in keep if k is not None})
+        for old in self._manager.all_steps():
+            if old not in kept:
+                self._manager.delete(old)
 
     def restore(self, step: int, template: Any) -> tuple[Any, dict[str, Any]]:
         """(state, meta) of checkpoint `step`; `template` (a state of the same structure, e.g.

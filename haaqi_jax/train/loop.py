@@ -326,8 +326,8 @@ def load_splits(config: Any) -> dict[str, list[Any]]:
         unused = {s: n for s, n in counts.items() if s not in wanted}
         if unused:
             print(f"note: {manifest}: split(s) {unused} are neither trained on nor scored in "
-                  f"the report; score them with --set 'data.eval_splits=("
-                  f"{', '.join(repr(s) for s in list(d.eval_splits) + list(unused))})'",
+                  f"the report; score them with --set \"data.eval_splits=("
+                  f"{', '.join(repr(s) for s in list(d.eval_splits) + list(unused))})\"",
                   file=sys.stderr)
         unsplit = {row.id for row in rows if row.split is None and row.group is None}
         train_files = {row.file_path for row in splits.get(d.train_split, ())
@@ -711,17 +711,19 @@ def run_loop(state: Any, *, step_fn: Callable, evaluate: Callable, data: TrainDa
                               **{k: summary[k] for k in ("lcc", "srcc", "mse")},
                               "best": improved})
                 ckpt.save(step, state, _meta(data.train.get_state(), early),
-                          metrics={"valid_loss": valid_loss})
+                          metrics={"valid_loss": valid_loss}, keep=(early["best_step"],))
             elif at_checkpoint:
-                ckpt.save(step, state, _meta(data.train.get_state(), early))
+                ckpt.save(step, state, _meta(data.train.get_state(), early),
+                          keep=(early["best_step"],))
     finally:
         bar.close()
     return LoopRun(state=state, step=step, early=early, interrupted=interrupted, ckpt=ckpt)
 
 
 #: Loop settings and their least values (a negative epoch count would train nothing and
-#: exit 0; a zero batch fails deep in the input pipeline).
-_LEAST_VALUES = {"train.batch_size": 1, "train.eval_batch_size": 1, "train.num_epochs": 1,
+#: exit 0; a zero batch fails deep in the input pipeline). num_epochs=0 builds the data and
+#: its feature cache only (the README's multi-host recipe).
+_LEAST_VALUES = {"train.batch_size": 1, "train.eval_batch_size": 1, "train.num_epochs": 0,
                  "train.patience": 0, "train.log_every_steps": 1,
                  "train.checkpoint_every_steps": 1, "train.stop_after_steps": 0,
                  "data.encode_batch_size": 1, "data.demo_clips": 1, "data.prefetch": 0}
