@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import jax
 import numpy as np
@@ -173,6 +173,8 @@ class TrainCheckpointManager:
             raise ValueError(f"{path}: not a checkpoint metrics file ({err})") from None
 
     def _remember(self, step: int, metrics: dict[str, float]) -> None:
+        if jax.process_index() != 0:          # one writer on a multi-host run's shared folder
+            return
         known = {**self._metrics(), int(step): {k: float(v) for k, v in metrics.items()}}
         path = self.directory / self.METRICS_FILE
         tmp = path.with_name(path.name + ".tmp")
@@ -194,11 +196,14 @@ class TrainCheckpointManager:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict[str, Any],
-             metrics: dict[str, float] | None = None, *, keep: Any = None) -> None:
+             metrics: dict[str, float] | None = None, *,
+             keep: Iterable[int | None] | None = None) -> None:
         """Writes `state` (pytree of arrays) and `meta` (JSON-able) as checkpoint `step`, then
         deletes every other step except `keep` (steps, e.g. the loop's best) or, when `keep`
         is None, the step with the best metric."""
-        if metrics is not None:     # remembered first: a kill -9 mid-save leaves no orphan
+        # Metrics first: a kill -9 mid-save leaves an entry for a step that is not on disk,
+        # which best_step ignores.
+        if metrics is not None:
             self._remember(step, metrics)
         args = self._ocp.args.Composite(state=self._ocp.args.StandardSave(state),
                                         meta=self._ocp.args.JsonSave(meta))
