@@ -139,7 +139,9 @@ class HAAQINetConfig:
       feature_layers: hidden-state indices summed in "weighted" mode (0 = encoder input,
         i = layer i); default layers 1..12 as in the paper.
       head: the head's sizes; its num_weighted_layers is derived from the two fields above.
-      freeze_encoder: the encoder runs in eval mode and gets no gradient (as released).
+      freeze_encoder: the encoder runs in eval mode and training leaves its weights as they
+        are (as released; the train step's labels freeze them, so gradients with
+        respect to the input still flow through `HAAQINet.apply`).
     """
 
     encoder_kind: str = "beats"
