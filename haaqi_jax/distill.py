@@ -154,8 +154,12 @@ def check_layer_ranges(dc: Any, n_layers: int) -> None:
                          f"teacher hidden states (0..{n_layers})")
 
 
-def _check_cached_targets(config: Any) -> None:
-    if config.distill.get("cache_targets") and config.data.get("crop_seconds") is not None:
+def _check_cached_targets(config: Any, cached: bool | None = None) -> None:
+    """Cached targets and random crops exclude each other; `cached` defaults to the config's
+    distill.cache_targets."""
+    if cached is None:
+        cached = bool(config.distill.get("cache_targets"))
+    if cached and config.data.get("crop_seconds") is not None:
         raise ValueError("distill.cache_targets=True needs data.crop_seconds=None: a cached "
                          "target belongs to one exact input, the whole clip (or set "
                          "distill.cache_targets=False to run the teacher on every crop)")
@@ -543,7 +547,7 @@ def with_cached_targets(config: Any, teacher: Any, data: Any, workdir: Path) -> 
     from haaqi_jax.data import cache as cache_lib
     from haaqi_jax.model import tokens_for_samples
 
-    _check_cached_targets(config)
+    _check_cached_targets(config, cached=True)
     rows = data.rows[config.data.train_split]
     cache = build_target_cache(teacher, config, rows, workdir)
     train = cache_lib.add_cached_targets(data.train, cache, rows, tokens_for_samples)
