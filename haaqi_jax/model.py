@@ -252,6 +252,7 @@ class HAAQINetModel(nn.Module):
           token_mask (B, T) bool, True = valid token.
         """
         cfg = self.config
+        _checked_padding_mask(waveform, padding_mask, "HAAQINetModel.encode")  # static shapes
         batch, length = waveform.shape
         if padding_mask is None:
             valid = jnp.full((batch,), length, jnp.int32)
@@ -472,7 +473,7 @@ class HAAQINet:
         bucket lengths; shapes are checked.
         """
         waveform = jnp.asarray(waveform, jnp.float32)
-        padding_mask = _checked_padding_mask(waveform, padding_mask, "HAAQINet.apply")
+        padding_mask = None if padding_mask is None else jnp.asarray(padding_mask, bool)
         audiogram = jnp.asarray(audiogram, jnp.float32)
         if audiogram.shape != (waveform.shape[0], len(STANDARD_FREQUENCIES)):
             raise ValueError(f"HAAQINet.apply: audiogram must be (B, 8) = "
