@@ -27,7 +27,8 @@ SUBCOMMANDS = {
 }
 
 
-EPILOG = ("exit codes: 0 done; 1 done, but some items failed (each named on stderr); 2 a usage "
+EPILOG = ("exit codes: 0 done; 1 done, but some items failed (each named on stderr, or in the "
+          "errors file of label); 2 a usage "
           "or input error (one line on stderr; HAAQI_JAX_TRACEBACK=1 adds the traceback); 130 "
           "interrupted (finished work is kept)")
 

@@ -419,6 +419,10 @@ def test_score_cli_matches_pyclarity(tmp_path, capsys):
     assert scores["combined"] == pytest.approx(expected[0], abs=1e-6)
     assert cli.main(["score", str(tmp_path / "missing.wav"), str(tmp_path / "proc.wav"),
                      "--audiogram", "0,0,0,0,0,0,0,0"]) == 2
+    assert "audio file not found: " in capsys.readouterr().err
+    assert cli.main(["score", str(tmp_path), str(tmp_path / "proc.wav"),
+                     "--audiogram", "0,0,0,0,0,0,0,0"]) == 2
+    assert "is a folder, not an audio file" in capsys.readouterr().err
 
 
 _TWO_DEVICE_SCRIPT = """

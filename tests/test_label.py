@@ -122,7 +122,8 @@ def _make_dataset(root: Path) -> dict:
         processed="x.wav")
     bad("silent_right", "silent (right channel)",
         reference=_write(root / "silent_r.wav", np.stack([x, 0 * x], axis=1)),
-        processed="x.wav", audiogram_left=NORMAL, audiogram_right=NORMAL, audiogram=None)
+        processed=_write(root / "x_both.wav", np.stack([x, x], axis=1)), audiogram_left=NORMAL,
+        audiogram_right=NORMAL, audiogram=None)
     bad("lengths", "lengths differ", processed=_write(root / "short.wav", x[:-10]),
         reference="x.wav")
     bad("rates", "sample rates differ", processed=_write(root / "x16.wav", x, 16000),
@@ -132,6 +133,11 @@ def _make_dataset(root: Path) -> dict:
     bad("three_channels", "3 channels", reference=_write(root / "3ch.wav", np.stack([x] * 3, 1)))
     bad("both_kinds", "either 'audiogram' or", audiogram_left=NORMAL, audiogram_right=NORMAL)
     bad("bad_level1", "level1: expected a number", level1="loud")
+    bad("bool_level1", "level1: expected a number", level1=True)
+    bad("channels", "channels differ: reference 2, processed 1",
+        reference=_write(root / "x_stereo.wav", np.stack([x, x], axis=1)), processed="x.wav")
+    (root / "a_folder").mkdir()
+    bad("folder", "a_folder is a folder, not an audio file", processed="a_folder")
     return {"rows": rows, "good": good, "expect": expect}
 
 
@@ -597,3 +603,77 @@ def test_default_batch_size_is_wide_on_accelerators():
     assert label_mod.default_batch_size([Device("cpu")]) == 8
     assert label_mod.default_batch_size([Device("gpu")]) == 64
     assert label_mod.default_batch_size([Device("tpu")] * 4) == 256
+
+
+def test_a_changed_manifest_row_is_labelled_again(dataset, tmp_path):
+    """A labelled row whose manifest entry changes (audiogram, path, level1) is relabelled and
+    its old label removed; the training manifest never pairs a new entry with an old score."""
+    rows = [dict(r) for r in dataset["rows"][1:4]]          # good1 (mono), good2, good3 (ears)
+    manifest = _write_jsonl(dataset["root"] / "changing.jsonl", rows)
+    out, train = tmp_path / "labels.jsonl", tmp_path / "train.jsonl"
+    label_mod.label_manifest(manifest, out, scorer=FakeScorer(), progress=False)
+    before = {r["id"]: r for r in _read_jsonl(out)}
+    assert before["good1"]["inputs"] == {"audiograms": {"both": NORMAL}, "level1": None}
+    rows[0]["audiogram"] = SLOPING                           # the scorer's nonlinear follows it
+    rows[1]["processed"] = rows[1]["reference"]               # combined becomes 1/2
+    _write_jsonl(manifest, rows)
+    # The old labels against the edited manifest: left out, never paired with the new entries.
+    stale = label_mod.write_training_manifest(out, manifest, train)
+    assert sorted(i for i, _ in stale.left_out) == ["good1", "good2"]
+    assert "changed since it was labelled (both audiogram" in dict(stale.left_out)["good1"]
+    summary = label_mod.label_manifest(manifest, out, scorer=FakeScorer(), progress=False,
+                                       manifest_out=train)
+    assert (summary.n_ok, summary.n_skipped) == (2, 1)
+    assert sorted(i for i, _ in summary.changed) == ["good1", "good2"]
+    assert "labelled again" in str(summary) and "processed" in dict(summary.changed)["good2"]
+    after = _read_jsonl(out)
+    assert sorted(r["id"] for r in after) == ["good1", "good2", "good3"]   # no duplicate ids
+    fresh = tmp_path / "fresh.jsonl"
+    label_mod.label_manifest(manifest, fresh, scorer=FakeScorer(), progress=False)
+    assert {r["id"]: r for r in after} == {r["id"]: r for r in _read_jsonl(fresh)}
+    after = {r["id"]: r for r in after}
+    np.testing.assert_allclose(after["good1"]["per_ear"]["both"]["nonlinear"],
+                               np.mean(SLOPING) / 100)
+    np.testing.assert_allclose(after["good2"]["haaqi"], 0.5)
+    assert after["good3"] == before["good3"]
+    assert summary.training is not None and not summary.training.left_out
+    # A row's own level1, and its ears, count too.
+    rows[2]["level1"] = 70.0
+    _write_jsonl(manifest, rows)
+    again = label_mod.label_manifest(manifest, out, scorer=FakeScorer(), progress=False)
+    assert [i for i, _ in again.changed] == ["good3"] and again.n_ok == 1
+    assert "level1 None -> 70.0" in dict(again.changed)["good3"]
+    # Labels written before `inputs` was recorded are compared by their paths only.
+    legacy = [{k: v for k, v in r.items() if k != "inputs"} for r in _read_jsonl(out)]
+    out.write_text("".join(json.dumps(r) + "\n" for r in legacy))
+    rows[0]["audiogram"] = NORMAL
+    _write_jsonl(manifest, rows)
+    assert label_mod.label_manifest(manifest, out, scorer=FakeScorer(),
+                                    progress=False).n_skipped == 3
+
+
+def test_errors_option_never_overwrites_a_labels_file(dataset, tmp_path):
+    out = tmp_path / "labels.jsonl"
+    label_mod.label_manifest(dataset["manifest"], out, limit=2, scorer=FakeScorer(),
+                             progress=False)
+    other = tmp_path / "other.jsonl"
+    other.write_bytes(out.read_bytes())
+    with pytest.raises(ValueError, match="not an errors file"):
+        label_mod.label_manifest(dataset["manifest"], tmp_path / "new.jsonl",
+                                 errors_path=other, scorer=FakeScorer(), progress=False)
+    assert other.read_bytes() == out.read_bytes()
+
+
+def test_csv_with_a_bom_and_leading_zero_ids(dataset, tmp_path):
+    row = dataset["rows"][1]
+    manifest = tmp_path / "excel.csv"
+    with open(manifest, "w", newline="", encoding="utf-8-sig") as f:   # Excel's "CSV UTF-8"
+        writer = csv.writer(f)
+        writer.writerow(["id", "reference", "processed", "audiogram"])
+        for row_id in ("007", "7"):
+            writer.writerow([row_id, str(dataset["root"] / row["reference"]),
+                             str(dataset["root"] / row["processed"]), ",".join(map(str, NORMAL))])
+    out = tmp_path / "labels.jsonl"
+    summary = label_mod.label_manifest(manifest, out, scorer=FakeScorer(), progress=False)
+    assert (summary.n_ok, summary.n_failed) == (2, 0)
+    assert [r["id"] for r in _read_jsonl(out)] == ["007", 7]

@@ -21,16 +21,17 @@ averages the combined scores (a single `audiogram` on a mono pair is one item, e
 / `right` score one ear. `--level1 cadenza` sets level1 = 65 - 20 log10(rms(reference channel))
 per ear, as the Cadenza recipes do.
 
-Bad rows (malformed line, missing key, invalid audiogram, missing/corrupt file, rates or lengths
-that differ between reference and processed, NaN/inf samples, empty or silent reference, a metric
+Bad rows (malformed line, missing key, invalid audiogram, missing/corrupt file, rates, lengths or
+channel counts that differ between reference and processed, NaN/inf samples, empty or silent reference, a metric
 error or non-finite score) go to the errors file (default: OUT with `.errors.jsonl`) with their
 id, line and reason; the run goes on. Reference and processed must share a sample rate: resample
 offline (with the resampler your scores should reflect) rather than have this tool pick one.
 
 Output rows (JSONL): id, line, reference, processed (as written in the manifest), haaqi (the
 combined score, ears averaged), per_ear {ear: {combined, nonlinear, linear, cephigh, bmsync5,
-d_loud, d_norm, level1}}, sample_rate, and the settings equalisation, level1_rule, ears, dtype,
-seed (a rerun into the same OUT must use the same settings).
+d_loud, d_norm, level1}}, inputs {audiograms: {ear: 8 dB HL at the standard frequencies},
+level1: the row's own or null}, sample_rate, and the settings equalisation, level1_rule, ears,
+dtype, seed (a rerun into the same OUT must use the same settings).
 
 Training manifest (`--manifest-out TRAIN.jsonl`): after labelling, every row of OUT becomes
 training rows in the format `train.py` reads (`haaqi_jax.data.manifest`): one row per scored ear,
@@ -42,7 +43,10 @@ copied from the manifest. The two ears of one row get ids `<id>/left`, `<id>/rig
 for one ear, hence one row per ear rather than the ears' average.
 
 Resuming: rows whose id is already in OUT are skipped; rows in the errors file are tried again
-(their old entries are replaced), so fixing a file and rerunning labels it. Each ear's threshold
+(their old entries are replaced), so fixing a file and rerunning labels it. A labelled row whose
+manifest entry has changed since (paths, audiograms, ears, its own level1) is labelled again and
+its old label removed; the run says how many. A file replaced in place under the same name is not
+noticed: delete its row from OUT to relabel it. Each ear's threshold
 noise key comes from (seed, row id, ear) only, and the batch plan is made from the whole
 manifest (sorted by sample rate and length, then packed), so a rerun pads the same batches to the
 same shapes and its output equals an uninterrupted run's. Each batch is appended with flush +
@@ -186,6 +190,8 @@ def _parse_row(fields: dict[str, Any], *, index: int, line: int, root: Path) -> 
             raise ValueError(f"{key}: {err}") from None
     level1 = None
     if "level1" in fields:
+        if isinstance(fields["level1"], bool):
+            raise ValueError(f"level1: expected a number, got {fields['level1']!r}")
         try:
             level1 = float(fields["level1"])
         except (TypeError, ValueError):
@@ -206,18 +212,19 @@ def _parse_row(fields: dict[str, Any], *, index: int, line: int, root: Path) -> 
 def _raw_rows(path: Path) -> Iterable[tuple[int, int, dict[str, Any] | None, str | None]]:
     """(row index, line, fields or None, problem or None) for every data row of the file."""
     if path.suffix.lower() == ".csv":
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # a BOM (Excel) is fine
             reader = csv.DictReader(f)
             for index, record in enumerate(reader):
                 extra = record.pop(None, None)  # cells beyond the header
                 problem = f"{len(extra)} more cells than the header has" if extra else None
                 fields = {k.strip(): (v.strip() if isinstance(v, str) else v)
                           for k, v in record.items() if k}
-                if "id" in fields and fields["id"] and fields["id"].lstrip("-").isdigit():
-                    fields["id"] = int(fields["id"])
+                row_id = fields.get("id")
+                if row_id and row_id.lstrip("-").isdigit() and str(int(row_id)) == row_id:
+                    fields["id"] = int(row_id)  # "7" as JSONL's 7; "007" stays text
                 yield index, reader.line_num, fields, problem
         return
-    with open(path) as f:
+    with open(path, encoding="utf-8-sig") as f:
         index = 0
         for line_number, text in enumerate(f, start=1):
             if not text.strip():
@@ -290,6 +297,8 @@ def _probe(row: LabelRow) -> _Probe:
     import soundfile as sf
     infos = {}
     for what, path in (("reference", row.reference_path), ("processed", row.processed_path)):
+        if path.is_dir():
+            raise ValueError(f"{what} {path} is a folder, not an audio file")
         if not path.is_file():
             raise ValueError(f"{what} file not found: {path}")
         try:
@@ -308,6 +317,9 @@ def _probe(row: LabelRow) -> _Probe:
     if ref.frames != proc.frames:
         raise ValueError(f"lengths differ: reference {ref.frames} samples, processed "
                          f"{proc.frames} samples")
+    if ref.channels != proc.channels:  # as `haaqi-jax score`: which ear hears what is unclear
+        raise ValueError(f"channels differ: reference {ref.channels}, processed {proc.channels} "
+                         f"(give a mono pair, or a stereo pair for the two ears)")
     return _Probe(int(ref.samplerate), int(ref.frames), int(ref.channels), int(proc.channels))
 
 
@@ -372,6 +384,47 @@ def _ear_plan(row: LabelRow, probe: _Probe, ears: str) -> list[tuple[str, int]]:
     if ears not in row.audiograms and "both" not in row.audiograms:
         raise ValueError(f"--ears {ears} needs audiogram_{ears} (or 'audiogram')")
     return [(ears, 0 if ears == "left" else 1)]
+
+
+def _row_inputs(row: LabelRow, ears: Iterable[str]) -> dict[str, Any]:
+    """What a row's label depends on besides its files and the run's settings: each scored ear's
+    audiogram (8 dB HL at the standard frequencies) and the row's own level1 (or None)."""
+    return {"audiograms": {ear: [float(v) for v in row.levels(ear)] for ear in ears},
+            "level1": row.level1}
+
+
+def _changed_since(label: dict[str, Any], row: LabelRow,
+                   ears: Sequence[str] | None = None) -> str | None:
+    """What differs between a row's label and the row the manifest has now, or None.
+
+    Args:
+      label: the row's line in the labels file.
+      row: the manifest row of the same id.
+      ears: the ears the row would be scored on now, or None to take the label's.
+    Returns:
+      A short description of the first difference (paths, ears, an audiogram, level1). Labels
+      written before `inputs` was recorded are compared by their paths only.
+    """
+    for key in ("reference", "processed"):
+        if label.get(key) != getattr(row, key):
+            return f"{key} {label.get(key)!r} -> {getattr(row, key)!r}"
+    recorded = label.get("inputs")
+    if not isinstance(recorded, dict):
+        return None
+    labelled = sorted(label.get("per_ear") or {})
+    if ears is not None and sorted(ears) != labelled:
+        return f"ears {labelled} -> {sorted(ears)}"
+    try:
+        now = _row_inputs(row, labelled)
+    except ValueError as err:
+        return str(err)
+    for ear in labelled:
+        before = (recorded.get("audiograms") or {}).get(ear)
+        if before != now["audiograms"][ear]:
+            return f"{ear} audiogram {before} -> {now['audiograms'][ear]}"
+    if recorded.get("level1") != now["level1"]:
+        return f"level1 {recorded.get('level1')!r} -> {now['level1']!r}"
+    return None
 
 
 def _channel(samples: np.ndarray, channel: int) -> np.ndarray:
@@ -647,7 +700,9 @@ def _score_batch(batch: _Batch, loaded: _Loaded, todo: set[str], scorer: Scorer 
             "id": row.id, "line": row.line, "reference": row.reference,
             "processed": row.processed,
             "haaqi": float(np.mean([e["combined"] for e in per_ear.values()])),
-            "per_ear": per_ear, "sample_rate": batch.sample_rate, **settings.recorded()})
+            "per_ear": per_ear,
+            "inputs": _row_inputs(row, [ear for ear, _ in batch.ears[position]]),
+            "sample_rate": batch.sample_rate, **settings.recorded()})
     return labels, [e for p, e in sorted(errors.items()) if batch.rows[p].key in todo]
 
 
@@ -659,7 +714,9 @@ def _score_batch(batch: _Batch, loaded: _Loaded, todo: set[str], scorer: Scorer 
 class LabelSummary:
     """What a `label_manifest` call did. n_rows: rows in the manifest (after `limit`);
     n_ok / n_failed: labelled / failed in this call; n_skipped: labelled before it; n_retried:
-    rows that had failed before and were tried again (counted in n_ok or n_failed)."""
+    rows that had failed before and were tried again (counted in n_ok or n_failed); changed:
+    (id, what changed) of the labelled rows whose manifest entry had changed since, so their old
+    labels were removed and they were labelled again (counted in n_ok or n_failed)."""
 
     n_rows: int
     n_ok: int
@@ -670,12 +727,18 @@ class LabelSummary:
     errors_path: Path
     training: TrainingManifestSummary | None = None
     n_retried: int = 0
+    changed: tuple[tuple[str, str], ...] = ()
 
     def __str__(self) -> str:
         retried = f" ({self.n_retried} had failed before)" if self.n_retried else ""
+        changed = ""
+        if self.changed:
+            changed = (f"\n{len(self.changed)} labelled row(s) had changed in the manifest and "
+                       f"were labelled again (e.g. id {self.changed[0][0]!r}: "
+                       f"{self.changed[0][1]})")
         return (f"{self.n_rows} rows: {self.n_ok} labelled, {self.n_failed} failed{retried}, "
                 f"{self.n_skipped} already done ({self.seconds:.1f} s) -> {self.out_path}"
-                + (f" (errors: {self.errors_path})" if self.n_failed else "")
+                + (f" (errors: {self.errors_path})" if self.n_failed else "") + changed
                 + (f"\n{self.training}" if self.training is not None else ""))
 
 
@@ -764,6 +827,11 @@ def write_training_manifest(labels_path: str | os.PathLike, manifest_path: str |
         if row is None:
             left_out.append((str(label["id"]), f"no row with this id in {manifest_path}"))
             continue
+        changed = _changed_since(label, row)
+        if changed is not None:
+            left_out.append((row.key, f"the manifest row changed since it was labelled "
+                                      f"({changed}): rerun haaqi-jax label"))
+            continue
         try:
             training += training_rows(label, row)
         except ValueError as err:
@@ -814,9 +882,11 @@ def label_manifest(manifest_path: str | os.PathLike, out_path: str | os.PathLike
 
     Args:
       manifest_path: JSONL or CSV manifest (format in the module docstring).
-      out_path: labels JSONL; rows already in it (by id) are skipped, new ones appended.
+      out_path: labels JSONL; rows already in it (by id) are skipped, new ones appended; a row
+        whose manifest entry changed since it was labelled is labelled again (old line removed).
       errors_path: JSONL of failed rows (id, line, stage, reason); default OUT.errors.jsonl.
-        Rows in it are skipped too: delete it to retry them.
+        Rows in it are tried again (a file may have been fixed); a file that holds other rows
+        (a labels file given by mistake) is refused, not overwritten.
       batch_size: HAAQI items (ears) per metric call, rounded up to a multiple of
         jax.local_device_count() (and to at least one row's ears); every call has this shape.
         Default `default_batch_size()`: 8 on CPU, 64 per accelerator.
@@ -855,23 +925,39 @@ def label_manifest(manifest_path: str | os.PathLike, out_path: str | os.PathLike
 
     done_labels = _read_done(out_path)
     _check_settings(done_labels, settings, out_path)
-    done = {str(o["id"]) for o in done_labels}
-    # Rows that failed before are tried again (a file may have been fixed since): their old
-    # entries go, and a row that fails again is written anew.
-    failed_before = {str(o["id"]) for o in _read_done(errors_path)} - done
+    labelled = {str(o["id"]): o for o in done_labels}
+    previous_errors = _read_done(errors_path)
+    if any("reason" not in o for o in previous_errors):
+        raise ValueError(f"{errors_path} holds rows without a 'reason': it is not an errors file "
+                         f"of `haaqi-jax label` (a labels file?); name another --errors")
 
     rows, manifest_errors = read_label_manifest(manifest_path, limit=limit)
     n_rows = len(rows) + len(manifest_errors)
     new_errors = list(manifest_errors)      # the manifest's own faults (e.g. a duplicate id)
     probed = []
+    changed: dict[str, str] = {}            # labelled rows whose manifest entry changed since
     for row in rows:
+        label = labelled.get(row.key)
+        reason = None if label is None else _changed_since(label, row)
         try:
             probe = _probe(row)
-            probed.append((row, probe, _ear_plan(row, probe, settings.ears)))
+            ears = _ear_plan(row, probe, settings.ears)
         except ValueError as err:
-            if row.key not in done:
+            if label is None or reason is not None:
                 new_errors.append(RowError(row.id, row.line, "audio", str(err), row.reference,
                                            row.processed))
+            if reason is not None:
+                changed[row.key] = reason
+            continue
+        if label is not None and reason is None:
+            reason = _changed_since(label, row, [ear for ear, _ in ears])
+        if reason is not None:
+            changed[row.key] = reason
+        probed.append((row, probe, ears))
+    done = set(labelled) - set(changed)
+    # Rows that failed before are tried again (a file may have been fixed since): their old
+    # entries go, and a row that fails again is written anew.
+    failed_before = {str(o["id"]) for o in previous_errors} - done
     devices = jax.local_device_count()
     widest = max((len(p[2]) for p in probed), default=1)
     size = -(-max(batch_size, widest) // devices) * devices
@@ -879,6 +965,9 @@ def label_manifest(manifest_path: str | os.PathLike, out_path: str | os.PathLike
 
     if errors_path.exists():                 # only now: a manifest that cannot be read
         errors_path.write_text("")           # leaves the old entries in place
+    if changed:                              # their old labels go; they are labelled below
+        from haaqi_jax.data.manifest import write_manifest
+        write_manifest(out_path, [o for o in done_labels if str(o["id"]) not in changed])
     labels_out, errors_out = _JsonlAppender(out_path), _JsonlAppender(errors_path)
     reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="label-reader")
     n_ok, n_failed = 0, 0
@@ -919,7 +1008,8 @@ def label_manifest(manifest_path: str | os.PathLike, out_path: str | os.PathLike
     return LabelSummary(n_rows, n_ok, n_failed, n_rows - n_ok - n_failed,
                         time.perf_counter() - start, out_path, errors_path, training,
                         n_retried=len(failed_before & ({str(r.key) for r in rows}
-                                                       | {str(e.key) for e in manifest_errors})))
+                                                       | {str(e.key) for e in manifest_errors})),
+                        changed=tuple(changed.items()))
 
 
 # ----------------------------------------------------------------------------------------------

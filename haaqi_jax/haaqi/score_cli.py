@@ -60,7 +60,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _read(path: str) -> tuple[np.ndarray, int]:
+    import os
+
     import soundfile as sf
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder, not an audio file")
+    if not os.path.isfile(path):
+        raise ValueError(f"audio file not found: {path}")   # libsndfile says "System error"
     try:
         samples, rate = sf.read(path, dtype="float64", always_2d=True)
     except Exception as err:   # soundfile raises several types for missing/corrupt files
