@@ -183,6 +183,9 @@ def test_batch_float64_equals_haaqi_v1_with_the_same_noise():
                       reference_noise=noise[0], processed_noise=noise[1])
     flat = [single[0], single[1], single[2], *single[3]]
     np.testing.assert_allclose([float(getattr(batch, f)[0]) for f in FIELDS], flat, atol=1e-9)
+    assert not bool(batch.nothing_audible[0])
+    quiet = haaqi_batch(ref, proc, FS, levels, level1=0.0, key=key, dtype=jnp.float64)
+    assert bool(quiet.nothing_audible[0]) and float(quiet.combined[0]) == pytest.approx(0.162)
 
 
 def test_threshold_noise_is_standard_normal_independent_and_prefix_stable():
@@ -417,6 +420,22 @@ def test_score_cli_matches_pyclarity(tmp_path, capsys):
                                 ClarityAudiogram(np.asarray(levels, float), STANDARD_FREQUENCIES),
                                 1, 65.0)
     assert scores["combined"] == pytest.approx(expected[0], abs=1e-6)
+    assert scores["audible"] is True and "warning" not in capsys.readouterr().err
+    # Played far below the listener's threshold, every processing scores pyclarity's 0.162:
+    # flagged, since such a score says nothing about the processing.
+    for processed in ("proc.wav", "ref.wav"):
+        assert cli.main(["score", str(tmp_path / "ref.wav"), str(tmp_path / processed),
+                         "--audiogram", ",".join(map(str, levels)), "--level1", "0",
+                         "--json"]) == 0
+        captured = capsys.readouterr()
+        quiet = json.loads(captured.out)
+        assert quiet["audible"] is False and "below the listener's threshold" in captured.err
+        np.random.seed(0)
+        expected = clarity_haaqi_v1(ref, 16000, ref if processed == "ref.wav" else proc, 16000,
+                                    ClarityAudiogram(np.asarray(levels, float),
+                                                     STANDARD_FREQUENCIES), 1, 0.0)
+        assert quiet["combined"] == pytest.approx(expected[0], abs=1e-6)
+        assert quiet["combined"] == pytest.approx(0.162, abs=1e-12)
     assert cli.main(["score", str(tmp_path / "missing.wav"), str(tmp_path / "proc.wav"),
                      "--audiogram", "0,0,0,0,0,0,0,0"]) == 2
     assert "audio file not found: " in capsys.readouterr().err

@@ -172,7 +172,8 @@ class FakeScorer:
     (inside HAAQI's range, which the training manifest enforces),
     nonlinear = mean audiogram level / 100, linear = level1 / 100, cephigh = equalisation,
     bmsync5 = duration in s, d_loud = a key-dependent number, d_norm = dtype is float64.
-    A level1 of 123 makes it raise ValueError (a metric-stage bad item); 111 gives NaN."""
+    A level1 of 123 makes it raise ValueError (a metric-stage bad item); 111 gives NaN; 0 gives
+    cephigh = bmsync5 = 0, HAAQI's output for a reference below the threshold."""
 
     def __init__(self, fail_on_call: int | None = None):
         self.shapes: list[tuple] = []
@@ -191,10 +192,12 @@ class FakeScorer:
         combined = np.asarray([_rms(p[:n]) / _rms(r[:n]) / 2
                                for r, p, n in zip(reference, processed, lengths)])
         combined[level1 == 111.0] = np.nan
+        inaudible = level1 == 0.0
         return types.SimpleNamespace(
             combined=combined, nonlinear=np.mean(audiogram_levels, axis=1) / 100,
-            linear=level1 / 100, cephigh=np.full(len(level1), float(equalisation)),
-            bmsync5=np.asarray(lengths) / sample_rate,
+            linear=level1 / 100,
+            cephigh=np.where(inaudible, 0.0, float(equalisation)),
+            bmsync5=np.where(inaudible, 0.0, np.asarray(lengths) / sample_rate),
             d_loud=np.asarray(jax.vmap(jax.random.uniform)(key)),
             d_norm=np.full(len(level1), float(dtype is np.float64)))
 
@@ -677,3 +680,15 @@ def test_csv_with_a_bom_and_leading_zero_ids(dataset, tmp_path):
     summary = label_mod.label_manifest(manifest, out, scorer=FakeScorer(), progress=False)
     assert (summary.n_ok, summary.n_failed) == (2, 0)
     assert [r["id"] for r in _read_jsonl(out)] == ["007", 7]
+
+
+def test_inaudible_ears_are_flagged(dataset, tmp_path):
+    rows = [dict(dataset["rows"][1]), dict(dataset["rows"][3], level1=0.0)]
+    manifest = _write_jsonl(dataset["root"] / "quiet.jsonl", rows)
+    out = tmp_path / "labels.jsonl"
+    summary = label_mod.label_manifest(manifest, out, scorer=FakeScorer(), progress=False)
+    labels = {r["id"]: r for r in _read_jsonl(out)}
+    assert [e["audible"] for e in labels["good1"]["per_ear"].values()] == [True]
+    assert [e["audible"] for e in labels["good3"]["per_ear"].values()] == [False, False]
+    assert summary.inaudible == ("good3",)
+    assert "warning: 1 row(s) have an ear whose reference is below" in str(summary)

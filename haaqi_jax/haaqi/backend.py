@@ -62,6 +62,20 @@ class HAAQIResult:
     d_loud: jax.Array
     d_norm: jax.Array
 
+    @property
+    def nothing_audible(self):
+        """Where the reference had at most one frame above the listener's threshold (see
+        `nothing_audible`): the score says nothing about the processing there."""
+        return nothing_audible(self.cephigh, self.bmsync5)
+
+
+def nothing_audible(cephigh, bmsync5):
+    """True where HAAQI kept at most one reference frame and segment above the hearing
+    threshold (a level1 too low for the audiogram, or a loss too severe): its nonlinear part is
+    then 0 by rule, cephigh and bmsync5 exactly 0 (a measured correlation is never exactly 0),
+    and the score is 0.162 for any processed signal as quiet. numpy or JAX arrays, any shape."""
+    return (cephigh == 0) & (bmsync5 == 0)
+
 
 # ----------------------------------------------------------------------------------------------
 # Host-side constants (float64 numpy; cast to the compute dtype where used)

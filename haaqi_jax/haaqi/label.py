@@ -29,7 +29,7 @@ offline (with the resampler your scores should reflect) rather than have this to
 
 Output rows (JSONL): id, line, reference, processed (as written in the manifest), haaqi (the
 combined score, ears averaged), per_ear {ear: {combined, nonlinear, linear, cephigh, bmsync5,
-d_loud, d_norm, level1}}, inputs {audiograms: {ear: 8 dB HL at the standard frequencies},
+d_loud, d_norm, level1, audible}}, inputs {audiograms: {ear: 8 dB HL at the standard frequencies},
 level1: the row's own or null}, sample_rate, and the settings equalisation, level1_rule, ears,
 dtype, seed (a rerun into the same OUT must use the same settings).
 
@@ -674,6 +674,7 @@ def _load_batch(batch: _Batch, scorer: Scorer | None, settings: LabelSettings) -
 def _score_batch(batch: _Batch, loaded: _Loaded, todo: set[str], scorer: Scorer | None,
                  size: int, settings: LabelSettings) -> tuple[list[dict], list[RowError]]:
     """Labels and errors for the rows of one loaded batch whose key is in `todo`."""
+    from haaqi_jax.haaqi.backend import nothing_audible
     items, errors = loaded.items, dict(loaded.errors)
     scores, item_errors = np.zeros((0, len(COMPONENTS))), {}
     if items:
@@ -696,6 +697,8 @@ def _score_batch(batch: _Batch, loaded: _Loaded, todo: set[str], scorer: Scorer 
         mine = [i for i, it in enumerate(items) if it.row == position]
         per_ear = {items[i].ear: {**{n: float(v) for n, v in zip(COMPONENTS, scores[i])},
                                   "level1": items[i].level1} for i in mine}
+        for values in per_ear.values():
+            values["audible"] = not bool(nothing_audible(values["cephigh"], values["bmsync5"]))
         labels.append({
             "id": row.id, "line": row.line, "reference": row.reference,
             "processed": row.processed,
@@ -716,7 +719,9 @@ class LabelSummary:
     n_ok / n_failed: labelled / failed in this call; n_skipped: labelled before it; n_retried:
     rows that had failed before and were tried again (counted in n_ok or n_failed); changed:
     (id, what changed) of the labelled rows whose manifest entry had changed since, so their old
-    labels were removed and they were labelled again (counted in n_ok or n_failed)."""
+    labels were removed and they were labelled again (counted in n_ok or n_failed);
+    inaudible: ids of the rows labelled in this call with an ear whose reference HAAQI found
+    inaudible (`per_ear[ear]["audible"]` false; `backend.nothing_audible`)."""
 
     n_rows: int
     n_ok: int
@@ -728,18 +733,25 @@ class LabelSummary:
     training: TrainingManifestSummary | None = None
     n_retried: int = 0
     changed: tuple[tuple[str, str], ...] = ()
+    inaudible: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         retried = f" ({self.n_retried} had failed before)" if self.n_retried else ""
-        changed = ""
+        lines = [f"{self.n_rows} rows: {self.n_ok} labelled, {self.n_failed} failed{retried}, "
+                 f"{self.n_skipped} already done ({self.seconds:.1f} s) -> {self.out_path}"
+                 + (f" (errors: {self.errors_path})" if self.n_failed else "")]
         if self.changed:
-            changed = (f"\n{len(self.changed)} labelled row(s) had changed in the manifest and "
-                       f"were labelled again (e.g. id {self.changed[0][0]!r}: "
-                       f"{self.changed[0][1]})")
-        return (f"{self.n_rows} rows: {self.n_ok} labelled, {self.n_failed} failed{retried}, "
-                f"{self.n_skipped} already done ({self.seconds:.1f} s) -> {self.out_path}"
-                + (f" (errors: {self.errors_path})" if self.n_failed else "") + changed
-                + (f"\n{self.training}" if self.training is not None else ""))
+            lines.append(f"{len(self.changed)} labelled row(s) had changed in the manifest and "
+                         f"were labelled again (e.g. id {self.changed[0][0]!r}: "
+                         f"{self.changed[0][1]})")
+        if self.inaudible:
+            lines.append(f"warning: {len(self.inaudible)} row(s) have an ear whose reference is "
+                         f"below the listener's threshold (e.g. id {self.inaudible[0]!r}): HAAQI "
+                         f"scores such an ear 0.162 for any processing as quiet ('audible': "
+                         f"false); check level1 and the audiograms")
+        if self.training is not None:
+            lines.append(str(self.training))
+        return "\n".join(lines)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -970,7 +982,7 @@ def label_manifest(manifest_path: str | os.PathLike, out_path: str | os.PathLike
         write_manifest(out_path, [o for o in done_labels if str(o["id"]) not in changed])
     labels_out, errors_out = _JsonlAppender(out_path), _JsonlAppender(errors_path)
     reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="label-reader")
-    n_ok, n_failed = 0, 0
+    n_ok, n_failed, inaudible = 0, 0, []
     try:
         for error in new_errors:
             errors_out.write(error.to_json())
@@ -996,6 +1008,8 @@ def label_manifest(manifest_path: str | os.PathLike, out_path: str | os.PathLike
                 errors_out.commit()
                 n_ok += len(labels)
                 n_failed += len(errors)
+                inaudible += [str(o["id"]) for o in labels
+                              if not all(e["audible"] for e in o["per_ear"].values())]
                 bar.update(len(todo))
                 bar.set_postfix(ok=n_ok, failed=n_failed, refresh=False)
     finally:
@@ -1009,7 +1023,7 @@ def label_manifest(manifest_path: str | os.PathLike, out_path: str | os.PathLike
                         time.perf_counter() - start, out_path, errors_path, training,
                         n_retried=len(failed_before & ({str(r.key) for r in rows}
                                                        | {str(e.key) for e in manifest_errors})),
-                        changed=tuple(changed.items()))
+                        changed=tuple(changed.items()), inaudible=tuple(inaudible))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import numpy as np
 
@@ -81,9 +82,12 @@ def _channels(x: np.ndarray) -> str:
 def score_files(reference_path: str, processed_path: str, levels, frequencies, *,
                 equalisation: int = 1, level1: float | str = 65.0, channel: str = "mean",
                 seed: int = 0) -> dict[str, float]:
-    """Scores of one pair of files (averaged over the chosen channels)."""
+    """Scores of one pair of files (averaged over the chosen channels), and "audible": False
+    when a channel's reference was below the listener's threshold (`backend.nothing_audible`:
+    HAAQI then scores 0.162 for any processing as quiet)."""
     from haaqi_jax.audiogram import Audiogram
     from haaqi_jax.haaqi.api import haaqi_v1
+    from haaqi_jax.haaqi.backend import nothing_audible
 
     audiogram = Audiogram(levels, frequencies)
     ref, ref_rate = _read(reference_path)
@@ -110,7 +114,9 @@ def score_files(reference_path: str, processed_path: str, levels, frequencies, *
         combined, nonlinear, linear, raw = haaqi_v1(ref[:, c], ref_rate, proc[:, c], proc_rate,
                                                     audiogram, equalisation, float(lev))
         per_channel.append([combined, nonlinear, linear, *raw])
-    return dict(zip(FIELDS, np.mean(per_channel, axis=0).tolist()))
+    scores = dict(zip(FIELDS, np.mean(per_channel, axis=0).tolist()))
+    scores["audible"] = not any(bool(nothing_audible(c[3], c[4])) for c in per_channel)
+    return scores
 
 
 def run(args: argparse.Namespace) -> int:
@@ -121,6 +127,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(scores))
     else:
-        for name, value in scores.items():
-            print(f"{name:>9s}: {value:.6f}")
+        for name in FIELDS:
+            print(f"{name:>9s}: {scores[name]:.6f}")
+    if not scores["audible"]:
+        print("warning: the reference is below the listener's threshold at this level1: HAAQI "
+              "scores 0.162 for any processing as quiet; check --level1 and the audiogram",
+              file=sys.stderr)
     return 0
