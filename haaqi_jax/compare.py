@@ -9,19 +9,21 @@ README), so a setting is judged on several seeds. Each argument is a training wo
 metrics.json itself. For every split (and "all"), the table lists each run's LCC, SRCC and MSE,
 then their mean, sample standard deviation and range over the runs.
 
-Settings: when every run is a training workdir (it has the config.json that train.py writes),
-runs whose configs differ only in `seed` (and in keys that steer logging and reporting only,
-`REPEAT_KEYS`) form one setting, and the mean, sd and range are taken per setting:
-three seeds each of two distillation losses give two summaries, not one over six runs. The
-settings are listed above the table by the keys that tell them apart.
+Settings: training workdirs (with the config.json that train.py writes) whose configs differ
+only in `seed` (and in keys that steer logging and reporting only, `REPEAT_KEYS`) form one
+setting, and the mean, sd and range are taken per setting: three seeds each of two distillation
+losses give two summaries, not one over six runs. A run without a config (an evaluate report) is
+a setting of its own. The settings are listed above the table by the keys that tell them apart.
+A split whose runs in one setting scored different numbers of clips (other `data.eval_splits`
+make another "all") gets no summary, and a note says so.
 
 Distillation: a workdir with `distill_report.json` (train.py --config configs/distill*.py) also
 gets a row per split in a second table: teacher and student LCC / SRCC, the LCC gap, the
 student's inference time as a fraction of the teacher's and its encoder's parameter reduction.
 
-A path without a readable report is named and skipped; the others are still compared. `--out`
-also writes the tables (Markdown, and the numbers as `<out>.csv`, plus `<out>.distill.csv`)
-and `<out>.png`: each split's LCC per run, with each setting's mean and sd.
+A path without a readable report is named and skipped; the others are still compared. `--out
+X.md` also writes the numbers as `X.csv` (and `X.distill.csv`) and `X.png`: each split's LCC per
+run, with each setting's mean and sd (an --out without a .md suffix gets them appended).
 """
 
 from __future__ import annotations
@@ -109,7 +111,8 @@ def compare(runs: Mapping[str, Mapping[str, Mapping[str, float]]],
       [{"split", "setting", "run", "n", "lcc", "srcc", "mse"}]; the summary rows have n = number
       of the setting's runs that have the split, "sd" is the sample standard deviation (NaN for
       a single run) and "range" holds (min, max) pairs. Splits missing from a run are left out
-      of its rows.
+      of its rows; a split whose runs in one setting differ in n gets no summary rows
+      (`uneven_counts` names them).
     Raises:
       ValueError naming a requested split that no run has, or a run in no setting.
     """
@@ -132,8 +135,21 @@ def compare(runs: Mapping[str, Mapping[str, Mapping[str, float]]],
                 continue
             rows += [{"split": split, "setting": setting, "run": name, **entry}
                      for name, entry in have.items()]
-            rows += _summary_rows(have, split, setting)
+            if len({entry["n"] for entry in have.values()}) == 1:  # else other clips: no mean
+                rows += _summary_rows(have, split, setting)
     return rows
+
+
+def uneven_counts(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Notes on the (split, setting) groups of `compare` rows whose runs scored different
+    numbers of clips (and so got no summary rows)."""
+    counts: dict[tuple[str, str], list[int]] = {}
+    for row in rows:
+        if row["run"] not in SUMMARIES:
+            counts.setdefault((row["split"], row.get("setting", "")), []).append(int(row["n"]))
+    return [f"split {split!r}{f', setting {setting}' if setting else ''}: the runs scored "
+            f"different numbers of clips ({', '.join(map(str, sorted(set(n))))}), so no mean, "
+            f"sd or range" for (split, setting), n in counts.items() if len(set(n)) > 1]
 
 
 def _summary_rows(have: Mapping[str, Mapping[str, float]], split: str, setting: str
@@ -183,38 +199,58 @@ def group_settings(configs: Mapping[str, Mapping[str, Any] | None]
     Args:
       configs: {run name: `read_config` output, or None for a run without config.json}.
     Returns:
-      (settings {label: [run names]}, legend {label: "key=value, ..."}, note): labels are "A",
-      "B", ... in order of first appearance, each described by the keys that tell the settings
-      apart. One setting "" (legend empty) when all runs share their settings, or when a run
-      has no config (then `note` says which, else None).
+      (settings {label: [run names]}, legend {label: text}, note): labels are "A", "B", ... in
+      order of first appearance, each described by the values of the keys that tell the
+      settings apart; keys that only some settings have are summarised by section ("also
+      distill.* (35 keys)"). Runs without a config (evaluate reports) form one setting of their
+      own. One setting "" (legend empty) when all runs share their settings or none has a
+      config. `note` says which runs had no config when others had one, else None.
     """
     import fnmatch
     from haaqi_jax import config as cfglib
 
     names = list(configs)
     no_config = [name for name in names if configs[name] is None]
-    if no_config or len(names) < 2:
-        note = (f"runs not grouped by setting: {', '.join(no_config)} "
-                f"{'has' if len(no_config) == 1 else 'have'} no {CONFIG_FILE} (mean, sd and "
-                "range are over all runs)") if no_config and len(no_config) < len(names) else None
-        return {"": names}, {}, note
-    keys = sorted({k for c in configs.values() for k in c
+    with_config = [name for name in names if configs[name] is not None]
+    if len(names) < 2 or not with_config:
+        return {"": names}, {}, None
+    note = (f"{', '.join(no_config)} {'has' if len(no_config) == 1 else 'have'} no "
+            f"{CONFIG_FILE} (evaluate reports): summarised apart from the training runs"
+            ) if no_config else None
+    absent = object()
+    keys = sorted({k for name in with_config for k in configs[name]
                    if not any(fnmatch.fnmatchcase(k, p) for p in REPEAT_KEYS)})
 
-    def value(name: str, key: str) -> str:
-        return json.dumps(configs[name].get(key, cfglib.IMPLICIT_VALUES.get(key, "<absent>")),
-                          sort_keys=True)
+    def value(name: str, key: str) -> Any:
+        found = configs[name].get(key, cfglib.IMPLICIT_VALUES.get(key, absent))
+        return absent if found is absent else json.dumps(found, sort_keys=True)
 
-    varying = [k for k in keys if len({value(n, k) for n in names}) > 1]
-    if not varying:
+    varying = [k for k in keys if len({value(n, k) for n in with_config}) > 1]
+    shared = [k for k in varying if all(value(n, k) is not absent for n in with_config)]
+    if not varying and not no_config:
         return {"": names}, {}, None
-    settings: dict[tuple, list[str]] = {}
+    groups: dict[Any, list[str]] = {}
+    texts: dict[Any, str] = {}
     for name in names:
-        settings.setdefault(tuple(value(name, k) for k in varying), []).append(name)
-    labels = [_label(i) for i in range(len(settings))]
-    legend = {label: ", ".join(f"{k}={v}" for k, v in zip(varying, values))
-              for label, values in zip(labels, settings)}
-    return dict(zip(labels, settings.values())), legend, None
+        if configs[name] is None:
+            signature = ("no config",)
+            text = f"no {CONFIG_FILE} (evaluate reports)"
+        else:
+            signature = tuple(value(name, k) for k in varying)
+            parts = [f"{k}={value(name, k)}" for k in shared]
+            sections: dict[str, int] = {}
+            for k in varying:
+                if k not in shared and value(name, k) is not absent:
+                    section = k.split(".")[0]
+                    sections[section] = sections.get(section, 0) + 1
+            parts += [f"also {sec}.* ({count} key{'s' if count > 1 else ''} the others lack)"
+                      for sec, count in sorted(sections.items())]
+            text = ", ".join(parts) or "the defaults"
+        groups.setdefault(signature, []).append(name)
+        texts.setdefault(signature, text)
+    labels = [_label(i) for i in range(len(groups))]
+    legend = {label: texts[signature] for label, signature in zip(labels, groups)}
+    return dict(zip(labels, groups.values())), legend, note
 
 
 def _label(i: int) -> str:
@@ -326,7 +362,7 @@ def comparison_plot(rows: Sequence[Mapping[str, Any]], path: Path, score: str = 
     import matplotlib.pyplot as plt
 
     splits = list(dict.fromkeys(row["split"] for row in rows))
-    settings = list(dict.fromkeys(row.get("setting", "") for row in rows))
+    settings = sorted({row.get("setting", "") for row in rows}, key=lambda s: (len(s), s))
     fig, axes = plt.subplots(1, len(splits), figsize=(1.2 + 1.1 * len(settings) * len(splits)
                                                       + 1.2 * len(splits), 3.4),
                              dpi=120, squeeze=False)
@@ -370,6 +406,28 @@ def _write_distill_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
             writer.writerow([row["split"], row["run"], *(row[k] for k in DISTILL_COLUMNS)])
 
 
+#: Suffixes of an --out that names the Markdown table itself (replaced for the other files).
+TABLE_SUFFIXES = (".md", ".markdown", ".txt")
+
+
+def output_paths(out: str | os.PathLike) -> dict[str, Path]:
+    """The files `compare --out OUT` writes: {"table", "csv", "distill_csv", "plot"}.
+
+    "X.md" gives X.csv, X.distill.csv and X.png; an OUT without a table suffix keeps its whole
+    name ("lr_0.001" gives lr_0.001.csv, not lr_0.csv). ValueError for an OUT ending in .csv or
+    .png, whose table would be overwritten by the numbers or the plot.
+    """
+    out = Path(out).expanduser()
+    suffix = out.suffix.lower()
+    if suffix in (".csv", ".png"):
+        raise ValueError(f"--out {out} names the Markdown table; the {suffix} file is written "
+                         f"beside it: give e.g. --out {out.with_suffix('.md')}")
+    base = out.with_suffix("") if suffix in TABLE_SUFFIXES else out
+    sibling = lambda ext: base.with_name(base.name + ext)
+    return {"table": out, "csv": sibling(".csv"), "distill_csv": sibling(".distill.csv"),
+            "plot": sibling(".png")}
+
+
 def _run_names(paths: Sequence[Path]) -> list[str]:
     """Short unique names: the folder names, or the path where folder names repeat."""
     def folder(p: Path) -> Path:
@@ -388,8 +446,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--splits", nargs="+", default=None,
                         help="splits to show (default: all of them, 'all' first)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="also write the tables to this Markdown file, the numbers to .csv "
-                             "files and an LCC plot to a .png beside it")
+                        help="also write the tables to this Markdown file (X.md), the numbers to "
+                             "X.csv (and X.distill.csv) and an LCC plot to X.png beside it")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -398,8 +456,10 @@ def run(args: argparse.Namespace) -> int:
     import sys
     from haaqi_jax.cli import writable_file
 
+    outputs = {}
     if args.out is not None:
-        writable_file(args.out, "--out")
+        outputs = {kind: writable_file(path, "--out" if kind == "table" else f"--out's {kind}")
+                   for kind, path in output_paths(args.out).items()}
     readable: dict[Path, tuple[Path, dict]] = {}           # metrics file -> (argument, scores)
     unreadable = 0
     for path in args.runs:
@@ -428,8 +488,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             configs[name] = read_config(folder)
             report = read_distill_report(folder)
-        except (OSError, ValueError) as err:   # the scores still count; only the extras go
+        except (OSError, ValueError) as err:   # the scores still count, as a setting of their own
             print(f"{name}: {err}", file=sys.stderr)
+            unreadable += 1
             continue
         if report is not None:
             distill[name] = report
@@ -437,14 +498,16 @@ def run(args: argparse.Namespace) -> int:
     if note:
         print(f"note: {note}", file=sys.stderr)
     rows = compare(runs, args.splits, settings)   # a split no run has: one line, exit 2 (cli)
+    for text in uneven_counts(rows):
+        print(f"note: {text}", file=sys.stderr)
     distilled = distill_rows(distill, args.splits)
     text = markdown(rows, legend, distilled)
     print(text, end="")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-        _write_csv(rows, args.out.with_suffix(".csv"))
+    if outputs:
+        outputs["table"].parent.mkdir(parents=True, exist_ok=True)
+        outputs["table"].write_text(text)
+        _write_csv(rows, outputs["csv"])
         if distilled:
-            _write_distill_csv(distilled, args.out.with_suffix(".distill.csv"))
-        comparison_plot(rows, args.out.with_suffix(".png"))
+            _write_distill_csv(distilled, outputs["distill_csv"])
+        comparison_plot(rows, outputs["plot"])
     return 1 if unreadable else 0

@@ -294,7 +294,13 @@ def save_run_config(cfg: ConfigDict | FrozenConfigDict, workdir: str | os.PathLi
         if diffs:
             shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6
                                              else "")
-            raise ValueError(f"{workdir} holds a run made with another config ({shown}). "
+            fixed = [k for k in set(RESUMABLE_KEYS) - set(resumable_keys(new))
+                     if any(d.startswith(k + ":") for d in diffs)]
+            schedule = fixed and flatten(new).get(fixed[0].replace("train.num_epochs",
+                                                                   "optimizer.schedule"))
+            why = (f" ({fixed[0]} sets the length of the {schedule} learning-rate schedule, so "
+                   f"it cannot change on a resume)" if fixed else "")
+            raise ValueError(f"{workdir} holds a run made with another config ({shown}){why}. "
                              f"Resuming it would mix the two runs: pass another --workdir, or "
                              f"delete {workdir} to start over.")
     return save_config(cfg, path) if write else path

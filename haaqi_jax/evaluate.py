@@ -288,10 +288,16 @@ def evaluate_manifest(model_dir: str | os.PathLike, manifest: str | os.PathLike,
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    rows = read_manifest(manifest, require_label=True, check_files=True, on_error="skip")
+    rows = read_manifest(manifest, require_label=True, check_files=True, on_error="skip",
+                         progress=progress)
     skipped = [{"line": line, "reason": reason} for line, reason in rows.skipped]
     split_of = {id(r): UNSPLIT if r.split is None else r.split for r in rows}
     available = sorted(set(split_of.values()))
+    if not splits and "train" in available and len(available) > 1:
+        print(f"note: scoring every split of {manifest}, train included, so 'all' and the "
+              f"per-distortion table pool them; --splits names the ones to score (a run's "
+              f"report/manifest.jsonl: --splits {' '.join(s for s in available if s != 'train')})",
+              file=sys.stderr)
     splits = available if not splits else list(splits)
     missing = [s for s in splits if s not in available]
     if missing:

@@ -106,14 +106,15 @@ def test_undefined_scores_stay_out_of_the_summary():
     defined = {"n": 40.0, "lcc": 0.8, "srcc": 0.7, "mse": 0.02}
     runs = {"a": {"valid": defined},
             "b": {"valid": dict(defined, lcc=0.6)},
-            "c": {"valid": {"n": 1.0, "lcc": float("nan"), "srcc": float("nan"), "mse": 0.05}}}
+            # constant predictions: no correlation
+            "c": {"valid": {"n": 40.0, "lcc": float("nan"), "srcc": float("nan"), "mse": 0.05}}}
     rows = {r["run"]: r for r in compare.compare(runs, ["valid"])}
     assert rows["mean"]["lcc"] == pytest.approx(0.7)            # was NaN: c has no LCC
     assert rows["mean"]["mse"] == pytest.approx(np.mean([0.02, 0.02, 0.05]))
     assert rows["sd"]["lcc"] == pytest.approx(np.std([0.8, 0.6], ddof=1))
     assert rows["range"]["lcc"] == (0.6, 0.8)
     text = compare.markdown(compare.compare(runs, ["valid"]))
-    assert "| valid | c | 1 | n/a | n/a | 0.0500 |" in text and "nan" not in text
+    assert "| valid | c | 40 | n/a | n/a | 0.0500 |" in text and "nan" not in text
     assert "| **sd** | 1 run |" in compare.markdown(compare.compare({"a": runs["a"]}, ["valid"]))
     # A range that starts below zero stays readable.
     runs["b"]["valid"]["lcc"] = -0.0381
@@ -161,13 +162,24 @@ def test_runs_are_summarised_per_setting(tmp_path, capsys):
         want = np.mean([_truth(records[n], "valid")["lcc"] for n in names])
         assert float(row["lcc"]) == pytest.approx(want, abs=1e-9)
 
-    # A run without config.json (an evaluate report) cannot be placed: one summary, a note.
+    # Runs without config.json (evaluate reports) are summarised apart from the training runs,
+    # whose settings stay apart too (they were all pooled into one mean).
     evaluate.write_report(records["a0"], tmp_path / "eval")
-    assert cli.main(["compare", *map(str, paths), str(tmp_path / "eval"), "--splits",
-                     "valid"]) == 0
+    evaluate.write_report(records["b1"], tmp_path / "eval2")
+    assert cli.main(["compare", *map(str, paths), str(tmp_path / "eval"), str(tmp_path / "eval2"),
+                     "--splits", "valid"]) == 0
     captured = capsys.readouterr()
-    assert "eval has no config.json" in captured.err
-    assert "| valid | **mean** | 5 runs |" in captured.out
+    assert "eval, eval2 have no config.json" in captured.err
+    assert "- **C**: no config.json (evaluate reports)" in captured.out
+    for setting in "ABC":
+        assert f"| valid | {setting} | **mean** | 2 runs |" in captured.out
+    # A corrupt config.json: named, exit 1, its scores a setting of their own.
+    (paths[3] / "config.json").write_text("{")
+    assert cli.main(["compare", *map(str, paths), "--splits", "valid"]) == 1
+    captured = capsys.readouterr()
+    assert "config.json: not JSON" in captured.err
+    assert "| valid | A | **mean** | 2 runs |" in captured.out
+    assert "| valid | B | **mean** | 1 run |" in captured.out   # b0 alone, b1 apart
 
 
 def test_distillation_reports_get_their_own_table(tmp_path, capsys):
@@ -187,8 +199,9 @@ def test_distillation_reports_get_their_own_table(tmp_path, capsys):
     (row,) = list(csv.DictReader((tmp_path / "t.distill.csv").open()))
     assert float(row["lcc_gap"]) == 0.03 and float(row["time_ratio"]) == 0.251
     (run / "distill_report.json").write_text("{broken")
-    assert cli.main(["compare", str(run)]) == 0              # the scores still count
+    assert cli.main(["compare", str(run)]) == 1              # named; the scores still count
     captured = capsys.readouterr()
+    assert "| all | kd |" in captured.out
     assert "distill_report.json: not JSON" in captured.err and "Distillation" not in captured.out
 
 
@@ -209,3 +222,49 @@ def test_epoch_count_and_patience_make_settings_logging_does_not():
     settings, legend, _ = compare.group_settings(configs)
     assert settings == {"A": ["a", "b"], "B": ["c"], "C": ["d"]}
     assert legend["B"] == "train.num_epochs=3, train.patience=5"
+
+
+def test_output_names_never_collide_with_the_table(tmp_path, capsys):
+    paths = compare.output_paths(tmp_path / "lr_0.001")
+    assert paths["csv"].name == "lr_0.001.csv" and paths["plot"].name == "lr_0.001.png"
+    paths = compare.output_paths(tmp_path / "cmp.md")
+    assert [paths[k].name for k in ("table", "csv", "distill_csv", "plot")] == [
+        "cmp.md", "cmp.csv", "cmp.distill.csv", "cmp.png"]
+    assert compare.output_paths("~/x.md")["table"] == compare.Path.home() / "x.md"
+    evaluate.write_report(_records(0, 0.1), tmp_path / "r")
+    for bad in ("cmp.csv", "cmp.PNG"):
+        assert cli.main(["compare", str(tmp_path / "r"), "--out", str(tmp_path / bad)]) == 2
+        assert "names the Markdown table" in capsys.readouterr().err
+        assert not (tmp_path / bad).exists()
+    (tmp_path / "d.png").mkdir()                  # a sibling output that cannot be written
+    assert cli.main(["compare", str(tmp_path / "r"), "--out", str(tmp_path / "d.md")]) == 2
+    assert "is a folder" in capsys.readouterr().err and not (tmp_path / "d.md").exists()
+
+
+def test_runs_of_other_clip_counts_get_no_summary(tmp_path, capsys):
+    """Other eval splits make another "all": those runs are shown, not averaged."""
+    records = _records(0, 0.1)
+    paths = [_workdir(tmp_path / "s0", records),
+             _workdir(tmp_path / "s1", [r for r in records if r["split"] == "valid"], seed=1)]
+    rows = compare.compare({p.name: compare.read_scores(p) for p in paths}, ["all", "valid"],
+                           {"": ["s0", "s1"]})
+    assert [(r["split"], r["run"]) for r in rows] == [
+        ("all", "s0"), ("all", "s1"), ("valid", "s0"), ("valid", "s1"), ("valid", "mean"),
+        ("valid", "sd"), ("valid", "range")]
+    assert cli.main(["compare", *map(str, paths)]) == 0
+    assert ("split 'all': the runs scored different numbers of clips (30, 70), so no mean"
+            in capsys.readouterr().err)
+
+
+def test_settings_of_other_structure_are_summarised_by_section():
+    """A distillation run next to its teacher's run: the keys only one has are counted by
+    section, not listed one by one as "<absent>"."""
+    teacher = {"seed": 0, "model.head.lstm_hidden": 100, "model.head.num_heads": 16,
+               "loss.name": "haaqi_mse"}
+    student = {"seed": 0, "loss.name": "distill_uncertainty", "distill.student_layers": [0, 1],
+               "distill.teacher.model.head.lstm_hidden": 100, "distill.head_kind": "independent"}
+    settings, legend, _ = compare.group_settings({"t": teacher, "s": student})
+    assert settings == {"A": ["t"], "B": ["s"]}
+    assert legend == {
+        "A": 'loss.name="haaqi_mse", also model.* (2 keys the others lack)',
+        "B": 'loss.name="distill_uncertainty", also distill.* (3 keys the others lack)'}

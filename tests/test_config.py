@@ -130,7 +130,8 @@ def test_save_run_config_refuses_a_workdir_of_another_run(tmp_path):
     save_run_config(cosine, tmp_path / "cos")
     (tmp_path / "cos" / "checkpoints" / "10").mkdir(parents=True)
     cosine.train.num_epochs = 41
-    with pytest.raises(ValueError, match=r"train\.num_epochs: 40 -> 41"):
+    with pytest.raises(ValueError, match=r"train\.num_epochs: 40 -> 41\) \(train.num_epochs "
+                                         r"sets the length of the cosine learning-rate"):
         save_run_config(cosine, tmp_path / "cos")
     # Hosts other than the first check the same way but do not write.
     with pytest.raises(ValueError, match="demo_clips"):

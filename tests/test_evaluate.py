@@ -37,6 +37,11 @@ def test_evaluate_subcommand_writes_its_files(tmp_path, capsys):
         ["all", "8"], ["test_seen", "2"], ["test_unseen", "2"], ["valid", "4"]]
     rows = list(csv.DictReader((out / "predictions.csv").open()))
     assert len(rows) == 8 and {r["split"] for r in rows} == {"valid", "test_seen", "test_unseen"}
+    # Without --splits every split is scored, train too: said, since "all" then pools them.
+    assert cli.main(["evaluate", "--model", str(tmp_path / "model"), "--manifest", str(manifest),
+                     "--out", str(tmp_path / "eval_all"), "--no-progress"]) == 0
+    assert ("train included, so 'all' and the per-distortion table pool them"
+            in capsys.readouterr().err)
 
     # Predictions are the model's on the audio files (read independently here).
     manifest_rows = {json.loads(l)["id"]: json.loads(l) for l in manifest.read_text().splitlines()}

@@ -490,6 +490,11 @@ def test_head_checkpoint_starts_the_head_from_a_haaqinet(tiny, tmp_path, capsys)
                                               "model.head.audiogram_scale=0.5"]))
     with pytest.raises(FileNotFoundError, match="model.head_checkpoint: .*missing"):
         loop.build_model(_config(overrides + [f"model.head_checkpoint={tmp_path}"]))
+    # The same head settings on an encoder of other features: the encoder is named.
+    with pytest.raises(ValueError, match=r"its head reads \d+-wide encoder features, this "
+                                         r"run's encoder gives \d+.*clip_statistics\": true"):
+        loop.build_model(_config(overrides + [f"model.head_checkpoint={tmp_path / 'source'}",
+                                              "model.encoder_config.clip_statistics=False"]))
     assert isinstance(net, HAAQINet)
 
 

@@ -295,7 +295,8 @@ def _entries(path: Path, text: str) -> list[tuple[int, Any, str | None]]:
 
 def read_manifest(path: str | os.PathLike, *, require_label: bool = False,
                   check_files: bool = False,
-                  on_error: Literal["raise", "skip"] = "raise") -> Manifest:
+                  on_error: Literal["raise", "skip"] = "raise",
+                  progress: bool = True) -> Manifest:
     """Reads and validates a manifest (JSON Lines, or the authors' {"data": [...]} JSON).
 
     Args:
@@ -304,6 +305,7 @@ def read_manifest(path: str | os.PathLike, *, require_label: bool = False,
       check_files: check that every `file_path` (and `reference`) exists and that libsndfile
         can read its header, so a training run fails here rather than mid-epoch.
       on_error: "raise" stops at the first bad row; "skip" drops bad rows and records them.
+      progress: a bar while the files of a large manifest (> 200 rows) are checked.
 
     Returns:
       A `Manifest` (a list of ManifestRow in file order) whose `.skipped` holds
@@ -338,7 +340,7 @@ def read_manifest(path: str | os.PathLike, *, require_label: bool = False,
                          f"JSONL or CSV file?") from None
     entries = _entries(path, text)
     progress = None
-    if check_files and len(entries) > 200:
+    if check_files and progress and len(entries) > 200:
         from tqdm.auto import tqdm
         progress = tqdm(total=len(entries), desc=f"checking {path.name}", unit="row")
     for line, obj, json_error in entries:

@@ -212,6 +212,15 @@ def with_head_from(net: Any, path: str | os.PathLike) -> Any:
                                      for k in differ)
                          + f"; e.g. --set model.head.{differ[0]}={theirs.get(differ[0])!r}")
     params, _ = load_params(path)
+    width = lambda head: head.get("adapter", {}).get("kernel", np.zeros((0, 0))).shape[0]
+    if width(params["head"]) != width(net.params["head"]):
+        cfg = meta["config"]
+        raise ValueError(f"{where}: its head reads {width(params['head'])}-wide encoder "
+                         f"features, this run's encoder gives {width(net.params['head'])}: it "
+                         f"was trained on another encoder (there: encoder_kind="
+                         f"{cfg.get('encoder_kind')!r}, encoder_config="
+                         f"{json.dumps(cfg.get('encoder_config'), sort_keys=True)}); set "
+                         f"model.encoder_kind / model.encoder_config as that run had them")
     check_param_tree(params["head"], net.params["head"], where)
     print(f"head: initialised from {path}", file=sys.stderr)
     return HAAQINet(net.config, {**net.params,
@@ -307,7 +316,8 @@ def load_splits(config: Any) -> dict[str, list[Any]]:
 
     d = config.data
     manifest = resolve_manifest(config)
-    rows = read_manifest(manifest, require_label=True, check_files=True)
+    rows = read_manifest(manifest, require_label=True, check_files=True,
+                         progress=bool(config.train.get("progress", True)))
     splits = split_rows(rows, valid_fraction=float(d.valid_fraction), seed=int(config.seed))
     if _hold_out_stages(config):
         try:
@@ -677,6 +687,9 @@ def run_loop(state: Any, *, step_fn: Callable, evaluate: Callable, data: TrainDa
         while step < total_steps and not early["stopped"]:
             if stop_after and step >= stop_after:
                 interrupted = True  # test hook: behaves like a kill after this step
+                if sharding.is_main_process():
+                    print(f"{desc}: stopped at step {step} (train.stop_after_steps), without a "
+                          f"report; run again without it to resume", file=sys.stderr)
                 break
             batch = next(data.train)
             state, step_metrics = step_fn(state, sharding.shard_batch(batch, mesh, keys))
