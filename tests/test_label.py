@@ -692,3 +692,19 @@ def test_inaudible_ears_are_flagged(dataset, tmp_path):
     assert [e["audible"] for e in labels["good3"]["per_ear"].values()] == [False, False]
     assert summary.inaudible == ("good3",)
     assert "warning: 1 row(s) have an ear whose reference is below" in str(summary)
+
+
+def test_one_writer_per_labels_file(dataset, tmp_path):
+    """A second run on the same OUT is refused while the first holds it (both would label the
+    rows left to do and write them twice); the lock goes with the run."""
+    import fcntl
+    out = tmp_path / "labels.jsonl"
+    with open(tmp_path / ".labels.jsonl.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)     # as a running label would
+        with pytest.raises(ValueError, match="another `haaqi-jax label` is writing"):
+            label_mod.label_manifest(dataset["manifest"], out, limit=2, scorer=FakeScorer(),
+                                     progress=False)
+        assert not out.exists()
+    label_mod.label_manifest(dataset["manifest"], out, limit=2, scorer=FakeScorer(),
+                             progress=False)
+    assert out.exists() and not (tmp_path / ".labels.jsonl.lock").exists()

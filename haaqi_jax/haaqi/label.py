@@ -51,12 +51,14 @@ noise key comes from (seed, row id, ear) only, and the batch plan is made from t
 manifest (sorted by sample rate and length, then packed), so a rerun pads the same batches to the
 same shapes and its output equals an uninterrupted run's. Each batch is appended with flush +
 fsync, so a killed run loses at most the batch in flight (a half-written last line is removed).
+One run at a time writes an OUT (a lock file `.OUT.lock` beside it; a second run is refused).
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import csv
 import dataclasses
 import json
@@ -65,7 +67,7 @@ import os
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -921,7 +923,6 @@ def label_manifest(manifest_path: str | os.PathLike, out_path: str | os.PathLike
       written with other settings; per-row problems never raise (they go to the errors file).
     """
     import jax
-    from tqdm.auto import tqdm
 
     start = time.perf_counter()
     settings = LabelSettings(equalisation, level1 if isinstance(level1, str) else float(level1),
@@ -934,6 +935,37 @@ def label_manifest(manifest_path: str | os.PathLike, out_path: str | os.PathLike
         raise ValueError(f"limit must be >= 1, got {limit}")
     out_path = Path(out_path)
     errors_path = default_errors_path(out_path) if errors_path is None else Path(errors_path)
+    with _sole_writer(out_path):
+        return _label_rows(manifest_path, out_path, errors_path, batch_size, settings, limit,
+                           scorer, progress, manifest_out, start)
+
+
+@contextlib.contextmanager
+def _sole_writer(out_path: Path) -> Iterator[None]:
+    """Holds an exclusive lock on `<out folder>/.<out name>.lock` while a run writes OUT: two
+    runs on one OUT would both label the rows left to do and write them twice."""
+    import fcntl
+    lock_path = out_path.with_name(f".{out_path.name}.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another `haaqi-jax label` is writing {out_path} (lock "
+                             f"{lock_path}); wait for it, or write to another --out") from None
+        try:
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _label_rows(manifest_path, out_path: Path, errors_path: Path, batch_size: int,
+                settings: LabelSettings, limit: int | None, scorer: Scorer | None,
+                progress: bool, manifest_out, start: float) -> LabelSummary:
+    """`label_manifest` after its arguments are checked, with OUT locked."""
+    import jax
+    from tqdm.auto import tqdm
 
     done_labels = _read_done(out_path)
     _check_settings(done_labels, settings, out_path)
