@@ -22,9 +22,9 @@ averages the combined scores (a single `audiogram` on a mono pair is one item, e
 per ear, as the Cadenza recipes do.
 
 Bad rows (malformed line, missing key, invalid audiogram, missing/corrupt file, rates, lengths or
-channel counts that differ between reference and processed, NaN/inf samples, empty or silent reference, a metric
-error or non-finite score) go to the errors file (default: OUT with `.errors.jsonl`) with their
-id, line and reason; the run goes on. Reference and processed must share a sample rate: resample
+channel counts that differ between reference and processed, NaN/inf samples, empty or silent
+reference, a metric error or non-finite score) go to the errors file (default: OUT with
+`.errors.jsonl`) with their id, line and reason; the run goes on. Reference and processed must share a sample rate: resample
 offline (with the resampler your scores should reflect) rather than have this tool pick one.
 
 Output rows (JSONL): id, line, reference, processed (as written in the manifest), haaqi (the
@@ -46,10 +46,10 @@ Resuming: rows whose id is already in OUT are skipped; rows in the errors file a
 (their old entries are replaced), so fixing a file and rerunning labels it. A labelled row whose
 manifest entry has changed since (paths, audiograms, ears, its own level1) is labelled again and
 its old label removed; the run says how many. A file replaced in place under the same name is not
-noticed: delete its row from OUT to relabel it. Each ear's threshold
-noise key comes from (seed, row id, ear) only, and the batch plan is made from the whole
-manifest (sorted by sample rate and length, then packed), so a rerun pads the same batches to the
-same shapes and its output equals an uninterrupted run's. Each batch is appended with flush +
+noticed: delete its row from OUT to relabel it. Each ear's threshold noise key comes from (seed,
+row id, ear) only, and the batch plan is made from the whole manifest (sorted by sample rate and
+length, then packed), so a rerun pads the same batches to the same shapes and its output equals
+an uninterrupted run's. Each batch is appended with flush +
 fsync, so a killed run loses at most the batch in flight (a half-written last line is removed).
 One run at a time writes an OUT (a lock file `.OUT.lock` beside it; a second run is refused).
 """
