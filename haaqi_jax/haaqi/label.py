@@ -24,8 +24,9 @@ per ear, as the Cadenza recipes do.
 Bad rows (malformed line, missing key, invalid audiogram, missing/corrupt file, rates, lengths or
 channel counts that differ between reference and processed, NaN/inf samples, empty or silent
 reference, a metric error or non-finite score) go to the errors file (default: OUT with
-`.errors.jsonl`) with their id, line and reason; the run goes on. Reference and processed must share a sample rate: resample
-offline (with the resampler your scores should reflect) rather than have this tool pick one.
+`.errors.jsonl`) with their id, line and reason; the run goes on. Reference and processed must
+share a sample rate: resample offline (with the resampler your scores should reflect) rather
+than have this tool pick one.
 
 Output rows (JSONL): id, line, reference, processed (as written in the manifest), haaqi (the
 combined score, ears averaged), per_ear {ear: {combined, nonlinear, linear, cephigh, bmsync5,
