@@ -111,8 +111,8 @@ def compare(runs: Mapping[str, Mapping[str, Mapping[str, float]]],
       [{"split", "setting", "run", "n", "lcc", "srcc", "mse"}]; the summary rows have n = number
       of the setting's runs that have the split, "sd" is the sample standard deviation (NaN for
       a single run) and "range" holds (min, max) pairs. Splits missing from a run are left out
-      of its rows; a split whose runs in one setting differ in n gets no summary rows
-      (`uneven_counts` names them).
+      of its rows; a split whose runs in one setting cover other clips (another n, or an "all"
+      over other splits) gets no summary rows (`unsummarised` names them).
     Raises:
       ValueError naming a requested split that no run has, or a run in no setting.
     """
@@ -135,21 +135,38 @@ def compare(runs: Mapping[str, Mapping[str, Mapping[str, float]]],
                 continue
             rows += [{"split": split, "setting": setting, "run": name, **entry}
                      for name, entry in have.items()]
-            if len({entry["n"] for entry in have.values()}) == 1:  # else other clips: no mean
+            if _unpooled(runs, list(have), split) is None:
                 rows += _summary_rows(have, split, setting)
     return rows
 
 
-def uneven_counts(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Notes on the (split, setting) groups of `compare` rows whose runs scored different
-    numbers of clips (and so got no summary rows)."""
-    counts: dict[tuple[str, str], list[int]] = {}
+def _unpooled(runs: Mapping[str, Mapping[str, Mapping[str, float]]], names: Sequence[str],
+              split: str) -> str | None:
+    """Why these runs' scores on `split` are not averaged (they cover other clips), or None."""
+    counts = sorted({int(runs[name][split]["n"]) for name in names})
+    if len(counts) > 1:
+        return f"the runs scored different numbers of clips ({', '.join(map(str, counts))})"
+    if split == ALL and len({frozenset(runs[name]) for name in names}) > 1:
+        return "the runs' 'all' pools different splits"
+    return None
+
+
+def unsummarised(runs: Mapping[str, Mapping[str, Mapping[str, float]]],
+                 rows: Sequence[Mapping[str, Any]],
+                 settings: Mapping[str, Sequence[str]] | None = None) -> list[str]:
+    """Notes on the (split, setting) groups of `compare` rows that got no summary rows, and
+    why (`_unpooled`)."""
+    groups: dict[tuple[str, str], list[str]] = {}
     for row in rows:
         if row["run"] not in SUMMARIES:
-            counts.setdefault((row["split"], row.get("setting", "")), []).append(int(row["n"]))
-    return [f"split {split!r}{f', setting {setting}' if setting else ''}: the runs scored "
-            f"different numbers of clips ({', '.join(map(str, sorted(set(n))))}), so no mean, "
-            f"sd or range" for (split, setting), n in counts.items() if len(set(n)) > 1]
+            groups.setdefault((row["split"], row.get("setting", "")), []).append(row["run"])
+    notes = []
+    for (split, setting), names in groups.items():
+        reason = _unpooled(runs, names, split)
+        if reason is not None:
+            notes.append(f"split {split!r}{f', setting {setting}' if setting else ''}: {reason}, "
+                         f"so no mean, sd or range")
+    return notes
 
 
 def _summary_rows(have: Mapping[str, Mapping[str, float]], split: str, setting: str
@@ -226,7 +243,11 @@ def group_settings(configs: Mapping[str, Mapping[str, Any] | None]
         return absent if found is absent else json.dumps(found, sort_keys=True)
 
     varying = [k for k in keys if len({value(n, k) for n in with_config}) > 1]
-    shared = [k for k in varying if all(value(n, k) is not absent for n in with_config)]
+    # Listed by value: keys every config has, and keys whose value differs where present;
+    # keys some configs lack and that agree where present are counted by section.
+    shared = [k for k in varying if all(value(n, k) is not absent for n in with_config)
+              or len({value(n, k) for n in with_config} - {absent}) > 1]
+    partial_sections = {k.split(".")[0] for k in varying if k not in shared}
     if not varying and not no_config:
         return {"": names}, {}, None
     groups: dict[Any, list[str]] = {}
@@ -237,7 +258,8 @@ def group_settings(configs: Mapping[str, Mapping[str, Any] | None]
             text = f"no {CONFIG_FILE} (evaluate reports)"
         else:
             signature = tuple(value(name, k) for k in varying)
-            parts = [f"{k}={value(name, k)}" for k in shared]
+            parts = [f"{k}={'<absent>' if value(name, k) is absent else value(name, k)}"
+                     for k in shared]
             sections: dict[str, int] = {}
             for k in varying:
                 if k not in shared and value(name, k) is not absent:
@@ -245,7 +267,8 @@ def group_settings(configs: Mapping[str, Mapping[str, Any] | None]
                     sections[section] = sections.get(section, 0) + 1
             parts += [f"also {sec}.* ({count} key{'s' if count > 1 else ''} the others lack)"
                       for sec, count in sorted(sections.items())]
-            text = ", ".join(parts) or "the defaults"
+            parts += [f"no {sec}.*" for sec in sorted(partial_sections - set(sections))]
+            text = ", ".join(parts)
         groups.setdefault(signature, []).append(name)
         texts.setdefault(signature, text)
     labels = [_label(i) for i in range(len(groups))]
@@ -420,8 +443,10 @@ def output_paths(out: str | os.PathLike) -> dict[str, Path]:
     out = Path(out).expanduser()
     suffix = out.suffix.lower()
     if suffix in (".csv", ".png"):
+        stem = out.with_suffix("")
         raise ValueError(f"--out {out} names the Markdown table; the {suffix} file is written "
-                         f"beside it: give e.g. --out {out.with_suffix('.md')}")
+                         f"beside it: give e.g. --out "
+                         f"{stem if stem.suffix.lower() in TABLE_SUFFIXES else out.with_suffix('.md')}")
     base = out.with_suffix("") if suffix in TABLE_SUFFIXES else out
     sibling = lambda ext: base.with_name(base.name + ext)
     return {"table": out, "csv": sibling(".csv"), "distill_csv": sibling(".distill.csv"),
@@ -487,18 +512,33 @@ def run(args: argparse.Namespace) -> int:
             continue
         try:
             configs[name] = read_config(folder)
+        except (OSError, ValueError) as err:   # its setting is unknown: left out, exit 1
+            print(f"skipped: {err}", file=sys.stderr)
+            unreadable += 1
+            del runs[name], configs[name]
+            continue
+        try:
             report = read_distill_report(folder)
-        except (OSError, ValueError) as err:   # the scores still count, as a setting of their own
+        except (OSError, ValueError) as err:   # the scores still count; the table goes
             print(f"{name}: {err}", file=sys.stderr)
             unreadable += 1
             continue
         if report is not None:
             distill[name] = report
+    if not runs:
+        print("no readable run among the runs given", file=sys.stderr)
+        return 1
+    inputs = {file.resolve() for file in readable} | {
+        (folder / extra).resolve() for folder in folders.values() if folder is not None
+        for extra in (CONFIG_FILE, DISTILL_REPORT_FILE)}
+    clash = [path for path in outputs.values() if path.resolve() in inputs]
+    if clash:
+        raise ValueError(f"--out would overwrite {clash[0]}, a file of a run being compared")
     settings, legend, note = group_settings(configs)
     if note:
         print(f"note: {note}", file=sys.stderr)
     rows = compare(runs, args.splits, settings)   # a split no run has: one line, exit 2 (cli)
-    for text in uneven_counts(rows):
+    for text in unsummarised(runs, rows):
         print(f"note: {text}", file=sys.stderr)
     distilled = distill_rows(distill, args.splits)
     text = markdown(rows, legend, distilled)

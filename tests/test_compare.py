@@ -173,13 +173,20 @@ def test_runs_are_summarised_per_setting(tmp_path, capsys):
     assert "- **C**: no config.json (evaluate reports)" in captured.out
     for setting in "ABC":
         assert f"| valid | {setting} | **mean** | 2 runs |" in captured.out
-    # A corrupt config.json: named, exit 1, its scores a setting of their own.
+    # A corrupt config.json: its setting is unknown, so the run is skipped (named, exit 1).
     (paths[3] / "config.json").write_text("{")
-    assert cli.main(["compare", *map(str, paths), "--splits", "valid"]) == 1
+    assert cli.main(["compare", *map(str, paths), str(tmp_path / "eval"), "--splits",
+                     "valid"]) == 1
     captured = capsys.readouterr()
-    assert "config.json: not JSON" in captured.err
+    assert "skipped: " in captured.err and "config.json: not JSON" in captured.err
     assert "| valid | A | **mean** | 2 runs |" in captured.out
-    assert "| valid | B | **mean** | 1 run |" in captured.out   # b0 alone, b1 apart
+    assert "| valid | B | **mean** | 1 run |" in captured.out   # b0 alone
+    assert "| valid | C | **mean** | 1 run |" in captured.out   # the evaluate report alone
+    # --out never overwrites a file of a run it reads.
+    assert cli.main(["compare", *map(str, paths[:2]), "--out",
+                     str(paths[0] / "report" / "metrics.json")]) == 2
+    assert "--out would overwrite" in capsys.readouterr().err
+    assert compare.read_scores(paths[0])
 
 
 def test_distillation_reports_get_their_own_table(tmp_path, capsys):
@@ -232,9 +239,11 @@ def test_output_names_never_collide_with_the_table(tmp_path, capsys):
         "cmp.md", "cmp.csv", "cmp.distill.csv", "cmp.png"]
     assert compare.output_paths("~/x.md")["table"] == compare.Path.home() / "x.md"
     evaluate.write_report(_records(0, 0.1), tmp_path / "r")
-    for bad in ("cmp.csv", "cmp.PNG"):
+    for bad, hint in (("cmp.csv", "cmp.md"), ("cmp.PNG", "cmp.md"), ("t.md.csv", "t.md")):
         assert cli.main(["compare", str(tmp_path / "r"), "--out", str(tmp_path / bad)]) == 2
-        assert "names the Markdown table" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "names the Markdown table" in err and err.rstrip().endswith(
+            f"--out {tmp_path / hint} (set HAAQI_JAX_TRACEBACK=1 for the traceback)"), err
         assert not (tmp_path / bad).exists()
     (tmp_path / "d.png").mkdir()                  # a sibling output that cannot be written
     assert cli.main(["compare", str(tmp_path / "r"), "--out", str(tmp_path / "d.md")]) == 2
@@ -254,6 +263,15 @@ def test_runs_of_other_clip_counts_get_no_summary(tmp_path, capsys):
     assert cli.main(["compare", *map(str, paths)]) == 0
     assert ("split 'all': the runs scored different numbers of clips (30, 70), so no mean"
             in capsys.readouterr().err)
+    # The same number of clips in other splits: "all" still covers other clips.
+    same_n = [dict(r, split="test_seen") if r["split"] == "test_unseen" else r
+              for r in records]
+    paths.append(_workdir(tmp_path / "s2", same_n, seed=2))
+    runs = {p.name: compare.read_scores(p) for p in (paths[0], paths[2])}
+    rows = compare.compare(runs, ["all"], {"": list(runs)})
+    assert [r["run"] for r in rows] == ["s0", "s2"]
+    assert compare.unsummarised(runs, rows) == [
+        "split 'all': the runs' 'all' pools different splits, so no mean, sd or range"]
 
 
 def test_settings_of_other_structure_are_summarised_by_section():
@@ -266,5 +284,12 @@ def test_settings_of_other_structure_are_summarised_by_section():
     settings, legend, _ = compare.group_settings({"t": teacher, "s": student})
     assert settings == {"A": ["t"], "B": ["s"]}
     assert legend == {
-        "A": 'loss.name="haaqi_mse", also model.* (2 keys the others lack)',
-        "B": 'loss.name="distill_uncertainty", also distill.* (3 keys the others lack)'}
+        "A": 'loss.name="haaqi_mse", also model.* (2 keys the others lack), no distill.*',
+        "B": 'loss.name="distill_uncertainty", also distill.* (3 keys the others lack), '
+             'no model.*'}
+    # Two settings that differ inside a section a third lacks: that key is listed by value.
+    other = {**student, "distill.head_kind": "sequential"}
+    settings, legend, _ = compare.group_settings({"t": teacher, "s": student, "o": other})
+    assert legend["B"].startswith('distill.head_kind="independent"')
+    assert legend["C"].startswith('distill.head_kind="sequential"')
+    assert legend["A"].startswith('distill.head_kind=<absent>')

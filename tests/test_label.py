@@ -395,10 +395,21 @@ def test_cli_refuses_clashing_or_unwritable_outputs_before_labelling(dataset, tm
         assert message in err and "Traceback" not in err, err
         assert not out.exists()                              # nothing labelled first
     # A labels file written with other settings: one line naming the difference, exit 2.
-    out.write_text(json.dumps({"id": "x", "equalisation": 2, "level1_rule": 65.0,
+    out.write_text(json.dumps({"id": "x", "per_ear": {}, "equalisation": 2, "level1_rule": 65.0,
                                "ears": "average", "dtype": "float32", "seed": 0}) + "\n")
     assert cli.main(["label", str(dataset["manifest"]), "--out", str(out)]) == 2
     assert "other settings" in capsys.readouterr().err
+    # An errors file (or any JSONL with ids) given as --out: named as such.
+    out.write_text(json.dumps({"id": "x", "stage": "audio", "reason": "missing"}) + "\n")
+    assert cli.main(["label", str(dataset["manifest"]), "--out", str(out)]) == 2
+    assert "not a labels file" in capsys.readouterr().err
+    # A folder, or a file that is not UTF-8, given as the manifest.
+    assert cli.main(["label", str(tmp_path), "--out", str(tmp_path / "o" / "l.jsonl")]) == 2
+    assert "is a folder; give the manifest file" in capsys.readouterr().err
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("id,reference\ncaf\xe9,x.wav\n".encode("latin-1"))
+    assert cli.main(["label", str(latin), "--out", str(tmp_path / "o" / "l.jsonl")]) == 2
+    assert "latin.csv is not UTF-8 text" in capsys.readouterr().err
 
 
 def test_a_fixed_row_is_labelled_on_the_next_run(dataset, tmp_path):
@@ -628,7 +639,8 @@ def test_a_changed_manifest_row_is_labelled_again(dataset, tmp_path):
                                        manifest_out=train)
     assert (summary.n_ok, summary.n_skipped) == (2, 1)
     assert sorted(i for i, _ in summary.changed) == ["good1", "good2"]
-    assert "labelled again" in str(summary) and "processed" in dict(summary.changed)["good2"]
+    assert "their old labels removed, scored again" in str(summary)
+    assert "processed" in dict(summary.changed)["good2"]
     after = _read_jsonl(out)
     assert sorted(r["id"] for r in after) == ["good1", "good2", "good3"]   # no duplicate ids
     fresh = tmp_path / "fresh.jsonl"
@@ -646,13 +658,26 @@ def test_a_changed_manifest_row_is_labelled_again(dataset, tmp_path):
     again = label_mod.label_manifest(manifest, out, scorer=FakeScorer(), progress=False)
     assert [i for i, _ in again.changed] == ["good3"] and again.n_ok == 1
     assert "level1 None -> 70.0" in dict(again.changed)["good3"]
-    # Labels written before `inputs` was recorded are compared by their paths only.
+    # Labels written before `inputs` was recorded are compared by their paths and level1 only.
     legacy = [{k: v for k, v in r.items() if k != "inputs"} for r in _read_jsonl(out)]
     out.write_text("".join(json.dumps(r) + "\n" for r in legacy))
     rows[0]["audiogram"] = NORMAL
+    rows[2]["level1"] = 72.0
     _write_jsonl(manifest, rows)
-    assert label_mod.label_manifest(manifest, out, scorer=FakeScorer(),
-                                    progress=False).n_skipped == 3
+    old = label_mod.label_manifest(manifest, out, scorer=FakeScorer(), progress=False)
+    assert old.n_skipped == 2 and [i for i, _ in old.changed] == ["good3"]
+    # A labelled row made invalid in the manifest loses its label; the training manifest says
+    # why the row is missing.
+    rows[1]["audiogram"] = [0, 0, 0]
+    _write_jsonl(manifest, rows)
+    bad = label_mod.label_manifest(manifest, out, scorer=FakeScorer(), progress=False,
+                                   manifest_out=train)
+    assert dict(bad.changed) == {"good2": "the row is invalid now"} and bad.n_failed == 1
+    assert sorted(r["id"] for r in _read_jsonl(out)) == ["good1", "good3"]
+    label_mod.write_training_manifest(out, manifest, train)
+    out.write_text(out.read_text() + json.dumps(before["good2"]) + "\n")
+    stale = label_mod.write_training_manifest(out, manifest, train)
+    assert dict(stale.left_out)["good2"].startswith("the manifest row is invalid now: ")
 
 
 def test_errors_option_never_overwrites_a_labels_file(dataset, tmp_path):
@@ -707,4 +732,19 @@ def test_one_writer_per_labels_file(dataset, tmp_path):
         assert not out.exists()
     label_mod.label_manifest(dataset["manifest"], out, limit=2, scorer=FakeScorer(),
                              progress=False)
-    assert out.exists() and not (tmp_path / ".labels.jsonl.lock").exists()
+    assert out.exists()
+    # A symlink to OUT is the same labels file: the same lock.
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(out)
+    with open(tmp_path / ".labels.jsonl.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ValueError, match="another `haaqi-jax label` is writing"):
+            label_mod.label_manifest(dataset["manifest"], link, limit=3, scorer=FakeScorer(),
+                                     progress=False)
+    # Two labels of one id (written by two runs before the lock): the training manifest keeps
+    # one, and says so, rather than write a manifest train.py refuses.
+    out.write_text(out.read_text() * 2)
+    summary = label_mod.write_training_manifest(out, dataset["manifest"], tmp_path / "t.jsonl")
+    assert summary.n_labels == 2
+    assert [r for _, r in summary.left_out] == ["a second label with this id (two runs wrote "
+                                                "one labels file)"] * 2

@@ -313,3 +313,12 @@ def test_a_csv_file_is_named_as_the_wrong_manifest(tmp_path):
     with pytest.raises(ValueError, match=r"pairs.csv: a CSV file; this manifest is JSON Lines"
                                          r".*haaqi-jax label"):
         read_manifest(pairs)
+
+
+def test_checking_a_large_manifest_shows_a_bar_unless_told_not_to(audio_dir, capsys):
+    rows = [_row(i % 4, id=f"r{i}", haaqi_score=0.1) for i in range(201)]
+    path = _write_jsonl(audio_dir / "large.jsonl", rows)
+    assert len(read_manifest(path, check_files=True)) == 201
+    assert "checking large.jsonl" in capsys.readouterr().err
+    assert len(read_manifest(path, check_files=True, progress=False)) == 201
+    assert "checking" not in capsys.readouterr().err

@@ -339,10 +339,10 @@ def read_manifest(path: str | os.PathLike, *, require_label: bool = False,
         raise ValueError(f"manifest {path} is not UTF-8 text (byte {err.start}): is it a "
                          f"JSONL or CSV file?") from None
     entries = _entries(path, text)
-    progress = None
+    bar = None
     if check_files and progress and len(entries) > 200:
         from tqdm.auto import tqdm
-        progress = tqdm(total=len(entries), desc=f"checking {path.name}", unit="row")
+        bar = tqdm(total=len(entries), desc=f"checking {path.name}", unit="row")
     for line, obj, json_error in entries:
         row_id = obj.get("id", line) if isinstance(obj, Mapping) else line
         try:
@@ -360,10 +360,10 @@ def read_manifest(path: str | os.PathLike, *, require_label: bool = False,
         else:
             seen[row.id] = line
             rows.append(row)
-        if progress is not None:
-            progress.update()
-    if progress is not None:
-        progress.close()
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
     if not rows:
         raise ValueError(f"{path}: no usable rows" + (f" ({len(skipped)} skipped)" if skipped
                                                        else ""))
@@ -397,6 +397,8 @@ def write_manifest(path: str | os.PathLike,
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write("\n".join(lines) + ("\n" if lines else ""))
+            f.flush()
+            os.fsync(f.fileno())      # the rename must not land before the data
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

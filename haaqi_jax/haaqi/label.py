@@ -253,11 +253,18 @@ def read_label_manifest(path: str | os.PathLike, *, limit: int | None = None,
     level1, duplicate id), in file order. `limit` keeps only the first `limit` data rows.
     Raises FileNotFoundError if the manifest itself is missing.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"manifest {path} is a folder; give the manifest file (JSONL or CSV)")
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
+    try:
+        raw = list(_raw_rows(path))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"manifest {path} is not UTF-8 text (byte {err.start}); save it as "
+                         f"UTF-8") from None
     rows, errors, seen = [], [], set()
-    for index, line, fields, problem in _raw_rows(path):
+    for index, line, fields, problem in raw:
         if limit is not None and index >= limit:
             break
         row_id = fields.get("id", index) if fields else index
@@ -406,13 +413,17 @@ def _changed_since(label: dict[str, Any], row: LabelRow,
       ears: the ears the row would be scored on now, or None to take the label's.
     Returns:
       A short description of the first difference (paths, ears, an audiogram, level1). Labels
-      written before `inputs` was recorded are compared by their paths only.
+      written before `inputs` was recorded are compared by their paths and a row's own level1
+      only (their audiograms are unknown).
     """
     for key in ("reference", "processed"):
         if label.get(key) != getattr(row, key):
             return f"{key} {label.get(key)!r} -> {getattr(row, key)!r}"
     recorded = label.get("inputs")
     if not isinstance(recorded, dict):
+        used = {e.get("level1") for e in (label.get("per_ear") or {}).values()}
+        if row.level1 is not None and used != {row.level1}:
+            return f"level1 {sorted(used)} -> {row.level1!r}"
         return None
     labelled = sorted(label.get("per_ear") or {})
     if ears is not None and sorted(ears) != labelled:
@@ -744,9 +755,9 @@ class LabelSummary:
                  f"{self.n_skipped} already done ({self.seconds:.1f} s) -> {self.out_path}"
                  + (f" (errors: {self.errors_path})" if self.n_failed else "")]
         if self.changed:
-            lines.append(f"{len(self.changed)} labelled row(s) had changed in the manifest and "
-                         f"were labelled again (e.g. id {self.changed[0][0]!r}: "
-                         f"{self.changed[0][1]})")
+            lines.append(f"{len(self.changed)} labelled row(s) had changed in the manifest: "
+                         f"their old labels removed, scored again (counted above; e.g. id "
+                         f"{self.changed[0][0]!r}: {self.changed[0][1]})")
         if self.inaudible:
             lines.append(f"warning: {len(self.inaudible)} row(s) have an ear whose reference is "
                          f"below the listener's threshold (e.g. id {self.inaudible[0]!r}): HAAQI "
@@ -833,14 +844,22 @@ def write_training_manifest(labels_path: str | os.PathLike, manifest_path: str |
     """
     from haaqi_jax.data.manifest import write_manifest
 
-    labels = _read_done(Path(labels_path))
-    rows, _ = read_label_manifest(manifest_path)
+    labels = _read_done(Path(labels_path).expanduser())
+    rows, invalid = read_label_manifest(manifest_path)
     by_key = {row.key: row for row in rows}
-    training, left_out, used = [], [], 0
+    invalid_reasons = {e.key: e.reason for e in invalid}
+    training, left_out, used, seen = [], [], 0, set()
     for label in labels:
-        row = by_key.get(str(label["id"]))
+        key = str(label["id"])
+        if key in seen:
+            left_out.append((key, "a second label with this id (two runs wrote one labels file)"))
+            continue
+        seen.add(key)
+        row = by_key.get(key)
         if row is None:
-            left_out.append((str(label["id"]), f"no row with this id in {manifest_path}"))
+            left_out.append((key, f"the manifest row is invalid now: {invalid_reasons[key]}"
+                             if key in invalid_reasons
+                             else f"no row with this id in {manifest_path}"))
             continue
         changed = _changed_since(label, row)
         if changed is not None:
@@ -869,6 +888,10 @@ def default_errors_path(out_path: str | os.PathLike) -> Path:
 def _check_settings(done: Sequence[dict[str, Any]], settings: LabelSettings, path: Path) -> None:
     want = settings.recorded()
     for obj in done[:1]:
+        if "per_ear" not in obj:
+            raise ValueError(f"{path}, line 1: no 'per_ear' scores: not a labels file of "
+                             f"`haaqi-jax label` (an errors file or a manifest?); name another "
+                             f"--out")
         have = {k: obj.get(k) for k in want}
         if have != want:
             diff = ", ".join(f"{k}={have[k]!r} (now {want[k]!r})"
@@ -934,8 +957,10 @@ def label_manifest(manifest_path: str | os.PathLike, out_path: str | os.PathLike
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
-    out_path = Path(out_path)
-    errors_path = default_errors_path(out_path) if errors_path is None else Path(errors_path)
+    out_path = Path(out_path).expanduser()
+    errors_path = (default_errors_path(out_path) if errors_path is None
+                   else Path(errors_path).expanduser())
+    manifest_out = None if manifest_out is None else Path(manifest_out).expanduser()
     with _sole_writer(out_path):
         return _label_rows(manifest_path, out_path, errors_path, batch_size, settings, limit,
                            scorer, progress, manifest_out, start)
@@ -944,9 +969,12 @@ def label_manifest(manifest_path: str | os.PathLike, out_path: str | os.PathLike
 @contextlib.contextmanager
 def _sole_writer(out_path: Path) -> Iterator[None]:
     """Holds an exclusive lock on `<out folder>/.<out name>.lock` while a run writes OUT: two
-    runs on one OUT would both label the rows left to do and write them twice."""
+    runs on one OUT would both label the rows left to do and write them twice. The lock file
+    stays (deleting it would let a third run lock a new file while a second holds the old);
+    OUT's real path names it, so a symlink to OUT finds the same lock."""
     import fcntl
-    lock_path = out_path.with_name(f".{out_path.name}.lock")
+    real = out_path.resolve()
+    lock_path = real.with_name(f".{real.name}.lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "w") as lock:
         try:
@@ -957,7 +985,6 @@ def _sole_writer(out_path: Path) -> Iterator[None]:
         try:
             yield
         finally:
-            lock_path.unlink(missing_ok=True)
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
@@ -999,6 +1026,9 @@ def _label_rows(manifest_path, out_path: Path, errors_path: Path, batch_size: in
         if reason is not None:
             changed[row.key] = reason
         probed.append((row, probe, ears))
+    for error in manifest_errors:         # a labelled row made invalid: its label is stale too
+        if error.key in labelled and error.key not in {r.key for r in rows}:
+            changed[error.key] = "the row is invalid now"
     done = set(labelled) - set(changed)
     # Rows that failed before are tried again (a file may have been fixed since): their old
     # entries go, and a row that fails again is written anew.
@@ -1107,6 +1137,9 @@ def run(args: argparse.Namespace) -> int:
     """Runs `haaqi-jax label`; prints the summary. Returns 0, or 1 when rows failed in this run
     (the others are labelled; the failed ones are in the errors file, retried on a rerun)."""
     from haaqi_jax.cli import writable_file
+    if Path(args.manifest).expanduser().is_dir():
+        raise ValueError(f"manifest {args.manifest} is a folder; give the manifest file (JSONL "
+                         f"or CSV)")
     errors = default_errors_path(args.out) if args.errors is None else args.errors
     outputs = {"--out": args.out, "--errors": errors, "--manifest-out": args.manifest_out}
     named = {}
