@@ -73,7 +73,11 @@ def nothing_audible(cephigh, bmsync5):
     """True where HAAQI kept at most one reference frame and segment above the hearing
     threshold (a level1 too low for the audiogram, or a loss too severe): its nonlinear part is
     then 0 by rule, cephigh and bmsync5 exactly 0 (a measured correlation is never exactly 0),
-    and the score is 0.162 for any processed signal as quiet. numpy or JAX arrays, any shape."""
+    and the score is 0.162 for any processed signal as quiet. numpy or JAX arrays, any shape.
+
+    It errs towards False: at an absurd level1 (around -50 dB SPL) BM segments of the threshold
+    noise alone pass, bmsync5 is not 0, and a score constant in the processing goes unflagged.
+    (cephigh = 0 alone would also flag an audible reference whose processed signal is silent.)"""
     return (cephigh == 0) & (bmsync5 == 0)
 
 
