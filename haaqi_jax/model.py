@@ -256,10 +256,12 @@ class HAAQINetModel(nn.Module):
         batch, length = waveform.shape
         if padding_mask is None:
             valid = jnp.full((batch,), length, jnp.int32)
-            enc_mask = None
         else:
             valid = (~padding_mask.astype(bool)).sum(axis=-1).astype(jnp.int32)
-            enc_mask = encoder_padding_mask(valid, length)
+        # Always the mask, None too: its samples past the last whole patch are what padding
+        # gives, so an encoder that summarises the clip (fbank_patches' statistics) sees the
+        # same frames whether the clip comes alone, padded, or without a mask.
+        enc_mask = encoder_padding_mask(valid, length)
         out = self.encoder(waveform, enc_mask,
                            deterministic=True if cfg.freeze_encoder else deterministic)
         if cfg.feature_mode == "last":

@@ -175,6 +175,32 @@ def test_input_gradient_through_apply_matches_finite_differences(encoder, levels
     assert float(numeric) == pytest.approx(float(np.vdot(grad, direction)), rel=0.05, abs=1e-6)
 
 
+@pytest.mark.parametrize("encoder", ["beats", "fbank_patches"])
+def test_no_mask_means_every_sample_valid(encoder, levels):
+    """apply(x, None) scores a clip as predict, an all-valid mask and padding do: fbank_patches'
+    clip statistics once read frames past the last whole patch only without a mask."""
+    cfg = (M.HAAQINetConfig(encoder_config=TINY_CFG) if encoder == "beats" else
+           M.HAAQINetConfig(encoder_kind="fbank_patches",     # the default job's encoder
+                            encoder_config={"clip_statistics": True, "position_dim": 8},
+                            head=HeadConfig(audiogram_scale=0.01)))
+    net = M.HAAQINet.init_random(cfg, seed=4)
+    clip = _clips(11, [12500])[0]                  # not a whole number of patches
+    hl = jnp.asarray(levels[:1], jnp.float32)
+    model = M.HAAQINetModel(net.config)
+    features = [model.apply({"params": net.params}, clip[None], mask, method="encode")[0]
+                for mask in (None, np.zeros((1, clip.size), bool))]
+    np.testing.assert_allclose(features[0], features[1], atol=1e-6)
+    alone = float(net.apply(clip[None], None, hl).clip_score[0])
+    masked = float(net.apply(clip[None], np.zeros((1, clip.size), bool), hl).clip_score[0])
+    padded = np.zeros((1, 16000), np.float32)
+    padded[0, :clip.size] = clip
+    pad_mask = np.arange(16000)[None] >= clip.size
+    in_padding = float(net.apply(padded, pad_mask, hl).clip_score[0])
+    assert alone == pytest.approx(masked, abs=1e-6) and alone == pytest.approx(in_padding, abs=2e-5)
+    assert alone == pytest.approx(float(net.predict([clip], SR, levels[:1], progress=False)[0]),
+                                  abs=2e-5)
+
+
 def test_encode_and_apply_check_their_inputs(weighted_net, levels):
     clips = _clips(9, [6000, 4000])
     wav = np.zeros((2, 6000), np.float32)
