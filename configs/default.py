@@ -34,7 +34,7 @@ def get_config() -> ConfigDict:
     # distortion types they never trained on without looking at test_unseen.
     c.data.hold_out = ()
     c.data.cache = True  # head-only training on cached encoder features
-    c.data.cache_dir = "data_cache/features"  # keyed by encoder fingerprint: shared by runs
+    c.data.cache_dir = "data_cache/features"  # keyed by the encoder (weights, settings, code)
     c.data.cache_dtype = "float16"  # "float16" | "float32" (bit-exact features)
     c.data.encode_batch_size = 8  # clips per encoder pass while building the cache
     c.data.valid_fraction = 0.2  # rows without a split: random train/valid division

@@ -528,3 +528,24 @@ def test_a_nan_loss_stops_training_naming_the_term(tiny, tmp_path):
         loop.train_and_evaluate(_config(overrides + ["loss.name=test_nan_loss",
                                                      f"data.cache_dir={tmp_path / 'cache'}"]),
                                 tmp_path / "work")
+
+
+def test_feature_cache_notices_a_changed_encoder_code(tiny, tmp_path, monkeypatch):
+    """The same weights and settings but other encoder code (a user's own encoder edited, or a
+    library change): the cached features are not reused. They were, keyed by the weights."""
+    from haaqi_jax import fbank as fbank_lib
+
+    root, overrides = tiny
+    config = _config(overrides + [f"data.cache_dir={tmp_path / 'cache'}"])
+    net = loop.build_model(config)
+    for name in ("w0", "w1", "w2"):
+        (tmp_path / name).mkdir()
+    loop.build_train_data(config, net, tmp_path / "w0")
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    loop.build_train_data(config, net, tmp_path / "w1")             # unchanged: reused
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    original = fbank_lib.normalize_fbank
+    monkeypatch.setattr(fbank_lib, "normalize_fbank", lambda x: 0.5 * original(x))
+    jax.clear_caches()                  # this process traced the old code; a new one would not
+    loop.build_train_data(config, net, tmp_path / "w2")
+    assert len(list((tmp_path / "cache").iterdir())) == 2

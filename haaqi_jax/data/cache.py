@@ -18,9 +18,11 @@ tokens of a 30 s clip: 30 MB instead of 60 MB) at a relative rounding of 2**-11,
 label noise. Values beyond float16 range raise a ValueError naming the clip. Pass
 dtype="float32" for bit-exact features.
 
-Staleness: the cache folder is keyed by an encoder fingerprint (pass `params_fingerprint(params,
-config)`; without one, a hash of the encoder's output on a fixed probe signal is used, which costs
-one extra encode_fn call and is bit-exact, so another device or backend rebuilds). A clip is
+Staleness: the cache folder is keyed by an encoder fingerprint (train.py and distillation pass
+`params_fingerprint(params, config)` joined with `probe_fingerprint(encode_fn)`; without one,
+the probe alone). The probe, a hash of the encoder's output on a fixed signal, sees a change of
+the encoder's code that its weights and settings do not; it costs one extra encode_fn call and
+is bit-exact, so another device or backend rebuilds. A clip is
 re-encoded when its audio file's size or modification time changed. Interrupted builds resume:
 clips already in index.jsonl with their .npy present are skipped.
 
@@ -147,7 +149,10 @@ class FeatureCache:
         return stored if dtype is None else stored.astype(dtype)
 
 
-def _probe_fingerprint(encode_fn: EncodeFn, sample_rate: int) -> str:
+def probe_fingerprint(encode_fn: EncodeFn, sample_rate: int = 16000) -> str:
+    """Hex digest of `encode_fn`'s output on a fixed probe signal (one bucket of seeded noise):
+    it changes with the encoder's code as well as its weights, which a parameter digest
+    cannot see."""
     n = bucket_length(sample_rate)
     wave = (0.1 * np.random.default_rng(0).standard_normal((1, n))).astype(np.float32)
     features, token_padding_mask = encode_fn(wave, np.zeros((1, n), bool))
@@ -216,7 +221,7 @@ def build_feature_cache(rows: Sequence[ManifestRow], encode_fn: EncodeFn,
         dup = next(i for i in ids if ids.count(i) > 1)
         raise ValueError(f"row id {dup!r} appears more than once; ids key the feature cache")
     if fingerprint is None:
-        fingerprint = _probe_fingerprint(encode_fn, sample_rate)
+        fingerprint = probe_fingerprint(encode_fn, sample_rate)
     key = hashlib.sha1(f"{fingerprint}|{layers}|{dtype}|{sample_rate}".encode()).hexdigest()[:16]
     directory = Path(cache_dir) / key
     directory.mkdir(parents=True, exist_ok=True)

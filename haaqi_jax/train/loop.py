@@ -444,12 +444,16 @@ def build_train_data(config: Any, net: Any, workdir: Path,
         layers = "all" if net.config.feature_mode == "weighted" else "last"
         identity = {k: v for k, v in net.config.to_dict().items()
                     if k in ("encoder_kind", "encoder_config", "feature_mode", "feature_layers")}
+        encode_fn = make_encode_fn(net)
+        # The weights and settings, and the encoder's output on a probe signal: features of
+        # an encoder whose code changed (a user's own, or this library's) are not reused.
+        # (An encoder without weights, e.g. fbank_patches with position_dim 0, has no entry.)
+        fingerprint = (cache_lib.params_fingerprint(net.params.get("encoder", {}), identity)
+                       + "|" + cache_lib.probe_fingerprint(encode_fn))
         cache = cache_lib.build_feature_cache(
-            [r for s in used.values() for r in s], make_encode_fn(net),
+            [r for s in used.values() for r in s], encode_fn,
             d.get("cache_dir") or (workdir / "feature_cache"), batch_size=int(d.encode_batch_size),
-            layers=layers, dtype=d.cache_dtype,
-            # (an encoder without weights, e.g. fbank_patches with position_dim 0, has no entry)
-            fingerprint=cache_lib.params_fingerprint(net.params.get("encoder", {}), identity))
+            layers=layers, dtype=d.cache_dtype, fingerprint=fingerprint)
         if in_cfg.crop_seconds is not None:
             raise ValueError("data.crop_seconds must be None with data.cache=True (cached "
                              "features are of whole clips)")
