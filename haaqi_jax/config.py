@@ -34,6 +34,18 @@ _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
 
+def definition_site(fn: Any) -> tuple:
+    """Where a function is defined: module, qualified name, source file and line. Registries
+    (losses, encoders) take a second registration of the same definition as a no-op, so that a
+    config file that registers one can be loaded twice; two config files of one name in
+    different folders (runs/a/config.py, runs/b/config.py) load as the same module name, so the
+    file tells their functions apart, and the line two lambdas of one function."""
+    code = getattr(fn, "__code__", None)
+    return (getattr(fn, "__module__", None), getattr(fn, "__qualname__", None),
+            None if code is None else os.path.abspath(code.co_filename),
+            None if code is None else code.co_firstlineno)
+
+
 def reject_unknown_keys(d: Any, cls: type) -> None:
     """Raises ValueError naming the keys of mapping `d` that are not fields of dataclass `cls`
     (and the known ones): the one check behind the frozen config dataclasses' from_dict."""

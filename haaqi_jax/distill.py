@@ -341,15 +341,13 @@ def build_target_cache(teacher: Any, config: Any, rows, workdir: Path):
     layers = [int(i) for i in dc.target_layers]
     identity = {"kind": "distill_targets", "encoder_config": dict(teacher.config.encoder_config),
                 "target_layers": layers}
-    encode_fn = make_target_encode_fn(teacher, layers)
-    # Weights and settings, and the output on a probe signal (a change of the teacher's code).
-    fingerprint = (cache_lib.params_fingerprint(teacher.params["encoder"], identity) + "|"
-                   + cache_lib.probe_fingerprint(encode_fn))
+    fingerprint = cache_lib.params_fingerprint(teacher.params["encoder"], identity)
     return cache_lib.build_feature_cache(
-        rows, encode_fn,
+        rows, make_target_encode_fn(teacher, layers),
         dc.get("target_cache_dir") or (workdir / TARGET_CACHE_DIR),
         batch_size=int(config.data.get("encode_batch_size", 8)), layers="all",
-        fingerprint=fingerprint, dtype=str(dc.get("target_cache_dtype", "float16")))
+        fingerprint=fingerprint, dtype=str(dc.get("target_cache_dtype", "float16")),
+        probe=True)   # targets of a teacher whose code changed are not reused
 
 
 def make_distill_step(forward: Callable[..., dict], loss_fn: steps_lib.LossFn,

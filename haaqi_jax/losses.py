@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 
+from haaqi_jax.config import definition_site
 from haaqi_jax.data.manifest import COMPONENT_NAMES
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
@@ -46,15 +46,6 @@ LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 _REGISTRY: dict[str, LossFn] = {}
 _PARAM_INITS: dict[str, Callable[[int], Any]] = {}
 _ROW_FIELDS: dict[str, tuple[str, ...]] = {}
-
-
-def _definition(fn: Callable) -> tuple:
-    """Where a function is defined: module, qualified name and source file. Two config files
-    of one name in different folders (runs/a/config.py, runs/b/config.py) load as the same
-    module name, so the file tells their functions apart."""
-    code = getattr(fn, "__code__", None)
-    return (getattr(fn, "__module__", None), getattr(fn, "__qualname__", None),
-            None if code is None else os.path.abspath(code.co_filename))
 
 
 def register_loss(name: str, *, overwrite: bool = False,
@@ -73,7 +64,7 @@ def register_loss(name: str, *, overwrite: bool = False,
         old = _REGISTRY.get(name)
         # The same definition run again (a config file loaded twice, a notebook cell rerun)
         # replaces itself; another function under a taken name needs overwrite.
-        same = old is not None and _definition(old) == _definition(fn)
+        same = old is not None and definition_site(old) == definition_site(fn)
         if old is not None and not overwrite and not same:
             raise ValueError(f"loss {name!r} is already registered by "
                              f"{old.__module__}.{old.__qualname__} (pass overwrite=True)")

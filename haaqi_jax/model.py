@@ -65,8 +65,13 @@ _ENCODERS: dict[str, EncoderSpec] = {}
 def register_encoder(kind: str, build: Callable[[Mapping[str, Any]], nn.Module],
                      default_config: Callable[[], dict[str, Any]], *,
                      overwrite: bool = False) -> None:
-    """Makes `HAAQINetConfig(encoder_kind=kind)` buildable (see the module docstring)."""
-    if kind in _ENCODERS and not overwrite:
+    """Makes `HAAQINetConfig(encoder_kind=kind)` buildable (see the module docstring). The same
+    `build` registered again (a config file loaded twice) replaces itself; another one under a
+    taken kind needs overwrite."""
+    from haaqi_jax.config import definition_site
+    old = _ENCODERS.get(kind)
+    if (old is not None and not overwrite
+            and definition_site(old.build) != definition_site(build)):
         raise ValueError(f"encoder kind {kind!r} is already registered (pass overwrite=True)")
     _ENCODERS[kind] = EncoderSpec(build, default_config)
 

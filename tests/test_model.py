@@ -370,6 +370,9 @@ def test_registered_encoder_kind_is_used(levels, tmp_path):
                        overwrite=True)
     with pytest.raises(ValueError, match="already registered"):
         M.register_encoder("toy_frames", lambda cfg: None, dict)
+    # The same definition again (a config file that registers it, loaded twice): a no-op.
+    build = M.encoder_spec("toy_frames").build
+    M.register_encoder("toy_frames", build, lambda: {"dim": 12})
     net = M.HAAQINet.init_random(M.HAAQINetConfig(encoder_kind="toy_frames"), seed=0)
     assert net.params["encoder"]["Dense_0"]["kernel"].shape == (320, 12)
     assert net.config.encoder_config == {"dim": 12}

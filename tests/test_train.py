@@ -549,3 +549,21 @@ def test_feature_cache_notices_a_changed_encoder_code(tiny, tmp_path, monkeypatc
     jax.clear_caches()                  # this process traced the old code; a new one would not
     loop.build_train_data(config, net, tmp_path / "w2")
     assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_settings_that_would_do_nothing_are_refused(tiny):
+    """A weight decay adam ignores, a frozen pattern that matches no parameter (a typo) or is no
+    regular expression, and freezing everything: named before anything is built."""
+    _, overrides = tiny
+    with pytest.raises(ValueError, match="optimizer.weight_decay 0.5 is applied by adamw only"):
+        loop.check_run_settings(_config(overrides + ["optimizer.weight_decay=0.5"]))
+    loop.check_run_settings(_config(overrides + ["optimizer.weight_decay=0.5",
+                                                 "optimizer.name=adamw"]))
+    for pattern, message in ((r"blstm/.*", r"'blstm/\.\*' matches no parameter"),
+                             ("head/[", "is not a regular expression"),
+                             ("head/.*", "every parameter is frozen")):
+        config = _config(overrides + [f"train.frozen_patterns=({pattern!r},)"])
+        with pytest.raises(ValueError, match=message):
+            loop.check_frozen(config, loop.build_model(config))
+    config = _config(overrides + ["train.frozen_patterns=('head/blstm/.*',)"])
+    loop.check_frozen(config, loop.build_model(config))

@@ -19,10 +19,10 @@ label noise. Values beyond float16 range raise a ValueError naming the clip. Pas
 dtype="float32" for bit-exact features.
 
 Staleness: the cache folder is keyed by an encoder fingerprint (train.py and distillation pass
-`params_fingerprint(params, config)` joined with `probe_fingerprint(encode_fn)`; without one,
-the probe alone). The probe, a hash of the encoder's output on a fixed signal, sees a change of
-the encoder's code that its weights and settings do not; it costs one extra encode_fn call and
-is bit-exact, so another device or backend rebuilds. A clip is
+`params_fingerprint(params, config)` and `probe=True`; without a fingerprint, the probe alone).
+The probe, a hash of the encoder's output on a fixed signal, sees a change of the encoder's code
+that its weights and settings do not; it costs one extra encode_fn call and is bit-exact, so
+another device or backend rebuilds. A clip is
 re-encoded when its audio file's size or modification time changed. Interrupted builds resume:
 clips already in index.jsonl with their .npy present are skipped.
 
@@ -184,7 +184,8 @@ def build_feature_cache(rows: Sequence[ManifestRow], encode_fn: EncodeFn,
                         cache_dir: str | os.PathLike, *, batch_size: int,
                         sample_rate: int = 16000, layers: Literal["last", "all"] = "last",
                         fingerprint: str | None = None,
-                        dtype: Literal["float16", "float32"] = "float16") -> FeatureCache:
+                        dtype: Literal["float16", "float32"] = "float16",
+                        probe: bool = False) -> FeatureCache:
     """Encodes every row's clip once (skipping clips already cached) and stores the features.
 
     Args:
@@ -198,7 +199,12 @@ def build_feature_cache(rows: Sequence[ManifestRow], encode_fn: EncodeFn,
       layers: "last" keeps (T, C) (the last layer when encode_fn returns all); "all" keeps
         (L, T, C) and requires 4-D output.
       fingerprint: identifies the encoder's parameters and config (`params_fingerprint`);
-        None = hash of encode_fn's output on a probe signal (one extra call).
+        None = hash of encode_fn's output on a probe signal (one extra call). Recorded in
+        meta.json and in the resume digest of the cache's batch iterators.
+      probe: with a fingerprint, also key the folder by `probe_fingerprint(encode_fn)`, so
+        that a change of the encoder's code is seen (one extra call); the recorded fingerprint
+        stays the given one, so a resume on a machine whose probe differs by rounding
+        re-encodes the clips but is not refused.
       dtype: storage dtype, "float16" (default, see module docstring) or "float32".
 
     Returns:
@@ -222,7 +228,10 @@ def build_feature_cache(rows: Sequence[ManifestRow], encode_fn: EncodeFn,
         raise ValueError(f"row id {dup!r} appears more than once; ids key the feature cache")
     if fingerprint is None:
         fingerprint = probe_fingerprint(encode_fn, sample_rate)
-    key = hashlib.sha1(f"{fingerprint}|{layers}|{dtype}|{sample_rate}".encode()).hexdigest()[:16]
+        probe = False
+    code = f"|{probe_fingerprint(encode_fn, sample_rate)}" if probe else ""
+    key = hashlib.sha1(f"{fingerprint}{code}|{layers}|{dtype}|{sample_rate}".encode()
+                       ).hexdigest()[:16]
     directory = Path(cache_dir) / key
     directory.mkdir(parents=True, exist_ok=True)
     meta_path = directory / META_FILE

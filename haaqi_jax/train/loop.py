@@ -444,16 +444,13 @@ def build_train_data(config: Any, net: Any, workdir: Path,
         layers = "all" if net.config.feature_mode == "weighted" else "last"
         identity = {k: v for k, v in net.config.to_dict().items()
                     if k in ("encoder_kind", "encoder_config", "feature_mode", "feature_layers")}
-        encode_fn = make_encode_fn(net)
-        # The weights and settings, and the encoder's output on a probe signal: features of
-        # an encoder whose code changed (a user's own, or this library's) are not reused.
-        # (An encoder without weights, e.g. fbank_patches with position_dim 0, has no entry.)
-        fingerprint = (cache_lib.params_fingerprint(net.params.get("encoder", {}), identity)
-                       + "|" + cache_lib.probe_fingerprint(encode_fn))
         cache = cache_lib.build_feature_cache(
-            [r for s in used.values() for r in s], encode_fn,
+            [r for s in used.values() for r in s], make_encode_fn(net),
             d.get("cache_dir") or (workdir / "feature_cache"), batch_size=int(d.encode_batch_size),
-            layers=layers, dtype=d.cache_dtype, fingerprint=fingerprint)
+            layers=layers, dtype=d.cache_dtype,
+            # (an encoder without weights, e.g. fbank_patches with position_dim 0, has no entry)
+            fingerprint=cache_lib.params_fingerprint(net.params.get("encoder", {}), identity),
+            probe=True)   # features of an encoder whose code changed are not reused
         if in_cfg.crop_seconds is not None:
             raise ValueError("data.crop_seconds must be None with data.cache=True (cached "
                              "features are of whole clips)")
@@ -580,6 +577,7 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *,
 
     splits = load_splits(config) if data is None else None  # bad rows fail before compiling
     net = build_model(config)
+    check_frozen(config, net)
     if data is None:
         data = build_train_data(config, net, workdir, splits)
     mode = data.mode
@@ -746,6 +744,18 @@ _LEAST_VALUES = {"train.batch_size": 1, "train.eval_batch_size": 1, "train.num_e
                  "data.encode_batch_size": 1, "data.demo_clips": 1, "data.prefetch": 0}
 
 
+def check_frozen(config: Any, net: Any) -> None:
+    """ValueError for a train.frozen_patterns entry that is no regular expression or matches no
+    parameter, or when nothing is left to train."""
+    state_lib.check_frozen_patterns(tuple(config.train.get("frozen_patterns", ())), net.params,
+                                    "train.frozen_patterns")
+    params = {"head": net.params["head"]} if config.data.cache else net.params
+    if state_lib.count_params(params, state_lib.param_labels(params,
+                                                             frozen_patterns(config))) == 0:
+        raise ValueError("every parameter is frozen (model.freeze_encoder and "
+                         "train.frozen_patterns): nothing would train")
+
+
 def check_run_settings(config: Any) -> None:
     """The loop's counts, the demo's clip lengths and the report's settings, checked before
     anything is built or trained; ValueError names the key."""
@@ -759,6 +769,11 @@ def check_run_settings(config: Any) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{dotted} must be a whole number >= {least}, got {value!r}")
+    opt = config.get("optimizer") or {}
+    if opt.get("name", "adam") != "adamw" and float(opt.get("weight_decay", 0.0)) != 0.0:
+        raise ValueError(f"optimizer.weight_decay {float(opt.weight_decay)} is applied by adamw "
+                         f"only, and optimizer.name is {opt.get('name', 'adam')!r}: set "
+                         f"optimizer.name=adamw, or optimizer.weight_decay=0")
     seconds = config.data.get("demo_seconds")
     if seconds is not None:
         if (isinstance(seconds, (str, bytes)) or len(seconds) != 2

@@ -53,13 +53,32 @@ def path_name(path: Sequence[Any]) -> str:
 
 def param_labels(params: Any, frozen_patterns: Sequence[str] = ()) -> Any:
     """Pytree like `params` of "frozen" (path fully matches a pattern) or "trainable" strings."""
-    compiled = [re.compile(p) for p in frozen_patterns]
+    compiled = [_compiled(p) for p in frozen_patterns]
 
     def label(path, _):
         name = path_name(path)
         return FROZEN if any(c.fullmatch(name) for c in compiled) else TRAINABLE
 
     return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _compiled(pattern: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"frozen pattern {pattern!r} is not a regular expression: {err}") from None
+
+
+def check_frozen_patterns(patterns: Sequence[str], params: Any, key: str) -> None:
+    """ValueError naming `key` and the pattern when one is not a regular expression or matches
+    no parameter path of `params` (a pattern that freezes nothing is a typo: "blstm/.*" for
+    "head/blstm/.*")."""
+    names = [path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    for pattern in patterns:
+        compiled = _compiled(pattern)
+        if not any(compiled.fullmatch(name) for name in names):
+            raise ValueError(f"{key}: {pattern!r} matches no parameter (a pattern must match "
+                             f"a whole path, e.g. {names[0]!r})")
 
 
 def count_params(params: Any, labels: Any | None = None, which: str = TRAINABLE) -> int:
@@ -95,6 +114,10 @@ def make_optimizer(opt_cfg: Any, labels: Any, total_steps: int) -> optax.Gradien
     schedule = make_schedule(opt_cfg, total_steps)
     name = opt_cfg.get("name", "adam")
     b1, b2 = float(opt_cfg.get("b1", 0.9)), float(opt_cfg.get("b2", 0.999))
+    if name != "adamw" and float(opt_cfg.get("weight_decay", 0.0)) != 0.0:
+        raise ValueError(f"optimizer.weight_decay {float(opt_cfg.weight_decay)} is applied by "
+                         f"adamw only, and optimizer.name is {name!r}: set optimizer.name=adamw, "
+                         f"or optimizer.weight_decay=0")
     if name == "adam":
         base = optax.adam(schedule, b1=b1, b2=b2)
     elif name == "adamw":
