@@ -347,7 +347,8 @@ def build_target_cache(teacher: Any, config: Any, rows, workdir: Path):
         dc.get("target_cache_dir") or (workdir / TARGET_CACHE_DIR),
         batch_size=int(config.data.get("encode_batch_size", 8)), layers="all",
         fingerprint=fingerprint, dtype=str(dc.get("target_cache_dtype", "float16")),
-        probe=True)   # targets of a teacher whose code changed are not reused
+        probe=True,   # targets of a teacher whose code changed are not reused
+        progress=bool(config.train.get("progress", True)))
 
 
 def make_distill_step(forward: Callable[..., dict], loss_fn: steps_lib.LossFn,

@@ -185,7 +185,7 @@ def build_feature_cache(rows: Sequence[ManifestRow], encode_fn: EncodeFn,
                         sample_rate: int = 16000, layers: Literal["last", "all"] = "last",
                         fingerprint: str | None = None,
                         dtype: Literal["float16", "float32"] = "float16",
-                        probe: bool = False) -> FeatureCache:
+                        probe: bool = False, progress: bool = True) -> FeatureCache:
     """Encodes every row's clip once (skipping clips already cached) and stores the features.
 
     Args:
@@ -205,6 +205,7 @@ def build_feature_cache(rows: Sequence[ManifestRow], encode_fn: EncodeFn,
         that a change of the encoder's code is seen (one extra call); the recorded fingerprint
         stays the given one, so a resume on a machine whose probe differs by rounding
         re-encodes the clips but is not refused.
+      progress: a bar while clips are encoded.
       dtype: storage dtype, "float16" (default, see module docstring) or "float32".
 
     Returns:
@@ -252,7 +253,8 @@ def build_feature_cache(rows: Sequence[ManifestRow], encode_fn: EncodeFn,
 
     feature_shape = cache.feature_shape
     with open(directory / INDEX_FILE, "a") as index, tqdm(
-            total=len(todo), desc="encoding clips", unit="clip", disable=not todo) as bar:
+            total=len(todo), desc="encoding clips", unit="clip",
+            disable=not (todo and progress)) as bar:
         for _, members in sorted(groups.items()):
             for start in range(0, len(members), batch_size):
                 chunk = members[start:start + batch_size]

@@ -450,7 +450,8 @@ def build_train_data(config: Any, net: Any, workdir: Path,
             layers=layers, dtype=d.cache_dtype,
             # (an encoder without weights, e.g. fbank_patches with position_dim 0, has no entry)
             fingerprint=cache_lib.params_fingerprint(net.params.get("encoder", {}), identity),
-            probe=True)   # features of an encoder whose code changed are not reused
+            probe=True,   # features of an encoder whose code changed are not reused
+            progress=bool(config.train.get("progress", True)))
         if in_cfg.crop_seconds is not None:
             raise ValueError("data.crop_seconds must be None with data.cache=True (cached "
                              "features are of whole clips)")
