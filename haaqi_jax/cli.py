@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import sys
 import tempfile
@@ -36,6 +37,10 @@ EPILOG = ("exit codes: 0 done; 1 done, but some items failed (each named on stde
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="haaqi-jax", description=__doc__.splitlines()[0],
                                      epilog=EPILOG)
+    parser.add_argument("--import", dest="imports", action="append", default=[],
+                        metavar="MODULE", help="import a module (a name, importable from here, "
+                        "or a .py file) before the command runs: one that registers your own "
+                        "encoder or loss, for a model that uses it (repeatable; before COMMAND)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # Only the chosen subcommand's module is imported.
     chosen = next((a for a in argv if a in SUBCOMMANDS), None)
@@ -115,6 +120,29 @@ def run_guarded(prog: str, job: Callable[[], int], *, interrupted: str) -> int:
         return 2
 
 
+def import_user_module(name: str) -> None:
+    """Imports `name`: a module importable from the current folder, or a .py file. ValueError
+    naming it when it cannot be found; errors inside it keep their traceback."""
+    if name.endswith(".py") or os.sep in name:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ValueError(f"--import {name}: no such file")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module
+        spec.loader.exec_module(module)
+        return
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())           # as `python -m` would find it
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name != name.split(".")[0] and err.name != name:
+            raise
+        raise ValueError(f"--import {name}: no module of that name here (give its .py file, or "
+                         f"run from its folder)") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs one subcommand. Exit codes: 0 done, 1 done but some items failed (named), 2 a
     usage or input error (one line on stderr), 130 interrupted (finished work is kept)."""
@@ -122,7 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     host_memory.keep_freed_memory()  # a process setting: see haaqi_jax/host_memory.py
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
-    return run_guarded(f"haaqi-jax {args.command}", lambda: module.run(args),
+
+    def job() -> int:
+        for name in args.imports:
+            import_user_module(name)
+        return module.run(args)
+
+    return run_guarded(f"haaqi-jax {args.command}", job,
                        interrupted="interrupted; finished work is kept (label, demo-data: the "
                        "same command resumes)")
 

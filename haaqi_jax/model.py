@@ -91,7 +91,8 @@ def encoder_spec(kind: str) -> EncoderSpec:
         for builtin in BUILTIN_ENCODERS:                 # so that the message lists them all
             importlib.import_module(f"haaqi_jax.{builtin}")
         raise ValueError(f"unknown encoder kind {kind!r}; registered: {sorted(_ENCODERS)} "
-                         "(import the module that calls register_encoder for it)")
+                         "(import the module that calls register_encoder for it; on the "
+                         "command line: haaqi-jax --import MODULE ...)")
     return _ENCODERS[kind]
 
 

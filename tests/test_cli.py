@@ -59,3 +59,27 @@ def test_positive_int():
     for text in ("0", "-2", "abc", "1.5"):
         with pytest.raises(Exception, match="expected"):
             cli.positive_int(text)
+
+
+def test_import_option_loads_a_users_module(tmp_path, monkeypatch, capsys):
+    """`haaqi-jax --import MODULE` (a name from here, or a .py file) runs before the command:
+    how a model with a user's own encoder is loaded by predict or evaluate."""
+    from haaqi_jax import cli, model
+
+    (tmp_path / "my_encoder_mod.py").write_text(
+        "from haaqi_jax.model import register_encoder\n"
+        "from haaqi_jax.fbank_patches import FbankPatches, FbankPatchesConfig\n"
+        "register_encoder('my_patches', lambda cfg: FbankPatches(FbankPatchesConfig.from_dict"
+        "(cfg)), lambda: FbankPatchesConfig().to_dict())\n")
+    missing = str(tmp_path / "no_report")
+    assert cli.main(["--import", str(tmp_path / "my_encoder_mod.py"), "compare", missing]) == 1
+    assert "my_patches" in model._ENCODERS
+    del model._ENCODERS["my_patches"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(__import__("sys").modules, "my_encoder_mod", raising=False)
+    assert cli.main(["--import", "my_encoder_mod", "compare", missing]) == 1
+    assert "my_patches" in model._ENCODERS
+    capsys.readouterr()
+    assert cli.main(["--import", "no_such_module_here", "compare", missing]) == 2
+    assert "--import no_such_module_here: no module of that name" in capsys.readouterr().err
+    del model._ENCODERS["my_patches"]
