@@ -348,7 +348,7 @@ def build_target_cache(teacher: Any, config: Any, rows, workdir: Path):
         batch_size=int(config.data.get("encode_batch_size", 8)), layers="all",
         fingerprint=fingerprint, dtype=str(dc.get("target_cache_dtype", "float16")),
         probe=True,   # targets of a teacher whose code changed are not reused
-        progress=bool(config.train.get("progress", True)))
+        progress=bool((config.get("train") or {}).get("progress", True)))
 
 
 def make_distill_step(forward: Callable[..., dict], loss_fn: steps_lib.LossFn,
