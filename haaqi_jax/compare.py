@@ -12,10 +12,10 @@ then their mean, sample standard deviation and range over the runs.
 Settings: training workdirs (with the config.json that train.py writes) whose configs differ
 only in `seed` (and in keys that steer logging and reporting only, `REPEAT_KEYS`) form one
 setting, and the mean, sd and range are taken per setting: three seeds each of two distillation
-losses give two summaries, not one over six runs. A run without a config (an evaluate report) is
-a setting of its own. The settings are listed above the table by the keys that tell them apart.
-A split whose runs in one setting scored different numbers of clips (other `data.eval_splits`
-make another "all") gets no summary, and a note says so.
+losses give two summaries, not one over six runs. Runs without a config (evaluate reports) form
+a setting of their own. The settings are listed above the table by the keys that tell them
+apart. A split whose runs in one setting cover other clips (another number of clips, or an
+"all" over other `data.eval_splits`) gets no summary, and a note says so.
 
 Distillation: a workdir with `distill_report.json` (train.py --config configs/distill*.py) also
 gets a row per split in a second table: teacher and student LCC / SRCC, the LCC gap, the
@@ -152,8 +152,7 @@ def _unpooled(runs: Mapping[str, Mapping[str, Mapping[str, float]]], names: Sequ
 
 
 def unsummarised(runs: Mapping[str, Mapping[str, Mapping[str, float]]],
-                 rows: Sequence[Mapping[str, Any]],
-                 settings: Mapping[str, Sequence[str]] | None = None) -> list[str]:
+                 rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """Notes on the (split, setting) groups of `compare` rows that got no summary rows, and
     why (`_unpooled`)."""
     groups: dict[tuple[str, str], list[str]] = {}

@@ -1010,24 +1010,25 @@ def _label_rows(manifest_path, out_path: Path, errors_path: Path, batch_size: in
     changed: dict[str, str] = {}            # labelled rows whose manifest entry changed since
     for row in rows:
         label = labelled.get(row.key)
-        reason = None if label is None else _changed_since(label, row)
         try:
             probe = _probe(row)
             ears = _ear_plan(row, probe, settings.ears)
         except ValueError as err:
+            # A labelled row whose files fail now keeps its label unless the row changed.
+            reason = None if label is None else _changed_since(label, row)
             if label is None or reason is not None:
                 new_errors.append(RowError(row.id, row.line, "audio", str(err), row.reference,
                                            row.processed))
             if reason is not None:
                 changed[row.key] = reason
             continue
-        if label is not None and reason is None:
-            reason = _changed_since(label, row, [ear for ear, _ in ears])
+        reason = None if label is None else _changed_since(label, row, [e for e, _ in ears])
         if reason is not None:
             changed[row.key] = reason
         probed.append((row, probe, ears))
+    valid = {row.key for row in rows}     # a duplicate id's error shares a valid row's key
     for error in manifest_errors:         # a labelled row made invalid: its label is stale too
-        if error.key in labelled and error.key not in {r.key for r in rows}:
+        if error.key in labelled and error.key not in valid:
             changed[error.key] = "the row is invalid now"
     done = set(labelled) - set(changed)
     # Rows that failed before are tried again (a file may have been fixed since): their old

@@ -589,8 +589,7 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *,
     valid_split = config.data.valid_split
     valid_labels = training_labels(config, data.rows)
 
-    # The state holds what the step uses: the head alone on cached features.
-    params = {"head": net.params["head"]} if mode == "features" else dict(net.params)
+    params = trained_params(net, cached=mode == "features")
     labels = state_lib.param_labels(params, frozen_patterns(config))
     total_steps = int(tc.num_epochs) * data.steps_per_epoch
     tx = state_lib.make_optimizer(config.optimizer, labels, total_steps)
@@ -745,12 +744,18 @@ _LEAST_VALUES = {"train.batch_size": 1, "train.eval_batch_size": 1, "train.num_e
                  "data.encode_batch_size": 1, "data.demo_clips": 1, "data.prefetch": 0}
 
 
+def trained_params(net: Any, *, cached: bool) -> dict[str, Any]:
+    """The parameters a train state holds: what the step uses, the head alone on cached
+    features."""
+    return {"head": net.params["head"]} if cached else dict(net.params)
+
+
 def check_frozen(config: Any, net: Any) -> None:
     """ValueError for a train.frozen_patterns entry that is no regular expression or matches no
     parameter, or when nothing is left to train."""
     state_lib.check_frozen_patterns(tuple(config.train.get("frozen_patterns", ())), net.params,
                                     "train.frozen_patterns")
-    params = {"head": net.params["head"]} if config.data.cache else net.params
+    params = trained_params(net, cached=bool(config.data.cache))
     if state_lib.count_params(params, state_lib.param_labels(params,
                                                              frozen_patterns(config))) == 0:
         raise ValueError("every parameter is frozen (model.freeze_encoder and "
@@ -770,11 +775,7 @@ def check_run_settings(config: Any) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{dotted} must be a whole number >= {least}, got {value!r}")
-    opt = config.get("optimizer") or {}
-    if opt.get("name", "adam") != "adamw" and float(opt.get("weight_decay", 0.0)) != 0.0:
-        raise ValueError(f"optimizer.weight_decay {float(opt.weight_decay)} is applied by adamw "
-                         f"only, and optimizer.name is {opt.get('name', 'adam')!r}: set "
-                         f"optimizer.name=adamw, or optimizer.weight_decay=0")
+    state_lib.check_weight_decay(config.get("optimizer") or {})
     seconds = config.data.get("demo_seconds")
     if seconds is not None:
         if (isinstance(seconds, (str, bytes)) or len(seconds) != 2

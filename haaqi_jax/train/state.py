@@ -105,19 +105,26 @@ def make_schedule(opt_cfg: Any, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
 
 
+def check_weight_decay(opt_cfg: Any) -> None:
+    """ValueError when the `optimizer` section sets a weight decay its optimizer ignores (only
+    adamw applies one)."""
+    name = opt_cfg.get("name", "adam")
+    if name != "adamw" and float(opt_cfg.get("weight_decay", 0.0)) != 0.0:
+        raise ValueError(f"optimizer.weight_decay {float(opt_cfg.weight_decay)} is applied by "
+                         f"adamw only, and optimizer.name is {name!r}: set optimizer.name=adamw, "
+                         f"or optimizer.weight_decay=0")
+
+
 def make_optimizer(opt_cfg: Any, labels: Any, total_steps: int) -> optax.GradientTransformation:
     """optax optimizer from the `optimizer` config section, frozen leaves set to zero.
 
     opt_cfg fields: name ('adam' | 'adamw' | 'sgd'), learning_rate, schedule, warmup_steps,
     weight_decay (adamw), grad_clip_norm (<= 0: no clipping), b1, b2 (adam/adamw).
     """
+    check_weight_decay(opt_cfg)
     schedule = make_schedule(opt_cfg, total_steps)
     name = opt_cfg.get("name", "adam")
     b1, b2 = float(opt_cfg.get("b1", 0.9)), float(opt_cfg.get("b2", 0.999))
-    if name != "adamw" and float(opt_cfg.get("weight_decay", 0.0)) != 0.0:
-        raise ValueError(f"optimizer.weight_decay {float(opt_cfg.weight_decay)} is applied by "
-                         f"adamw only, and optimizer.name is {name!r}: set optimizer.name=adamw, "
-                         f"or optimizer.weight_decay=0")
     if name == "adam":
         base = optax.adam(schedule, b1=b1, b2=b2)
     elif name == "adamw":
