@@ -90,6 +90,10 @@ def read_scores(path: str | os.PathLike) -> dict[str, dict[str, float]]:
         if missing:
             raise ValueError(f"{file}: entry {name!r} has no {missing[0]!r}")
         scores[name] = {k: _number(entry[k]) for k in SCORES + ("n",)}
+        n = scores[name]["n"]
+        if not (n >= 0 and n == int(n)):
+            raise ValueError(f"{file}: entry {name!r} has n = {entry['n']!r}; expected the "
+                             f"number of clips it scored")
     return scores
 
 
@@ -202,9 +206,13 @@ def read_config(folder: Path) -> dict[str, Any]:
 
     file = folder / CONFIG_FILE
     try:
-        return cfglib.flatten(json.loads(file.read_text()))
+        config = json.loads(file.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{file}: not JSON ({err.msg})") from None
+    if not isinstance(config, Mapping):
+        raise ValueError(f"{file}: a {type(config).__name__}, not a run's config (an object "
+                         f"of sections)")
+    return cfglib.flatten(config)
 
 
 def group_settings(configs: Mapping[str, Mapping[str, Any] | None]
@@ -458,7 +466,8 @@ def _run_names(paths: Sequence[Path]) -> list[str]:
         p = p.parent if p.suffix == ".json" else p
         return p.parent if p.name == "report" else p
     names = [folder(p).name or str(p) for p in paths]
-    return [str(p) if names.count(n) > 1 else n for p, n in zip(paths, names)]
+    # A run folder named like a summary row ("mean") would read as that setting's mean.
+    return [str(p) if names.count(n) > 1 or n in SUMMARIES else n for p, n in zip(paths, names)]
 
 
 # ----------------------------------------------------------------------------- CLI

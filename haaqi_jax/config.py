@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import importlib.util
 import json
 import os
@@ -53,6 +54,81 @@ def reject_unknown_keys(d: Any, cls: type) -> None:
     unknown = sorted(set(d) - set(known))
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown keys {unknown} (known: {', '.join(known)})")
+
+
+#: Every key a training or distillation run reads, by section ("" is the top level). A config
+#: may leave out a key its run does not use, never add one: a misspelt key (`num_epoch`) would
+#: otherwise leave the default in force without a word. The values of `model.encoder_config` and
+#: `model.head` are checked by the encoder's and the head's own config types, those under a
+#: `kwargs` section by the loss they belong to, and `distill.teacher` is a run config itself.
+RUN_KEYS: dict[str, frozenset[str]] = {
+    "": frozenset({"seed", "data", "model", "loss", "optimizer", "train", "report", "distill"}),
+    "data": frozenset({
+        "manifest", "demo_dir", "demo_clips", "demo_seed", "demo_seconds", "demo_label_batch",
+        "train_split", "valid_split", "eval_splits", "hold_out", "cache", "cache_dir",
+        "cache_dtype", "encode_batch_size", "valid_fraction", "crop_seconds", "prefetch",
+        "bucket_pool"}),
+    "model": frozenset({
+        "encoder_kind", "encoder_config", "encoder_checkpoint", "head_checkpoint",
+        "feature_mode", "feature_layers", "freeze_encoder", "head"}),
+    "loss": frozenset({"name", "kwargs"}),
+    "optimizer": frozenset({
+        "name", "learning_rate", "schedule", "warmup_steps", "grad_clip_norm", "weight_decay",
+        "b1", "b2", "momentum"}),
+    "train": frozenset({
+        "batch_size", "eval_batch_size", "num_epochs", "patience", "min_delta",
+        "checkpoint_every_steps", "log_every_steps", "frozen_patterns", "stop_after_steps",
+        "progress", "write_report"}),
+    "report": frozenset({"color_by", "num_example_predictions"}),
+    "distill": frozenset({
+        "teacher_checkpoint", "teacher", "student_layers", "target_layers", "head_kind",
+        "shared_position_bias", "feature_mode", "head_init", "frozen_head", "timing_seconds",
+        "timing_repeats", "cache_targets", "target_cache_dir", "target_cache_dtype"}),
+}
+#: The sections every run reads (configs/default.py's get_config() has them all).
+RUN_SECTIONS = ("data", "model", "loss", "optimizer", "train", "report")
+
+
+def check_run_keys(cfg: Any) -> None:
+    """ValueError when a run config (or its `distill.teacher`) lacks a section `RUN_SECTIONS`
+    names, holds a section that is not a mapping, or has keys `RUN_KEYS` does not know: all of
+    them named in one message, each with its nearest known key.
+
+    Args:
+      cfg: the run config (a ConfigDict or a dict).
+    """
+    unknown = _unknown_run_keys(cfg, "")
+    if unknown:
+        raise ValueError(f"config: unknown key{'s' if len(unknown) > 1 else ''} "
+                         f"{'; '.join(unknown)}. No part of a run reads "
+                         f"{'them' if len(unknown) > 1 else 'it'}, so the value would be "
+                         f"ignored (the keys of each section: haaqi_jax.config.RUN_KEYS)")
+
+
+def _unknown_run_keys(cfg: Any, where: str) -> list[str]:
+    """The unknown keys of run config `cfg` and of its distill.teacher, `where` prefixed."""
+    missing = [where + s for s in RUN_SECTIONS if s not in cfg]
+    if missing:
+        raise ValueError(f"config: no section {', '.join(missing)}; a run reads "
+                         f"{', '.join(RUN_SECTIONS)} (start from configs/default.py's "
+                         f"get_config())")
+    unknown = []
+    for section, known in RUN_KEYS.items():
+        if section and section not in cfg:
+            continue
+        node = cfg[section] if section else cfg
+        prefix = where + (section + "." if section else "")
+        if not hasattr(node, "keys"):
+            raise ValueError(f"config {prefix.rstrip('.')}: a section of keys, got "
+                             f"{type(node).__name__} {node!r}")
+        for key in sorted(set(node.keys()) - known):
+            near = difflib.get_close_matches(key, sorted(known), n=1)
+            unknown.append(prefix + key + (f" (did you mean {prefix}{near[0]}?)" if near
+                                           else ""))
+    teacher = cfg["distill"].get("teacher") if "distill" in cfg else None
+    if teacher is not None:
+        unknown += _unknown_run_keys(teacher, where + "distill.teacher.")
+    return unknown
 
 
 def load_config_file(path: str | os.PathLike) -> ConfigDict:

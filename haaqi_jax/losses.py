@@ -126,13 +126,22 @@ def get_loss(name: str, **kwargs: Any) -> LossFn:
     @functools.wraps(fn)
     def checked(predictions, batch):
         # Shapes are static: a wrong return type fails once, at trace time, naming the loss.
-        out = fn(predictions, batch, **kwargs)
+        try:
+            out = fn(predictions, batch, **kwargs)
+        except KeyError as e:
+            raise ValueError(
+                f"loss {name!r} read the key {e.args[0]!r}, which this step does not give it "
+                f"(predictions: {sorted(predictions)}; batch: {sorted(batch)})") from e
         if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping)):
             raise ValueError(f"loss {name!r} must return (loss, aux dict), got "
                              f"{type(out).__name__}")
         if jnp.shape(out[0]) != ():
             raise ValueError(f"loss {name!r} returned a loss of shape {jnp.shape(out[0])}; "
                              "expected a scalar (reduce over items and layers)")
+        shaped = {k: jnp.shape(v) for k, v in out[1].items() if jnp.shape(v) != ()}
+        if shaped:
+            raise ValueError(f"loss {name!r} returned aux values that are not scalars "
+                             f"({shaped}); the metrics log one number per key")
         return out
 
     return checked

@@ -278,6 +278,11 @@ class HAAQINetModel(nn.Module):
                 raise ValueError(f"HAAQINetConfig.feature_layers {cfg.feature_layers} asks for "
                                  f"hidden state {max(cfg.feature_layers)} but the encoder "
                                  f"returns {len(hidden)}")
+            shapes = {i: tuple(hidden[i].shape) for i in cfg.feature_layers}
+            if len(set(shapes.values())) > 1:
+                raise ValueError(f"feature_mode 'weighted' sums hidden states of one shape; "
+                                 f"encoder {cfg.encoder_kind!r} gives {shapes} (hidden state: "
+                                 f"shape) for feature_layers {cfg.feature_layers}")
             features = jnp.stack([hidden[i] for i in cfg.feature_layers], axis=1)
         if features.shape[-2] != tokens_for_samples(length):
             raise ValueError(f"encoder {cfg.encoder_kind!r} gave {features.shape[-2]} tokens for "

@@ -100,6 +100,23 @@ def test_read_scores_names_the_file_at_fault(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"overall": {"lcc": 0.5, "n": 3}}))
     with pytest.raises(ValueError, match=r"entry 'all' has no 'srcc'"):
         compare.read_scores(tmp_path / "metrics.json")
+    (tmp_path / "metrics.json").write_text(json.dumps(
+        {"overall": {"lcc": 0.5, "srcc": 0.4, "mse": 0.1, "n": None}}))
+    with pytest.raises(ValueError, match=r"entry 'all' has n = None; expected the number"):
+        compare.read_scores(tmp_path / "metrics.json")
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config.json: a list, not a run's config"):
+        compare.read_config(tmp_path)
+
+
+def test_a_run_folder_named_like_a_summary_row_keeps_its_path(reports, tmp_path, capsys):
+    paths, records = reports
+    (tmp_path / "mean").mkdir()
+    evaluate.write_report(records[0], tmp_path / "mean")
+    assert cli.main(["compare", str(paths[1]), str(tmp_path / "mean"), "--splits", "valid"]) == 0
+    out = capsys.readouterr().out
+    assert f"| valid | {tmp_path / 'mean'} | 30 |" in out
+    assert out.count("| valid | **mean** |") == 1 and "| valid | mean |" not in out
 
 
 def test_undefined_scores_stay_out_of_the_summary():

@@ -101,6 +101,63 @@ def test_shipped_configs_load(name):
     from haaqi_jax.train import loop
     model_config = c.distill.teacher if "distill" in c else c
     loop.build_model_config(model_config)
+    loop.check_run_settings(c)  # every key it sets is one a run reads (RUN_KEYS)
+
+
+def test_a_misspelt_key_in_a_config_file_stops_the_run(tmp_path, capsys):
+    # --set refuses unknown keys; a config file defines its own, so a misspelt one
+    # (num_epoch) would leave the default of 25 epochs in force without a word.
+    from haaqi_jax.train import loop
+
+    (tmp_path / "mine.py").write_text(
+        "import pathlib\n"
+        "from haaqi_jax.config import load_config_file\n"
+        f"DISTILL = pathlib.Path({str(REPO / 'configs' / 'distill.py')!r})\n"
+        "def get_config():\n"
+        "    c = load_config_file(DISTILL)\n"
+        "    c.train.num_epoch = 3\n"
+        "    c.distill.teacher.optimizer.learnig_rate = 1e-4\n"
+        "    c.reprot = {}\n"
+        "    return c\n")
+    with pytest.raises(ValueError) as e:
+        loop.check_run_settings(cfglib.load_config_file(tmp_path / "mine.py"))
+    message = str(e.value)
+    for named in ("train.num_epoch (did you mean train.num_epochs?)",
+                  "distill.teacher.optimizer.learnig_rate (did you mean "
+                  "distill.teacher.optimizer.learning_rate?)", "reprot (did you mean report?)"):
+        assert named in message
+    # train.py refuses it before anything is written (here the shrunk job's config).
+    (tmp_path / "tiny.py").write_text(
+        "import pathlib\n"
+        "from haaqi_jax.config import load_config_file\n"
+        f"TINY = pathlib.Path({str(REPO / 'configs' / 'tiny.py')!r})\n"
+        "def get_config():\n"
+        "    c = load_config_file(TINY)\n"
+        "    c.data.demo_dir = 'unused'\n"
+        "    c.train.batchsize = 2\n"
+        "    return c\n")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_train_script", REPO / "train.py")
+    train_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_script)
+    code = train_script.main(["--config", str(tmp_path / "tiny.py"), "--workdir",
+                              str(tmp_path / "run"), "--compilation-cache", "none"])
+    assert code == 2
+    assert "train.batchsize (did you mean train.batch_size?)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "unused").exists()
+
+
+def test_a_config_without_a_section_is_named():
+    from haaqi_jax.train import loop
+
+    c = cfglib.load_config_file(REPO / "configs" / "tiny.py")
+    del c["report"]
+    with pytest.raises(ValueError, match="no section report"):
+        loop.check_run_settings(c)
+    c = cfglib.load_config_file(REPO / "configs" / "tiny.py")
+    c.model.head.lstm_size = 8
+    with pytest.raises(ValueError, match=r"model.head: .*unknown keys \['lstm_size'\]"):
+        loop.build_model_config(c)
 
 
 def test_missing_config_file(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import os
 import math
 import shutil
 import types
@@ -658,6 +659,13 @@ def test_a_changed_manifest_row_is_labelled_again(dataset, tmp_path):
     again = label_mod.label_manifest(manifest, out, scorer=FakeScorer(), progress=False)
     assert [i for i, _ in again.changed] == ["good3"] and again.n_ok == 1
     assert "level1 None -> 70.0" in dict(again.changed)["good3"]
+    # One file spelt another way ("dir/./a.wav" for "dir/a.wav") is no change.
+    respell = lambda path: os.path.join(os.path.dirname(path), ".", os.path.basename(path))
+    _write_jsonl(manifest, [dict(r, reference=respell(r["reference"]),
+                                 processed=respell(r["processed"])) for r in rows])
+    same = label_mod.label_manifest(manifest, out, scorer=FakeScorer(), progress=False)
+    assert same.n_skipped == 3 and not same.changed and same.n_ok == 0
+    _write_jsonl(manifest, rows)
     # Labels written before `inputs` was recorded are compared by their paths and level1 only.
     legacy = [{k: v for k, v in r.items() if k != "inputs"} for r in _read_jsonl(out)]
     out.write_text("".join(json.dumps(r) + "\n" for r in legacy))

@@ -84,6 +84,26 @@ def test_user_registered_loss_and_errors():
         losses.get_loss("haaqi_mse", score_weight=1.0)
 
 
+def test_a_user_loss_that_reads_a_missing_key_or_logs_an_array_is_named():
+    @losses.register_loss("test_reads_loudness", overwrite=True)
+    def reads_loudness(predictions, batch):
+        return jnp.mean(predictions["loudness"]), {}
+
+    @losses.register_loss("test_logs_per_item", overwrite=True)
+    def logs_per_item(predictions, batch):
+        err = jnp.abs(predictions["clip_score"] - batch["label"])
+        return jnp.mean(err), {"per_item": err}
+
+    preds, batch, _ = _batch()
+    with pytest.raises(ValueError, match=r"loss 'test_reads_loudness' read the key 'loudness'.*"
+                                         r"predictions: \[.*'clip_score'"):
+        losses.get_loss("test_reads_loudness")(preds, batch)
+    # a (B,) aux would be averaged into one logged number without a word
+    with pytest.raises(ValueError, match=r"'test_logs_per_item' returned aux values that are "
+                                         r"not scalars \(\{'per_item': \(\d+,\)\}\)"):
+        jax.jit(losses.get_loss("test_logs_per_item"))(preds, batch)
+
+
 def test_haaqi_components_is_haaqi_mse_on_each_part_plus_the_score():
     """Known inputs: the loss must equal haaqi_mse (checked against torch above) on the
     nonlinear part, on the linear part, and score_weight times on the combined score."""

@@ -382,6 +382,27 @@ def test_registered_encoder_kind_is_used(levels, tmp_path):
         _clips(6, [3000, 4000]), SR, levels[:2], progress=False), scores, atol=1e-6)
 
 
+class _TwoWidthEncoder(_FrameEncoder):
+    """Hidden states of two widths (a pyramid-like encoder)."""
+
+    @nn.compact
+    def __call__(self, wav, padding_mask, *, deterministic=True):
+        out = _FrameEncoder(self.dim)(wav, padding_mask)
+        narrow = nn.Dense(self.dim // 2)(out.last_hidden_state)
+        return _Out(narrow, (out.last_hidden_state, narrow), out.padding_mask)
+
+
+def test_weighted_mode_over_hidden_states_of_two_widths_is_named():
+    M.register_encoder("toy_two_widths", lambda cfg: _TwoWidthEncoder(**cfg),
+                       lambda: {"dim": 12}, overwrite=True)
+    config = M.HAAQINetConfig(encoder_kind="toy_two_widths", feature_mode="weighted",
+                              feature_layers=(0, 1))
+    with pytest.raises(ValueError, match=r"sums hidden states of one shape; encoder "
+                                         r"'toy_two_widths' gives \{0: \(\d+, \d+, 12\), "
+                                         r"1: \(\d+, \d+, 6\)\}"):
+        M.HAAQINet.init_random(config, seed=0)
+
+
 def test_unknown_encoder_kind_lists_every_builtin_kind():
     """In a fresh process (nothing imported yet) the error still lists all built-in kinds."""
     import os

@@ -417,8 +417,11 @@ def _changed_since(label: dict[str, Any], row: LabelRow,
       only (their audiograms are unknown).
     """
     for key in ("reference", "processed"):
-        if label.get(key) != getattr(row, key):
-            return f"{key} {label.get(key)!r} -> {getattr(row, key)!r}"
+        before, now = label.get(key), getattr(row, key)
+        # One file spelt two ways ("./a.wav", "a.wav") is no change: no relabelling.
+        if not (isinstance(before, str) and isinstance(now, str)
+                and os.path.normpath(before) == os.path.normpath(now)):
+            return f"{key} {before!r} -> {now!r}"
     recorded = label.get("inputs")
     if not isinstance(recorded, dict):
         used = {e.get("level1") for e in (label.get("per_ear") or {}).values()}

@@ -150,7 +150,10 @@ def build_model_config(config: Any, encoder: tuple[str, Mapping[str, Any]] | Non
             raise ValueError(f"model.encoder_config: unknown keys {sorted(unknown)} for encoder "
                              f"kind {kind!r} (known: {sorted(enc_cfg)})")
         enc_cfg.update(overrides)
-    head = HeadConfig(**cfglib.to_dict(m.head)) if m.get("head") else HeadConfig()
+    try:
+        head = HeadConfig.from_dict(cfglib.to_dict(m.head)) if m.get("head") else HeadConfig()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"model.head: {e}") from None
     return HAAQINetConfig(encoder_kind=kind, encoder_config=enc_cfg,
                           feature_mode=m.feature_mode, feature_layers=tuple(m.feature_layers),
                           head=head, freeze_encoder=bool(m.freeze_encoder))
@@ -767,6 +770,7 @@ def check_run_settings(config: Any) -> None:
     anything is built or trained; ValueError names the key."""
     from haaqi_jax.evaluate import check_color_by
 
+    cfglib.check_run_keys(config)
     check_color_by(config.report.color_by, "report.color_by")
     for dotted, least in _LEAST_VALUES.items():
         section, key = dotted.split(".")
