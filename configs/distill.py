@@ -38,6 +38,11 @@ def get_config():
     c.model = ConfigDict()  # the student's architecture comes from the teacher
     c.model.encoder_checkpoint = config_dict.placeholder(str)
 
+    # The adaptive loss's uncertainty weights: None = trained with the model's learning rate
+    # (as Kendall et al.), at which Adam moves them by at most ~0.3 in log over a demo run;
+    # e.g. 1e-2 lets them follow their terms (haaqi_jax.distill.loss_param_labels).
+    c.optimizer.loss_params_learning_rate = config_dict.placeholder(float)
+
     c.distill = ConfigDict()
     c.distill.teacher_checkpoint = config_dict.placeholder(str)  # a HAAQI-Net directory
     c.distill.teacher = teacher

@@ -74,7 +74,7 @@ RUN_KEYS: dict[str, frozenset[str]] = {
     "loss": frozenset({"name", "kwargs"}),
     "optimizer": frozenset({
         "name", "learning_rate", "schedule", "warmup_steps", "grad_clip_norm", "weight_decay",
-        "b1", "b2", "momentum"}),
+        "b1", "b2", "momentum", "loss_params_learning_rate"}),
     "train": frozenset({
         "batch_size", "eval_batch_size", "num_epochs", "patience", "min_delta",
         "checkpoint_every_steps", "log_every_steps", "frozen_patterns", "stop_after_steps",

@@ -194,7 +194,8 @@ def check_distill_settings(config: Any) -> None:
     n_layers = _teacher_layer_count(config)
     if n_layers is not None:
         check_layer_ranges(dc, n_layers)
-    losses.check_loss_config(config.loss.name, cfglib.to_dict(config.loss.get("kwargs") or {}))
+    losses.check_loss_config(config.loss.name, cfglib.to_dict(config.loss.get("kwargs") or {}),
+                             num_targets=len(tuple(dc.target_layers)))
     _check_cached_targets(config)
     if config.data.get("cache"):
         raise ValueError("distillation trains the student encoder on waveforms: set "
@@ -203,8 +204,20 @@ def check_distill_settings(config: Any) -> None:
         from haaqi_jax.train import loop
         try:
             loop.check_run_settings(teacher_config(config))
-        except ValueError as err:
-            raise ValueError(f"distill.teacher: {err}") from err
+        except (ValueError, FileNotFoundError) as err:
+            raise type(err)(f"distill.teacher: {err}") from err
+
+
+def loss_param_labels(labels: dict[str, Any], opt_cfg: Any) -> dict[str, Any]:
+    """`labels` with the trainable loss parameters (labels["loss"]) labelled LOSS_PARAMS when
+    optimizer.loss_params_learning_rate is set. Why a rate of their own: Adam moves each
+    parameter by about its learning rate per step whatever the gradient, so uncertainty
+    weights at the model's 5e-4 change by at most ~0.3 in log over 600 steps (weights within
+    0.74-1.35x): at that rate the adaptive loss is nearly a fixed one."""
+    if opt_cfg.get("loss_params_learning_rate") is None:
+        return labels
+    as_loss = lambda label: state_lib.LOSS_PARAMS if label == state_lib.TRAINABLE else label
+    return {**labels, "loss": jax.tree_util.tree_map(as_loss, labels.get("loss", {}))}
 
 
 def distill_frozen_patterns(config: Any) -> tuple[str, ...]:
@@ -411,9 +424,9 @@ def resolve_teacher(config: Any, workdir: Path) -> Path:
     else:
         try:
             result = loop.train_and_evaluate(teacher_cfg, workdir / TEACHER_DIR)
-        except ValueError as err:  # its keys are distill.teacher's: say so
-            raise ValueError(f"distill.teacher (the teacher's run in {workdir / TEACHER_DIR}): "
-                             f"{err}") from err
+        except (ValueError, FileNotFoundError) as err:  # its keys are distill.teacher's
+            raise type(err)(f"distill.teacher (the teacher's run in {workdir / TEACHER_DIR}): "
+                            f"{err}") from err
         if result.report_dir is None:
             raise ValueError(f"teacher training in {workdir / TEACHER_DIR} ended without a "
                              "report (interrupted?); run again to resume it")
@@ -584,7 +597,13 @@ def distill_and_evaluate(config: Any, workdir: str | os.PathLike, *, data: Any =
     sharding.check_global_batch(int(tc.batch_size), mesh, "train.batch_size")
     sharding.check_global_batch(int(tc.eval_batch_size), mesh, "train.eval_batch_size")
 
-    teacher = HAAQINet.load(resolve_teacher(config, workdir))
+    teacher_path = resolve_teacher(config, workdir)
+    try:
+        teacher = HAAQINet.load(teacher_path)
+    except (ValueError, FileNotFoundError) as err:
+        key = "distill.teacher_checkpoint" if config.distill.get("teacher_checkpoint") \
+            else "the teacher trained here"
+        raise type(err)(f"{key} ({teacher_path}): {err}") from err
     check_layer_ranges(dc, int(teacher.config.encoder_config["encoder_layers"]))
     student, pred_params = init_student(teacher, dc, int(config.seed))
     if data is None:
@@ -603,7 +622,8 @@ def distill_and_evaluate(config: Any, workdir: str | os.PathLike, *, data: Any =
     loss_fn = losses.get_loss(config.loss.name, **loss_kwargs)
     params = {**student.params, "pred_heads": pred_params,
               "loss": losses.loss_params(config.loss.name, len(dc.target_layers))}
-    labels = state_lib.param_labels(params, distill_frozen_patterns(config))
+    labels = loss_param_labels(state_lib.param_labels(params, distill_frozen_patterns(config)),
+                               config.optimizer)
     total_steps = int(tc.num_epochs) * data.steps_per_epoch
     tx = state_lib.make_optimizer(config.optimizer, labels, total_steps)
     state = sharding.replicate(state_lib.create_train_state(params, tx, int(config.seed)), mesh)

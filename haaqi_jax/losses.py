@@ -147,16 +147,48 @@ def get_loss(name: str, **kwargs: Any) -> LossFn:
     return checked
 
 
-def check_loss_config(name: str, kwargs: Mapping[str, Any] | None = None) -> None:
+def check_loss_config(name: str, kwargs: Mapping[str, Any] | None = None, *,
+                      num_targets: int | None = None, where: str = "loss") -> None:
     """Resolves loss `name` with `kwargs`, and the HAAQI and distillation losses named inside
     a distillation objective (`kwargs["haaqi"]`, `kwargs["distill"]`), so that an unknown
-    name or keyword fails before any training rather than when the step is first traced."""
+    name or keyword fails before any training rather than when the step is first traced.
+
+    Args:
+      name, kwargs: the loss and its keyword arguments (config `loss.name`, `loss.kwargs`).
+      num_targets: the number of distillation target layers, when known: a `layer_weights`
+        of another length is refused here.
+      where: the config section, named in the errors.
+    Raises:
+      ValueError naming the config key at fault.
+    """
     kwargs = dict(kwargs or {})
-    get_loss(name, **kwargs)
+    try:
+        get_loss(name, **kwargs)
+    except ValueError as err:
+        raise ValueError(f"{where}.name={name!r}: {err}") from None
+    weights = kwargs.get("layer_weights")
+    if num_targets is not None and weights is not None and (
+            isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__")
+            or len(weights) != num_targets):
+        raise ValueError(f"{where}.kwargs.layer_weights={weights!r}: one weight per target "
+                         f"layer, {num_targets} here")
     for key, default in SUB_LOSS_DEFAULTS.items():
-        if key in kwargs:
-            sub_name, sub_kwargs = _named(kwargs[key], default)
+        if key not in kwargs:
+            continue
+        sub_name, sub_kwargs = _named(kwargs[key], default)
+        try:
             get_loss(sub_name, **sub_kwargs)
+        except ValueError as err:
+            raise ValueError(f"{where}.kwargs.{key}: {err}") from None
+        if key == "distill" and "layer_weights" in sub_kwargs:
+            raise ValueError(_SUB_LAYER_WEIGHTS.format(where=where))
+
+
+#: Why a distillation sub-loss takes no per-layer weights.
+_SUB_LAYER_WEIGHTS = ("{where}.kwargs.distill.kwargs.layer_weights: a distillation objective "
+                      "calls its distillation loss once per target layer, so that loss sees "
+                      "one layer; weigh the layers with the objective's own layer_weights "
+                      "({where}.name=distill_weighted, {where}.kwargs.layer_weights)")
 
 
 def weighted_mean(values: jax.Array, weight: jax.Array) -> jax.Array:
@@ -345,6 +377,8 @@ def distillation_terms(predictions, batch, *, haaqi=None, distill=None):
     """
     haaqi_name, haaqi_kwargs = _named(haaqi, SUB_LOSS_DEFAULTS["haaqi"])
     distill_name, distill_kwargs = _named(distill, SUB_LOSS_DEFAULTS["distill"])
+    if "layer_weights" in distill_kwargs:
+        raise ValueError(_SUB_LAYER_WEIGHTS.format(where="loss"))
     haaqi_loss, aux = get_loss(haaqi_name, **haaqi_kwargs)(predictions, batch)
     distill_fn = get_loss(distill_name, **distill_kwargs)
     terms = [haaqi_loss]
@@ -389,8 +423,11 @@ def distill_uncertainty(predictions, batch, *, haaqi=None, distill=None, min_log
 
     with s_i = predictions["loss_params"]["log_vars"][i] learnable (a log variance, initial 0,
     i.e. weights 1). Why this: the HAAQI MSE (~1e-2) and the feature terms (~1) differ by orders
-    of magnitude and drift apart during training; each s_i tracks log L_i, so every term is
-    scaled to O(1) without hand-tuned weights, with 1 + K parameters and no extra passes. The
+    of magnitude and drift apart during training; the loss is least at s_i = log L_i, where
+    every term is scaled to O(1) without hand-tuned weights, with 1 + K parameters and no extra
+    passes. The s_i get there only as fast as their optimizer lets them: Adam moves each by
+    about its learning rate per step, so at a model's 5e-4 they barely leave 0 in a short run
+    (set `optimizer.loss_params_learning_rate`, configs/distill.py). The
     + s_i regulariser stops the trivial solution of zero weights. s is clipped below at
     `min_log_var` so a term that reaches ~0 cannot get an unbounded weight. The loss can be
     negative; compare runs by the logged haaqi_loss / distill_k terms.

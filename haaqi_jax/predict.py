@@ -6,25 +6,31 @@
     haaqi-jax predict --checkpoint ckpt/haaqinet test.jsonl --out r.csv
 
 INPUTS are audio files, folders (searched recursively for every extension soundfile reads) or
-JSONL manifests (`.jsonl`, rows with `file_path` and `audiogram`, as `haaqi_jax.data.manifest`
-reads them). Audio of any sample rate and channel count is mixed to mono and resampled to 16 kHz.
+manifests (`.jsonl`, or the authors' `{"data": [...]}` `.json`; rows with `file_path` and
+`audiogram`, as `haaqi_jax.data.manifest` reads them). Audio of any sample rate and channel
+count is mixed to mono and resampled to 16 kHz; samples are expected in [-1, 1] (a clip peaking
+above 2, e.g. a float file of unscaled 16-bit values, is scored with a warning).
 
-Which audiogram a file gets (first match wins): its manifest row's `audiogram`; its entry in
---audiograms FILE; the --audiogram default. --audiograms FILE maps files to 8 levels in dB HL at
-250, 500, 1000, 2000, 3000, 4000, 6000, 8000 Hz, as either
+Which audiogram a file gets: a manifest row always has its own `audiogram`; any other file gets
+its entry in --audiograms FILE, else the --audiogram default. --audiograms FILE maps files to
+8 levels in dB HL at 250, 500, 1000, 2000, 3000, 4000, 6000, 8000 Hz, as either
   - CSV with a header row: `file` and then the 8 frequencies in that order (`250`, `500`, ... or
     `250Hz`, ...), one file per row; or
   - JSON: an object {"<file>": [8 levels], ...}.
-A key matches a file when it equals the path as found (as given on the command line, or the
-folder argument joined with the path inside it) or the file's base name (then it applies to every
-file of that name).
+A key matches a file when it names the same file: as a path relative to the current folder, to
+the table's own folder or to the folder argument the file was found in, or as an absolute path;
+failing that, a key that is a bare file name applies to every file of that name. Entries that
+match no input are listed in a warning, a key listed twice fails the files it matches, and the
+CSV's `audiogram` column says where each file's audiogram came from.
 
 The CSV has columns file, id (a manifest row's id, else empty), haaqi (empty on error),
-duration_s, error (empty when scored). A bad file (unreadable, NaN, silent, too short, no or bad
-audiogram, including a bad --audiograms entry) is reported on stderr and in `error`; the others
-are still scored. Exit status: 0 when every file was scored, 1 when some failed, 2 on a usage
-error (bad checkpoint, bad --audiogram, an --audiograms file that cannot be read, no inputs, an
-unwritable --out).
+duration_s, error (empty when scored), audiogram (manifest | --audiograms KEY | --audiogram).
+A bad file (unreadable, NaN, silent, too short, no or bad audiogram, including a bad
+--audiograms entry) or a manifest that cannot be read is reported on stderr and in `error`; the
+others are still scored. Interrupted (Ctrl-C), it writes what it scored so far, the rest marked
+"not scored: interrupted". Exit status: 0 when every file was scored, 1 when some failed, 2 on a
+usage error (bad checkpoint, bad --audiogram, an --audiograms file that cannot be read, no
+inputs, an unwritable --out), 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ import numpy as np
 
 from haaqi_jax.audiogram import STANDARD_FREQUENCIES, validate_levels
 
-MANIFEST_SUFFIXES = (".jsonl",)
+#: Inputs read as manifests (a .csv is named as not one, instead of read as audio).
+MANIFEST_SUFFIXES = (".jsonl", ".json", ".csv")
 
 
 @dataclasses.dataclass
@@ -56,6 +63,8 @@ class Job:
     score: float | None = None
     duration_s: float | None = None
     row_id: str | None = None       # the manifest row's id, to join results back to it
+    found_in: Path | None = None    # the folder argument it was found under
+    audiogram_from: str = ""        # "manifest", "--audiograms KEY" or "--audiogram"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -130,7 +139,7 @@ def read_audiogram_table(path: str | Path) -> dict[str, np.ndarray | str]:
             except ValueError as err:
                 table[str(key)] = str(err)
         return table
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:   # a BOM (Excel's CSV UTF-8)
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
@@ -140,10 +149,16 @@ def read_audiogram_table(path: str | Path) -> dict[str, np.ndarray | str]:
                 or tuple(freqs) != tuple(STANDARD_FREQUENCIES)):
             raise ValueError(f"{path}: header must be 'file' then the 8 frequencies "
                              f"{[int(f) for f in STANDARD_FREQUENCIES]}, got {header}")
+        first_row: dict[str, int] = {}
         for row_number, row in enumerate(reader, start=2):
             if not row or not "".join(row).strip():
                 continue
             where = f"{path}: row {row_number} ({row[0].strip()})"
+            if row[0].strip() in first_row:   # which of the two was meant is unknown
+                table[row[0].strip()] = (f"{where}: {row[0].strip()!r} is listed twice (rows "
+                                         f"{first_row[row[0].strip()]} and {row_number})")
+                continue
+            first_row[row[0].strip()] = row_number
             try:
                 if len(row) != 1 + len(STANDARD_FREQUENCIES):
                     raise ValueError(f"{where}: expected {1 + len(STANDARD_FREQUENCIES)} "
@@ -170,7 +185,7 @@ def collect_jobs(inputs: Iterable[str]) -> list[Job]:
                            if p.is_file() and p.suffix.lower() in extensions)
             if not found:
                 print(f"warning: no audio files under {path}", file=sys.stderr)
-            jobs.extend(Job(p, str(p)) for p in found)
+            jobs.extend(Job(p, str(p), found_in=path) for p in found)
         elif path.suffix.lower() in MANIFEST_SUFFIXES:
             jobs.extend(_manifest_jobs(path))
         else:
@@ -185,7 +200,10 @@ def _manifest_jobs(path: Path) -> list[Job]:
     from haaqi_jax.data.manifest import read_manifest
     if not path.is_file():
         return [Job(path, str(path), error=f"{path}: no such manifest")]
-    rows = read_manifest(path, on_error="skip")
+    try:
+        rows = read_manifest(path, on_error="skip")
+    except ValueError as err:   # unreadable, or no usable row: the other inputs still run
+        return [Job(path, str(path), error=str(err))]
     jobs = [Job(Path(row.file_path), str(row.file_path) + (
                     f" ({row.channel} channel)" if row.channel else ""),
                 audiogram=np.asarray(row.audiogram), channel=row.channel, row_id=row.id)
@@ -197,25 +215,47 @@ def _manifest_jobs(path: Path) -> list[Job]:
 
 
 def assign_audiograms(jobs: list[Job], default: np.ndarray | None,
-                      table: dict[str, np.ndarray | str]) -> None:
+                      table: dict[str, np.ndarray | str],
+                      table_dir: Path | None = None) -> list[str]:
     """Gives each job its audiogram: its manifest row's, else its --audiograms entry (a bad
-    entry fails that job with the entry's reason), else --audiogram."""
+    entry fails that job with the entry's reason), else --audiogram.
+
+    Args:
+      table: `read_audiogram_table`'s {key: levels or reason}.
+      table_dir: the table's folder, against which relative keys resolve too.
+    Returns:
+      The table's keys that matched no job (typically paths written relative to another
+      folder), for the caller to report.
+    """
+    by_path: dict[str, str] = {}
+    for key in table:
+        for base in (Path.cwd(), table_dir):
+            if base is not None:
+                by_path.setdefault(str((base / Path(key).expanduser()).resolve()), key)
+    used: set[str] = set()
     for job in jobs:
+        if job.audiogram is not None and not job.error:
+            job.audiogram_from = "manifest"
         if job.audiogram is not None or job.error:
             continue
-        for key in (job.name, str(job.file), job.file.name):
-            if key in table:
-                if isinstance(table[key], str):
-                    job.error = f"{job.name}: bad --audiograms entry: {table[key]}"
-                else:
-                    job.audiogram = table[key]
-                break
-        else:
-            if default is not None:
-                job.audiogram = default
+        key = by_path.get(str(job.file.resolve()))
+        if key is None and job.found_in is not None:
+            key = next((k for k in table if (job.found_in / k).resolve() == job.file.resolve()),
+                       None)
+        if key is None and job.file.name in table:
+            key = job.file.name
+        if key is not None:
+            used.add(key)
+            if isinstance(table[key], str):
+                job.error = f"{job.name}: bad --audiograms entry: {table[key]}"
             else:
-                job.error = (f"{job.name}: no audiogram (give --audiogram, an --audiograms "
-                             "entry or a manifest row)")
+                job.audiogram, job.audiogram_from = table[key], f"--audiograms {key}"
+        elif default is not None:
+            job.audiogram, job.audiogram_from = default, "--audiogram"
+        else:
+            job.error = (f"{job.name}: no audiogram (give --audiogram, an --audiograms "
+                         "entry or a manifest row)")
+    return [key for key in table if key not in used]
 
 
 def load_job(job: Job) -> np.ndarray | None:
@@ -230,6 +270,10 @@ def load_job(job: Job) -> np.ndarray | None:
             else f"{job.name}: {e}"
         return None
     job.duration_s = len(clip) / SAMPLE_RATE
+    peak = float(np.max(np.abs(clip)))
+    if peak > 2.0:   # scored, but BEATs' fbank reads it 20 log10(peak) dB too loud
+        print(f"warning: {job.name}: peak {peak:.4g}; audio is expected in [-1, 1] (a float "
+              f"file of unscaled 16-bit values?)", file=sys.stderr)
     return clip
 
 
@@ -267,12 +311,13 @@ def write_results(path: str | Path, jobs: list[Job]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["file", "id", "haaqi", "duration_s", "error"])
+        writer.writerow(["file", "id", "haaqi", "duration_s", "error", "audiogram"])
         for job in jobs:
             writer.writerow([job.name, job.row_id or "",
                              "" if job.score is None else f"{job.score:.6f}",
                              "" if job.duration_s is None else f"{job.duration_s:.3f}",
-                             job.error or ""])
+                             job.error or "", job.audiogram_from if job.audiogram is not None
+                             else ""])
     return path
 
 
@@ -287,8 +332,22 @@ def run(args: argparse.Namespace) -> int:
     if not jobs:
         raise ValueError("no audio files found in INPUTS")
     net = HAAQINet.load(args.checkpoint)
-    assign_audiograms(jobs, default, table)
-    score_jobs(net, jobs, batch_size=args.batch_size, progress=not args.no_progress)
+    unused = assign_audiograms(jobs, default, table,
+                               None if args.audiograms is None else Path(args.audiograms).parent)
+    if unused:
+        print(f"warning: {len(unused)} --audiograms entr{'y' if len(unused) == 1 else 'ies'} "
+              f"matched no input file: {', '.join(repr(k) for k in unused[:5])}"
+              f"{', ...' if len(unused) > 5 else ''} (a key is a path relative to this folder, "
+              f"to the table's folder or to a folder argument, or a bare file name)",
+              file=sys.stderr)
+    try:
+        score_jobs(net, jobs, batch_size=args.batch_size, progress=not args.no_progress)
+    except KeyboardInterrupt:   # keep what was scored
+        for job in jobs:
+            if job.score is None and not job.error:
+                job.error = "not scored: interrupted"
+        write_results(args.out, jobs)
+        raise
     out = write_results(args.out, jobs)
     failed = sum(job.score is None for job in jobs)
     print(f"scored {len(jobs) - failed} of {len(jobs)} files -> {out}", file=sys.stderr)

@@ -605,6 +605,68 @@ def test_distillation_job_with_cached_targets(distill_job, tmp_path):
             assert a[key] == pytest.approx(b[key], rel=5e-3), (a["step"], key)
 
 
+def test_a_teacher_checkpoint_at_odds_with_itself_is_named(distill_job, tmp_path, capsys):
+    """A teacher folder whose config.json and params disagree: the error names the setting and
+    the folder, not only a parameter shape."""
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(distill_job["workdir"] / "teacher" / "report" / "best_model", teacher)
+    meta = json.loads((teacher / "config.json").read_text())
+    meta["config"]["encoder_config"]["encoder_embed_dim"] = 64
+    (teacher / "config.json").write_text(json.dumps(meta))
+    sets = distill_job["sets"] + [f"distill.teacher_checkpoint={teacher}"]
+    assert distill_job["train_script"].main(_argv(tmp_path / "run", sets)) == 2
+    assert f"distill.teacher_checkpoint ({teacher}): " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key", ["head_checkpoint", "encoder_checkpoint"])
+def test_a_missing_checkpoint_is_named_before_anything_is_written(tmp_path, key):
+    from haaqi_jax.train import loop
+
+    missing = tmp_path / "nowhere"
+    config = cfglib.get_config(REPO / "configs" / "distill.py",
+                               [f"distill.teacher.model.{key}={missing}"])
+    with pytest.raises(FileNotFoundError, match=rf"^distill.teacher: model.{key}: {missing} "
+                                                r"does not exist"):
+        loop.train_and_evaluate(cfglib.freeze(config), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    # the same in the teacher's own kind of run
+    config = cfglib.get_config(REPO / "configs" / "tiny.py", [f"model.{key}={missing}"])
+    with pytest.raises(FileNotFoundError, match=rf"^model.{key}: {missing} does not exist"):
+        loop.train_and_evaluate(cfglib.freeze(config), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_loss_parameters_can_have_a_learning_rate_of_their_own():
+    """optimizer.loss_params_learning_rate: the uncertainty weights move at their own rate (one
+    Adam step moves a parameter by its learning rate), the model's parameters at theirs."""
+    import jax.numpy as jnp
+    import optax
+    from haaqi_jax import distill
+    from haaqi_jax.train import state as state_lib
+
+    params = {"head": {"w": jnp.ones((2,))}, "loss": {"log_vars": jnp.zeros((3,))}}
+    grads = {"head": {"w": jnp.ones((2,))}, "loss": {"log_vars": -jnp.ones((3,))}}
+    opt = cfglib.load_config_file(REPO / "configs" / "distill.py").optimizer
+    opt.schedule = "constant"
+    labels = state_lib.param_labels(params)
+    assert distill.loss_param_labels(labels, opt) == labels   # None: the model's rate
+    opt.loss_params_learning_rate = 0.1
+    labels = distill.loss_param_labels(labels, opt)
+    assert labels["loss"]["log_vars"] == state_lib.LOSS_PARAMS
+    tx = state_lib.make_optimizer(opt, labels, total_steps=10)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(new["head"]["w"], 1.0 - opt.learning_rate, rtol=1e-6)
+    np.testing.assert_allclose(new["loss"]["log_vars"], 0.1, rtol=1e-5)
+    frozen = distill.loss_param_labels(state_lib.param_labels(params, ("loss/.*",)), opt)
+    assert frozen["loss"]["log_vars"] == state_lib.FROZEN        # frozen stays frozen
+    opt.loss_params_learning_rate = None
+    with pytest.raises(ValueError, match="optimizer.loss_params_learning_rate must be > 0"):
+        state_lib.make_optimizer(opt, labels, total_steps=10)
+
+
 def test_teacher_shares_the_runs_hold_out():
     """A distillation run's teacher is trained on the run's data split, held-out types included
     (otherwise the teacher would train on the types the student is scored on as unseen)."""
@@ -643,7 +705,13 @@ def test_time_inference_reports_seconds_per_clip(tiny_setup, monkeypatch):
     ("distill.head_kind=chained", r"distill.head_kind must be one of \('independent', "
                                   r"'sequential'\)"),
     ("distill.target_cache_dtype=int8", r"distill.target_cache_dtype must be one of"),
-    ("loss.kwargs.distill.name=qa_nope", r"unknown loss 'qa_nope'"),
+    ("loss.kwargs.distill.name=qa_nope", r"^loss.kwargs.distill: unknown loss 'qa_nope'"),
+    ("loss.name=qa_nope", r"^loss.name='qa_nope': unknown loss 'qa_nope'"),
+    # a distillation sub-loss sees one layer at a time: its layer_weights were [w] per layer
+    ("loss.kwargs.distill.kwargs.layer_weights=[1.0, 2.0]",
+     r"loss.kwargs.distill.kwargs.layer_weights: .* once per target layer.*"
+     r"loss.name=distill_weighted, loss.kwargs.layer_weights"),
+    ("loss.name=distill_weighted", None),  # with the layer_weights below: one per target
     ("loss.kwargs.distill.kwargs.cosine_wieght=1", r"loss 'l1_cosine' takes no keyword "
                                                    r"'cosine_wieght'"),
     ("distill.teacher.report.color_by=nope", r"distill.teacher: report.color_by must be one of"),
@@ -660,11 +728,36 @@ def test_distillation_settings_fail_before_the_teacher_trains(tmp_path, override
     sets = [f"distill.teacher.model.encoder_config.{k}={v}"
             for k, v in TINY_TEACHER_ENCODER.items()]
     sets += ["distill.student_layers=(0, 1)", "distill.target_layers=(2, 4)", override]
+    if message is None:
+        sets.append("loss.kwargs.layer_weights=(1.0, 2.0, 3.0)")
+        message = (r"^loss.kwargs.layer_weights=\[1.0, 2.0, 3.0\]: one weight per target "
+                   r"layer, 2 here")
     config = cfglib.apply_overrides(cfglib.load_config_file(REPO / "configs" / "distill.py"),
                                     sets)
     with pytest.raises(ValueError, match=message):
         loop.train_and_evaluate(cfglib.freeze(config), tmp_path / "run")
     assert not (tmp_path / "run" / "teacher" / "checkpoints").exists()
+
+
+def test_train_script_imports_a_module_that_registers_a_loss(tmp_path, capsys):
+    """train.py --import my_loss.py: a loss registered in the user's own module is known to
+    the run's checks (here the run then stops at a later check, before any training)."""
+    module = tmp_path / "qa_imported_loss.py"
+    module.write_text("from haaqi_jax import losses\n"
+                      "@losses.register_loss('qa_imported_l2', overwrite=True)\n"
+                      "def qa_imported_l2(predictions, batch, *, cosine_weight=1.0):\n"
+                      "    return losses.get_loss('mse')(predictions, batch)\n")
+    sets = ["loss.kwargs.distill.name=qa_imported_l2", "distill.cache_targets=True",
+            "data.crop_seconds=2.0"]
+    train_script = _train_script()
+    assert train_script.main(_argv(tmp_path / "run", sets)) == 2
+    assert "unknown loss 'qa_imported_l2'" in capsys.readouterr().err
+    assert train_script.main(["--import", str(module)] + _argv(tmp_path / "run", sets)) == 2
+    err = capsys.readouterr().err
+    assert "unknown loss" not in err and "distill.cache_targets=True needs" in err
+    assert train_script.main(["--import", str(tmp_path / "nope.py")] + _argv(
+        tmp_path / "run", sets)) == 2
+    assert "--import " + str(tmp_path / "nope.py") + ": no such file" in capsys.readouterr().err
 
 
 def test_cached_targets_with_crops_fail_before_the_teacher_trains(tmp_path):

@@ -244,3 +244,101 @@ def test_a_model_giving_nan_fails_its_files_instead_of_writing_nan(setup, tmp_pa
     (row,) = _rows(out).values()
     assert row["haaqi"] == "" and "non-finite score" in row["error"]
     assert "non-finite score" in capsys.readouterr().err
+
+
+def test_audiogram_keys_relative_to_the_table_or_folder_and_unmatched_entries(setup, capsys,
+                                                                               monkeypatch):
+    """A key names a file relative to the table's folder or the folder argument too; a key
+    that matches nothing is listed (its files would silently get the default), a key listed
+    twice fails its files, and the CSV says where each audiogram came from."""
+    root, net = setup
+    music = root / "music"
+    other = [30, 35, 40, 50, 60, 65, 70, 75]
+    louder = [60, 60, 65, 70, 75, 80, 85, 90]
+    tables = root / "tables"
+    tables.mkdir(exist_ok=True)
+    table = tables / "listeners.csv"
+    with open(table, "w", newline="", encoding="utf-8-sig") as f:    # Excel's CSV UTF-8
+        f.write("file,250,500,1000,2000,3000,4000,6000,8000\n"
+                f"../music/a.wav,{','.join(map(str, other))}\n"       # relative to the table
+                f"sub/b.flac,{','.join(map(str, louder))}\n"          # relative to music/
+                f"sub/c.wav,{','.join(map(str, other))}\n"
+                f"sub/c.wav,{','.join(map(str, louder))}\n"           # twice: which one?
+                f"elsewhere/y.wav,{','.join(map(str, other))}\n")     # matches nothing
+    (root / "cwd").mkdir(exist_ok=True)
+    monkeypatch.chdir(root / "cwd")          # neither the table's folder nor music/
+    out = root / "keys.csv"
+    rc = cli.main(["predict", "--checkpoint", str(root / "ckpt"), "--audiograms", str(table),
+                   "--audiogram", ",".join(map(str, LEVELS)), str(music), "--out", str(out),
+                   "--no-progress"])
+    assert rc == 1            # c.wav, and the folder's bad files
+    err = capsys.readouterr().err
+    assert "warning: 1 --audiograms entry matched no input file: 'elsewhere/y.wav'" in err
+    rows = _rows(out)
+    a, b, c = str(music / "a.wav"), str(music / "sub" / "b.flac"), str(music / "sub" / "c.wav")
+    assert float(rows[a]["haaqi"]) == pytest.approx(_reference(net, music / "a.wav", other),
+                                                     abs=1e-5)
+    assert rows[a]["audiogram"] == "--audiograms ../music/a.wav"
+    assert float(rows[b]["haaqi"]) == pytest.approx(
+        _reference(net, music / "sub" / "b.flac", louder), abs=1e-5)
+    assert rows[b]["audiogram"] == "--audiograms sub/b.flac"
+    assert "'sub/c.wav' is listed twice (rows 4 and 5)" in rows[c]["error"]
+
+
+def test_a_bad_manifest_does_not_stop_the_other_inputs(setup, capsys):
+    root, net = setup
+    music = root / "music"
+    empty_rows = root / "noag.jsonl"
+    empty_rows.write_text(json.dumps({"file_path": "music/a.wav"}) + "\n")
+    as_csv = root / "pairs.csv"
+    as_csv.write_text("file_path,audiogram\nmusic/a.wav,1\n")
+    authors = root / "authors.json"             # the authors' {"data": [...]} manifest
+    authors.write_text(json.dumps({"data": [{"file_path": "music/sub/b.flac",
+                                             "audiogram": LEVELS}]}))
+    loud = root / "loud.wav"
+    sf.write(loud, 30000 * _tone(16000, 0.5, seed=1), 16000, subtype="FLOAT")
+    out = root / "mixed.csv"
+    rc = cli.main(["predict", "--checkpoint", str(root / "ckpt"), "--audiogram",
+                   ",".join(map(str, LEVELS)), str(empty_rows), str(as_csv), str(authors),
+                   str(loud), str(music / "a.wav"), "--out", str(out), "--no-progress"])
+    assert rc == 1
+    rows = _rows(out)
+    assert "no usable rows (1 skipped; the first: " in rows[str(empty_rows)]["error"]
+    assert "'audiogram'" in rows[str(empty_rows)]["error"]
+    assert "a CSV file" in rows[str(as_csv)]["error"]
+    assert float(rows[str(music / "a.wav")]["haaqi"]) == pytest.approx(
+        _reference(net, music / "a.wav", LEVELS), abs=1e-5)
+    assert rows[str(music / "a.wav")]["audiogram"] == "--audiogram"
+    from_authors = [r for r in rows.values() if r["audiogram"] == "manifest"]
+    assert len(from_authors) == 1 and from_authors[0]["haaqi"]
+    assert rows[str(loud)]["haaqi"]      # scored, with a warning
+    assert f"warning: {loud}: peak 1.08e+04; audio is expected in [-1, 1]" in \
+        capsys.readouterr().err
+
+
+def test_an_interrupted_predict_writes_what_it_scored(setup, monkeypatch):
+    from haaqi_jax import predict
+
+    root, net = setup
+    music = root / "music"
+    real_load = predict.load_job
+    calls = []
+
+    def load_then_interrupt(job):
+        calls.append(job)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_load(job)
+
+    monkeypatch.setattr(predict, "load_job", load_then_interrupt)
+    real_score = predict.score_jobs
+    monkeypatch.setattr(predict, "score_jobs",        # one file per chunk: two are scored
+                        lambda *a, **k: real_score(*a, **{**k, "chunk_size": 1}))
+    out = root / "interrupted.csv"
+    rc = cli.main(["predict", "--checkpoint", str(root / "ckpt"), "--audiogram",
+                   ",".join(map(str, LEVELS)), str(music / "a.wav"), str(music / "sub"),
+                   "--out", str(out), "--no-progress"])
+    assert rc == 130
+    rows = _rows(out)
+    assert [bool(r["haaqi"]) for r in rows.values()] == [True, True, False]
+    assert list(rows.values())[2]["error"] == "not scored: interrupted"

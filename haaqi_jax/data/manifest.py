@@ -365,8 +365,8 @@ def read_manifest(path: str | os.PathLike, *, require_label: bool = False,
     if bar is not None:
         bar.close()
     if not rows:
-        raise ValueError(f"{path}: no usable rows" + (f" ({len(skipped)} skipped)" if skipped
-                                                       else ""))
+        raise ValueError(f"{path}: no usable rows" + (
+            f" ({len(skipped)} skipped; the first: {skipped[0][1]})" if skipped else ""))
     return Manifest(rows, path=path, skipped=skipped)
 
 

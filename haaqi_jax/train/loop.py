@@ -771,6 +771,14 @@ def check_run_settings(config: Any) -> None:
     from haaqi_jax.evaluate import check_color_by
 
     cfglib.check_run_keys(config)
+    if "distill" not in config:  # (a distillation reads its checkpoints from distill.*)
+        from haaqi_jax.train.checkpoint import load_config
+        for key in ("encoder_checkpoint", "head_checkpoint"):
+            if config.model.get(key):
+                try:
+                    load_config(config.model[key])
+                except FileNotFoundError as err:
+                    raise FileNotFoundError(f"model.{key}: {err}") from None
     check_color_by(config.report.color_by, "report.color_by")
     for dotted, least in _LEAST_VALUES.items():
         section, key = dotted.split(".")

@@ -18,6 +18,9 @@ import optax
 
 TRAINABLE = "trainable"
 FROZEN = "frozen"
+#: Learnable loss parameters (a distillation objective's uncertainty weights) trained at
+#: optimizer.loss_params_learning_rate, a constant rate of their own.
+LOSS_PARAMS = "loss_params"
 
 
 @flax.struct.dataclass
@@ -119,7 +122,9 @@ def make_optimizer(opt_cfg: Any, labels: Any, total_steps: int) -> optax.Gradien
     """optax optimizer from the `optimizer` config section, frozen leaves set to zero.
 
     opt_cfg fields: name ('adam' | 'adamw' | 'sgd'), learning_rate, schedule, warmup_steps,
-    weight_decay (adamw), grad_clip_norm (<= 0: no clipping), b1, b2 (adam/adamw).
+    weight_decay (adamw), grad_clip_norm (<= 0: no clipping), b1, b2 (adam/adamw), and
+    loss_params_learning_rate: the constant rate of leaves labelled LOSS_PARAMS (Adam, no
+    decay or clipping; required when `labels` has such leaves).
     """
     check_weight_decay(opt_cfg)
     schedule = make_schedule(opt_cfg, total_steps)
@@ -135,7 +140,14 @@ def make_optimizer(opt_cfg: Any, labels: Any, total_steps: int) -> optax.Gradien
         raise ValueError(f"optimizer.name: unknown optimizer {name!r} (adam | adamw | sgd)")
     clip = float(opt_cfg.get("grad_clip_norm", 0.0))
     trainable = optax.chain(optax.clip_by_global_norm(clip), base) if clip > 0 else base
-    return optax.multi_transform({TRAINABLE: trainable, FROZEN: optax.set_to_zero()}, labels)
+    transforms = {TRAINABLE: trainable, FROZEN: optax.set_to_zero()}
+    if LOSS_PARAMS in jax.tree_util.tree_leaves(labels):
+        rate = opt_cfg.get("loss_params_learning_rate")
+        if rate is None or not float(rate) > 0:
+            raise ValueError(f"optimizer.loss_params_learning_rate must be > 0 for the loss "
+                             f"parameters, got {rate!r}")
+        transforms[LOSS_PARAMS] = optax.adam(float(rate), b1=b1, b2=b2)
+    return optax.multi_transform(transforms, labels)
 
 
 def create_train_state(params: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
