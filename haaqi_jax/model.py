@@ -558,7 +558,8 @@ class HAAQINet:
           waveforms: a list of 1-D float arrays (any lengths), one 1-D array, or a 2-D array
             (B, N) of B clips (every sample of a row is scored unless `lengths` is given).
           sample_rate: one rate for all, or one per clip (Hz); clips are resampled to 16 kHz.
-          audiograms: (B, 8) raw levels in dB HL at 250..8000 Hz, or one (8,) for all clips;
+          audiograms: (B, 8) raw levels in dB HL at 250..8000 Hz, or one (8,) or (1, 8) for
+            all clips;
             or Audiogram objects (haaqi_jax's or pyclarity's; one, or one per clip), read at
             those frequencies (interpolated in log frequency where one lacks a frequency).
           batch_size: clips per forward pass; clips are grouped by length (few shapes). Each
@@ -614,8 +615,8 @@ class HAAQINet:
                 raise ValueError(f"predict: {len(audiograms)} audiograms for {n} waveforms")
         else:
             audiograms = np.asarray(audiograms, dtype=np.float64)
-            if audiograms.ndim == 1:
-                audiograms = np.broadcast_to(audiograms, (n,) + audiograms.shape)
+            if audiograms.ndim == 1 or (audiograms.ndim == 2 and len(audiograms) == 1):
+                audiograms = np.broadcast_to(audiograms, (n, audiograms.shape[-1]))  # one for all
             if audiograms.shape != (n, len(STANDARD_FREQUENCIES)):
                 raise ValueError(f"predict: audiograms must be (B, 8) with B = {n} waveforms, "
                                  f"got shape {audiograms.shape}")

@@ -295,10 +295,11 @@ def test_real_haaqi_labels_clean_above_severe():
 def test_cli_writes_a_readable_manifest(tmp_path, capsys):
     from haaqi_jax.cli import main
     rc = main(["demo-data", str(tmp_path), "--n", "4", "--seed", "2", "--seconds", "1.5", "1.9",
-               "--batch-size", "4"])
+               "--batch-size", "4", "--no-progress"])
     assert rc == 0
-    out = capsys.readouterr().out
-    assert "HAAQI of 4 clips" in out and "manifest:" in out
+    captured = capsys.readouterr()
+    assert "HAAQI of 4 clips" in captured.out and "manifest:" in captured.out
+    assert "labelling (HAAQI)" not in captured.err and "%|" not in captured.err  # no bars
     rows = read_manifest(tmp_path / "manifest.jsonl", require_label=True, check_files=True)
     assert len(rows) == 4
     assert all(0.0 <= r.haaqi_score <= 1.0 for r in rows)

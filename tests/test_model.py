@@ -286,7 +286,7 @@ def test_few_compiled_shapes():
     (lambda c, l: (c[:1] + [c[1][:2000]], l), "item 1: 2000 samples \\(0.125 s at 16 kHz\\) is too short"),
     (lambda c, l: (c[:1] + [np.stack([c[1], c[1]])], l), "item 1: expected a 1-D"),
     (lambda c, l: (c, l[:, :7]), "audiograms must be"),
-    (lambda c, l: (c, l[:1]), "audiograms must be"),
+    (lambda c, l: (c, np.concatenate([l, l[:1]])), "audiograms must be"),   # 3 for 2 clips
     (lambda c, l: (c, np.where(np.arange(8) == 3, 200.0, l)), "item 0 audiogram: level"),
     (lambda c, l: (c[:1] + [c[1].astype(np.int16)], l), "item 1: expected floating-point"),
 ])
@@ -301,6 +301,8 @@ def test_predict_accepts_2d_array_and_one_audiogram(weighted_net, levels):
     a = weighted_net.predict(np.stack(clips), SR, levels[0], progress=False)
     b = weighted_net.predict(clips, SR, np.stack([levels[0]] * 2), progress=False)
     np.testing.assert_allclose(a, b, atol=1e-6)
+    c = weighted_net.predict(clips, SR, levels[0][None], progress=False)   # (1, 8): one for all
+    np.testing.assert_allclose(c, b, atol=1e-6)
     with pytest.raises(ValueError, match="sample rate"):
         weighted_net.predict(clips, 0, levels[0], progress=False)
 

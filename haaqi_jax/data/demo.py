@@ -495,11 +495,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"(default 3 5)")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="clips per HAAQI call (default 8)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
     manifest = build_demo_dataset(args.out_dir, n_clips=args.n, seed=args.seed,
-                                  clip_seconds=tuple(args.seconds), batch_size=args.batch_size)
+                                  clip_seconds=tuple(args.seconds), batch_size=args.batch_size,
+                                  progress=not args.no_progress)
     print(summarize(manifest))
     print(f"manifest: {manifest}")
     return 0

@@ -527,8 +527,11 @@ def haaqi_batch(reference, processed, sample_rate: float, audiogram_levels,
     float32 scores differ from float64 by rounding: 4.1e-5 at most on the benchmark's 10 s
     clips, up to ~2e-4 measured on a 0.7 s clip. An item's float32 score can also move with
     the other items of its batch (all are padded to one bucketed length), by as much (2.2e-4
-    measured, same 0.7 s clip); float64 scores do not move. Labels that must not depend on
-    the batch: dtype=jnp.float64 (`haaqi-jax label --dtype float64`).
+    measured, same 0.7 s clip); float64 scores do not move with the padding. Either dtype
+    moves with an item's *position*: item i draws its threshold noise from fold_in(key, i), so
+    the same pair at another index gets other noise (~3e-5 measured on a 1 s clip). Labels
+    that must not depend on the batch: dtype=jnp.float64 and B per-item keys, e.g. from each
+    item's id, as `haaqi-jax label --dtype float64` does.
     """
     prepared = prepare_batch(reference, processed, sample_rate, audiogram_levels,
                              audiogram_frequencies, equalisation=equalisation, level1=level1,
