@@ -84,4 +84,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from haaqi_jax.cli import exit_with
+    exit_with(main())   # after Ctrl-C without Python's teardown (see exit_with)
