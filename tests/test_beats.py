@@ -210,6 +210,7 @@ def test_config_from_dict():
      r"rows \[1\]"),
     (np.zeros((1, min_samples() - 1), np.float32), "at least"),
     (np.full((1, SR), 20000.0, np.float32), "PCM"),
+    (np.full((1, SR), 100.0, np.float32), "PCM"),       # quiet int16 audio cast to float
 ])
 def test_bad_waveforms_raise(tiny, bad, match):
     with pytest.raises(ValueError, match=match):

@@ -150,6 +150,15 @@ def test_encoder_called_once_per_clip_and_resumes(rows, tmp_path):
     sf.write(rows[2].file_path, 0.2 * np.ones(9000), 16000)
     build(rows)
     assert encoder.calls == len(rows) + 1
+    # ... also when the edit keeps its size (other samples of the same length and format)
+    import os
+    size = os.path.getsize(rows[2].file_path)
+    before = os.stat(rows[2].file_path).st_mtime_ns
+    sf.write(rows[2].file_path, -0.2 * np.ones(9000), 16000)
+    os.utime(rows[2].file_path, ns=(before + 10**9, before + 10**9))  # a coarse clock's tick
+    assert os.path.getsize(rows[2].file_path) == size
+    build(rows)
+    assert encoder.calls == len(rows) + 2
     # a build interrupted mid-way keeps what it finished
     fresh = ToyEncoder()
     fresh.fail_after = 4

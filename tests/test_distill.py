@@ -127,6 +127,17 @@ def test_distill_weighted_and_uncertainty():
     grad = jax.grad(lambda lv: fn({**predictions, "loss_params": {"log_vars": lv}}, batch)[0])(
         log_vars)
     np.testing.assert_allclose(np.asarray(grad), 1 - np.exp(-s) * terms, rtol=1e-4)
+    # Below min_log_var (-10) a log-variance is held there: the loss uses -10 and its gradient
+    # is 0, so a term that reaches ~0 cannot get an unbounded weight.
+    low = jnp.asarray([-12.0, -1.0, 0.0, 2.0])
+    loss = fn({**predictions, "loss_params": {"log_vars": low}}, batch)[0]
+    held = np.maximum(np.asarray(low, np.float64), -10.0)
+    assert float(loss) == pytest.approx(np.sum(np.exp(-held) * terms + held), rel=1e-5)
+    grad = jax.grad(lambda lv: fn({**predictions, "loss_params": {"log_vars": lv}}, batch)[0])(
+        low)
+    assert float(grad[0]) == 0.0
+    np.testing.assert_allclose(np.asarray(grad[1:]), 1 - np.exp(-held[1:]) * terms[1:],
+                               rtol=1e-4)
 
 
 def test_user_registered_loss_is_selectable_by_name():
@@ -230,6 +241,27 @@ def test_student_starts_as_teacher_copy_with_head_from_teacher(tiny_setup):
     np.testing.assert_array_equal(
         np.asarray(state.params["encoder"]["layers_1"]["fc1"]["kernel"]),
         np.asarray(teacher.params["encoder"]["layers_1"]["fc1"]["kernel"]))
+
+
+def test_targets_are_the_teachers_hidden_states_of_the_target_layers(tiny_setup):
+    """target_layers (2, 4) -> the teacher BEATs' hidden states 2 and 4 (0 = the layers'
+    input, as speechbrain's BEATs numbers them: test_beats), on the batch's valid tokens."""
+    from haaqi_jax import distill
+    from haaqi_jax.model import _thaw_json, encoder_padding_mask, encoder_spec
+
+    teacher, student, state, _, _, _, forward, batch = tiny_setup
+    predictions = forward(state.params, teacher.params["encoder"], batch, rng=None,
+                          deterministic=True)
+    beats = encoder_spec("beats").build(_thaw_json(teacher.config.encoder_config))
+    valid = (~batch["padding_mask"]).sum(-1)
+    out = beats.apply({"params": teacher.params["encoder"]}, jnp.asarray(batch["waveform"]),
+                      encoder_padding_mask(jnp.asarray(valid), batch["waveform"].shape[1]))
+    mask = np.asarray(predictions["frame_mask"])[:, :, None]
+    for k, layer in enumerate((2, 4)):
+        np.testing.assert_allclose(np.asarray(predictions["teacher_layers"][:, k]) * mask,
+                                   np.asarray(out.hidden_states[layer]) * mask, atol=1e-5)
+    assert not np.allclose(np.asarray(out.hidden_states[1]) * mask,
+                           np.asarray(out.hidden_states[2]) * mask, atol=1e-3)
 
 
 def test_distill_step_freezes_frozen_parts(tiny_setup):

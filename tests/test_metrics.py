@@ -54,6 +54,9 @@ def test_weighted_pearson_matches_numpy_cov():
     c = np.cov(pred, true, aweights=w)
     assert metrics.pearson_lcc(pred, true, w) == pytest.approx(c[0, 1] / np.sqrt(c[0, 0] * c[1, 1]), abs=1e-12)
     assert metrics.mse(pred, true, w) == pytest.approx(np.average((pred - true) ** 2, weights=w))
+    summary = metrics.summarize(pred, true, w)   # what reports and the loop log
+    assert summary["mse"] == pytest.approx(np.average((pred - true) ** 2, weights=w))
+    assert summary["lcc"] == pytest.approx(c[0, 1] / np.sqrt(c[0, 0] * c[1, 1]), abs=1e-12)
 
 
 def test_integer_weights_equal_repetition():

@@ -717,14 +717,9 @@ def run_loop(state: Any, *, step_fn: Callable, evaluate: Callable, data: TrainDa
                 _check_finite({"loss": valid_loss}, f"validation at step {step}", ckpt)
                 summary = metrics_lib.summarize(predictions, valid_labels,
                                                 np.isfinite(predictions).astype(float))
-                improved = (early["best_valid_loss"] is None or
-                            valid_loss < early["best_valid_loss"] - float(tc.min_delta))
-                if improved:
-                    early.update(best_valid_loss=valid_loss, best_step=step, bad_epochs=0)
-                else:
-                    early["bad_epochs"] += 1
-                if patience > 0 and early["bad_epochs"] >= patience:
-                    early["stopped"] = True
+                improved = update_early_stopping(early, valid_loss, step,
+                                                 min_delta=float(tc.min_delta),
+                                                 patience=patience)
                 writer.write({"step": step, "epoch": epoch, "kind": "valid", "loss": valid_loss,
                               **{k: summary[k] for k in ("lcc", "srcc", "mse")},
                               "best": improved})
@@ -736,6 +731,29 @@ def run_loop(state: Any, *, step_fn: Callable, evaluate: Callable, data: TrainDa
     finally:
         bar.close()
     return LoopRun(state=state, step=step, early=early, interrupted=interrupted, ckpt=ckpt)
+
+
+def update_early_stopping(early: dict[str, Any], valid_loss: float, step: int, *,
+                          min_delta: float, patience: int) -> bool:
+    """Records one epoch's validation loss in `early` (in place) and says whether it improved.
+
+    An epoch improves when its loss is below the best so far by more than `min_delta` (the
+    first epoch always does); the best step is that epoch's last step. After `patience`
+    epochs in a row without improvement (patience > 0) `early["stopped"]` turns True.
+
+    Args:
+      early: {"best_valid_loss": float | None, "best_step": int | None, "bad_epochs": int,
+        "stopped": bool}, as the loop keeps (and checkpoints) it.
+    """
+    improved = (early["best_valid_loss"] is None
+                or valid_loss < early["best_valid_loss"] - min_delta)
+    if improved:
+        early.update(best_valid_loss=valid_loss, best_step=step, bad_epochs=0)
+    else:
+        early["bad_epochs"] += 1
+    if patience > 0 and early["bad_epochs"] >= patience:
+        early["stopped"] = True
+    return improved
 
 
 #: Loop settings and their least values (a negative epoch count would train nothing and
