@@ -97,6 +97,23 @@ def test_batch_paths_agree_with_dropout_and_gradients(inputs):
     assert not np.allclose(np.asarray(out_map)[:2], plain[:2], atol=1e-3)
 
 
+def test_dropout_is_unbiased_around_torch_attention(inputs):
+    """Inverted dropout (torch's convention: kept weights scaled by 1 / (1 - p)): averaged
+    over many keys, the output is torch SDPA's without dropout."""
+    q, k, v, bias, gate, key_valid = inputs
+    rate, draws = 0.3, 4000
+    run = jax.jit(jax.vmap(lambda key: attend(q[:2], k[:2], v[:2], key_valid[:2], bias=bias,
+                                              bias_gate=gate[:2], dropout_rate=rate,
+                                              dropout_key=key, items_per_step=None)))
+    keys = jax.random.split(jax.random.key(7), draws)
+    mean = np.asarray(run(keys)).mean(0)
+    reference = _torch_reference(q, k, v, bias, gate, key_valid)
+    for b in (0, 1):
+        # the sample mean's spread: ~|v| * sqrt(p / (1 - p)) / sqrt(draws) ~ 0.01
+        np.testing.assert_allclose(mean[b], reference[b], atol=0.05)
+        assert np.abs(mean[b]).mean() > 0.2          # the check has something to measure
+
+
 def test_default_items_per_step_keeps_cpu_steps_cache_sized():
     if jax.default_backend() != "cpu":
         assert default_items_per_step(8, 12, 496, 496) is None

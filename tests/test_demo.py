@@ -292,6 +292,37 @@ def test_real_haaqi_labels_clean_above_severe():
     assert scores[2] > scores[3] + 0.2, scores
 
 
+def test_labeller_equals_pyclarity_with_the_cadenza_level1():
+    """Rows of two lengths and two digital levels, padded to one width: each label is
+    pyclarity 0.9.0's haaqi_v1 on the row's own samples with level1 = 65 - 20 log10(rms of
+    the reference) (the Cadenza rule), within the float32 batch mode's tolerance."""
+    from clarity.evaluator.haaqi import haaqi_v1
+    from clarity.utils.audiogram import Audiogram as ClarityAudiogram
+
+    music, _ = synth.synthesize_piece(np.random.default_rng(8), 1.6)
+    music = music.astype(np.float64)
+    lengths = np.array([music.size, int(0.6 * music.size)])
+    gains = (0.5, 0.05)                       # 20 dB apart: level1 must follow
+    listener = L.draw_audiogram(np.random.default_rng(1), "moderate_sloping")
+    width = music.size
+    ref = np.zeros((2, width), np.float32)
+    proc = np.zeros((2, width), np.float32)
+    for i, (n, g) in enumerate(zip(lengths, gains)):
+        ref[i, :n] = g * music[:n]
+        proc[i, :n] = g * D.degrade(music[:n], SR, "lowpass", np.random.default_rng(i),
+                                    params={"lowpass": {"cutoff_hz": 2000.0}}).processed
+    labels = demo.haaqi_labeller(ref, proc, SR, np.stack([listener] * 2), lengths,
+                                 seeds=np.arange(2))
+    audiogram = ClarityAudiogram(levels=np.asarray(listener),
+                                 frequencies=np.asarray(STANDARD_FREQUENCIES))
+    for i, n in enumerate(lengths):
+        r, p = ref[i, :n].astype(np.float64), proc[i, :n].astype(np.float64)
+        level1 = 65.0 - 20.0 * np.log10(np.sqrt(np.mean(r ** 2)))
+        np.random.seed(0)
+        want = haaqi_v1(r, SR, p, SR, audiogram, 1, level1)[0]
+        assert labels["combined"][i] == pytest.approx(want, abs=2e-3), (i, want)
+
+
 def test_cli_writes_a_readable_manifest(tmp_path, capsys):
     from haaqi_jax.cli import main
     rc = main(["demo-data", str(tmp_path), "--n", "4", "--seed", "2", "--seconds", "1.5", "1.9",

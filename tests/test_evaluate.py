@@ -181,3 +181,30 @@ def test_report_draws_the_rows_of_one_group_together(tmp_path):
     assert "rows of one manifest group drawn together" in (tmp_path / "table.md").read_text()
     rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
     assert [r["group"] for r in rows] == groups
+
+
+def test_a_splits_interval_is_scipys_bootstrap_of_that_split(tmp_path):
+    """Each split's 95 % interval resamples that split's clips only (scipy's percentile
+    bootstrap on them, within Monte-Carlo error); the splits differ in noise, so an interval
+    drawn from all rows would sit elsewhere."""
+    import scipy.stats
+
+    rng = np.random.default_rng(2)
+    records = []
+    for split, noise in (("valid", 0.08), ("test_unseen", 0.4)):
+        labels = rng.uniform(0, 1, 120)
+        preds = labels + noise * rng.standard_normal(120)
+        records += [{"id": f"{split}{i}", "split": split, "distortion": "noise",
+                     "label": float(t), "prediction": float(p)}
+                    for i, (t, p) in enumerate(zip(labels, preds))]
+    evaluate.write_report(records, tmp_path)
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    for split in ("valid", "test_unseen"):
+        p = np.array([r["prediction"] for r in records if r["split"] == split])
+        t = np.array([r["label"] for r in records if r["split"] == split])
+        ref = scipy.stats.bootstrap((p, t), lambda a, b: scipy.stats.pearsonr(a, b)[0],
+                                    paired=True, vectorized=False, method="percentile",
+                                    n_resamples=2000, random_state=0).confidence_interval
+        low, high = report["by_split"][split]["ci95"]["lcc"]
+        assert low == pytest.approx(ref.low, abs=0.02) and high == pytest.approx(ref.high,
+                                                                                abs=0.02)
