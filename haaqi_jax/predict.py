@@ -124,14 +124,25 @@ def read_audiogram_table(path: str | Path) -> dict[str, np.ndarray | str]:
         raise FileNotFoundError(f"--audiograms: {path} does not exist")
     table: dict[str, np.ndarray] = {}
     if path.suffix.lower() == ".json":
+        twice: set[str] = set()
+
+        def pairs(items):   # json.loads keeps the last of a repeated key without a word
+            seen = set()
+            for key, _ in items:
+                (twice if key in seen else seen).add(key)
+            return dict(items)
+
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=pairs)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object mapping file names to 8 levels")
         for key, levels in data.items():
             where = f"{path}: key {key!r}"
+            if key in twice:
+                table[str(key)] = f"{where}: listed twice"
+                continue
             try:
                 if not isinstance(levels, list):
                     raise ValueError(f"{where}: expected a list of 8 levels")
@@ -227,11 +238,13 @@ def assign_audiograms(jobs: list[Job], default: np.ndarray | None,
       The table's keys that matched no job (typically paths written relative to another
       folder), for the caller to report.
     """
+    # Every file a key can name (a key names one file per base folder), as an absolute path.
+    bases = [Path.cwd()] + [table_dir] * (table_dir is not None) + list(
+        dict.fromkeys(job.found_in for job in jobs if job.found_in is not None))
     by_path: dict[str, str] = {}
     for key in table:
-        for base in (Path.cwd(), table_dir):
-            if base is not None:
-                by_path.setdefault(str((base / Path(key).expanduser()).resolve()), key)
+        for base in bases:
+            by_path.setdefault(str((base / Path(key).expanduser()).resolve()), key)
     used: set[str] = set()
     for job in jobs:
         if job.audiogram is not None and not job.error:
@@ -239,9 +252,6 @@ def assign_audiograms(jobs: list[Job], default: np.ndarray | None,
         if job.audiogram is not None or job.error:
             continue
         key = by_path.get(str(job.file.resolve()))
-        if key is None and job.found_in is not None:
-            key = next((k for k in table if (job.found_in / k).resolve() == job.file.resolve()),
-                       None)
         if key is None and job.file.name in table:
             key = job.file.name
         if key is not None:

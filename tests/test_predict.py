@@ -342,3 +342,14 @@ def test_an_interrupted_predict_writes_what_it_scored(setup, monkeypatch):
     rows = _rows(out)
     assert [bool(r["haaqi"]) for r in rows.values()] == [True, True, False]
     assert list(rows.values())[2]["error"] == "not scored: interrupted"
+
+
+def test_a_json_table_with_a_key_twice_fails_that_key(tmp_path):
+    from haaqi_jax import predict
+
+    table = tmp_path / "listeners.json"
+    table.write_text('{"a.wav": [0, 0, 0, 0, 0, 0, 0, 0], "b.wav": [10, 10, 10, 10, 10, 10, 10, '
+                     '10], "a.wav": [60, 60, 60, 60, 60, 60, 60, 60]}')
+    read = predict.read_audiogram_table(table)
+    assert read["a.wav"] == f"{table}: key 'a.wav': listed twice"
+    np.testing.assert_array_equal(read["b.wav"], [10] * 8)
