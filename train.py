@@ -37,10 +37,9 @@ def main(argv: list[str] | None = None) -> int:
                         metavar="DIR", help="JAX's persistent compilation cache: reruns and "
                         "sweeps skip compiles done before (default: %(default)s; 'none' = off; "
                         "JAX_COMPILATION_CACHE_DIR, when set, wins)")
-    parser.add_argument("--import", dest="imports", action="append", default=[],
-                        metavar="MODULE", help="import a module (a name importable from here, "
-                        "or a .py file) before the config is read: one that registers your own "
-                        "loss or encoder, for --set loss.name=... (repeatable)")
+    from haaqi_jax.cli import add_import_argument, import_user_module
+    add_import_argument(parser, "before the config is read, for --set loss.name=... "
+                                "(repeatable)")
     parser.add_argument("--distributed", action="store_true",
                         help="multi-host: call jax.distributed.initialize() first (run the same "
                         "command on every host; see haaqi_jax/train/sharding.py)")
@@ -56,7 +55,6 @@ def main(argv: list[str] | None = None) -> int:
         jax.distributed.initialize()  # coordinator/process ids from the cluster environment
 
     try:
-        from haaqi_jax.cli import import_user_module
         for name in args.imports:
             import_user_module(name)
         config_file = Path(args.config)

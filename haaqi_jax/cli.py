@@ -37,10 +37,8 @@ EPILOG = ("exit codes: 0 done; 1 done, but some items failed (each named on stde
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="haaqi-jax", description=__doc__.splitlines()[0],
                                      epilog=EPILOG)
-    parser.add_argument("--import", dest="imports", action="append", default=[],
-                        metavar="MODULE", help="import a module (a name, importable from here, "
-                        "or a .py file) before the command runs: one that registers your own "
-                        "encoder or loss, for a model that uses it (repeatable; before COMMAND)")
+    add_import_argument(parser, "before the command runs, for a model that uses it "
+                                "(repeatable; before COMMAND)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # Only the chosen subcommand's module is imported.
     chosen = next((a for a in argv if a in SUBCOMMANDS), None)
@@ -118,6 +116,14 @@ def run_guarded(prog: str, job: Callable[[], int], *, interrupted: str) -> int:
         print(f"{prog}: error: {err} (set {TRACEBACK_ENV}=1 for the traceback)",
               file=sys.stderr)
         return 2
+
+
+def add_import_argument(parser: argparse.ArgumentParser, when: str) -> None:
+    """--import MODULE (repeatable, into args.imports), for `import_user_module`; `when` ends
+    its help."""
+    parser.add_argument("--import", dest="imports", action="append", default=[],
+                        metavar="MODULE", help="import a module (a name importable from here, "
+                        "or a .py file) that registers your own encoder or loss, " + when)
 
 
 def import_user_module(name: str) -> None:

@@ -217,7 +217,8 @@ def _manifest_jobs(path: Path) -> list[Job]:
         return [Job(path, str(path), error=str(err))]
     jobs = [Job(Path(row.file_path), str(row.file_path) + (
                     f" ({row.channel} channel)" if row.channel else ""),
-                audiogram=np.asarray(row.audiogram), channel=row.channel, row_id=row.id)
+                audiogram=np.asarray(row.audiogram), audiogram_from="manifest",
+                channel=row.channel, row_id=row.id)
             for row in rows]
     # A bad row is reported like a bad file; the other rows are still scored.
     jobs += [Job(path, f"{path}:{line}", error=reason)
@@ -247,8 +248,6 @@ def assign_audiograms(jobs: list[Job], default: np.ndarray | None,
             by_path.setdefault(str((base / Path(key).expanduser()).resolve()), key)
     used: set[str] = set()
     for job in jobs:
-        if job.audiogram is not None and not job.error:
-            job.audiogram_from = "manifest"
         if job.audiogram is not None or job.error:
             continue
         key = by_path.get(str(job.file.resolve()))
@@ -326,8 +325,7 @@ def write_results(path: str | Path, jobs: list[Job]) -> Path:
             writer.writerow([job.name, job.row_id or "",
                              "" if job.score is None else f"{job.score:.6f}",
                              "" if job.duration_s is None else f"{job.duration_s:.3f}",
-                             job.error or "", job.audiogram_from if job.audiogram is not None
-                             else ""])
+                             job.error or "", job.audiogram_from])
     return path
 
 
