@@ -42,8 +42,24 @@ def main(argv: list[str] | None = None) -> int:
                                 "(repeatable)")
     parser.add_argument("--distributed", action="store_true",
                         help="multi-host: call jax.distributed.initialize() first (run the same "
-                        "command on every host; see haaqi_jax/train/sharding.py)")
+                        "command on every host; on TPU pods, SLURM, Open MPI and Kubernetes "
+                        "the processes are found automatically; see "
+                        "haaqi_jax/train/sharding.py)")
+    parser.add_argument("--coordinator", metavar="HOST:PORT",
+                        help="multi-host elsewhere: process 0's address and a free port, the "
+                        "same on every host (implies --distributed; needs --num-processes and "
+                        "--process-id)")
+    parser.add_argument("--num-processes", type=int, metavar="N",
+                        help="with --coordinator: how many processes take part")
+    parser.add_argument("--process-id", type=int, metavar="I",
+                        help="with --coordinator: this process's number, 0..N-1 (0 runs the "
+                        "coordinator and writes the logs and the report)")
     args = parser.parse_args(argv)
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in explicit) and any(v is None for v in explicit):
+        parser.error("--coordinator, --num-processes and --process-id go together")
+    if args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
+        parser.error(f"--process-id {args.process_id} is not in 0..{args.num_processes - 1}")
     from haaqi_jax import host_memory
     host_memory.keep_freed_memory()  # XLA's CPU scratch reused, not page-faulted afresh
     import jax
@@ -51,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
         # The many sub-second CPU compiles (one per length bucket) are worth keeping too.
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    if args.distributed:
+    if args.coordinator is not None:
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    elif args.distributed:
         jax.distributed.initialize()  # coordinator/process ids from the cluster environment
 
     try:
@@ -71,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def job() -> int:
         result = train_and_evaluate(cfglib.freeze(config), workdir)
-        if result.report_dir is not None:
+        if result.report_dir is not None and jax.process_index() == 0:
             print(f"best valid loss {result.best_valid_loss:.5f} at step {result.best_step}; "
                   f"report in {result.report_dir}")
         return 0

@@ -355,13 +355,13 @@ def build_target_cache(teacher: Any, config: Any, rows, workdir: Path):
     identity = {"kind": "distill_targets", "encoder_config": dict(teacher.config.encoder_config),
                 "target_layers": layers}
     fingerprint = cache_lib.params_fingerprint(teacher.params["encoder"], identity)
-    return cache_lib.build_feature_cache(
+    return sharding.main_process_first("target cache", lambda: cache_lib.build_feature_cache(
         rows, make_target_encode_fn(teacher, layers),
         dc.get("target_cache_dir") or (workdir / TARGET_CACHE_DIR),
         batch_size=int(config.data.get("encode_batch_size", 8)), layers="all",
         fingerprint=fingerprint, dtype=str(dc.get("target_cache_dtype", "float16")),
         probe=True,   # targets of a teacher whose code changed are not reused
-        progress=bool((config.get("train") or {}).get("progress", True)))
+        progress=bool((config.get("train") or {}).get("progress", True))))
 
 
 def make_distill_step(forward: Callable[..., dict], loss_fn: steps_lib.LossFn,

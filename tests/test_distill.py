@@ -593,6 +593,30 @@ def test_distillation_job_end_to_end(distill_job):
     assert not (workdir / "target_cache").exists()  # cache_targets is off by default
 
 
+def test_two_processes_distil_as_one(distill_job, tmp_path):
+    """The distillation job as two processes of one CPU device each (`train.py
+    --coordinator`): the teacher's feature cache built once by process 0, the teacher trained
+    and its report written before either process reads the teacher's best_model, then the
+    student: the same losses and scores as the one-process job, one report."""
+    from processes import run_train_processes
+
+    sets = [s for s in distill_job["sets"] if not s.startswith("distill.teacher.data.cache_dir=")]
+    sets.append(f"distill.teacher.data.cache_dir={tmp_path / 'shared_cache'}")
+    work = tmp_path / "run"
+    outputs = run_train_processes(REPO / "configs" / "distill.py", work, sets,
+                                  tmp_path / "jax_cache")
+    assert "report in" in outputs[0] and "report in" not in outputs[1]
+    one, two = (_train_records(w) for w in (distill_job["workdir"], work))
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-4)
+    reports = [json.loads((w / "distill_report.json").read_text())
+               for w in (distill_job["workdir"], work)]
+    for split, row in reports[0]["splits"].items():
+        for model in ("teacher", "student"):
+            np.testing.assert_allclose(reports[1]["splits"][split][model]["mse"],
+                                       row[model]["mse"], rtol=1e-4, err_msg=(split, model))
+
+
 def test_rerun_of_a_finished_distillation_keeps_its_timings(distill_job, capsys):
     """A rerun of the finished job rescores but keeps the earlier inference times (new ones
     would be new noise), and `haaqi-jax compare` shows the student-vs-teacher table."""

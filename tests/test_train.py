@@ -155,6 +155,64 @@ def test_resume_in_fresh_process_is_bitwise_exact(straight_run, tiny):
     assert any(p.name.startswith("jit_train_step") for p in (root / "jax_cache").iterdir())
 
 
+def test_two_processes_train_as_one(straight_run, tiny):
+    """Multi-host training (`train.py --coordinator`), simulated by two processes of one CPU
+    device each: the feature cache built once by process 0 in a shared folder while process 1
+    waits, each process feeding its half of every global batch, a collective checkpoint, a
+    crash after step 5 and a resume, and one report written by process 0. The losses, the
+    parameters and the report's predictions equal the one-process run's up to the order of
+    the gradient sums."""
+    import csv
+
+    from haaqi_jax.train.checkpoint import TrainCheckpointManager
+    from processes import run_train_processes
+
+    root, overrides = tiny
+    work = root / "two_processes"
+    shared = [o for o in overrides if not o.startswith("data.cache_dir=")]
+    shared.append(f"data.cache_dir={root / 'shared_cache'}")
+    first = run_train_processes(TINY, work, shared + ["train.stop_after_steps=5"],
+                                root / "jax_cache_2p")
+    assert not (work / "report").exists(), first[0][-2000:]
+    outputs = run_train_processes(TINY, work, shared, root / "jax_cache_2p")
+    assert "report in" in outputs[0] and "report in" not in outputs[1]
+
+    runs = [[json.loads(line) for line in (w / "metrics.jsonl").read_text().splitlines()]
+            for w in (straight_run.workdir, work)]
+    assert [(r["kind"], r["step"]) for r in runs[0]] == [(r["kind"], r["step"]) for r in runs[1]]
+    np.testing.assert_allclose([r["loss"] for r in runs[1]], [r["loss"] for r in runs[0]],
+                               rtol=1e-5)
+    ckpt = TrainCheckpointManager(work / "checkpoints")
+    state, _ = ckpt.restore(8, straight_run.state)
+    ckpt.close()
+    a, b = _flat(straight_run.state), _flat(state)
+    for k in a:  # atol: the attention's key bias has zero gradient; Adam scales its rounding
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=2e-5, err_msg=k)
+    preds = [{row["id"]: float(row["prediction"]) for row in
+              csv.DictReader((w / "report" / "predictions.csv").open())}
+             for w in (straight_run.workdir, work)]
+    assert preds[0].keys() == preds[1].keys()
+    np.testing.assert_allclose([preds[1][k] for k in preds[0]], list(preds[0].values()),
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--coordinator", "127.0.0.1:1"], "--coordinator, --num-processes and --process-id go "
+                                       "together"),
+    (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"],
+     "--process-id 2 is not in 0..1"),
+])
+def test_train_py_checks_its_multi_host_arguments(argv, message, capsys):
+    """Checked before jax.distributed would wait minutes for processes that never come."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_train_script", REPO / "train.py")
+    train_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_script)
+    with pytest.raises(SystemExit) as exit_info:
+        train_script.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_frozen_encoder_has_no_optimizer_state_and_stays_put(tiny, tmp_path):
     """End-to-end training on waveforms (data.cache=False): a frozen encoder gets no Adam
     moments and is bit-for-bit unchanged after a step; unfrozen, it gets moments and moves."""

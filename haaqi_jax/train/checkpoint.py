@@ -28,8 +28,14 @@ CONFIG_FILE = "config.json"
 
 
 def _checkpointer():
+    """An orbax checkpointer private to this process. A parameter directory is written and
+    read by one process alone (a multi-host run's main process exports the best model while
+    the others go on; a loader may run on any host): orbax's default would wait for every
+    process at a barrier and hang there."""
     import orbax.checkpoint as ocp  # imported lazily: orbax is slow to import
-    return ocp.StandardCheckpointer()
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"params_{me}"))
 
 
 def check_params_target(directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -76,6 +82,10 @@ def save_params(directory: str | os.PathLike, params: Any, config: dict[str, Any
     Returns:
       The absolute path written.
     """
+    if jax.process_index() != 0:
+        raise RuntimeError(f"save_params: process {jax.process_index()} of "
+                           f"{jax.process_count()} cannot write {directory}: orbax writes "
+                           f"host arrays from process 0 only; save from process 0")
     directory = check_params_target(directory, overwrite=overwrite)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))

@@ -265,10 +265,11 @@ def resolve_manifest(config: Any) -> Path:
         return Path(d.manifest)
     from haaqi_jax.data.demo import DEFAULT_SECONDS, build_demo_dataset
     seconds = d.get("demo_seconds") or DEFAULT_SECONDS
-    return build_demo_dataset(d.demo_dir, n_clips=int(d.demo_clips), seed=int(d.demo_seed),
-                              clip_seconds=(float(seconds[0]), float(seconds[1])),
-                              batch_size=int(d.get("demo_label_batch") or 8),
-                              progress=bool(config.train.get("progress", True)))
+    return sharding.main_process_first("demo dataset", lambda: build_demo_dataset(
+        d.demo_dir, n_clips=int(d.demo_clips), seed=int(d.demo_seed),
+        clip_seconds=(float(seconds[0]), float(seconds[1])),
+        batch_size=int(d.get("demo_label_batch") or 8),
+        progress=bool(config.train.get("progress", True))))
 
 
 def make_encode_fn(net: Any) -> Callable[[np.ndarray, np.ndarray], tuple[Any, Any]]:
@@ -447,14 +448,14 @@ def build_train_data(config: Any, net: Any, workdir: Path,
         layers = "all" if net.config.feature_mode == "weighted" else "last"
         identity = {k: v for k, v in net.config.to_dict().items()
                     if k in ("encoder_kind", "encoder_config", "feature_mode", "feature_layers")}
-        cache = cache_lib.build_feature_cache(
+        cache = sharding.main_process_first("feature cache", lambda: cache_lib.build_feature_cache(
             [r for s in used.values() for r in s], make_encode_fn(net),
             d.get("cache_dir") or (workdir / "feature_cache"), batch_size=int(d.encode_batch_size),
             layers=layers, dtype=d.cache_dtype,
             # (an encoder without weights, e.g. fbank_patches with position_dim 0, has no entry)
             fingerprint=cache_lib.params_fingerprint(net.params.get("encoder", {}), identity),
             probe=True,   # features of an encoder whose code changed are not reused
-            progress=bool(config.train.get("progress", True)))
+            progress=bool(config.train.get("progress", True))))
         if in_cfg.crop_seconds is not None:
             raise ValueError("data.crop_seconds must be None with data.cache=True (cached "
                              "features are of whole clips)")
@@ -847,7 +848,10 @@ def write_training_report(config: Any, net: Any, params: Any, data: TrainData,
                                   len(data.rows[split]))
         records += prediction_records(data.rows[split], predictions, split)
     if not sharding.is_main_process():
-        return out_dir  # the other hosts took part in the (collective) evaluation only
+        # The other hosts took part in the (collective) evaluation only; they return when the
+        # report is on disk (a distillation's student reads the teacher's best_model next).
+        sharding.barrier("training report")
+        return out_dir
     out = write_report(records, out_dir, color_by=config.report.color_by,
                        num_examples=int(config.report.num_example_predictions))
     summary = {"best_step": early["best_step"], "best_valid_loss": early["best_valid_loss"],
@@ -866,4 +870,5 @@ def write_training_report(config: Any, net: Any, params: Any, data: TrainData,
     HAAQINet(net.config, full).save(
         out / "best_model", overwrite=True,
         extra={"best_step": early["best_step"], "best_valid_loss": early["best_valid_loss"]})
+    sharding.barrier("training report")
     return out

@@ -10,7 +10,8 @@ Multi-host (several machines, each with its local accelerators)
 -----------------------------------------------------------------
 1. Call `jax.distributed.initialize()` at the very start of every process (before any other
    JAX call; on TPU pods and SLURM/Kubernetes clusters the arguments are detected, otherwise
-   pass coordinator_address, num_processes, process_id).
+   pass coordinator_address, num_processes, process_id: `train.py --distributed` or
+   `train.py --coordinator HOST:PORT --num-processes N --process-id I`).
 2. `make_mesh()` then spans `jax.devices()`, i.e. the devices of *all* hosts.
 3. Each host reads only its shard of the data: the pipelines take
    `shard_index=jax.process_index(), shard_count=jax.process_count()` and yield host-local
@@ -19,18 +20,31 @@ Multi-host (several machines, each with its local accelerators)
    `jax.make_array_from_process_local_data`, so the jitted step sees the global batch.
 5. Only process 0 writes logs and reports (`is_main_process()`); orbax checkpoints are written
    collectively by all processes (every process calls save/restore).
-On one host (the default) steps 1 and 3 are no-ops: process_count() == 1.
+6. Files every host reads from shared storage (the demo dataset, feature and target caches)
+   are built by process 0 while the others wait at a barrier of the distributed runtime
+   (`main_process_first`); then the others open what it wrote.
+On one host (the default) steps 1, 3 and 6 are no-ops: process_count() == 1.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+import itertools
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
+
+#: How long the other processes of a multi-host job wait for process 0 to build shared files
+#: (`main_process_first`): generous, a feature cache of a large set takes hours.
+SHARED_BUILD_TIMEOUT_S = 24 * 3600
+
+#: Barrier names must not repeat within a job; every process numbers its calls alike.
+_barrier_numbers = itertools.count()
+
+T = TypeVar("T")
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -74,6 +88,40 @@ def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
 def is_main_process() -> bool:
     """True on the process that writes logs, reports and exported models."""
     return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Waits until every process of a multi-host job has called barrier(name) (the runtime's
+    barrier of `jax.distributed`, timeout `SHARED_BUILD_TIMEOUT_S`); nothing on one process.
+    Every process must make the same calls in the same order. If a process fails instead, the
+    runtime stops the others after its heartbeat timeout (the error is in that process's log).
+    """
+    if jax.process_count() == 1:
+        return
+    from orbax.checkpoint import multihost   # a barrier with a timeout, no device collective
+    multihost.sync_global_processes(f"haaqi_jax.{next(_barrier_numbers)}.{name}",
+                                    timeout=SHARED_BUILD_TIMEOUT_S,
+                                    processes=set(range(jax.process_count())))
+
+
+def main_process_first(name: str, build: Callable[[], T]) -> T:
+    """build() on process 0 first, then on the other processes.
+
+    For files on storage all hosts share (the demo dataset, feature caches): process 0 writes
+    them while the others wait (`barrier`); then the others' build() finds them done and only
+    opens them. On one process: build().
+
+    Args:
+      name: what is built, for the barrier's name (e.g. "demo dataset").
+      build: the building function; on the other processes it must only read what process 0
+        wrote (e.g. a cache's build that finds every entry present).
+    """
+    if is_main_process():
+        result = build()
+        barrier(name)
+        return result
+    barrier(name)
+    return build()
 
 
 def shard_batch(batch: Mapping[str, Any], mesh: Mesh,
