@@ -95,8 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     # Bad data or settings: one line naming the file, row or key, exit 2.
-    return run_guarded("train.py", job, interrupted="interrupted; the same command resumes "
+    code = run_guarded("train.py", job, interrupted="interrupted; the same command resumes "
                        "from the last checkpoint")
+    if code and (args.coordinator is not None or args.distributed):
+        # Leave at once: JAX's shutdown would wait up to 5 minutes for the other processes,
+        # which wait for this one; its exit stops them within seconds.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -603,8 +603,8 @@ def test_two_processes_distil_as_one(distill_job, tmp_path):
     sets = [s for s in distill_job["sets"] if not s.startswith("distill.teacher.data.cache_dir=")]
     sets.append(f"distill.teacher.data.cache_dir={tmp_path / 'shared_cache'}")
     work = tmp_path / "run"
-    outputs = run_train_processes(REPO / "configs" / "distill.py", work, sets,
-                                  tmp_path / "jax_cache")
+    _, outputs = run_train_processes(REPO / "configs" / "distill.py", work, sets,
+                                     tmp_path / "jax_cache")
     assert "report in" in outputs[0] and "report in" not in outputs[1]
     one, two = (_train_records(w) for w in (distill_job["workdir"], work))
     assert [r["step"] for r in one] == [r["step"] for r in two]

@@ -171,10 +171,10 @@ def test_two_processes_train_as_one(straight_run, tiny):
     work = root / "two_processes"
     shared = [o for o in overrides if not o.startswith("data.cache_dir=")]
     shared.append(f"data.cache_dir={root / 'shared_cache'}")
-    first = run_train_processes(TINY, work, shared + ["train.stop_after_steps=5"],
-                                root / "jax_cache_2p")
+    _, first = run_train_processes(TINY, work, shared + ["train.stop_after_steps=5"],
+                                   root / "jax_cache_2p")
     assert not (work / "report").exists(), first[0][-2000:]
-    outputs = run_train_processes(TINY, work, shared, root / "jax_cache_2p")
+    _, outputs = run_train_processes(TINY, work, shared, root / "jax_cache_2p")
     assert "report in" in outputs[0] and "report in" not in outputs[1]
 
     runs = [[json.loads(line) for line in (w / "metrics.jsonl").read_text().splitlines()]
@@ -194,6 +194,20 @@ def test_two_processes_train_as_one(straight_run, tiny):
     assert preds[0].keys() == preds[1].keys()
     np.testing.assert_allclose([preds[1][k] for k in preds[0]], list(preds[0].values()),
                                atol=1e-5)
+
+
+def test_a_failing_process_ends_the_job_at_once(tmp_path):
+    """Process 0 cannot build the demo data (its folder is under a file) while process 1
+    waits for it: process 0 names the error and leaves without JAX's shutdown barrier (which
+    waits 5 minutes for the others), and its exit stops process 1 within seconds."""
+    from processes import run_train_processes
+
+    (tmp_path / "a_file").write_text("")
+    codes, outputs = run_train_processes(
+        TINY, tmp_path / "run", [f"data.demo_dir={tmp_path / 'a_file' / 'demo'}"],
+        tmp_path / "jax_cache", timeout=90, check=False)
+    assert codes[0] == 2 and codes[1] != 0
+    assert "train.py: error: " in outputs[0] and "a_file/demo" in outputs[0]
 
 
 @pytest.mark.parametrize("argv, message", [
