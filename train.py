@@ -100,9 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     if code and (args.coordinator is not None or args.distributed):
         # Leave at once: JAX's shutdown would wait up to 5 minutes for the other processes,
         # which wait for this one; its exit stops them within seconds.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        from haaqi_jax.cli import exit_with
+        exit_with(code, at_once=True)
     return code
 
 

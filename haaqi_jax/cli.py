@@ -167,12 +167,14 @@ def main(argv: list[str] | None = None) -> int:
                        "same command resumes)")
 
 
-def exit_with(code: int) -> NoReturn:
-    """sys.exit(code); after Ctrl-C (130) without the interpreter's teardown: XLA may still
-    be compiling or running on its own threads, and finalising Python under them crashed with
-    SIGSEGV (8 of 8 interrupts of a 20-row `label` 5-8 s in). Output is flushed first; files
-    were closed as the interrupt unwound."""
-    if code == 130:
+def exit_with(code: int, *, at_once: bool = False) -> NoReturn:
+    """sys.exit(code); after Ctrl-C (130), or on any error with `at_once`, without the
+    interpreter's teardown. After Ctrl-C XLA may still be compiling or running on its own
+    threads, and finalising Python under them crashed with SIGSEGV (8 of 8 interrupts of a
+    20-row `label` 5-8 s in); a failing process of a multi-host job would wait in JAX's
+    shutdown for the others, which wait for it. Output is flushed first; files were closed as
+    the error unwound."""
+    if code == 130 or (at_once and code):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -164,12 +164,13 @@ def read_audiogram_table(path: str | Path) -> dict[str, np.ndarray | str]:
         for row_number, row in enumerate(reader, start=2):
             if not row or not "".join(row).strip():
                 continue
-            where = f"{path}: row {row_number} ({row[0].strip()})"
-            if row[0].strip() in first_row:   # which of the two was meant is unknown
-                table[row[0].strip()] = (f"{where}: {row[0].strip()!r} is listed twice (rows "
-                                         f"{first_row[row[0].strip()]} and {row_number})")
+            key = row[0].strip()
+            where = f"{path}: row {row_number} ({key})"
+            if key in first_row:   # which of the two was meant is unknown
+                table[key] = (f"{where}: {key!r} is listed twice (rows {first_row[key]} and "
+                              f"{row_number})")
                 continue
-            first_row[row[0].strip()] = row_number
+            first_row[key] = row_number
             try:
                 if len(row) != 1 + len(STANDARD_FREQUENCIES):
                     raise ValueError(f"{where}: expected {1 + len(STANDARD_FREQUENCIES)} "
@@ -178,9 +179,9 @@ def read_audiogram_table(path: str | Path) -> dict[str, np.ndarray | str]:
                     levels = [float(v) for v in row[1:]]
                 except ValueError:
                     raise ValueError(f"{where}: levels {row[1:]} are not all numbers") from None
-                table[row[0].strip()] = validate_levels(levels, where=where)
+                table[key] = validate_levels(levels, where=where)
             except ValueError as err:
-                table[row[0].strip()] = str(err)
+                table[key] = str(err)
     return table
 
 
