@@ -3,11 +3,14 @@
     python convert_weights.py BEATs_iter3_plus_AS2M.pt checkpoints/beats_iter3_as2m
     python convert_weights.py --haaqinet haaqi_net_best.pth checkpoints/haaqinet_released
     python convert_weights.py --haaqinet model.pth out/ --beats-config BEATs_finetuned.pt
+    python convert_weights.py --haaqinet best_loss.pth out/ --beats BEATs_iter3_plus_AS2M.pt
 
 BEATs: a microsoft/unilm checkpoint ({'cfg', 'model'}; pre-trained or fine-tuned, whose
 predictor and label_dict are kept). HAAQI-Net: the authors' file with the BEATs encoder inside
 (`beats_model.*` keys, as their model/haaqi_net_best.pth); its BEATs is the released
-BEATs_iter3+ size unless --beats-config names the cfg of another one. Thin wrapper over
+BEATs_iter3+ size unless --beats-config names the cfg of another one. A head-only HAAQI-Net
+file (their trainer's best_loss.pth) takes its encoder, weights and cfg, from --beats: the
+BEATs .pt it was trained on, or that BEATs converted by this tool. Thin wrapper over
 haaqi_jax.convert (the only place torch is imported). Exit codes: 0 written, 2 a bad file or
 path (one line on stderr; HAAQI_JAX_TRACEBACK=1 adds the traceback), 130 interrupted.
 """
@@ -32,9 +35,11 @@ def _summary(out) -> str:
     encoder, head = cfg.get("encoder_config", {}), cfg.get("head", {})
     mode = (f"weighted sum of layers {cfg.get('feature_layers')}"
             if cfg.get("feature_mode") == "weighted" else "last layer")
+    layers = head.get("lstm_layers", 1)
+    blstm = (f"{layers} layers of " if layers > 1 else "") + f"BLSTM {head.get('lstm_hidden')} x 2"
     return (f"HAAQI-Net on BEATs {encoder.get('encoder_layers')} layers x "
-            f"{encoder.get('encoder_embed_dim')} ({mode}), head BLSTM {head.get('lstm_hidden')} "
-            f"x 2, {head.get('num_heads')} attention heads")
+            f"{encoder.get('encoder_embed_dim')} ({mode}), head {blstm}, "
+            f"{head.get('num_heads')} attention heads")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="--haaqinet: the BEATs its encoder was built from, when not the "
                              "released BEATs_iter3+: that BEATs .pt, its converted folder, or "
                              "a JSON file of its cfg")
+    parser.add_argument("--beats", default=None, metavar="PATH",
+                        help="--haaqinet with a head-only file (the authors' trainer's "
+                             "best_loss.pth): the BEATs it was trained on, its .pt or its "
+                             "folder converted by this tool")
     parser.add_argument("--num-heads", type=int, default=16,
                         help="--haaqinet: attention heads of the head (not stored in the file; "
                              "16 as released)")
@@ -57,12 +66,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="replace OUT_DIR if it is an earlier output of this tool (never "
                              "another folder)")
     parser.add_argument("--allow-pickle", action="store_true",
-                        help="BEATs only: torch.load(weights_only=False) (trusted files only)")
+                        help="BEATs .pt files only (SRC, or --beats): "
+                             "torch.load(weights_only=False) (trusted files only)")
     args = parser.parse_args(argv)
-    if args.haaqinet and args.allow_pickle:
+    if args.haaqinet and args.allow_pickle and args.beats is None:
         parser.error("--allow-pickle is for BEATs files; HAAQI-Net files load without it")
-    if not args.haaqinet and (args.beats_config or args.num_heads != 16):
-        parser.error("--beats-config and --num-heads go with --haaqinet")
+    if not args.haaqinet and (args.beats_config or args.beats or args.num_heads != 16):
+        parser.error("--beats, --beats-config and --num-heads go with --haaqinet")
+    if args.beats and args.beats_config:
+        parser.error("--beats carries its own config; drop --beats-config")
 
     def job() -> int:
         if args.haaqinet:
@@ -70,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             beats_config = (None if args.beats_config is None
                             else read_beats_config(args.beats_config))
             out = convert_haaqinet(args.src, args.out_dir, beats_config=beats_config,
-                                   num_heads=args.num_heads, overwrite=args.overwrite)
+                                   beats_checkpoint=args.beats, num_heads=args.num_heads,
+                                   overwrite=args.overwrite, allow_pickle=args.allow_pickle)
         else:
             from haaqi_jax.convert.beats_torch import convert_beats_checkpoint
             out = convert_beats_checkpoint(args.src, args.out_dir, overwrite=args.overwrite,

@@ -60,8 +60,9 @@ def get_config() -> ConfigDict:
     c.model.freeze_encoder = True
     # audiogram_scale 0.01: a head trained from scratch needs levels of order 1 (the released
     # model's raw dB HL saturated the BLSTM: unseen LCC 0.47 vs 0.63 on an 800-clip demo set).
-    c.model.head = ConfigDict({"adapter_dim": 256, "lstm_hidden": 100, "dense_dim": 256,
-                               "num_heads": 16, "dropout_rate": 0.3, "audiogram_scale": 0.01,
+    c.model.head = ConfigDict({"adapter_dim": 256, "lstm_hidden": 100, "lstm_layers": 1,
+                               "lstm_dropout_rate": 0.0, "dense_dim": 256, "num_heads": 16,
+                               "dropout_rate": 0.3, "audiogram_scale": 0.01,
                                "readout": "score"})
 
     c.loss = ConfigDict()

@@ -15,8 +15,9 @@ def get_config():
     c = load_config_file(pathlib.Path(__file__).with_name("default.py"))
     c.data.demo_dir = "data_cache/demo_tiny"
     c.data.demo_clips = 24
-    c.model.head = ConfigDict({"adapter_dim": 16, "lstm_hidden": 8, "dense_dim": 16,
-                               "num_heads": 4, "dropout_rate": 0.3, "audiogram_scale": 0.01,
+    c.model.head = ConfigDict({"adapter_dim": 16, "lstm_hidden": 8, "lstm_layers": 1,
+                               "lstm_dropout_rate": 0.0, "dense_dim": 16, "num_heads": 4,
+                               "dropout_rate": 0.3, "audiogram_scale": 0.01,
                                "readout": c.model.head.readout})
     c.train.batch_size = 4
     c.train.eval_batch_size = 4

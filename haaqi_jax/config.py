@@ -316,8 +316,10 @@ RESUMABLE_KEYS = _LOOP_KEYS + ("distill.timing_*",) + tuple(f"distill.teacher.{k
                                                             for k in _LOOP_KEYS)
 #: Keys added to the configs after runs were saved without them, with the value those runs
 #: used implicitly: a saved config that lacks one counts as having that value.
-IMPLICIT_VALUES = {"model.head.readout": "score", "distill.teacher.model.head.readout": "score",
-                   "model.head_checkpoint": None, "distill.teacher.model.head_checkpoint": None}
+IMPLICIT_VALUES = {
+    **{f"{where}model.{key}": value for where in ("", "distill.teacher.")
+       for key, value in (("head.readout", "score"), ("head_checkpoint", None),
+                          ("head.lstm_layers", 1), ("head.lstm_dropout_rate", 0.0))}}
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

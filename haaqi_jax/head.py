@@ -59,6 +59,10 @@ class HeadConfig:
       adapter_dim: adapter output width (256).
       audiogram_dim: number of audiogram levels concatenated on every token (8).
       lstm_hidden: BLSTM units per direction (100).
+      lstm_layers: stacked BLSTM layers (1 as released; the authors' trainer config also
+        trains 6 x 200), each reading the previous layer's [forward, backward] outputs.
+      lstm_dropout_rate: dropout between stacked BLSTM layers in training (nn.LSTM's
+        `dropout`; not stored in a torch file, so a converted head gets 0).
       dense_dim: width after the BLSTM and of the attention (256).
       num_heads: attention heads (16).
       dropout_rate: dropout after the ReLU (0.3); the only dropout in the head.
@@ -76,6 +80,8 @@ class HeadConfig:
     adapter_dim: int = 256
     audiogram_dim: int = 8
     lstm_hidden: int = 100
+    lstm_layers: int = 1
+    lstm_dropout_rate: float = 0.0
     dense_dim: int = 256
     num_heads: int = 16
     dropout_rate: float = 0.3
@@ -90,6 +96,8 @@ class HeadConfig:
         if self.dense_dim % self.num_heads:
             raise ValueError(f"HeadConfig: dense_dim {self.dense_dim} is not divisible by "
                              f"num_heads {self.num_heads}")
+        if self.lstm_layers < 1:
+            raise ValueError(f"HeadConfig: lstm_layers must be >= 1, got {self.lstm_layers}")
         if self.num_weighted_layers < 0:
             raise ValueError(f"HeadConfig: num_weighted_layers must be >= 0, got "
                              f"{self.num_weighted_layers}")
@@ -176,22 +184,35 @@ def lstm_recurrence(gates_in: jax.Array, w_hh: jax.Array, *, unroll: int = 4) ->
 
 
 class BLSTM(nn.Module):
-    """Bidirectional single-layer LSTM over prefix-valid sequences.
+    """Bidirectional LSTM over prefix-valid sequences, `num_layers` stacked (nn.LSTM's
+    bidirectional, multi-layer semantics: layer k reads layer k - 1's [forward, backward]
+    outputs, with dropout between layers in training).
 
     The backward direction runs over each item's valid part reversed, so padding never
     reaches a valid step in either direction. Outputs on padded steps are meaningless. Both
     directions advance in one scan (half the sequential steps of one scan per direction).
+    Parameters: forward / backward for the first layer (the released single-layer names),
+    forward_k / backward_k for layer k >= 1.
     """
 
     hidden: int
+    num_layers: int = 1
+    dropout_rate: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array, lengths: jax.Array) -> jax.Array:
-        """x: (B, T, D), lengths: (B,) -> (B, T, 2H) = [forward, backward]."""
-        fwd_in, fwd_hh = LSTMDirection(self.hidden, name="forward")(x)
-        bwd_in, bwd_hh = LSTMDirection(self.hidden, name="backward")(reverse_valid(x, lengths))
-        hs = lstm_recurrence(jnp.stack([fwd_in, bwd_in]), jnp.stack([fwd_hh, bwd_hh]))
-        return jnp.concatenate([hs[0], reverse_valid(hs[1], lengths)], axis=-1)
+    def __call__(self, x: jax.Array, lengths: jax.Array, *,
+                 deterministic: bool = True) -> jax.Array:
+        """x: (B, T, D), lengths: (B,) -> (B, T, 2H) = [forward, backward] of the last layer."""
+        for layer in range(self.num_layers):
+            if layer:
+                x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+            suffix = f"_{layer}" if layer else ""
+            fwd_in, fwd_hh = LSTMDirection(self.hidden, name="forward" + suffix)(x)
+            bwd_in, bwd_hh = LSTMDirection(self.hidden, name="backward" + suffix)(
+                reverse_valid(x, lengths))
+            hs = lstm_recurrence(jnp.stack([fwd_in, bwd_in]), jnp.stack([fwd_hh, bwd_hh]))
+            x = jnp.concatenate([hs[0], reverse_valid(hs[1], lengths)], axis=-1)
+        return x
 
 
 class DenseParams(nn.Module):
@@ -302,7 +323,8 @@ class HAAQINetHead(nn.Module):
         hl = jnp.broadcast_to(cfg.audiogram_scale * audiogram[:, None, :].astype(x.dtype),
                               (batch, length, cfg.audiogram_dim))
         x = jnp.concatenate([x, hl], axis=-1)
-        x = BLSTM(cfg.lstm_hidden, name="blstm")(x, lengths)
+        x = BLSTM(cfg.lstm_hidden, cfg.lstm_layers, cfg.lstm_dropout_rate, name="blstm")(
+            x, lengths, deterministic=deterministic)
         x = nn.relu(nn.Dense(cfg.dense_dim, name="dense")(x))
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         outputs = 2 if cfg.readout == "haaqi_components" else 1

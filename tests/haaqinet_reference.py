@@ -17,10 +17,11 @@ from torch import nn
 class TorchHAAQINetHead(nn.Module):
     def __init__(self, feature_dim: int = 768, num_weighted_layers: int = 0,
                  adapter_dim: int = 256, audiogram_dim: int = 8, lstm_hidden: int = 100,
-                 num_heads: int = 16, score_outputs: int = 1):
+                 num_heads: int = 16, score_outputs: int = 1, lstm_layers: int = 1,
+                 lstm_dropout: float = 0.0):
         super().__init__()
-        self.blstm = nn.LSTM(adapter_dim + audiogram_dim, lstm_hidden, num_layers=1,
-                             bidirectional=True, batch_first=True)
+        self.blstm = nn.LSTM(adapter_dim + audiogram_dim, lstm_hidden, num_layers=lstm_layers,
+                             dropout=lstm_dropout, bidirectional=True, batch_first=True)
         self.linear0 = nn.Linear(feature_dim, adapter_dim)
         self.linear1 = nn.Linear(2 * lstm_hidden, adapter_dim)
         self.dropout = nn.Dropout(0.3)

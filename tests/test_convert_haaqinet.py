@@ -49,13 +49,18 @@ def test_converted_predict_matches_torch_pipeline(num_layers, tmp_path):
     if num_layers:
         assert net.config.feature_layers == (1, 2)  # the L layer outputs, as released
 
+    save_official_checkpoint(tmp_path / "beats.pt", TINY_CFG, beats_sd)
+    _assert_predicts_as_torch(net, tmp_path / "beats.pt", head, num_layers)
+
+
+def _assert_predicts_as_torch(net, beats_pt, head, num_layers, seed=0):
+    """net.predict on padded buckets == speechbrain BEATs (from beats_pt) + the torch head."""
     lengths = [16000, 9000, 24000, 4100]  # mixed: padded in shared buckets
-    clips = _clips(num_layers, lengths)
+    clips = _clips(num_layers + seed, lengths)
     levels = np.random.default_rng(7).uniform(0, 90, (len(clips), 8)).astype(np.float32)
     scores = net.predict(clips, SR, levels, batch_size=4, progress=False)
 
-    save_official_checkpoint(tmp_path / "beats.pt", TINY_CFG, beats_sd)
-    sb = speechbrain_beats(tmp_path / "beats.pt")  # all hidden states: (L+1, T, 1, C)
+    sb = speechbrain_beats(beats_pt)  # all hidden states: (L+1, T, 1, C)
     feats = []
     with torch.no_grad():
         for clip in clips:  # one unpadded clip at a time, as the authors' code runs
@@ -63,7 +68,103 @@ def test_converted_predict_matches_torch_pipeline(num_layers, tmp_path):
             feats.append(hidden[1:].numpy() if num_layers else hidden[-1].numpy())
     _, ref = torch_head_scores(head, feats, levels)
     np.testing.assert_allclose(scores, ref, atol=TOL, rtol=0)
-    assert np.std(ref) > 1e-3  # the clips really score differently
+    assert np.std(ref) > 5 * TOL  # the clips really score differently
+
+
+def _trainer_file(path, head):
+    """The head alone, saved as the authors' trainer saves best_loss.pth: with the optimizer's
+    state (after one real Adam step, so it holds tensors) and the epoch."""
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-4)
+    head.train()
+    x = torch.randn(1, 5, head.linear0.in_features)
+    frames, _ = head([x] * head.num_weighted_layers if head.num_weighted_layers else x,
+                     torch.zeros(1, 8))
+    frames.mean().backward()
+    with torch.no_grad():
+        saved = {k: v.clone() for k, v in head.state_dict().items()}
+    optimizer.step()
+    head.load_state_dict(saved)  # the file holds the weights the reference uses
+    head.eval()
+    torch.save({"model": head.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 3},
+               path)
+
+
+@pytest.mark.parametrize("num_layers,beats_as,lstm_layers", [(0, "pt", 1), (2, "folder", 3)])
+def test_head_only_file_converts_with_its_beats(num_layers, beats_as, lstm_layers, tmp_path):
+    """The authors' trainer saves the head alone (best_loss.pth); with the BEATs it was
+    trained on (the official .pt, or that BEATs converted by us) it predicts as the torch
+    pipeline of the authors' example script: BEATs from its own file, then the head (whose
+    trainer config stacks BLSTM layers: 3 here)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from haaqi_jax.convert.beats_torch import convert_beats_checkpoint
+    beats_sd = make_beats_state_dict(TINY_CFG, 10 + num_layers)
+    save_official_checkpoint(tmp_path / "beats.pt", TINY_CFG, beats_sd)
+    head = make_head(11 + num_layers, feature_dim=TINY_CFG["encoder_embed_dim"],
+                     num_weighted_layers=num_layers, lstm_layers=lstm_layers)
+    _trainer_file(tmp_path / "best_loss.pth", head)
+    beats = (tmp_path / "beats.pt" if beats_as == "pt"
+             else convert_beats_checkpoint(tmp_path / "beats.pt", tmp_path / "beats_jax"))
+
+    repo = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(repo / "convert_weights.py"), "--haaqinet",
+                          str(tmp_path / "best_loss.pth"), str(tmp_path / "jax"), "--beats",
+                          str(beats)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert f"HAAQI-Net on BEATs {TINY_CFG['encoder_layers']} layers" in run.stdout
+    assert (f"{lstm_layers} layers of " if lstm_layers > 1 else "BLSTM 100 x 2") in run.stdout
+    net = HAAQINet.load(tmp_path / "jax")
+    assert net.config.head.lstm_layers == lstm_layers
+    assert net.config.feature_mode == ("weighted" if num_layers else "last")
+    _assert_predicts_as_torch(net, tmp_path / "beats.pt", head, num_layers, seed=5)
+
+
+def test_head_only_errors(tmp_path):
+    """A head-only file without its BEATs, a full file with one, both BEATs options, and a
+    BEATs of another width are each refused by name, and nothing is written."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    beats_sd, head, sd = _released_file(tmp_path / "full.pth", 0)
+    save_official_checkpoint(tmp_path / "beats.pt", TINY_CFG, beats_sd)
+    torch.save({"model": head.state_dict()}, tmp_path / "head.pth")
+
+    with pytest.raises(ValueError, match=r"head.pth is a head-only HAAQI-Net file.*--beats"):
+        convert_haaqinet(tmp_path / "head.pth", tmp_path / "out")
+    with pytest.raises(ValueError, match=r"full.pth holds its own BEATs"):
+        convert_haaqinet(tmp_path / "full.pth", tmp_path / "out",
+                         beats_checkpoint=tmp_path / "beats.pt")
+    with pytest.raises(ValueError, match="beats_checkpoint or beats_config, not both"):
+        convert_haaqinet(tmp_path / "head.pth", tmp_path / "out", beats_config=TINY_CFG,
+                         beats_checkpoint=tmp_path / "beats.pt")
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        convert_haaqinet(tmp_path / "head.pth", tmp_path / "out",
+                         beats_checkpoint=tmp_path / "nope.pt")
+    wide = dict(TINY_CFG, encoder_embed_dim=2 * TINY_CFG["encoder_embed_dim"],
+                encoder_ffn_embed_dim=2 * TINY_CFG["encoder_ffn_embed_dim"])
+    save_official_checkpoint(tmp_path / "wide.pt", wide, make_beats_state_dict(wide, 3))
+    with pytest.raises(ValueError, match=r"head.pth: .*linear0.weight reads "
+                                         rf"{TINY_CFG['encoder_embed_dim']} features"):
+        convert_haaqinet(tmp_path / "head.pth", tmp_path / "out",
+                         beats_checkpoint=tmp_path / "wide.pt")
+    assert not (tmp_path / "out").exists()
+
+    repo = Path(__file__).resolve().parents[1]
+    for extra, message in [([], "--beats BEATs_iter3_plus_AS2M.pt"),
+                           (["--beats", str(tmp_path / "beats.pt"), "--beats-config",
+                             str(tmp_path / "beats.pt")], "drop --beats-config")]:
+        run = subprocess.run([sys.executable, str(repo / "convert_weights.py"), "--haaqinet",
+                              str(tmp_path / "head.pth"), str(tmp_path / "cli")] + extra,
+                             capture_output=True, text=True)
+        assert run.returncode == 2 and message in run.stderr, run.stderr
+    run = subprocess.run([sys.executable, str(repo / "convert_weights.py"),
+                          str(tmp_path / "beats.pt"), str(tmp_path / "cli"), "--beats",
+                          str(tmp_path / "beats.pt")], capture_output=True, text=True)
+    assert run.returncode == 2 and "go with --haaqinet" in run.stderr, run.stderr
+    assert not (tmp_path / "cli").exists()
 
 
 def _expect_error(tmp_path, sd, match, **kw):
@@ -109,9 +210,9 @@ def test_not_a_haaqinet_file(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot be read"):
         convert_haaqinet(tmp_path / "junk.pth", tmp_path / "out")
-    torch.save({"model": {"linear0.weight": torch.zeros(2, 2)}}, tmp_path / "head_only.pth")
-    with pytest.raises(ValueError, match="not a released HAAQI-Net checkpoint"):
-        convert_haaqinet(tmp_path / "head_only.pth", tmp_path / "out")
+    torch.save({"model": {"classifier.weight": torch.zeros(2, 2)}}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="not a HAAQI-Net checkpoint"):
+        convert_haaqinet(tmp_path / "other.pth", tmp_path / "out")
     with pytest.raises(FileNotFoundError):
         convert_haaqinet(tmp_path / "missing.pth", tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -176,8 +177,43 @@ def test_dropout_only_when_not_deterministic(audiograms):
     assert np.max(np.abs(np.asarray(c.clip_score - a.clip_score))) > 1e-5
 
 
-def test_head_init_tree_matches_conversion():
-    torch_head = make_head(7, feature_dim=64, num_weighted_layers=3)
+def test_stacked_blstm_matches_torch(audiograms):
+    """A head with nn.LSTM(num_layers=3) (the authors' trainer config stacks 6): each layer
+    reads the previous one's [forward, backward] outputs; dropout between the layers only in
+    training."""
+    torch_head = make_head(12, feature_dim=64, lstm_hidden=24, lstm_layers=3, lstm_dropout=0.5)
+    params, cfg = head_params_from_state_dict(torch_head.state_dict())
+    assert cfg.lstm_layers == 3 and cfg.lstm_hidden == 24
+    assert sorted(params["blstm"]) == ["backward", "backward_1", "backward_2", "forward",
+                                       "forward_1", "forward_2"]
+    rng = np.random.default_rng(3)
+    items = [rng.normal(size=(t, 64)).astype(np.float32) for t in LENGTHS]
+    frames_ref, clips_ref = torch_head_scores(torch_head, items, audiograms)
+    feats, mask = _padded(items, max(LENGTHS) + 3)
+    out = _run(cfg, params, feats, mask, audiograms)
+    np.testing.assert_allclose(np.asarray(out.clip_score), clips_ref, atol=TOL, rtol=0)
+    for b, t in enumerate(LENGTHS):
+        np.testing.assert_allclose(np.asarray(out.frame_scores[b, :t]), frames_ref[b], atol=TOL,
+                                   rtol=0)
+    # The first layer alone scores differently: the later layers are really applied.
+    first = {**params, "blstm": {k: params["blstm"][k] for k in ("forward", "backward")}}
+    alone = _run(dataclasses.replace(cfg, lstm_layers=1), first, feats, mask, audiograms)
+    assert np.max(np.abs(np.asarray(alone.clip_score - out.clip_score))) > 1e-3
+    # Dropout between layers: only that dropout is on here (the head's own rate is 0).
+    cfg_drop = dataclasses.replace(cfg, dropout_rate=0.0, lstm_dropout_rate=0.5)
+    quiet = _run(dataclasses.replace(cfg_drop, lstm_dropout_rate=0.0), params, feats, mask,
+                 audiograms, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    np.testing.assert_allclose(np.asarray(quiet.clip_score), clips_ref, atol=TOL, rtol=0)
+    noisy = _run(cfg_drop, params, feats, mask, audiograms, deterministic=False,
+                 rngs={"dropout": jax.random.key(1)})
+    assert np.max(np.abs(np.asarray(noisy.clip_score) - clips_ref)) > 1e-4
+    with pytest.raises(ValueError, match="lstm_layers"):
+        HeadConfig(lstm_layers=0)
+
+
+@pytest.mark.parametrize("lstm_layers", [1, 2])
+def test_head_init_tree_matches_conversion(lstm_layers):
+    torch_head = make_head(7, feature_dim=64, num_weighted_layers=3, lstm_layers=lstm_layers)
     params, cfg = head_params_from_state_dict(torch_head.state_dict())
     init = jax.jit(HAAQINetHead(cfg).init)(jax.random.key(0), jnp.zeros((1, 3, 5, 64)),
                                            jnp.ones((1, 5), bool), jnp.zeros((1, 8)))["params"]
@@ -216,4 +252,12 @@ def test_head_conversion_is_strict():
     bad = dict(sd)
     bad["haaqiAtt_layer.out_proj.weight"] = sd["haaqiAtt_layer.out_proj.weight"][:, :10]
     with pytest.raises(ValueError, match="haaqiAtt_layer.out_proj.weight"):
+        head_params_from_state_dict(bad)
+    stacked = make_head(8, feature_dim=64, lstm_layers=3).state_dict()
+    bad = dict(stacked)
+    del bad["blstm.bias_hh_l2_reverse"]
+    with pytest.raises(ValueError, match="blstm.bias_hh_l2_reverse"):
+        head_params_from_state_dict(bad)
+    bad = dict(stacked, **{"blstm.weight_ih_l1": stacked["blstm.weight_ih_l1"][:, :7]})
+    with pytest.raises(ValueError, match=r"blstm.weight_ih_l1.*expected \(400, 200\)"):
         head_params_from_state_dict(bad)

@@ -571,6 +571,22 @@ def test_head_checkpoint_starts_the_head_from_a_haaqinet(tiny, tmp_path, capsys)
                                               "model.encoder_config.clip_statistics=False"]))
     assert isinstance(net, HAAQINet)
 
+    # A folder saved before the stacked-BLSTM settings existed has their defaults.
+    meta = json.loads((tmp_path / "source" / "config.json").read_text())
+    for key in ("lstm_layers", "lstm_dropout_rate"):
+        del meta["config"]["head"][key]
+    (tmp_path / "source" / "config.json").write_text(json.dumps(meta))
+    loop.build_model(_config(overrides + [f"model.head_checkpoint={tmp_path / 'source'}"]))
+    # A stacked head (as the authors' trainer config) needs the same stack here.
+    loop.build_model(_config(overrides + ["model.head.lstm_layers=2"])).save(tmp_path / "deep")
+    with pytest.raises(ValueError, match=r"lstm_layers \(2 there, 1 here\); e.g. --set "
+                                         r"model.head.lstm_layers=2"):
+        loop.build_model(_config(overrides + [f"model.head_checkpoint={tmp_path / 'deep'}"]))
+    deep = loop.build_model(_config(overrides + [f"model.head_checkpoint={tmp_path / 'deep'}",
+                                                 "model.head.lstm_layers=2",
+                                                 "model.head.lstm_dropout_rate=0.5"]))
+    assert "forward_1" in deep.params["head"]["blstm"]
+
 
 def test_resume_is_refused_when_the_starting_weights_changed(tiny, tmp_path):
     """The same model.head_checkpoint path holding other weights (converted anew): the resume

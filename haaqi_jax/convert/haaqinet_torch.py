@@ -5,7 +5,8 @@ reads `model/haaqi_net_best.pth`) is `torch.save({'model': state_dict})`, or a b
 with (an `nn.DataParallel` "module." prefix is removed)
 
     beats_model.*                        the BEATs encoder (its own key layout, prefixed)
-    blstm.{weight_ih,weight_hh,bias_ih,bias_hh}_l0[_reverse]   nn.LSTM, gates (i, f, g, o)
+    blstm.{weight_ih,weight_hh,bias_ih,bias_hh}_l{k}[_reverse]   nn.LSTM, gates (i, f, g, o),
+                                         layers k = 0.. (one as released)
     linear0.{weight,bias}                adapter C -> 256
     linear1.{weight,bias}                dense 200 -> 256
     haaqiAtt_layer.{in_proj_weight (768,256), in_proj_bias, out_proj.weight, out_proj.bias}
@@ -15,8 +16,13 @@ with (an `nn.DataParallel` "module." prefix is removed)
 Roles are checked by shape, not only by name; any missing or unexpected key or wrong shape is
 an error naming the key, and nothing is written. The BEATs configuration is not in the file: it
 is an argument (default: the released BEATs_iter3+ AS2M configuration; `read_beats_config`
-takes it from another BEATs checkpoint). A head-only file (the authors' trainer saves the head
-without `beats_model.*`) cannot be converted alone.
+takes it from another BEATs checkpoint).
+
+A head-only file, `{'model': head state_dict, 'optimizer': ..., 'epoch': ...}` as the authors'
+trainer saves `best_loss.pth` (their example script loads BEATs from its own .pt beside it),
+converts together with that BEATs checkpoint: `convert_haaqinet(..., beats_checkpoint=PATH)`
+(an official BEATs .pt, or a folder written by `convert_beats_checkpoint`), which supplies both
+the encoder's weights and its configuration.
 """
 
 from __future__ import annotations
@@ -49,8 +55,12 @@ def head_config_from_state_dict(state_dict: Mapping[str, Any], *, num_heads: int
     lstm_hidden = _np(state_dict["blstm.weight_hh_l0"]).shape[1]
     lstm_in = _np(state_dict["blstm.weight_ih_l0"]).shape[1]
     num_layers = _np(state_dict["weights"]).shape[0] if "weights" in state_dict else 0
+    lstm_layers = 1
+    while f"blstm.weight_ih_l{lstm_layers}" in state_dict:
+        lstm_layers += 1
     return HeadConfig(num_weighted_layers=int(num_layers), adapter_dim=int(adapter_dim),
                       audiogram_dim=int(lstm_in - adapter_dim), lstm_hidden=int(lstm_hidden),
+                      lstm_layers=lstm_layers,
                       dense_dim=int(_np(state_dict["linear1.weight"]).shape[0]),
                       num_heads=num_heads)
 
@@ -64,11 +74,13 @@ def _expected_head_shapes(cfg: HeadConfig, feature_dim: int) -> dict[str, tuple[
         "haaqiAtt_layer.out_proj.weight": (d, d), "haaqiAtt_layer.out_proj.bias": (d,),
         "haaqiframe_score.weight": (1, d), "haaqiframe_score.bias": (1,),
     }
-    for sfx in ("_l0", "_l0_reverse"):
-        shapes[f"blstm.weight_ih{sfx}"] = (h4, cfg.adapter_dim + cfg.audiogram_dim)
-        shapes[f"blstm.weight_hh{sfx}"] = (h4, cfg.lstm_hidden)
-        shapes[f"blstm.bias_ih{sfx}"] = (h4,)
-        shapes[f"blstm.bias_hh{sfx}"] = (h4,)
+    for layer in range(cfg.lstm_layers):
+        inputs = 2 * cfg.lstm_hidden if layer else cfg.adapter_dim + cfg.audiogram_dim
+        for sfx in (f"_l{layer}", f"_l{layer}_reverse"):
+            shapes[f"blstm.weight_ih{sfx}"] = (h4, inputs)
+            shapes[f"blstm.weight_hh{sfx}"] = (h4, cfg.lstm_hidden)
+            shapes[f"blstm.bias_ih{sfx}"] = (h4,)
+            shapes[f"blstm.bias_hh{sfx}"] = (h4,)
     if cfg.num_weighted_layers:
         shapes["weights"] = (cfg.num_weighted_layers,)
         for i in range(cfg.num_weighted_layers):
@@ -129,7 +141,9 @@ def head_params_from_state_dict(state_dict: Mapping[str, Any], *, num_heads: int
     attention["out"] = dense("haaqiAtt_layer.out_proj")
     params: dict[str, Any] = {
         "adapter": dense("linear0"),
-        "blstm": {"forward": lstm("_l0"), "backward": lstm("_l0_reverse")},
+        "blstm": {f"{direction}_{layer}" if layer else direction:
+                  lstm(f"_l{layer}" + ("_reverse" if direction == "backward" else ""))
+                  for layer in range(cfg.lstm_layers) for direction in ("forward", "backward")},
         "dense": dense("linear1"),
         "attention": attention,
         "frame_score": dense("haaqiframe_score"),
@@ -142,7 +156,9 @@ def head_params_from_state_dict(state_dict: Mapping[str, Any], *, num_heads: int
     return params, cfg
 
 
-def _load_state_dict(src_path) -> dict[str, Any]:
+def _load_state_dict(src_path, *, head_only: bool) -> dict[str, Any]:
+    """The state dict of a HAAQI-Net file: with its BEATs (`beats_model.*` keys), or without it
+    when `head_only` (its encoder then comes from a separate BEATs checkpoint)."""
     import torch
     src_path = Path(src_path)
     if src_path.is_dir():
@@ -157,18 +173,48 @@ def _load_state_dict(src_path) -> dict[str, Any]:
         raise ValueError(f"{src_path}: cannot be read as a PyTorch checkpoint ({e})") from None
     if isinstance(obj, Mapping) and "cfg" in obj and "model" in obj:
         raise ValueError(f"{src_path} is a BEATs checkpoint ('cfg' and 'model'); convert it "
-                         f"without --haaqinet")
+                         f"without --haaqinet" + (", or give it as the head's BEATs"
+                                                  if head_only else ""))
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         obj = obj["model"]
-    if isinstance(obj, Mapping) and any(str(k).startswith("module." + BEATS_PREFIX)
-                                        for k in obj):
+    if (isinstance(obj, Mapping) and obj
+            and all(str(k).startswith("module.") for k in obj)):
         obj = {str(k)[len("module."):]: v for k, v in obj.items()}   # nn.DataParallel's prefix
-    if not isinstance(obj, Mapping) or not any(str(k).startswith(BEATS_PREFIX) for k in obj):
-        raise ValueError(f"{src_path}: not a released HAAQI-Net checkpoint with its BEATs "
-                         f"(expected a dict {{'model': state_dict}} with '{BEATS_PREFIX}*' "
-                         f"keys, as the authors' model/haaqi_net_best.pth; a head-only file "
-                         f"such as their trainer's best_loss.pth lacks the encoder)")
+    if not isinstance(obj, Mapping) or "linear0.weight" not in obj:
+        raise ValueError(f"{src_path}: not a HAAQI-Net checkpoint (expected a dict "
+                         f"{{'model': state_dict}} with the head's 'linear0.*', 'blstm.*', ... "
+                         f"keys, as the authors' model/haaqi_net_best.pth or best_loss.pth)")
+    has_encoder = any(str(k).startswith(BEATS_PREFIX) for k in obj)
+    if head_only and has_encoder:
+        raise ValueError(f"{src_path} holds its own BEATs ('{BEATS_PREFIX}*' keys); a separate "
+                         f"BEATs checkpoint (--beats) is only for a head-only file")
+    if not head_only and not has_encoder:
+        raise ValueError(f"{src_path} is a head-only HAAQI-Net file (no '{BEATS_PREFIX}*' "
+                         f"keys, as the authors' trainer's best_loss.pth): give the BEATs "
+                         f"checkpoint it was trained on, convert_weights.py --haaqinet "
+                         f"{src_path.name} OUT --beats BEATs_iter3_plus_AS2M.pt "
+                         f"(Python: beats_checkpoint=)")
     return dict(obj)
+
+
+def read_beats_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False
+                          ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The encoder of a head-only HAAQI-Net file: (BEATs cfg dict, Flax params of `BEATs`)
+    from an official BEATs .pt or a folder written by `convert_beats_checkpoint`."""
+    from haaqi_jax.convert.beats_torch import (_checkpoint_parts, beats_params_from_state_dict,
+                                               load_torch_checkpoint)
+    from haaqi_jax.beats import load_beats
+
+    path = Path(path)
+    if path.is_dir():
+        model, params = load_beats(path)
+        return dict(model.config.to_dict()), params
+    cfg, state_dict = _checkpoint_parts(load_torch_checkpoint(path, allow_pickle=allow_pickle),
+                                        str(path))
+    try:
+        return cfg, beats_params_from_state_dict(state_dict, cfg)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def haaqinet_from_state_dict(state_dict: Mapping[str, Any], *, beats_config=None,
@@ -184,25 +230,51 @@ def haaqinet_from_state_dict(state_dict: Mapping[str, Any], *, beats_config=None
     """
     from haaqi_jax.beats import RELEASED_CONFIG, BEATsConfig
     from haaqi_jax.convert.beats_torch import beats_params_from_state_dict
-    from haaqi_jax.model import HAAQINet, HAAQINetConfig
 
     beats_sd = {k[len(BEATS_PREFIX):]: v for k, v in state_dict.items()
                 if k.startswith(BEATS_PREFIX)}
     head_sd = {k: v for k, v in state_dict.items() if not k.startswith(BEATS_PREFIX)}
     if not beats_sd:
         raise ValueError(f"HAAQI-Net state dict: no '{BEATS_PREFIX}*' (encoder) keys")
-    head_params, head_cfg = head_params_from_state_dict(head_sd, num_heads=num_heads)
-
     cfg = BEATsConfig.from_dict(dict(RELEASED_CONFIG if beats_config is None else
                                      (beats_config.to_dict() if hasattr(beats_config, "to_dict")
                                       else beats_config)))
-    cfg_dict = dict(cfg.to_dict())
+    head_params, head_cfg = head_params_from_state_dict(head_sd, num_heads=num_heads)
     try:
         encoder_params = beats_params_from_state_dict(beats_sd, cfg)
     except (ValueError, KeyError) as e:
         raise ValueError(f"HAAQI-Net state dict, encoder part ('{BEATS_PREFIX}' prefix "
                          f"removed): {e}") from None
-    feature_dim = _np(head_sd["linear0.weight"]).shape[1]
+    return _assemble(head_params, head_cfg, _np(head_sd["linear0.weight"]).shape[1],
+                     encoder_params, cfg, feature_layers)
+
+
+def haaqinet_from_head_state_dict(head_state_dict: Mapping[str, Any], beats_config,
+                                  encoder_params: Mapping[str, Any], *, num_heads: int = 16,
+                                  feature_layers=None):
+    """Builds a `HAAQINet` from a head-only state dict and a converted BEATs (no file I/O).
+
+    Args:
+      head_state_dict: the head's keys only (module docstring), e.g. the `'model'` entry of the
+        authors' trainer's best_loss.pth.
+      beats_config: the BEATs' cfg dict or BEATsConfig.
+      encoder_params: Flax params of `BEATs(beats_config)` (`read_beats_checkpoint`).
+      num_heads, feature_layers: as in `haaqinet_from_state_dict`.
+    """
+    from haaqi_jax.beats import BEATsConfig
+
+    cfg = (beats_config if isinstance(beats_config, BEATsConfig)
+           else BEATsConfig.from_dict(dict(beats_config)))
+    head_params, head_cfg = head_params_from_state_dict(head_state_dict, num_heads=num_heads)
+    return _assemble(head_params, head_cfg, _np(head_state_dict["linear0.weight"]).shape[1],
+                     encoder_params, cfg, feature_layers)
+
+
+def _assemble(head_params, head_cfg, feature_dim, encoder_params, cfg, feature_layers):
+    """A HAAQINet of converted parts, after checking that they fit together."""
+    from haaqi_jax.model import HAAQINet, HAAQINetConfig
+
+    cfg_dict = dict(cfg.to_dict())
     if feature_dim != cfg_dict["encoder_embed_dim"]:
         raise ValueError(f"HAAQI-Net state dict: linear0.weight reads {feature_dim} features "
                          f"but the BEATs config has encoder_embed_dim "
@@ -224,27 +296,56 @@ def haaqinet_from_state_dict(state_dict: Mapping[str, Any], *, beats_config=None
 
 
 def convert_haaqinet(src_path: str | os.PathLike, out_dir: str | os.PathLike, *,
-                     beats_config=None, num_heads: int = 16, feature_layers=None,
-                     overwrite: bool = False) -> Path:
-    """Converts the authors' released HAAQI-Net file to a directory `HAAQINet.load` reads.
+                     beats_config=None, beats_checkpoint: str | os.PathLike | None = None,
+                     num_heads: int = 16, feature_layers=None, overwrite: bool = False,
+                     allow_pickle: bool = False) -> Path:
+    """Converts the authors' HAAQI-Net file to a directory `HAAQINet.load` reads.
+
+    Args:
+      src_path: the HAAQI-Net .pth: with its BEATs inside (`beats_model.*` keys, as
+        model/haaqi_net_best.pth), or head-only (as the trainer's best_loss.pth) together
+        with `beats_checkpoint`.
+      out_dir: the directory to write.
+      beats_config: the BEATs configuration of a file with its BEATs inside, when not the
+        released BEATs_iter3+ (a cfg dict, e.g. from `read_beats_config`).
+      beats_checkpoint: the BEATs a head-only file was trained on: an official BEATs .pt or a
+        folder written by `convert_beats_checkpoint` (weights and configuration both).
+      num_heads, feature_layers: as in `haaqinet_from_state_dict`.
+      overwrite: replace out_dir if it is an earlier output of this tool.
+      allow_pickle: read `beats_checkpoint` with torch.load(weights_only=False) (trusted files).
 
     Strict: a missing/unexpected key or a wrong shape raises ValueError naming the key, and
     nothing is written. Returns the directory written.
     """
     from haaqi_jax.train.checkpoint import check_params_target
 
+    if beats_checkpoint is not None and beats_config is not None:
+        raise ValueError("give beats_checkpoint or beats_config, not both: a BEATs checkpoint "
+                         "carries its own configuration")
+    if allow_pickle and beats_checkpoint is None:
+        raise ValueError("allow_pickle applies to beats_checkpoint only (HAAQI-Net files load "
+                         "without it)")
     check_params_target(out_dir, overwrite=overwrite)     # before minutes of loading
-    state_dict = _load_state_dict(src_path)
+    state_dict = _load_state_dict(src_path, head_only=beats_checkpoint is not None)
+    if beats_checkpoint is not None:     # its own errors name the BEATs file
+        cfg, encoder_params = read_beats_checkpoint(beats_checkpoint, allow_pickle=allow_pickle)
     try:
-        net = haaqinet_from_state_dict(state_dict, beats_config=beats_config,
-                                       num_heads=num_heads, feature_layers=feature_layers)
+        if beats_checkpoint is None:
+            net = haaqinet_from_state_dict(state_dict, beats_config=beats_config,
+                                           num_heads=num_heads, feature_layers=feature_layers)
+        else:
+            net = haaqinet_from_head_state_dict(state_dict, cfg, encoder_params,
+                                                num_heads=num_heads,
+                                                feature_layers=feature_layers)
     except ValueError as e:
         hint = ("; a HAAQI-Net built on another BEATs (fine-tuned, smaller) needs that BEATs' "
                 "config: convert_weights.py --haaqinet --beats-config BEATs.pt|cfg.json"
                 if beats_config is None and "encoder part" in str(e) else "")
         raise ValueError(f"{src_path}: {e}{hint}") from None
-    return net.save(out_dir, overwrite=overwrite,
-                    extra={"source": str(Path(src_path).name)})
+    extra = {"source": str(Path(src_path).name)}
+    if beats_checkpoint is not None:
+        extra["beats_source"] = str(Path(beats_checkpoint).name)
+    return net.save(out_dir, overwrite=overwrite, extra=extra)
 
 
 def read_beats_config(path: str | os.PathLike) -> dict[str, Any]:

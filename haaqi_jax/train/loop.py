@@ -194,6 +194,7 @@ def with_head_from(net: Any, path: str | os.PathLike) -> Any:
     Raises:
       ValueError naming model.head_checkpoint and the settings or parameter that differ.
     """
+    from haaqi_jax.head import HeadConfig
     from haaqi_jax.model import HAAQINet, check_param_tree
     from haaqi_jax.train.checkpoint import load_config, load_params
 
@@ -205,9 +206,11 @@ def with_head_from(net: Any, path: str | os.PathLike) -> Any:
     if meta.get("kind") != "haaqinet":
         raise ValueError(f"{where}: config.json has kind {meta.get('kind')!r}; expected "
                          "'haaqinet' (a converted HAAQI-Net or a run's report/best_model)")
-    theirs = {k: v for k, v in dict(meta["config"].get("head", {})).items()
-              if k != "dropout_rate"}
-    ours = {k: v for k, v in net.config.head.to_dict().items() if k != "dropout_rate"}
+    training_only = ("dropout_rate", "lstm_dropout_rate")
+    # Through HeadConfig: a folder saved before a setting existed has its default.
+    theirs = {k: v for k, v in HeadConfig.from_dict(dict(meta["config"].get("head", {})))
+              .to_dict().items() if k not in training_only}
+    ours = {k: v for k, v in net.config.head.to_dict().items() if k not in training_only}
     differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
     if differ:
         raise ValueError(f"{where}: its head differs from model.head in "
