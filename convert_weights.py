@@ -10,7 +10,8 @@ predictor and label_dict are kept). HAAQI-Net: the authors' file with the BEATs 
 (`beats_model.*` keys, as their model/haaqi_net_best.pth); its BEATs is the released
 BEATs_iter3+ size unless --beats-config names the cfg of another one. A head-only HAAQI-Net
 file (their trainer's best_loss.pth) takes its encoder, weights and cfg, from --beats: the
-BEATs .pt it was trained on, or that BEATs converted by this tool. Thin wrapper over
+BEATs .pt it was trained on, or that BEATs converted by this tool. Their distilled model
+(haaqi_net_distillBEATs.pth) converts alone, its student computing as released. Thin wrapper over
 haaqi_jax.convert (the only place torch is imported). Exit codes: 0 written, 2 a bad file or
 path (one line on stderr; HAAQI_JAX_TRACEBACK=1 adds the traceback), 130 interrupted.
 """
@@ -33,6 +34,15 @@ def _summary(out) -> str:
         return (f"BEATs, {cfg['encoder_layers']} layers x {cfg['encoder_embed_dim']}{extra}")
     cfg = meta.get("config", {})
     encoder, head = cfg.get("encoder_config", {}), cfg.get("head", {})
+    if cfg.get("encoder_kind") == "student":
+        beats = encoder.get("beats", {})
+        skipped = (meta.get("not_converted") or {}).get("keys", [])
+        return (f"the authors' distilled HAAQI-Net: student of {encoder.get('num_layers')} "
+                f"layers x {beats.get('encoder_embed_dim')}, attention "
+                f"{encoder.get('attention')!r} as released, head BLSTM "
+                f"{head.get('lstm_hidden')} x 2 over the weighted layers"
+                + (f"; not converted: {', '.join(skipped)} (distillation prediction heads)"
+                   if skipped else ""))
     mode = (f"weighted sum of layers {cfg.get('feature_layers')}"
             if cfg.get("feature_mode") == "weighted" else "last layer")
     layers = head.get("lstm_layers", 1)

@@ -9,7 +9,10 @@ convolution and with fewer layers, initialised from the teacher's first layers:
 
 It reuses `haaqi_jax.beats` (same modules, same parameter sub-trees) and, unlike the authors'
 released student, attends over the token sequence (their code fed batch-first tensors to
-time-first layers, so each token attended only to itself).
+time-first layers, so each token attended only to itself). `attention="self_only"` reproduces
+that behaviour, only to run their released student checkpoint as it was trained
+(`convert_weights.py --haaqinet haaqi_net_distillBEATs.pth`); nothing here trains that way by
+default.
 
 Choices (documented because they decide parameter counts and initial outputs):
 - Deep norm uses the TEACHER's alpha, (2 * teacher_layers) ** 0.25: the copied layers then
@@ -46,6 +49,7 @@ from haaqi_jax import fbank as fbank_lib
 from haaqi_jax.config import reject_unknown_keys
 
 HEAD_KINDS = ("independent", "sequential")
+ATTENTION_KINDS = ("sequence", "self_only")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +61,15 @@ class StudentConfig:
       num_layers: transformer layers of the student (3).
       shared_position_bias: one relative-position table for all layers (True) or one per layer
         (False, the authors' layout and the paper's parameter count).
+      attention: "sequence" (every token attends over the clip's tokens) or "self_only" (each
+        token attends only to itself, i.e. the layers see sequences of one token: what the
+        authors' released student computes, kept to run its checkpoint faithfully).
     """
 
     beats: beats_lib.BEATsConfig = beats_lib.BEATsConfig.from_dict(beats_lib.RELEASED_CONFIG)
     num_layers: int = 3
     shared_position_bias: bool = False
+    attention: str = "sequence"
 
     def __post_init__(self):
         if isinstance(self.beats, Mapping):
@@ -71,6 +79,9 @@ class StudentConfig:
                              f"{type(self.beats).__name__}")
         if not 1 <= int(self.num_layers):
             raise ValueError(f"StudentConfig.num_layers must be >= 1, got {self.num_layers}")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"StudentConfig.attention must be one of {ATTENTION_KINDS}, got "
+                             f"{self.attention!r}")
         if self.beats.finetuned_model:
             # The AudioSet predictor belongs to the teacher's last layer; a student has none.
             object.__setattr__(self, "beats",
@@ -79,7 +90,8 @@ class StudentConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict; `from_dict(to_dict())` round-trips."""
         return {"beats": self.beats.to_dict(), "num_layers": int(self.num_layers),
-                "shared_position_bias": bool(self.shared_position_bias)}
+                "shared_position_bias": bool(self.shared_position_bias),
+                "attention": str(self.attention)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "StudentConfig":
@@ -138,7 +150,12 @@ class StudentEncoder(nn.Module):
         x, token_mask = self.front_end(fbank, frame_padding_mask, deterministic=deterministic)
         x = jnp.where(token_mask[..., None], 0.0, x)
         hidden_states = [x]
-        n_tokens = x.shape[1]
+        self_only = self.config.attention == "self_only"
+        # self_only: every token is a sequence of its own, (B, T, C) -> (B * T, 1, C) with
+        # nothing masked (a padded token sees only itself, and the head masks it).
+        layer_shape = (-1, 1, x.shape[-1]) if self_only else x.shape
+        layer_mask = jnp.zeros((x.shape[0] * x.shape[1], 1), bool) if self_only else token_mask
+        n_tokens = layer_shape[1]                   # the length the position bias spans
         shared_bias = None
         if bcfg.relative_position_embedding and self.config.shared_position_bias:
             shared_bias = self.relative_position_bias(n_tokens)
@@ -149,7 +166,8 @@ class StudentEncoder(nn.Module):
                 bias = shared_bias
             else:
                 bias = self.relative_position_bias[i](n_tokens)
-            x = layer(x, token_mask, bias, deterministic=deterministic)
+            x = layer(x.reshape(layer_shape), layer_mask, bias,
+                      deterministic=deterministic).reshape(x.shape)
             hidden_states.append(x)
         return beats_lib.BEATsOutput(last_hidden_state=x, hidden_states=tuple(hidden_states),
                                      padding_mask=token_mask)

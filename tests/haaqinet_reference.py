@@ -80,3 +80,68 @@ def torch_head_scores(head: TorchHAAQINetHead, features, audiogram):
             frames.append(frame[0].numpy())
             clips.append(clip[0].numpy())
     return frames, np.asarray(clips)
+
+
+class TorchHAAQINetStudent(nn.Module):
+    """The authors' distilled HAAQI-Net in their key layout (`HAAQINetStudent`): BEATs front end
+    (`patch_embedding`, `beats_layer_norm`, `linear2`), encoder layers `encoder{i}` (speechbrain
+    1.1.2's BEATs layer, each with its own position table), prediction heads `encoder5/8/11`,
+    and the weighted-sum head. Like their code it hands the layers batch-first tensors where
+    they expect time first, so each token attends only to itself.
+    """
+
+    def __init__(self, cfg: dict, num_layers: int = 3, **head_kwargs):
+        super().__init__()
+        from speechbrain.lobes.models.beats import TransformerSentenceEncoderLayer
+        c, e, p = cfg["encoder_embed_dim"], cfg["embed_dim"], cfg["input_patch_size"]
+        self.patch_embedding = nn.Conv2d(1, e, kernel_size=p, stride=p, bias=cfg["conv_bias"])
+        self.beats_layer_norm = nn.LayerNorm(e)
+        self.linear2 = nn.Linear(e, c)
+        for i in range(num_layers):
+            setattr(self, f"encoder{i}", TransformerSentenceEncoderLayer(
+                embedding_dim=c, ffn_embedding_dim=cfg["encoder_ffn_embed_dim"],
+                num_attention_heads=cfg["encoder_attention_heads"], dropout=0.0,
+                attention_dropout=0.0, activation_dropout=0.0,
+                activation_fn=cfg["activation_fn"], layer_norm_first=False, deep_norm=True,
+                has_relative_attention_bias=True, num_buckets=cfg["num_buckets"],
+                max_distance=cfg["max_distance"], gru_rel_pos=True,
+                encoder_layers=cfg["encoder_layers"]))
+        for i in (5, 8, 11):
+            setattr(self, f"encoder{i}", nn.Linear(c, c))
+        self.num_layers = num_layers
+        self.head = TorchHAAQINetHead(c, num_weighted_layers=num_layers, **head_kwargs)
+
+    def state_dict(self, *args, **kwargs):
+        """Their flat layout: the head's keys at the top level."""
+        flat = super().state_dict(*args, **kwargs)
+        return {k[len("head."):] if k.startswith("head.") else k: v for k, v in flat.items()}
+
+    def forward(self, fbank, hl):
+        """fbank (1, F, 128) normalised, hl (1, 8) -> frame scores (1, T), clip score (1,)."""
+        x = self.patch_embedding(fbank[:, None])
+        x = self.linear2(self.beats_layer_norm(x.reshape(x.shape[0], x.shape[1], -1)
+                                                .transpose(1, 2)))
+        layers = []
+        for i in range(self.num_layers):
+            x = getattr(self, f"encoder{i}")(x)[0]    # (B, T, C) read as (time B, batch T, C)
+            layers.append(x)
+        return self.head(layers, hl)
+
+
+def make_student(seed: int, cfg: dict, num_layers: int = 3) -> TorchHAAQINetStudent:
+    """The authors' distilled model with seeded random weights, eval mode; position tables and
+    gates non-trivial so that a wrong bucket or gate shows."""
+    torch.manual_seed(seed)
+    model = TorchHAAQINetStudent(cfg, num_layers)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("head."):
+                continue
+            if name.endswith("bias") or "relative_attention_bias" in name or "grep_a" in name:
+                p.copy_(0.1 * torch.randn_like(p))
+            elif "layer_norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    fresh = make_head(seed + 1, feature_dim=cfg["encoder_embed_dim"],
+                      num_weighted_layers=model.num_layers)
+    model.head.load_state_dict(fresh.state_dict())
+    return model.eval()

@@ -10,8 +10,8 @@ import torch
 from haaqi_jax.convert.haaqinet_torch import convert_haaqinet
 from haaqi_jax.model import HAAQINet
 from beats_reference import TINY_CFG, make_beats_state_dict, save_official_checkpoint, \
-    speechbrain_beats
-from haaqinet_reference import make_head, torch_head_scores
+    speechbrain_beats, torch_kaldi_fbank
+from haaqinet_reference import make_head, make_student, torch_head_scores
 
 SR = 16000
 TOL = 1e-4
@@ -134,7 +134,7 @@ def test_head_only_errors(tmp_path):
 
     with pytest.raises(ValueError, match=r"head.pth is a head-only HAAQI-Net file.*--beats"):
         convert_haaqinet(tmp_path / "head.pth", tmp_path / "out")
-    with pytest.raises(ValueError, match=r"full.pth holds its own BEATs"):
+    with pytest.raises(ValueError, match=r"full.pth holds its own encoder"):
         convert_haaqinet(tmp_path / "full.pth", tmp_path / "out",
                          beats_checkpoint=tmp_path / "beats.pt")
     with pytest.raises(ValueError, match="beats_checkpoint or beats_config, not both"):
@@ -260,3 +260,71 @@ def test_other_beats_dataparallel_nan_and_wrong_kind(tmp_path):
 def jax_leaves(tree):
     import jax
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+# The authors' student takes its teacher's config (12 layers: the deep-norm alpha) at tiny width.
+STUDENT_TEACHER_CFG = dict(TINY_CFG, encoder_layers=12)
+
+
+def test_authors_student_file_scores_as_their_code(tmp_path, kaldi):
+    """Their distilled model (haaqi_net_distillBEATs.pth: front end, three layers each with its
+    own position table, prediction heads, weighted-sum head) converts alone and scores as
+    their code does, one clip at a time, with each token attending only to itself."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import jax.numpy as jnp
+
+    from haaqi_jax.student import StudentConfig, StudentEncoder
+    model = make_student(21, STUDENT_TEACHER_CFG)
+    torch.save({"model": model.state_dict(), "epoch": 7}, tmp_path / "distill.pth")
+    repo = Path(__file__).resolve().parents[1]
+    cfg_file = tmp_path / "teacher_cfg.json"
+    cfg_file.write_text(__import__("json").dumps(STUDENT_TEACHER_CFG))
+    run = subprocess.run([sys.executable, str(repo / "convert_weights.py"), "--haaqinet",
+                          str(tmp_path / "distill.pth"), str(tmp_path / "jax"),
+                          "--beats-config", str(cfg_file)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "distilled HAAQI-Net: student of 3 layers" in run.stdout
+    assert "encoder11.bias, encoder11.weight, encoder5.bias" in run.stdout
+    net = HAAQINet.load(tmp_path / "jax")
+    assert net.config.encoder_kind == "student"
+    assert net.config.encoder_config["attention"] == "self_only"
+
+    clips = _clips(4, [16000, 9000, 24000, 4100])
+    levels = np.random.default_rng(8).uniform(0, 90, (len(clips), 8)).astype(np.float32)
+    scores = net.predict(clips, SR, levels, batch_size=4, progress=False)
+    ref = []
+    with torch.no_grad():
+        for clip, hl in zip(clips, levels):
+            fbank = torch.from_numpy(torch_kaldi_fbank(kaldi, clip[None]))
+            ref.append(float(model(fbank, torch.from_numpy(hl)[None])[1][0]))
+    np.testing.assert_allclose(scores, ref, atol=TOL, rtol=0)
+    assert np.std(ref) > 5 * TOL
+
+    # The same weights attending over the sequence compute something else: the mode matters.
+    fbank = jnp.asarray(torch_kaldi_fbank(kaldi, clips[0][None]))
+    last = {}
+    for attention in ("self_only", "sequence"):
+        config = StudentConfig.from_dict(dict(net.config.encoder_config, attention=attention))
+        last[attention] = np.asarray(StudentEncoder(config).apply(
+            {"params": net.params["encoder"]}, fbank,
+            method=StudentEncoder.encode_fbank).last_hidden_state)
+    assert np.max(np.abs(last["self_only"] - last["sequence"])) > 0.1
+    with pytest.raises(ValueError, match="attention must be one of"):
+        StudentConfig(attention="token")
+
+
+def test_authors_student_file_errors(tmp_path):
+    model = make_student(22, STUDENT_TEACHER_CFG, num_layers=2)
+    sd = model.state_dict()
+    bad = dict(sd)
+    del bad["encoder1.self_attn.relative_attention_bias.weight"]
+    _expect_error(tmp_path, bad, "encoder1.self_attn.relative_attention_bias.weight")
+    bad = dict(sd, **{"encoder0.self_attn.extra": sd["linear2.bias"]})
+    _expect_error(tmp_path, bad, r"unexpected key\(s\) 'encoder0.self_attn.extra'")
+    bad = dict(sd)
+    bad["weights"] = torch.ones(3)
+    del bad["layer_norm.1.weight"]
+    _expect_error(tmp_path, bad, "layer_norm.1.weight")

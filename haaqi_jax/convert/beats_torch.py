@@ -45,55 +45,101 @@ def _as_config(cfg: BEATsConfig | Mapping[str, Any]) -> BEATsConfig:
     return cfg if isinstance(cfg, BEATsConfig) else BEATsConfig.from_dict(cfg)
 
 
-def _key_table(cfg: BEATsConfig) -> dict[str, tuple[tuple[str, ...] | None, tuple[int, ...],
-                                                    _Transform]]:
-    """torch key -> (Flax param path or None to check and drop, torch shape, transform)."""
-    e, c, f = cfg.embed_dim, cfg.encoder_embed_dim, cfg.encoder_ffn_embed_dim
-    h, d, p, k = cfg.encoder_attention_heads, cfg.head_dim, cfg.input_patch_size, cfg.conv_pos
-    table: dict[str, tuple[tuple[str, ...] | None, tuple[int, ...], _Transform]] = {}
+_Table = dict[str, tuple[tuple[str, ...] | None, tuple[int, ...], _Transform]]
 
-    def linear(torch_name, path, n_out, n_in):
-        table[f"{torch_name}.weight"] = (path + ("kernel",), (n_out, n_in), _LINEAR)
-        table[f"{torch_name}.bias"] = (path + ("bias",), (n_out,), _SAME)
 
-    def layer_norm(torch_name, path, n):
-        table[f"{torch_name}.weight"] = (path + ("scale",), (n,), _SAME)
-        table[f"{torch_name}.bias"] = (path + ("bias",), (n,), _SAME)
+def _linear(table: _Table, torch_name: str, path: tuple[str, ...], n_out: int, n_in: int):
+    table[f"{torch_name}.weight"] = (path + ("kernel",), (n_out, n_in), _LINEAR)
+    table[f"{torch_name}.bias"] = (path + ("bias",), (n_out,), _SAME)
 
-    table["patch_embedding.weight"] = (("front_end", "patch_embedding", "kernel"),
-                                       (e, 1, p, p), lambda w: w.transpose(2, 3, 1, 0))
+
+def _layer_norm(table: _Table, torch_name: str, path: tuple[str, ...], n: int):
+    table[f"{torch_name}.weight"] = (path + ("scale",), (n,), _SAME)
+    table[f"{torch_name}.bias"] = (path + ("bias",), (n,), _SAME)
+
+
+def _front_end_entries(table: _Table, cfg: BEATsConfig, patch_embedding: str = "patch_embedding",
+                       layer_norm: str = "layer_norm",
+                       post_extract_proj: str = "post_extract_proj") -> None:
+    """Patch embedding, LayerNorm and projection (`BEATsFrontEnd`), under the torch names given."""
+    e, c, p = cfg.embed_dim, cfg.encoder_embed_dim, cfg.input_patch_size
+    table[f"{patch_embedding}.weight"] = (("front_end", "patch_embedding", "kernel"),
+                                          (e, 1, p, p), lambda w: w.transpose(2, 3, 1, 0))
     if cfg.conv_bias:
-        table["patch_embedding.bias"] = (("front_end", "patch_embedding", "bias"), (e,), _SAME)
-    layer_norm("layer_norm", ("front_end", "layer_norm"), e)
+        table[f"{patch_embedding}.bias"] = (("front_end", "patch_embedding", "bias"), (e,), _SAME)
+    _layer_norm(table, layer_norm, ("front_end", "layer_norm"), e)
     if e != c:
-        linear("post_extract_proj", ("front_end", "post_extract_proj"), c, e)
+        _linear(table, post_extract_proj, ("front_end", "post_extract_proj"), c, e)
+
+
+def _layer_entries(table: _Table, cfg: BEATsConfig, src: str, dst: tuple[str, ...],
+                   position_bias: tuple[str, ...] | None) -> None:
+    """One `BEATsEncoderLayer` from torch prefix `src`; its relative-position table (a torch
+    layer stores one when it has relative position bias) goes to `position_bias`, or is
+    checked and dropped when that is None."""
+    c, f, h, d = cfg.encoder_embed_dim, cfg.encoder_ffn_embed_dim, cfg.encoder_attention_heads, \
+        cfg.head_dim
+    for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        _linear(table, f"{src}.self_attn.{name}", dst + ("self_attn", name), c, c)
+    if cfg.gru_rel_pos:
+        _linear(table, f"{src}.self_attn.grep_linear", dst + ("self_attn", "grep_linear"), 8, d)
+        table[f"{src}.self_attn.grep_a"] = (dst + ("self_attn", "grep_a"), (1, h, 1, 1),
+                                            lambda w: w.reshape(-1))
+    if cfg.relative_position_embedding:
+        table[f"{src}.self_attn.relative_attention_bias.weight"] = (
+            position_bias, (cfg.num_buckets, h), _SAME)
+    _layer_norm(table, f"{src}.self_attn_layer_norm", dst + ("self_attn_layer_norm",), c)
+    _linear(table, f"{src}.fc1", dst + ("fc1",), f, c)
+    _linear(table, f"{src}.fc2", dst + ("fc2",), c, f)
+    _layer_norm(table, f"{src}.final_layer_norm", dst + ("final_layer_norm",), c)
+
+
+def _key_table(cfg: BEATsConfig) -> _Table:
+    """torch key -> (Flax param path or None to check and drop, torch shape, transform)."""
+    c, k = cfg.encoder_embed_dim, cfg.conv_pos
+    table: _Table = {}
+    _front_end_entries(table, cfg)
     table["encoder.pos_conv.0.weight_g"] = (("pos_conv", "weight_g"), (1, 1, k),
                                             lambda w: w.reshape(-1))
     table["encoder.pos_conv.0.weight_v"] = (("pos_conv", "weight_v"),
                                             (c, c // cfg.conv_pos_groups, k),
                                             lambda w: w.transpose(2, 1, 0))
     table["encoder.pos_conv.0.bias"] = (("pos_conv", "bias"), (c,), _SAME)
-    layer_norm("encoder.layer_norm", ("encoder_layer_norm",), c)
+    _layer_norm(table, "encoder.layer_norm", ("encoder_layer_norm",), c)
     last = cfg.encoder_layers - 1
     for i in range(cfg.encoder_layers):
-        src, dst = f"encoder.layers.{i}", (f"layers_{i}",)
-        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            linear(f"{src}.self_attn.{name}", dst + ("self_attn", name), c, c)
-        if cfg.gru_rel_pos:
-            linear(f"{src}.self_attn.grep_linear", dst + ("self_attn", "grep_linear"), 8, d)
-            table[f"{src}.self_attn.grep_a"] = (dst + ("self_attn", "grep_a"), (1, h, 1, 1),
-                                                lambda w: w.reshape(-1))
-        if cfg.relative_position_embedding:
-            table[f"{src}.self_attn.relative_attention_bias.weight"] = (
-                ("relative_position_bias", "embedding") if i == last else None,
-                (cfg.num_buckets, h), _SAME)
-        layer_norm(f"{src}.self_attn_layer_norm", dst + ("self_attn_layer_norm",), c)
-        linear(f"{src}.fc1", dst + ("fc1",), f, c)
-        linear(f"{src}.fc2", dst + ("fc2",), c, f)
-        layer_norm(f"{src}.final_layer_norm", dst + ("final_layer_norm",), c)
+        _layer_entries(table, cfg, f"encoder.layers.{i}", (f"layers_{i}",),
+                       ("relative_position_bias", "embedding") if i == last else None)
     if cfg.finetuned_model:
-        linear("predictor", ("predictor",), cfg.predictor_class, c)
+        _linear(table, "predictor", ("predictor",), cfg.predictor_class, c)
     return table
+
+
+def _params_from_table(entries: Mapping[str, Any], table: _Table, what: str,
+                       prefix: str = "") -> dict[str, Any]:
+    """Strict fill of a Flax tree from `entries` (prefix already stripped): every table key
+    present, no other, each of its shape and finite. Errors name `what` and the full key."""
+    missing = set(table) - set(entries)
+    if missing:
+        raise ValueError(f"{what}: missing key(s) {_name_keys(prefix + k for k in missing)}")
+    unexpected = set(entries) - set(table)
+    if unexpected:
+        raise ValueError(f"{what}: unexpected key(s) "
+                         f"{_name_keys(prefix + k for k in unexpected)} (not part of this "
+                         f"BEATs configuration)")
+    params: dict[str, Any] = {}
+    for key, (path, shape, transform) in table.items():
+        array = _to_numpy(prefix + key, entries[key])
+        if array.shape != shape:
+            raise ValueError(f"{what}: {prefix + key!r} has shape {array.shape}, "
+                             f"expected {shape} for this configuration")
+        if path is None:
+            continue
+        node = params
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = np.ascontiguousarray(transform(array))
+    return params
 
 
 def _to_numpy(key: str, value: Any) -> np.ndarray:
@@ -144,28 +190,7 @@ def beats_params_from_state_dict(state_dict: Mapping[str, Any],
                 raise ValueError(f"BEATs state dict: both {prefix + alias!r} and "
                                  f"{prefix + official!r} are present")
             entries[official] = entries.pop(alias)
-    table = _key_table(config)
-    missing = set(table) - set(entries)
-    if missing:
-        raise ValueError(f"BEATs state dict: missing key(s) "
-                         f"{_name_keys(prefix + k for k in missing)}")
-    unexpected = set(entries) - set(table)
-    if unexpected:
-        raise ValueError(f"BEATs state dict: unexpected key(s) "
-                         f"{_name_keys(prefix + k for k in unexpected)} (not part of this "
-                         f"BEATs configuration)")
-    params: dict[str, Any] = {}
-    for key, (path, shape, transform) in table.items():
-        array = _to_numpy(prefix + key, entries[key])
-        if array.shape != shape:
-            raise ValueError(f"BEATs state dict: {prefix + key!r} has shape {array.shape}, "
-                             f"expected {shape} for this configuration")
-        if path is None:
-            continue
-        node = params
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = np.ascontiguousarray(transform(array))
+    params = _params_from_table(entries, _key_table(config), "BEATs state dict", prefix)
     _check_against_module(params, config)
     return params
 

@@ -18,6 +18,21 @@ an error naming the key, and nothing is written. The BEATs configuration is not 
 is an argument (default: the released BEATs_iter3+ AS2M configuration; `read_beats_config`
 takes it from another BEATs checkpoint).
 
+The authors' distilled model (`HAAQINetStudent`, their model/haaqi_net_distillBEATs.pth) is
+self-contained and converts alone (`student_haaqinet_from_state_dict`):
+
+    patch_embedding.weight, beats_layer_norm.*, linear2.*   the student's front end (BEATs'
+                                         patch_embedding, layer_norm, post_extract_proj)
+    encoder{i}.*  (i = 0, 1, 2)          BEATs encoder layers, each with its own position table
+    encoder5/8/11.{weight,bias}          distillation prediction heads (not converted: scoring
+                                         does not use them)
+    weights, layer_norm.{i}.*, head keys as above (the head sums the student's layers)
+
+Their code runs those layers on batch-first tensors where the layers expect time first, so each
+token attends only to itself; the converted student reproduces that (`StudentConfig(attention=
+"self_only")`) so that it scores as their checkpoint does. Its BEATs sizes are the released
+teacher's unless `beats_config` says otherwise (their student takes the teacher's config).
+
 A head-only file, `{'model': head state_dict, 'optimizer': ..., 'epoch': ...}` as the authors'
 trainer saves `best_loss.pth` (their example script loads BEATs from its own .pt beside it),
 converts together with that BEATs checkpoint: `convert_haaqinet(..., beats_checkpoint=PATH)`
@@ -29,6 +44,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -184,10 +200,11 @@ def _load_state_dict(src_path, *, head_only: bool) -> dict[str, Any]:
         raise ValueError(f"{src_path}: not a HAAQI-Net checkpoint (expected a dict "
                          f"{{'model': state_dict}} with the head's 'linear0.*', 'blstm.*', ... "
                          f"keys, as the authors' model/haaqi_net_best.pth or best_loss.pth)")
-    has_encoder = any(str(k).startswith(BEATS_PREFIX) for k in obj)
+    has_encoder = any(str(k).startswith(BEATS_PREFIX) for k in obj) or is_student_file(obj)
     if head_only and has_encoder:
-        raise ValueError(f"{src_path} holds its own BEATs ('{BEATS_PREFIX}*' keys); a separate "
-                         f"BEATs checkpoint (--beats) is only for a head-only file")
+        raise ValueError(f"{src_path} holds its own encoder ('{BEATS_PREFIX}*' keys, or the "
+                         f"distilled student's); a separate BEATs checkpoint (--beats) is only "
+                         f"for a head-only file")
     if not head_only and not has_encoder:
         raise ValueError(f"{src_path} is a head-only HAAQI-Net file (no '{BEATS_PREFIX}*' "
                          f"keys, as the authors' trainer's best_loss.pth): give the BEATs "
@@ -195,6 +212,79 @@ def _load_state_dict(src_path, *, head_only: bool) -> dict[str, Any]:
                          f"{src_path.name} OUT --beats BEATs_iter3_plus_AS2M.pt "
                          f"(Python: beats_checkpoint=)")
     return dict(obj)
+
+
+#: Keys that mark the authors' distilled model (HAAQINetStudent): its projection and layers.
+_STUDENT_MARKS = ("linear2.weight", "encoder0.fc1.weight")
+_STUDENT_PREDICTION_HEAD = re.compile(r"encoder\d+\.(weight|bias)")
+
+
+def is_student_file(state_dict: Mapping[str, Any]) -> bool:
+    """Whether a state dict is the authors' distilled HAAQI-Net (haaqi_net_distillBEATs.pth)."""
+    return all(key in state_dict for key in _STUDENT_MARKS)
+
+
+def student_haaqinet_from_state_dict(state_dict: Mapping[str, Any], *, beats_config=None,
+                                     num_heads: int = 16):
+    """Builds a `HAAQINet` from the authors' distilled model (see the module docstring).
+
+    Args:
+      state_dict: their `HAAQINetStudent` state dict.
+      beats_config: the teacher BEATs configuration their student was built with (sizes,
+        buckets, deep-norm alpha); default `haaqi_jax.beats.RELEASED_CONFIG`.
+      num_heads: attention heads of the head (16 as released; not stored in the file).
+    Returns:
+      A HAAQINet whose encoder is a `StudentEncoder` with attention "self_only" (as their
+      code computes), feature mode "weighted" over the student's layers.
+    Raises:
+      ValueError naming the first missing/unexpected key or wrong shape.
+    """
+    import jax
+
+    from haaqi_jax.beats import RELEASED_CONFIG, BEATsConfig
+    from haaqi_jax.convert.beats_torch import (_front_end_entries, _layer_entries,
+                                               _params_from_table)
+    from haaqi_jax.model import HAAQINet, HAAQINetConfig, check_param_tree
+    from haaqi_jax.student import StudentConfig, param_shapes
+
+    cfg = BEATsConfig.from_dict(dict(RELEASED_CONFIG if beats_config is None else
+                                     (beats_config.to_dict() if hasattr(beats_config, "to_dict")
+                                      else beats_config)))
+    num_layers = 0
+    while f"encoder{num_layers}.fc1.weight" in state_dict:
+        num_layers += 1
+    student_cfg = StudentConfig(beats=cfg, num_layers=num_layers, attention="self_only")
+    table: dict[str, Any] = {}
+    _front_end_entries(table, cfg, "patch_embedding", "beats_layer_norm", "linear2")
+    for i in range(num_layers):
+        _layer_entries(table, cfg, f"encoder{i}", (f"layers_{i}",),
+                       (f"relative_position_bias_{i}", "embedding"))
+    what = "HAAQI-Net student state dict"
+    def part(key):               # stray keys under an encoder name are the encoder's errors
+        if _STUDENT_PREDICTION_HEAD.fullmatch(key):
+            return "prediction head"
+        encoder = key in table or key.startswith(("encoder", "patch_embedding.",
+                                                  "beats_layer_norm.", "linear2."))
+        return "encoder" if encoder else "head"
+
+    encoder_sd = {k: v for k, v in state_dict.items() if part(k) == "encoder"}
+    head_sd = {k: v for k, v in state_dict.items() if part(k) == "head"}
+    encoder_params = _params_from_table(encoder_sd, table, what)
+    check_param_tree(encoder_params, jax.tree_util.tree_map(
+        lambda x: np.broadcast_to(np.float32(0), x.shape), param_shapes(student_cfg)), what)
+    head_params, head_cfg = head_params_from_state_dict(head_sd, num_heads=num_heads)
+    feature_dim = _np(head_sd["linear0.weight"]).shape[1]
+    if feature_dim != cfg.encoder_embed_dim:
+        raise ValueError(f"{what}: linear0.weight reads {feature_dim} features but the BEATs "
+                         f"config has encoder_embed_dim {cfg.encoder_embed_dim}")
+    if head_cfg.num_weighted_layers != num_layers:
+        raise ValueError(f"{what}: 'weights' has {head_cfg.num_weighted_layers} entries for "
+                         f"{num_layers} student layers (the released head sums every layer)")
+    config = HAAQINetConfig(encoder_kind="student", encoder_config=student_cfg.to_dict(),
+                            feature_mode="weighted",
+                            feature_layers=tuple(range(1, num_layers + 1)), head=head_cfg,
+                            freeze_encoder=True)
+    return HAAQINet.from_params(config, {"encoder": encoder_params, "head": head_params})
 
 
 def read_beats_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False
@@ -330,7 +420,13 @@ def convert_haaqinet(src_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     if beats_checkpoint is not None:     # its own errors name the BEATs file
         cfg, encoder_params = read_beats_checkpoint(beats_checkpoint, allow_pickle=allow_pickle)
     try:
-        if beats_checkpoint is None:
+        if beats_checkpoint is None and is_student_file(state_dict):
+            if feature_layers is not None:
+                raise ValueError("feature_layers: the distilled student's head sums all of its "
+                                 "layers, as released; nothing to choose")
+            net = student_haaqinet_from_state_dict(state_dict, beats_config=beats_config,
+                                                   num_heads=num_heads)
+        elif beats_checkpoint is None:
             net = haaqinet_from_state_dict(state_dict, beats_config=beats_config,
                                            num_heads=num_heads, feature_layers=feature_layers)
         else:
@@ -343,6 +439,11 @@ def convert_haaqinet(src_path: str | os.PathLike, out_dir: str | os.PathLike, *,
                 if beats_config is None and "encoder part" in str(e) else "")
         raise ValueError(f"{src_path}: {e}{hint}") from None
     extra = {"source": str(Path(src_path).name)}
+    dropped = sorted(k for k in state_dict if is_student_file(state_dict)
+                     and _STUDENT_PREDICTION_HEAD.fullmatch(k))
+    if dropped:
+        extra["not_converted"] = {"keys": dropped, "why": "distillation prediction heads; "
+                                  "scoring does not use them"}
     if beats_checkpoint is not None:
         extra["beats_source"] = str(Path(beats_checkpoint).name)
     return net.save(out_dir, overwrite=overwrite, extra=extra)
