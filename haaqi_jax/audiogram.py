@@ -116,9 +116,11 @@ def validate_levels(levels, *, where: str = "audiogram") -> np.ndarray:
     bad = ~np.isfinite(arr) | (arr < MIN_LEVEL_DB_HL) | (arr > MAX_LEVEL_DB_HL)
     if bad.any():
         idx = tuple(int(i[0]) for i in np.nonzero(bad))
+        shown = idx[0] if len(idx) == 1 else idx
         raise ValueError(
             f"{where}: level {float(arr[idx])!r} dB HL at {STANDARD_FREQUENCIES[idx[-1]]:g} Hz "
-            f"(index {idx}) is not finite or outside [{MIN_LEVEL_DB_HL:g}, {MAX_LEVEL_DB_HL:g}]")
+            f"(index {shown}) is not finite or outside [{MIN_LEVEL_DB_HL:g}, "
+            f"{MAX_LEVEL_DB_HL:g}]")
     return arr.astype(np.float32)
 
 

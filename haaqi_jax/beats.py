@@ -239,7 +239,7 @@ def check_waveform(waveform: Any, padding_mask: Any = None, *, patch_size: int =
                 " (add a batch axis: waveform[None])" if len(shape) == 1 else "")
         raise ValueError(f"waveform must be (batch, samples) mono audio, got shape {shape}{hint}")
     dtype = np.dtype(waveform.dtype if hasattr(waveform, "dtype") else np.asarray(waveform).dtype)
-    if not np.issubdtype(dtype, np.floating):
+    if not fbank_lib.is_float_dtype(dtype):
         raise ValueError(f"waveform must be floating point in [-1, 1], got dtype {dtype} (for "
                          f"16-bit PCM divide by 32768)")
     if shape[1] < min_samples(patch_size):
@@ -254,12 +254,12 @@ def check_waveform(waveform: Any, padding_mask: Any = None, *, patch_size: int =
                              f"{padding_mask.dtype}")
     if not _is_concrete(waveform):
         return
-    values = np.asarray(waveform)
+    values = np.asarray(waveform, np.float32)
     finite = np.isfinite(values).all(axis=1)
     if not finite.all():
         raise ValueError(f"waveform rows {np.flatnonzero(~finite).tolist()} contain NaN or inf")
     peak = float(np.abs(values).max()) if values.size else 0.0
-    if peak > 64.0:
+    if peak > fbank_lib.MAX_PEAK:
         raise ValueError(f"waveform peak {peak:.4g} is far outside [-1, 1]: integer PCM scale? "
                          f"(divide by 32768)")
     if padding_mask is not None and _is_concrete(padding_mask):

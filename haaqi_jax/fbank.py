@@ -37,6 +37,15 @@ HIGH_FREQ = SAMPLE_RATE / 2
 PREEMPHASIS = 0.97
 POVEY_POWER = 0.85
 PCM_SCALE = 2.0 ** 15       # BEATs feeds 16-bit integer scale into the fbank
+#: Samples are read as [-1, 1] (times PCM_SCALE); a peak above this is 16-bit integer scale
+#: left unscaled, refused by the input checks. A peak above WARN_PEAK is scored with a warning.
+MAX_PEAK = 64.0
+WARN_PEAK = 2.0
+
+
+def is_float_dtype(dtype) -> bool:
+    """A floating-point sample type, bfloat16 included (numpy's own test misses it)."""
+    return bool(jnp.issubdtype(dtype, jnp.floating))
 LOG_FLOOR = float(np.finfo(np.float32).eps)
 FBANK_MEAN = 15.41663
 FBANK_STD = 6.55582

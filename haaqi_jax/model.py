@@ -28,6 +28,7 @@ import importlib
 import json
 import os
 import types
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -36,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from haaqi_jax import fbank as fbank_lib
 from haaqi_jax.audiogram import STANDARD_FREQUENCIES, is_audiogram, standard_levels
 from haaqi_jax.head import HAAQINetHead, HeadConfig, HeadOutput
 
@@ -375,6 +377,40 @@ def check_param_tree(params, expected, what: str) -> None:
                              f"{want[key]}")
 
 
+def _check_concrete_batch(waveform, padding_mask, where: str) -> None:
+    """Value checks of a (B, N) batch and its mask, skipped for tracers (jit, vmap, grad).
+
+    Every row must hold finite samples within `fbank.MAX_PEAK`, its valid samples first (the
+    model keeps only each row's count of valid samples) and enough of them for one BEATs token.
+    Raises ValueError naming `where` and the rows.
+    """
+    from haaqi_jax import beats as beats_lib
+    if any(isinstance(x, jax.core.Tracer) for x in (waveform, padding_mask)):
+        return
+    if padding_mask is not None:
+        mask = np.asarray(padding_mask, bool)
+        reopened = np.flatnonzero((mask[:, :-1] & ~mask[:, 1:]).any(axis=1))
+        if reopened.size:
+            raise ValueError(f"{where}: padding_mask rows {reopened.tolist()} have valid "
+                             f"samples after padded ones; each clip must come first in its row, "
+                             f"padding after it")
+    try:
+        beats_lib.check_waveform(waveform, padding_mask)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+def _check_audiogram_levels(audiogram, batch: int, where: str) -> None:
+    """A (B, 8) array of dB HL levels; values (finite, in range) checked unless traced."""
+    from haaqi_jax.audiogram import validate_levels
+    if tuple(audiogram.shape) != (batch, len(STANDARD_FREQUENCIES)):
+        raise ValueError(f"{where}: audiogram must be (B, 8) = "
+                         f"{(batch, len(STANDARD_FREQUENCIES))}, got shape {audiogram.shape}")
+    if not isinstance(audiogram, jax.core.Tracer):
+        for row, levels in enumerate(np.asarray(audiogram)):
+            validate_levels(levels, where=f"{where}: audiogram row {row}")
+
+
 def _checked_padding_mask(waveform, padding_mask, where: str):
     """Checks a (B, N) waveform and its (B, N) padding mask (or None); returns the mask as bool
     (numpy for numpy input, else a JAX array)."""
@@ -482,17 +518,29 @@ class HAAQINet:
         Returns:
           HeadOutput(frame_scores (B, T), clip_score (B,)).
 
-        Unlike `predict` it does not check sample values (NaN in gives NaN out), resample or
-        bucket lengths; shapes are checked.
+        Unlike `predict` it does not resample or bucket lengths. Shapes are always checked;
+        concrete (untraced) inputs also have their values checked: finite samples within
+        [-64, 64] (above: 16-bit values left unscaled), each row's valid samples first and
+        enough of them for one BEATs token, audiogram levels finite and in [-20, 130] dB HL.
+        Under jit / vmap / grad only the shapes can be checked.
+
+        Raises:
+          ValueError naming the problem and the rows.
         """
+        where = "HAAQINet.apply"
+        if not hasattr(waveform, "dtype"):
+            waveform = np.asarray(waveform)
+        _checked_padding_mask(waveform, padding_mask, where)
+        if not fbank_lib.is_float_dtype(waveform.dtype):
+            raise ValueError(f"{where}: waveform must be floating point in [-1, 1], got dtype "
+                             f"{waveform.dtype} (for 16-bit PCM divide by 32768)")
+        _check_audiogram_levels(audiogram if hasattr(audiogram, "shape")
+                                else np.asarray(audiogram, np.float32), waveform.shape[0], where)
+        _check_concrete_batch(waveform, padding_mask, where)
         waveform = jnp.asarray(waveform, jnp.float32)
         padding_mask = None if padding_mask is None else jnp.asarray(padding_mask, bool)
-        audiogram = jnp.asarray(audiogram, jnp.float32)
-        if audiogram.shape != (waveform.shape[0], len(STANDARD_FREQUENCIES)):
-            raise ValueError(f"HAAQINet.apply: audiogram must be (B, 8) = "
-                             f"{(waveform.shape[0], len(STANDARD_FREQUENCIES))}, got shape "
-                             f"{audiogram.shape}")
-        return self._forward(self.params, waveform, padding_mask, audiogram)
+        return self._forward(self.params, waveform, padding_mask,
+                             jnp.asarray(audiogram, jnp.float32))
 
     def encode(self, waveform, padding_mask=None) -> tuple[np.ndarray, np.ndarray]:
         """The head's input, eval mode, split over this host's devices (as `predict`).
@@ -504,16 +552,19 @@ class HAAQINet:
           features (B, T, C) or (B, L, T, C) ("weighted" mode) and token_mask (B, T) bool,
           True = valid token, as numpy arrays.
         Raises:
-          ValueError for a mask of another shape or a row with fewer valid samples than one
-          BEATs patch; TypeError under jax.jit / vmap / grad (a host function: use
+          ValueError for a mask of another shape, padding before a row's valid samples, a row
+          with fewer valid samples than one BEATs patch, or samples that are not finite or
+          peak above 64; TypeError under jax.jit / vmap / grad (a host function: use
           `self.module.apply({"params": params}, waveform, padding_mask, method="encode")`
-          there). Sample values are not checked (NaN in gives NaN out).
+          there).
         """
         from haaqi_jax.tracing import refuse_traced
         refuse_traced("HAAQINet.encode", waveform, padding_mask,
                       traceable='HAAQINet.module.apply(..., method="encode")')
-        waveform = np.asarray(waveform, np.float32)
+        waveform = np.asarray(waveform)
         padding_mask = _checked_padding_mask(waveform, padding_mask, "HAAQINet.encode")
+        _check_concrete_batch(waveform, padding_mask, "HAAQINet.encode")
+        waveform = waveform.astype(np.float32)
         mask = (np.zeros(waveform.shape, bool) if padding_mask is None
                 else np.asarray(padding_mask, bool))
         valid = (~mask).sum(axis=1)
@@ -624,6 +675,11 @@ class HAAQINet:
                            for i in range(n)])
         clips = [prepare_waveform(x, r, where=f"item {i}")
                  for i, (x, r) in enumerate(zip(items, rates))]
+        loud = [i for i, clip in enumerate(clips) if np.max(np.abs(clip)) > fbank_lib.WARN_PEAK]
+        if loud:
+            warnings.warn(f"predict: items {loud[:8]}{' ...' if len(loud) > 8 else ''} peak "
+                          f"above {fbank_lib.WARN_PEAK:g}; audio is expected in [-1, 1] (scored "
+                          f"as given, i.e. louder than it is)", stacklevel=2)
 
         scores = np.zeros(n, np.float32)
         plan = plan_batches([len(c) for c in clips], batch_size)

@@ -9,7 +9,8 @@ INPUTS are audio files, folders (searched recursively for every extension soundf
 manifests (`.jsonl`, or the authors' `{"data": [...]}` `.json`; rows with `file_path` and
 `audiogram`, as `haaqi_jax.data.manifest` reads them). Audio of any sample rate and channel
 count is mixed to mono and resampled to 16 kHz; samples are expected in [-1, 1] (a clip peaking
-above 2, e.g. a float file of unscaled 16-bit values, is scored with a warning).
+above 2 is scored with a warning; above 64, e.g. a float file of unscaled 16-bit values, it is
+refused).
 
 Which audiogram a file gets: a manifest row always has its own `audiogram`; any other file gets
 its entry in --audiograms FILE, else the --audiogram default. --audiograms FILE maps files to
@@ -40,6 +41,7 @@ import csv
 import dataclasses
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -271,6 +273,7 @@ def assign_audiograms(jobs: list[Job], default: np.ndarray | None,
 def load_job(job: Job) -> np.ndarray | None:
     """16 kHz mono clip, or None with job.error set."""
     from haaqi_jax.data.audio import load_audio
+    from haaqi_jax.fbank import WARN_PEAK
     from haaqi_jax.model import SAMPLE_RATE, prepare_waveform
     try:
         clip = prepare_waveform(load_audio(job.file, SAMPLE_RATE, job.channel), SAMPLE_RATE,
@@ -281,9 +284,9 @@ def load_job(job: Job) -> np.ndarray | None:
         return None
     job.duration_s = len(clip) / SAMPLE_RATE
     peak = float(np.max(np.abs(clip)))
-    if peak > 2.0:   # scored, but BEATs' fbank reads it 20 log10(peak) dB too loud
-        print(f"warning: {job.name}: peak {peak:.4g}; audio is expected in [-1, 1] (a float "
-              f"file of unscaled 16-bit values?)", file=sys.stderr)
+    if peak > WARN_PEAK:   # scored, but BEATs' fbank reads it 20 log10(peak) dB too loud
+        print(f"warning: {job.name}: peak {peak:.4g}; audio is expected in [-1, 1]",
+              file=sys.stderr)
     return clip
 
 
@@ -306,8 +309,10 @@ def score_jobs(net, jobs: list[Job], *, batch_size: int = 8, progress: bool = Tr
                 clips.append(clip)
             if not ready:
                 continue
-            scores = net.predict(clips, 16000, np.stack([j.audiogram for j in ready]),
-                                 batch_size=batch_size, progress=bar)
+            with warnings.catch_warnings():   # load_job has named each loud file already
+                warnings.filterwarnings("ignore", message=r"predict: items .* peak above")
+                scores = net.predict(clips, 16000, np.stack([j.audiogram for j in ready]),
+                                     batch_size=batch_size, progress=bar)
             for job, score in zip(ready, scores):
                 if np.isfinite(score):
                     job.score = float(score)

@@ -37,6 +37,7 @@ k-1's output). BEATs: MIT License, Copyright (c) Microsoft Corporation.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -209,7 +210,11 @@ def student_from_teacher(teacher_params: Mapping[str, Any],
     """
     if not isinstance(teacher_cfg, beats_lib.BEATsConfig):
         teacher_cfg = beats_lib.BEATsConfig.from_dict(dict(teacher_cfg))
-    layers = tuple(int(i) for i in layers)
+    try:    # operator.index: 1.7 is not a layer (int() would take layer 1)
+        layers = tuple(operator.index(i) for i in layers)
+    except TypeError:
+        raise ValueError(f"student_from_teacher: layers must be whole numbers, got "
+                         f"{tuple(layers)}") from None
     if not layers:
         raise ValueError("student_from_teacher: `layers` is empty")
     bad = [i for i in layers if not 0 <= i < teacher_cfg.encoder_layers]

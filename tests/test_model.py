@@ -213,7 +213,8 @@ def test_encode_and_apply_check_their_inputs(weighted_net, levels):
     with pytest.raises(ValueError, match=r"padding_mask must have the waveform's shape "
                                          r"\(2, 6000\).*got \(2, 10\)"):
         weighted_net.encode(wav, mask[:, :10])                      # was: scores of 0
-    with pytest.raises(ValueError, match=r"row 1 has 0 valid samples; at least 2800"):
+    with pytest.raises(ValueError, match=r"encode: waveform rows \[1\] have too few valid "
+                                         r"samples \(\[0\]\).*at least 2800"):
         weighted_net.encode(wav, np.stack([mask[0], np.ones(6000, bool)]))
     with pytest.raises(ValueError, match=r"waveform must be \(B, N\).*got shape \(6000,\)"):
         weighted_net.encode(wav[0])
@@ -221,6 +222,31 @@ def test_encode_and_apply_check_their_inputs(weighted_net, levels):
         weighted_net.apply(wav, mask[:1], levels[:2])
     with pytest.raises(ValueError, match=r"audiogram must be \(B, 8\)"):
         weighted_net.apply(wav, mask, levels[:2, :7])
+    # Values, where they are concrete: scores of 0 or NaN, or a misread clip, before.
+    with pytest.raises(ValueError, match=r"HAAQINet.apply: waveform must be \(B, N\)"):
+        weighted_net.apply(wav[0], None, levels[:1])                 # blamed the audiogram
+    empty = np.stack([mask[0], np.ones(6000, bool)])
+    with pytest.raises(ValueError, match=r"HAAQINet.apply: waveform rows \[1\] have too few "
+                                         r"valid samples"):
+        weighted_net.apply(wav, empty, levels[:2])                   # scored 0.0
+    left = mask[:, ::-1].copy()                                      # padding first
+    for call in (lambda: weighted_net.apply(wav[:, ::-1], left, levels[:2]),
+                 lambda: weighted_net.encode(wav[:, ::-1], left)):
+        with pytest.raises(ValueError, match=r"padding_mask rows \[1\] have valid samples "
+                                             r"after padded ones"):
+            call()                                                   # read the wrong samples
+    bad = levels[:2].copy()
+    bad[1, 3] = np.nan
+    with pytest.raises(ValueError, match=r"apply: audiogram row 1: level nan dB HL at 2000 Hz "
+                                         r"\(index 3\)"):
+        weighted_net.apply(wav, mask, bad)                           # scored NaN
+    with pytest.raises(ValueError, match=r"apply: waveform rows \[0\] contain NaN"):
+        weighted_net.apply(np.where((np.arange(2) == 0)[:, None] & (np.arange(6000) == 5),
+                                    np.nan, wav), mask, levels[:2])
+    with pytest.raises(ValueError, match=r"apply: waveform peak .* far outside \[-1, 1\]: integer PCM scale"):
+        weighted_net.apply(wav * 32768, mask, levels[:2])
+    with pytest.raises(ValueError, match=r"apply: waveform must be floating point"):
+        weighted_net.apply((wav * 32767).astype(np.int16), mask, levels[:2])
 
 
 def test_host_functions_refuse_tracers_by_name(weighted_net, levels):
@@ -289,11 +315,27 @@ def test_few_compiled_shapes():
     (lambda c, l: (c, np.concatenate([l, l[:1]])), "audiograms must be"),   # 3 for 2 clips
     (lambda c, l: (c, np.where(np.arange(8) == 3, 200.0, l)), "item 0 audiogram: level"),
     (lambda c, l: (c[:1] + [c[1].astype(np.int16)], l), "item 1: expected floating-point"),
+    (lambda c, l: (c[:1] + [c[1] * 32767], l), "item 1: peak .* 16-bit integer values left "
+                                               "unscaled"),
 ])
 def test_predict_bad_input(weighted_net, levels, mutate, message):
     clips, lev = mutate(_clips(4, [4000, 4000]), levels[:2])
     with pytest.raises(ValueError, match=message):
         weighted_net.predict(clips, SR, lev, progress=False)
+
+
+def test_predict_takes_bfloat16_and_warns_of_loud_clips(weighted_net, levels):
+    """bfloat16 is floating point (numpy's own test said not); a clip peaking above 2 is
+    scored as given, with a warning naming it."""
+    clips = _clips(12, [4000, 5000])
+    half = [jnp.asarray(c, jnp.bfloat16) for c in clips]
+    np.testing.assert_array_equal(
+        weighted_net.predict(half, SR, levels[:2], progress=False),
+        weighted_net.predict([np.asarray(c, np.float32) for c in half], SR, levels[:2],
+                             progress=False))
+    loud = [clips[0], clips[1] * (3 / np.max(np.abs(clips[1])))]
+    with pytest.warns(UserWarning, match=r"items \[1\] peak above 2"):
+        weighted_net.predict(loud, SR, levels[:2], progress=False)
 
 
 def test_predict_accepts_2d_array_and_one_audiogram(weighted_net, levels):

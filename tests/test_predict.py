@@ -295,12 +295,15 @@ def test_a_bad_manifest_does_not_stop_the_other_inputs(setup, capsys):
     authors = root / "authors.json"             # the authors' {"data": [...]} manifest
     authors.write_text(json.dumps({"data": [{"file_path": "music/sub/b.flac",
                                              "audiogram": LEVELS}]}))
-    loud = root / "loud.wav"
-    sf.write(loud, 30000 * _tone(16000, 0.5, seed=1), 16000, subtype="FLOAT")
+    loud = root / "loud.wav"                  # above [-1, 1]: scored with a warning
+    sf.write(loud, 8 * _tone(16000, 0.5, seed=1), 16000, subtype="FLOAT")
+    unscaled = root / "unscaled.wav"          # 16-bit values in a float file: refused
+    sf.write(unscaled, 30000 * _tone(16000, 0.5, seed=1), 16000, subtype="FLOAT")
     out = root / "mixed.csv"
     rc = cli.main(["predict", "--checkpoint", str(root / "ckpt"), "--audiogram",
                    ",".join(map(str, LEVELS)), str(empty_rows), str(as_csv), str(authors),
-                   str(loud), str(music / "a.wav"), "--out", str(out), "--no-progress"])
+                   str(loud), str(unscaled), str(music / "a.wav"), "--out", str(out),
+                   "--no-progress"])
     assert rc == 1
     rows = _rows(out)
     assert "no usable rows (1 skipped; the first: " in rows[str(empty_rows)]["error"]
@@ -312,8 +315,11 @@ def test_a_bad_manifest_does_not_stop_the_other_inputs(setup, capsys):
     from_authors = [r for r in rows.values() if r["audiogram"] == "manifest"]
     assert len(from_authors) == 1 and from_authors[0]["haaqi"]
     assert rows[str(loud)]["haaqi"]      # scored, with a warning
-    assert f"warning: {loud}: peak 1.08e+04; audio is expected in [-1, 1]" in \
+    assert f"warning: {loud}: peak 2.88; audio is expected in [-1, 1]" in \
         capsys.readouterr().err
+    assert not rows[str(unscaled)]["haaqi"]
+    assert "peak 1.08e+04 is far outside [-1, 1]: 16-bit integer values left unscaled? " \
+        "(divide by 32768)" in rows[str(unscaled)]["error"]
 
 
 def test_an_interrupted_predict_writes_what_it_scored(setup, monkeypatch):

@@ -110,28 +110,35 @@ def check_waveform(x, *, name: str = "waveform", min_samples: int = MIN_SAMPLES,
                    allow_silent: bool = False) -> np.ndarray:
     """Validates one waveform for the encoder; returns it as float32.
 
-    Checks: a 1-D floating-point array (integer samples mean a missed 1/32768 scaling), every
-    sample finite, at least `min_samples` samples (default: one BEATs patch, 2800 at 16 kHz),
-    and not silent (all |x| < 1e-8) unless `allow_silent`.
+    Checks: a 1-D floating-point array (bfloat16 too; integer samples mean a missed 1/32768
+    scaling), every sample finite, a peak within `fbank.MAX_PEAK` (above it: 16-bit values left
+    unscaled), at least `min_samples` samples (default: one BEATs patch, 2800 at 16 kHz), and
+    not silent (all |x| < 1e-8) unless `allow_silent`.
 
     Raises:
       ValueError naming `name` and the problem.
     """
+    from haaqi_jax.fbank import MAX_PEAK, is_float_dtype
     arr = np.asarray(x)
     if arr.ndim != 1:
         raise ValueError(f"{name}: expected a 1-D waveform, got shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.floating):
+    if not is_float_dtype(arr.dtype):
         raise ValueError(f"{name}: expected floating-point samples in [-1, 1], got dtype "
                          f"{arr.dtype} (scale integer PCM by 1/32768)")
+    arr = arr.astype(np.float32, copy=False)
     if arr.shape[0] == 0:
         raise ValueError(f"{name}: the waveform is empty (0 samples)")
     finite = np.isfinite(arr)
     if not finite.all():
         raise ValueError(f"{name}: sample {int(np.flatnonzero(~finite)[0])} is NaN or infinite")
+    peak = float(np.max(np.abs(arr)))
+    if peak > MAX_PEAK:
+        raise ValueError(f"{name}: peak {peak:.4g} is far outside [-1, 1]: 16-bit integer "
+                         f"values left unscaled? (divide by 32768)")
     if arr.shape[0] < min_samples:
         raise ValueError(f"{name}: {arr.shape[0]} samples ({arr.shape[0] / 16000:.3f} s at 16 "
                          f"kHz) is too short; at least {min_samples} ({min_samples / 16000:.3f} "
                          f"s) are needed (one 16x16 BEATs patch)")
     if not allow_silent and not np.any(np.abs(arr) >= SILENCE_THRESHOLD):
         raise ValueError(f"{name}: waveform is silent (all |x| < {SILENCE_THRESHOLD:g})")
-    return arr.astype(np.float32, copy=False)
+    return arr
