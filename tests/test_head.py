@@ -31,6 +31,20 @@ def _run(head_cfg, params, feats, mask, hl, **kw):
     return apply({"params": params}, jnp.asarray(feats), jnp.asarray(mask), jnp.asarray(hl), **kw)
 
 
+def _assert_padded_batch_matches_torch(torch_head, cfg, params, items, audiograms):
+    """Our head on the zero-padded batch of `items` == the torch head on each item alone
+    (clip and frame scores; padded frames 0). Returns (our output, padded features, mask)."""
+    frames_ref, clips_ref = torch_head_scores(torch_head, items, audiograms)
+    feats, mask = _padded(items, max(LENGTHS) + 3)
+    out = _run(cfg, params, feats, mask, audiograms)
+    np.testing.assert_allclose(np.asarray(out.clip_score), clips_ref, atol=TOL, rtol=0)
+    for b, t in enumerate(LENGTHS):
+        np.testing.assert_allclose(np.asarray(out.frame_scores[b, :t]), frames_ref[b], atol=TOL,
+                                   rtol=0)
+        assert np.all(np.asarray(out.frame_scores[b, t:]) == 0.0)
+    return out, feats, mask
+
+
 @pytest.fixture(scope="module")
 def audiograms():
     rng = np.random.default_rng(0)
@@ -45,15 +59,8 @@ def test_head_matches_torch_per_item(num_layers, audiograms):
     rng = np.random.default_rng(2)
     shape = (num_layers,) if num_layers else ()
     items = [rng.normal(size=shape + (t, 768)).astype(np.float32) for t in LENGTHS]
-    frames_ref, clips_ref = torch_head_scores(torch_head, items, audiograms)
-
-    feats, mask = _padded(items, max(LENGTHS) + 3)
-    out = _run(cfg, params, feats, mask, audiograms)
-    np.testing.assert_allclose(np.asarray(out.clip_score), clips_ref, atol=TOL, rtol=0)
-    for b, t in enumerate(LENGTHS):
-        np.testing.assert_allclose(np.asarray(out.frame_scores[b, :t]), frames_ref[b], atol=TOL,
-                                   rtol=0)
-        assert np.all(np.asarray(out.frame_scores[b, t:]) == 0.0)
+    out, feats, mask = _assert_padded_batch_matches_torch(torch_head, cfg, params, items,
+                                                          audiograms)
     # The scores must depend on the audiogram (it is concatenated on every token).
     out2 = _run(cfg, params, feats, mask, audiograms + 10.0)
     assert np.max(np.abs(np.asarray(out2.clip_score - out.clip_score))) > 1e-4
@@ -188,13 +195,9 @@ def test_stacked_blstm_matches_torch(audiograms):
                                        "forward_1", "forward_2"]
     rng = np.random.default_rng(3)
     items = [rng.normal(size=(t, 64)).astype(np.float32) for t in LENGTHS]
-    frames_ref, clips_ref = torch_head_scores(torch_head, items, audiograms)
-    feats, mask = _padded(items, max(LENGTHS) + 3)
-    out = _run(cfg, params, feats, mask, audiograms)
-    np.testing.assert_allclose(np.asarray(out.clip_score), clips_ref, atol=TOL, rtol=0)
-    for b, t in enumerate(LENGTHS):
-        np.testing.assert_allclose(np.asarray(out.frame_scores[b, :t]), frames_ref[b], atol=TOL,
-                                   rtol=0)
+    out, feats, mask = _assert_padded_batch_matches_torch(torch_head, cfg, params, items,
+                                                          audiograms)
+    clips_ref = np.asarray(out.clip_score)   # equal to torch's (checked just above)
     # The first layer alone scores differently: the later layers are really applied.
     first = {**params, "blstm": {k: params["blstm"][k] for k in ("forward", "backward")}}
     alone = _run(dataclasses.replace(cfg, lstm_layers=1), first, feats, mask, audiograms)
