@@ -103,7 +103,9 @@ def test_ctrl_c_in_a_real_label_process_exits_130(tmp_path):
 
     rng = np.random.default_rng(0)
     rows = []
-    for rate in (16000, 24000, 44100, 48000) * 3:   # one compilation per rate, a reader thread
+    # One compilation per rate, a reader thread; enough rows after the compilations that the
+    # interrupt always lands mid-run (with 12 rows a fast run once finished first).
+    for rate in (16000, 24000, 44100, 48000) * 12:
         ref = 0.3 * rng.standard_normal(rate)
         sf.write(tmp_path / f"ref{rate}.wav", ref, rate)
         sf.write(tmp_path / f"proc{rate}.wav", 0.5 * ref, rate)
