@@ -530,7 +530,7 @@ class HAAQINet:
         where = "HAAQINet.apply"
         if not hasattr(waveform, "dtype"):
             waveform = np.asarray(waveform)
-        _checked_padding_mask(waveform, padding_mask, where)
+        padding_mask = _checked_padding_mask(waveform, padding_mask, where)   # bool
         if not fbank_lib.is_float_dtype(waveform.dtype):
             raise ValueError(f"{where}: waveform must be floating point in [-1, 1], got dtype "
                              f"{waveform.dtype} (for 16-bit PCM divide by 32768)")
