@@ -123,8 +123,14 @@ def test_ctrl_c_in_a_real_label_process_exits_130(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo),
                                                        os.environ.get("PYTHONPATH", "")]))
+    # The child sets Python's SIGINT handler itself: an inherited SIG_IGN (a runner started
+    # as a background job) would leave it without one. Suspected, not proven, cause of this
+    # test failing twice in fresh-clone CI simulations (the run ignored the SIGINT).
+    launch = ("import runpy, signal, sys; signal.signal(signal.SIGINT, "
+              "signal.default_int_handler); sys.argv[0] = 'haaqi-jax'; "
+              "runpy.run_module('haaqi_jax.cli', run_name='__main__')")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "haaqi_jax.cli", "label", str(tmp_path / "m.jsonl"), "--out",
+        [sys.executable, "-c", launch, "label", str(tmp_path / "m.jsonl"), "--out",
          str(tmp_path / "out" / "labels.jsonl"), "--batch-size", "1"], env=env,
         stderr=subprocess.PIPE)   # (no preexec_fn: a fork of this JAX process is unsafe)
     seen = b""
