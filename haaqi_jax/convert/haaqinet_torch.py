@@ -241,15 +241,12 @@ def student_haaqinet_from_state_dict(state_dict: Mapping[str, Any], *, beats_con
     """
     import jax
 
-    from haaqi_jax.beats import RELEASED_CONFIG, BEATsConfig
     from haaqi_jax.convert.beats_torch import (_front_end_entries, _layer_entries,
                                                _params_from_table)
     from haaqi_jax.model import HAAQINet, HAAQINetConfig, check_param_tree
     from haaqi_jax.student import StudentConfig, param_shapes
 
-    cfg = BEATsConfig.from_dict(dict(RELEASED_CONFIG if beats_config is None else
-                                     (beats_config.to_dict() if hasattr(beats_config, "to_dict")
-                                      else beats_config)))
+    cfg = _beats_config(beats_config)
     num_layers = 0
     while f"encoder{num_layers}.fc1.weight" in state_dict:
         num_layers += 1
@@ -307,6 +304,14 @@ def read_beats_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False
         raise ValueError(f"{path}: {e}") from None
 
 
+def _beats_config(beats_config):
+    """A BEATsConfig from a BEATsConfig, a cfg dict, or None (the released BEATs_iter3+)."""
+    from haaqi_jax.beats import RELEASED_CONFIG, BEATsConfig
+    if isinstance(beats_config, BEATsConfig):
+        return beats_config
+    return BEATsConfig.from_dict(dict(RELEASED_CONFIG if beats_config is None else beats_config))
+
+
 def haaqinet_from_state_dict(state_dict: Mapping[str, Any], *, beats_config=None,
                              num_heads: int = 16, feature_layers=None):
     """Builds a `HAAQINet` from a released state dict (no file I/O).
@@ -318,7 +323,6 @@ def haaqinet_from_state_dict(state_dict: Mapping[str, Any], *, beats_config=None
       feature_layers: hidden-state indices of the weighted sum; default 1..L (the L layer
         outputs, which is what the released code sums).
     """
-    from haaqi_jax.beats import RELEASED_CONFIG, BEATsConfig
     from haaqi_jax.convert.beats_torch import beats_params_from_state_dict
 
     beats_sd = {k[len(BEATS_PREFIX):]: v for k, v in state_dict.items()
@@ -326,9 +330,7 @@ def haaqinet_from_state_dict(state_dict: Mapping[str, Any], *, beats_config=None
     head_sd = {k: v for k, v in state_dict.items() if not k.startswith(BEATS_PREFIX)}
     if not beats_sd:
         raise ValueError(f"HAAQI-Net state dict: no '{BEATS_PREFIX}*' (encoder) keys")
-    cfg = BEATsConfig.from_dict(dict(RELEASED_CONFIG if beats_config is None else
-                                     (beats_config.to_dict() if hasattr(beats_config, "to_dict")
-                                      else beats_config)))
+    cfg = _beats_config(beats_config)
     head_params, head_cfg = head_params_from_state_dict(head_sd, num_heads=num_heads)
     try:
         encoder_params = beats_params_from_state_dict(beats_sd, cfg)
@@ -351,10 +353,7 @@ def haaqinet_from_head_state_dict(head_state_dict: Mapping[str, Any], beats_conf
       encoder_params: Flax params of `BEATs(beats_config)` (`read_beats_checkpoint`).
       num_heads, feature_layers: as in `haaqinet_from_state_dict`.
     """
-    from haaqi_jax.beats import BEATsConfig
-
-    cfg = (beats_config if isinstance(beats_config, BEATsConfig)
-           else BEATsConfig.from_dict(dict(beats_config)))
+    cfg = _beats_config(beats_config)
     head_params, head_cfg = head_params_from_state_dict(head_state_dict, num_heads=num_heads)
     return _assemble(head_params, head_cfg, _np(head_state_dict["linear0.weight"]).shape[1],
                      encoder_params, cfg, feature_layers)
