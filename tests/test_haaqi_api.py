@@ -235,6 +235,33 @@ def test_batch_float32_close_to_float64_and_items_alone():
                                        err_msg=f"item {i} {f}")
 
 
+def held_tone_pair(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A held 0.45 s harmonic note at 24 kHz (slow tremolo) and a noisy copy, with an audiogram:
+    its low-band envelopes are so smooth and periodic that alignment lags nearly tie."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(0.45 * 24000)) / 24000
+    f0, partials = rng.uniform(100, 400), int(rng.integers(1, 10))
+    x = sum((0.5 / h) * np.sin(2 * np.pi * f0 * h * t + rng.uniform(0, 2 * np.pi))
+            for h in range(1, partials + 1))
+    x = 0.05 * x * (1 + 0.5 * np.sin(2 * np.pi * rng.uniform(1, 6) * t))
+    y = x + rng.uniform(0.0005, 0.02) * rng.standard_normal(x.size)
+    levels = np.clip(np.linspace(rng.uniform(0, 30), rng.uniform(0, 80), 8), 0, 120)
+    return x, y, levels
+
+
+@pytest.mark.parametrize("first_seed", [208, 368])
+def test_batch_float32_keeps_float64_alignment_on_near_ties(first_seed):
+    """Items whose float32 score was 1.7e-3 / 1.6e-3 off float64 (seeds 215 / 372) when an
+    alignment lag flipped on a correlation tie closer than float32's FFT resolves; with the
+    near-ties re-ranked the batch agrees to ~3e-6 (documented: 1e-4)."""
+    pairs = [held_tone_pair(seed) for seed in range(first_seed, first_seed + 8)]
+    ref, proc, levels = (np.stack(part) for part in zip(*pairs))
+    r32 = haaqi_batch(ref, proc, 24000, levels, level1=83.9, dtype=jnp.float32)
+    r64 = haaqi_batch(ref, proc, 24000, levels, level1=83.9, dtype=jnp.float64)
+    for f in FIELDS:
+        np.testing.assert_allclose(getattr(r32, f), getattr(r64, f), atol=1e-4, err_msg=f)
+
+
 def test_batch_validation_names_the_item():
     ref, proc = _pairs(2)
     levels = np.zeros((2, 8))
@@ -271,7 +298,7 @@ def test_batch_argument_checks_name_the_argument():
     with pytest.raises(ValueError, match=r"item 0: reference plays at \d+ dB SPL .* above 200"):
         haaqi_batch(ref * 1e15, proc * 1e15, FS, levels)
     with pytest.raises(ValueError, match=r"item 1: reference plays at .* above 200"):
-        haaqi_batch(ref, proc, FS, levels, level1=np.array([65.0, 1000.0]))
+        haaqi_batch(ref, proc, FS, levels, level1=np.array([65.0, 250.0]))
     loud = 10 ** ((199 - 65) / 20) / rms
     assert np.all(np.isfinite(haaqi_batch(ref * loud, proc * loud, FS, levels).combined))
     with pytest.raises(ValueError, match=r"6 frequencies per item but audiogram_frequencies"):
@@ -318,6 +345,17 @@ def test_haaqi_v1_argument_checks():
         haaqi_v1(ref[0], FS, proc[0], FS, np.zeros(8), 1, level1=np.array([65.0, 70.0]))
     with pytest.raises(ValueError, match="at least 1000 Hz"):
         haaqi_v1(ref[0], 500, proc[0], FS, np.zeros(8), 1)
+    # float32 scored level1 -1000 as if it were 0 (0.162 vs pyclarity's 0.178), and +425 on
+    # samples of ~1e-18 5e-2 off; both are outside any real scale, so refused by name.
+    for level1 in (-1000.0, 425.0):
+        with pytest.raises(ValueError, match=r"level1 must be within \[-300, 300\] dB SPL"):
+            haaqi_v1(ref[0], FS, proc[0], FS, np.zeros(8), 1, level1=level1)
+    with pytest.raises(ValueError, match=r"item 1: level1 must be within"):
+        haaqi_batch(ref.repeat(2, 0), proc.repeat(2, 0), FS, np.zeros((2, 8)),
+                    level1=np.array([65.0, 301.0]))
+    # a processed signal under 16 ms: the message no longer blames the reference alone
+    with pytest.raises(ValueError, match=r"only \d+ samples .* cut to the shorter one"):
+        haaqi_v1(ref[0], FS, proc[0][:300], FS, np.zeros(8), 1)
     for name in ("add_noise", "silence_threshold"):
         with pytest.raises(ValueError, match=f"{name} must be a finite number"):
             haaqi_v1(ref[0], FS, proc[0], FS, np.zeros(8), 1, **{name: np.nan})

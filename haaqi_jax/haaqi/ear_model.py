@@ -13,8 +13,11 @@ pyclarity's direct-form 4th-order gammatone IIR by cascaded first-order sections
 form carries a rounding error of about eps / (1 - a)^4 relative (4e-8 in the 80 Hz band for a
 normal-hearing bandwidth, below 1e-9 above ~1.5 kHz), so the low bands agree only to that level
 while ours is accurate to ~1e-14. Integer lags use FFT correlation (exact unless the peak is a
-near-tie). float32: ~1e-4 relative overall, but an envelope/BM alignment lag can move by one
-sample where the two best lags of a smooth correlation are that close.
+near-tie). float32: ~1e-4 relative overall. Its FFT correlation cannot rank alignment lags
+whose correlations differ by less than ~1e-7 of the peak (the flat peaks of smooth low-band
+envelopes, periodic envelopes), so its winner is re-ranked against the closest rivals by exact
+differences (`filters.align_envelope`); the lags then match float64's wherever the float32
+envelopes themselves allow.
 
 Memory: bands are processed `bands_per_step` at a time (lax.map over groups), so one clip holds
 about 40 (2, bands_per_step, N_max) arrays plus the (2, 32, N_max) outputs; vmap multiplies by
@@ -159,6 +162,10 @@ MIN_SAMPLE_RATE = 1000.0
 #: The loudest signal accepted, dB SPL (level1 + 20 log10 RMS): far above any real sound
 #: (130-140 dB is the threshold of pain), well below float32 overflow in the ear model.
 MAX_LEVEL_DB_SPL = 200.0
+#: The level1 accepted, dB SPL of RMS 1. Beyond it float32 breaks down (-1000 underflows to a
+#: level1 of 0; +425 with samples of ~1e-18 moved a score by 5e-2), and no real scale needs it:
+#: at -300 every representable signal is inaudible, at +300 a 65 dB SPL signal has RMS 2e-12.
+LEVEL1_RANGE_DB = (-300.0, 300.0)
 
 
 def check_sample_rate(sample_rate, name: str) -> float:
@@ -172,7 +179,8 @@ def check_sample_rate(sample_rate, name: str) -> float:
 
 
 def check_level1(level1, name: str = "level1") -> float:
-    """A scalar level1 (a size-1 array is accepted, as pyclarity does) as a finite float."""
+    """A scalar level1 (a size-1 array is accepted, as pyclarity does) as a float within
+    LEVEL1_RANGE_DB (pyclarity takes any value)."""
     try:
         value = np.asarray(level1, dtype=np.float64)
     except (TypeError, ValueError):
@@ -182,6 +190,10 @@ def check_level1(level1, name: str = "level1") -> float:
     value = float(value.reshape(()))
     if not np.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
+    low, high = LEVEL1_RANGE_DB
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be within [{low:g}, {high:g}] dB SPL (of RMS 1), got "
+                         f"{value:g}: check the signal's scale and the level rule")
     return value
 
 
@@ -269,14 +281,16 @@ def _theta(center_freq):
     return (2 * np.pi / SAMPLE_RATE) * center_freq
 
 
-def _group_delay_samples(pole: jax.Array) -> jax.Array:
-    """Integer DC group delay of the gammatone b/a.
+def _group_delay_samples(pole: jax.Array, one_minus_pole: jax.Array) -> jax.Array:
+    """Integer DC group delay of the gammatone b/a (pole a, and 1 - a computed accurately).
 
     float64: evaluated as scipy.signal.group_delay does (pyclarity's rounding). float32: the
-    closed form 4a/(1-a) + 4a/(1+2a), as scipy's ratio of sums cancels to noise there.
+    closed form 4a/(1-a) + 4a/(1+2a), as scipy's ratio of sums cancels to noise there; with
+    1 - a from expm1, as 1 - a from a rounded a ~ 0.99 is off by ~4e-6, which moved delays
+    of ~200 samples across a rounding boundary (a 2.9e-4 change of a 0.45 s clip's HAAQI).
     """
     if pole.dtype != jnp.float64:
-        return jnp.rint(4 * pole / (1 - pole) + 4 * pole / (1 + 2 * pole)).astype(jnp.int32)
+        return jnp.rint(4 * pole / one_minus_pole + 4 * pole / (1 + 2 * pole)).astype(jnp.int32)
     a1, a5 = 4.0 * pole, 4.0 * pole * pole
     a2, a3, a4 = -6.0 * pole * pole, 4.0 * pole * pole * pole, -pole * pole * pole * pole
     b = [jnp.ones_like(pole), a1, a5]
@@ -333,10 +347,10 @@ def _band_group(mid, n, level1, cf, control_bw, control_pole, bw_min, attn_ohc, 
         (jnp.where(valid, env, 0), jnp.where(valid, bm, 0)))
 
     # Align the processed envelope and BM to the reference (separately).
-    env_lag = filters.correlation_lag(env[0], env[1], n, ALIGN_MAX_LAG)
-    bm_lag = filters.correlation_lag(bm[0], bm[1], n, ALIGN_MAX_LAG)
-    env = env.at[1].set(filters.shift_with_zero_fill(env[1], env_lag, n))
-    bm = bm.at[1].set(filters.shift_with_zero_fill(bm[1], bm_lag, n))
+    env_lag, aligned_env = filters.align_envelope(env[0], env[1], n, ALIGN_MAX_LAG)
+    bm_lag, aligned_bm = filters.align_envelope(bm[0], bm[1], n, ALIGN_MAX_LAG)
+    env = env.at[1].set(aligned_env)
+    bm = bm.at[1].set(aligned_bm)
 
     db, bm = envelope_sl(env, bm, attn_ihc, level1)
     db = jnp.where(valid, db, 0)
@@ -501,8 +515,8 @@ def _ear_model(reference, processed, n, params, reference_noise, processed_noise
     # Group-delay compensation from the reference's bandwidths, for both signals.
     erb = 24.7 + (jnp.asarray(params.center_freq, dtype) / 9.26449)
     # (group_delay_compensate multiplies in this order, unlike the gammatone)
-    ref_pole = jnp.exp(-((2 * np.pi / SAMPLE_RATE) * 1.019 * out["bandwidth"][0] * erb))
-    raw_delay = _group_delay_samples(ref_pole)
+    exponent = (2 * np.pi / SAMPLE_RATE) * 1.019 * out["bandwidth"][0] * erb
+    raw_delay = _group_delay_samples(jnp.exp(-exponent), -jnp.expm1(-exponent))
     delay = raw_delay - jnp.min(raw_delay)
     correct = jnp.max(delay) - delay                                # (32,)
     db = filters.shift_with_zero_fill(out["db"], -correct, n)
