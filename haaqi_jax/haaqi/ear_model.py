@@ -157,7 +157,9 @@ def _check_equalisation(equalisation) -> None:
         raise ValueError(f"equalisation must be 0, 1 or 2, got {equalisation!r}")
 
 
-#: The lowest input rate: pyclarity resamples from the rate rounded to whole kHz.
+#: The lowest input rate. Resampling goes from the rate rounded to whole kHz (pyclarity's
+#: rule): 500-999 Hz would be read as 1 kHz, i.e. played up to 2x too fast (pyclarity
+#: scores that; we refuse it), and below 500 Hz as 0 kHz (pyclarity divides by zero).
 MIN_SAMPLE_RATE = 1000.0
 #: The loudest signal accepted, dB SPL (level1 + 20 log10 RMS): far above any real sound
 #: (130-140 dB is the threshold of pain), well below float32 overflow in the ear model.
