@@ -270,10 +270,7 @@ def student_haaqinet_from_state_dict(state_dict: Mapping[str, Any], *, beats_con
     check_param_tree(encoder_params, jax.tree_util.tree_map(
         lambda x: np.broadcast_to(np.float32(0), x.shape), param_shapes(student_cfg)), what)
     head_params, head_cfg = head_params_from_state_dict(head_sd, num_heads=num_heads)
-    feature_dim = _np(head_sd["linear0.weight"]).shape[1]
-    if feature_dim != cfg.encoder_embed_dim:
-        raise ValueError(f"{what}: linear0.weight reads {feature_dim} features but the BEATs "
-                         f"config has encoder_embed_dim {cfg.encoder_embed_dim}")
+    _check_head_width(head_sd, cfg, what)
     if head_cfg.num_weighted_layers != num_layers:
         raise ValueError(f"{what}: 'weights' has {head_cfg.num_weighted_layers} entries for "
                          f"{num_layers} student layers (the released head sums every layer)")
@@ -337,8 +334,8 @@ def haaqinet_from_state_dict(state_dict: Mapping[str, Any], *, beats_config=None
     except (ValueError, KeyError) as e:
         raise ValueError(f"HAAQI-Net state dict, encoder part ('{BEATS_PREFIX}' prefix "
                          f"removed): {e}") from None
-    return _assemble(head_params, head_cfg, _np(head_sd["linear0.weight"]).shape[1],
-                     encoder_params, cfg, feature_layers)
+    _check_head_width(head_sd, cfg, "HAAQI-Net state dict")
+    return _assemble(head_params, head_cfg, encoder_params, cfg, feature_layers)
 
 
 def haaqinet_from_head_state_dict(head_state_dict: Mapping[str, Any], beats_config,
@@ -355,19 +352,23 @@ def haaqinet_from_head_state_dict(head_state_dict: Mapping[str, Any], beats_conf
     """
     cfg = _beats_config(beats_config)
     head_params, head_cfg = head_params_from_state_dict(head_state_dict, num_heads=num_heads)
-    return _assemble(head_params, head_cfg, _np(head_state_dict["linear0.weight"]).shape[1],
-                     encoder_params, cfg, feature_layers)
+    _check_head_width(head_state_dict, cfg, "HAAQI-Net state dict")
+    return _assemble(head_params, head_cfg, encoder_params, cfg, feature_layers)
 
 
-def _assemble(head_params, head_cfg, feature_dim, encoder_params, cfg, feature_layers):
-    """A HAAQINet of converted parts, after checking that they fit together."""
+def _check_head_width(head_state_dict, cfg, what: str) -> None:
+    """The head's input projection must read the encoder's width."""
+    feature_dim = _np(head_state_dict["linear0.weight"]).shape[1]
+    if feature_dim != cfg.encoder_embed_dim:
+        raise ValueError(f"{what}: linear0.weight reads {feature_dim} features but the BEATs "
+                         f"config has encoder_embed_dim {cfg.encoder_embed_dim}")
+
+
+def _assemble(head_params, head_cfg, encoder_params, cfg, feature_layers):
+    """A HAAQINet of a converted head and BEATs (widths already checked)."""
     from haaqi_jax.model import HAAQINet, HAAQINetConfig
 
     cfg_dict = dict(cfg.to_dict())
-    if feature_dim != cfg_dict["encoder_embed_dim"]:
-        raise ValueError(f"HAAQI-Net state dict: linear0.weight reads {feature_dim} features "
-                         f"but the BEATs config has encoder_embed_dim "
-                         f"{cfg_dict['encoder_embed_dim']}")
     layers = head_cfg.num_weighted_layers
     if layers:
         feature_layers = tuple(range(1, layers + 1)) if feature_layers is None \
