@@ -369,6 +369,11 @@ def test_haaqi_v1_argument_checks():
                                 reference_noise=noise[0], processed_noise=noise[1]))
     as_array, as_float = results
     assert as_array[0] == as_float[0]
+    # a 0-d numpy rate, which pyclarity takes, is the same rate (it was refused as not a number)
+    np.random.seed(0)
+    zero_d = haaqi_v1(ref[0], np.array(float(FS)), proc[0], np.array(FS), np.zeros(8), 1,
+                      level1=70.0, reference_noise=noise[0], processed_noise=noise[1])
+    assert zero_d[0] == as_float[0]
     with pytest.raises(ValueError, match=r"reference must hold real samples"):  # was cast
         haaqi_v1(ref[0] + 1j, FS, proc[0], FS, np.zeros(8), 1)
 

@@ -171,7 +171,10 @@ LEVEL1_RANGE_DB = (-300.0, 300.0)
 
 
 def check_sample_rate(sample_rate, name: str) -> float:
-    """Returns `sample_rate` as a float; ValueError naming `name` unless it is a rate in Hz."""
+    """Returns `sample_rate` as a float; ValueError naming `name` unless it is a rate in Hz
+    (a number, or a 0-d numpy array as pyclarity takes)."""
+    if isinstance(sample_rate, np.ndarray) and sample_rate.ndim == 0:
+        sample_rate = sample_rate[()]
     if isinstance(sample_rate, (bool, np.bool_)) or not isinstance(
             sample_rate, (int, float, np.integer, np.floating)):
         raise ValueError(f"{name} must be a number in Hz, got {sample_rate!r}")
