@@ -345,8 +345,8 @@ def test_haaqi_v1_argument_checks():
         haaqi_v1(ref[0], FS, proc[0], FS, np.zeros(8), 1, level1=np.array([65.0, 70.0]))
     with pytest.raises(ValueError, match="at least 1000 Hz"):
         haaqi_v1(ref[0], 500, proc[0], FS, np.zeros(8), 1)
-    # float32 scored level1 -1000 as if it were 0 (0.162 vs pyclarity's 0.178), and +425 on
-    # samples of ~1e-18 5e-2 off; both are outside any real scale, so refused by name.
+    # float32 scored level1 -1000 at 0.162 (pyclarity: 0.178), and +425 on samples of ~1e-18
+    # 5e-2 off; both are outside any real scale, so refused by name.
     for level1 in (-1000.0, 425.0):
         with pytest.raises(ValueError, match=r"level1 must be within \[-300, 300\] dB SPL"):
             haaqi_v1(ref[0], FS, proc[0], FS, np.zeros(8), 1, level1=level1)
