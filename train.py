@@ -84,11 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
-    from haaqi_jax.cli import run_guarded
+    from haaqi_jax.cli import run_guarded, writable_folder
     from haaqi_jax.train.loop import train_and_evaluate  # after parsing: --help stays fast
 
     def job() -> int:
-        result = train_and_evaluate(cfglib.freeze(config), workdir)
+        result = train_and_evaluate(cfglib.freeze(config), writable_folder(workdir, "--workdir"))
         if result.report_dir is not None and jax.process_index() == 0:
             print(f"best valid loss {result.best_valid_loss:.5f} at step {result.best_step}; "
                   f"report in {result.report_dir}")

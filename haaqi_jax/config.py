@@ -172,7 +172,8 @@ def parse_value(key: str, text: str, expected: type | None) -> Any:
     """Parses the text of an override for a field whose current type is `expected`.
 
     None as `expected` (a field that is None and not a typed placeholder) accepts any Python
-    literal, else the text as a string. "none"/"None" clears any field.
+    literal, else the text as a string. "none"/"None" clears any field. A tuple field also
+    takes bare comma-separated items (`data.eval_splits=valid,test_seen`).
     """
     if text.strip() in ("None", "none", "null"):
         return None
@@ -197,6 +198,13 @@ def parse_value(key: str, text: str, expected: type | None) -> Any:
             value = _parse_literal(text)
             if isinstance(value, str) and text.strip()[:1] in "([":
                 raise _NotALiteral
+            if isinstance(value, str) and text.strip()[:1] not in "'\"":
+                # a bare a,b lists items; a bare "a b" would be one item with a space
+                if "," in value:
+                    value = tuple(item.strip() for item in value.split(",") if item.strip())
+                elif len(value.split()) > 1:
+                    raise ValueError(f"config override {key}={text!r}: separate the items "
+                                     f"with commas, e.g. {key}={','.join(value.split())}")
             if isinstance(value, (int, float, str)):
                 value = (value,)  # "a.b=3" on a tuple field means a 1-tuple
             if not isinstance(value, (tuple, list)):
@@ -205,7 +213,9 @@ def parse_value(key: str, text: str, expected: type | None) -> Any:
     except _NotALiteral:
         raise ValueError(f"config override {key}={text!r}: not a Python literal; quote the "
                          f"strings inside, e.g. {key}='(\"a\", \"b\")'") from None
-    except ValueError:
+    except ValueError as err:
+        if err.args and str(err.args[0]).startswith("config override"):
+            raise                                   # already names the key and the fix
         raise ValueError(f"config override {key}={text!r}: expected a value of type "
                          f"{expected.__name__}") from None
     raise ValueError(f"config override {key}={text!r}: fields of type {expected.__name__} "

@@ -191,6 +191,9 @@ def check_distill_settings(config: Any) -> None:
                          f"not have (its parts: {', '.join(HEAD_PARTS)})")
     if not tuple(dc.student_layers):
         raise ValueError("distill.student_layers is empty: name the teacher layers to copy")
+    if not tuple(dc.target_layers):
+        raise ValueError("distill.target_layers is empty: name the teacher layers the "
+                         "prediction heads predict, e.g. (6, 9, 12)")
     n_layers = _teacher_layer_count(config)
     if n_layers is not None:
         check_layer_ranges(dc, n_layers)
@@ -223,8 +226,20 @@ def loss_param_labels(labels: dict[str, Any], opt_cfg: Any) -> dict[str, Any]:
 def distill_frozen_patterns(config: Any) -> tuple[str, ...]:
     """Regexes of frozen state paths: head parts in `distill.frozen_head` plus
     `train.frozen_patterns`."""
+    return sum(_frozen_pattern_sources(config).values(), ())
+
+
+def _frozen_pattern_sources(config: Any) -> dict[str, tuple[str, ...]]:
     parts = tuple(config.distill.get("frozen_head", ()))
-    return tuple(f"head/{p}/.*" for p in parts) + tuple(config.train.get("frozen_patterns", ()))
+    return {"distill.frozen_head": tuple(f"head/{p}/.*" for p in parts),
+            "train.frozen_patterns": tuple(config.train.get("frozen_patterns", ()))}
+
+
+def check_frozen_patterns(config: Any, params: Any) -> None:
+    """ValueError naming the key when a frozen head part or pattern matches no parameter of
+    the student HAAQI-Net `params` (e.g. layer_norm_0 of a head that reads one layer)."""
+    for key, patterns in _frozen_pattern_sources(config).items():
+        state_lib.check_frozen_patterns(patterns, params, key)
 
 # ----------------------------------------------------------------------------- step
 
@@ -606,6 +621,7 @@ def distill_and_evaluate(config: Any, workdir: str | os.PathLike, *, data: Any =
         raise type(err)(f"{key} ({teacher_path}): {err}") from err
     check_layer_ranges(dc, int(teacher.config.encoder_config["encoder_layers"]))
     student, pred_params = init_student(teacher, dc, int(config.seed))
+    check_frozen_patterns(config, {**student.params, "pred_heads": pred_params})
     if data is None:
         data = loop.build_train_data(config, student, workdir)
     if data.mode != "waveform":

@@ -54,12 +54,16 @@ def register_loss(name: str, *, overwrite: bool = False,
     """Decorator adding `fn` to the registry under `name` (an existing name needs overwrite).
 
     `params`, for a loss with learnable parameters (e.g. uncertainty weights): a function
-    (number of distillation target layers K) -> initial parameter pytree. The trainer keeps that
-    pytree in the train state (trainable) and hands it to the loss as
-    predictions["loss_params"].
+    (number of distillation target layers K) -> initial parameter pytree. A distillation keeps
+    that pytree in the train state (trainable) and hands it to the loss as
+    predictions["loss_params"]; plain training refuses such a loss.
     `row_fields`: `ManifestRow` fields beyond haaqi_score that every train and valid row must
     have (e.g. "haaqi_components"); the trainer checks them before the first step.
     """
+    if not isinstance(name, str):       # bare @register_loss hands over the function
+        raise TypeError(f"register_loss takes the loss's name: write @register_loss(\"my_loss\"), "
+                        f"not @register_loss (got {name!r})")
+
     def decorator(fn: LossFn) -> LossFn:
         old = _REGISTRY.get(name)
         # The same definition run again (a config file loaded twice, a notebook cell rerun)
@@ -88,6 +92,11 @@ def required_row_fields(name: str, kwargs: Mapping[str, Any] | None = None) -> t
     if inner is not None:
         fields += required_row_fields(*_named(inner, SUB_LOSS_DEFAULTS["haaqi"]))
     return tuple(dict.fromkeys(fields))
+
+
+def has_learnable_params(name: str) -> bool:
+    """Whether loss `name` was registered with `params` (learnable parameters)."""
+    return name in _PARAM_INITS
 
 
 def loss_params(name: str, num_targets: int) -> Any:
@@ -122,6 +131,12 @@ def get_loss(name: str, **kwargs: Any) -> LossFn:
         if unknown:
             raise ValueError(f"loss {name!r} takes no keyword {unknown[0]!r} (its keywords: "
                              f"{takes})")
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    for key, value in kwargs.items():
+        default = params[key].default if key in params else None
+        if number(default) and not number(value):   # a string would fail deep inside the step
+            raise ValueError(f"loss {name!r}: keyword {key!r} takes a number (default "
+                             f"{default!r}), got {value!r}")
 
     @functools.wraps(fn)
     def checked(predictions, batch):
@@ -175,8 +190,8 @@ def check_loss_config(name: str, kwargs: Mapping[str, Any] | None = None, *,
     for key, default in SUB_LOSS_DEFAULTS.items():
         if key not in kwargs:
             continue
-        sub_name, sub_kwargs = _named(kwargs[key], default)
         try:
+            sub_name, sub_kwargs = _named(kwargs[key], default)
             get_loss(sub_name, **sub_kwargs)
         except ValueError as err:
             raise ValueError(f"{where}.kwargs.{key}: {err}") from None

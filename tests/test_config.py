@@ -28,6 +28,10 @@ def test_overrides_parse_by_type():
     assert c.train.patterns == ("x",) and c.model.encoder_checkpoint == "/tmp/beats"
     c = cfglib.apply_overrides(c, ["train.lr=1"])  # an int for a float field is fine
     assert c.train.lr == 1.0 and isinstance(c.train.lr, float)
+    # bare comma-separated items: they became one item "x,y" (a split name scored nowhere)
+    for text, expected in (("x,y", ("x", "y")), ("x, y,", ("x", "y")), ("x", ("x",)),
+                           ("'x,y'", ("x,y",)), ("1,2", (1, 2))):
+        assert cfglib.apply_overrides(c, [f"train.patterns={text}"]).train.patterns == expected
 
 
 def test_loss_keywords_can_be_added_by_override():
@@ -71,6 +75,8 @@ def test_a_sub_loss_can_be_switched_by_override():
     ("train.patterns=(x,y)", r"train.patterns='\(x,y\)': not a Python literal; quote the "
                              r"strings inside"),
     ("train.num_epochs", r"not of the form key=value"),
+    ("train.patterns=x y", r"train.patterns='x y': separate the items with commas, e.g. "
+                           r"train.patterns=x,y"),
 ])
 def test_override_errors_name_the_key(override, match):
     with pytest.raises(ValueError, match=match):

@@ -676,6 +676,24 @@ def test_a_teacher_checkpoint_at_odds_with_itself_is_named(distill_job, tmp_path
     assert f"distill.teacher_checkpoint ({teacher}): " in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["train.frozen_patterns=blstm/.*", "distill.frozen_head=()"],
+     r"train.frozen_patterns: 'blstm/\.\*' matches no parameter"),
+    (["distill.frozen_head=('layer_norm_0',)"],       # a head reading one layer has none
+     r"distill.frozen_head: 'head/layer_norm_0/\.\*' matches no parameter")])
+def test_frozen_parts_that_match_nothing_are_named(distill_job, tmp_path, capsys, extra,
+                                                   message):
+    """Both were accepted: the first trained the BLSTM it meant to freeze, the second froze
+    nothing. They fail now before the student's data is built or a step runs."""
+    import re
+
+    teacher = distill_job["workdir"] / "teacher" / "report" / "best_model"
+    sets = distill_job["sets"] + [f"distill.teacher_checkpoint={teacher}"] + extra
+    assert distill_job["train_script"].main(_argv(tmp_path / "run", sets)) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("key", ["head_checkpoint", "encoder_checkpoint"])
 def test_a_missing_checkpoint_is_named_before_anything_is_written(tmp_path, key):
     from haaqi_jax.train import loop
@@ -774,6 +792,8 @@ def test_time_inference_reports_seconds_per_clip(tiny_setup, monkeypatch):
     ("distill.teacher.train.num_epochs=-2", r"distill.teacher: train.num_epochs must be a "
                                             r"whole number >= 0, got -2"),
     ("train.num_epochs=-1", r"^train.num_epochs must be a whole number >= 0, got -1"),
+    ("distill.target_layers=()", r"^distill.target_layers is empty"),  # was a numpy error
+    ("loss.kwargs.min_log_var=abc", r"keyword 'min_log_var' takes a number"),  # a traceback
     ("model.encoder_checkpoint=/x", r"model.encoder_checkpoint is not read by a distillation.*"
                                     r"distill.teacher.model.encoder_checkpoint"),  # was ignored
 ])

@@ -82,6 +82,18 @@ def test_user_registered_loss_and_errors():
         losses.get_loss("test_abs_clip", scael=2.0)
     with pytest.raises(ValueError, match="takes no keyword 'score_weight'"):
         losses.get_loss("haaqi_mse", score_weight=1.0)
+    # a string for a numeric keyword (loss.kwargs.min_log_var=abc) failed inside the step
+    with pytest.raises(ValueError, match=r"loss 'test_abs_clip': keyword 'scale' takes a "
+                                         r"number \(default 1.0\), got 'abc'"):
+        losses.get_loss("test_abs_clip", scale="abc")
+    with pytest.raises(ValueError, match=r"^loss.kwargs.haaqi: loss spec .*unknown keys"):
+        losses.check_loss_config("distill_weighted", {"haaqi": {"name": "haaqi_mse",
+                                                                "kwarg": {}}})
+    # a bare @register_loss registered nothing and let the run fail later as "unknown loss"
+    with pytest.raises(TypeError, match=r"write @register_loss\(\"my_loss\"\)"):
+        @losses.register_loss
+        def bare(predictions, batch):
+            return 0.0, {}
 
 
 def test_a_user_loss_that_reads_a_missing_key_or_logs_an_array_is_named():

@@ -158,6 +158,10 @@ def test_check_files(audio_dir):
     read_manifest(path)  # not checked unless asked
     with pytest.raises(ValueError, match=r":4 \(id 'gone'\): key 'file_path'.*does not exist"):
         read_manifest(path, check_files=True)
+    path = _write_jsonl(audio_dir / "m.jsonl", [_row(0, file_path="audio", id="dir")])
+    with pytest.raises(ValueError, match=r"id 'dir'.*key 'file_path'.*audio is a folder, not a "
+                                         r"file"):                  # was "does not exist"
+        read_manifest(path, check_files=True)
     path = _write_jsonl(audio_dir / "m.jsonl",
                         [_row(0, reference="audio/junk.wav", id="r")])
     with pytest.raises(ValueError, match=r"id 'r'.*key 'reference'.*not readable audio"):

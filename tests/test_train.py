@@ -462,10 +462,24 @@ def test_relabelled_manifest_is_refused_on_resume(tiny, tmp_path):
     ("train.num_epochs=-1", r"train.num_epochs must be a whole number >= 0, got -1"),
     ("train.batch_size=0", r"train.batch_size must be a whole number >= 1, got 0"),
     ("data.demo_seconds=(1.0, 2.0, 3.0)", r"data.demo_seconds must be \(shortest, longest\)"),
-    ("data.demo_seconds=(3.0, 2.0)", r"0 < shortest <= longest, got \(3.0, 2.0\)")])
+    ("data.demo_seconds=(3.0, 2.0)", r"0 < shortest <= longest, got \(3.0, 2.0\)"),
+    # these failed only after the data was built and labelled, or with a TypeError traceback
+    ("train.batch_size=None", r"train.batch_size must be a whole number >= 1, got None"),
+    ("optimizer.learning_rate=None", r"optimizer.learning_rate must be a number > 0, got None"),
+    ("optimizer.learning_rate=-1", r"optimizer.learning_rate must be a number > 0, got -1"),
+    ("train.min_delta=None", r"train.min_delta must be a number >= 0, got None"),
+    ("optimizer.name=adma", r"optimizer.name: unknown optimizer 'adma'"),
+    ("data.cache_dtype=float64", r"data.cache_dtype must be one of \('float16', 'float32'\)"),
+    ("loss.name=haaqi_mes", r"loss.name='haaqi_mes': unknown loss 'haaqi_mes'"),
+    ("loss.kwargs.clip_wieght=2.0", r"loss.name='haaqi_mse': loss 'haaqi_mse' takes no keyword "
+                                    r"'clip_wieght'"),
+    ("loss.name=distill_uncertainty", r"loss.name='distill_uncertainty' has learnable "
+                                      r"parameters.*only a distillation trains")])
 def test_run_settings_are_checked_before_training(tiny, tmp_path, override, message):
     """Before, a negative epoch count trained nothing and exited 0, a zero batch failed naming
-    an internal class, and a third demo length was dropped."""
+    an internal class, and a third demo length was dropped; a loss typo or a cache dtype
+    failed only after the data was built (minutes of labelling at the default size), None
+    for a count with a traceback, and a negative learning rate trained."""
     _, overrides = tiny
     with pytest.raises(ValueError, match=message):
         loop.train_and_evaluate(_config(overrides + [override]), tmp_path / "work")
@@ -491,6 +505,13 @@ def test_train_py_reports_bad_data_in_one_line(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith("train.py: error:") and "train.nope" in proc.stderr
+    # a --workdir that is a file ("[Errno 17] File exists" before, naming no option)
+    (tmp_path / "afile").write_text("x")
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(TINY),
+                           "--workdir", str(tmp_path / "afile"), "--compilation-cache", "none"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+        f"train.py: error: --workdir {tmp_path / 'afile'} is a file; give a folder")
 
 
 def test_a_clip_on_both_sides_of_a_random_split_is_noted(tiny, tmp_path, capsys):
@@ -739,3 +760,19 @@ def test_warmup_and_cosine_schedule_match_torch():
                                    rtol=1e-5, atol=1e-12)
         torch_opt.step()
         torch_schedule.step()
+
+
+def test_raising_patience_on_a_resume_trains_on(tiny, tmp_path, capsys):
+    """README: train.patience may change on a resume. A run that had stopped early used to
+    resume into an immediate stop, whatever the new patience, without a word."""
+    _, overrides = tiny
+    # min_delta 10: no epoch after the first improves, so patience 1 stops after epoch 2.
+    base = overrides + ["train.num_epochs=4", "optimizer.schedule=constant",
+                        "train.min_delta=10.0", "train.write_report=False"]
+    first = loop.train_and_evaluate(_config(base + ["train.patience=1"]), tmp_path / "w")
+    assert first.stopped_early and int(first.state.step) == 8
+    again = loop.train_and_evaluate(_config(base + ["train.patience=1"]), tmp_path / "w")
+    assert again.stopped_early and int(again.state.step) == 8
+    assert "raise train.patience, or set it to 0, to train on" in capsys.readouterr().err
+    longer = loop.train_and_evaluate(_config(base + ["train.patience=0"]), tmp_path / "w")
+    assert not longer.stopped_early and int(longer.state.step) == 16

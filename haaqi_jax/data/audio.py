@@ -33,7 +33,8 @@ def resampled_length(n_samples: int, orig_rate: int, target_rate: int) -> int:
 def _info(path: Path):
     import soundfile as sf
     if not path.is_file():
-        raise FileNotFoundError(f"audio file {path} does not exist")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"audio file {path} {what}")
     try:
         return sf.info(str(path))
     except Exception as err:  # libsndfile raises LibsndfileError / RuntimeError / TypeError

@@ -211,7 +211,8 @@ def _resolve(text: Any, key: str, base: Path) -> Path:
 def _check_file(path: Path, key: str) -> None:
     import soundfile as sf  # lazy: only needed when checking files
     if not path.is_file():
-        raise ValueError(f"key {key!r}: file {path} does not exist")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise ValueError(f"key {key!r}: file {path} {what}")
     try:
         info = sf.info(str(path))
     except Exception as err:  # libsndfile raises several types for foreign files

@@ -680,6 +680,13 @@ def run_loop(state: Any, *, step_fn: Callable, evaluate: Callable, data: TrainDa
         state, meta = ckpt.restore(start, state)
         data.train.set_state(meta["data_state"])
         early = dict(meta["early_stopping"])
+        # train.patience may change on a resume: the stop is decided again with its value.
+        early["stopped"] = 0 < int(tc.patience) <= early["bad_epochs"]
+        if early["stopped"] and int(state.step) < total_steps and sharding.is_main_process():
+            print(f"{desc}: the run stopped early at step {int(state.step)} ("
+                  f"{early['bad_epochs']} epochs without a better validation loss, "
+                  f"train.patience={int(tc.patience)}); raise train.patience, or set it to 0, "
+                  "to train on", file=sys.stderr)
     start_step = int(state.step)
     writer = MetricsWriter(workdir / METRICS_FILE, start_step if start is not None else None)
 
@@ -763,6 +770,8 @@ def update_early_stopping(early: dict[str, Any], valid_loss: float, step: int, *
 #: Loop settings and their least values (a negative epoch count would train nothing and
 #: exit 0; a zero batch fails deep in the input pipeline). num_epochs=0 builds the data and
 #: its feature cache only (the README's multi-host recipe).
+#: data.cache_dtype's choices: float16 halves the cache, float32 keeps features bit-exact.
+CACHE_DTYPES = ("float16", "float32")
 _LEAST_VALUES = {"train.batch_size": 1, "train.eval_batch_size": 1, "train.num_epochs": 0,
                  "train.patience": 0, "train.log_every_steps": 1,
                  "train.checkpoint_every_steps": 1, "train.stop_after_steps": 0,
@@ -804,12 +813,26 @@ def check_run_settings(config: Any) -> None:
     check_color_by(config.report.color_by, "report.color_by")
     for dotted, least in _LEAST_VALUES.items():
         section, key = dotted.split(".")
-        value = config[section].get(key) if section in config else None
-        if value is None:
+        if section not in config or key not in config[section]:
             continue
+        value = config[section][key]
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{dotted} must be a whole number >= {least}, got {value!r}")
-    state_lib.check_weight_decay(config.get("optimizer") or {})
+    min_delta = config.train.get("min_delta", 0.0) if "train" in config else 0.0
+    if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or not (
+            0 <= min_delta < float("inf")):
+        raise ValueError(f"train.min_delta must be a number >= 0, got {min_delta!r}")
+    state_lib.check_optimizer(config.get("optimizer") or {})
+    cache_dtype = config.data.get("cache_dtype", "float16")
+    if cache_dtype not in CACHE_DTYPES:
+        raise ValueError(f"data.cache_dtype must be one of {CACHE_DTYPES}, got {cache_dtype!r}")
+    if "distill" not in config and "loss" in config:  # (a distillation checks its own)
+        name = config.loss.name
+        if losses.has_learnable_params(name):
+            raise ValueError(f"loss.name={name!r} has learnable parameters (register_loss("
+                             "params=...)), which only a distillation trains (configs/distill"
+                             ".py): plain training would not give the loss its loss_params")
+        losses.check_loss_config(name, cfglib.to_dict(config.loss.get("kwargs") or {}))
     seconds = config.data.get("demo_seconds")
     if seconds is not None:
         if (isinstance(seconds, (str, bytes)) or len(seconds) != 2

@@ -108,6 +108,30 @@ def make_schedule(opt_cfg: Any, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
 
 
+#: optimizer.name's choices.
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+def check_optimizer(opt_cfg: Any) -> None:
+    """ValueError naming the `optimizer` key at fault: the name, a learning rate that is not a
+    positive number (a negative one would climb the loss), the schedule, a weight decay the
+    optimizer ignores."""
+    name = opt_cfg.get("name", "adam")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer.name: unknown optimizer {name!r} ({' | '.join(OPTIMIZERS)})")
+    for key in ("learning_rate", "loss_params_learning_rate"):
+        rate = opt_cfg.get(key)
+        if rate is None and key == "loss_params_learning_rate":
+            continue
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (
+                0 < rate < float("inf")):
+            raise ValueError(f"optimizer.{key} must be a number > 0, got {rate!r}")
+    if opt_cfg.get("schedule", "constant") not in ("constant", "cosine"):
+        raise ValueError(f"optimizer.schedule: unknown schedule {opt_cfg.schedule!r} "
+                         "(constant | cosine)")
+    check_weight_decay(opt_cfg)
+
+
 def check_weight_decay(opt_cfg: Any) -> None:
     """ValueError when the `optimizer` section sets a weight decay its optimizer ignores (only
     adamw applies one)."""
@@ -126,7 +150,7 @@ def make_optimizer(opt_cfg: Any, labels: Any, total_steps: int) -> optax.Gradien
     loss_params_learning_rate: the constant rate of leaves labelled LOSS_PARAMS (Adam, no
     decay or clipping; required when `labels` has such leaves).
     """
-    check_weight_decay(opt_cfg)
+    check_optimizer(opt_cfg)
     schedule = make_schedule(opt_cfg, total_steps)
     name = opt_cfg.get("name", "adam")
     b1, b2 = float(opt_cfg.get("b1", 0.9)), float(opt_cfg.get("b2", 0.999))
