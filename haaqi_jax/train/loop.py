@@ -767,11 +767,11 @@ def update_early_stopping(early: dict[str, Any], valid_loss: float, step: int, *
     return improved
 
 
+#: data.cache_dtype's choices: float16 halves the cache, float32 keeps features bit-exact.
+CACHE_DTYPES = ("float16", "float32")
 #: Loop settings and their least values (a negative epoch count would train nothing and
 #: exit 0; a zero batch fails deep in the input pipeline). num_epochs=0 builds the data and
 #: its feature cache only (the README's multi-host recipe).
-#: data.cache_dtype's choices: float16 halves the cache, float32 keeps features bit-exact.
-CACHE_DTYPES = ("float16", "float32")
 _LEAST_VALUES = {"train.batch_size": 1, "train.eval_batch_size": 1, "train.num_epochs": 0,
                  "train.patience": 0, "train.log_every_steps": 1,
                  "train.checkpoint_every_steps": 1, "train.stop_after_steps": 0,
