@@ -170,6 +170,7 @@ def check_distill_settings(config: Any) -> None:
     included): names, layer ranges, head parts, the losses and their keywords."""
     import re
 
+    from haaqi_jax.data.cache import STORAGE_DTYPES
     from haaqi_jax.student import HEAD_KINDS
 
     dc = config.distill
@@ -180,7 +181,7 @@ def check_distill_settings(config: Any) -> None:
                          "distill.teacher_checkpoint for a trained teacher HAAQI-Net")
     choices = {"head_kind": HEAD_KINDS, "feature_mode": ("last", "weighted"),
                "head_init": ("teacher", "random"),
-               "target_cache_dtype": ("float16", "float32")}
+               "target_cache_dtype": STORAGE_DTYPES}
     for key, allowed in choices.items():
         if key in dc and dc[key] not in allowed:
             raise ValueError(f"distill.{key} must be one of {allowed}, got {dc[key]!r}")

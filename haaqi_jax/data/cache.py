@@ -56,6 +56,10 @@ INDEX_FILE = "index.jsonl"
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
+#: Feature/target storage dtypes: float16 halves the cache, float32 keeps it bit-exact.
+STORAGE_DTYPES = ("float16", "float32")
+
+
 def params_fingerprint(params: Any, config: Any = None) -> str:
     """Hex digest of a parameter pytree (paths, shapes, dtypes, values) and a JSON-able config."""
     import jax  # only for tree flattening; params are usually jax arrays anyway
@@ -219,8 +223,8 @@ def build_feature_cache(rows: Sequence[ManifestRow], encode_fn: EncodeFn,
 
     if layers not in ("last", "all"):
         raise ValueError(f"layers must be 'last' or 'all', got {layers!r}")
-    if dtype not in ("float16", "float32"):
-        raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     ids = [row.id for row in rows]

@@ -385,6 +385,5 @@ def _blocked_sums(xs: list[jax.Array], block: int = 512) -> list[jax.Array]:
 
 def masked_mean(x: jax.Array, n: jax.Array, *, block: int = 512) -> jax.Array:
     """Mean of x[..., :n] for a zero-padded x (..., N), summed in blocks for float32 accuracy."""
-    x, _ = _pad_to_multiple(x, block)
-    total = x.reshape(x.shape[:-1] + (-1, block)).sum(-1).sum(-1)
+    total, = _blocked_sums([x], block)
     return total / n.astype(total.dtype)

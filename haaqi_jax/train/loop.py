@@ -767,8 +767,6 @@ def update_early_stopping(early: dict[str, Any], valid_loss: float, step: int, *
     return improved
 
 
-#: data.cache_dtype's choices: float16 halves the cache, float32 keeps features bit-exact.
-CACHE_DTYPES = ("float16", "float32")
 #: Loop settings and their least values (a negative epoch count would train nothing and
 #: exit 0; a zero batch fails deep in the input pipeline). num_epochs=0 builds the data and
 #: its feature cache only (the README's multi-host recipe).
@@ -823,9 +821,11 @@ def check_run_settings(config: Any) -> None:
             0 <= min_delta < float("inf")):
         raise ValueError(f"train.min_delta must be a number >= 0, got {min_delta!r}")
     state_lib.check_optimizer(config.get("optimizer") or {})
+    from haaqi_jax.data.cache import STORAGE_DTYPES
     cache_dtype = config.data.get("cache_dtype", "float16")
-    if cache_dtype not in CACHE_DTYPES:
-        raise ValueError(f"data.cache_dtype must be one of {CACHE_DTYPES}, got {cache_dtype!r}")
+    if cache_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"data.cache_dtype must be one of {STORAGE_DTYPES}, got "
+                         f"{cache_dtype!r}")
     if "distill" not in config and "loss" in config:  # (a distillation checks its own)
         name = config.loss.name
         if losses.has_learnable_params(name):

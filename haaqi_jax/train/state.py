@@ -97,19 +97,21 @@ def make_schedule(opt_cfg: Any, total_steps: int) -> optax.Schedule:
     lr = float(opt_cfg.learning_rate)
     warmup = int(opt_cfg.get("warmup_steps", 0))
     kind = opt_cfg.get("schedule", "constant")
+    if kind not in SCHEDULES:
+        raise ValueError(f"optimizer.schedule: unknown schedule {kind!r} "
+                         f"({' | '.join(SCHEDULES)})")
     if kind == "constant":
         main = optax.constant_schedule(lr)
-    elif kind == "cosine":
-        main = optax.cosine_decay_schedule(lr, max(1, total_steps - warmup))
     else:
-        raise ValueError(f"optimizer.schedule: unknown schedule {kind!r} (constant | cosine)")
+        main = optax.cosine_decay_schedule(lr, max(1, total_steps - warmup))
     if warmup <= 0:
         return main
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
 
 
-#: optimizer.name's choices.
+#: optimizer.name's and optimizer.schedule's choices.
 OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine")
 
 
 def check_optimizer(opt_cfg: Any) -> None:
@@ -126,9 +128,9 @@ def check_optimizer(opt_cfg: Any) -> None:
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (
                 0 < rate < float("inf")):
             raise ValueError(f"optimizer.{key} must be a number > 0, got {rate!r}")
-    if opt_cfg.get("schedule", "constant") not in ("constant", "cosine"):
+    if opt_cfg.get("schedule", "constant") not in SCHEDULES:
         raise ValueError(f"optimizer.schedule: unknown schedule {opt_cfg.schedule!r} "
-                         "(constant | cosine)")
+                         f"({' | '.join(SCHEDULES)})")
     check_weight_decay(opt_cfg)
 
 
@@ -158,16 +160,14 @@ def make_optimizer(opt_cfg: Any, labels: Any, total_steps: int) -> optax.Gradien
         base = optax.adam(schedule, b1=b1, b2=b2)
     elif name == "adamw":
         base = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=float(opt_cfg.weight_decay))
-    elif name == "sgd":
+    else:                                          # "sgd" (check_optimizer: one of OPTIMIZERS)
         base = optax.sgd(schedule, momentum=opt_cfg.get("momentum", None))
-    else:
-        raise ValueError(f"optimizer.name: unknown optimizer {name!r} (adam | adamw | sgd)")
     clip = float(opt_cfg.get("grad_clip_norm", 0.0))
     trainable = optax.chain(optax.clip_by_global_norm(clip), base) if clip > 0 else base
     transforms = {TRAINABLE: trainable, FROZEN: optax.set_to_zero()}
     if LOSS_PARAMS in jax.tree_util.tree_leaves(labels):
         rate = opt_cfg.get("loss_params_learning_rate")
-        if rate is None or not float(rate) > 0:
+        if rate is None:                           # (a value is checked by check_optimizer)
             raise ValueError(f"optimizer.loss_params_learning_rate must be > 0 for the loss "
                              f"parameters, got {rate!r}")
         transforms[LOSS_PARAMS] = optax.adam(float(rate), b1=b1, b2=b2)
