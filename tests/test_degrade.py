@@ -180,3 +180,39 @@ def test_bad_inputs_raise_named_errors():
         D.mix_at_snr(np.zeros(10), np.ones(10), 0.0)
     with pytest.raises(ValueError, match="ratio"):
         D.compress(x, SR, -20.0, 0.5, 5.0, 50.0)
+
+
+@pytest.mark.parametrize("stage, params, message", [
+    ("babble", {"snr_db": np.nan, "n_talkers": 4}, r"babble: snr_db = nan must be finite"),
+    ("babble", {"snr_db": -np.inf, "n_talkers": 4}, r"babble: snr_db = -inf must be finite"),
+    ("compression", {"threshold_db_re_rms": -10.0, "ratio": np.nan, "attack_ms": 5.0,
+                     "release_ms": 50.0}, r"compression: ratio = nan must be finite"),
+    ("compression", {"threshold_db_re_rms": -10.0, "ratio": 4.0, "attack_ms": 0.0,
+                     "release_ms": 50.0}, r"compression: attack_ms = 0.0 must be > 0"),
+    ("spectral_subtraction", {"snr_db": 5.0, "over_subtraction": np.nan, "floor": 0.01,
+                              "noise_slope_db_per_octave": -3.0},
+     r"spectral_subtraction: over_subtraction = nan must be >= 0"),
+    ("tilt_down", {"db_per_octave": np.nan}, r"tilt_down: db_per_octave = nan must be finite"),
+    ("resonance", {"freqs_hz": [1000.0], "gains_db": [np.nan], "qs": [2.0]},
+     r"resonance: gains_db = \[nan\] must be finite"),
+    ("multi_resonance", {"freqs_hz": [1000.0, 2000.0], "gains_db": [6.0], "qs": [2.0, 2.0]},
+     r"one entry per resonance, got lengths \[2, 1, 2\]"),
+    ("lowpass", {}, r"lowpass: parameters \['cutoff_hz'\] expected; missing \['cutoff_hz'\]"),
+    ("lowpass", {"cutoff_hz": 800.0, "order": 4}, r"unknown \['order'\]"),
+])
+def test_bad_stage_parameters_are_named_not_nan(music, stage, params, message):
+    # Each of these returned NaN samples or failed deep inside numpy / scipy.
+    with pytest.raises(ValueError, match=message):
+        D.degrade(music, SR, stage, np.random.default_rng(0), params={stage: params})
+
+
+def test_recorded_parameters_are_the_applied_ones(music):
+    # Frequencies above 0.45 x the rate are capped, and the record says so.
+    at_16k = D.degrade(music, 16000, "lowpass+resonance", np.random.default_rng(0), params={
+        "lowpass": {"cutoff_hz": 7900.0},
+        "resonance": {"freqs_hz": [7500.0], "gains_db": [12.0], "qs": [4.0]}})
+    assert at_16k.params == {"lowpass": {"cutoff_hz": 7200.0},
+                             "resonance": {"freqs_hz": [7200.0], "gains_db": [12.0],
+                                           "qs": [4.0]}}
+    with pytest.raises(ValueError, match="reference must be .* with NaN or inf"):
+        D.degrade(np.full(4000, np.nan), SR, "clean", np.random.default_rng(0))

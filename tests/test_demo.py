@@ -210,6 +210,14 @@ def test_splits_and_bad_settings(tmp_path):
         demo.build_demo_dataset(tmp_path, **{**SMALL, "n_clips": 2.7})
     with pytest.raises(ValueError, match="sum to 1"):
         demo.assign_splits(10, (("train", 1.5), ("valid", -0.5)), 0)
+    with pytest.raises(ValueError, match="sum to 1"):
+        demo.build_demo_dataset(tmp_path, **{**SMALL, "splits": (("a", np.nan), ("b", 1.0))})
+    for seconds in ((1.0, np.inf), (1.0, np.nan), (1e9, 1e9)):   # inf: OverflowError; 1e9 hung
+        with pytest.raises(ValueError, match="clip_seconds"):
+            demo.build_demo_dataset(tmp_path, **{**SMALL, "clip_seconds": seconds})
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match="a_file is a file; give a folder"):
+        demo.build_demo_dataset(tmp_path / "a_file", **SMALL)
 
 
 def test_only_its_own_files_are_ever_deleted(tmp_path, capsys):
@@ -221,12 +229,23 @@ def test_only_its_own_files_are_ever_deleted(tmp_path, capsys):
     with pytest.raises(ValueError, match="not empty and holds no demo dataset"):
         demo.build_demo_dataset(theirs, **SMALL)
     assert (theirs / "audio" / "processed" / "mywork.wav").read_bytes() == b"keep me"
+    # So is one whose settings.json is somebody else's (JSON or not), with what it names.
+    for foreign in ('{"model": "mine"}', "not json"):
+        (theirs / "settings.json").write_text(foreign)
+        (theirs / "manifest.jsonl").write_text("their rows")
+        with pytest.raises(ValueError, match="its settings.json is not a demo settings.json"):
+            demo.build_demo_dataset(theirs, **SMALL)
+        assert (theirs / "manifest.jsonl").read_text() == "their rows"
+        assert (theirs / "settings.json").read_text() == foreign
     # A bad option on a rerun fails before anything is deleted (it wiped the set before).
     ours = tmp_path / "ours"
     manifest = demo.build_demo_dataset(ours, seed=0, **SMALL)
     before = _files(ours)
     assert main(["demo-data", str(ours), "--n", "6", "--seed", "-1"]) == 2
     assert "seed must be a whole number >= 0" in capsys.readouterr().err
+    assert _files(ours) == before
+    assert main(["demo-data", str(ours), "--n", "6", "--seconds", "1", "inf"]) == 2
+    assert "clip_seconds must be (min, max)" in capsys.readouterr().err
     assert _files(ours) == before
     # New settings replace the dataset's own files and nothing else.
     (ours / "audio" / "processed" / "mywork.wav").write_bytes(b"keep me")

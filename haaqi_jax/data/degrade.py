@@ -21,7 +21,7 @@ themselves do not rescale, so that each can be measured on its own.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import scipy.fft
@@ -109,11 +109,18 @@ def compress(x: np.ndarray, sample_rate: int, threshold_db: float, ratio: float,
 
     The level is the RMS over `attack_ms` (one-pole on x^2); above `threshold_db` (dB re full
     scale) the gain falls by (1 - 1/ratio) dB per dB; the gain is then smoothed with `release_ms`
-    but may drop instantly after a peak (min of the raw and smoothed gain), so onsets are caught.
-    (N,) -> (N,).
+    but may drop instantly after a peak (min of the raw and smoothed gain). What falls is the
+    level's spread over frames of a few ms and up; a transient shorter than `attack_ms` still
+    passes before the level detector sees it, so on music with sharp onsets the crest factor
+    can rise (as with a real RMS compressor). (N,) -> (N,).
     """
-    if ratio < 1:
-        raise ValueError(f"compress: ratio must be >= 1, got {ratio}")
+    if not ratio >= 1 or not np.isfinite(ratio):
+        raise ValueError(f"compress: ratio must be a finite number >= 1, got {ratio}")
+    if not (attack_ms > 0 and release_ms > 0 and np.isfinite(attack_ms + release_ms)):
+        raise ValueError(f"compress: attack_ms and release_ms must be > 0, got {attack_ms}, "
+                         f"{release_ms}")
+    if not np.isfinite(threshold_db):
+        raise ValueError(f"compress: threshold_db must be finite, got {threshold_db}")
     level_db = 10 * np.log10(_one_pole(x.astype(np.float64) ** 2, attack_ms / 1e3,
                                        sample_rate) + 1e-12)
     gain_db = -(1.0 - 1.0 / ratio) * np.maximum(level_db - threshold_db, 0.0)
@@ -139,6 +146,8 @@ def mix_at_snr(x: np.ndarray, noise: np.ndarray, snr_db: float) -> tuple[np.ndar
     """
     if noise.shape != x.shape:
         raise ValueError(f"noise shape {noise.shape} differs from signal shape {x.shape}")
+    if not np.isfinite(snr_db):
+        raise ValueError(f"mix_at_snr: snr_db must be finite, got {snr_db}")
     if rms(noise) == 0 or rms(x) == 0:
         raise ValueError("mix_at_snr: signal or noise is silent; the SNR is undefined")
     scaled = noise * (rms(x) / rms(noise) * 10.0 ** (-snr_db / 20.0))
@@ -368,10 +377,59 @@ class Degraded:
     params: dict[str, dict[str, Any]]
 
 
+#: Fraction of the sample rate that caps cut-off and resonance frequencies (below Nyquist).
+MAX_FREQUENCY_FRACTION = 0.45
+#: Parameters that must be > 0, and >= 0 (the rest may be any finite number; ratio >= 1).
+_POSITIVE = {"attack_ms", "release_ms", "n_talkers", "cutoff_hz", "freqs_hz", "qs"}
+_NON_NEGATIVE = {"over_subtraction", "floor"}
+
+
+def stage_params(stage: str, params: Mapping[str, Any], sample_rate: int) -> dict[str, Any]:
+    """One stage's parameters checked, and as they are applied.
+
+    Frequencies (cutoff_hz, freqs_hz) above MAX_FREQUENCY_FRACTION x sample_rate are capped
+    there, so that what a manifest records is what the filters did.
+
+    Raises:
+      ValueError naming the stage and the parameter: missing or unknown, not a finite number,
+        not > 0 where it must be, a ratio below 1, lists of unequal length.
+    """
+    if stage not in _PARAM_SAMPLERS:
+        raise ValueError(f"unknown distortion stage {stage!r}")
+    wanted = set(_PARAM_SAMPLERS[stage](np.random.default_rng(0)))    # the keys it draws
+    missing, unknown = sorted(wanted - set(params)), sorted(set(params) - wanted)
+    if missing or unknown:
+        raise ValueError(f"{stage}: parameters {sorted(wanted)} expected"
+                         + (f"; missing {missing}" if missing else "")
+                         + (f"; unknown {unknown}" if unknown else ""))
+    applied = {}
+    for key, value in params.items():
+        values = np.asarray(value, dtype=np.float64)
+        if values.ndim > 1 or not np.all(np.isfinite(values)) or (
+                key in _POSITIVE and not np.all(values > 0)) or (
+                key in _NON_NEGATIVE and not np.all(values >= 0)):
+            need = "> 0" if key in _POSITIVE else ">= 0" if key in _NON_NEGATIVE else "finite"
+            raise ValueError(f"{stage}: {key} = {value!r} must be {need}")
+        applied[key] = value
+    if stage == "compression" and params["ratio"] < 1:
+        raise ValueError(f"compression: ratio = {params['ratio']!r} must be >= 1")
+    cap = MAX_FREQUENCY_FRACTION * sample_rate
+    if "cutoff_hz" in applied:
+        applied["cutoff_hz"] = min(applied["cutoff_hz"], cap)
+    if "freqs_hz" in applied:
+        lists = [list(applied[k]) for k in ("freqs_hz", "gains_db", "qs")]
+        if len({len(v) for v in lists}) != 1:
+            raise ValueError(f"{stage}: freqs_hz, gains_db and qs must have one entry per "
+                             f"resonance, got lengths {[len(v) for v in lists]}")
+        applied["freqs_hz"] = [min(f, cap) for f in lists[0]]
+    return applied
+
+
 def apply_stage(stage: str, x: np.ndarray, sample_rate: int, params: dict[str, Any],
                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
-    """One named degradation with explicit params. Returns (output (N,), added noise or None)."""
-    p = params
+    """One named degradation with explicit params (checked and capped by `stage_params`).
+    Returns (output (N,), added noise or None)."""
+    p = stage_params(stage, params, sample_rate)
     if stage == "babble":
         return add_babble(x, rng, sample_rate, p["snr_db"], p["n_talkers"])
     if stage == "spectral_subtraction":
@@ -381,14 +439,10 @@ def apply_stage(stage: str, x: np.ndarray, sample_rate: int, params: dict[str, A
         return compress(x, sample_rate, 20 * np.log10(rms(x) + 1e-12) + p["threshold_db_re_rms"],
                         p["ratio"], p["attack_ms"], p["release_ms"]), None
     if stage in ("lowpass", "highpass"):
-        cutoff = min(p["cutoff_hz"], 0.45 * sample_rate)
-        return (lowpass if stage == "lowpass" else highpass)(x, sample_rate, cutoff), None
+        return (lowpass if stage == "lowpass" else highpass)(x, sample_rate, p["cutoff_hz"]), None
     if stage in ("tilt_up", "tilt_down"):
         return spectral_tilt(x, sample_rate, p["db_per_octave"]), None
-    if stage in ("resonance", "multi_resonance"):
-        freqs = [min(f, 0.45 * sample_rate) for f in p["freqs_hz"]]
-        return resonances(x, sample_rate, freqs, p["gains_db"], p["qs"]), None
-    raise ValueError(f"unknown distortion stage {stage!r}")
+    return resonances(x, sample_rate, p["freqs_hz"], p["gains_db"], p["qs"]), None
 
 
 def match_loudness(processed: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -416,6 +470,9 @@ def degrade(reference: np.ndarray, sample_rate: int, distortion: str, rng: np.ra
     if missing:
         raise ValueError(f"degrade: no parameters for stage {missing[0]!r} of {distortion!r}")
     y = np.asarray(reference, dtype=np.float64)
+    if y.ndim != 1 or not np.all(np.isfinite(y)):
+        raise ValueError(f"degrade: the reference must be (N,) finite samples, got shape "
+                         f"{y.shape}{'' if np.all(np.isfinite(y)) else ' with NaN or inf'}")
     noise_total = None
     for stage in stages:
         y, noise = apply_stage(stage, y, sample_rate, params[stage], rng)
@@ -425,4 +482,4 @@ def degrade(reference: np.ndarray, sample_rate: int, distortion: str, rng: np.ra
         raise ValueError(f"degrade: {distortion!r} with {params} produced non-finite samples")
     return Degraded(match_loudness(y, reference),
                     None if noise_total is None else noise_total.astype(np.float32),
-                    {s: params[s] for s in stages})
+                    {s: stage_params(s, params[s], sample_rate) for s in stages})

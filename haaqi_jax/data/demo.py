@@ -65,7 +65,8 @@ PEAK_LIMIT = 0.98
 #:          audiogram_levels (B, 8) float32, lengths (B,) int32, *, seeds (B,) uint32)
 #:   -> (B,) scores, or a mapping {"combined": (B,), "nonlinear": (B,), "linear": (B,)} (HAAQI's
 #:   score and its two parts, stored as haaqi_components). seeds[i] is item i's own seed
-#:   (HAAQI's threshold noise), so a clip's label does not depend on which batch it lands in.
+#:   (HAAQI's threshold noise), so a clip's label does not depend on which batch it lands in
+#:   beyond float32 rounding (the padding to the batch's longest clip moves it by < 1e-6).
 Labeller = Callable[..., "np.ndarray | Mapping[str, np.ndarray]"]
 
 
@@ -132,6 +133,9 @@ class DemoSettings:
 
 #: The shortest demo clip, s: the degradations' STFTs and HAAQI's segments need some length.
 MIN_CLIP_SECONDS = 0.5
+#: The longest, s: twice the longest piece the HAAQI-Net paper scores (30 s); the synthesizer
+#: and the labeller hold a whole clip in memory.
+MAX_CLIP_SECONDS = 60.0
 
 
 def _validate(n_clips, seed, clip_seconds, splits, sample_rate):
@@ -139,14 +143,15 @@ def _validate(n_clips, seed, clip_seconds, splits, sample_rate):
         raise ValueError(f"seed must be a whole number >= 0, got {seed!r}")
     if isinstance(n_clips, bool) or not isinstance(n_clips, (int, np.integer)) or n_clips < 1:
         raise ValueError(f"n_clips must be a whole number >= 1, got {n_clips!r}")
-    if len(clip_seconds) != 2 or not MIN_CLIP_SECONDS <= clip_seconds[0] <= clip_seconds[1]:
+    if len(clip_seconds) != 2 or not (
+            MIN_CLIP_SECONDS <= clip_seconds[0] <= clip_seconds[1] <= MAX_CLIP_SECONDS):
         raise ValueError(f"clip_seconds must be (min, max) with {MIN_CLIP_SECONDS} <= min <= "
-                         f"max, got {clip_seconds}")
+                         f"max <= {MAX_CLIP_SECONDS}, got {clip_seconds}")
     names = [s[0] for s in splits]
     if len(set(names)) != len(names) or not names:
         raise ValueError(f"splits need distinct names, got {names}")
     fractions = np.asarray([s[1] for s in splits], dtype=np.float64)
-    if np.any(fractions < 0) or abs(fractions.sum() - 1.0) > 1e-6:
+    if not np.all(np.isfinite(fractions) & (fractions >= 0)) or abs(fractions.sum() - 1.0) > 1e-6:
         raise ValueError(f"split fractions must be >= 0 and sum to 1, got {list(splits)}")
     if sample_rate < 16000:
         raise ValueError(f"sample_rate must be >= 16 kHz (HAAQI reads up to 8 kHz), "
@@ -261,20 +266,30 @@ _OWN_FILES = ("audio/reference/demo[0-9]*.wav", "audio/processed/demo[0-9]*.wav"
               "clips/demo[0-9]*.json")
 
 
+def _demo_settings(path: Path) -> dict[str, Any] | None:
+    """The settings in a demo folder's settings.json; None when there is none, or when the file
+    is not one this module wrote (not JSON, or without the keys every version has written)."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    ours = {"n_clips", "seed", "clip_seconds", "splits", "sample_rate", "labeller"}
+    return old if isinstance(old, dict) and ours <= set(old) else None
+
+
 def _prepare_dir(out: Path, settings: DemoSettings) -> None:
     """Deletes what the new settings invalidate: only files this module wrote.
 
-    Raises ValueError for a folder that holds other things but no demo dataset (its
-    settings.json), so that a mistyped OUT_DIR never loses anybody's files.
+    Raises ValueError for a folder that holds other things but no demo dataset (a
+    settings.json that this module wrote), so that a mistyped OUT_DIR never loses anybody's
+    files. (settings.json is written whole or not at all, so an unreadable one is not ours.)
     """
     path = out / "settings.json"
-    if not path.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} is not empty and holds no demo dataset (settings.json); "
-                         f"pick a new or empty folder")
-    try:
-        old = json.loads(path.read_text()) if path.exists() else None
-    except json.JSONDecodeError:
-        old = None                                         # torn by a crash: rebuild
+    old = _demo_settings(path)
+    if old is None and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty and holds no demo dataset "
+                         f"({'its settings.json is not a demo' if path.exists() else 'no'} "
+                         f"settings.json); pick a new or empty folder")
     if old is not None and old == settings.to_json():
         return
     if old is None or {k: v for k, v in old.items() if k != "labeller"} != settings.audio_key():
@@ -399,6 +414,8 @@ def build_demo_dataset(out_dir: str | os.PathLike, *, n_clips: int = 100, seed: 
                             _labeller_name(labeller))
     out = Path(out_dir)
     manifest = out / "manifest.jsonl"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; give a folder for the demo dataset")
     out.mkdir(parents=True, exist_ok=True)
     _prepare_dir(out, settings)
     if manifest.exists():
@@ -491,8 +508,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     parser.add_argument("--seconds", type=float, nargs=2, metavar=("MIN", "MAX"),
                         default=list(DEFAULT_SECONDS),
-                        help=f"clip length range in seconds, each >= {MIN_CLIP_SECONDS} "
-                             f"(default 3 5)")
+                        help=f"clip length range in seconds, within {MIN_CLIP_SECONDS}.."
+                             f"{MAX_CLIP_SECONDS:g} (default 3 5)")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="clips per HAAQI call (default 8)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
