@@ -32,6 +32,8 @@ def get_config():
         "encoder_layers": 12, "encoder_embed_dim": 256, "encoder_ffn_embed_dim": 1024,
         "encoder_attention_heads": 4, "embed_dim": 256, "conv_pos": 128, "conv_pos_groups": 16,
         "num_buckets": 320, "max_distance": 800})
+    # Read only with distill.teacher.model.feature_mode=weighted: BEATs layers 1..12, as in
+    # the paper's weighted variant (default.py's (0,) suits its one-layer encoder).
     teacher.model.feature_layers = tuple(range(1, 13))
 
     c.data.cache = False  # the student encoder trains on waveforms

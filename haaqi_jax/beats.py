@@ -52,6 +52,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import types
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -152,7 +153,7 @@ class BEATsConfig:
 
 # cfg of BEATs_iter3_plus_AS2M.pt (the checkpoint HAAQI-Net uses). Dropout-type values only
 # matter for training; the architecture keys are what the released weights need.
-RELEASED_CONFIG: dict[str, Any] = {
+RELEASED_CONFIG: Mapping[str, Any] = types.MappingProxyType({
     "input_patch_size": 16, "embed_dim": 512, "conv_bias": False,
     "encoder_layers": 12, "encoder_embed_dim": 768, "encoder_ffn_embed_dim": 3072,
     "encoder_attention_heads": 12, "activation_fn": "gelu",
@@ -163,7 +164,7 @@ RELEASED_CONFIG: dict[str, Any] = {
     "relative_position_embedding": True, "num_buckets": 320, "max_distance": 800,
     "gru_rel_pos": True, "finetuned_model": False, "predictor_dropout": 0.0,
     "predictor_class": 527,
-}
+})  # read-only: HAAQINetConfig() reads it each time, so a change would change the default
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -223,8 +224,10 @@ def _is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def check_waveform(waveform: Any, padding_mask: Any = None, *, patch_size: int = 16) -> None:
-    """Host-side input checks; raises ValueError naming the problem.
+def check_waveform_batch(waveform: Any, padding_mask: Any = None, *,
+                         patch_size: int = 16) -> None:
+    """Host-side checks of a (B, N) batch; raises ValueError naming the problem (one clip's
+    checks and resampling: `haaqi_jax.data.audio.check_waveform`).
 
     Run it before a jitted step: under jit only the shape and dtype checks can run.
 
@@ -279,6 +282,29 @@ def check_waveform(waveform: Any, padding_mask: Any = None, *, patch_size: int =
                              f"at least {min_samples(patch_size)} (one {patch_size}-frame patch)")
 
 
+def encoder_input(waveform: jax.Array, padding_mask: jax.Array | None, *,
+                  patch_size: int = 16) -> tuple[jax.Array, jax.Array]:
+    """BEATs' input pipeline, shared by every encoder that reads its fbank: checks
+    (`check_waveform_batch`), the Kaldi fbank and BEATs' normalisation.
+
+    Args:
+      waveform: (B, N) float audio in [-1, 1] at 16 kHz.
+      padding_mask: (B, N) bool, True = padding, or None (every sample valid).
+      patch_size: frames per patch (the checks need one whole patch per row).
+    Returns:
+      fbank: (B, F, 128) normalised log-mel energies.
+      frame_padding_mask: (B, F) bool, True = padded frame, by the reference's reduction of
+        the sample mask (`fbank.frame_padding_mask`).
+    """
+    check_waveform_batch(waveform, padding_mask, patch_size=patch_size)
+    fbank, _ = fbank_lib.kaldi_fbank(jnp.asarray(waveform, jnp.float32))
+    if padding_mask is None:
+        frame_padding = jnp.zeros(fbank.shape[:2], bool)
+    else:
+        frame_padding = fbank_lib.frame_padding_mask(jnp.asarray(padding_mask),
+                                                     fbank.shape[1])
+    return fbank_lib.normalize_fbank(fbank), frame_padding
+
 
 def check_fbank(fbank: jax.Array, frame_padding_mask: jax.Array | None,
                 patch_size: int) -> jax.Array:
@@ -326,11 +352,11 @@ class BEATsFrontEnd(nn.Module):
                               fbank[:, :n_time * p, :, None])       # (B, F/p, M/p, E)
         x = patches.reshape(batch, n_time * (n_mels // p), cfg.embed_dim)
         x = _layer_norm("layer_norm")(x)
-        token_mask = token_padding_mask(frame_padding_mask, x.shape[1])
+        token_padding = token_padding_mask(frame_padding_mask, x.shape[1])
         if cfg.embed_dim != cfg.encoder_embed_dim:
             x = nn.Dense(cfg.encoder_embed_dim, name="post_extract_proj")(x)
         x = nn.Dropout(cfg.dropout_input)(x, deterministic=deterministic)
-        return x, token_mask
+        return x, token_padding
 
 
 class PositionalConv(nn.Module):
@@ -489,39 +515,33 @@ class BEATs(nn.Module):
 
     def __call__(self, waveform: jax.Array, padding_mask: jax.Array | None = None, *,
                  deterministic: bool = True) -> BEATsOutput:
-        check_waveform(waveform, padding_mask, patch_size=self.config.input_patch_size)
-        fbank, _ = fbank_lib.kaldi_fbank(jnp.asarray(waveform, jnp.float32))
-        n_frames = fbank.shape[1]
-        if padding_mask is None:
-            frame_mask = jnp.zeros(fbank.shape[:2], bool)
-        else:
-            frame_mask = fbank_lib.frame_padding_mask(jnp.asarray(padding_mask), n_frames)
-        return self.encode_fbank(fbank_lib.normalize_fbank(fbank), frame_mask,
-                                 deterministic=deterministic)
+        fbank, frame_padding = encoder_input(waveform, padding_mask,
+                                          patch_size=self.config.input_patch_size)
+        return self.encode_fbank(fbank, frame_padding, deterministic=deterministic)
 
     def encode_fbank(self, fbank: jax.Array, frame_padding_mask: jax.Array | None = None, *,
                      deterministic: bool = True) -> BEATsOutput:
         """Feature-level entry point: normalised fbank (B, F, 128) -> BEATsOutput."""
         cfg = self.config
         frame_padding_mask = check_fbank(fbank, frame_padding_mask, cfg.input_patch_size)
-        x, token_mask = self.front_end(fbank, frame_padding_mask, deterministic=deterministic)
-        x = jnp.where(token_mask[..., None], 0.0, x)
+        x, token_padding = self.front_end(fbank, frame_padding_mask, deterministic=deterministic)
+        x = jnp.where(token_padding[..., None], 0.0, x)
         x = self.encoder_layer_norm(x + self.pos_conv(x))
         x = self.encoder_dropout(x, deterministic=deterministic)
         position_bias = (self.relative_position_bias(x.shape[1])
                          if cfg.relative_position_embedding else None)
         hidden_states = [x]
         for layer in self.layers:
-            x = layer(x, token_mask, position_bias, deterministic=deterministic)
+            x = layer(x, token_padding, position_bias, deterministic=deterministic)
             hidden_states.append(x)
         logits = probs = None
         if cfg.finetuned_model:
             token_logits = self.predictor(self.predictor_dropout(x, deterministic=deterministic))
-            valid = (~token_mask)[..., None].astype(token_logits.dtype)
+            valid = (~token_padding)[..., None].astype(token_logits.dtype)
             logits = (token_logits * valid).sum(1) / jnp.maximum(valid.sum(1), 1.0)
             probs = jax.nn.sigmoid(logits)
         return BEATsOutput(last_hidden_state=x, hidden_states=tuple(hidden_states),
-                           padding_mask=token_mask, logits=logits, probs=probs)
+                           padding_mask=token_padding, logits=logits, probs=probs)
 
 
 def init_params(config: BEATsConfig, key: jax.Array, n_frames: int = 16) -> dict[str, Any]:

@@ -47,6 +47,20 @@ def definition_site(fn: Any) -> tuple:
             None if code is None else code.co_firstlineno)
 
 
+def nearest_key_hint(key: str, known, prefix: str = "") -> str:
+    """`key` with " (did you mean <prefix><nearest>?)" when a known key is close to it."""
+    near = difflib.get_close_matches(key, sorted(known), n=1)
+    return prefix + key + (f" (did you mean {prefix}{near[0]}?)" if near else "")
+
+
+def unknown_keys_message(unknown, known, owner: str) -> str:
+    """'unknown keys a (did you mean b?), c for OWNER (known: ...)': one line that names every
+    unknown key with its nearest known one."""
+    named = ", ".join(nearest_key_hint(k, known) for k in sorted(unknown))
+    return (f"unknown key{'s' if len(unknown) > 1 else ''} {named} for {owner} "
+            f"(known: {', '.join(sorted(known))})")
+
+
 def reject_unknown_keys(d: Any, cls: type) -> None:
     """Raises ValueError naming the keys of mapping `d` that are not fields of dataclass `cls`
     (and the known ones): the one check behind the frozen config dataclasses' from_dict."""
@@ -121,10 +135,8 @@ def _unknown_run_keys(cfg: Any, where: str) -> list[str]:
         if not hasattr(node, "keys"):
             raise ValueError(f"config {prefix.rstrip('.')}: a section of keys, got "
                              f"{type(node).__name__} {node!r}")
-        for key in sorted(set(node.keys()) - known):
-            near = difflib.get_close_matches(key, sorted(known), n=1)
-            unknown.append(prefix + key + (f" (did you mean {prefix}{near[0]}?)" if near
-                                           else ""))
+        unknown += [nearest_key_hint(key, known, prefix)
+                    for key in sorted(set(node.keys()) - known)]
     teacher = cfg["distill"].get("teacher") if "distill" in cfg else None
     if teacher is not None:
         unknown += _unknown_run_keys(teacher, where + "distill.teacher.")

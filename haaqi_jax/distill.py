@@ -5,18 +5,19 @@
 `distill_and_evaluate(config, workdir)` (train.py calls it when the config has a `distill`
 section):
  1. the teacher: a trained HAAQI-Net directory (`distill.teacher_checkpoint`), or, when None,
-    one trained first by the ordinary loop from `distill.teacher_config` into workdir/teacher
-    (reused when it is already there);
+    one trained first by the ordinary loop from the run config `distill.teacher` into
+    workdir/teacher (reused when it is already there);
  2. the student HAAQI-Net: encoder = `student_from_teacher` (teacher layers
     `distill.student_layers`), head copied from the teacher's head (`distill.head_init`), with
     the parts in `distill.frozen_head` (default BLSTM and attention) frozen; prediction heads
     (`distill.head_kind`) for the teacher layers `distill.target_layers`;
- 3. training with the jitted, data-parallel `distill_step`: teacher forward frozen (an explicit
-    argument outside the train state: no gradient, no optimizer state, not checkpointed), student
-    forward, loss = the configured registry loss (`distill_weighted` or `distill_uncertainty`
-    combining the HAAQI loss and per-layer distillation terms); validation on the student's
-    HAAQI loss every epoch, early stopping, checkpoints and resumption as in
-    `haaqi_jax.train.loop` (same checkpoint manager, metrics file, progress bar);
+ 3. training with the jitted, data-parallel step (`make_distill_step`, `jit_distill_step`):
+    teacher forward frozen (an explicit argument outside the train state: no gradient, no
+    optimizer state, not checkpointed), student forward, loss = the configured registry loss
+    (`distill_weighted` or `distill_uncertainty` combining the HAAQI loss and per-layer
+    distillation terms); validation on the student's HAAQI loss every epoch, early
+    stopping, checkpoints and resumption as in `haaqi_jax.train.loop` (same checkpoint
+    manager, metrics file, progress bar);
     with `distill.cache_targets` the teacher's target layers are computed once per clip into a
     disk cache (`haaqi_jax.data.cache`, keyed by the teacher and the layers, float16 by
     default, resumable) and the step reads them from the batch: the teacher never runs in it;
@@ -551,14 +552,6 @@ def timing_ratios(times: Mapping[str, Any], numerator: str = "student",
                      "paired_median": float(np.median(paired))}
     return out
 
-
-def inference_seconds(net: Any, seconds: float = 10.0, repeats: int = 5, seed: int = 0
-                      ) -> dict[str, float]:
-    """Median wall time of one net's jitted forward on one clip of `seconds` (batch 1):
-    {"model": encoder + head, "encoder": encoder alone}. To compare nets, time them together
-    with `time_inference` (interleaved)."""
-    times = time_inference({"net": net}, seconds, repeats, seed)["net"]
-    return {part: t["median"] for part, t in times.items()}
 
 # ----------------------------------------------------------------------------- the loop
 

@@ -82,7 +82,7 @@ def mel_filter_bank() -> np.ndarray:
     up = (bin_mel - left) / (center - left)
     down = (right - bin_mel) / (right - center)
     weights = np.maximum(f32(0.0), np.minimum(up, down))             # (M, FFT_SIZE // 2)
-    return np.ascontiguousarray(weights.T.astype(f32))
+    return _read_only(np.ascontiguousarray(weights.T.astype(f32)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,7 +90,14 @@ def povey_window() -> np.ndarray:
     """Symmetric Hann window of FRAME_LENGTH samples raised to 0.85, shape (FRAME_LENGTH,)."""
     n = np.arange(FRAME_LENGTH, dtype=np.float64)
     hann = 0.5 - 0.5 * np.cos(2.0 * np.pi * n / (FRAME_LENGTH - 1))
-    return (hann ** POVEY_POWER).astype(np.float32)
+    return _read_only((hann ** POVEY_POWER).astype(np.float32))
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    """The cached constants above are shared by every caller: an in-place change by one
+    would change every later fbank."""
+    array.setflags(write=False)
+    return array
 
 
 def _frames(x: jax.Array, n_frames: int) -> jax.Array:

@@ -38,8 +38,8 @@ from haaqi_jax import fbank as fbank_lib
 from haaqi_jax import model as model_lib
 from haaqi_jax.config import reject_unknown_keys
 
-PATCH = 16
-MEL_PATCHES = fbank_lib.NUM_MEL_BINS // PATCH
+PATCH = model_lib.PATCH                  # BEATs' 16 x 16 patches
+MEL_PATCHES = model_lib.MEL_PATCHES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,17 +74,17 @@ class FbankPatchesConfig:
                 + fbank_lib.NUM_MEL_BINS * (self.spectrum_context + 3 * self.clip_statistics))
 
 
-def clip_band_statistics(fbank: jax.Array, frame_mask: jax.Array) -> jax.Array:
+def clip_band_statistics(fbank: jax.Array, frame_padding: jax.Array) -> jax.Array:
     """Per-band summaries of each clip's valid frames.
 
     Args:
-      fbank: (B, F, M) log-mel frames; frame_mask: (B, F) bool, True = padded frame (valid
+      fbank: (B, F, M) log-mel frames; frame_padding: (B, F) bool, True = padded frame (valid
         frames first).
     Returns:
       (B, 3 M): band means, band standard deviations, standard deviations of the frame-to-frame
       change (over pairs of valid frames; 0 for a one-frame clip).
     """
-    valid = (~frame_mask).astype(fbank.dtype)[..., None]               # (B, F, 1)
+    valid = (~frame_padding).astype(fbank.dtype)[..., None]             # (B, F, 1)
     count = jnp.maximum(valid.sum(axis=1), 1.0)                          # (B, 1)
     mean = (fbank * valid).sum(axis=1) / count
     std = _sqrt_or_zero(((fbank - mean[:, None]) ** 2 * valid).sum(axis=1) / count)
@@ -118,25 +118,20 @@ class FbankPatches(nn.Module):
     def __call__(self, waveform: jax.Array, padding_mask: jax.Array | None = None, *,
                  deterministic: bool = True) -> beats_lib.BEATsOutput:
         del deterministic  # no dropout
-        beats_lib.check_waveform(waveform, padding_mask, patch_size=PATCH)
-        fbank, _ = fbank_lib.kaldi_fbank(jnp.asarray(waveform, jnp.float32))
-        fbank = fbank_lib.normalize_fbank(fbank)                        # (B, F, 128)
+        fbank, frame_padding = beats_lib.encoder_input(waveform, padding_mask,
+                                                    patch_size=PATCH)   # (B, F, 128), (B, F)
         batch, n_frames, _ = fbank.shape
-        if padding_mask is None:
-            frame_mask = jnp.zeros((batch, n_frames), bool)
-        else:
-            frame_mask = fbank_lib.frame_padding_mask(jnp.asarray(padding_mask), n_frames)
         n_time = n_frames // PATCH
         patches = fbank[:, :n_time * PATCH].reshape(batch, n_time, PATCH, MEL_PATCHES, PATCH)
         tokens = patches.transpose(0, 1, 3, 2, 4).reshape(batch, n_time * MEL_PATCHES,
                                                            PATCH * PATCH)
-        token_mask = beats_lib.token_padding_mask(frame_mask, tokens.shape[1])
+        token_padding = beats_lib.token_padding_mask(frame_padding, tokens.shape[1])
         if self.config.spectrum_context:
             spectrum = patches.mean(axis=2).reshape(batch, n_time, 1, -1)  # (B, T/8, 1, 128)
             spectrum = jnp.broadcast_to(spectrum, (batch, n_time, MEL_PATCHES, spectrum.shape[-1]))
             tokens = jnp.concatenate([tokens, spectrum.reshape(batch, tokens.shape[1], -1)], -1)
         if self.config.clip_statistics:
-            stats = clip_band_statistics(fbank, frame_mask)             # (B, 384)
+            stats = clip_band_statistics(fbank, frame_padding)          # (B, 384)
             tokens = jnp.concatenate([tokens, jnp.broadcast_to(
                 stats[:, None], (batch, tokens.shape[1], stats.shape[-1]))], axis=-1)
         if self.config.position_dim:
@@ -145,9 +140,9 @@ class FbankPatches(nn.Module):
             position = jnp.tile(table, (n_time, 1))                     # (T, position_dim)
             tokens = jnp.concatenate(
                 [tokens, jnp.broadcast_to(position, (batch,) + position.shape)], axis=-1)
-        tokens = jnp.where(token_mask[..., None], 0.0, tokens)
+        tokens = jnp.where(token_padding[..., None], 0.0, tokens)
         return beats_lib.BEATsOutput(last_hidden_state=tokens, hidden_states=(tokens,),
-                                     padding_mask=token_mask)
+                                     padding_mask=token_padding)
 
 
 model_lib.register_encoder(

@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from haaqi_jax import attention as attention_lib
 from haaqi_jax.config import reject_unknown_keys
@@ -274,6 +275,22 @@ class SelfAttentionReadout(nn.Module):
         return out.sum(axis=1) + out_bias @ w + b
 
 
+def check_valid_first(valid, where: str, what: str) -> None:
+    """Raises ValueError naming the rows of a concrete (B, T) mask, True = valid, that have a
+    valid entry after a padded one; tracers (jit, vmap, grad) pass unchecked.
+
+    The BLSTM reads only each row's count of valid entries, the attention and the mean read the
+    mask itself: with gaps the two disagree and the score is wrong without a word.
+    """
+    if isinstance(valid, jax.core.Tracer):
+        return
+    valid = np.asarray(valid, bool)
+    reopened = np.flatnonzero((~valid[:, :-1] & valid[:, 1:]).any(axis=1))
+    if reopened.size:
+        raise ValueError(f"{where}: rows {reopened.tolist()} have valid {what} after padded "
+                         f"ones; each row must hold its valid {what} first, padding after them")
+
+
 class HAAQINetHead(nn.Module):
     """HAAQI-Net head. See the module docstring for the layers and parameter names."""
 
@@ -287,7 +304,8 @@ class HAAQINetHead(nn.Module):
         Args:
           features: (B, T, C) one layer's features, or (B, L, T, C) stacked layer outputs when
             config.num_weighted_layers = L > 0.
-          token_mask: (B, T) bool, True = valid token; valid tokens must come first.
+          token_mask: (B, T) bool, True = valid token; valid tokens must come first (checked
+            when the mask is concrete).
           audiogram: (B, 8) raw hearing levels in dB HL (not normalised, as released).
           deterministic: False turns dropout on (needs a 'dropout' rng).
         Returns:
@@ -316,6 +334,7 @@ class HAAQINetHead(nn.Module):
         if audiogram.shape != (batch, cfg.audiogram_dim):
             raise ValueError(f"HAAQINetHead: audiogram shape {audiogram.shape}, expected "
                              f"{(batch, cfg.audiogram_dim)}")
+        check_valid_first(token_mask, "HAAQINetHead: token_mask", "tokens")
         token_mask = token_mask.astype(bool)
         lengths = token_mask.sum(axis=-1).astype(jnp.int32)
 

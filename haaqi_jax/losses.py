@@ -295,10 +295,15 @@ def _per_layer(per_token: jax.Array, predictions: Mapping[str, jax.Array],
 
 
 def _cosine(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Array:
-    """Cosine similarity over the last axis (torch.nn.functional.cosine_similarity's eps)."""
-    norms = jnp.maximum(jnp.linalg.norm(a, axis=-1), eps) * jnp.maximum(
-        jnp.linalg.norm(b, axis=-1), eps)
-    return (a * b).sum(-1) / norms
+    """Cosine similarity over the last axis (torch.nn.functional.cosine_similarity's eps).
+
+    Each norm is sqrt(max(|x|^2, eps^2)), not max(|x|, eps): the same value, but a zero
+    vector (e.g. a padded token of an encoder's input layer) gets a zero gradient through its
+    norm instead of 0/0 = NaN, which a mask multiplying the loss afterwards would not remove.
+    """
+    def safe_norm(x):
+        return jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1), eps * eps))
+    return (a * b).sum(-1) / (safe_norm(a) * safe_norm(b))
 
 
 def _distill_result(name: str, terms: jax.Array, layer_weights) -> tuple[jax.Array, dict]:

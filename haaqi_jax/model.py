@@ -6,8 +6,8 @@
 Encoders are looked up by kind in a small registry, so another module can add one (e.g. the
 distilled student) without editing this file:
 
-    register_encoder("student", build=lambda cfg: Student(StudentConfig.from_dict(cfg)),
-                     default_config=lambda: DEFAULT_STUDENT.to_dict())
+    register_encoder("student", build=lambda cfg: StudentEncoder(StudentConfig.from_dict(cfg)),
+                     default_config=DEFAULT_STUDENT.to_dict)
 
 An encoder is a linen module called as `encoder(waveform (B, N), padding_mask (B, N) bool
 True = pad | None, *, deterministic)` that returns an object with `last_hidden_state (B, T, C)`
@@ -39,13 +39,11 @@ import numpy as np
 
 from haaqi_jax import fbank as fbank_lib
 from haaqi_jax.audiogram import STANDARD_FREQUENCIES, is_audiogram, standard_levels
-from haaqi_jax.head import HAAQINetHead, HeadConfig, HeadOutput
+from haaqi_jax.fbank import FRAME_LENGTH, FRAME_SHIFT, SAMPLE_RATE
+from haaqi_jax.head import HAAQINetHead, HeadConfig, HeadOutput, check_valid_first
 
-SAMPLE_RATE = 16000
-FRAME_LENGTH = 400     # 25 ms fbank window at 16 kHz
-FRAME_SHIFT = 160      # 10 ms
 PATCH = 16             # BEATs patches are 16 frames x 16 mel bins
-MEL_PATCHES = 8        # 128 mel bins / 16: tokens per time patch
+MEL_PATCHES = fbank_lib.NUM_MEL_BINS // PATCH           # 8 tokens per time patch
 MIN_SAMPLES = FRAME_LENGTH + (PATCH - 1) * FRAME_SHIFT  # 2800 samples = one time patch
 CHECKPOINT_KIND = "haaqinet"
 CHECKPOINT_VERSION = 1
@@ -67,9 +65,12 @@ _ENCODERS: dict[str, EncoderSpec] = {}
 def register_encoder(kind: str, build: Callable[[Mapping[str, Any]], nn.Module],
                      default_config: Callable[[], dict[str, Any]], *,
                      overwrite: bool = False) -> None:
-    """Makes `HAAQINetConfig(encoder_kind=kind)` buildable (see the module docstring). The same
-    `build` registered again (a config file loaded twice) replaces itself; another one under a
-    taken kind needs overwrite."""
+    """Makes `HAAQINetConfig(encoder_kind=kind)` buildable (see the module docstring).
+
+    `default_config()` lists every key the kind's config may have: a HAAQINetConfig's
+    `encoder_config` is merged onto it and may name no other key. The same `build` registered
+    again (a config file loaded twice) replaces itself; another one under a taken kind needs
+    overwrite."""
     from haaqi_jax.config import definition_site
     old = _ENCODERS.get(kind)
     if (old is not None and not overwrite
@@ -80,6 +81,46 @@ def register_encoder(kind: str, build: Callable[[Mapping[str, Any]], nn.Module],
 
 #: Encoder kinds of the library; each module registers itself when first imported.
 BUILTIN_ENCODERS = ("beats", "fbank_patches", "student")
+
+
+def resolve_encoder_config(kind: str, overrides: Mapping[str, Any] | Any | None
+                           ) -> dict[str, Any]:
+    """The full config of encoder `kind`: its default config with `overrides` on top.
+
+    A partial dict therefore changes only what it names (`{"encoder_layers": 2}` is the
+    released BEATs with two layers, not the reference class's non-released defaults), and a
+    nested dict (the student's `beats`) is merged one level down the same way. A key the
+    default config does not have is refused, with the nearest known key: a misspelt key would
+    otherwise build another model without a word.
+
+    Args:
+      kind: a registered encoder kind.
+      overrides: None (the default config), a dict, or a config object with `to_dict()`.
+    Returns:
+      a plain dict with every key of the kind's default config.
+    Raises:
+      ValueError: naming the unknown keys.
+    """
+    from haaqi_jax.config import unknown_keys_message
+    merged = _thaw_json(_config_dict(encoder_spec(kind).default_config()))
+    if overrides is None:
+        return merged
+    overrides = _thaw_json(_config_dict(overrides))
+    for key, value in overrides.items():
+        if key not in merged:
+            continue
+        if isinstance(merged[key], dict) and isinstance(value, Mapping):
+            unknown = set(value) - set(merged[key])
+            if unknown:
+                raise ValueError(f"encoder_config.{key}: " + unknown_keys_message(
+                    unknown, merged[key], f"encoder kind {kind!r}"))
+            value = {**merged[key], **value}
+        merged[key] = value
+    unknown = set(overrides) - set(merged)
+    if unknown:
+        raise ValueError("encoder_config: " + unknown_keys_message(
+            unknown, merged, f"encoder kind {kind!r}"))
+    return merged
 
 
 def encoder_spec(kind: str) -> EncoderSpec:
@@ -140,8 +181,10 @@ class HAAQINetConfig:
 
     Attributes:
       encoder_kind: a registered encoder kind ("beats"; others via `register_encoder`).
-      encoder_config: that encoder's config dict; None = the kind's default (for "beats" the
-        released BEATs_iter3+ AS2M configuration).
+      encoder_config: that encoder's config, as changes to the kind's default (for "beats"
+        the released BEATs_iter3+ AS2M configuration): None keeps the default, a partial dict
+        changes the keys it names, an unknown key is refused (`resolve_encoder_config`). The
+        stored value is the full config.
       feature_mode: "last" (the encoder's last hidden state, the 2024 paper) or "weighted"
         (learned weighted sum of `feature_layers`, the later version).
       feature_layers: hidden-state indices summed in "weighted" mode (0 = encoder input,
@@ -167,9 +210,7 @@ class HAAQINetConfig:
         if self.feature_mode == "weighted" and (not layers or min(layers) < 0):
             raise ValueError(f"HAAQINetConfig: feature_layers must be non-empty hidden-state "
                              f"indices >= 0, got {layers}")
-        enc = self.encoder_config
-        if enc is None:
-            enc = encoder_spec(self.encoder_kind).default_config()
+        enc = resolve_encoder_config(self.encoder_kind, self.encoder_config)
         head = self.head if isinstance(self.head, HeadConfig) else HeadConfig.from_dict(self.head)
         head = dataclasses.replace(
             head, num_weighted_layers=len(layers) if self.feature_mode == "weighted" else 0)
@@ -299,7 +340,9 @@ class HAAQINetModel(nn.Module):
 
     def score_features(self, features: jax.Array, token_mask: jax.Array, audiogram: jax.Array,
                        *, deterministic: bool = True) -> HeadOutput:
-        """The head alone, e.g. on cached `encode` outputs."""
+        """The head alone, e.g. on cached `encode` outputs: features (B, T, C) (or (B, L, T,
+        C) in "weighted" mode), token_mask (B, T) True = valid token, valid tokens first,
+        audiogram (B, 8) dB HL -> HeadOutput(frame_scores (B, T), clip_score (B,))."""
         return self.head(features, token_mask, audiogram, deterministic=deterministic)
 
     def __call__(self, waveform: jax.Array, padding_mask: jax.Array | None,
@@ -388,14 +431,9 @@ def _check_concrete_batch(waveform, padding_mask, where: str) -> None:
     if any(isinstance(x, jax.core.Tracer) for x in (waveform, padding_mask)):
         return
     if padding_mask is not None:
-        mask = np.asarray(padding_mask, bool)
-        reopened = np.flatnonzero((mask[:, :-1] & ~mask[:, 1:]).any(axis=1))
-        if reopened.size:
-            raise ValueError(f"{where}: padding_mask rows {reopened.tolist()} have valid "
-                             f"samples after padded ones; each clip must come first in its row, "
-                             f"padding after it")
+        check_valid_first(~np.asarray(padding_mask, bool), f"{where}: padding_mask", "samples")
     try:
-        beats_lib.check_waveform(waveform, padding_mask)
+        beats_lib.check_waveform_batch(waveform, padding_mask)
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
 

@@ -133,14 +133,9 @@ class StudentEncoder(nn.Module):
     def __call__(self, waveform: jax.Array, padding_mask: jax.Array | None = None, *,
                  deterministic: bool = True) -> beats_lib.BEATsOutput:
         bcfg = self.config.beats
-        beats_lib.check_waveform(waveform, padding_mask, patch_size=bcfg.input_patch_size)
-        fbank, _ = fbank_lib.kaldi_fbank(jnp.asarray(waveform, jnp.float32))
-        if padding_mask is None:
-            frame_mask = jnp.zeros(fbank.shape[:2], bool)
-        else:
-            frame_mask = fbank_lib.frame_padding_mask(jnp.asarray(padding_mask), fbank.shape[1])
-        return self.encode_fbank(fbank_lib.normalize_fbank(fbank), frame_mask,
-                                 deterministic=deterministic)
+        fbank, frame_padding = beats_lib.encoder_input(waveform, padding_mask,
+                                                    patch_size=bcfg.input_patch_size)
+        return self.encode_fbank(fbank, frame_padding, deterministic=deterministic)
 
     def encode_fbank(self, fbank: jax.Array, frame_padding_mask: jax.Array | None = None, *,
                      deterministic: bool = True) -> beats_lib.BEATsOutput:
@@ -148,14 +143,15 @@ class StudentEncoder(nn.Module):
         bcfg = self.config.beats
         frame_padding_mask = beats_lib.check_fbank(fbank, frame_padding_mask,
                                                    bcfg.input_patch_size)
-        x, token_mask = self.front_end(fbank, frame_padding_mask, deterministic=deterministic)
-        x = jnp.where(token_mask[..., None], 0.0, x)
+        x, token_padding = self.front_end(fbank, frame_padding_mask, deterministic=deterministic)
+        x = jnp.where(token_padding[..., None], 0.0, x)
         hidden_states = [x]
         self_only = self.config.attention == "self_only"
         # self_only: every token is a sequence of its own, (B, T, C) -> (B * T, 1, C) with
         # nothing masked (a padded token sees only itself, and the head masks it).
         layer_shape = (-1, 1, x.shape[-1]) if self_only else x.shape
-        layer_mask = jnp.zeros((x.shape[0] * x.shape[1], 1), bool) if self_only else token_mask
+        layer_mask = (jnp.zeros((x.shape[0] * x.shape[1], 1), bool) if self_only
+                      else token_padding)
         n_tokens = layer_shape[1]                   # the length the position bias spans
         shared_bias = None
         if bcfg.relative_position_embedding and self.config.shared_position_bias:
@@ -171,7 +167,7 @@ class StudentEncoder(nn.Module):
                       deterministic=deterministic).reshape(x.shape)
             hidden_states.append(x)
         return beats_lib.BEATsOutput(last_hidden_state=x, hidden_states=tuple(hidden_states),
-                                     padding_mask=token_mask)
+                                     padding_mask=token_padding)
 
 
 def init_params(config: StudentConfig, key: jax.Array, n_frames: int = 16) -> dict[str, Any]:

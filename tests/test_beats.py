@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import beats_reference as ref
-from haaqi_jax.beats import (RELEASED_CONFIG, BEATs, BEATsConfig, check_waveform, min_samples,
-                             relative_position_buckets)
+from haaqi_jax.beats import (RELEASED_CONFIG, BEATs, BEATsConfig, check_waveform_batch,
+                             min_samples, relative_position_buckets)
 from haaqi_jax.convert.beats_torch import beats_params_from_state_dict
 from haaqi_jax.fbank import frame_padding_mask, kaldi_fbank, normalize_fbank, num_frames
 
@@ -214,7 +214,7 @@ def test_config_from_dict():
 ])
 def test_bad_waveforms_raise(tiny, bad, match):
     with pytest.raises(ValueError, match=match):
-        check_waveform(bad)
+        check_waveform_batch(bad)
     with pytest.raises(ValueError, match=match):
         tiny.model.apply({"params": tiny.params}, bad)
 
@@ -222,9 +222,9 @@ def test_bad_waveforms_raise(tiny, bad, match):
 def test_bad_masks_and_fbank_raise(tiny):
     wav = np.zeros((2, SR), np.float32)
     with pytest.raises(ValueError, match="padding_mask shape"):
-        check_waveform(wav, np.zeros((2, SR + 1), bool))
+        check_waveform_batch(wav, np.zeros((2, SR + 1), bool))
     with pytest.raises(ValueError, match="bool"):
-        check_waveform(wav, np.zeros((2, SR), np.int32))
+        check_waveform_batch(wav, np.zeros((2, SR), np.int32))
     # A row whose mask leaves no token valid under the reference's reduction rule.
     empty = np.arange(SR)[None, :] >= np.array([[SR], [0]])
     with pytest.raises(ValueError, match=r"rows \[1\].*too few valid samples"):

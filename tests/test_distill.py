@@ -86,6 +86,27 @@ def test_distillation_losses_match_torch(name):
     assert float(weighted) == pytest.approx(expected[0] + 2 * expected[2], rel=1e-5)
 
 
+@pytest.mark.parametrize("name", sorted(TORCH_TERMS))
+def test_zero_tokens_give_torch_gradients_not_nan(name):
+    # Padded tokens of an encoder's input layer are exact zeros; one valid token is zero too.
+    predictions, batch, lengths = _inputs()
+    student = np.asarray(predictions["student_layers"]).copy()
+    mask = np.asarray(predictions["frame_mask"])
+    student[~np.broadcast_to(mask[:, None, :], student.shape[:3])] = 0.0
+    student[0, 1, 2] = 0.0
+    loss_fn = losses.get_loss(name, **({"cosine_weight": 0.5} if name == "l1_cosine" else {}))
+    grad = np.asarray(jax.grad(lambda s: loss_fn({**predictions, "student_layers": s},
+                                                 batch)[0])(jnp.asarray(student)))
+    s = torch.tensor(student, dtype=torch.float64, requires_grad=True)
+    teacher = torch.tensor(np.asarray(predictions["teacher_layers"]), dtype=torch.float64)
+    weight = np.asarray(batch["weight"], np.float64)
+    total = sum(weight[i] * TORCH_TERMS[name](s[i, k, :lengths[i]], teacher[i, k, :lengths[i]])
+                for k in range(s.shape[1]) for i in range(s.shape[0])) / weight.sum()
+    total.backward()
+    assert np.isfinite(grad).all()
+    np.testing.assert_allclose(grad, s.grad.numpy(), rtol=1e-4, atol=1e-7)
+
+
 def test_filler_items_and_padding_do_not_count():
     predictions, batch, _ = _inputs()
     changed = dict(predictions)

@@ -131,3 +131,11 @@ def test_bad_input():
         kaldi_fbank(jnp.zeros((1, 399)))
     with pytest.raises(ValueError, match="batch, samples"):
         kaldi_fbank(jnp.zeros((1, 2, 4000)))
+
+
+def test_the_cached_window_and_filters_are_read_only():
+    # They are cached and shared: an in-place change by one caller would shift every fbank.
+    from haaqi_jax import fbank
+    for constant in (fbank.povey_window(), fbank.mel_filter_bank()):
+        with pytest.raises(ValueError, match="read-only"):
+            constant *= 0.5

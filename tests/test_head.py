@@ -241,6 +241,13 @@ def test_bad_shapes_are_value_errors():
                   jnp.zeros((1, 8)))
     with pytest.raises(ValueError, match="divisible"):
         HeadConfig(dense_dim=250)
+    # Valid tokens must come first: the BLSTM reads their count, the attention the mask.
+    params = head.init(jax.random.key(0), jnp.zeros((2, 6, 64)), jnp.ones((2, 6), bool),
+                       jnp.zeros((2, 8)))
+    gaps = jnp.asarray([[1, 1, 1, 1, 1, 1], [1, 0, 1, 0, 1, 0]], bool)
+    with pytest.raises(ValueError, match=r"token_mask: rows \[1\] have valid tokens after "
+                                         r"padded ones"):
+        head.apply(params, jnp.zeros((2, 6, 64)), gaps, jnp.zeros((2, 8)))
 
 
 def test_head_conversion_is_strict():

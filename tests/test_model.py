@@ -61,6 +61,27 @@ def test_config_roundtrip_and_validation():
         cfg.feature_mode = "last"
 
 
+def test_a_partial_encoder_config_changes_only_what_it_names():
+    # The released BEATs as the tests write it out, not as the code under test does.
+    from beats_reference import RELEASED_CFG
+    two = M.HAAQINetConfig(encoder_config={"encoder_layers": 2}).encoder_config
+    assert dict(two) == {**RELEASED_CFG, "encoder_layers": 2}
+    assert dict(M.HAAQINetConfig().encoder_config) == RELEASED_CFG
+    from haaqi_jax.beats import RELEASED_CONFIG       # what HAAQINetConfig() reads each time
+    with pytest.raises(TypeError):
+        RELEASED_CONFIG["encoder_layers"] = 2
+    with pytest.raises(ValueError, match=r"unknown key encoder_layer \(did you mean "
+                                         r"encoder_layers\?\) for encoder kind 'beats'"):
+        M.HAAQINetConfig(encoder_config={"encoder_layer": 2})
+    # One level down: the student's teacher config.
+    student = M.HAAQINetConfig(encoder_kind="student",
+                               encoder_config={"num_layers": 2, "beats": {"encoder_layers": 4}})
+    assert student.encoder_config["num_layers"] == 2
+    assert dict(student.encoder_config["beats"]) == {**RELEASED_CFG, "encoder_layers": 4}
+    with pytest.raises(ValueError, match=r"encoder_config.beats: unknown key deep_nrom"):
+        M.HAAQINetConfig(encoder_kind="student", encoder_config={"beats": {"deep_nrom": True}})
+
+
 def test_padded_batches_score_each_clip_as_alone(weighted_net, levels):
     # Two buckets shared by clips of different lengths; the one at 44.1 kHz is resampled.
     lengths = [2800, 5123, 9000, 9950, 8000]
@@ -232,7 +253,7 @@ def test_encode_and_apply_check_their_inputs(weighted_net, levels):
     left = mask[:, ::-1].copy()                                      # padding first
     for call in (lambda: weighted_net.apply(wav[:, ::-1], left, levels[:2]),
                  lambda: weighted_net.encode(wav[:, ::-1], left)):
-        with pytest.raises(ValueError, match=r"padding_mask rows \[1\] have valid samples "
+        with pytest.raises(ValueError, match=r"padding_mask: rows \[1\] have valid samples "
                                              r"after padded ones"):
             call()                                                   # read the wrong samples
     bad = levels[:2].copy()

@@ -670,6 +670,12 @@ def test_settings_that_would_do_nothing_are_refused(tiny):
         loop.check_run_settings(_config(overrides + ["optimizer.weight_decay=0.5"]))
     loop.check_run_settings(_config(overrides + ["optimizer.weight_decay=0.5",
                                                  "optimizer.name=adamw"]))
+    # The same checks on a plain dict (the Python API) name the key too.
+    from haaqi_jax.train.state import check_optimizer
+    with pytest.raises(ValueError, match="optimizer.weight_decay 0.5 is applied by adamw only"):
+        check_optimizer({"learning_rate": 1e-3, "weight_decay": 0.5})
+    with pytest.raises(ValueError, match="optimizer.schedule: unknown schedule 'cosin'"):
+        check_optimizer({"learning_rate": 1e-3, "schedule": "cosin"})
     for pattern, message in ((r"blstm/.*", r"'blstm/\.\*' matches no parameter"),
                              ("head/[", "is not a regular expression"),
                              ("head/.*", "every parameter is frozen")):
@@ -776,3 +782,26 @@ def test_raising_patience_on_a_resume_trains_on(tiny, tmp_path, capsys):
     assert "raise train.patience, or set it to 0, to train on" in capsys.readouterr().err
     longer = loop.train_and_evaluate(_config(base + ["train.patience=0"]), tmp_path / "w")
     assert not longer.stopped_early and int(longer.state.step) == 16
+
+
+def test_grad_norm_is_the_norm_that_clipping_sees():
+    """Logged grad_norm: the model's trainable leaves only, not frozen ones nor a loss's own
+    parameters (those have their own unclipped optimizer)."""
+    from ml_collections import ConfigDict
+    from haaqi_jax.train import state as state_lib
+    from haaqi_jax.train import steps as steps_lib
+
+    params = {"w": jnp.ones(3), "frozen": jnp.ones(2), "loss": {"s": jnp.zeros(())}}
+    labels = {"w": state_lib.TRAINABLE, "frozen": state_lib.FROZEN,
+              "loss": {"s": state_lib.LOSS_PARAMS}}
+    tx = state_lib.make_optimizer(ConfigDict({"name": "adam", "learning_rate": 1e-2,
+                                              "grad_clip_norm": 1.0,
+                                              "loss_params_learning_rate": 1e-2}), labels, 10)
+    w_grad = np.array([3.0, -4.0, 12.0], np.float32)
+    forward = lambda p, batch, rng=None, deterministic=True: p
+    loss_fn = lambda p, batch: (jnp.dot(p["w"], w_grad) + 7.0 * p["frozen"].sum()
+                                + 100.0 * p["loss"]["s"], {})
+    state = state_lib.create_train_state(params, tx, 0)
+    _, metrics = steps_lib.make_train_step(forward, loss_fn, tx, labels)(
+        state, {"weight": jnp.ones(1)})
+    assert float(metrics["grad_norm"]) == pytest.approx(np.linalg.norm(w_grad), rel=1e-6)

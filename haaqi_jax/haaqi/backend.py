@@ -36,7 +36,6 @@ NUM_BANDS = 32
 ENV_SEGMENT_MS = 8            # envelope smoothing window (the frame hop is half of it)
 NUM_CEPSTRAL = 6              # mel-cepstral coefficients (0 is the level and is ignored)
 MOD_EDGES = (4.0, 8.0, 12.5, 20.0, 32.0, 50.0, 80.0)   # Hz: 8 modulation bands over 0-125 Hz
-NUM_MOD_BANDS = len(MOD_EDGES) + 1
 COVARY_LAG_MS = 1.0
 SYNC_ORDERS = (1, 3, 5, 5, 5, 5)                        # IHC sync-loss low-pass orders
 SYNC_CUTOFFS = (1500.0, 2000.0, 2500.0, 3000.0, 3500.0, 4000.0)
@@ -157,11 +156,6 @@ def num_frames(n, window: int | None = None):
     """Envelope frames of a length-n signal: 1 + floor(n / W) + floor((n - W/2) / W)."""
     window = window or _even_samples(ENV_SEGMENT_MS)
     return 1 + n // window + (n - window // 2) // window
-
-
-def num_segments(n, segment_ms: int = 16):
-    """BM covariance segments of a length-n signal (same formula, the covariance window)."""
-    return num_frames(n, _even_samples(segment_ms))
 
 
 #: Shortest trimmed 24 kHz length the back end accepts (two 16 ms covariance half-segments).

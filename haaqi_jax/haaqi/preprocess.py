@@ -105,7 +105,7 @@ def input_lag(reference: np.ndarray, processed: np.ndarray) -> int:
     ref = reference[:n] - np.mean(reference[:n])
     proc = processed[:n] - np.mean(processed[:n])
     index = np.argmax(np.abs(scipy.signal.correlate(ref, proc, "full")))
-    return int(np.rint(n - index - 1 - 2 * SAMPLE_RATE / 1000.0))
+    return int(n - index - 1 - ALIGN_BACKUP)
 
 
 def shift_processed(processed: np.ndarray, delay: int) -> np.ndarray:

@@ -136,20 +136,18 @@ def build_model_config(config: Any, encoder: tuple[str, Mapping[str, Any]] | Non
         model.encoder_config (the checkpoint's architecture wins).
     """
     from haaqi_jax.head import HeadConfig
-    from haaqi_jax.model import HAAQINetConfig, encoder_spec
+    from haaqi_jax.model import HAAQINetConfig, resolve_encoder_config
 
     m = config.model
     if encoder is not None:
         kind, enc_cfg = encoder[0], dict(encoder[1])
     else:
         kind = m.encoder_kind
-        enc_cfg = dict(encoder_spec(kind).default_config())
-        overrides = cfglib.to_dict(m.encoder_config) if m.get("encoder_config") else {}
-        unknown = set(overrides) - set(enc_cfg)
-        if unknown:
-            raise ValueError(f"model.encoder_config: unknown keys {sorted(unknown)} for encoder "
-                             f"kind {kind!r} (known: {sorted(enc_cfg)})")
-        enc_cfg.update(overrides)
+        overrides = cfglib.to_dict(m.encoder_config) if m.get("encoder_config") else None
+        try:
+            enc_cfg = resolve_encoder_config(kind, overrides)
+        except ValueError as e:
+            raise ValueError(f"model.{e}") from None
     try:
         head = HeadConfig.from_dict(cfglib.to_dict(m.head)) if m.get("head") else HeadConfig()
     except (TypeError, ValueError) as e:

@@ -72,24 +72,28 @@ def average_ranks(x: Any) -> np.ndarray:
     return ranks
 
 
+def _srcc(pred: np.ndarray, true: np.ndarray, weight: np.ndarray) -> float:
+    return _weighted_pearson(average_ranks(pred), average_ranks(true), weight)
+
+
+def _mse(pred: np.ndarray, true: np.ndarray, weight: np.ndarray) -> float:
+    return float(np.sum(weight * (pred - true) ** 2) / np.sum(weight)) if pred.size \
+        else float("nan")
+
+
 def pearson_lcc(pred: Any, true: Any, weight: Any | None = None) -> float:
     """(Weighted) Pearson linear correlation coefficient of predictions and targets."""
-    pred, true, weight = _prepare(pred, true, weight)
-    return _weighted_pearson(pred, true, weight)
+    return _weighted_pearson(*_prepare(pred, true, weight))
 
 
 def spearman_srcc(pred: Any, true: Any, weight: Any | None = None) -> float:
     """(Weighted) Spearman rank correlation: Pearson of the average ranks of the kept items."""
-    pred, true, weight = _prepare(pred, true, weight)
-    return _weighted_pearson(average_ranks(pred), average_ranks(true), weight)
+    return _srcc(*_prepare(pred, true, weight))
 
 
 def mse(pred: Any, true: Any, weight: Any | None = None) -> float:
     """(Weighted) mean squared error; NaN when no item is kept."""
-    pred, true, weight = _prepare(pred, true, weight)
-    if pred.size == 0:
-        return float("nan")
-    return float(np.sum(weight * (pred - true) ** 2) / np.sum(weight))
+    return _mse(*_prepare(pred, true, weight))
 
 
 #: Fewest clips whose correlation is reported.
@@ -97,15 +101,14 @@ MIN_CORRELATION_ITEMS = 3
 
 
 def summarize(pred: Any, true: Any, weight: Any | None = None) -> dict[str, float]:
-    """{"lcc", "srcc", "mse", "n"} of one set of clips; the correlations are NaN below
-    MIN_CORRELATION_ITEMS clips (two points always correlate by +-1)."""
-    p, t, w = _prepare(pred, true, weight)
-    few = p.size < MIN_CORRELATION_ITEMS
-    return {"lcc": float("nan") if few else _weighted_pearson(p, t, w),
-            "srcc": float("nan") if few else _weighted_pearson(average_ranks(p),
-                                                               average_ranks(t), w),
-            "mse": float(np.sum(w * (p - t) ** 2) / np.sum(w)) if p.size else float("nan"),
-            "n": int(p.size)}
+    """{"lcc", "srcc", "mse", "n"} of one set of clips; unlike `pearson_lcc` and
+    `spearman_srcc`, the correlations are NaN below MIN_CORRELATION_ITEMS clips (two points
+    always correlate by +-1)."""
+    kept = _prepare(pred, true, weight)
+    few = kept[0].size < MIN_CORRELATION_ITEMS
+    return {"lcc": float("nan") if few else _weighted_pearson(*kept),
+            "srcc": float("nan") if few else _srcc(*kept),
+            "mse": _mse(*kept), "n": int(kept[0].size)}
 
 
 def bootstrap_intervals(pred: Any, true: Any, weight: Any | None = None, *,

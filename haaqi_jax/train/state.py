@@ -128,8 +128,9 @@ def check_optimizer(opt_cfg: Any) -> None:
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (
                 0 < rate < float("inf")):
             raise ValueError(f"optimizer.{key} must be a number > 0, got {rate!r}")
-    if opt_cfg.get("schedule", "constant") not in SCHEDULES:
-        raise ValueError(f"optimizer.schedule: unknown schedule {opt_cfg.schedule!r} "
+    schedule = opt_cfg.get("schedule", "constant")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"optimizer.schedule: unknown schedule {schedule!r} "
                          f"({' | '.join(SCHEDULES)})")
     check_weight_decay(opt_cfg)
 
@@ -138,8 +139,9 @@ def check_weight_decay(opt_cfg: Any) -> None:
     """ValueError when the `optimizer` section sets a weight decay its optimizer ignores (only
     adamw applies one)."""
     name = opt_cfg.get("name", "adam")
-    if name != "adamw" and float(opt_cfg.get("weight_decay", 0.0)) != 0.0:
-        raise ValueError(f"optimizer.weight_decay {float(opt_cfg.weight_decay)} is applied by "
+    decay = float(opt_cfg.get("weight_decay", 0.0))
+    if name != "adamw" and decay != 0.0:
+        raise ValueError(f"optimizer.weight_decay {decay} is applied by "
                          f"adamw only, and optimizer.name is {name!r}: set optimizer.name=adamw, "
                          f"or optimizer.weight_decay=0")
 

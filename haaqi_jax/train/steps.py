@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from haaqi_jax.train import sharding
-from haaqi_jax.train.state import FROZEN, TrainState
+from haaqi_jax.train.state import FROZEN, TRAINABLE, TrainState
 
 Batch = Mapping[str, jax.Array]
 ForwardFn = Callable[..., dict[str, jax.Array]]
@@ -80,8 +80,9 @@ def make_train_step(forward: ForwardFn, loss_fn: LossFn, tx: optax.GradientTrans
                     labels: Any) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """One optimizer step: (state, batch) -> (new state, scalar metrics).
 
-    Metrics: loss, the loss's aux terms, grad_norm (trainable leaves), weight_sum (items that
-    counted). Dropout uses fold_in(state.rng, state.step).
+    Metrics: loss, the loss's aux terms, grad_norm (the leaves labelled TRAINABLE: the norm
+    that gradient clipping sees), weight_sum (items that counted). Dropout uses
+    fold_in(state.rng, state.step).
 
     Arguments between the state and the batch are passed through to `forward` before the
     batch and get no gradient: distillation calls `step(state, teacher_params, batch)` with a
@@ -104,8 +105,10 @@ def make_train_step(forward: ForwardFn, loss_fn: LossFn, tx: optax.GradientTrans
         new_params = jax.tree_util.tree_map(
             lambda new, old, label: old if label == FROZEN else new,
             new_params, state.params, labels)
+        # The model's trainable leaves only: the norm that clip_by_global_norm sees (a loss's
+        # own parameters, labelled LOSS_PARAMS, have their own unclipped optimizer).
         trainable_grads = jax.tree_util.tree_map(
-            lambda g, label: jnp.zeros((), g.dtype) if label == FROZEN else g, grads, labels)
+            lambda g, label: g if label == TRAINABLE else jnp.zeros((), g.dtype), grads, labels)
         metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(trainable_grads),
                    "weight_sum": jnp.sum(batch["weight"])}
         new_state = state.replace(step=state.step + 1, params=new_params, opt_state=opt_state)
