@@ -102,18 +102,27 @@ def run_guarded(prog: str, job: Callable[[], int], *, interrupted: str) -> int:
     """Runs a command's job at the boundary between the user and the library.
 
     A ValueError or OSError (a bad file, path or setting: each names its cause) becomes one
-    line on stderr and exit code 2; HAAQI_JAX_TRACEBACK=1 re-raises it instead. Ctrl-C prints
-    `interrupted` and gives 130. Other exceptions are bugs and keep their traceback.
+    line on stderr and exit code 2, and so does running out of memory (with what to do about
+    it); HAAQI_JAX_TRACEBACK=1 re-raises them instead. Ctrl-C prints `interrupted` and gives
+    130. Other exceptions are bugs and keep their traceback.
     """
     try:
         return int(job() or 0)
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted}", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, MemoryError, RuntimeError) as err:
+        out_of_memory = host_memory.is_out_of_memory(err)
+        if isinstance(err, RuntimeError) and not out_of_memory:
+            raise                                                  # a bug: keep the traceback
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise
-        print(f"{prog}: error: {err} (set {TRACEBACK_ENV}=1 for the traceback)",
+        message = err
+        if out_of_memory:   # XLA's message runs on for lines; its first says how much
+            first = str(err).strip().splitlines()[0] if str(err).strip() else "MemoryError"
+            message = (f"out of memory ({first}); memory grows with clip length and batch "
+                       f"size: pass a smaller --batch-size, or cut long clips into parts")
+        print(f"{prog}: error: {message} (set {TRACEBACK_ENV}=1 for the traceback)",
               file=sys.stderr)
         return 2
 

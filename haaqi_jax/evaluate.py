@@ -245,6 +245,8 @@ def write_report(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLik
     scatter_plot(records, out_dir / "scatter.png", color_by=color_by)
     if {r["distortion"] for r in records} - {None, "unknown"}:  # rows that name none: no plot
         distortion_plot(records, report, out_dir / "by_distortion.png")
+    else:   # nor an earlier run's into the same folder, read as this one's
+        (out_dir / "by_distortion.png").unlink(missing_ok=True)
     return out_dir
 
 
@@ -327,6 +329,8 @@ def evaluate_manifest(model_dir: str | os.PathLike, manifest: str | os.PathLike,
     write_report(records, out_dir, color_by=color_by, num_examples=num_examples)
     if skipped:
         (Path(out_dir) / "skipped.json").write_text(json.dumps(skipped, indent=1) + "\n")
+    else:   # an earlier run's list would read as this run's
+        (Path(out_dir) / "skipped.json").unlink(missing_ok=True)
     return {**compute_report_metrics(records), "skipped": skipped}
 
 

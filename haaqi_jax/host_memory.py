@@ -67,3 +67,10 @@ def keep_freed_memory(threshold_bytes: int = DEFAULT_THRESHOLD_BYTES) -> bool:
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return all([mallopt(_M_MMAP_THRESHOLD, threshold_bytes),
                 mallopt(_M_TRIM_THRESHOLD, threshold_bytes), mallopt(_M_ARENA_MAX, 1)])
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether `err` says an allocation failed: Python's MemoryError, or XLA's
+    RESOURCE_EXHAUSTED (host or accelerator memory), which JAX raises as a JaxRuntimeError."""
+    return isinstance(err, MemoryError) or (
+        isinstance(err, RuntimeError) and "RESOURCE_EXHAUSTED" in str(err))

@@ -215,7 +215,7 @@ def _manifest_jobs(path: Path) -> list[Job]:
     if not path.is_file():
         return [Job(path, str(path), error=f"{path}: no such manifest")]
     try:
-        rows = read_manifest(path, on_error="skip")
+        rows = read_manifest(path, on_error="skip", read_labels=False)   # labels unused
     except ValueError as err:   # unreadable, or no usable row: the other inputs still run
         return [Job(path, str(path), error=str(err))]
     jobs = [Job(Path(row.file_path), str(row.file_path) + (
@@ -290,14 +290,32 @@ def load_job(job: Job) -> np.ndarray | None:
     return clip
 
 
+def _by_length(jobs: list[Job]) -> list[Job]:
+    """The jobs shortest file first, by their headers (a stable sort; unreadable files first,
+    to be reported): chunks of similar lengths pad little, so they can be small."""
+    from haaqi_jax.data.audio import audio_num_samples
+
+    def length(job: Job) -> int:
+        try:
+            return audio_num_samples(job.file)
+        except (ValueError, OSError, RuntimeError):
+            return -1
+    return sorted(jobs, key=length)
+
+
 def score_jobs(net, jobs: list[Job], *, batch_size: int = 8, progress: bool = True,
                chunk_size: int | None = None) -> None:
-    """Loads and scores the jobs in chunks (bounded memory), filling job.score / job.error."""
+    """Loads and scores the jobs, filling job.score / job.error.
+
+    Files are read shortest first, `chunk_size` at a time (default two batches): memory stays
+    bounded, and Ctrl-C loses at most the chunk in flight.
+    """
     from tqdm.auto import tqdm
-    chunk_size = chunk_size or max(32 * batch_size, 64)
+    chunk_size = chunk_size or 2 * batch_size
+    ordered = _by_length(jobs)
     with tqdm(total=len(jobs), desc="HAAQI-Net", unit="file", disable=not progress) as bar:
-        for start in range(0, len(jobs), chunk_size):
-            chunk = jobs[start:start + chunk_size]
+        for start in range(0, len(ordered), chunk_size):
+            chunk = ordered[start:start + chunk_size]
             ready, clips = [], []
             for job in chunk:
                 clip = None if job.error else load_job(job)

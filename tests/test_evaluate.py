@@ -160,6 +160,12 @@ def test_evaluate_skips_bad_rows_and_scores_rows_without_a_split(tmp_path, capsy
     assert metrics["overall"]["n"] == 4 and list(metrics["by_split"]) == ["unsplit"]
     assert metrics["by_split"]["unsplit"]["label_mean"] == pytest.approx(
         np.mean([r["haaqi_score"] for r in rows[:4]]))
+    # A clean rerun into the same folder leaves no list of the earlier run's skips behind.
+    clean = tmp_path / "data" / "clean.jsonl"
+    clean.write_text("\n".join(json.dumps(r) for r in rows[:4]) + "\n")
+    assert cli.main(["evaluate", "--model", str(tmp_path / "model"), "--manifest", str(clean),
+                     "--out", str(out), "--batch-size", "4"]) == 0
+    assert not (out / "skipped.json").exists()
 
 
 def test_report_draws_the_rows_of_one_group_together(tmp_path):

@@ -756,3 +756,42 @@ def test_one_writer_per_labels_file(dataset, tmp_path):
     assert summary.n_labels == 2
     assert [r for _, r in summary.left_out] == ["a second label with this id (two runs wrote "
                                                 "one labels file)"] * 2
+
+
+def test_a_pair_too_long_for_memory_fails_alone(real_manifest, tmp_path, monkeypatch, capsys):
+    """XLA's RESOURCE_EXHAUSTED on a batch: each pair is scored alone, the one that still does
+    not fit is an error row with the reason, the rest are labelled (the run used to die with a
+    traceback and no labels)."""
+    from haaqi_jax.haaqi import api
+    real = api.score_prepared
+    failed_alone = []
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 3397388488 bytes.\n"
+                           "(XLA's further lines)")
+
+    def short_of_memory(pairs, **kwargs):
+        if len({id(p) for p in pairs}) > 1 or True not in failed_alone:  # batch; 1st alone
+            failed_alone.append(len(pairs) == 1)
+            out_of_memory()
+        return real(pairs, **kwargs)
+
+    expected = tmp_path / "plain.jsonl"
+    label_mod.label_manifest(real_manifest, expected, batch_size=4, progress=False)
+    monkeypatch.setattr(api, "score_prepared", short_of_memory)
+    out = tmp_path / "oom.jsonl"
+    summary = label_mod.label_manifest(real_manifest, out, batch_size=4, progress=False)
+    assert failed_alone == [False, True]
+    assert (summary.n_ok, summary.n_failed) == (1, 2)
+    plain = {r["id"]: r["haaqi"] for r in _read_jsonl(expected)}
+    labels = {r["id"]: r["haaqi"] for r in _read_jsonl(out)}
+    assert labels == {"mono": pytest.approx(plain["mono"], abs=1e-6)}   # alone vs in a batch
+    errors = {r["id"]: r["reason"] for r in _read_jsonl(out.with_name("oom.errors.jsonl"))}
+    assert sorted(errors) == ["blip", "stereo"]
+    assert errors["stereo"].startswith("left ear: out of memory scoring this 0.5 s pair alone")
+    # A command that runs out of memory says so in one line, with what to do.
+    assert cli.run_guarded("haaqi-jax score", out_of_memory, interrupted="") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("haaqi-jax score: error: out of memory (RESOURCE_EXHAUSTED: Out of "
+                          "memory allocating 3397388488 bytes.); memory grows with clip length")
+    assert "further lines" not in err

@@ -88,7 +88,9 @@ def test_audiogram_table_and_manifest(setup):
                      "c.wav,10,10,abc,10,10,10,10,10\n")       # fails c.wav alone
     manifest = root / "m.jsonl"
     manifest.write_text(
-        json.dumps({"file_path": "music/sub/b.flac", "audiogram": other}) + "\n"
+        # A label outside [0, 1] does not matter to a prediction (it refused the row).
+        json.dumps({"file_path": "music/sub/b.flac", "audiogram": other, "haaqi_score": 1.7})
+        + "\n"
         + json.dumps({"file_path": "music/sub/c.wav", "audiogram": [1, 2, 3]}) + "\n")
     out = root / "r2.csv"
     lonely = root / "lonely.wav"                              # in no table, no default
@@ -337,17 +339,16 @@ def test_an_interrupted_predict_writes_what_it_scored(setup, monkeypatch):
         return real_load(job)
 
     monkeypatch.setattr(predict, "load_job", load_then_interrupt)
-    real_score = predict.score_jobs
-    monkeypatch.setattr(predict, "score_jobs",        # one file per chunk: two are scored
-                        lambda *a, **k: real_score(*a, **{**k, "chunk_size": 1}))
     out = root / "interrupted.csv"
+    # Batch size 1: chunks of two files, so the first chunk is scored before the interrupt
+    # (chunks of 64 files or more lost every score of a smaller run).
     rc = cli.main(["predict", "--checkpoint", str(root / "ckpt"), "--audiogram",
                    ",".join(map(str, LEVELS)), str(music / "a.wav"), str(music / "sub"),
-                   "--out", str(out), "--no-progress"])
+                   "--out", str(out), "--no-progress", "--batch-size", "1"])
     assert rc == 130
-    rows = _rows(out)
-    assert [bool(r["haaqi"]) for r in rows.values()] == [True, True, False]
-    assert list(rows.values())[2]["error"] == "not scored: interrupted"
+    rows = list(_rows(out).values())
+    assert sorted(bool(r["haaqi"]) for r in rows) == [False, True, True]
+    assert [r["error"] for r in rows if not r["haaqi"]] == ["not scored: interrupted"]
 
 
 def test_a_json_table_with_a_key_twice_fails_that_key(tmp_path):

@@ -222,7 +222,7 @@ def _check_file(path: Path, key: str) -> None:
 
 
 def _parse_row(obj: Any, *, line: int, base: Path, require_label: bool,
-               check_files: bool) -> ManifestRow:
+               check_files: bool, read_labels: bool = True) -> ManifestRow:
     """Validates one decoded entry; raises ValueError(reason) without location prefix."""
     if not isinstance(obj, Mapping):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
@@ -240,13 +240,13 @@ def _parse_row(obj: Any, *, line: int, base: Path, require_label: bool,
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in audiogram):
         raise ValueError(f"key 'audiogram' must be a list of 8 numbers, got {audiogram!r}")
     levels = validate_levels(audiogram, where="key 'audiogram'")
-    label = obj.get("haaqi_score")
+    label = obj.get("haaqi_score") if read_labels else None
     if label is None:
         if require_label:
             raise ValueError("missing key 'haaqi_score' (a label is required)")
     else:
         label = _check_label(label)
-    components = obj.get("haaqi_components")
+    components = obj.get("haaqi_components") if read_labels else None
     if components is not None:
         components = _check_components(components)
     texts = {}
@@ -297,7 +297,7 @@ def _entries(path: Path, text: str) -> list[tuple[int, Any, str | None]]:
 def read_manifest(path: str | os.PathLike, *, require_label: bool = False,
                   check_files: bool = False,
                   on_error: Literal["raise", "skip"] = "raise",
-                  progress: bool = True) -> Manifest:
+                  progress: bool = True, read_labels: bool = True) -> Manifest:
     """Reads and validates a manifest (JSON Lines, or the authors' {"data": [...]} JSON).
 
     Args:
@@ -307,6 +307,8 @@ def read_manifest(path: str | os.PathLike, *, require_label: bool = False,
         can read its header, so a training run fails here rather than mid-epoch.
       on_error: "raise" stops at the first bad row; "skip" drops bad rows and records them.
       progress: a bar while the files of a large manifest (> 200 rows) are checked.
+      read_labels: False ignores haaqi_score and haaqi_components (left None, not checked):
+        for prediction, which never reads them.
 
     Returns:
       A `Manifest` (a list of ManifestRow in file order) whose `.skipped` holds
@@ -350,7 +352,7 @@ def read_manifest(path: str | os.PathLike, *, require_label: bool = False,
             if json_error is not None:
                 raise ValueError(json_error)
             row = _parse_row(obj, line=line, base=base, require_label=require_label,
-                             check_files=check_files)
+                             check_files=check_files, read_labels=read_labels)
             if row.id in seen:
                 raise ValueError(f"key 'id': duplicate id, first used on line {seen[row.id]}")
         except ValueError as err:

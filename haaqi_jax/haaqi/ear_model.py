@@ -23,6 +23,9 @@ Memory: bands are processed `bands_per_step` at a time (lax.map over groups), so
 about 40 (2, bands_per_step, N_max) arrays plus the (2, 32, N_max) outputs; vmap multiplies by
 the batch. Measured peak per 10 s clip at the default 8 bands per step: ~0.5 GB (float32),
 ~0.8 GB (float64); batches of 64 such clips need chunking over clips or fewer bands per step.
+A whole score, back end included, grows with the clip: `haaqi_v1` (float64) peaked at 4.7 GB
+for a 30 s pair and 8.9 GB for 60 s (~1.4 GB per 10 s), `haaqi_batch` in float32 at 4.2 GB for
+60 s. Longer pieces are scored in parts, or on a machine with that much memory.
 """
 
 from __future__ import annotations

@@ -73,6 +73,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from haaqi_jax.audiogram import STANDARD_FREQUENCIES, Audiogram
+from haaqi_jax.host_memory import is_out_of_memory
 
 #: Fields of HAAQIResult, each written per ear.
 COMPONENTS = ("combined", "nonlinear", "linear", "cephigh", "bmsync5", "d_loud", "d_norm")
@@ -618,7 +619,12 @@ def _prepare_with_api(items: list[_Item], sample_rate: int, settings: LabelSetti
                              lengths=arrays["lengths"])
 
 
-def _score_with_api(items: list[_Item], prepared: list, size: int,
+#: The reason recorded for a pair that does not fit in memory even alone.
+_OUT_OF_MEMORY = ("out of memory scoring this {seconds:.1f} s pair alone (memory grows with "
+                  "the length: cut the piece into parts, or label it on a larger machine)")
+
+
+def _score_with_api(items: list[_Item], prepared: list, size: int, sample_rate: int,
                     settings: LabelSettings) -> tuple[np.ndarray, dict[int, str]]:
     """haaqi_jax.haaqi.api: `prepare_batch` (done by `_prepare_with_api`) reports bad items one
     by one, `score_prepared` scores the good ones, padded to `size` items so that every call
@@ -629,11 +635,29 @@ def _score_with_api(items: list[_Item], prepared: list, size: int,
               for i, (_, reason) in enumerate(prepared) if reason is not None}
     good = [i for i in range(len(items)) if i not in errors]
     scores = np.full((len(items), len(COMPONENTS)), np.nan)
-    if good:
-        slots = good + [good[0]] * (size - len(good))
+    if not good:
+        return scores, errors
+
+    def call(chosen: list[int], rows: int) -> np.ndarray:
+        slots = chosen + [chosen[0]] * (rows - len(chosen))
         result = api.score_prepared([prepared[i][0] for i in slots], key=keys[slots],
                                     dtype=np.dtype(settings.dtype).type, progress=False)
-        scores[good] = _scores(result, size)[:len(good)]
+        return _scores(result, rows)[:len(chosen)]
+
+    try:
+        scores[good] = call(good, size)
+    except (MemoryError, RuntimeError) as err:
+        if not is_out_of_memory(err):
+            raise
+        # One pair too long for this machine must not take its batch with it: each alone.
+        for i in good:
+            try:
+                scores[i] = call([i], 1)[0]
+            except (MemoryError, RuntimeError) as item_err:
+                if not is_out_of_memory(item_err):
+                    raise
+                errors[i] = _OUT_OF_MEMORY.format(
+                    seconds=len(items[i].reference) / sample_rate)
     return scores, errors
 
 
@@ -652,14 +676,20 @@ def _score_with(scorer: Scorer, items: list[_Item], size: int, sample_rate: int,
 
     try:
         return call(items), {}
-    except ValueError:
+    except (ValueError, MemoryError, RuntimeError) as err:
+        if not isinstance(err, ValueError) and not is_out_of_memory(err):
+            raise
         scores = np.full((len(items), len(COMPONENTS)), np.nan)
         errors = {}
         for i, item in enumerate(items):
             try:
                 scores[i] = call([item])[0]
-            except ValueError as err:
-                errors[i] = str(err)
+            except ValueError as item_err:
+                errors[i] = str(item_err)
+            except (MemoryError, RuntimeError) as item_err:
+                if not is_out_of_memory(item_err):
+                    raise
+                errors[i] = _OUT_OF_MEMORY.format(seconds=len(item.reference) / sample_rate)
         return scores, errors
 
 
@@ -696,7 +726,8 @@ def _score_batch(batch: _Batch, loaded: _Loaded, todo: set[str], scorer: Scorer 
     scores, item_errors = np.zeros((0, len(COMPONENTS))), {}
     if items:
         if scorer is None:
-            scores, item_errors = _score_with_api(items, loaded.prepared, size, settings)
+            scores, item_errors = _score_with_api(items, loaded.prepared, size,
+                                                  batch.sample_rate, settings)
         else:
             scores, item_errors = _score_with(scorer, items, size, batch.sample_rate, settings)
     for i, item in enumerate(items):
