@@ -384,6 +384,10 @@ def markdown(rows: Sequence[Mapping[str, Any]], legend: Mapping[str, str] | None
     return "\n".join(lines) + "\n"
 
 
+#: The least y range of a comparison panel (LCC / SRCC): seed-to-seed spread is ~0.01-0.02.
+MIN_PLOT_RANGE = 0.05
+
+
 def comparison_plot(rows: Sequence[Mapping[str, Any]], path: Path, score: str = "lcc") -> Path:
     """One panel per split: each run's `score` as a dot, its setting's mean +- sd as a bar
     (settings side by side on the x axis; one column when the runs are one setting)."""
@@ -409,6 +413,12 @@ def comparison_plot(rows: Sequence[Mapping[str, Any]], path: Path, score: str = 
                             fmt="_", color="black", ms=14, capsize=3, zorder=4)
         ax.set_xticks(range(len(settings)), [s or "all runs" for s in settings])
         ax.set_xlim(-0.5, len(settings) - 0.5)
+        # At least MIN_PLOT_RANGE tall and no offset: runs 3e-6 apart filled the axis and
+        # looked as far apart as real differences.
+        low, high = ax.get_ylim()
+        middle, half = (low + high) / 2, max(high - low, MIN_PLOT_RANGE) / 2
+        ax.set_ylim(middle - half, middle + half)
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.set(title=split, ylabel=score.upper() if ax is axes[0][0] else None)
         ax.grid(axis="y", color="0.92")
     fig.suptitle(f"{score.upper()} per run (dots) and per setting (mean +- sd)", fontsize=9)

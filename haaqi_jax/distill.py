@@ -132,15 +132,32 @@ HEAD_PARTS = ("adapter", "blstm", "dense", "attention", "frame_score", "layer_no
 
 def _teacher_layer_count(config: Any) -> int | None:
     """The teacher's transformer layers, from its checkpoint's config.json or the config of
-    the teacher trained here; None when neither says."""
+    the teacher trained here; None when neither says. ValueError when the teacher's encoder
+    is not BEATs (a student is built from BEATs layers)."""
     given = config.distill.get("teacher_checkpoint")
     if given:
         from haaqi_jax.train.checkpoint import load_config
-        encoder = load_config(given).get("config", {}).get("encoder_config") or {}
+        net = load_config(given).get("config", {})
+        kind, encoder = net.get("encoder_kind", "beats"), net.get("encoder_config") or {}
+        where = f"distill.teacher_checkpoint ({given})"
     else:
-        encoder = cfglib.to_dict(config.distill.teacher.model.get("encoder_config") or {})
+        model = config.distill.teacher.model
+        kind = model.get("encoder_kind", "beats")
+        encoder = cfglib.to_dict(model.get("encoder_config") or {})
+        where = "distill.teacher.model.encoder_kind"
+    check_teacher_kind(kind, where)
     layers = encoder.get("encoder_layers")
     return None if layers is None else int(layers)
+
+
+def check_teacher_kind(kind: str, where: str) -> None:
+    """ValueError unless a teacher's encoder kind is "beats"."""
+    if kind != "beats":
+        raise ValueError(f"{where}: the teacher's encoder is {kind!r}, and a distillation "
+                         f"distils a BEATs encoder (the student is built from its layers): "
+                         f"give a HAAQI-Net on BEATs (e.g. a run of configs/haaqinet_beats.py "
+                         f"or a converted model), or leave distill.teacher_checkpoint unset to "
+                         f"train one first")
 
 
 def check_layer_ranges(dc: Any, n_layers: int) -> None:
@@ -613,6 +630,7 @@ def distill_and_evaluate(config: Any, workdir: str | os.PathLike, *, data: Any =
         key = "distill.teacher_checkpoint" if config.distill.get("teacher_checkpoint") \
             else "the teacher trained here"
         raise type(err)(f"{key} ({teacher_path}): {err}") from err
+    check_teacher_kind(teacher.config.encoder_kind, f"the teacher ({teacher_path})")
     check_layer_ranges(dc, int(teacher.config.encoder_config["encoder_layers"]))
     student, pred_params = init_student(teacher, dc, int(config.seed))
     check_frozen_patterns(config, {**student.params, "pred_heads": pred_params})

@@ -134,6 +134,10 @@ def check_color_by(color_by: str, what: str = "color_by") -> None:
         raise ValueError(f"{what} must be one of {COLOR_BY}, got {color_by!r}")
 
 
+#: Marker per round of the palette's colours in `scatter_plot`.
+SCATTER_MARKERS = "os^D"
+
+
 def scatter_plot(records: Sequence[Mapping[str, Any]], path: Path, color_by: str = "split"
                  ) -> Path:
     """Predicted vs true HAAQI, one colour per value of `color_by` ('split' | 'distortion')."""
@@ -142,17 +146,23 @@ def scatter_plot(records: Sequence[Mapping[str, Any]], path: Path, color_by: str
     import matplotlib.pyplot as plt
 
     check_color_by(color_by)
-    fig, ax = plt.subplots(figsize=(5.5, 5), dpi=120)
     groups = sorted({r[color_by] for r in records})
-    cmap = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
+    many = len(groups) > 10                   # e.g. the demo's 26 distortions
+    fig, ax = plt.subplots(figsize=(8.5 if many else 5.5, 5), dpi=120)
+    cmap = plt.get_cmap("tab20" if many else "tab10")
     for i, group in enumerate(groups):
+        # Past the palette's colours the marker changes, so no two groups look alike.
         sel = [r for r in records if r[color_by] == group]
         ax.scatter([r["label"] for r in sel], [r["prediction"] for r in sel], s=12, alpha=0.75,
-                   color=cmap(i % cmap.N), label=f"{group} ({len(sel)})")
+                   color=cmap(i % cmap.N),
+                   marker=SCATTER_MARKERS[i // cmap.N % len(SCATTER_MARKERS)],
+                   label=f"{group} ({len(sel)})")
     ax.plot([0, 1], [0, 1], color="0.5", lw=1, ls="--")
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="true HAAQI", ylabel="predicted HAAQI",
            title="HAAQI-Net predictions")
-    ax.legend(fontsize=7, title=color_by, title_fontsize=8, loc="upper left")
+    # Many groups: the legend beside the axes, not over the points.
+    ax.legend(fontsize=7, title=color_by, title_fontsize=8, loc="upper left",
+              **({"bbox_to_anchor": (1.02, 1.0), "borderaxespad": 0.0} if many else {}))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -161,8 +171,9 @@ def scatter_plot(records: Sequence[Mapping[str, Any]], path: Path, color_by: str
 
 def distortion_plot(records: Sequence[Mapping[str, Any]], report: Mapping[str, Any], path: Path
                     ) -> Path:
-    """Mean label (black) and mean prediction (coloured by the split most of the type's clips
-    are in) of every distortion, one row each, sorted by prediction - label."""
+    """Mean label (black) and mean prediction (coloured by the splits the type's clips are in,
+    e.g. "valid, test_seen" or "test_unseen") of every distortion, one row each, sorted by
+    prediction - label."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -173,7 +184,7 @@ def distortion_plot(records: Sequence[Mapping[str, Any]], report: Mapping[str, A
     for r in records:
         per_split = counts.setdefault(str(r["distortion"]), {})
         per_split[r["split"]] = per_split.get(r["split"], 0) + 1
-    home = {name: max(sorted(counts[name]), key=counts[name].get) for name in names}
+    home = {name: ", ".join(sorted(counts[name])) for name in names}
     splits = sorted(set(home.values()))
     cmap = plt.get_cmap("tab10")
     fig, ax = plt.subplots(figsize=(6.5, 1.2 + 0.28 * len(names)), dpi=120)

@@ -180,7 +180,10 @@ def check_loss_config(name: str, kwargs: Mapping[str, Any] | None = None, *,
     try:
         get_loss(name, **kwargs)
     except ValueError as err:
-        raise ValueError(f"{where}.name={name!r}: {err}") from None
+        # The usual cause: --set loss.name=another with the config's kwargs of its own loss.
+        hint = (f"; {where}.kwargs belong to the loss the config names: replace them, e.g. "
+                f"--set '{where}.kwargs={{}}'" if "takes no keyword" in str(err) else "")
+        raise ValueError(f"{where}.name={name!r}: {err}{hint}") from None
     weights = kwargs.get("layer_weights")
     if num_targets is not None and weights is not None and (
             isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__")

@@ -364,6 +364,11 @@ def run(args: argparse.Namespace) -> int:
     if not jobs:
         raise ValueError("no audio files found in INPUTS")
     net = HAAQINet.load(args.checkpoint)
+    manifests = any(Path(i).suffix.lower() in MANIFEST_SUFFIXES for i in args.inputs)
+    if default is None and args.audiograms is None and not manifests:
+        raise ValueError("no audiogram for any file: pass --audiogram L250,...,L8000 (one "
+                         "listener for all), --audiograms TABLE (one per file), or a manifest "
+                         "whose rows carry theirs")
     unused = assign_audiograms(jobs, default, table,
                                None if args.audiograms is None else Path(args.audiograms).parent)
     if unused:

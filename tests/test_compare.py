@@ -310,3 +310,21 @@ def test_settings_of_other_structure_are_summarised_by_section():
     assert legend["B"].startswith('distill.head_kind="independent"')
     assert legend["C"].startswith('distill.head_kind="sequential"')
     assert legend["A"].startswith('distill.head_kind=<absent>')
+
+
+def test_the_plot_does_not_magnify_runs_that_agree(tmp_path, monkeypatch):
+    """Runs 3e-6 apart filled the panel with an offset axis; now it spans at least
+    MIN_PLOT_RANGE, with plain tick labels."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [{"split": "test", "run": f"r{i}", "setting": "", "lcc": 0.7916 + 1e-6 * i}
+            for i in range(3)]
+    monkeypatch.setattr(plt, "close", lambda *a, **k: None)
+    compare.comparison_plot(rows, tmp_path / "c.png")
+    (ax,) = plt.gcf().axes
+    low, high = ax.get_ylim()
+    assert high - low == pytest.approx(compare.MIN_PLOT_RANGE) and low < 0.7916 < high
+    assert not ax.yaxis.get_major_formatter().get_useOffset()
+    plt.close("all")

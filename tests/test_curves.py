@@ -43,3 +43,26 @@ def test_a_corrupt_log_is_named(tmp_path):
     path.write_text(path.read_text() + "{broken\n")
     with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not JSON"):
         curves.read_series(path)
+
+
+def test_a_distillation_plots_like_against_like(tmp_path, monkeypatch):
+    """Validation measures the HAAQI loss alone: the loss panel's train line is the HAAQI term
+    (it was the total, ~50x larger on the demo), and the total joins the terms' panel."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [{"kind": "train", "step": s, "loss": 5.0, "haaqi_loss": 0.1, "distill_0": 4.9}
+               for s in range(1, 9)]
+    records.append({"kind": "valid", "step": 8, "epoch": 1, "loss": 0.1, "lcc": 0.5,
+                    "srcc": 0.5, "best": True})
+    monkeypatch.setattr(plt, "close", lambda *a, **k: None)           # keep it to look at
+    curves.learning_curves(_write(tmp_path / "m.jsonl", records), tmp_path / "c.png")
+    loss_ax, _, term_ax = plt.gcf().axes
+    train_line = [l for l in loss_ax.get_lines() if l.get_label() == "train"][0]
+    np.testing.assert_allclose(train_line.get_ydata(), 0.1)
+    assert loss_ax.get_title() == "HAAQI loss"
+    labels = [l.get_label() for l in term_ax.get_lines()]
+    assert [k for k in labels if not k.startswith("_")] == ["total loss", "haaqi_loss",
+                                                            "distill_0"]
+    plt.close("all")

@@ -695,6 +695,15 @@ def test_a_teacher_checkpoint_at_odds_with_itself_is_named(distill_job, tmp_path
     sets = distill_job["sets"] + [f"distill.teacher_checkpoint={teacher}"]
     assert distill_job["train_script"].main(_argv(tmp_path / "run", sets)) == 2
     assert f"distill.teacher_checkpoint ({teacher}): " in capsys.readouterr().err
+    # A teacher on another encoder (the default run's model) failed with a KeyError traceback
+    # after the workdir was written.
+    meta["config"]["encoder_kind"] = "fbank_patches"
+    (teacher / "config.json").write_text(json.dumps(meta))
+    assert distill_job["train_script"].main(_argv(tmp_path / "run2", sets)) == 2
+    assert (f"distill.teacher_checkpoint ({teacher}): the teacher's encoder is "
+            f"'fbank_patches', and a distillation distils a BEATs encoder"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "run2").exists()
 
 
 @pytest.mark.parametrize("extra, message", [

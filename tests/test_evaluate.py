@@ -214,3 +214,26 @@ def test_a_splits_interval_is_scipys_bootstrap_of_that_split(tmp_path):
         low, high = report["by_split"][split]["ci95"]["lcc"]
         assert low == pytest.approx(ref.low, abs=0.02) and high == pytest.approx(ref.high,
                                                                                 abs=0.02)
+
+
+def test_a_scatter_of_many_distortions_tells_each_apart(tmp_path, monkeypatch):
+    """26 distortions on a 20-colour palette: six pairs shared a colour, and the legend sat on
+    the points. Now each has its own colour and marker, and the legend is beside the axes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(0)
+    records = [{"id": f"{d}{k}", "split": "test", "distortion": f"type{d:02d}",
+                "label": float(rng.uniform()), "prediction": float(rng.uniform())}
+               for d in range(26) for k in range(3)]
+    monkeypatch.setattr(plt, "close", lambda *a, **k: None)
+    evaluate.scatter_plot(records, tmp_path / "s.png", color_by="distortion")
+    (ax,) = plt.gcf().axes
+    looks = {(tuple(np.round(c.get_facecolor()[0], 3)), c.get_paths()[0].vertices.tobytes())
+             for c in ax.collections}
+    assert len(ax.collections) == len(looks) == 26
+    legend = ax.get_legend()
+    plt.gcf().canvas.draw()
+    assert legend.get_window_extent().x0 > ax.get_window_extent().x1   # beside, not over
+    plt.close("all")

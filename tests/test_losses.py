@@ -82,6 +82,11 @@ def test_user_registered_loss_and_errors():
         losses.get_loss("test_abs_clip", scael=2.0)
     with pytest.raises(ValueError, match="takes no keyword 'score_weight'"):
         losses.get_loss("haaqi_mse", score_weight=1.0)
+    # --set loss.name=test_abs_clip keeps the default config's kwargs: the error says so
+    with pytest.raises(ValueError, match=r"takes no keyword 'clip_weight'.*; loss.kwargs belong "
+                                         r"to the loss the config names: .*'loss.kwargs=\{\}'"):
+        losses.check_loss_config("test_abs_clip", {"clip_weight": 1.0, "frame_weight": 1.0})
+    losses.check_loss_config("test_abs_clip", {})
     # a string for a numeric keyword (loss.kwargs.min_log_var=abc) failed inside the step
     with pytest.raises(ValueError, match=r"loss 'test_abs_clip': keyword 'scale' takes a "
                                          r"number \(default 1.0\), got 'abc'"):

@@ -152,6 +152,7 @@ def test_manifest_rows_of_one_channel(setup):
     (["--checkpoint", "NOT_A_CHECKPOINT"], "config.json is missing"),
     (["--out", "UNDER_A_FILE"], "--out"),                   # found before scoring, not after
     (["--out", "A_FOLDER"], "is a folder"),
+    ([], "no audiogram for any file: pass --audiogram"),  # not a CSV of one error per file
 ])
 def test_usage_errors_exit_2(setup, capsys, args, message):
     root, _ = setup

@@ -3,10 +3,12 @@
 
 `learning_curves(metrics_file, out_png)` draws, against the step:
   loss          the training loss (thin: every log; thick: a running mean over 5 logs) and the
-                validation loss (dots), log scale, the early-stopping best step marked;
+                validation loss (dots), log scale, the early-stopping best step marked; in a
+                distillation both are the HAAQI loss (what its validation measures);
   validation    LCC and SRCC on the validation split per epoch;
-  distillation  (distillation runs only) the HAAQI term and each layer's distillation term
-                (`haaqi_loss`, `distill_0`, `distill_1`, ... of the train records).
+  distillation  (distillation runs only) the total loss, the HAAQI term and each layer's
+                distillation term (`loss`, `haaqi_loss`, `distill_0`, ... of the train
+                records).
 """
 
 from __future__ import annotations
@@ -84,9 +86,15 @@ def learning_curves(metrics_file: str | os.PathLike, out_png: str | os.PathLike,
     data = read_series(metrics_file)
     train, valid, best = data["train"], data["valid"], data["best_step"]
     terms = [k for k in train if k != "loss"]
+    # A distillation validates on the HAAQI loss alone: the loss panel sets the train HAAQI
+    # term beside it, and the total (HAAQI + distillation terms) joins the terms' panel.
+    distilling = HAAQI_TERM in train
+    shown = HAAQI_TERM if distilling else "loss"
+    if distilling:
+        terms = ["loss"] + terms
     fig, axes = plt.subplots(1, 3 if terms else 2, figsize=(12 if terms else 8.5, 3.6), dpi=120)
     loss_ax, corr_ax = axes[0], axes[1]
-    steps, values = train["loss"]
+    steps, values = train[shown]
     if steps.size:
         loss_ax.plot(steps, values, color="tab:blue", lw=0.6, alpha=0.4)
         smooth = _running_mean(values)
@@ -95,9 +103,9 @@ def learning_curves(metrics_file: str | os.PathLike, out_png: str | os.PathLike,
     steps, values = valid["loss"]
     if steps.size:
         loss_ax.plot(steps, values, "o-", color="tab:orange", ms=3, lw=1, label="validation")
-    if (train["loss"][1] > 0).all() and (valid["loss"][1] > 0).all():
+    if (train[shown][1] > 0).all() and (valid["loss"][1] > 0).all():
         loss_ax.set_yscale("log")
-    loss_ax.set(xlabel="step", ylabel="loss", title="loss")
+    loss_ax.set(xlabel="step", ylabel="loss", title="HAAQI loss" if distilling else "loss")
     for key, color in (("lcc", "tab:green"), ("srcc", "tab:purple")):
         steps, values = valid[key]
         if steps.size:
@@ -110,7 +118,8 @@ def learning_curves(metrics_file: str | os.PathLike, out_png: str | os.PathLike,
             steps, values = train[key]
             if steps.size:
                 term_ax.plot(steps[steps.size - _running_mean(values).size:],
-                             _running_mean(values), color=cmap(i % cmap.N), lw=1.4, label=key)
+                             _running_mean(values), color=cmap(i % cmap.N), lw=1.4,
+                             label="total loss" if key == "loss" else key)
         term_ax.set(xlabel="step", ylabel="term (running mean)", title="distillation terms")
     for ax in axes:
         if best is not None:

@@ -340,10 +340,11 @@ def load_splits(config: Any) -> dict[str, list[Any]]:
     if sharding.is_main_process():
         unused = {s: n for s, n in counts.items() if s not in wanted}
         if unused:
+            # The hint names only splits that exist (a misspelt eval split is named apart).
+            scored = [s for s in list(d.eval_splits) + list(unused) if s in counts]
             print(f"note: {manifest}: split(s) {unused} are neither trained on nor scored in "
                   f"the report; score them with --set \"data.eval_splits=("
-                  f"{', '.join(repr(s) for s in list(d.eval_splits) + list(unused))})\"",
-                  file=sys.stderr)
+                  f"{', '.join(repr(s) for s in scored)})\"", file=sys.stderr)
         unsplit = {row.id for row in rows if row.split is None and row.group is None}
         train_files = {row.file_path for row in splits.get(d.train_split, ())
                        if row.id in unsplit}
