@@ -155,9 +155,8 @@ def check_teacher_kind(kind: str, where: str) -> None:
     if kind != "beats":
         raise ValueError(f"{where}: the teacher's encoder is {kind!r}, and a distillation "
                          f"distils a BEATs encoder (the student is built from its layers): "
-                         f"give a HAAQI-Net on BEATs (e.g. a run of configs/haaqinet_beats.py "
-                         f"or a converted model), or leave distill.teacher_checkpoint unset to "
-                         f"train one first")
+                         f"a HAAQI-Net on BEATs is needed, e.g. a run of "
+                         f"configs/haaqinet_beats.py or a converted model")
 
 
 def check_layer_ranges(dc: Any, n_layers: int) -> None:

@@ -650,15 +650,25 @@ def _score_with_api(items: list[_Item], prepared: list, size: int, sample_rate: 
         if not is_out_of_memory(err):
             raise
         # One pair too long for this machine must not take its batch with it: each alone.
-        for i in good:
-            try:
-                scores[i] = call([i], 1)[0]
-            except (MemoryError, RuntimeError) as item_err:
-                if not is_out_of_memory(item_err):
-                    raise
-                errors[i] = _OUT_OF_MEMORY.format(
-                    seconds=len(items[i].reference) / sample_rate)
+        _score_alone(lambda i: call([i], 1)[0], good, items, sample_rate, scores, errors)
     return scores, errors
+
+
+def _score_alone(score_one: Callable[[int], np.ndarray], indices: Iterable[int],
+                 items: list[_Item], sample_rate: int, scores: np.ndarray,
+                 errors: dict[int, str]) -> None:
+    """Scores items one at a time into `scores` (rows = item indices); an item the metric
+    refuses (ValueError) or that does not fit in memory even alone gets its reason in
+    `errors` instead."""
+    for i in indices:
+        try:
+            scores[i] = score_one(i)
+        except ValueError as err:
+            errors[i] = str(err)
+        except (MemoryError, RuntimeError) as err:
+            if not is_out_of_memory(err):
+                raise
+            errors[i] = _OUT_OF_MEMORY.format(seconds=len(items[i].reference) / sample_rate)
 
 
 def _score_with(scorer: Scorer, items: list[_Item], size: int, sample_rate: int,
@@ -680,16 +690,9 @@ def _score_with(scorer: Scorer, items: list[_Item], size: int, sample_rate: int,
         if not isinstance(err, ValueError) and not is_out_of_memory(err):
             raise
         scores = np.full((len(items), len(COMPONENTS)), np.nan)
-        errors = {}
-        for i, item in enumerate(items):
-            try:
-                scores[i] = call([item])[0]
-            except ValueError as item_err:
-                errors[i] = str(item_err)
-            except (MemoryError, RuntimeError) as item_err:
-                if not is_out_of_memory(item_err):
-                    raise
-                errors[i] = _OUT_OF_MEMORY.format(seconds=len(item.reference) / sample_rate)
+        errors: dict[int, str] = {}
+        _score_alone(lambda i: call([items[i]])[0], range(len(items)), items, sample_rate,
+                     scores, errors)
         return scores, errors
 
 
