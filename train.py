@@ -21,6 +21,17 @@ from pathlib import Path
 from haaqi_jax import config as cfglib
 
 
+def _split_scores(metrics_file: Path) -> str:
+    """'LCC / SRCC: valid 0.947 / 0.941, ...' from a report's metrics.json (n/a for a split
+    too small to correlate)."""
+    import json
+    import math
+    by_split = json.loads(metrics_file.read_text()).get("by_split", {})
+    cell = lambda v: "n/a" if v is None or not math.isfinite(v) else f"{v:.3f}"  # noqa: E731
+    return "LCC / SRCC: " + ", ".join(f"{split} {cell(m.get('lcc'))} / {cell(m.get('srcc'))}"
+                                      for split, m in by_split.items())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -90,8 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     def job() -> int:
         result = train_and_evaluate(cfglib.freeze(config), writable_folder(workdir, "--workdir"))
         if result.report_dir is not None and jax.process_index() == 0:
+            if result.stopped_early:
+                print(f"stopped early at step {result.final_step}: no better validation loss "
+                      f"for {int(config.train.patience)} epochs (train.patience)")
             print(f"best valid loss {result.best_valid_loss:.5f} at step {result.best_step}; "
                   f"report in {result.report_dir}")
+            print(_split_scores(result.report_dir / "metrics.json"))
         return 0
 
     # Bad data or settings: one line naming the file, row or key, exit 2.
