@@ -30,7 +30,13 @@ def resampled_length(n_samples: int, orig_rate: int, target_rate: int) -> int:
     return (2 * int(n_samples) * int(target_rate) + int(orig_rate)) // (2 * int(orig_rate))
 
 
-def _info(path: Path):
+def audio_info(path: Path):
+    """libsndfile's header of an audio file (frames, samplerate, channels, ...).
+
+    Raises:
+      FileNotFoundError: the path does not exist, or is a folder.
+      ValueError: libsndfile cannot read it as audio.
+    """
     import soundfile as sf
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "does not exist"
@@ -44,7 +50,7 @@ def _info(path: Path):
 def audio_num_samples(path: str | os.PathLike, sample_rate: int = 16000) -> int:
     """Length `load_audio(path, sample_rate)` will have, read from the file header only."""
     path = Path(path)
-    info = _info(path)
+    info = audio_info(path)
     if info.frames <= 0:
         raise ValueError(f"{path}: audio file is empty")
     return resampled_length(info.frames, info.samplerate, sample_rate)
@@ -72,7 +78,7 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000,
     if channel is not None and channel not in CHANNELS:
         raise ValueError(f"{path}: channel must be one of {CHANNELS} or None, got {channel!r}")
     path = Path(path)
-    _info(path)
+    audio_info(path)
     try:
         data, rate = sf.read(str(path), dtype="float64", always_2d=True)
     except Exception as err:

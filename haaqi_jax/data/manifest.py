@@ -209,14 +209,11 @@ def _resolve(text: Any, key: str, base: Path) -> Path:
 
 
 def _check_file(path: Path, key: str) -> None:
-    import soundfile as sf  # lazy: only needed when checking files
-    if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "does not exist"
-        raise ValueError(f"key {key!r}: file {path} {what}")
+    from haaqi_jax.data.audio import audio_info
     try:
-        info = sf.info(str(path))
-    except Exception as err:  # libsndfile raises several types for foreign files
-        raise ValueError(f"key {key!r}: {path} is not readable audio ({err})") from None
+        info = audio_info(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"key {key!r}: {err}") from None
     if info.frames <= 0:
         raise ValueError(f"key {key!r}: {path} holds no samples")
 

@@ -96,10 +96,7 @@ def make_schedule(opt_cfg: Any, total_steps: int) -> optax.Schedule:
     """Learning-rate schedule: linear warm-up then 'constant' or 'cosine' decay to 0."""
     lr = float(opt_cfg.learning_rate)
     warmup = int(opt_cfg.get("warmup_steps", 0))
-    kind = opt_cfg.get("schedule", "constant")
-    if kind not in SCHEDULES:
-        raise ValueError(f"optimizer.schedule: unknown schedule {kind!r} "
-                         f"({' | '.join(SCHEDULES)})")
+    kind = _checked_schedule(opt_cfg)
     if kind == "constant":
         main = optax.constant_schedule(lr)
     else:
@@ -128,11 +125,17 @@ def check_optimizer(opt_cfg: Any) -> None:
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (
                 0 < rate < float("inf")):
             raise ValueError(f"optimizer.{key} must be a number > 0, got {rate!r}")
-    schedule = opt_cfg.get("schedule", "constant")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"optimizer.schedule: unknown schedule {schedule!r} "
-                         f"({' | '.join(SCHEDULES)})")
+    _checked_schedule(opt_cfg)
     check_weight_decay(opt_cfg)
+
+
+def _checked_schedule(opt_cfg: Any) -> str:
+    """optimizer.schedule (default "constant"); ValueError naming it when it is unknown."""
+    kind = opt_cfg.get("schedule", "constant")
+    if kind not in SCHEDULES:
+        raise ValueError(f"optimizer.schedule: unknown schedule {kind!r} "
+                         f"({' | '.join(SCHEDULES)})")
+    return kind
 
 
 def check_weight_decay(opt_cfg: Any) -> None:
