@@ -226,8 +226,9 @@ def group_settings(configs: Mapping[str, Mapping[str, Any] | None]
       (settings {label: [run names]}, legend {label: text}, note): labels are "A", "B", ... in
       order of first appearance, each described by the values of the keys that tell the
       settings apart; keys that only some settings have are summarised by section ("also
-      distill.* (35 keys)"). Runs without a config (evaluate reports) form one setting of their
-      own. One setting "" (legend empty) when all runs share their settings or none has a
+      distill.* (35 keys)"); a run given `distill.teacher_checkpoint` never read its
+      `distill.teacher.*` keys, which therefore tell it apart from no other run. Runs without a
+      config (evaluate reports) form one setting of their own. One setting "" (legend empty) when all runs share their settings or none has a
       config. `note` says which runs had no config when others had one, else None.
     """
     import fnmatch
@@ -241,19 +242,24 @@ def group_settings(configs: Mapping[str, Mapping[str, Any] | None]
     note = (f"{', '.join(no_config)} {'has' if len(no_config) == 1 else 'have'} no "
             f"{CONFIG_FILE} (evaluate reports): summarised apart from the training runs"
             ) if no_config else None
-    absent = object()
+    absent, unused = object(), object()
     keys = sorted({k for name in with_config for k in configs[name]
                    if not any(fnmatch.fnmatchcase(k, p) for p in REPEAT_KEYS)})
 
     def value(name: str, key: str) -> Any:
+        # A run given a teacher checkpoint never read its own teacher's settings.
+        if key.startswith("distill.teacher.") and configs[name].get("distill.teacher_checkpoint"):
+            return unused
         found = configs[name].get(key, cfglib.IMPLICIT_VALUES.get(key, absent))
         return absent if found is absent else json.dumps(found, sort_keys=True)
 
-    varying = [k for k in keys if len({value(n, k) for n in with_config}) > 1]
+    def values(key: str) -> set:
+        return {value(n, key) for n in with_config} - {unused}
+
+    varying = [k for k in keys if len(values(k)) > 1]
     # Listed by value: keys every config has, and keys whose value differs where present;
     # keys some configs lack and that agree where present are counted by section.
-    shared = [k for k in varying if all(value(n, k) is not absent for n in with_config)
-              or len({value(n, k) for n in with_config} - {absent}) > 1]
+    shared = [k for k in varying if absent not in values(k) or len(values(k) - {absent}) > 1]
     partial_sections = {k.split(".")[0] for k in varying if k not in shared}
     if not varying and not no_config:
         return {"": names}, {}, None
@@ -266,16 +272,16 @@ def group_settings(configs: Mapping[str, Mapping[str, Any] | None]
         else:
             signature = tuple(value(name, k) for k in varying)
             parts = [f"{k}={'<absent>' if value(name, k) is absent else value(name, k)}"
-                     for k in shared]
+                     for k in shared if value(name, k) is not unused]
             sections: dict[str, int] = {}
             for k in varying:
-                if k not in shared and value(name, k) is not absent:
+                if k not in shared and value(name, k) not in (absent, unused):
                     section = k.split(".")[0]
                     sections[section] = sections.get(section, 0) + 1
             parts += [f"also {sec}.* ({count} key{'s' if count > 1 else ''} the others lack)"
                       for sec, count in sorted(sections.items())]
             parts += [f"no {sec}.*" for sec in sorted(partial_sections - set(sections))]
-            text = ", ".join(parts)
+            text = ", ".join(parts) or "the training runs (their settings agree)"
         groups.setdefault(signature, []).append(name)
         texts.setdefault(signature, text)
     labels = [_label(i) for i in range(len(groups))]

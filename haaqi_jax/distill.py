@@ -130,10 +130,11 @@ def init_student(teacher: Any, distill_cfg: Any, seed: int) -> tuple[Any, dict[s
 HEAD_PARTS = ("adapter", "blstm", "dense", "attention", "frame_score", "layer_norm_<i>")
 
 
-def _teacher_layer_count(config: Any) -> int | None:
-    """The teacher's transformer layers, from its checkpoint's config.json or the config of
-    the teacher trained here; None when neither says. ValueError when the teacher's encoder
-    is not BEATs (a student is built from BEATs layers)."""
+def _checked_teacher_layers(config: Any) -> int | None:
+    """Checks the teacher's encoder kind and returns its transformer layers, from its
+    checkpoint's config.json or the config of the teacher trained here (None when neither
+    says). ValueError when the teacher's encoder is not BEATs (a student is built from BEATs
+    layers)."""
     given = config.distill.get("teacher_checkpoint")
     if given:
         from haaqi_jax.train.checkpoint import load_config
@@ -212,7 +213,7 @@ def check_distill_settings(config: Any) -> None:
     if not tuple(dc.target_layers):
         raise ValueError("distill.target_layers is empty: name the teacher layers the "
                          "prediction heads predict, e.g. (6, 9, 12)")
-    n_layers = _teacher_layer_count(config)
+    n_layers = _checked_teacher_layers(config)
     if n_layers is not None:
         check_layer_ranges(dc, n_layers)
     losses.check_loss_config(config.loss.name, cfglib.to_dict(config.loss.get("kwargs") or {}),

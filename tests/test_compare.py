@@ -312,6 +312,27 @@ def test_settings_of_other_structure_are_summarised_by_section():
     assert legend["A"].startswith('distill.head_kind=<absent>')
 
 
+def test_unused_teacher_settings_make_no_setting():
+    """A run distilled from a teacher checkpoint never read its distill.teacher.* keys: they
+    neither split its seeds apart nor describe it."""
+    own = {"seed": 0, "distill.teacher_checkpoint": None,
+           "distill.teacher.train.num_epochs": 25, "distill.teacher.optimizer.learning_rate": 1e-3}
+    given = {**own, "distill.teacher_checkpoint": "t/report/best_model"}
+    configs = {"own": own, "own_other": {**own, "distill.teacher.train.num_epochs": 5},
+               "given0": given, "given1": {**given, "seed": 1,
+                                           "distill.teacher.train.num_epochs": 5}}
+    settings, legend, _ = compare.group_settings(configs)
+    assert settings == {"A": ["own"], "B": ["own_other"], "C": ["given0", "given1"]}
+    assert legend == {
+        "A": "distill.teacher.train.num_epochs=25, distill.teacher_checkpoint=null",
+        "B": "distill.teacher.train.num_epochs=5, distill.teacher_checkpoint=null",
+        "C": 'distill.teacher_checkpoint="t/report/best_model"'}
+    # All training runs alike next to an evaluate report: their setting is described.
+    _, legend, _ = compare.group_settings({"given0": given, "report": None})
+    assert legend == {"A": "the training runs (their settings agree)",
+                      "B": "no config.json (evaluate reports)"}
+
+
 def test_the_plot_does_not_magnify_runs_that_agree(tmp_path, monkeypatch):
     """Runs 3e-6 apart filled the panel with an offset axis; now it spans at least
     MIN_PLOT_RANGE, with plain tick labels."""

@@ -307,6 +307,10 @@ def test_batch_argument_checks_name_the_argument():
         haaqi_batch(ref, proc, FS, levels, key=5)
     with pytest.raises(ValueError, match="reference has no items"):
         haaqi_batch(ref[:0], proc[:0], FS, levels[:0])
+    # A list of clips of several lengths: the fix is named, not numpy's "inhomogeneous shape".
+    with pytest.raises(ValueError, match=r"reference: the items have different shapes .*"
+                                         r"zero-pad .* lengths="):
+        haaqi_batch([ref[0], ref[1, :-5]], [proc[0], proc[1, :-5]], FS, levels)
     with pytest.raises(ValueError, match="sample_rate must be a number"):
         haaqi_batch(ref, proc, None, levels)
     with pytest.raises(ValueError, match="chunk must be a positive"):
@@ -481,10 +485,10 @@ def test_score_cli_matches_pyclarity(tmp_path, capsys):
         assert quiet["combined"] == pytest.approx(0.162, abs=1e-12)
     assert cli.main(["score", str(tmp_path / "missing.wav"), str(tmp_path / "proc.wav"),
                      "--audiogram", "0,0,0,0,0,0,0,0"]) == 2
-    assert "audio file not found: " in capsys.readouterr().err
+    assert "missing.wav does not exist" in capsys.readouterr().err
     assert cli.main(["score", str(tmp_path), str(tmp_path / "proc.wav"),
                      "--audiogram", "0,0,0,0,0,0,0,0"]) == 2
-    assert "is a folder, not an audio file" in capsys.readouterr().err
+    assert "is a folder, not a file" in capsys.readouterr().err
 
 
 _TWO_DEVICE_SCRIPT = """

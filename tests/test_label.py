@@ -105,7 +105,7 @@ def _make_dataset(root: Path) -> dict:
     expect["nan_audiogram"] = "not finite"
     bad("text_audiogram", "cannot read '0,10,twenty' as numbers", audiogram="0,10,twenty")
     bad("dict_audiogram", "expected a list of numbers", audiogram={"250": 0})
-    bad("missing_file", "reference file not found", reference="nowhere.wav")
+    bad("missing_file", "nowhere.wav does not exist", reference="nowhere.wav")
     (root / "corrupt.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEfmt garbage" + bytes(64))
     bad("corrupt", "cannot read processed file", processed="corrupt.wav")
     x = _music(rng, N, SR, 300.0)
@@ -138,7 +138,7 @@ def _make_dataset(root: Path) -> dict:
     bad("channels", "channels differ: reference 2, processed 1",
         reference=_write(root / "x_stereo.wav", np.stack([x, x], axis=1)), processed="x.wav")
     (root / "a_folder").mkdir()
-    bad("folder", "a_folder is a folder, not an audio file", processed="a_folder")
+    bad("folder", "a_folder is a folder, not a file", processed="a_folder")
     return {"rows": rows, "good": good, "expect": expect}
 
 
@@ -277,6 +277,17 @@ def test_labels_and_bad_rows(dataset, tmp_path, level1_rule, equalisation):
         assert got["reference"] == rows[row_id]["reference"]
 
 
+def test_progress_bar_counts_every_row(dataset, tmp_path, capsys):
+    """The bar's total is every manifest row: rows refused before scoring (a missing file, a
+    manifest fault) are counted as done from the start, not left out."""
+    summary = label_mod.label_manifest(dataset["manifest"], tmp_path / "labels.jsonl",
+                                       batch_size=3, scorer=FakeScorer(), progress=True)
+    final = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert summary.n_rows > summary.n_ok > 0
+    assert f"{summary.n_rows}/{summary.n_rows}" in final, final
+    assert f"ok={summary.n_ok}" in final and f"failed={summary.n_failed}" in final, final
+
+
 def test_one_ear_and_metric_errors(dataset, tmp_path):
     rows = dataset["rows"][:len(dataset["good"])]
     rows = rows + [dict(rows[1], id="rejected", level1=123.0),
@@ -370,9 +381,9 @@ def test_csv_manifest_equals_jsonl(dataset, tmp_path):
     with open(manifest, "w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (",".join(map(str, v)) if isinstance(v, list) else v)
-                             for k, v in row.items()})
+        for i, row in enumerate(rows):   # lists as "0,10,..." cells, every other one "[0, 10, ...]"
+            writer.writerow({k: ((json.dumps(v) if i % 2 else ",".join(map(str, v)))
+                                 if isinstance(v, list) else v) for k, v in row.items()})
     from_csv = tmp_path / "csv.jsonl"
     from_json = tmp_path / "json.jsonl"
     label_mod.label_manifest(manifest, from_csv, scorer=FakeScorer(), progress=False)

@@ -583,6 +583,12 @@ def test_head_checkpoint_starts_the_head_from_a_haaqinet(tiny, tmp_path, capsys)
                                          r"\(0.01 there, 0.5 here\)"):
         loop.build_model(_config(overrides + [f"model.head_checkpoint={tmp_path / 'source'}",
                                               "model.head.audiogram_scale=0.5"]))
+    # Several settings differ: each is named, and the hint sets them all.
+    with pytest.raises(ValueError, match=r"--set model.head.audiogram_scale=0.01 "
+                                         r"--set model.head.num_heads=4$"):
+        loop.build_model(_config(overrides + [f"model.head_checkpoint={tmp_path / 'source'}",
+                                              "model.head.audiogram_scale=0.5",
+                                              "model.head.num_heads=8"]))
     with pytest.raises(FileNotFoundError, match="model.head_checkpoint: .*missing"):
         loop.build_model(_config(overrides + [f"model.head_checkpoint={tmp_path}"]))
     # The same head settings on an encoder of other features: the encoder is named.
@@ -600,7 +606,7 @@ def test_head_checkpoint_starts_the_head_from_a_haaqinet(tiny, tmp_path, capsys)
     loop.build_model(_config(overrides + [f"model.head_checkpoint={tmp_path / 'source'}"]))
     # A stacked head (as the authors' trainer config) needs the same stack here.
     loop.build_model(_config(overrides + ["model.head.lstm_layers=2"])).save(tmp_path / "deep")
-    with pytest.raises(ValueError, match=r"lstm_layers \(2 there, 1 here\); e.g. --set "
+    with pytest.raises(ValueError, match=r"lstm_layers \(2 there, 1 here\); to match it: --set "
                                          r"model.head.lstm_layers=2"):
         loop.build_model(_config(overrides + [f"model.head_checkpoint={tmp_path / 'deep'}"]))
     deep = loop.build_model(_config(overrides + [f"model.head_checkpoint={tmp_path / 'deep'}",

@@ -276,7 +276,13 @@ def compute_haaqi(processed_signal, reference_signal, processed_sample_rate: flo
 
 
 def _as_batch(name: str, x, batch: int | None = None) -> np.ndarray:
-    arr = np.asarray(x)
+    try:
+        arr = np.asarray(x)
+    except ValueError:                     # numpy's "inhomogeneous shape": clips of many lengths
+        sizes = sorted({np.shape(item) for item in x}, key=str)
+        raise ValueError(f"{name}: the items have different shapes ({', '.join(map(str, sizes))}"
+                         f"); zero-pad them to one (batch, samples) array and give each item's "
+                         f"true length in lengths=") from None
     if arr.ndim != 2:
         raise ValueError(f"{name} must be a (batch, samples) array, got shape {arr.shape}")
     if batch is not None and arr.shape[0] != batch:

@@ -12,8 +12,8 @@ MANIFEST is JSONL (one object per line) or CSV (`.csv`, a header row) with the k
   level1                 optional dB SPL of RMS 1 for this row (beats --level1)
   id                     optional (default: the row's 0-based position among the data rows)
   split, distortion      optional text, copied into the training manifest (--manifest-out)
-In CSV, a list is one cell with comma- or space-separated numbers ("0,10,20,..."; quote it) and an
-empty cell means "not given".
+In CSV, a list is one cell with comma- or space-separated numbers ("0,10,20,..." or "[0, 10, 20,
+...]"; quote it) and an empty cell means "not given".
 
 Ears: stereo files give the left channel to the left ear and the right channel to the right ear,
 mono files the same signal to both. `--ears average` scores every ear the row describes and
@@ -149,9 +149,13 @@ class RowError:
 
 
 def _as_values(value: Any, key: str) -> np.ndarray:
-    """A list of numbers from JSON (list) or CSV (a "v1,v2,..." or "v1 v2 ..." cell)."""
+    """A list of numbers from JSON (list) or CSV (a "v1,v2,..." or "v1 v2 ..." cell, brackets
+    allowed: "[v1, v2, ...]" as a JSON list reads)."""
     if isinstance(value, str):
-        parts = value.replace(",", " ").split()
+        text = value.strip()
+        if text[:1] + text[-1:] in ("[]", "()"):
+            text = text[1:-1]
+        parts = text.replace(",", " ").split()
         try:
             return np.asarray([float(p) for p in parts], dtype=np.float64)
         except ValueError:
@@ -305,17 +309,15 @@ class _Probe:
 
 def _probe(row: LabelRow) -> _Probe:
     """Header-level checks of both files; ValueError names the file and the problem."""
-    import soundfile as sf
+    from haaqi_jax.data.audio import audio_info
     infos = {}
     for what, path in (("reference", row.reference_path), ("processed", row.processed_path)):
-        if path.is_dir():
-            raise ValueError(f"{what} {path} is a folder, not an audio file")
-        if not path.is_file():
-            raise ValueError(f"{what} file not found: {path}")
         try:
-            info = sf.info(str(path))
-        except Exception as err:  # libsndfile reports corrupt files in several exception types
-            raise ValueError(f"cannot read {what} file {path}: {err}") from None
+            info = audio_info(path)
+        except FileNotFoundError as err:                     # missing, or a folder
+            raise ValueError(f"{what}: {err}") from None
+        except ValueError as err:
+            raise ValueError(f"cannot read {what} file {err}") from None
         if info.frames <= 0:
             raise ValueError(f"{what} file {path} is empty")
         if info.channels not in (1, 2):
@@ -1090,8 +1092,10 @@ def _label_rows(manifest_path, out_path: Path, errors_path: Path, batch_size: in
         errors_out.commit()
         n_failed += len(new_errors)
         pending = sum(r.key not in done for b in batches for r in b.rows)
-        with tqdm(total=pending, unit="row", desc="HAAQI labels", disable=not progress,
-                  dynamic_ncols=True) as bar:
+        # Rows refused before scoring (unreadable files, manifest faults) count as done.
+        with tqdm(total=pending + len(new_errors), initial=len(new_errors), unit="row",
+                  desc="HAAQI labels", disable=not progress, dynamic_ncols=True) as bar:
+            bar.set_postfix(ok=n_ok, failed=n_failed, refresh=False)
             # One thread reads and prepares the next batch while this one is scored, so that
             # the host work and the device's overlap (the device waits less on a GPU).
             ahead = reader.submit(_load_batch, batches[0], scorer, settings) if batches else None

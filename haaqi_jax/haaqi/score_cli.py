@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -61,13 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _read(path: str) -> tuple[np.ndarray, int]:
-    import os
-
     import soundfile as sf
-    if os.path.isdir(path):
-        raise ValueError(f"{path} is a folder, not an audio file")
-    if not os.path.isfile(path):
-        raise ValueError(f"audio file not found: {path}")   # libsndfile says "System error"
+
+    from haaqi_jax.data.audio import audio_info
+    try:
+        audio_info(Path(path))               # libsndfile says "System error" for a missing file
+    except FileNotFoundError as err:
+        raise ValueError(str(err)) from None
     try:
         samples, rate = sf.read(path, dtype="float64", always_2d=True)
     except Exception as err:   # soundfile raises several types for missing/corrupt files

@@ -214,7 +214,8 @@ def with_head_from(net: Any, path: str | os.PathLike) -> Any:
         raise ValueError(f"{where}: its head differs from model.head in "
                          + ", ".join(f"{k} ({theirs.get(k)!r} there, {ours.get(k)!r} here)"
                                      for k in differ)
-                         + f"; e.g. --set model.head.{differ[0]}={theirs.get(differ[0])!r}")
+                         + "; to match it: " + " ".join(f"--set model.head.{k}={theirs.get(k)!r}"
+                                                        for k in differ))
     params, _ = load_params(path)
     width = lambda head: head.get("adapter", {}).get("kernel", np.zeros((0, 0))).shape[0]
     if width(params["head"]) != width(net.params["head"]):
