@@ -104,12 +104,39 @@ class Audiogram:
         return f"Audiogram({{{pairs}}} dB HL)"
 
 
+def parse_numbers(text: str, *, where: str) -> list[float]:
+    """Numbers written in one piece of text, as on a command line or in a CSV cell:
+    "10,15,20", "10 15 20", "10;15;20" or "[10, 15, 20]".
+
+    Raises ValueError naming `where` and the item at fault: an empty item ("10,,20": a level
+    left out, not a shorter audiogram) or one that is not a number.
+    """
+    body = text.strip()
+    if body[:1] + body[-1:] in ("[]", "()"):
+        body = body[1:-1]
+    items = ([item.strip() for item in body.replace(";", ",").split(",")] if "," in body
+             or ";" in body else body.split())
+    values = []
+    for k, item in enumerate(items, start=1):
+        if not item:
+            raise ValueError(f"{where}: {text!r}: item {k} is empty")
+        try:
+            values.append(float(item))
+        except ValueError:
+            raise ValueError(f"{where}: {text!r}: item {k} ({item!r}) is not a number") from None
+    return values
+
+
 def validate_levels(levels, *, where: str = "audiogram") -> np.ndarray:
     """Checks a (..., 8) array of standard-frequency levels; returns it as float32.
 
     Raises ValueError naming `where` and the first bad entry (index, frequency, value).
     """
-    arr = np.asarray(levels, dtype=np.float64)
+    try:
+        arr = np.asarray(levels, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: expected {len(STANDARD_FREQUENCIES)} numbers (dB HL), got "
+                         f"{levels!r}") from None
     if arr.shape[-1:] != (len(STANDARD_FREQUENCIES),):
         raise ValueError(f"{where}: expected {len(STANDARD_FREQUENCIES)} levels at "
                          f"{STANDARD_FREQUENCIES} Hz, got shape {arr.shape}")

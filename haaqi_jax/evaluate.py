@@ -303,7 +303,8 @@ def evaluate_manifest(model_dir: str | os.PathLike, manifest: str | os.PathLike,
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     rows = read_manifest(manifest, require_label=True, check_files=True, on_error="skip",
                          progress=progress)
-    skipped = [{"line": line, "reason": reason} for line, reason in rows.skipped]
+    skipped = [{"line": line, "id": row_id, "reason": reason}
+               for (line, reason), row_id in zip(rows.skipped, rows.skipped_ids)]
     split_of = {id(r): UNSPLIT if r.split is None else r.split for r in rows}
     available = sorted(set(split_of.values()))
     if not splits and "train" in available and len(available) > 1:

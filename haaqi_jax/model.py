@@ -363,6 +363,11 @@ def resample_to_16k(waveform: np.ndarray, sample_rate: int) -> np.ndarray:
     return resample(waveform, int(sample_rate), SAMPLE_RATE)
 
 
+#: Sample rates `prepare_waveform` accepts (Hz): below 1 kHz no music is left to judge (HAAQI
+#: refuses it too); above 768 kHz the rate is more likely a mistake than a recording.
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 768_000
+
+
 def prepare_waveform(waveform, sample_rate: int, *, where: str = "waveform") -> np.ndarray:
     """Validates one mono clip and resamples it to 16 kHz float32.
 
@@ -378,6 +383,9 @@ def prepare_waveform(waveform, sample_rate: int, *, where: str = "waveform") -> 
             or sample_rate <= 0:
         raise ValueError(f"{where}: sample rate must be a positive whole number of Hz, got "
                          f"{sample_rate!r}")
+    if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
+        raise ValueError(f"{where}: sample rate {sample_rate} Hz is not an audio rate (accepted: "
+                         f"{MIN_SAMPLE_RATE} Hz to {MAX_SAMPLE_RATE // 1000} kHz)")
     x = check_waveform(waveform, name=where, min_samples=1)
     return check_waveform(resample_to_16k(x, sample_rate), name=where, min_samples=MIN_SAMPLES)
 

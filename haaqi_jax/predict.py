@@ -47,7 +47,7 @@ from typing import Iterable
 
 import numpy as np
 
-from haaqi_jax.audiogram import STANDARD_FREQUENCIES, validate_levels
+from haaqi_jax.audiogram import STANDARD_FREQUENCIES, parse_numbers, validate_levels
 
 #: Inputs read as manifests (a .csv is named as not one, instead of read as audio).
 MANIFEST_SUFFIXES = (".jsonl", ".json", ".csv")
@@ -65,6 +65,7 @@ class Job:
     score: float | None = None
     duration_s: float | None = None
     row_id: str | None = None       # the manifest row's id, to join results back to it
+    row_at: str | None = None       # "manifest:line" of a manifest row, for its error messages
     found_in: Path | None = None    # the folder argument it was found under
     audiogram_from: str = ""        # "manifest", "--audiograms KEY" or "--audiogram"
 
@@ -96,11 +97,7 @@ def audio_extensions() -> set[str]:
 
 def parse_audiogram(text: str, *, where: str = "--audiogram") -> np.ndarray:
     """'v1,...,v8' -> (8,) float32, ValueError naming `where` on a bad value or count."""
-    try:
-        values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{where}: {text!r} is not a list of numbers") from None
-    return validate_levels(values, where=where)
+    return validate_levels(parse_numbers(text, where=where), where=where)
 
 
 def _frequency_of(column: str) -> float | None:
@@ -221,11 +218,11 @@ def _manifest_jobs(path: Path) -> list[Job]:
     jobs = [Job(Path(row.file_path), str(row.file_path) + (
                     f" ({row.channel} channel)" if row.channel else ""),
                 audiogram=np.asarray(row.audiogram), audiogram_from="manifest",
-                channel=row.channel, row_id=row.id)
+                channel=row.channel, row_id=row.id, row_at=f"{path}:{row.line}")
             for row in rows]
     # A bad row is reported like a bad file; the other rows are still scored.
-    jobs += [Job(path, f"{path}:{line}", error=reason)
-             for line, reason in rows.skipped]
+    jobs += [Job(path, f"{path}:{line}", error=reason, row_id=row_id)
+             for (line, reason), row_id in zip(rows.skipped, rows.skipped_ids)]
     return jobs
 
 
@@ -281,6 +278,8 @@ def load_job(job: Job) -> np.ndarray | None:
     except (ValueError, OSError, RuntimeError) as e:  # soundfile raises RuntimeError subclasses
         job.error = str(e) if job.name in str(e) or str(job.file) in str(e) \
             else f"{job.name}: {e}"
+        if job.row_at is not None:
+            job.error = f"{job.row_at} (id {job.row_id!r}): {job.error}"
         return None
     job.duration_s = len(clip) / SAMPLE_RATE
     peak = float(np.max(np.abs(clip)))

@@ -50,3 +50,28 @@ def test_resample_is_linear_in_log_frequency_and_holds_the_ends():
     np.testing.assert_allclose(out.levels, expected)
     assert out.levels[0] == 20.0 and out.levels[-1] == 60.0      # 250 and 6000 Hz held
     assert out.levels[3] == pytest.approx(50.0)                   # 2000 Hz: halfway in log f
+
+
+@pytest.mark.parametrize("text,values", [
+    ("10,15,20", [10, 15, 20]), ("10 15 20", [10, 15, 20]), ("10; 15;20", [10, 15, 20]),
+    ("[10, 15, 20]", [10, 15, 20]), (" (-5, 0) ", [-5, 0]), ("1e1,2.5", [10, 2.5])])
+def test_numbers_are_read_from_text_as_written_by_hand(text, values):
+    from haaqi_jax.audiogram import parse_numbers
+    assert parse_numbers(text, where="x") == values
+
+
+@pytest.mark.parametrize("text,message", [
+    ("10,,20", r"x: '10,,20': item 2 is empty"),          # a level left out, not 2 levels
+    ("10,20,", r"item 3 is empty"),
+    ("10,abc,20", r"item 2 \('abc'\) is not a number"),
+    ("[10 20 x]", r"item 3 \('x'\) is not a number")])
+def test_text_that_is_not_numbers_is_named(text, message):
+    from haaqi_jax.audiogram import parse_numbers
+    with pytest.raises(ValueError, match=message):
+        parse_numbers(text, where="x")
+
+
+def test_levels_that_are_not_numbers_are_named():
+    from haaqi_jax.audiogram import validate_levels
+    with pytest.raises(ValueError, match=r"listener: expected 8 numbers \(dB HL\), got \['a'"):
+        validate_levels(["a"] + [0] * 7, where="listener")

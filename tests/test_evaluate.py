@@ -156,6 +156,7 @@ def test_evaluate_skips_bad_rows_and_scores_rows_without_a_split(tmp_path, capsy
     assert "skipped line 3:" in err and "skipped id 'silent':" in err and "silent" in err
     skipped = json.loads((out / "skipped.json").read_text())
     assert [s.get("line", s.get("id")) for s in skipped] == [3, "silent"]
+    assert skipped[0]["id"] == "3"              # bad JSON: the row's id is its line
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["overall"]["n"] == 4 and list(metrics["by_split"]) == ["unsplit"]
     assert metrics["by_split"]["unsplit"]["label_mean"] == pytest.approx(

@@ -489,6 +489,25 @@ def test_score_cli_matches_pyclarity(tmp_path, capsys):
     assert cli.main(["score", str(tmp_path), str(tmp_path / "proc.wav"),
                      "--audiogram", "0,0,0,0,0,0,0,0"]) == 2
     assert "is a folder, not a file" in capsys.readouterr().err
+    # Files of other durations: scored as pyclarity does (the first 0.3 s), with a warning.
+    sf.write(tmp_path / "short.wav", proc[:4800], 16000, subtype="DOUBLE")
+    assert cli.main(["score", str(tmp_path / "ref.wav"), str(tmp_path / "short.wav"),
+                     "--audiogram", ",".join(map(str, levels)), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "lasts 0.500 s" in captured.err and "first 0.300 s of each" in captured.err
+    np.random.seed(0)
+    expected = clarity_haaqi_v1(ref, 16000, proc[:4800], 16000,
+                                ClarityAudiogram(np.asarray(levels, float), STANDARD_FREQUENCIES),
+                                1, 65.0)
+    assert json.loads(captured.out)["combined"] == pytest.approx(expected[0], abs=1e-6)
+    # A metric error names the files (here non-finite processed samples).
+    bad = proc.copy()
+    bad[100] = np.nan
+    sf.write(tmp_path / "nan.wav", bad, 16000, subtype="DOUBLE")
+    assert cli.main(["score", str(tmp_path / "ref.wav"), str(tmp_path / "nan.wav"),
+                     "--audiogram", ",".join(map(str, levels))]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'ref.wav'} / {tmp_path / 'nan.wav'}: processed has non-finite" in err
 
 
 _TWO_DEVICE_SCRIPT = """

@@ -103,7 +103,7 @@ def _make_dataset(root: Path) -> dict:
     rows.append('{"id": "nan_audiogram", "reference": "%s", "processed": "%s", '
                 '"audiogram": [0, 0, NaN, 0, 0, 0, 0, 0]}' % (ref_ok, proc_ok))
     expect["nan_audiogram"] = "not finite"
-    bad("text_audiogram", "cannot read '0,10,twenty' as numbers", audiogram="0,10,twenty")
+    bad("text_audiogram", "item 3 ('twenty') is not a number", audiogram="0,10,twenty")
     bad("dict_audiogram", "expected a list of numbers", audiogram={"250": 0})
     bad("missing_file", "nowhere.wav does not exist", reference="nowhere.wav")
     (root / "corrupt.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEfmt garbage" + bytes(64))
@@ -373,6 +373,52 @@ def test_training_manifest_one_row_per_ear(dataset, tmp_path):
             tmp_path / "none.jsonl")
 
 
+def test_training_manifest_leaves_out_what_training_refuses(dataset, tmp_path):
+    """Rows train.py would stop at (processed audio the encoder refuses: shorter than one BEATs
+    patch, silent) and ears HAAQI found inaudible (their score is the metric's floor) stay out
+    of the training manifest, each named; the rest is written."""
+    from haaqi_jax.data.manifest import read_manifest
+
+    rng = np.random.default_rng(3)
+    root = dataset["root"]
+    short = _music(rng, int(0.1 * SR), SR, 330.0)             # 1600 samples at 16 kHz < 2800
+    _write(root / "short_ref.wav", short)
+    _write(root / "short_proc.wav", 0.5 * short)
+    quiet = _music(rng, N, SR, 250.0)
+    _write(root / "silent_ref.wav", quiet)
+    _write(root / "silent_proc.wav", np.zeros(N))
+    good = dataset["rows"][:len(dataset["good"])]
+    single = next(r for r in good if "audiogram" in r)                # one ear: "both"
+    stereo = next(r for r in good if "audiogram_left" in r)           # two ears
+    rows = [single, stereo,
+            dict(single, id="short", reference="short_ref.wav", processed="short_proc.wav"),
+            dict(single, id="silent", reference="silent_ref.wav", processed="silent_proc.wav")]
+    manifest = _write_jsonl(root / "pairs_untrainable.jsonl", rows)
+    out, train = tmp_path / "labels.jsonl", tmp_path / "train.jsonl"
+    summary = label_mod.label_manifest(manifest, out, scorer=FakeScorer(), progress=False,
+                                       manifest_out=train)
+    assert summary.n_ok == 4                                  # HAAQI scores all four
+    reasons = dict(summary.training.left_out)
+    assert sorted(reasons) == ["short", "silent"]
+    assert "the encoder cannot read it" in reasons["short"] and "too short" in reasons["short"]
+    assert "silent" in reasons["silent"]
+    assert sorted(r.id for r in read_manifest(train)) == sorted(
+        [single["id"], f"{stereo['id']}/left", f"{stereo['id']}/right"])
+    assert "2 left out:\n  id 'short': the encoder cannot read it" in str(summary.training)
+    # An inaudible ear goes; the other ear of its clip stays.
+    labels = _read_jsonl(out)
+    for label in labels:
+        if label["id"] == stereo["id"]:
+            label["per_ear"]["left"]["audible"] = False
+    edited = tmp_path / "inaudible.jsonl"
+    edited.write_text("".join(json.dumps(label) + "\n" for label in labels))
+    again = label_mod.write_training_manifest(edited, manifest, tmp_path / "train2.jsonl")
+    assert dict(again.left_out)[f"{stereo['id']}/left"].startswith("inaudible: ")
+    assert sorted(r.id for r in read_manifest(again.path)) == sorted(
+        [single["id"], f"{stereo['id']}/right"])
+    assert again.n_labels == 2
+
+
 def test_csv_manifest_equals_jsonl(dataset, tmp_path):
     rows = dataset["rows"][:len(dataset["good"])]
     columns = ["id", "reference", "processed", "audiogram", "audiogram_left", "audiogram_right",
@@ -422,6 +468,14 @@ def test_cli_refuses_clashing_or_unwritable_outputs_before_labelling(dataset, tm
     latin.write_bytes("id,reference\ncaf\xe9,x.wav\n".encode("latin-1"))
     assert cli.main(["label", str(latin), "--out", str(tmp_path / "o" / "l.jsonl")]) == 2
     assert "latin.csv is not UTF-8 text" in capsys.readouterr().err
+    # A manifest without rows is a usage error, not "0 rows: 0 labelled" and success.
+    (tmp_path / "header.csv").write_text("id,reference,processed,audiogram\n")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    for empty, where in (("header.csv", "has no rows below its header"),
+                         ("empty.jsonl", "has no rows: nothing to label")):
+        assert cli.main(["label", str(tmp_path / empty), "--out",
+                         str(tmp_path / "o" / "l.jsonl")]) == 2
+        assert f"{empty} {where}" in capsys.readouterr().err
 
 
 def test_a_fixed_row_is_labelled_on_the_next_run(dataset, tmp_path):

@@ -368,6 +368,10 @@ def test_predict_accepts_2d_array_and_one_audiogram(weighted_net, levels):
     np.testing.assert_allclose(c, b, atol=1e-6)
     with pytest.raises(ValueError, match="sample rate"):
         weighted_net.predict(clips, 0, levels[0], progress=False)
+    # A rate no recording has: named, not "the waveform is empty" after resampling.
+    for rate in (100, 10**9):
+        with pytest.raises(ValueError, match=rf"sample rate {rate} Hz is not an audio rate"):
+            weighted_net.predict(clips, rate, levels[0], progress=False)
 
 
 def test_predict_zero_padded_rows_with_lengths(weighted_net, levels):

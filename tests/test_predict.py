@@ -141,11 +141,24 @@ def test_manifest_rows_of_one_channel(setup):
         row = rows[f"{stereo} ({ear} channel)"]
         assert float(row["haaqi"]) == pytest.approx(expected, abs=1e-5)
         assert row["id"] == f"c/{ear}"               # joins back to the manifest row
+    # A row whose file is missing, and a row the manifest check refuses: each error names
+    # the manifest line, and the id column joins it back to the row.
+    manifest.write_text(manifest.read_text() + "".join(json.dumps(r) + "\n" for r in (
+        {"id": "gone", "file_path": str(root / "nope.wav"), "audiogram": LEVELS},
+        {"id": "deaf", "file_path": str(stereo), "audiogram": [200] * 8})))
+    assert cli.main(["predict", "--checkpoint", str(root / "ckpt"), str(manifest),
+                     "--out", str(out), "--no-progress"]) == 1
+    by_id = {row["id"]: row for row in _rows(out).values()}
+    assert by_id["gone"]["error"].startswith(f"{manifest}:3 (id 'gone'): ")
+    assert "nope.wav does not exist" in by_id["gone"]["error"]
+    assert f"{manifest}:4 (id 'deaf')" in by_id["deaf"]["error"]
+    assert "200" in by_id["deaf"]["error"] and not by_id["deaf"]["haaqi"]
 
 
 @pytest.mark.parametrize("args, message", [
     (["--audiogram", "10,20,30"], "--audiogram: expected 8 levels"),
-    (["--audiogram", "10,20,x,1,1,1,1,1"], "not a list of numbers"),
+    (["--audiogram", "10,20,x,1,1,1,1,1"], "item 3 ('x') is not a number"),
+    (["--audiogram", "10,,20,30,40,50,60,70"], "item 2 is empty"),   # not "7 levels"
     (["--audiogram", "10,20,30,40,50,60,70,500"], "dB HL at 8000 Hz"),
     (["--audiograms", "TABLE_BAD_HEADER"], "header must be"),
     (["--audiograms", "MISSING.csv"], "does not exist"),

@@ -127,13 +127,16 @@ class Manifest(list):
     Attributes:
       path: the manifest file read.
       skipped: ((line, reason), ...) of the rows dropped with on_error="skip" (else empty).
+      skipped_ids: the id of each skipped row (as a row's `id`: the line when it has none),
+        in the order of `skipped`.
     """
 
     def __init__(self, rows: Iterable[ManifestRow] = (), *, path: Path | None = None,
-                 skipped: Sequence[tuple[int, str]] = ()):
+                 skipped: Sequence[tuple[int, str]] = (), skipped_ids: Sequence[str] = ()):
         super().__init__(rows)
         self.path = path
         self.skipped = tuple(skipped)
+        self.skipped_ids = tuple(skipped_ids)
 
 
 def _check_label(value: Any, key: str = "haaqi_score") -> float:
@@ -332,6 +335,7 @@ def read_manifest(path: str | os.PathLike, *, require_label: bool = False,
     base = path.parent
     rows: list[ManifestRow] = []
     skipped: list[tuple[int, str]] = []
+    skipped_ids: list[str] = []
     seen: dict[str, int] = {}
     try:
         text = path.read_text(encoding="utf-8-sig")          # a BOM (Excel's CSV) is fine
@@ -357,6 +361,7 @@ def read_manifest(path: str | os.PathLike, *, require_label: bool = False,
             if on_error == "raise":
                 raise ValueError(reason) from None
             skipped.append((line, reason))
+            skipped_ids.append(str(row_id))
         else:
             seen[row.id] = line
             rows.append(row)
@@ -367,7 +372,7 @@ def read_manifest(path: str | os.PathLike, *, require_label: bool = False,
     if not rows:
         raise ValueError(f"{path}: no usable rows" + (
             f" ({len(skipped)} skipped; the first: {skipped[0][1]})" if skipped else ""))
-    return Manifest(rows, path=path, skipped=skipped)
+    return Manifest(rows, path=path, skipped=skipped, skipped_ids=skipped_ids)
 
 
 def write_manifest(path: str | os.PathLike,

@@ -534,9 +534,12 @@ def haaqi_batch(reference, processed, sample_rate: float, audiogram_levels,
     float32 scores differ from float64 by rounding: 4.1e-5 at most on the benchmark's 10 s
     clips; at most 5.8e-6 on 240 music-like clips of 0.45-1 s, and 1.1e-5 on 480 held notes,
     once the near-ties of the alignment search are re-ranked exactly (before, a flipped lag
-    moved such clips by up to 5.5e-3). An item's float32 score can also move with the other
-    items of its batch (all are padded to one bucketed length): 6e-7 at most on those 240
-    clips padded to 3 s; float64 scores do not move with the padding. Either dtype
+    moved such clips by up to 5.5e-3). Far from music the difference can be larger: a lone
+    impulse scored against two steady tones gave 0.0313 in float32 and 0.0280 in float64
+    (cephigh 0.254 vs 0.183); score such test signals in float64. An item's float32 score can
+    also move with the other items of its batch (all are padded to one bucketed length): 6e-7
+    at most on those 240 clips padded to 3 s; float64 scores do not move with the padding.
+    Either dtype
     moves with an item's *position*: item i draws its threshold noise from fold_in(key, i), so
     the same pair at another index gets other noise (~3e-5 measured on a 1 s clip). Labels
     that must not depend on the batch: dtype=jnp.float64 and B per-item keys, e.g. from each

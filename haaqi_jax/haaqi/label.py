@@ -152,14 +152,8 @@ def _as_values(value: Any, key: str) -> np.ndarray:
     """A list of numbers from JSON (list) or CSV (a "v1,v2,..." or "v1 v2 ..." cell, brackets
     allowed: "[v1, v2, ...]" as a JSON list reads)."""
     if isinstance(value, str):
-        text = value.strip()
-        if text[:1] + text[-1:] in ("[]", "()"):
-            text = text[1:-1]
-        parts = text.replace(",", " ").split()
-        try:
-            return np.asarray([float(p) for p in parts], dtype=np.float64)
-        except ValueError:
-            raise ValueError(f"{key}: cannot read {value!r} as numbers") from None
+        from haaqi_jax.audiogram import parse_numbers
+        return np.asarray(parse_numbers(value, where=key), dtype=np.float64)
     if not isinstance(value, (list, tuple)) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
         raise ValueError(f"{key}: expected a list of numbers, got {value!r}")
@@ -256,7 +250,8 @@ def read_label_manifest(path: str | os.PathLike, *, limit: int | None = None,
 
     Returns the good rows and a RowError per bad one (malformed line, missing key, bad audiogram or
     level1, duplicate id), in file order. `limit` keeps only the first `limit` data rows.
-    Raises FileNotFoundError if the manifest itself is missing.
+    Raises FileNotFoundError if the manifest itself is missing, ValueError if it is a folder,
+    not UTF-8 text or holds no rows.
     """
     path = Path(path).expanduser()
     if path.is_dir():
@@ -268,6 +263,10 @@ def read_label_manifest(path: str | os.PathLike, *, limit: int | None = None,
     except UnicodeDecodeError as err:
         raise ValueError(f"manifest {path} is not UTF-8 text (byte {err.start}); save it as "
                          f"UTF-8") from None
+    if not raw:
+        raise ValueError(f"manifest {path} has no rows" + (
+            " below its header" if path.suffix.lower() == ".csv" else "")
+            + ": nothing to label (one JSON object per line, or a CSV with a header row)")
     rows, errors, seen = [], [], set()
     for index, line, fields, problem in raw:
         if limit is not None and index >= limit:
@@ -810,8 +809,9 @@ class LabelSummary:
 @dataclasses.dataclass(frozen=True)
 class TrainingManifestSummary:
     """What `write_training_manifest` wrote. n_rows: training rows (one per ear); n_labels:
-    labelled manifest rows they came from; left_out: (label id, reason) of the label rows not
-    written (absent from the manifest, or unusable scores)."""
+    labelled manifest rows they came from; left_out: (label id, or training id of one ear,
+    reason) of what was not written (absent from the manifest, unusable scores, an inaudible
+    ear, processed audio the encoder refuses)."""
 
     path: Path
     n_rows: int
@@ -821,8 +821,11 @@ class TrainingManifestSummary:
     def __str__(self) -> str:
         text = f"training manifest: {self.n_rows} rows from {self.n_labels} labels -> {self.path}"
         if self.left_out:
-            text += (f" ({len(self.left_out)} label row(s) left out, e.g. id "
-                     f"{self.left_out[0][0]!r}: {self.left_out[0][1]})")
+            shown = 10
+            text += f"; {len(self.left_out)} left out:"
+            text += "".join(f"\n  id {key!r}: {reason}" for key, reason in self.left_out[:shown])
+            if len(self.left_out) > shown:
+                text += f"\n  ... and {len(self.left_out) - shown} more"
         return text
 
 
@@ -861,6 +864,22 @@ def training_rows(label: dict[str, Any], row: LabelRow) -> list[Any]:
             channel=None if ear == "both" else ear, group=row.key if several else None,
             split=row.split, distortion=row.distortion))
     return out
+
+
+def _untrainable(scores: dict[str, Any], row: Any) -> str | None:
+    """Why `train.py` could not use a training row (one ear of a label), else None: an ear
+    HAAQI found inaudible (its score is the metric's floor, not a quality), or processed audio
+    the encoder refuses (shorter than one BEATs patch at 16 kHz, silent): the check the
+    training input pipeline makes."""
+    from haaqi_jax.data.audio import check_waveform, load_audio
+    if scores.get("audible") is False:
+        return ("inaudible: the reference is below the listener's threshold, so the score is "
+                "HAAQI's floor, not the clip's quality")
+    try:
+        check_waveform(load_audio(row.file_path, 16000, row.channel), name=str(row.file_path))
+    except (OSError, ValueError) as err:
+        return f"the encoder cannot read it: {err}"
+    return None
 
 
 def _clean_path(path: Path) -> Path:
@@ -906,11 +925,19 @@ def write_training_manifest(labels_path: str | os.PathLike, manifest_path: str |
                                       f"({changed}): rerun haaqi-jax label"))
             continue
         try:
-            training += training_rows(label, row)
+            ear_rows = training_rows(label, row)
         except ValueError as err:
             left_out.append((row.key, str(err)))
             continue
-        used += 1
+        kept = []
+        for ear, ear_row in zip(sorted(label["per_ear"]), ear_rows):
+            reason = _untrainable(label["per_ear"][ear], ear_row)
+            if reason is None:
+                kept.append(ear_row)
+            else:
+                left_out.append((str(ear_row.id), reason))
+        training += kept
+        used += bool(kept)
     if not training:
         raise ValueError(f"{labels_path}: no labelled row of {manifest_path} to write"
                          + (f" ({left_out[0][0]!r}: {left_out[0][1]})" if left_out else ""))

@@ -25,10 +25,11 @@ FIELDS = ("combined", "nonlinear", "linear", "cephigh", "bmsync5", "d_loud", "d_
 
 
 def _numbers(text: str) -> list[float]:
+    from haaqi_jax.audiogram import parse_numbers
     try:
-        return [float(v) for v in text.replace(" ", ",").split(",") if v]
+        return parse_numbers(text, where="expected comma-separated numbers")
     except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _level1(text: str) -> float | str:
@@ -96,6 +97,12 @@ def score_files(reference_path: str, processed_path: str, levels, frequencies, *
     if ref.shape[1] != proc.shape[1]:
         raise ValueError(f"{reference_path} has {_channels(ref)} but {processed_path} has "
                          f"{_channels(proc)}")
+    ref_seconds, proc_seconds = ref.shape[0] / ref_rate, proc.shape[0] / proc_rate
+    if abs(ref_seconds - proc_seconds) > 0.01:
+        print(f"warning: {reference_path} lasts {ref_seconds:.3f} s and {processed_path} "
+              f"{proc_seconds:.3f} s: HAAQI (as pyclarity) compares only the first "
+              f"{min(ref_seconds, proc_seconds):.3f} s of each and ignores the rest",
+              file=sys.stderr)
     if channel == "mean":
         channels = range(ref.shape[1])
     else:
@@ -112,8 +119,13 @@ def score_files(reference_path: str, processed_path: str, levels, frequencies, *
             if rms == 0:
                 raise ValueError(f"{reference_path} channel {c} is silent")
             lev = 65.0 - 20.0 * np.log10(rms)
-        combined, nonlinear, linear, raw = haaqi_v1(ref[:, c], ref_rate, proc[:, c], proc_rate,
-                                                    audiogram, equalisation, float(lev))
+        try:
+            combined, nonlinear, linear, raw = haaqi_v1(ref[:, c], ref_rate, proc[:, c],
+                                                        proc_rate, audiogram, equalisation,
+                                                        float(lev))
+        except ValueError as err:            # the metric's message says reference/processed
+            side = "" if ref.shape[1] == 1 else f", channel {c}"
+            raise ValueError(f"{reference_path} / {processed_path}{side}: {err}") from None
         per_channel.append([combined, nonlinear, linear, *raw])
     scores = dict(zip(FIELDS, np.mean(per_channel, axis=0).tolist()))
     scores["audible"] = not any(bool(nothing_audible(c[3], c[4])) for c in per_channel)
