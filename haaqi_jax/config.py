@@ -320,12 +320,9 @@ def to_dict(cfg: ConfigDict | FrozenConfigDict) -> dict[str, Any]:
 
 def save_config(cfg: ConfigDict | FrozenConfigDict, path: str | os.PathLike) -> Path:
     """Writes the config as indented, key-sorted JSON (the record saved beside every run)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")   # atomic: other hosts may be reading it
-    tmp.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    from haaqi_jax.files import write_atomic
+    # atomic: other hosts may be reading it
+    return write_atomic(path, json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
 
 
 #: Dotted keys (fnmatch patterns) that may change when a run is resumed: they steer the loop
@@ -397,11 +394,17 @@ def save_run_config(cfg: ConfigDict | FrozenConfigDict, workdir: str | os.PathLi
     saved config differs outside `resumable_keys` this raises ValueError naming the keys. Every
     host of a multi-host run should call it (so that all stop alike), with `write` true on one.
     """
+    from haaqi_jax.files import read_json
     workdir = Path(workdir)
     path = workdir / name
+    if holds_a_run(workdir) and not path.is_file():
+        raise ValueError(f"{workdir} holds a run (checkpoints or a report) but no {name}: "
+                         f"whether this config is the one it was made with cannot be checked. "
+                         f"Restore {path}, pass another --workdir, or delete {workdir} to start "
+                         f"over.")
     if path.is_file() and holds_a_run(workdir):
         new = to_dict(cfg)
-        diffs = config_differences(json.loads(path.read_text()), new,
+        diffs = config_differences(read_json(path, "the run's config"), new,
                                    ignore=resumable_keys(new))
         if diffs:
             shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6
@@ -423,7 +426,8 @@ def load_config_json(path: str | os.PathLike) -> ConfigDict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config JSON {path} does not exist")
-    return ConfigDict(json.loads(path.read_text()))
+    from haaqi_jax.files import read_json
+    return ConfigDict(read_json(path, "a saved config"))
 
 
 def get_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> ConfigDict:

@@ -331,3 +331,53 @@ def test_a_changed_channel_is_recomputed(tmp_path):
     stored = cache.load(right)
     np.testing.assert_allclose(stored, encoder.direct(stereo[:, 1].astype(np.float32))[0],
                                rtol=1e-6)
+
+
+def test_rows_of_one_id_from_other_audio_never_share_features(rows, tmp_path):
+    """Two datasets whose rows share ids (two demo folders) in one cache folder: each run keeps
+    reading its own clips' features, even after the other run encoded its clips."""
+    (tmp_path / "other").mkdir()
+    other = _make_rows(tmp_path / "other")
+    for row in other:                                  # the same ids, other audio
+        sf.write(row.file_path, 0.3 * np.sin(np.arange(16000) / 7.0), 16000, subtype="FLOAT")
+    encoder = ToyEncoder()
+    first = build_feature_cache(rows, encoder, tmp_path / "cache", batch_size=2,
+                                fingerprint="v1")
+    second = build_feature_cache(other, encoder, tmp_path / "cache", batch_size=2,
+                                 fingerprint="v1")
+    for row_a, row_b in zip(rows, other):
+        want_a = encoder.direct(load_audio(row_a.file_path))[0]
+        want_b = encoder.direct(load_audio(row_b.file_path))[0]
+        for cache in (first, FeatureCache(first.directory)):      # opened before and after
+            np.testing.assert_allclose(cache.load(row_a), want_a, rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(second.load(row_b), want_b, rtol=1e-3, atol=1e-3)
+    calls = encoder.calls
+    build_feature_cache(rows, encoder, tmp_path / "cache", batch_size=2, fingerprint="v1")
+    build_feature_cache(other, encoder, tmp_path / "cache", batch_size=2, fingerprint="v1")
+    assert encoder.calls == calls                      # both stay cached side by side
+
+
+def test_a_damaged_feature_file_is_named_and_encoded_again(rows, tmp_path):
+    encoder = ToyEncoder()
+    cache = build_feature_cache(rows, encoder, tmp_path / "cache", batch_size=1,
+                                fingerprint="v1")
+    path = cache.directory / cache.entry(rows[3]).file
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])            # cut short (a full disk, a crash)
+    with pytest.raises(ValueError, match=rf"id 'clip/3'.*{path.name} cannot be read .*"
+                                         r"encodes it again"):
+        cache.load(rows[3])
+    # Another clip's features in its place: the token count does not match the index.
+    np.save(path, np.load(cache.directory / cache.entry(rows[0]).file))
+    with pytest.raises(ValueError, match=r"holds shape \(\d+, 5\), the index says"):
+        cache.load(rows[3])
+    calls = encoder.calls
+    rebuilt = build_feature_cache(rows, encoder, tmp_path / "cache", batch_size=1,
+                                  fingerprint="v1")
+    assert encoder.calls == calls + 1                  # that clip alone
+    np.testing.assert_allclose(rebuilt.load(rows[3]),
+                               encoder.direct(load_audio(rows[3].file_path))[0],
+                               rtol=1e-3, atol=1e-3)
+    (cache.directory / "meta.json").write_text('{"fingerprint": ')
+    with pytest.raises(ValueError, match=r"meta.json \(a feature cache's record\) is damaged"):
+        FeatureCache(cache.directory)

@@ -116,7 +116,8 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     c = demo.build_demo_dataset(tmp_path / "c", seed=4, **SMALL)
     files_a, files_b, files_c = (_files(p.parent) for p in (a, b, c))
     assert files_a == files_b
-    assert len(files_a) == 3 * 6 + 3  # 2 wavs + 1 json per clip, settings, labels, manifest
+    # 2 wavs + 1 json per clip, settings, labels, manifest, and the (empty) lock file
+    assert len(files_a) == 3 * 6 + 4 and files_a[demo.LOCK_FILE] == b""
     for name, data in files_a.items():
         if name.endswith(".wav"):
             assert files_c[name] != data, name
@@ -353,3 +354,37 @@ def test_cli_writes_a_readable_manifest(tmp_path, capsys):
     rows = read_manifest(tmp_path / "manifest.jsonl", require_label=True, check_files=True)
     assert len(rows) == 4
     assert all(0.0 <= r.haaqi_score <= 1.0 for r in rows)
+
+
+def test_a_torn_label_line_or_damaged_clip_record_is_made_again(tmp_path):
+    """What a kill (a label line cut short) or an editor (a clip record damaged) leaves in a
+    demo folder: the next build redoes that clip and its label, and the dataset comes out as
+    it was, every line of labels.jsonl readable."""
+    manifest = demo.build_demo_dataset(tmp_path, seed=1, **SMALL)
+    before = manifest.read_text()
+    labels = tmp_path / "labels.jsonl"
+    labels.write_bytes(labels.read_bytes()[:-30])
+    (tmp_path / "clips" / "demo000002.json").write_text('{"id": "demo0')
+    manifest.unlink()
+    assert demo.build_demo_dataset(tmp_path, seed=1, **SMALL).read_text() == before
+    rows = [json.loads(line) for line in labels.read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == [demo.clip_id(i) for i in range(6)]
+
+
+def test_a_second_build_of_one_folder_waits_for_the_first(tmp_path, capsys):
+    """Two processes building one demo folder (a seed sweep started from nothing) crashed on
+    each other's temporary files; the second now waits for the first and reuses its work."""
+    import threading
+
+    from haaqi_jax.files import exclusive_lock
+
+    done = []
+    with exclusive_lock(tmp_path / demo.LOCK_FILE, "held by this test"):
+        second = threading.Thread(
+            target=lambda: done.append(demo.build_demo_dataset(tmp_path, seed=1, **SMALL)))
+        second.start()
+        second.join(timeout=1.0)
+        assert second.is_alive() and not (tmp_path / "manifest.jsonl").exists()
+    second.join(timeout=120)
+    assert done and done[0].exists()
+    assert "another process is building the demo dataset" in capsys.readouterr().err

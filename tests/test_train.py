@@ -811,3 +811,52 @@ def test_grad_norm_is_the_norm_that_clipping_sees():
     _, metrics = steps_lib.make_train_step(forward, loss_fn, tx, labels)(
         state, {"weight": jnp.ones(1)})
     assert float(metrics["grad_norm"]) == pytest.approx(np.linalg.norm(w_grad), rel=1e-6)
+
+
+def test_damaged_or_shared_workdirs_are_recovered_or_named(straight_run, tiny, tmp_path):
+    """What a kill, an editor or a second run can do to a workdir: a metrics line cut short
+    and a damaged newest checkpoint are recovered from (the run ends as an uninterrupted one,
+    bit for bit); a second run on the workdir, a lost config.json and a damaged data.json are
+    refused naming the file."""
+    import shutil
+
+    from haaqi_jax.files import exclusive_lock
+    from haaqi_jax.train.checkpoint import TrainCheckpointManager
+
+    _, overrides = tiny
+    work = tmp_path / "work"
+    loop.train_and_evaluate(_config(overrides + ["train.stop_after_steps=7"]), work)
+    with open(work / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 8, "lo')                   # killed mid-line
+    ckpt = TrainCheckpointManager(work / "checkpoints")
+    newest = ckpt.latest_step()
+    assert len(ckpt.all_steps()) == 2
+    ckpt.close()
+    shutil.rmtree(work / "checkpoints" / str(newest) / "meta")        # deleted by hand
+
+    with exclusive_lock(work / loop.LOCK_FILE, "held by this test"):
+        with pytest.raises(ValueError, match=rf"another run is writing {work} \(lock "):
+            loop.train_and_evaluate(_config(overrides), work)
+
+    import contextlib
+    import io
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        result = loop.train_and_evaluate(_config(overrides), work)
+    assert (f"checkpoints/{newest}: the checkpoint of step {newest} cannot be restored"
+            in err.getvalue()) and "trying the one before it" in err.getvalue()
+    assert result.final_step == 8
+    a, b = _flat(straight_run.state), _flat(result.state)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert ((work / "metrics.jsonl").read_text()
+            == (straight_run.workdir / "metrics.jsonl").read_text())
+
+    (work / "data.json").write_text('{"manifest": ')
+    with pytest.raises(ValueError, match=r"data.json \(the record of the run's data\) is "
+                                         r"damaged: not JSON"):
+        loop.train_and_evaluate(_config(overrides), work)
+    (work / "config.json").unlink()
+    with pytest.raises(ValueError, match=r"holds a run \(checkpoints or a report\) but no "
+                                         r"config.json"):
+        loop.train_and_evaluate(_config(overrides), work)

@@ -4,7 +4,8 @@ Layout of `cache_dir/<key>/` (key = hash of the encoder fingerprint, layers, dty
   meta.json     fingerprint, layers, dtype, sample_rate, feature shape
   index.jsonl   one line per stored clip, appended as clips finish (the last line per id wins):
                 id, source (path|size|mtime_ns of the audio), file, n_samples, t_valid, t_full
-  <sha1(id)>.npy  the clip's valid tokens: (t_valid, C) or (L, t_valid, C)
+  <sha1(id|source)>.npy  the clip's valid tokens: (t_valid, C) or (L, t_valid, C); rows of one
+                id from other audio files (two demo folders) get files of their own
 
 Each clip is encoded padded to `bucket_length(its own length)`, alone or in a batch of clips
 with that same padded length, so its features do not depend on which clips it was batched with
@@ -24,7 +25,9 @@ The probe, a hash of the encoder's output on a fixed signal, sees a change of th
 that its weights and settings do not; it costs one extra encode_fn call and is bit-exact, so
 another device or backend rebuilds. A clip is
 re-encoded when its audio file's size or modification time changed. Interrupted builds resume:
-clips already in index.jsonl with their .npy present are skipped.
+clips already in index.jsonl with their .npy present and whole are skipped (a file cut short is
+encoded again). Several runs may share a cache folder: every file is written atomically under a
+name of its own.
 
 Two readers: `make_feature_batches` (the encoder's features INSTEAD of the waveforms: head-only
 training) and `add_cached_targets` (waveform batches WITH the cached outputs of a frozen
@@ -49,6 +52,7 @@ from haaqi_jax.data.buckets import bucket_length
 from haaqi_jax.data.manifest import ManifestRow
 from haaqi_jax.data.pipeline import (Batch, BatchIterator, InputConfig, local_slots,
                                      make_batch_iterator, pad_stack, row_fields)
+from haaqi_jax.files import read_json, temporary_sibling, write_atomic
 
 EncodeFn = Callable[[np.ndarray, np.ndarray], tuple[Any, Any]]
 META_FILE = "meta.json"
@@ -80,8 +84,11 @@ def _source_id(row: ManifestRow) -> str:
     return f"{row.file_path}|{stat.st_size}|{stat.st_mtime_ns}{channel}"
 
 
-def _file_name(row_id: str) -> str:
-    return hashlib.sha1(row_id.encode()).hexdigest()[:24] + ".npy"
+def _file_name(row_id: str, source: str) -> str:
+    """One file per clip *and* audio: two datasets whose rows share an id (demo000000 of two
+    demo folders) or a clip re-encoded after its audio changed never write over features that
+    another run may still be reading."""
+    return hashlib.sha1(f"{row_id}|{source}".encode()).hexdigest()[:24] + ".npy"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +107,8 @@ class FeatureCache:
 
     Attributes:
       directory, fingerprint, layers ("last"/"all"), dtype, sample_rate,
-      feature_shape ((C,) or (L, C)), entries ({row id: CacheEntry}).
+      feature_shape ((C,) or (L, C)), entries ({(row id, source): CacheEntry}: rows of one id
+      from other audio, e.g. two demo folders sharing the cache, are stored side by side).
     """
 
     def __init__(self, directory: str | os.PathLike):
@@ -109,7 +117,7 @@ class FeatureCache:
         if not meta_path.is_file():
             raise FileNotFoundError(f"{self.directory} is not a feature cache ({META_FILE} "
                                     "is missing)")
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(meta_path, "a feature cache's record")
         self.fingerprint = meta["fingerprint"]
         self.layers = meta["layers"]
         self.dtype = meta["dtype"]
@@ -118,8 +126,8 @@ class FeatureCache:
         self.feature_shape = None if shape is None else tuple(shape)
         self.entries = self._read_index()
 
-    def _read_index(self) -> dict[str, CacheEntry]:
-        entries: dict[str, CacheEntry] = {}
+    def _read_index(self) -> dict[tuple[str, str], CacheEntry]:
+        entries: dict[tuple[str, str], CacheEntry] = {}
         path = self.directory / INDEX_FILE
         if not path.is_file():
             return entries
@@ -129,27 +137,62 @@ class FeatureCache:
             except (json.JSONDecodeError, TypeError):
                 continue  # a line cut short by an interrupted build
             if (self.directory / entry.file).is_file():
-                entries[entry.id] = entry
+                entries[entry.id, entry.source] = entry
         return entries
 
     def __len__(self) -> int:
         return len(self.entries)
 
+    def _lookup(self, row: ManifestRow) -> CacheEntry | None:
+        if not row.file_path.is_file():
+            return None
+        return self.entries.get((row.id, _source_id(row)))
+
     def is_current(self, row: ManifestRow) -> bool:
-        """True when the row's clip is stored and its audio file is unchanged."""
-        entry = self.entries.get(row.id)
-        return entry is not None and row.file_path.is_file() and (
-            entry.source == _source_id(row))
+        """True when the row's clip is stored for its audio file as it is now."""
+        return self._lookup(row) is not None
 
     def entry(self, row: ManifestRow) -> CacheEntry:
-        if not self.is_current(row):
+        entry = self._lookup(row)
+        if entry is None:
             raise ValueError(f"{row.describe()} is not in the feature cache {self.directory} "
                              "(or its audio changed): run build_feature_cache on these rows")
-        return self.entries[row.id]
+        return entry
+
+    def intact(self, row: ManifestRow) -> bool:
+        """True when the row's stored file reads as the index says (header and size: a file cut
+        short by a crash or a full disk is not); reads the header only."""
+        entry = self._lookup(row)
+        try:
+            stored = np.load(self.directory / entry.file, mmap_mode="r")
+        except (OSError, ValueError, AttributeError):
+            return False
+        return self._shape_problem(entry, stored.shape) is None
+
+    def _shape_problem(self, entry: CacheEntry, shape: tuple[int, ...]) -> str | None:
+        want = (None if self.feature_shape is None else
+                self.feature_shape[:-1] + (entry.t_valid, self.feature_shape[-1]))
+        if want is not None and tuple(shape) != want:
+            return f"holds shape {tuple(shape)}, the index says {want}"
+        return None
 
     def load(self, row: ManifestRow, dtype: Any = np.float32) -> np.ndarray:
-        """The stored features as `dtype` (None = as stored): (t_valid, C) or (L, t_valid, C)."""
-        stored = np.load(self.directory / self.entry(row).file)
+        """The stored features as `dtype` (None = as stored): (t_valid, C) or (L, t_valid, C).
+
+        Raises:
+          ValueError naming the clip and its file when the file is unreadable or not the shape
+          the index records (a rerun of the cache build re-encodes such clips).
+        """
+        entry = self.entry(row)
+        path = self.directory / entry.file
+        try:
+            stored = np.load(path)
+            problem = self._shape_problem(entry, stored.shape)
+        except (OSError, ValueError) as err:
+            problem = f"cannot be read ({err})"
+        if problem is not None:
+            raise ValueError(f"{row.describe()}: its cached features {path} {problem}; the "
+                             f"file is damaged: rerun, and the cache build encodes it again")
         return stored if dtype is None else stored.astype(dtype)
 
 
@@ -243,10 +286,10 @@ def build_feature_cache(rows: Sequence[ManifestRow], encode_fn: EncodeFn,
     if not meta_path.is_file():
         meta = {"fingerprint": fingerprint, "layers": layers, "dtype": dtype,
                 "sample_rate": sample_rate, "feature_shape": None}
-        meta_path.write_text(json.dumps(meta, indent=2))
+        write_atomic(meta_path, json.dumps(meta, indent=2))
     cache = FeatureCache(directory)
 
-    todo = [row for row in rows if not cache.is_current(row)]
+    todo = [row for row in rows if not (cache.is_current(row) and cache.intact(row))]
     groups: dict[int, list[tuple[ManifestRow, int]]] = defaultdict(list)
     for row in todo:
         try:
@@ -287,9 +330,9 @@ def build_feature_cache(rows: Sequence[ManifestRow], encode_fn: EncodeFn,
                     features.shape[1], features.shape[-1])
                 if feature_shape is None:
                     feature_shape = shape
-                    meta = json.loads(meta_path.read_text())
+                    meta = read_json(meta_path, "a feature cache's record")
                     meta["feature_shape"] = list(shape)
-                    meta_path.write_text(json.dumps(meta, indent=2))
+                    write_atomic(meta_path, json.dumps(meta, indent=2))
                 elif tuple(feature_shape) != shape:
                     raise ValueError(f"encode_fn returned feature shape {shape}, but the cache "
                                      f"{directory} holds {tuple(feature_shape)}")
@@ -310,12 +353,17 @@ def _store(directory: Path, row: ManifestRow, features: np.ndarray, token_pad: n
     if dtype == "float16" and np.abs(kept).max() > _FLOAT16_MAX:
         raise ValueError(f"{row.describe()}: features exceed the float16 range; build the "
                          "cache with dtype='float32'")
-    name = _file_name(row.id)
-    tmp = directory / f".{name}.tmp"
-    with open(tmp, "wb") as f:
-        np.save(f, kept.astype(dtype))
-    os.replace(tmp, directory / name)
-    return CacheEntry(id=row.id, source=_source_id(row), file=name,
+    source = _source_id(row)
+    name = _file_name(row.id, source)
+    tmp = temporary_sibling(directory / name)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, kept.astype(dtype))
+        os.replace(tmp, directory / name)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return CacheEntry(id=row.id, source=source, file=name,
                       n_samples=int(n_samples), t_valid=t_valid,
                       t_full=int(features.shape[-2]))
 

@@ -20,6 +20,7 @@ Layout of OUT_DIR:
                                linear parts), split, distortion, distortion_params,
                                listener_shape, plus style, seconds, level_dbfs; paths relative
                                to OUT_DIR
+  .lock                        held while a process builds the folder (a second one waits)
 
 The processed clip is what a hearing aid fitted to the listener would deliver: the degraded
 music through the listener's NAL-R gains, scaled to the RMS of the equally aided clean reference
@@ -49,6 +50,8 @@ from haaqi_jax.data import degrade as degrade_lib
 from haaqi_jax.data import listeners as listeners_lib
 from haaqi_jax.data import synth
 from haaqi_jax.data.manifest import COMPONENT_NAMES, RAW_LABEL_RANGE, label_fields
+from haaqi_jax.files import (complete_lines, exclusive_lock, read_json, temporary_sibling,
+                             write_atomic)
 
 SETTINGS_VERSION = 2  # 2: eleven seen pairs (was three)
 DEFAULT_SPLITS = (("train", 0.6), ("valid", 0.1), ("test_seen", 0.1), ("test_unseen", 0.2))
@@ -233,25 +236,22 @@ def make_clip(index: int, split: str, settings: DemoSettings) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- files
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> None:
-    tmp = path.with_name(path.name + ".tmp.wav")
-    sf.write(tmp, audio, sample_rate, subtype="PCM_16")
-    os.replace(tmp, path)
+    tmp = temporary_sibling(path, ".wav")
+    try:
+        sf.write(tmp, audio, sample_rate, subtype="PCM_16")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _read_labels(path: Path) -> dict[str, dict[str, Any]]:
-    """id -> {"haaqi_score", ["haaqi_components"]} of the labels recorded so far."""
+    """id -> {"haaqi_score", ["haaqi_components"]} of the labels recorded so far. A last line
+    cut short by a kill is cut off the file (its clip is labelled again)."""
     labels: dict[str, dict[str, Any]] = {}
-    if not path.exists():
-        return labels
-    for line in path.read_text().splitlines():
-        try:  # a torn last line (killed mid-write) is simply redone
+    for line in complete_lines(path):
+        try:
             row = json.loads(line)
             labels[str(row["id"])] = {"haaqi_score": float(row["haaqi_score"]),
                                       **({"haaqi_components": dict(row["haaqi_components"])}
@@ -286,7 +286,7 @@ def _prepare_dir(out: Path, settings: DemoSettings) -> None:
     """
     path = out / "settings.json"
     old = _demo_settings(path)
-    if old is None and any(out.iterdir()):
+    if old is None and any(p.name != LOCK_FILE for p in out.iterdir()):
         raise ValueError(f"{out} is not empty and holds no demo dataset "
                          f"({'its settings.json is not a demo' if path.exists() else 'no'} "
                          f"settings.json); pick a new or empty folder")
@@ -298,7 +298,7 @@ def _prepare_dir(out: Path, settings: DemoSettings) -> None:
                 own.unlink()
     for name in ("labels.jsonl", "manifest.jsonl"):
         (out / name).unlink(missing_ok=True)
-    _atomic_write_text(path, json.dumps(settings.to_json(), indent=1) + "\n")
+    write_atomic(path, json.dumps(settings.to_json(), indent=1) + "\n")
 
 
 def _write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -329,7 +329,9 @@ def _label_batch(out: Path, metas: list[dict[str, Any]], batch: list[int], batch
         proc, sr_p = sf.read(out / metas[i]["file_path"], dtype="float32")
         if sr_r != settings.sample_rate or sr_p != settings.sample_rate or ref.shape != proc.shape:
             raise ValueError(f"{metas[i]['id']}: reference/processed wavs do not match the "
-                             f"settings (rates {sr_r}, {sr_p}; shapes {ref.shape}, {proc.shape})")
+                             f"settings (rates {sr_r}, {sr_p}; shapes {ref.shape}, {proc.shape}):"
+                             f" damaged or changed? Delete {out / 'clips' / metas[i]['id']}.json "
+                             f"to synthesise the clip again")
         refs.append(ref)
         procs.append(proc)
     # Pad to whole seconds so that a jitted labeller compiles once per length bucket; the
@@ -413,10 +415,24 @@ def build_demo_dataset(out_dir: str | os.PathLike, *, n_clips: int = 100, seed: 
     settings = DemoSettings(int(n_clips), int(seed), clip_seconds, splits, int(sample_rate),
                             _labeller_name(labeller))
     out = Path(out_dir)
-    manifest = out / "manifest.jsonl"
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file; give a folder for the demo dataset")
     out.mkdir(parents=True, exist_ok=True)
+    # Two runs building one folder (a seed sweep from nothing): the second waits, then finds
+    # the dataset made.
+    with exclusive_lock(out / LOCK_FILE, "", wait=f"another process is building the demo "
+                                                  f"dataset in {out}: waiting for it"):
+        return _build(out, settings, splits, labeller, batch_size, progress)
+
+
+#: The lock file of a demo folder while a process builds it.
+LOCK_FILE = ".lock"
+
+
+def _build(out: Path, settings: DemoSettings, splits: tuple[tuple[str, float], ...],
+           labeller: Labeller, batch_size: int, progress: bool) -> Path:
+    """`build_demo_dataset` in its folder, locked."""
+    manifest = out / "manifest.jsonl"
     _prepare_dir(out, settings)
     if manifest.exists():
         return manifest
@@ -427,13 +443,15 @@ def build_demo_dataset(out_dir: str | os.PathLike, *, n_clips: int = 100, seed: 
     metas: list[dict[str, Any]] = []
     for index in tqdm(range(settings.n_clips), desc="synthesizing clips", disable=not progress):
         meta_path = out / "clips" / f"{clip_id(index)}.json"
-        if meta_path.exists():
-            metas.append(json.loads(meta_path.read_text()))
+        try:          # a clip record damaged by hand is made again, like a missing one
+            metas.append(read_json(meta_path))
             continue
+        except (FileNotFoundError, ValueError):
+            pass
         clip = make_clip(index, split_of[index], settings)
         _write_wav(out / clip["reference"], clip.pop("reference_audio"), settings.sample_rate)
         _write_wav(out / clip["file_path"], clip.pop("processed_audio"), settings.sample_rate)
-        _atomic_write_text(meta_path, json.dumps(clip) + "\n")
+        write_atomic(meta_path, json.dumps(clip) + "\n")
         metas.append(clip)
 
     labels_path = out / "labels.jsonl"

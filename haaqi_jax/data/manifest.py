@@ -30,13 +30,13 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 
 from haaqi_jax.audiogram import validate_levels
+from haaqi_jax.files import write_atomic
 
 _OPTIONAL_TEXT_KEYS = ("split", "distortion")
 #: Values of a row's `channel` key; the index is the channel read from a stereo file.
@@ -395,20 +395,7 @@ def write_manifest(path: str | os.PathLike,
         except (TypeError, ValueError) as err:
             raise ValueError(f"{path}: row {i} (id {obj.get('id')!r}) cannot be written as JSON: "
                              f"{err}") from None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)     # mkstemp's 0600 would hide the manifest from others
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + ("\n" if lines else ""))
-            f.flush()
-            os.fsync(f.fileno())      # the rename must not land before the data
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, "\n".join(lines) + ("\n" if lines else ""))
 
 
 def split_rows(rows: Sequence[ManifestRow], *, valid_fraction: float = 0.2,

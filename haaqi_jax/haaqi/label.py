@@ -542,25 +542,25 @@ def _plan(probed: list[tuple[LabelRow, _Probe, list[tuple[str, int]]]],
 def _read_done(path: Path | None) -> list[dict[str, Any]]:
     """Rows already in a JSONL output. A final line cut off by a kill (no newline) is removed
     from the file, after the complete lines before it were checked to be JSON rows with an id."""
-    if path is None or not path.exists():
+    from haaqi_jax.files import complete_lines
+    if path is None:
         return []
-    data = path.read_bytes()
-    complete = data[:data.rfind(b"\n") + 1]
     done = []
-    for number, text in enumerate(complete.decode().splitlines(), start=1):
-        if not text.strip():
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {number}: not JSON ({err.msg}); is it a labels "
-                             f"file?") from None
-        if not isinstance(obj, dict) or "id" not in obj:
-            raise ValueError(f"{path}, line {number}: no 'id'; is it a labels file?")
-        done.append(obj)
-    if len(complete) < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(len(complete))
+
+    def parse(lines: list[str]) -> None:
+        for number, text in enumerate(lines, start=1):
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {number}: not JSON ({err.msg}); is it a labels "
+                                 f"file?") from None
+            if not isinstance(obj, dict) or "id" not in obj:
+                raise ValueError(f"{path}, line {number}: no 'id'; is it a labels file?")
+            done.append(obj)
+
+    complete_lines(path, check=parse)
     return done
 
 
@@ -1038,20 +1038,12 @@ def _sole_writer(out_path: Path) -> Iterator[None]:
     runs on one OUT would both label the rows left to do and write them twice. The lock file
     stays (deleting it would let a third run lock a new file while a second holds the old);
     OUT's real path names it, so a symlink to OUT finds the same lock."""
-    import fcntl
+    from haaqi_jax.files import exclusive_lock
     real = out_path.resolve()
     lock_path = real.with_name(f".{real.name}.lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(f"another `haaqi-jax label` is writing {out_path} (lock "
-                             f"{lock_path}); wait for it, or write to another --out") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with exclusive_lock(lock_path, f"another `haaqi-jax label` is writing {out_path} (lock "
+                                   f"{lock_path}); wait for it, or write to another --out"):
+        yield
 
 
 def _label_rows(manifest_path, out_path: Path, errors_path: Path, batch_size: int,

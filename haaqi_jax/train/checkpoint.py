@@ -18,10 +18,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
+
+from haaqi_jax.files import write_atomic
 
 PARAMS_SUBDIR = "params"
 CONFIG_FILE = "config.json"
@@ -140,6 +142,10 @@ def load_params(directory: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
     return params, config
 
 
+class DamagedCheckpointError(ValueError):
+    """A kept training checkpoint whose files cannot be restored (the message names it)."""
+
+
 class TrainCheckpointManager:
     """Resumable training checkpoints: an orbax CheckpointManager keeping the latest and the best.
 
@@ -186,10 +192,8 @@ class TrainCheckpointManager:
         if jax.process_index() != 0:          # one writer on a multi-host run's shared folder
             return
         known = {**self._metrics(), int(step): {k: float(v) for k, v in metrics.items()}}
-        path = self.directory / self.METRICS_FILE
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({str(k): v for k, v in sorted(known.items())}, indent=1))
-        os.replace(tmp, path)
+        write_atomic(self.directory / self.METRICS_FILE,
+                     json.dumps({str(k): v for k, v in sorted(known.items())}, indent=1))
 
     def best_step(self) -> int | None:
         """The saved step with the best `best_metric`, or None when no saved step has one."""
@@ -236,8 +240,41 @@ class TrainCheckpointManager:
             template)
         args = self._ocp.args.Composite(state=self._ocp.args.StandardRestore(abstract),
                                         meta=self._ocp.args.JsonRestore())
-        restored = self._manager.restore(int(step), args=args)
+        try:
+            restored = self._manager.restore(int(step), args=args)
+        except Exception as err:   # orbax / tensorstore raise many types for damaged files
+            first = (str(err).strip().splitlines() or [""])[0][:300]
+            raise DamagedCheckpointError(
+                f"{self.directory / str(step)}: the checkpoint of step {step} cannot be "
+                f"restored ({type(err).__name__}: {first})") from err
         return restored.state, restored.meta
+
+    def restore_latest(self, template: Any, warn: Callable[[str], None] = print
+                       ) -> tuple[int, Any, dict[str, Any]] | None:
+        """(step, state, meta) of the newest checkpoint that restores, or None when there is
+        none. A damaged newer one (files cut short or deleted by hand) is reported through
+        `warn` and the one before it tried.
+
+        Raises:
+          DamagedCheckpointError when every kept checkpoint is damaged.
+        """
+        problems, damaged = [], []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                state, meta = self.restore(step, template)
+            except DamagedCheckpointError as err:
+                problems.append(str(err))
+                damaged.append(step)
+                warn(f"{err}; trying the one before it")
+                continue
+            for bad in damaged:        # training on from `step` saves these steps anew
+                self._manager.delete(bad)
+            return step, state, meta
+        if problems:
+            raise DamagedCheckpointError(
+                f"{self.directory}: no kept checkpoint can be restored ({'; '.join(problems)}). "
+                f"Delete {self.directory} to train from the start")
+        return None
 
     def close(self) -> None:
         self._manager.close()

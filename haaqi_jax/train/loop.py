@@ -37,6 +37,7 @@ import numpy as np
 
 from haaqi_jax import config as cfglib
 from haaqi_jax import losses
+from haaqi_jax.files import complete_lines, exclusive_lock, read_json, write_atomic
 from haaqi_jax.train import metrics as metrics_lib
 from haaqi_jax.train import sharding
 from haaqi_jax.train import state as state_lib
@@ -405,7 +406,7 @@ def check_run_data(config: Any, splits: Mapping[str, Sequence[Any]], workdir: Pa
         record["starting_weights"] = params_fingerprint(net.params)
     path = workdir / DATA_FILE
     if path.is_file() and cfglib.holds_a_run(workdir):
-        saved = json.loads(path.read_text())
+        saved = read_json(path, "the record of the run's data")
         if saved.get("starting_weights", record.get("starting_weights")) != \
                 record.get("starting_weights"):
             raise ValueError(f"{workdir} holds a run that started from other weights: the "
@@ -423,7 +424,7 @@ def check_run_data(config: Any, splits: Mapping[str, Sequence[Any]], workdir: Pa
                              f"{record['manifest']} changed since. Resuming would mix the two: "
                              f"pass another --workdir, or delete {workdir} to start over.")
     if sharding.is_main_process():
-        path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        write_atomic(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def build_train_data(config: Any, net: Any, workdir: Path,
@@ -490,10 +491,18 @@ class MetricsWriter:
         if self.enabled and path.exists():
             keep = []
             if resume_step is not None:
-                for line in path.read_text().splitlines():
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step:
+                # A line cut short by a kill goes (it was logged after the last checkpoint).
+                for number, line in enumerate(complete_lines(path), start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        step = json.loads(line).get("step", 0)
+                    except (json.JSONDecodeError, AttributeError):
+                        raise ValueError(f"{path}, line {number}: not a JSON record; the file "
+                                         f"is damaged (delete the line to resume)") from None
+                    if step <= resume_step:
                         keep.append(line)
-            path.write_text("".join(line + "\n" for line in keep))
+            write_atomic(path, "".join(line + "\n" for line in keep))
 
     def write(self, record: Mapping[str, Any]) -> None:
         if self.enabled:
@@ -568,13 +577,35 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *,
     Returns:
       TrainResult (final state, best step and loss, whether training stopped early or was
       interrupted by `train.stop_after_steps`).
+    Raises:
+      ValueError when another run is writing `workdir` (its main process holds the lock file
+      `workdir/.lock`): two runs would interleave their checkpoints and metrics.
     """
-    if "distill" in config:  # configs/distill.py: the student learns from a teacher
-        from haaqi_jax.distill import distill_and_evaluate
-        return distill_and_evaluate(config, workdir, data=data)
-
-    check_run_settings(config)
     workdir = Path(workdir).absolute()
+    with sole_run(workdir):
+        if "distill" in config:  # configs/distill.py: the student learns from a teacher
+            from haaqi_jax.distill import distill_and_evaluate
+            return distill_and_evaluate(config, workdir, data=data)
+        return _train_and_evaluate(config, workdir, data=data)
+
+
+#: The lock file of a workdir that a run is writing.
+LOCK_FILE = ".lock"
+
+
+def sole_run(workdir: Path):
+    """A context that keeps other runs out of `workdir` while this one writes it (held by the
+    main process; the other processes of a multi-host run share the workdir)."""
+    import contextlib
+    if not sharding.is_main_process():
+        return contextlib.nullcontext()
+    return exclusive_lock(workdir / LOCK_FILE,
+                          f"another run is writing {workdir} (lock {workdir / LOCK_FILE}): "
+                          f"wait for it to finish, or pass another --workdir")
+
+
+def _train_and_evaluate(config: Any, workdir: Path, *, data: TrainData | None) -> TrainResult:
+    check_run_settings(config)
     workdir.mkdir(parents=True, exist_ok=True)
     cfglib.save_run_config(config, workdir, CONFIG_FILE, write=sharding.is_main_process())
     tc = config.train
@@ -672,12 +703,13 @@ def run_loop(state: Any, *, step_fn: Callable, evaluate: Callable, data: TrainDa
     total_steps = int(tc.num_epochs) * data.steps_per_epoch
     ckpt = TrainCheckpointManager(workdir / CHECKPOINT_DIR)
     early = {"best_valid_loss": None, "best_step": None, "bad_epochs": 0, "stopped": False}
-    start = ckpt.latest_step()
-    if start is not None:
-        if sharding.is_main_process():
-            print(f"{desc}: resuming {workdir} from its checkpoint at step {start}",
-                  file=sys.stderr)
-        state, meta = ckpt.restore(start, state)
+    warn = (lambda text: print(f"{desc}: {text}", file=sys.stderr)) \
+        if sharding.is_main_process() else (lambda text: None)
+    restored = ckpt.restore_latest(state, warn)
+    start = None if restored is None else restored[0]
+    if restored is not None:
+        warn(f"resuming {workdir} from its checkpoint at step {start}")
+        start, state, meta = restored
         data.train.set_state(meta["data_state"])
         early = dict(meta["early_stopping"])
         # train.patience may change on a resume: the stop is decided again with its value.
