@@ -134,7 +134,7 @@ def test_ctrl_c_in_a_real_label_process_exits_130(tmp_path):
          str(tmp_path / "out" / "labels.jsonl"), "--batch-size", "1"], env=env,
         stderr=subprocess.PIPE)   # (no preexec_fn: a fork of this JAX process is unsafe)
     seen = b""
-    while b"| 2/" not in seen:     # mid-run: rows scored, the reader thread busy
+    while b"ok=2" not in seen:     # mid-run: rows scored, the reader thread busy
         chunk = proc.stderr.read1(4096)
         assert chunk, seen.decode(errors="replace")[-2000:]
         seen += chunk

@@ -347,5 +347,14 @@ def test_the_plot_does_not_magnify_runs_that_agree(tmp_path, monkeypatch):
     (ax,) = plt.gcf().axes
     low, high = ax.get_ylim()
     assert high - low == pytest.approx(compare.MIN_PLOT_RANGE) and low < 0.7916 < high
+    assert (low + high) / 2 == pytest.approx(0.7916, abs=1e-4)       # centred on the runs
     assert not ax.yaxis.get_major_formatter().get_useOffset()
+    plt.close("all")
+    # Runs further apart than the least range: the panel spans them all.
+    rows = [{"split": "test", "run": f"r{i}", "setting": "", "lcc": v}
+            for i, v in enumerate((0.50, 0.90))]
+    compare.comparison_plot(rows, tmp_path / "d.png")
+    (ax,) = plt.gcf().axes
+    low, high = ax.get_ylim()
+    assert low <= 0.50 and high >= 0.90
     plt.close("all")

@@ -191,7 +191,17 @@ def test_bad_inputs_raise_named_errors():
                      "release_ms": 50.0}, r"compression: attack_ms = 0.0 must be > 0"),
     ("spectral_subtraction", {"snr_db": 5.0, "over_subtraction": np.nan, "floor": 0.01,
                               "noise_slope_db_per_octave": -3.0},
-     r"spectral_subtraction: over_subtraction = nan must be >= 0"),
+     r"spectral_subtraction: over_subtraction = nan must be > 0"),
+    ("spectral_subtraction", {"snr_db": 5.0, "over_subtraction": 0.0, "floor": 0.01,
+                              "noise_slope_db_per_octave": -3.0},
+     r"spectral_subtraction: over_subtraction = 0.0 must be > 0"),
+    ("spectral_subtraction", {"snr_db": 5.0, "over_subtraction": 2.0, "floor": 1.0,
+                              "noise_slope_db_per_octave": -3.0},
+     r"spectral_subtraction: floor = 1.0 must be < 1"),
+    ("compression", {"threshold_db_re_rms": -10.0, "ratio": 0.5, "attack_ms": 5.0,
+                     "release_ms": 50.0}, r"compression: ratio = 0.5 must be >= 1"),
+    ("resonance", {"freqs_hz": [1000.0], "gains_db": [6.0], "qs": [0.0]},
+     r"resonance: qs = \[0.0\] must be > 0"),
     ("tilt_down", {"db_per_octave": np.nan}, r"tilt_down: db_per_octave = nan must be finite"),
     ("resonance", {"freqs_hz": [1000.0], "gains_db": [np.nan], "qs": [2.0]},
      r"resonance: gains_db = \[nan\] must be finite"),
@@ -204,6 +214,14 @@ def test_bad_stage_parameters_are_named_not_nan(music, stage, params, message):
     # Each of these returned NaN samples or failed deep inside numpy / scipy.
     with pytest.raises(ValueError, match=message):
         D.degrade(music, SR, stage, np.random.default_rng(0), params={stage: params})
+
+
+def test_boundary_parameters_that_work_are_accepted(music):
+    """floor 0 (no spectral floor) is a valid setting: refusing it would be a false alarm."""
+    out = D.degrade(music, SR, "spectral_subtraction", np.random.default_rng(0), params={
+        "spectral_subtraction": {"snr_db": 5.0, "over_subtraction": 2.0, "floor": 0.0,
+                                 "noise_slope_db_per_octave": -3.0}})
+    assert np.all(np.isfinite(out.processed)) and out.params["spectral_subtraction"]["floor"] == 0
 
 
 def test_recorded_parameters_are_the_applied_ones(music):

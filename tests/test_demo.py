@@ -231,13 +231,19 @@ def test_only_its_own_files_are_ever_deleted(tmp_path, capsys):
         demo.build_demo_dataset(theirs, **SMALL)
     assert (theirs / "audio" / "processed" / "mywork.wav").read_bytes() == b"keep me"
     # So is one whose settings.json is somebody else's (JSON or not), with what it names.
-    for foreign in ('{"model": "mine"}', "not json"):
-        (theirs / "settings.json").write_text(foreign)
+    # (Binary, or sharing only some of a demo's keys, it is not ours either.)
+    for foreign in ('{"model": "mine"}', "not json", b"\xff\xfe\x00",
+                    '{"n_clips": 6, "seed": 0, "model": "mine"}'):
+        write = (theirs / "settings.json").write_bytes if isinstance(foreign, bytes) \
+            else (theirs / "settings.json").write_text
+        write(foreign)
         (theirs / "manifest.jsonl").write_text("their rows")
         with pytest.raises(ValueError, match="its settings.json is not a demo settings.json"):
             demo.build_demo_dataset(theirs, **SMALL)
         assert (theirs / "manifest.jsonl").read_text() == "their rows"
-        assert (theirs / "settings.json").read_text() == foreign
+        read = (theirs / "settings.json").read_bytes if isinstance(foreign, bytes) \
+            else (theirs / "settings.json").read_text
+        assert read() == foreign
     # A bad option on a rerun fails before anything is deleted (it wiped the set before).
     ours = tmp_path / "ours"
     manifest = demo.build_demo_dataset(ours, seed=0, **SMALL)

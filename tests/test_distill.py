@@ -130,6 +130,9 @@ def test_distill_weighted_and_uncertainty():
                                 layer_weights=(1.0, 1.0, 3.0), **spec)(predictions, batch)
     expected = 2.0 * float(haaqi) + 0.5 * (per_layer[0] + per_layer[1] + 3 * per_layer[2])
     assert float(loss) == pytest.approx(expected, rel=1e-5)
+    # The logged distillation loss is the weighted sum of the layer terms the total uses.
+    assert float(aux["distill_loss"]) == pytest.approx(
+        per_layer[0] + per_layer[1] + 3 * per_layer[2], rel=1e-5)
     # Each layer's L1 and cosine parts are logged, not only their sum.
     for k in range(3):
         assert float(aux[f"distill_{k}/l1"]) + 0.5 * float(aux[f"distill_{k}/cos"]) == \

@@ -101,6 +101,31 @@ def test_report_errors(tmp_path):
     evaluate.write_report(unnamed, tmp_path / "unnamed")
     assert (tmp_path / "unnamed" / "scatter.png").is_file()
     assert not (tmp_path / "unnamed" / "by_distortion.png").exists()
+    # A rerun into a report folder that had distortions: the old plot goes with them.
+    named = evaluate.prediction_records(rows[:1], np.array([0.4]), "test")
+    evaluate.write_report(named, tmp_path / "rerun")
+    assert (tmp_path / "rerun" / "by_distortion.png").is_file()
+    evaluate.write_report(unnamed, tmp_path / "rerun")
+    assert not (tmp_path / "rerun" / "by_distortion.png").exists()
+
+
+def test_by_distortion_colours_each_type_by_all_its_splits(tmp_path, monkeypatch):
+    """A distortion whose clips sit in two splits is shown as in both, not in its larger one."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [{"id": f"r{i}", "haaqi_score": 0.1 * i, "distortion": "noise" if i < 3 else "tilt"}
+            for i in range(6)]
+    records = (evaluate.prediction_records(rows[:2], np.array([0.2, 0.3]), "valid")
+               + evaluate.prediction_records(rows[2:3], np.array([0.3]), "test_seen")
+               + evaluate.prediction_records(rows[3:], np.array([0.5, 0.4, 0.6]), "test_seen"))
+    monkeypatch.setattr(plt, "close", lambda *a, **k: None)
+    evaluate.write_report(records, tmp_path)
+    legends = [t.get_text() for fig in map(plt.figure, plt.get_fignums())
+               for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    assert "prediction (test_seen, valid)" in legends and "prediction (test_seen)" in legends
+    plt.close("all")
 
 
 def test_missing_split_is_named(tmp_path):

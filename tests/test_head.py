@@ -51,6 +51,21 @@ def audiograms():
     return rng.uniform(0, 80, (len(LENGTHS), 8)).astype(np.float32)
 
 
+def test_clips_of_one_and_two_tokens_match_torch(audiograms):
+    """The clip score is the mean over each item's own valid frames, down to a single one."""
+    torch_head = make_head(1, feature_dim=768)
+    params, cfg = head_params_from_state_dict(torch_head.state_dict())
+    rng = np.random.default_rng(4)
+    items = [rng.normal(size=(t, 768)).astype(np.float32) for t in (1, 2, 5)]
+    frames_ref, clips_ref = torch_head_scores(torch_head, items, audiograms)
+    feats, mask = _padded(items, 8)
+    out = _run(cfg, params, feats, mask, audiograms)
+    np.testing.assert_allclose(np.asarray(out.clip_score), clips_ref, atol=TOL, rtol=0)
+    for b, item in enumerate(items):
+        np.testing.assert_allclose(np.asarray(out.frame_scores[b, :len(item)]), frames_ref[b],
+                                   atol=TOL, rtol=0)
+
+
 @pytest.mark.parametrize("num_layers", [0, 12])
 def test_head_matches_torch_per_item(num_layers, audiograms):
     torch_head = make_head(1 + num_layers, feature_dim=768, num_weighted_layers=num_layers)

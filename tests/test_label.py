@@ -860,3 +860,42 @@ def test_a_pair_too_long_for_memory_fails_alone(real_manifest, tmp_path, monkeyp
     assert err.startswith("haaqi-jax score: error: out of memory (RESOURCE_EXHAUSTED: Out of "
                           "memory allocating 3397388488 bytes.); memory grows with clip length")
     assert "further lines" not in err
+
+
+def test_a_custom_scorer_short_of_memory_scores_pairs_alone(dataset, tmp_path):
+    """A user's scorer that runs out of memory on batches: each pair is scored alone, and the
+    one that still does not fit is an error row; the rest equal a plain run's labels."""
+    rows = dataset["rows"][:len(dataset["good"])]
+    manifest = _write_jsonl(dataset["root"] / "oom.jsonl", rows)
+    plain = tmp_path / "plain.jsonl"
+    label_mod.label_manifest(manifest, plain, batch_size=3, scorer=FakeScorer(), progress=False)
+    longest = max(sf.info(str(dataset["root"] / r["processed"])).frames for r in rows)
+
+    class ShortOfMemory(FakeScorer):
+        def __call__(self, reference, processed, sample_rate, *args, lengths=None, **kwargs):
+            # (a pair alone comes in the batch's shape, filled with copies of itself)
+            if len({r.tobytes() for r in reference}) > 1 or int(np.max(lengths)) >= longest:
+                raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 123 bytes.")
+            return super().__call__(reference, processed, sample_rate, *args,
+                                    lengths=lengths, **kwargs)
+
+    out = tmp_path / "oom_labels.jsonl"
+    label_mod.label_manifest(manifest, out, batch_size=3, scorer=ShortOfMemory(),
+                             progress=False)
+    errors = {r["id"]: r["reason"] for r in _read_jsonl(tmp_path / "oom_labels.errors.jsonl")}
+    too_long = [r["id"] for r in rows
+                if sf.info(str(dataset["root"] / r["processed"])).frames == longest]
+    assert sorted(errors) == sorted(too_long)
+    assert all("out of memory scoring this" in reason for reason in errors.values())
+    want = {r["id"]: r["haaqi"] for r in _read_jsonl(plain) if r["id"] not in too_long}
+    assert {r["id"]: r["haaqi"] for r in _read_jsonl(out)} == pytest.approx(want, rel=1e-12)
+
+
+def test_a_row_whose_ears_both_fail_names_the_first(dataset, tmp_path):
+    stereo = next(r for r in dataset["rows"][:len(dataset["good"])] if "audiogram_left" in r)
+    manifest = _write_jsonl(dataset["root"] / "both_fail.jsonl",
+                            [dict(stereo, id="both", level1=123.0)])
+    label_mod.label_manifest(manifest, tmp_path / "l.jsonl", scorer=FakeScorer(),
+                             progress=False)
+    (error,) = _read_jsonl(tmp_path / "l.errors.jsonl")
+    assert error["reason"].startswith("left ear: ") and "123 rejected" in error["reason"]

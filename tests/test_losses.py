@@ -101,6 +101,25 @@ def test_user_registered_loss_and_errors():
             return 0.0, {}
 
 
+def test_reregistering_without_params_drops_the_old_params():
+    """A name registered again (overwrite=True) is the new loss alone: learnable parameters of
+    the old one must not stay attached to it."""
+    @losses.register_loss("test_with_params", overwrite=True,
+                          params=lambda k: {"log_var": jnp.zeros(k)})
+    def with_params(predictions, batch):
+        return 0.0, {}
+
+    assert losses.has_learnable_params("test_with_params")
+    assert losses.loss_params("test_with_params", 3)["log_var"].shape == (3,)
+
+    @losses.register_loss("test_with_params", overwrite=True)
+    def without_params(predictions, batch):
+        return 0.0, {}
+
+    assert not losses.has_learnable_params("test_with_params")
+    assert losses.loss_params("test_with_params", 3) == {}
+
+
 def test_a_user_loss_that_reads_a_missing_key_or_logs_an_array_is_named():
     @losses.register_loss("test_reads_loudness", overwrite=True)
     def reads_loudness(predictions, batch):

@@ -772,6 +772,9 @@ def test_warmup_and_cosine_schedule_match_torch():
                                    rtol=1e-5, atol=1e-12)
         torch_opt.step()
         torch_schedule.step()
+    # Without optimizer.schedule the rate is constant (the paper's), as the docstring says.
+    constant = state_lib.make_schedule(ConfigDict({"learning_rate": lr}), total)
+    assert [float(constant(step)) for step in (0, total // 2, total - 1)] == [lr] * 3
 
 
 def test_raising_patience_on_a_resume_trains_on(tiny, tmp_path, capsys):
@@ -860,3 +863,60 @@ def test_damaged_or_shared_workdirs_are_recovered_or_named(straight_run, tiny, t
     with pytest.raises(ValueError, match=r"holds a run \(checkpoints or a report\) but no "
                                          r"config.json"):
         loop.train_and_evaluate(_config(overrides), work)
+
+
+def _toy_forward(params, batch, *, rng=None, deterministic=True):
+    """clip score = x . w through inverted dropout at rate 0.5 (none when deterministic)."""
+    x = batch["x"]
+    if not deterministic:
+        keep = jax.random.bernoulli(rng, 0.5, x.shape)
+        x = jnp.where(keep, x / 0.5, 0.0)
+    return {"clip_score": x @ params["w"]}
+
+
+def _toy_loss(predictions, batch):
+    from haaqi_jax.losses import weighted_mean
+    return weighted_mean((predictions["clip_score"] - batch["label"]) ** 2, batch["weight"]), {}
+
+
+def test_each_train_step_draws_its_own_dropout_mask():
+    """Dropout uses fold_in(state.rng, step): the same batch at two steps sees two masks (one
+    mask for every step would train a fixed sub-network)."""
+    import optax
+    from haaqi_jax.train import state as state_lib
+    from haaqi_jax.train import steps as steps_lib
+
+    params = {"w": jnp.linspace(-1.0, 1.0, 16)}
+    tx = optax.sgd(0.0)                               # the parameters stay put
+    labels = state_lib.param_labels(params)
+    step = jax.jit(steps_lib.make_train_step(_toy_forward, _toy_loss, tx, labels))
+    batch = {"x": jnp.ones((4, 16)), "label": jnp.zeros(4), "weight": jnp.ones(4)}
+    state = state_lib.create_train_state(params, tx, seed=3)
+    seen = []
+    for k in range(3):
+        state, metrics = step(state, batch)
+        want = _toy_loss(_toy_forward(params, batch, rng=jax.random.fold_in(
+            jax.random.PRNGKey(3), k), deterministic=False), batch)[0]
+        assert float(metrics["loss"]) == pytest.approx(float(want), rel=1e-6)
+        seen.append(float(metrics["loss"]))
+    assert len(set(seen)) == 3
+
+
+def test_evaluation_weights_each_real_item_once_across_batches():
+    """Filler items (weight 0) pad the last batches; the set's loss is the mean over the real
+    items, however they fall into batches."""
+    from haaqi_jax.train import steps as steps_lib
+
+    params = {"w": jnp.asarray([0.5, -0.25])}
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 2)).astype(np.float32)
+    label = rng.uniform(size=8).astype(np.float32)
+    weights = [np.array([1, 1, 1, 0], np.float32), np.array([1, 0, 0, 0], np.float32)]
+    eval_step = jax.jit(steps_lib.make_eval_step(_toy_forward, _toy_loss))
+    outs = [eval_step(params, {"x": jnp.asarray(x[4 * i:4 * i + 4]),
+                               "label": jnp.asarray(label[4 * i:4 * i + 4]),
+                               "weight": jnp.asarray(w)}) for i, w in enumerate(weights)]
+    loss = sum(float(o["loss_sum"]) for o in outs) / sum(float(o["weight_sum"]) for o in outs)
+    real = np.concatenate([w > 0 for w in weights])
+    want = np.mean((x[real] @ np.asarray(params["w"]) - label[real]) ** 2)
+    assert loss == pytest.approx(float(want), rel=1e-5)

@@ -379,9 +379,11 @@ class Degraded:
 
 #: Fraction of the sample rate that caps cut-off and resonance frequencies (below Nyquist).
 MAX_FREQUENCY_FRACTION = 0.45
-#: Parameters that must be > 0, and >= 0 (the rest may be any finite number; ratio >= 1).
-_POSITIVE = {"attack_ms", "release_ms", "n_talkers", "cutoff_hz", "freqs_hz", "qs"}
-_NON_NEGATIVE = {"over_subtraction", "floor"}
+#: Parameters that must be > 0, and >= 0 (the rest may be any finite number; ratio >= 1,
+#: floor < 1).
+_POSITIVE = {"attack_ms", "release_ms", "n_talkers", "cutoff_hz", "freqs_hz", "qs",
+             "over_subtraction"}
+_NON_NEGATIVE = {"floor"}
 
 
 def stage_params(stage: str, params: Mapping[str, Any], sample_rate: int) -> dict[str, Any]:
@@ -413,6 +415,8 @@ def stage_params(stage: str, params: Mapping[str, Any], sample_rate: int) -> dic
         applied[key] = value
     if stage == "compression" and params["ratio"] < 1:
         raise ValueError(f"compression: ratio = {params['ratio']!r} must be >= 1")
+    if stage == "spectral_subtraction" and params["floor"] >= 1:
+        raise ValueError(f"spectral_subtraction: floor = {params['floor']!r} must be < 1")
     cap = MAX_FREQUENCY_FRACTION * sample_rate
     if "cutoff_hz" in applied:
         applied["cutoff_hz"] = min(applied["cutoff_hz"], cap)
