@@ -682,7 +682,9 @@ class HAAQINet:
                             "haaqi_jax.predict.collect_jobs + score_jobs")
         if hasattr(waveforms, "ndim"):                      # numpy or JAX array
             waveforms = np.asarray(waveforms)
-            if waveforms.ndim == 2 and waveforms.shape[1] <= 2 < waveforms.shape[0]:
+            # No clip is 16 samples or shorter (a BEATs patch needs 0.175 s): such "clips"
+            # are channels.
+            if waveforms.ndim == 2 and waveforms.shape[1] <= 16 < waveforms.shape[0]:
                 raise ValueError(
                     f"predict: waveforms of shape {waveforms.shape} look like one clip of "
                     f"(samples, channels); pass mono clips (e.g. x.mean(axis=1)) as a list or "

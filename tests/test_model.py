@@ -394,6 +394,8 @@ def test_predict_zero_padded_rows_with_lengths(weighted_net, levels):
     (lambda net, c, l: net.predict([Path("a.wav")], SR, l), TypeError, "not file paths"),
     (lambda net, c, l: net.predict(np.stack([c[0], c[0]], 1), SR, l), ValueError,
      "look like one clip of \\(samples, channels\\)"),
+    (lambda net, c, l: net.predict(np.stack([c[0]] * 6, 1), SR, l), ValueError,   # 5.1 audio
+     "look like one clip of \\(samples, channels\\)"),
     (lambda net, c, l: net.predict(np.stack(c), SR, l, lengths=[0, 3]), ValueError,
      "lengths must be"),
     (lambda net, c, l: net.predict(c, SR, l, lengths=[3, 3]), ValueError,

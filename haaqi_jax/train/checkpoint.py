@@ -253,7 +253,8 @@ class TrainCheckpointManager:
                        ) -> tuple[int, Any, dict[str, Any]] | None:
         """(step, state, meta) of the newest checkpoint that restores, or None when there is
         none. A damaged newer one (files cut short or deleted by hand) is reported through
-        `warn` and the one before it tried.
+        `warn` and the one before it tried; once one restores, the damaged newer ones are
+        deleted (training on saves those steps anew).
 
         Raises:
           DamagedCheckpointError when every kept checkpoint is damaged.
@@ -269,6 +270,7 @@ class TrainCheckpointManager:
                 continue
             for bad in damaged:        # training on from `step` saves these steps anew
                 self._manager.delete(bad)
+                warn(f"deleted the damaged checkpoint {self.directory / str(bad)}")
             return step, state, meta
         if problems:
             raise DamagedCheckpointError(

@@ -582,10 +582,13 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *,
       `workdir/.lock`): two runs would interleave their checkpoints and metrics.
     """
     workdir = Path(workdir).absolute()
-    with sole_run(workdir):
-        if "distill" in config:  # configs/distill.py: the student learns from a teacher
-            from haaqi_jax.distill import distill_and_evaluate
+    check_run_settings(config)          # a mistyped key leaves no folder behind
+    if "distill" in config:  # configs/distill.py: the student learns from a teacher
+        from haaqi_jax.distill import check_distill_settings, distill_and_evaluate
+        check_distill_settings(config)
+        with sole_run(workdir):
             return distill_and_evaluate(config, workdir, data=data)
+    with sole_run(workdir):
         return _train_and_evaluate(config, workdir, data=data)
 
 
@@ -605,7 +608,6 @@ def sole_run(workdir: Path):
 
 
 def _train_and_evaluate(config: Any, workdir: Path, *, data: TrainData | None) -> TrainResult:
-    check_run_settings(config)
     workdir.mkdir(parents=True, exist_ok=True)
     cfglib.save_run_config(config, workdir, CONFIG_FILE, write=sharding.is_main_process())
     tc = config.train
@@ -706,10 +708,10 @@ def run_loop(state: Any, *, step_fn: Callable, evaluate: Callable, data: TrainDa
     warn = (lambda text: print(f"{desc}: {text}", file=sys.stderr)) \
         if sharding.is_main_process() else (lambda text: None)
     restored = ckpt.restore_latest(state, warn)
-    start = None if restored is None else restored[0]
+    start = None
     if restored is not None:
-        warn(f"resuming {workdir} from its checkpoint at step {start}")
         start, state, meta = restored
+        warn(f"resuming {workdir} from its checkpoint at step {start}")
         data.train.set_state(meta["data_state"])
         early = dict(meta["early_stopping"])
         # train.patience may change on a resume: the stop is decided again with its value.
