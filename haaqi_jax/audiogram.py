@@ -106,7 +106,7 @@ class Audiogram:
 
 def parse_numbers(text: str, *, where: str) -> list[float]:
     """Numbers written in one piece of text, as on a command line or in a CSV cell:
-    "10,15,20", "10 15 20", "10;15;20" or "[10, 15, 20]".
+    "10,15,20", "10 15 20", "10;15;20", "10, 15 20," or "[10, 15, 20]".
 
     Raises ValueError naming `where` and the item at fault: an empty item ("10,,20": a level
     left out, not a shorter audiogram) or one that is not a number.
@@ -114,8 +114,12 @@ def parse_numbers(text: str, *, where: str) -> list[float]:
     body = text.strip()
     if body[:1] + body[-1:] in ("[]", "()"):
         body = body[1:-1]
-    items = ([item.strip() for item in body.replace(";", ",").split(",")] if "," in body
-             or ";" in body else body.split())
+    body = body.replace(";", ",").strip()
+    if body.endswith(","):                      # one trailing separator, as hands write lists
+        body = body[:-1]
+    if not body:
+        return []
+    items = [part for item in body.split(",") for part in (item.split() or [""])]
     values = []
     for k, item in enumerate(items, start=1):
         if not item:

@@ -2,8 +2,8 @@
 
     python train.py --config configs/distill.py            # the demo: teacher, then student
 
-`distill_and_evaluate(config, workdir)` (train.py calls it when the config has a `distill`
-section):
+`distill_and_evaluate(config, workdir)` (`train_and_evaluate`, which train.py calls, hands it
+a config that has a `distill` section, holding the workdir's lock):
  1. the teacher: a trained HAAQI-Net directory (`distill.teacher_checkpoint`), or, when None,
     one trained first by the ordinary loop from the run config `distill.teacher` into
     workdir/teacher (reused when it is already there);
@@ -609,6 +609,9 @@ def distill_and_evaluate(config: Any, workdir: str | os.PathLike, *, data: Any =
       data: prebuilt waveform-mode TrainData; default `build_train_data(config, ...)`.
     Returns:
       haaqi_jax.train.loop.TrainResult of the student.
+
+    Called directly it takes no workdir lock: `haaqi_jax.train.loop.train_and_evaluate` (same
+    arguments) does, and is the entry point to use.
     """
     from haaqi_jax.model import HAAQINet
     from haaqi_jax.train import loop

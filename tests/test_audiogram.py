@@ -54,7 +54,8 @@ def test_resample_is_linear_in_log_frequency_and_holds_the_ends():
 
 @pytest.mark.parametrize("text,values", [
     ("10,15,20", [10, 15, 20]), ("10 15 20", [10, 15, 20]), ("10; 15;20", [10, 15, 20]),
-    ("[10, 15, 20]", [10, 15, 20]), (" (-5, 0) ", [-5, 0]), ("1e1,2.5", [10, 2.5])])
+    ("[10, 15, 20]", [10, 15, 20]), (" (-5, 0) ", [-5, 0]), ("1e1,2.5", [10, 2.5]),
+    ("10, 15 20,", [10, 15, 20]), ("", [])])            # mixed separators, one trailing
 def test_numbers_are_read_from_text_as_written_by_hand(text, values):
     from haaqi_jax.audiogram import parse_numbers
     assert parse_numbers(text, where="x") == values
@@ -62,7 +63,7 @@ def test_numbers_are_read_from_text_as_written_by_hand(text, values):
 
 @pytest.mark.parametrize("text,message", [
     ("10,,20", r"x: '10,,20': item 2 is empty"),          # a level left out, not 2 levels
-    ("10,20,", r"item 3 is empty"),
+    ("10,20,,", r"item 3 is empty"),
     ("10,abc,20", r"item 2 \('abc'\) is not a number"),
     ("[10 20 x]", r"item 3 \('x'\) is not a number")])
 def test_text_that_is_not_numbers_is_named(text, message):

@@ -157,8 +157,10 @@ def test_encoder_called_once_per_clip_and_resumes(rows, tmp_path):
     sf.write(rows[2].file_path, -0.2 * np.ones(9000), 16000)
     os.utime(rows[2].file_path, ns=(before + 10**9, before + 10**9))  # a coarse clock's tick
     assert os.path.getsize(rows[2].file_path) == size
-    build(rows)
+    cache = build(rows)
     assert encoder.calls == len(rows) + 2
+    # the features of the two earlier versions of that clip are gone: one file per clip
+    assert len(list(cache.directory.glob("*.npy"))) == len(rows)
     # a build interrupted mid-way keeps what it finished
     fresh = ToyEncoder()
     fresh.fail_after = 4
@@ -371,10 +373,14 @@ def test_a_damaged_feature_file_is_named_and_encoded_again(rows, tmp_path):
     np.save(path, np.load(cache.directory / cache.entry(rows[0]).file))
     with pytest.raises(ValueError, match=r"holds shape \(\d+, 5\), the index says"):
         cache.load(rows[3])
+    empty = cache.directory / cache.entry(rows[4]).file
+    empty.write_bytes(b"")                             # created, never written (a power cut)
+    with pytest.raises(ValueError, match=rf"id 'clip/4'.*{empty.name} cannot be read"):
+        cache.load(rows[4])
     calls = encoder.calls
     rebuilt = build_feature_cache(rows, encoder, tmp_path / "cache", batch_size=1,
                                   fingerprint="v1")
-    assert encoder.calls == calls + 1                  # that clip alone
+    assert encoder.calls == calls + 2                  # those two clips alone
     np.testing.assert_allclose(rebuilt.load(rows[3]),
                                encoder.direct(load_audio(rows[3].file_path))[0],
                                rtol=1e-3, atol=1e-3)

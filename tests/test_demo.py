@@ -371,10 +371,13 @@ def test_a_torn_label_line_or_damaged_clip_record_is_made_again(tmp_path):
     labels = tmp_path / "labels.jsonl"
     labels.write_bytes(labels.read_bytes()[:-30])
     (tmp_path / "clips" / "demo000002.json").write_text('{"id": "demo0')
+    leftover = tmp_path / "audio" / "processed" / ".demo000003.wav.1a2b3c4d.tmp"
+    leftover.write_bytes(b"RIFF")                      # a killed write's temporary file
     manifest.unlink()
     assert demo.build_demo_dataset(tmp_path, seed=1, **SMALL).read_text() == before
     rows = [json.loads(line) for line in labels.read_text().splitlines()]
     assert sorted(r["id"] for r in rows) == [demo.clip_id(i) for i in range(6)]
+    assert not leftover.exists()
 
 
 def test_a_second_build_of_one_folder_waits_for_the_first(tmp_path, capsys):
@@ -394,3 +397,36 @@ def test_a_second_build_of_one_folder_waits_for_the_first(tmp_path, capsys):
     second.join(timeout=120)
     assert done and done[0].exists()
     assert "another process is building the demo dataset" in capsys.readouterr().err
+
+
+def test_a_made_dataset_is_read_without_a_lock_and_a_run_lock_is_not_waited_on(
+        tmp_path, monkeypatch):
+    """A finished demo folder is used without writing its lock file (a read-only copy works);
+    a folder holding a training run's own lock (demo_dir = workdir) is refused at once, not
+    waited on forever."""
+    import threading
+
+    from haaqi_jax.files import exclusive_lock
+
+    manifest = demo.build_demo_dataset(tmp_path / "made", seed=1, **SMALL)
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(demo, "exclusive_lock", read_only)
+    assert demo.build_demo_dataset(tmp_path / "made", seed=1, **SMALL) == manifest
+    monkeypatch.undo()
+    errors = []
+
+    def build_in_workdir():
+        try:
+            demo.build_demo_dataset(tmp_path / "run", seed=1, **SMALL)
+        except ValueError as err:
+            errors.append(str(err))
+
+    with exclusive_lock(tmp_path / "run" / ".lock", "held by the run"):
+        builder = threading.Thread(target=build_in_workdir)
+        builder.start()
+        builder.join(timeout=30)
+        assert not builder.is_alive()
+    assert errors and "is not empty and holds no demo dataset" in errors[0]

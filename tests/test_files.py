@@ -19,6 +19,19 @@ def test_an_atomic_write_leaves_the_whole_file_and_nothing_else(tmp_path, monkey
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask        # as open(path, "w") gives
 
+    # A replaced file keeps its mode; a link is followed to its target.
+    os.chmod(path, 0o600)
+    files.write_atomic(path, '{"a": 2}\n')
+    assert path.stat().st_mode & 0o777 == 0o600
+    link = tmp_path / "link.json"
+    link.symlink_to(path)
+    files.write_atomic(link, '{"a": 2}\n')
+    assert link.is_symlink() and files.read_json(path) == {"a": 2}
+    sibling = files.temporary_sibling(tmp_path / "clip.wav")
+    assert sibling.name.startswith(".clip.wav.") and sibling.suffix == ".tmp"
+    assert sibling.stat().st_mode & 0o777 == 0o666 & ~umask     # not mkstemp's 0600
+    sibling.unlink()
+
     def full_disk(fd):                   # the write fails before the rename: the old file stays
         raise OSError(28, "No space left on device")
 
@@ -45,16 +58,20 @@ def test_a_torn_last_line_is_cut_after_the_check(tmp_path):
     path.write_text('{"id": 1}\n{"id": 2}\n{"id": 3, "x')
     assert files.complete_lines(path) == ['{"id": 1}', '{"id": 2}']
     assert path.read_text() == '{"id": 1}\n{"id": 2}\n'
+    # A last line that is whole JSON without its newline (an editor's) is kept and finished.
+    path.write_text('{"id": 1}\n{"id": 2}')
+    assert files.complete_lines(path) == ['{"id": 1}', '{"id": 2}']
+    assert path.read_text() == '{"id": 1}\n{"id": 2}\n'
     # A check that refuses the file (not the caller's kind of file) leaves it untouched.
-    other = tmp_path / "notes.txt"
-    other.write_text("line one\nno newline at the end")
+    other = tmp_path / "settings.json"                       # one JSON object, no newline
+    other.write_text('{"n_clips": 6}')
 
     def refuse(lines):
         raise ValueError("not rows")
 
     with pytest.raises(ValueError, match="not rows"):
         files.complete_lines(other, check=refuse)
-    assert other.read_text() == "line one\nno newline at the end"
+    assert other.read_text() == '{"n_clips": 6}'
 
 
 def test_a_held_lock_refuses_or_waits(tmp_path):

@@ -138,7 +138,8 @@ def test_save_load_roundtrip_and_errors(weighted_net, levels, tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
         M.HAAQINet.load(tmp_path / "nowhere")
     (tmp_path / "other" / "config.json").write_text('{"kind": "haaqinet",')
-    with pytest.raises(ValueError, match=r"other/config.json is not valid JSON"):
+    with pytest.raises(ValueError, match=r"other/config.json \(a parameter folder's config\) "
+                                         r"is damaged: not JSON"):
         M.HAAQINet.load(tmp_path / "other")
     params = jax.tree_util.tree_map(np.asarray, weighted_net.params)
     params["head"]["dense"]["bias"] = np.zeros(7, np.float32)

@@ -155,6 +155,21 @@ def test_resume_in_fresh_process_is_bitwise_exact(straight_run, tiny):
     assert any(p.name.startswith("jit_train_step") for p in (root / "jax_cache").iterdir())
 
 
+def test_a_busy_workdir_stops_every_process_of_a_multi_host_run(tiny, tmp_path):
+    """Only process 0 takes the workdir lock; when it is refused, the other processes are
+    told and stop too (they used to go on and wait for process 0 at the first collective)."""
+    from haaqi_jax.files import exclusive_lock
+    from processes import run_train_processes
+
+    _, overrides = tiny
+    work = tmp_path / "busy"
+    with exclusive_lock(work / loop.LOCK_FILE, "held by this test"):
+        codes, outputs = run_train_processes(TINY, work, overrides, tmp_path / "jax_cache",
+                                             check=False, timeout=240)
+    assert codes == [2, 2], outputs
+    assert all(f"another run is writing {work}" in out for out in outputs)
+
+
 def test_two_processes_train_as_one(straight_run, tiny):
     """Multi-host training (`train.py --coordinator`), simulated by two processes of one CPU
     device each: the feature cache built once by process 0 in a shared folder while process 1
@@ -848,6 +863,8 @@ def test_damaged_or_shared_workdirs_are_recovered_or_named(straight_run, tiny, t
         result = loop.train_and_evaluate(_config(overrides), work)
     assert (f"checkpoints/{newest}: the checkpoint of step {newest} cannot be restored"
             in err.getvalue()) and "trying the one before it" in err.getvalue()
+    # Moved aside, not deleted: the files stay for a look.
+    assert (work / "checkpoints" / f"damaged-{newest}" / "state").is_dir()
     assert result.final_step == 8
     a, b = _flat(straight_run.state), _flat(result.state)
     for k in a:
@@ -920,3 +937,33 @@ def test_evaluation_weights_each_real_item_once_across_batches():
     real = np.concatenate([w > 0 for w in weights])
     want = np.mean((x[real] @ np.asarray(params["w"]) - label[real]) ** 2)
     assert loss == pytest.approx(float(want), rel=1e-5)
+
+
+def test_a_checkpoint_that_fails_for_want_of_memory_is_not_taken_for_damaged(tmp_path,
+                                                                             monkeypatch):
+    """Only damaged files send the resume to an older checkpoint: an out-of-memory error (or a
+    permission error) is the machine's, and the newest checkpoint must survive it."""
+    from haaqi_jax.train.checkpoint import DamagedCheckpointError, TrainCheckpointManager
+
+    ckpt = TrainCheckpointManager(tmp_path / "ckpt")
+    state = {"w": jnp.arange(3.0)}
+    for step in (1, 3):
+        ckpt.save(step, {"w": state["w"] + step}, {"step": step}, keep=[1, 3])
+    real = ckpt._manager.restore
+
+    def short_of_memory(step, *args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 3397388488 bytes.")
+
+    monkeypatch.setattr(ckpt._manager, "restore", short_of_memory)
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+        ckpt.restore_latest(state, warn=lambda text: None)
+    assert sorted(ckpt.all_steps()) == [1, 3]
+    monkeypatch.setattr(ckpt._manager, "restore", real)
+    step, restored, meta = ckpt.restore_latest(state, warn=lambda text: None)
+    assert step == 3 and meta == {"step": 3}
+    np.testing.assert_array_equal(restored["w"], np.arange(3.0) + 3)
+    # A template of another structure fails every step: named as such, nothing moved.
+    with pytest.raises(DamagedCheckpointError, match="another structure than this code"):
+        ckpt.restore_latest({"w": jnp.arange(4.0)}, warn=lambda text: None)
+    assert sorted(ckpt.all_steps()) == [1, 3]
+    ckpt.close()

@@ -2,7 +2,8 @@
 
 Layout of `cache_dir/<key>/` (key = hash of the encoder fingerprint, layers, dtype, rate):
   meta.json     fingerprint, layers, dtype, sample_rate, feature shape
-  index.jsonl   one line per stored clip, appended as clips finish (the last line per id wins):
+  index.jsonl   one line per stored clip, appended as clips finish (the last line per id and
+                source wins):
                 id, source (path|size|mtime_ns of the audio), file, n_samples, t_valid, t_full
   <sha1(id|source)>.npy  the clip's valid tokens: (t_valid, C) or (L, t_valid, C); rows of one
                 id from other audio files (two demo folders) get files of their own
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 from collections import defaultdict
@@ -52,7 +54,7 @@ from haaqi_jax.data.buckets import bucket_length
 from haaqi_jax.data.manifest import ManifestRow
 from haaqi_jax.data.pipeline import (Batch, BatchIterator, InputConfig, local_slots,
                                      make_batch_iterator, pad_stack, row_fields)
-from haaqi_jax.files import read_json, temporary_sibling, write_atomic
+from haaqi_jax.files import read_json, write_atomic
 
 EncodeFn = Callable[[np.ndarray, np.ndarray], tuple[Any, Any]]
 META_FILE = "meta.json"
@@ -148,6 +150,15 @@ class FeatureCache:
             return None
         return self.entries.get((row.id, _source_id(row)))
 
+    def older_versions(self, row: ManifestRow) -> list[CacheEntry]:
+        """Entries of this row's id, file and channel stored from an earlier version of the
+        audio (another size or modification time): no run can want them any more."""
+        source = _source_id(row)
+        same_file = lambda s: (s.split("|")[0], s.split("|")[3:]) == (
+            source.split("|")[0], source.split("|")[3:])
+        return [e for (row_id, s), e in self.entries.items()
+                if row_id == row.id and s != source and same_file(s)]
+
     def is_current(self, row: ManifestRow) -> bool:
         """True when the row's clip is stored for its audio file as it is now."""
         return self._lookup(row) is not None
@@ -165,7 +176,7 @@ class FeatureCache:
         entry = self._lookup(row)
         try:
             stored = np.load(self.directory / entry.file, mmap_mode="r")
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, EOFError, AttributeError):      # EOFError: an empty file
             return False
         return self._shape_problem(entry, stored.shape) is None
 
@@ -188,8 +199,8 @@ class FeatureCache:
         try:
             stored = np.load(path)
             problem = self._shape_problem(entry, stored.shape)
-        except (OSError, ValueError) as err:
-            problem = f"cannot be read ({err})"
+        except (OSError, ValueError, EOFError) as err:
+            problem = f"cannot be read ({type(err).__name__}: {err})"
         if problem is not None:
             raise ValueError(f"{row.describe()}: its cached features {path} {problem}; the "
                              f"file is damaged: rerun, and the cache build encodes it again")
@@ -325,6 +336,8 @@ def build_feature_cache(rows: Sequence[ManifestRow], encode_fn: EncodeFn,
                                    n_samples=waves[k].shape[0])
                     index.write(json.dumps(dataclasses.asdict(entry)) + "\n")
                     index.flush()
+                    for stale in cache.older_versions(row):    # one file per clip on disk
+                        (directory / stale.file).unlink(missing_ok=True)
                     bar.update()
                 shape = (features.shape[-1],) if layers == "last" else (
                     features.shape[1], features.shape[-1])
@@ -355,14 +368,9 @@ def _store(directory: Path, row: ManifestRow, features: np.ndarray, token_pad: n
                          "cache with dtype='float32'")
     source = _source_id(row)
     name = _file_name(row.id, source)
-    tmp = temporary_sibling(directory / name)
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, kept.astype(dtype))
-        os.replace(tmp, directory / name)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    np.save(buffer, kept.astype(dtype))
+    write_atomic(directory / name, buffer.getvalue())
     return CacheEntry(id=row.id, source=source, file=name,
                       n_samples=int(n_samples), t_valid=t_valid,
                       t_full=int(features.shape[-2]))

@@ -20,7 +20,7 @@ Layout of OUT_DIR:
                                linear parts), split, distortion, distortion_params,
                                listener_shape, plus style, seconds, level_dbfs; paths relative
                                to OUT_DIR
-  .lock                        held while a process builds the folder (a second one waits)
+  .demo.lock                   held while a process builds the folder (a second one waits)
 
 The processed clip is what a hearing aid fitted to the listener would deliver: the degraded
 music through the listener's NAL-R gains, scaled to the RMS of the equally aided clean reference
@@ -237,9 +237,9 @@ def make_clip(index: int, split: str, settings: DemoSettings) -> dict[str, Any]:
 
 
 def _write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> None:
-    tmp = temporary_sibling(path, ".wav")
+    tmp = temporary_sibling(path)
     try:
-        sf.write(tmp, audio, sample_rate, subtype="PCM_16")
+        sf.write(tmp, audio, sample_rate, subtype="PCM_16", format="WAV")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -418,6 +418,9 @@ def build_demo_dataset(out_dir: str | os.PathLike, *, n_clips: int = 100, seed: 
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file; give a folder for the demo dataset")
     out.mkdir(parents=True, exist_ok=True)
+    manifest = out / "manifest.jsonl"
+    if _demo_settings(out / "settings.json") == settings.to_json() and manifest.exists():
+        return manifest                         # made already: no lock (read-only folders)
     # Two runs building one folder (a seed sweep from nothing): the second waits, then finds
     # the dataset made.
     with exclusive_lock(out / LOCK_FILE, "", wait=f"another process is building the demo "
@@ -425,8 +428,9 @@ def build_demo_dataset(out_dir: str | os.PathLike, *, n_clips: int = 100, seed: 
         return _build(out, settings, splits, labeller, batch_size, progress)
 
 
-#: The lock file of a demo folder while a process builds it.
-LOCK_FILE = ".lock"
+#: The lock file of a demo folder while a process builds it (not a run's ".lock": a demo
+#: folder given as a run's workdir must not wait on the run's own lock).
+LOCK_FILE = ".demo.lock"
 
 
 def _build(out: Path, settings: DemoSettings, splits: tuple[tuple[str, float], ...],
@@ -438,6 +442,8 @@ def _build(out: Path, settings: DemoSettings, splits: tuple[tuple[str, float], .
         return manifest
     for sub in ("audio/reference", "audio/processed", "clips"):
         (out / sub).mkdir(parents=True, exist_ok=True)
+        for leftover in (out / sub).glob(".demo[0-9]*.tmp"):    # a killed build's, ours alone
+            leftover.unlink()
 
     split_of = assign_splits(settings.n_clips, splits, settings.seed)
     metas: list[dict[str, Any]] = []

@@ -867,10 +867,10 @@ def training_rows(label: dict[str, Any], row: LabelRow) -> list[Any]:
 
 
 def _untrainable(scores: dict[str, Any], row: Any) -> str | None:
-    """Why `train.py` could not use a training row (one ear of a label), else None: an ear
-    HAAQI found inaudible (its score is the metric's floor, not a quality), or processed audio
-    the encoder refuses (shorter than one BEATs patch at 16 kHz, silent): the check the
-    training input pipeline makes."""
+    """Why a training row (one ear of a label) is left out of the training manifest, else
+    None: processed audio that train.py's encoder refuses (shorter than one BEATs patch at 16
+    kHz, silent: the input pipeline's own check), or an ear HAAQI found inaudible (its score
+    is the metric's floor, whatever the processing: a label a model should not learn from)."""
     from haaqi_jax.data.audio import check_waveform, load_audio
     if scores.get("audible") is False:
         return ("inaudible: the reference is below the listener's threshold, so the score is "

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 import jax
 import numpy as np
 
-from haaqi_jax.files import write_atomic
+from haaqi_jax.files import read_json, write_atomic
 
 PARAMS_SUBDIR = "params"
 CONFIG_FILE = "config.json"
@@ -122,10 +122,7 @@ def load_config(directory: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(
             f"{directory} is not a haaqi_jax parameter directory: {CONFIG_FILE} is missing")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    meta = read_json(path, "a parameter folder's config")
     if not isinstance(meta, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(meta).__name__}")
     return meta
@@ -243,6 +240,9 @@ class TrainCheckpointManager:
         try:
             restored = self._manager.restore(int(step), args=args)
         except Exception as err:   # orbax / tensorstore raise many types for damaged files
+            from haaqi_jax.host_memory import is_out_of_memory
+            if is_out_of_memory(err) or isinstance(err, (PermissionError, InterruptedError)):
+                raise                                # the machine's trouble, not the files
             first = (str(err).strip().splitlines() or [""])[0][:300]
             raise DamagedCheckpointError(
                 f"{self.directory / str(step)}: the checkpoint of step {step} cannot be "
@@ -252,30 +252,47 @@ class TrainCheckpointManager:
     def restore_latest(self, template: Any, warn: Callable[[str], None] = print
                        ) -> tuple[int, Any, dict[str, Any]] | None:
         """(step, state, meta) of the newest checkpoint that restores, or None when there is
-        none. A damaged newer one (files cut short or deleted by hand) is reported through
-        `warn` and the one before it tried; once one restores, the damaged newer ones are
-        deleted (training on saves those steps anew).
+        none.
+
+        On one process, a damaged newer checkpoint (files cut short or deleted by hand) is
+        reported through `warn` and the one before it tried (the loop keeps the latest and the
+        best step, so that may be several epochs back); once one restores, each damaged newer
+        one is moved aside to `damaged-<step>` (kept for inspection; training on saves that
+        step anew). A multi-host run does not fall back: its processes could restore different
+        steps.
 
         Raises:
-          DamagedCheckpointError when every kept checkpoint is damaged.
+          DamagedCheckpointError when the newest (multi-host) or every kept checkpoint cannot
+          be restored; out-of-memory and permission errors as they are.
         """
         problems, damaged = [], []
         for step in sorted(self.all_steps(), reverse=True):
             try:
                 state, meta = self.restore(step, template)
             except DamagedCheckpointError as err:
+                if jax.process_count() > 1:
+                    raise
                 problems.append(str(err))
                 damaged.append(step)
                 warn(f"{err}; trying the one before it")
                 continue
-            for bad in damaged:        # training on from `step` saves these steps anew
-                self._manager.delete(bad)
-                warn(f"deleted the damaged checkpoint {self.directory / str(bad)}")
+            for bad in damaged:
+                aside = self.directory / f"damaged-{bad}"
+                for k in range(1, 100):
+                    if not aside.exists():
+                        break
+                    aside = self.directory / f"damaged-{bad}.{k}"
+                os.replace(self.directory / str(bad), aside)
+                warn(f"moved the damaged checkpoint of step {bad} aside to {aside}")
+            if damaged:
+                self._manager.reload()
             return step, state, meta
         if problems:
             raise DamagedCheckpointError(
-                f"{self.directory}: no kept checkpoint can be restored ({'; '.join(problems)}). "
-                f"Delete {self.directory} to train from the start")
+                f"{self.directory}: no kept checkpoint can be restored ({'; '.join(problems)}): "
+                f"damaged files, or a train state of another structure than this code and "
+                f"config make (changed since?). Pass another --workdir, or delete "
+                f"{self.directory} to train from the start")
         return None
 
     def close(self) -> None:

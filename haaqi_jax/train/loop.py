@@ -24,12 +24,13 @@ latest checkpoint, so the continued run is bit-for-bit the uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -596,15 +597,27 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, *,
 LOCK_FILE = ".lock"
 
 
-def sole_run(workdir: Path):
-    """A context that keeps other runs out of `workdir` while this one writes it (held by the
-    main process; the other processes of a multi-host run share the workdir)."""
-    import contextlib
-    if not sharding.is_main_process():
-        return contextlib.nullcontext()
-    return exclusive_lock(workdir / LOCK_FILE,
-                          f"another run is writing {workdir} (lock {workdir / LOCK_FILE}): "
-                          f"wait for it to finish, or pass another --workdir")
+@contextlib.contextmanager
+def sole_run(workdir: Path) -> Iterator[None]:
+    """Keeps other runs out of `workdir` while this one writes it. The main process holds the
+    lock file; on a multi-host run (one shared workdir) every process learns whether it got
+    it, so that a refused run stops on all hosts, not on one while the others wait."""
+    busy = (f"another run is writing {workdir} (lock {workdir / LOCK_FILE}): wait for it to "
+            f"finish, or pass another --workdir")
+    held, refused = contextlib.ExitStack(), None
+    if sharding.is_main_process():
+        try:
+            held.enter_context(exclusive_lock(workdir / LOCK_FILE, busy))
+        except ValueError as err:
+            refused = err
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        if not int(multihost_utils.broadcast_one_to_all(np.int32(refused is None))):
+            refused = refused or ValueError(busy)
+    if refused is not None:
+        raise refused
+    with held:
+        yield
 
 
 def _train_and_evaluate(config: Any, workdir: Path, *, data: TrainData | None) -> TrainResult:
