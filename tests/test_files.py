@@ -83,3 +83,23 @@ def test_a_held_lock_refuses_or_waits(tmp_path):
     with files.exclusive_lock(lock, "busy"):        # released: free again
         pass
     assert lock.exists()
+
+
+def test_a_file_system_without_flock_goes_on_unguarded(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    ran = []
+    with files.exclusive_lock(tmp_path / ".lock", "busy"):
+        ran.append(True)
+    assert ran and "cannot lock" in capsys.readouterr().err
+    # Any other error is not swallowed.
+    monkeypatch.setattr(fcntl, "flock", lambda fd, op: (_ for _ in ()).throw(
+        OSError(errno.EBADF, "Bad file descriptor")))
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        with files.exclusive_lock(tmp_path / ".lock", "busy"):
+            pass
