@@ -397,12 +397,12 @@ def save_run_config(cfg: ConfigDict | FrozenConfigDict, workdir: str | os.PathLi
     from haaqi_jax.files import read_json
     workdir = Path(workdir)
     path = workdir / name
-    if holds_a_run(workdir) and not path.is_file():
-        raise ValueError(f"{workdir} holds a run (checkpoints or a report) but no {name}: "
-                         f"whether this config is the one it was made with cannot be checked. "
-                         f"Restore {path}, pass another --workdir, or delete {workdir} to start "
-                         f"over.")
-    if path.is_file() and holds_a_run(workdir):
+    if holds_a_run(workdir):
+        if not path.is_file():
+            raise ValueError(f"{workdir} holds a run (checkpoints or a report) but no {name}: "
+                             f"whether this config is the one it was made with cannot be "
+                             f"checked. Restore {path}, pass another --workdir, or delete "
+                             f"{workdir} to start over.")
         new = to_dict(cfg)
         diffs = config_differences(read_json(path, "the run's config"), new,
                                    ignore=resumable_keys(new))

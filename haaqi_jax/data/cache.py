@@ -171,12 +171,15 @@ class FeatureCache:
         return entry
 
     def intact(self, row: ManifestRow) -> bool:
-        """True when the row's stored file reads as the index says (header and size: a file cut
-        short by a crash or a full disk is not); reads the header only."""
+        """True when the row's clip is stored for its audio as it is now (`is_current`) and its
+        file reads as the index says (header and size: a file cut short by a crash or a full
+        disk is not); reads the header only."""
         entry = self._lookup(row)
+        if entry is None:
+            return False
         try:
             stored = np.load(self.directory / entry.file, mmap_mode="r")
-        except (OSError, ValueError, EOFError, AttributeError):      # EOFError: an empty file
+        except (OSError, ValueError, EOFError):                  # EOFError: an empty file
             return False
         return self._shape_problem(entry, stored.shape) is None
 
@@ -300,7 +303,7 @@ def build_feature_cache(rows: Sequence[ManifestRow], encode_fn: EncodeFn,
         write_atomic(meta_path, json.dumps(meta, indent=2))
     cache = FeatureCache(directory)
 
-    todo = [row for row in rows if not (cache.is_current(row) and cache.intact(row))]
+    todo = [row for row in rows if not cache.intact(row)]
     groups: dict[int, list[tuple[ManifestRow, int]]] = defaultdict(list)
     for row in todo:
         try:
