@@ -421,8 +421,11 @@ class _FakeDevice:
 
 def test_default_chunking_cpu_budget_and_accelerator_memory():
     n = 245_760                                         # a ten-second clip's buffer
-    assert api.default_chunking(n, [_FakeDevice("cpu")]) == (api.DEFAULT_CHUNK_SAMPLES // n, 8)
-    assert api.default_chunking(10 * n, [_FakeDevice("cpu")]) == (1, 8)   # never 0 items
+    cpu = _FakeDevice("cpu")
+    assert api.default_chunking(n, [cpu]) == (1, 8)
+    assert api.default_chunking(73_728, [cpu]) == (5, 8)                  # 3 s buffers
+    assert api.default_chunking(73_728, [cpu], np.float64) == (3, 8)
+    assert api.default_chunking(10 * n, [cpu]) == (1, 8)                  # never 0 items
     item = api.ACCELERATOR_BYTES_PER_SAMPLE * n
     limit = int(40 * item / api.ACCELERATOR_MEMORY_SHARE) + 1        # room for 40 items
     gpu = _FakeDevice("gpu", limit)
@@ -430,9 +433,35 @@ def test_default_chunking_cpu_budget_and_accelerator_memory():
     assert api.default_chunking(n, [gpu], np.float64) == (20, 32)
     # Per device, by the smallest limit; a device that reports no limit falls back to the CPU rule.
     assert api.default_chunking(n, [gpu, _FakeDevice("gpu", limit // 2)]) == (2 * 20, 32)
-    assert api.default_chunking(n, [gpu, _FakeDevice("tpu")]) == (api.DEFAULT_CHUNK_SAMPLES // n, 8)
-    assert api.default_chunking(n, [_FakeDevice("gpu", "raises")]) == (
-        api.DEFAULT_CHUNK_SAMPLES // n, 8)
+    assert api.default_chunking(73_728, [gpu, _FakeDevice("tpu")]) == (5, 8)
+    assert api.default_chunking(73_728, [_FakeDevice("gpu", "raises")]) == (5, 8)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_default_cpu_chunk_scratch_stays_below_the_kept_heap_threshold(dtype):
+    """XLA's own accounting of the compiled scorer's scratch: a default CPU chunk fits under
+    keep_freed_memory's threshold (its pages are reused, not faulted afresh on every call), and
+    the per-sample constant the rule uses is within 1 % of what XLA reports."""
+    from haaqi_jax import host_memory
+    length = 24_576                                      # a 1 s buffer: many items per chunk
+    chunk, bands = api.default_chunking(length, [_FakeDevice("cpu")], dtype)
+    assert chunk > 1
+    clip = harmonic_music(1.0, 24000, 0, harmonics=3)[None]
+    pairs = [pair for pair, _ in api.prepare_batch(clip, clip, 24000, np.full((1, 8), 30.0))]
+    assert api.bucket_length(pairs[0].n) == length
+    with jax.enable_x64(dtype == np.float64):
+        pad = lambda x: np.tile(api._pad(x, length, dtype), (chunk, 1))
+        compiled = api._batch_core.lower(
+            reference=pad(pairs[0].reference_24k), processed=pad(pairs[0].processed_24k),
+            n=np.full(chunk, pairs[0].n, np.int32),
+            params=jax.tree.map(lambda v: np.tile(np.asarray(v, dtype), (chunk,) + (1,) * np.ndim(v)),
+                                pairs[0].params),
+            level1=np.full(chunk, pairs[0].level1, dtype), keys=api._item_keys(None, chunk),
+            silence_threshold=dtype(2.5), segment_covariance=16, bands_per_step=bands).compile()
+    scratch = compiled.memory_analysis().temp_size_in_bytes
+    assert scratch <= api.CPU_CHUNK_BYTES < host_memory.DEFAULT_THRESHOLD_BYTES
+    per_sample = api.CPU_SCRATCH_BYTES_PER_SAMPLE[np.dtype(dtype).itemsize]
+    assert abs(scratch / (chunk * length) - per_sample) < 0.01 * per_sample
 
 
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])

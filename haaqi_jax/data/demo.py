@@ -93,7 +93,7 @@ def haaqi_labeller(reference, processed, sample_rate, audiogram_levels, lengths,
     level1 = 65.0 - 20.0 * np.log10(np.maximum(rms, 1e-8))
     result = haaqi_batch(reference, processed, sample_rate, audiogram_levels,
                          np.asarray(STANDARD_FREQUENCIES), equalisation=1, level1=level1,
-                         lengths=lengths, dtype=jnp.float32, chunk=len(reference),
+                         lengths=lengths, dtype=jnp.float32,
                          key=jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds]))
     return {part: np.asarray(getattr(result, part), dtype=np.float64)
             for part in ("combined",) + COMPONENT_NAMES}

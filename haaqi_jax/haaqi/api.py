@@ -35,10 +35,15 @@ logger = logging.getLogger(__name__)
 NUM_BANDS = backend.NUM_BANDS
 #: Buffers are whole multiples of this many 24 kHz samples (one 16 ms covariance window).
 BUCKET_UNIT = 384
-#: Default memory budget of one `haaqi_batch` chunk, in 24 kHz samples (items x buffer length):
-#: 3 ten-second clips (buffer 245,760); measured peak RSS 2.3 GB on CPU in float32, whatever
-#: the batch size.
-DEFAULT_CHUNK_SAMPLES = 4 * 240_000
+#: XLA's scratch for one chunk item on a CPU, in bytes per 24 kHz buffer sample at 8 bands per
+#: step (`memory_analysis()` of the compiled scorer: 2,306 in float32, 3,587 in float64).
+CPU_SCRATCH_BYTES_PER_SAMPLE = {4: 2_310, 8: 3_590}
+#: Default scratch budget of one CPU chunk: below `host_memory.DEFAULT_THRESHOLD_BYTES` (1 GiB),
+#: so that under `keep_freed_memory()` (the CLI, train.py) each call reuses the heap pages of
+#: the last one. A larger scratch is mapped afresh by glibc on every call: 3 ten-second clips
+#: per chunk (1.6 GB) took 1.25 million page faults per batch of 8 and cost ~15-25 % more time
+#: per clip than 1 clip per chunk (benchmarks/README.md).
+CPU_CHUNK_BYTES = 900 * 2 ** 20
 #: Accelerator memory per 24 kHz buffer sample of one chunk item (float32, all 32 bands in one
 #: step), measured on an H100: chunks of 16, 32 and 64 ten-second clips peaked at 10.9, 21.7
 #: and 43.4 GB (2.76-2.77 kB per sample). float64 doubles it.
@@ -50,8 +55,9 @@ ACCELERATOR_MEMORY_SHARE = 0.6
 def default_chunking(length: int, devices: Sequence, dtype=np.float32) -> tuple[int, int]:
     """Default (chunk, bands_per_step) for buffers of `length` samples on `devices`.
 
-    CPU: a fixed budget of DEFAULT_CHUNK_SAMPLES samples and 8 bands per step (host memory is
-    shared with everything else; a batch of 64 ten-second clips peaks near 3 GB). Accelerators
+    CPU: as many items as keep XLA's scratch within CPU_CHUNK_BYTES (one ten-second clip,
+    five of 3 s; at least one) and 8 bands per step (host memory is shared with everything
+    else; a batch of 64 ten-second clips peaks near 3 GB). Accelerators
     (GPU, TPU): all 32 bands in one step and as many items as fill ACCELERATOR_MEMORY_SHARE of
     the smallest device's memory limit, per device; a wide chunk is what keeps the sequential
     block scans of the ear model busy (on an H100, 3 items per call ran at 0.32 s per ten-second
@@ -70,7 +76,8 @@ def default_chunking(length: int, devices: Sequence, dtype=np.float32) -> tuple[
             stats = None
         limits.append((stats or {}).get("bytes_limit"))
     if not limits or None in limits:
-        return max(1, DEFAULT_CHUNK_SAMPLES // length), 8
+        item_bytes = CPU_SCRATCH_BYTES_PER_SAMPLE[np.dtype(dtype).itemsize] * length
+        return max(1, CPU_CHUNK_BYTES // item_bytes), 8
     item_bytes = ACCELERATOR_BYTES_PER_SAMPLE * length * (np.dtype(dtype).itemsize // 4)
     per_device = max(1, int(ACCELERATOR_MEMORY_SHARE * min(limits) // item_bytes))
     return per_device * len(devices), NUM_BANDS
