@@ -1,6 +1,7 @@
 """The demo dataset: listeners, determinism, caching, resuming, the CLI and real HAAQI labels."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,22 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     for name, data in files_a.items():
         if name.endswith(".wav"):
             assert files_c[name] != data, name
+
+
+def test_threads_make_the_same_files_as_one(tmp_path, monkeypatch):
+    """Clips synthesised side by side (and finished out of order) give the bytes a serial
+    build gives, records in clip order."""
+    monkeypatch.setattr(demo, "synthesis_workers", lambda: 1)
+    serial = demo.build_demo_dataset(tmp_path / "serial", seed=5, **SMALL)
+    monkeypatch.setattr(demo, "synthesis_workers", lambda: 4)
+    threaded = demo.build_demo_dataset(tmp_path / "threads", seed=5, **SMALL)
+    assert _files(serial.parent) == _files(threaded.parent)
+
+
+def test_synthesis_workers_follow_the_cores_this_process_may_use(monkeypatch):
+    assert demo.synthesis_workers() == min(8, len(os.sched_getaffinity(0)))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert demo.synthesis_workers() == 8
 
 
 def test_manifest_fields_and_reader(tmp_path):

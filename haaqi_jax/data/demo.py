@@ -34,6 +34,7 @@ HAAQI-Net hears.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -433,6 +434,31 @@ def build_demo_dataset(out_dir: str | os.PathLike, *, n_clips: int = 100, seed: 
 LOCK_FILE = ".demo.lock"
 
 
+def synthesis_workers() -> int:
+    """Threads that synthesise demo clips: one per CPU core available to this process, at
+    most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:                     # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+def _synthesize(out: Path, index: int, split: str, settings: DemoSettings) -> dict[str, Any]:
+    """Clip `index`'s record: read back when a readable one exists, otherwise the clip is made
+    and its two wavs and record written (each atomically)."""
+    meta_path = out / "clips" / f"{clip_id(index)}.json"
+    try:              # a clip record damaged by hand is made again, like a missing one
+        return read_json(meta_path)
+    except (FileNotFoundError, ValueError):
+        pass
+    clip = make_clip(index, split, settings)
+    _write_wav(out / clip["reference"], clip.pop("reference_audio"), settings.sample_rate)
+    _write_wav(out / clip["file_path"], clip.pop("processed_audio"), settings.sample_rate)
+    write_atomic(meta_path, json.dumps(clip) + "\n")
+    return clip
+
+
 def _build(out: Path, settings: DemoSettings, splits: tuple[tuple[str, float], ...],
            labeller: Labeller, batch_size: int, progress: bool) -> Path:
     """`build_demo_dataset` in its folder, locked."""
@@ -446,19 +472,13 @@ def _build(out: Path, settings: DemoSettings, splits: tuple[tuple[str, float], .
             leftover.unlink()
 
     split_of = assign_splits(settings.n_clips, splits, settings.seed)
-    metas: list[dict[str, Any]] = []
-    for index in tqdm(range(settings.n_clips), desc="synthesizing clips", disable=not progress):
-        meta_path = out / "clips" / f"{clip_id(index)}.json"
-        try:          # a clip record damaged by hand is made again, like a missing one
-            metas.append(read_json(meta_path))
-            continue
-        except (FileNotFoundError, ValueError):
-            pass
-        clip = make_clip(index, split_of[index], settings)
-        _write_wav(out / clip["reference"], clip.pop("reference_audio"), settings.sample_rate)
-        _write_wav(out / clip["file_path"], clip.pop("processed_audio"), settings.sample_rate)
-        write_atomic(meta_path, json.dumps(clip) + "\n")
-        metas.append(clip)
+    # Clips are independent (each has its own generator), so threads make them side by side:
+    # numpy and scipy release the GIL in their long loops.
+    with concurrent.futures.ThreadPoolExecutor(synthesis_workers()) as pool:
+        made = pool.map(lambda index: _synthesize(out, index, split_of[index], settings),
+                        range(settings.n_clips))
+        metas = list(tqdm(made, total=settings.n_clips, desc="synthesizing clips",
+                          disable=not progress))
 
     labels_path = out / "labels.jsonl"
     labels = _read_labels(labels_path)
