@@ -341,6 +341,24 @@ IMPLICIT_VALUES = {
                           ("head.lstm_layers", 1), ("head.lstm_dropout_rate", 0.0))}}
 
 
+#: Keys that name a file or folder (also under distill.teacher.). A resume compares them as the
+#: paths they name from the current folder, so "data/m.jsonl", "./data/m.jsonl" and its absolute
+#: spelling (or a folder with and without a trailing "/") are one setting, not another config.
+PATH_KEYS = ("data.manifest", "data.demo_dir", "data.cache_dir", "model.encoder_checkpoint",
+             "model.head_checkpoint", "distill.teacher_checkpoint", "distill.target_cache_dir")
+
+
+def _same_setting(key: str, a: Any, b: Any) -> bool:
+    """a == b, or, for a `PATH_KEYS` key, two spellings of one path."""
+    if a == b:
+        return True
+    bare = key[len("distill.teacher."):] if key.startswith("distill.teacher.") else key
+    if bare in PATH_KEYS and isinstance(a, str) and isinstance(b, str) and a and b:
+        name = lambda p: os.path.abspath(os.path.expanduser(p))  # noqa: E731
+        return name(a) == name(b)
+    return False
+
+
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     """A nested `to_dict` config as {dotted key: leaf value}."""
     if isinstance(tree, dict):
@@ -355,7 +373,8 @@ def config_differences(saved: dict[str, Any], new: dict[str, Any],
                        ignore: Iterable[str] = RESUMABLE_KEYS) -> list[str]:
     """Dotted keys whose values differ between two `to_dict` configs, as "key: old -> new"
     (a key missing on one side shows as <absent>, or as its `IMPLICIT_VALUES` entry on the
-    saved side), skipping keys that match `ignore`."""
+    saved side; `PATH_KEYS` compared as the paths they name), skipping keys that match
+    `ignore`."""
     import fnmatch
     old, cur = flatten(saved), flatten(new)
     out = []
@@ -363,7 +382,7 @@ def config_differences(saved: dict[str, Any], new: dict[str, Any],
         if any(fnmatch.fnmatchcase(key, pattern) for pattern in ignore):
             continue
         a, b = old.get(key, IMPLICIT_VALUES.get(key, "<absent>")), cur.get(key, "<absent>")
-        if a != b:
+        if not _same_setting(key, a, b):
             out.append(f"{key}: {a!r} -> {b!r}")
     return out
 

@@ -622,9 +622,7 @@ def distill_and_evaluate(config: Any, workdir: str | os.PathLike, *, data: Any =
     workdir.mkdir(parents=True, exist_ok=True)
     cfglib.save_run_config(config, workdir, loop.CONFIG_FILE, write=sharding.is_main_process())
     tc, dc = config.train, config.distill
-    mesh = sharding.make_mesh()
-    sharding.check_global_batch(int(tc.batch_size), mesh, "train.batch_size")
-    sharding.check_global_batch(int(tc.eval_batch_size), mesh, "train.eval_batch_size")
+    mesh = sharding.make_mesh()      # (check_run_settings checked the batches divide over it)
 
     teacher_path = resolve_teacher(config, workdir)
     try:
@@ -638,7 +636,9 @@ def distill_and_evaluate(config: Any, workdir: str | os.PathLike, *, data: Any =
     student, pred_params = init_student(teacher, dc, int(config.seed))
     check_frozen_patterns(config, {**student.params, "pred_heads": pred_params})
     if data is None:
-        data = loop.build_train_data(config, student, workdir)
+        # (the teacher's weights too: a resume against another teacher is refused)
+        data = loop.build_train_data(config, student, workdir, start_params={
+            "teacher": teacher.params, "student": student.params})
     if data.mode != "waveform":
         raise ValueError(f"distillation needs waveform batches, got mode {data.mode!r}")
     keys = loop.BATCH_KEYS["waveform"]

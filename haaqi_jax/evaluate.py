@@ -281,6 +281,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+#: `evaluate_manifest` reads and scores this many batches of clips at a time.
+EVAL_CHUNK_BATCHES = 16
+
+
 def evaluate_manifest(model_dir: str | os.PathLike, manifest: str | os.PathLike,
                       out_dir: str | os.PathLike, *, splits: Sequence[str] | None = None,
                       batch_size: int = 8, color_by: str = "split", num_examples: int = 8,
@@ -295,6 +299,8 @@ def evaluate_manifest(model_dir: str | os.PathLike, manifest: str | os.PathLike,
     Returns:
       the metrics dict written to metrics.json, plus "skipped".
     """
+    from tqdm.auto import tqdm
+
     from haaqi_jax.data.manifest import read_manifest
     from haaqi_jax.model import HAAQINet
     from haaqi_jax.predict import Job, load_job
@@ -318,21 +324,34 @@ def evaluate_manifest(model_dir: str | os.PathLike, manifest: str | os.PathLike,
         raise ValueError(f"{manifest}: no rows in split(s) {missing} (have {available})")
     net = HAAQINet.load(model_dir)
     records = []
+    # Clips are read and scored EVAL_CHUNK_BATCHES batches at a time: host memory stays bounded
+    # on a large set (a whole split of 10 s clips would be held at once otherwise).
+    chunk = EVAL_CHUNK_BATCHES * batch_size
     for split in splits:
-        split_rows, waves = [], []
-        for row in (r for r in rows if split_of[id(r)] == split):
-            job = Job(Path(row.file_path), str(row.file_path), channel=row.channel)
-            wave = load_job(job)                  # `haaqi-jax predict`'s loader and checks
-            if wave is None:
-                skipped.append({"id": row.id, "reason": job.error})
-                continue
-            split_rows.append(row)
-            waves.append(wave)
+        todo = [r for r in rows if split_of[id(r)] == split]
+        split_rows, preds = [], []
+        with tqdm(total=len(todo), desc=f"HAAQI-Net {split}", unit="clip",
+                  disable=not progress) as bar:
+            for start in range(0, len(todo), chunk):
+                chunk_rows, waves = [], []
+                for row in todo[start:start + chunk]:
+                    job = Job(Path(row.file_path), str(row.file_path), channel=row.channel)
+                    wave = load_job(job)          # `haaqi-jax predict`'s loader and checks
+                    if wave is None:
+                        skipped.append({"id": row.id, "reason": job.error})
+                        bar.update(1)
+                        continue
+                    chunk_rows.append(row)
+                    waves.append(wave)
+                if not chunk_rows:
+                    continue
+                levels = np.stack([np.asarray(r.audiogram, np.float64) for r in chunk_rows])
+                preds.append(net.predict(waves, 16000, levels, batch_size=batch_size,
+                                         progress=bar))
+                split_rows += chunk_rows
         if not split_rows:
             continue
-        levels = np.stack([np.asarray(r.audiogram, np.float64) for r in split_rows])
-        preds = net.predict(waves, 16000, levels, batch_size=batch_size, progress=progress)
-        records += prediction_records(split_rows, preds, split)
+        records += prediction_records(split_rows, np.concatenate(preds), split)
     for item in skipped:
         where = f"line {item['line']}" if "line" in item else f"id {item['id']!r}"
         print(f"skipped {where}: {item['reason']}", file=sys.stderr)

@@ -211,3 +211,26 @@ def test_save_run_config_refuses_a_workdir_of_another_run(tmp_path):
     assert config_differences({"model": {"head": {}}},
                               {"model": {"head": {"readout": "haaqi_components"}}}) == [
         "model.head.readout: 'score' -> 'haaqi_components'"]
+
+
+def test_a_resume_takes_another_spelling_of_the_same_path(tmp_path, monkeypatch):
+    """A path given relative, absolute or with a trailing slash is one setting on a resume
+    (it used to be refused as another config); another path is still refused by name."""
+    from haaqi_jax.config import ConfigDict, config_differences, save_run_config
+    monkeypatch.chdir(tmp_path)
+    cfg = ConfigDict({"data": {"manifest": "data/manifest.jsonl", "cache_dir": "cache"},
+                      "distill": {"teacher": {"data": {"cache_dir": "cache"}}}})
+    save_run_config(cfg, tmp_path / "run")
+    (tmp_path / "run" / "checkpoints" / "10").mkdir(parents=True)
+    same = ConfigDict({"data": {"manifest": str(tmp_path / "data" / "manifest.jsonl"),
+                                "cache_dir": "./cache/"},
+                       "distill": {"teacher": {"data": {"cache_dir": str(tmp_path / "cache")}}}})
+    save_run_config(same, tmp_path / "run")
+    other = ConfigDict(same.to_dict())
+    other.data.manifest = "elsewhere/manifest.jsonl"
+    with pytest.raises(ValueError, match=r"data\.manifest: .* -> 'elsewhere/manifest\.jsonl'"):
+        save_run_config(other, tmp_path / "run")
+    assert config_differences({"model": {"head_checkpoint": None}},
+                              {"model": {"head_checkpoint": "x"}}) == [
+        "model.head_checkpoint: None -> 'x'"]
+    assert config_differences({"data": {"demo_clips": "8"}}, {"data": {"demo_clips": "./8"}})

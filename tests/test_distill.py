@@ -713,6 +713,30 @@ def test_a_teacher_checkpoint_at_odds_with_itself_is_named(distill_job, tmp_path
     assert not (tmp_path / "run2").exists()
 
 
+def test_a_resume_against_another_teacher_is_refused(distill_job, tmp_path, capsys):
+    """Another teacher behind the same distill.teacher_checkpoint (its run resumed or trained
+    again into that folder): the resume is refused, naming the key. It went on silently,
+    the student's remaining steps learning from another teacher."""
+    import shutil
+
+    from haaqi_jax.model import HAAQINet
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(distill_job["workdir"] / "teacher" / "report" / "best_model", teacher)
+    sets = distill_job["sets"] + [f"distill.teacher_checkpoint={teacher}",
+                                  "train.write_report=False"]
+    main = distill_job["train_script"].main
+    assert main(_argv(tmp_path / "run", sets + ["train.stop_after_steps=2"])) == 0
+    assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
+    net = HAAQINet.load(teacher)
+    HAAQINet(net.config, jax.tree_util.tree_map(lambda x: 1.5 * np.asarray(x), net.params)
+             ).save(teacher, overwrite=True)
+    capsys.readouterr()
+    assert main(_argv(tmp_path / "run", sets)) == 2
+    assert ("holds a run that started from other weights: the files behind "
+            "distill.teacher_checkpoint changed" in capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["train.frozen_patterns=blstm/.*", "distill.frozen_head=()"],
      r"train.frozen_patterns: 'blstm/\.\*' matches no parameter"),

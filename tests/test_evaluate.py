@@ -263,3 +263,39 @@ def test_a_scatter_of_many_distortions_tells_each_apart(tmp_path, monkeypatch):
     plt.gcf().canvas.draw()
     assert legend.get_window_extent().x0 > ax.get_window_extent().x1   # beside, not over
     plt.close("all")
+
+
+def test_a_large_split_is_read_and_scored_a_chunk_at_a_time(tmp_path, monkeypatch):
+    """Host memory stays bounded on a large set: no predict call holds more than
+    EVAL_CHUNK_BATCHES * batch_size clips, and the scores are those of one call over all."""
+    from haaqi_jax import config as cfglib
+    from haaqi_jax.model import HAAQINet
+    from haaqi_jax.train import loop
+
+    rng = np.random.default_rng(7)
+    rows = []
+    for i in range(7):
+        sf.write(tmp_path / f"c{i}.wav", 0.1 * rng.standard_normal(4000 + 1500 * i), 16000,
+                 subtype="FLOAT")
+        rows.append({"id": f"c{i}", "file_path": f"c{i}.wav", "audiogram": [20] * 8,
+                     "haaqi_score": float(rng.uniform()), "split": "test"})
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loop.build_model(cfglib.load_config_file(_helpers.TINY)).save(tmp_path / "model")
+    monkeypatch.setattr(evaluate, "EVAL_CHUNK_BATCHES", 1, raising=False)
+    calls, predict = [], HAAQINet.predict
+
+    def spy(self, waveforms, *args, **kwargs):
+        calls.append(len(waveforms))
+        return predict(self, waveforms, *args, **kwargs)
+
+    monkeypatch.setattr(HAAQINet, "predict", spy)
+    evaluate.evaluate_manifest(tmp_path / "model", manifest, tmp_path / "eval", batch_size=3,
+                               progress=False)
+    assert calls == [3, 3, 1]
+    got = {r["id"]: float(r["prediction"])
+           for r in csv.DictReader((tmp_path / "eval" / "predictions.csv").open())}
+    waves = [sf.read(tmp_path / f"c{i}.wav", dtype="float32")[0] for i in range(7)]
+    expected = predict(HAAQINet.load(tmp_path / "model"), waves, 16000, [[20] * 8] * 7,
+                       progress=False)
+    np.testing.assert_allclose([got[f"c{i}"] for i in range(7)], expected, atol=1e-5)

@@ -106,7 +106,9 @@ def test_tiny_config_trains_and_reports(straight_run, tiny):
     metrics = json.loads((rep / "metrics.json").read_text())
     assert set(metrics["by_split"]) == {"valid", "test_seen", "test_unseen"}
     assert set(metrics["by_distortion"]) == {"noise", "clipping"}
-    assert json.loads((rep / "training.json").read_text())["best_step"] == r.best_step
+    summary = json.loads((rep / "training.json").read_text())
+    assert summary["best_step"] == r.best_step
+    assert summary["config"] == saved and summary["seed"] == saved["seed"]
 
     # The exported best model reproduces the report's predictions from the audio files.
     import csv
@@ -120,7 +122,7 @@ def test_tiny_config_trains_and_reports(straight_run, tiny):
     np.testing.assert_allclose(pred, [float(row["prediction"]) for row in rows], atol=2e-5)
 
 
-def test_resume_in_fresh_process_is_bitwise_exact(straight_run, tiny):
+def test_resume_in_fresh_process_is_bitwise_exact(straight_run, tiny, capsys):
     """k steps, a crash (after step 5; last checkpoint at 4), a fresh process finishing the
     run (train.py, with its compilation cache): same parameters, optimizer state, and the same
     metrics log, bit for bit."""
@@ -130,6 +132,8 @@ def test_resume_in_fresh_process_is_bitwise_exact(straight_run, tiny):
     work = root / "resumed"
     first = loop.train_and_evaluate(_config(overrides + ["train.stop_after_steps=5"]), work)
     assert first.interrupted and first.final_step == 5 and first.report_dir is None
+    assert ("stopped at step 5 (train.stop_after_steps), without a report; run again without "
+            "it to resume from the checkpoint at step 4") in capsys.readouterr().err
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, str(REPO / "train.py"), "--config", str(TINY), "--workdir", str(work),
            "--compilation-cache", str(root / "jax_cache")]
@@ -498,6 +502,20 @@ def test_run_settings_are_checked_before_training(tiny, tmp_path, override, mess
     _, overrides = tiny
     with pytest.raises(ValueError, match=message):
         loop.train_and_evaluate(_config(overrides + [override]), tmp_path / "work")
+    assert not (tmp_path / "work").exists()
+
+
+def test_a_batch_that_does_not_divide_over_the_devices_leaves_no_folder(tiny, tmp_path,
+                                                                       monkeypatch):
+    """(config.json used to be written first, then the batch refused.)"""
+    from types import SimpleNamespace
+    from haaqi_jax.train import sharding
+    _, overrides = tiny
+    monkeypatch.setattr(sharding, "make_mesh", lambda *a, **k: SimpleNamespace(
+        devices=np.empty(3)))
+    with pytest.raises(ValueError, match=r"train.batch_size \d+ does not divide by the number "
+                                         r"of devices 3"):
+        loop.train_and_evaluate(_config(overrides), tmp_path / "work")
     assert not (tmp_path / "work").exists()
 
 

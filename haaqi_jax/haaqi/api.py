@@ -539,15 +539,21 @@ def haaqi_batch(reference, processed, sample_rate: float, audiogram_levels,
       device part is jit-compiled inside (`score_prepared`), batched by vmap over items.
 
     float32 scores differ from float64 by rounding: 4.1e-5 at most on the benchmark's 10 s
-    clips; at most 5.8e-6 on 240 music-like clips of 0.45-1 s, and 1.1e-5 on 480 held notes,
-    once the near-ties of the alignment search are re-ranked exactly (before, a flipped lag
-    moved such clips by up to 5.5e-3). Far from music the difference can be larger: a lone
-    impulse scored against two steady tones gave 0.0313 in float32 and 0.0280 in float64
-    (cephigh 0.254 vs 0.183); score such test signals in float64. An item's float32 score can
-    also move with the other items of its batch (all are padded to one bucketed length): 6e-7
-    at most on those 240 clips padded to 3 s; float64 scores do not move with the padding.
-    Either dtype
-    moves with an item's *position*: item i draws its threshold noise from fold_in(key, i), so
+    clips; at most 5.8e-6 on 240 music-like clips of 0.45-1 s, 1.1e-5 on 480 held notes and
+    3.0e-5 on 160 synthesised pieces of 0.5-10 s (16-48 kHz, equalisation 1 and 2, level1 65
+    and the Cadenza rule, eight audiogram shapes; 2.7e-5 on the 0.5 s ones), once the
+    near-ties of the alignment search are re-ranked exactly (before, a flipped lag moved such
+    clips by up to 5.5e-3). Far from music HAAQI itself is ill-conditioned, and no dtype
+    gives a reproducible score: when the reference's envelope is steady (held tones)
+    and the processed signal is short (a lone impulse), the correlations that the ear model's
+    alignment searches maximise are flat to ~1e-13 of their size over hundreds of lags, so the
+    lags, and with them cephigh, are picked by rounding. Tones of 440 + 1000 Hz against one
+    impulse at 0.1 s (24 kHz, equalisation 2, a sloping loss) scored 0.1093 in float32, 0.1006
+    in float64, 0.0898 in pyclarity, and 0.0931 in float64 with noise of RMS 1e-10 added to
+    the reference; pyclarity's `haaqi_v1` is no more reproducible there than ours. An item's
+    float32 score can also move with the other items of its batch (all are padded to one
+    bucketed length): 6e-7 at most on those 240 clips padded to 3 s; float64 scores do not
+    move with the padding. Either dtype moves with an item's *position*: item i draws its threshold noise from fold_in(key, i), so
     the same pair at another index gets other noise (~3e-5 measured on a 1 s clip). Labels
     that must not depend on the batch: dtype=jnp.float64 and B per-item keys, e.g. from each
     item's id, as `haaqi-jax label --dtype float64` does.

@@ -379,20 +379,27 @@ def rows_digest(rows: Sequence[Any]) -> str:
     return h.hexdigest()[:16]
 
 
-#: Config keys that name weights a run starts from (files that may change under one path).
-_WEIGHT_SOURCES = ("model.encoder_checkpoint", "model.head_checkpoint")
+#: Config keys that name weights a run starts from (files that may change under one path):
+#: a distillation's teacher too (a teacher run resumed or retrained into the same folder).
+_WEIGHT_SOURCES = ("model.encoder_checkpoint", "model.head_checkpoint",
+                   "distill.teacher_checkpoint")
 
 
 def check_run_data(config: Any, splits: Mapping[str, Sequence[Any]], workdir: Path,
-                   net: Any = None) -> None:
+                   net: Any = None, *, start_params: Any = None) -> None:
     """Refuses to resume a run whose train or valid rows, or starting weights, changed since it
     started.
 
     A manifest relabelled in place (e.g. with other HAAQI settings), or rows added, dropped or
     pointed at other files, would otherwise continue the old run on new data, its best
     checkpoint chosen on the old labels; weights converted anew into the same
-    model.encoder_checkpoint / head_checkpoint folder would mix two models. Writes
-    workdir/data.json (main process) otherwise.
+    model.encoder_checkpoint / head_checkpoint folder, or another teacher in
+    distill.teacher_checkpoint, would mix two models. Writes workdir/data.json (main process)
+    otherwise.
+
+    Args:
+      start_params: the weights the run starts from when a `_WEIGHT_SOURCES` key is set
+        (default `net.params`; a distillation passes its teacher's as well).
     """
     from haaqi_jax.data.cache import params_fingerprint
 
@@ -402,9 +409,11 @@ def check_run_data(config: Any, splits: Mapping[str, Sequence[Any]], workdir: Pa
                                    "digest": rows_digest(splits[name])}
                  for role, name in (("train", d.train_split), ("valid", d.valid_split))}}
     sources = [key for key in _WEIGHT_SOURCES
-               if config.model.get(key.split(".", 1)[1])]
-    if net is not None and sources:
-        record["starting_weights"] = params_fingerprint(net.params)
+               if (config.get(key.split(".")[0]) or {}).get(key.split(".", 1)[1])]
+    if start_params is None and net is not None:
+        start_params = net.params
+    if start_params is not None and sources:
+        record["starting_weights"] = params_fingerprint(start_params)
     path = workdir / DATA_FILE
     if path.is_file() and cfglib.holds_a_run(workdir):
         saved = read_json(path, "the record of the run's data")
@@ -429,9 +438,10 @@ def check_run_data(config: Any, splits: Mapping[str, Sequence[Any]], workdir: Pa
 
 
 def build_train_data(config: Any, net: Any, workdir: Path,
-                     splits: Mapping[str, Sequence[Any]] | None = None) -> TrainData:
+                     splits: Mapping[str, Sequence[Any]] | None = None, *,
+                     start_params: Any = None) -> TrainData:
     """Builds the train iterator and the eval batches of `splits` (default `load_splits`):
-    on cached features (data.cache) or on waveforms.
+    on cached features (data.cache) or on waveforms. `start_params`: see `check_run_data`.
 
     Multi-host: every host plans the same global batches and yields its own slice
     (shard_index = jax.process_index()); see haaqi_jax.train.sharding.
@@ -441,7 +451,7 @@ def build_train_data(config: Any, net: Any, workdir: Path,
 
     d, tc = config.data, config.train
     used = dict(load_splits(config) if splits is None else splits)
-    check_run_data(config, used, workdir, net)
+    check_run_data(config, used, workdir, net, start_params=start_params)
     in_cfg = pipeline.InputConfig(
         batch_size=int(tc.batch_size), shuffle=True, seed=int(config.seed),
         crop_seconds=d.get("crop_seconds"), prefetch=int(d.prefetch),
@@ -625,9 +635,7 @@ def _train_and_evaluate(config: Any, workdir: Path, *, data: TrainData | None) -
     cfglib.save_run_config(config, workdir, CONFIG_FILE, write=sharding.is_main_process())
     tc = config.train
 
-    mesh = sharding.make_mesh()
-    sharding.check_global_batch(int(tc.batch_size), mesh, "train.batch_size")
-    sharding.check_global_batch(int(tc.eval_batch_size), mesh, "train.eval_batch_size")
+    mesh = sharding.make_mesh()      # (check_run_settings checked the batches divide over it)
 
     splits = load_splits(config) if data is None else None  # bad rows fail before compiling
     net = build_model(config)
@@ -751,8 +759,11 @@ def run_loop(state: Any, *, step_fn: Callable, evaluate: Callable, data: TrainDa
             if stop_after and step >= stop_after:
                 interrupted = True  # test hook: behaves like a kill after this step
                 if sharding.is_main_process():
+                    kept = ckpt.latest_step()
                     print(f"{desc}: stopped at step {step} (train.stop_after_steps), without a "
-                          f"report; run again without it to resume", file=sys.stderr)
+                          f"report; run again without it to resume "
+                          + ("from the start (no checkpoint yet)" if kept is None else
+                             f"from the checkpoint at step {kept}"), file=sys.stderr)
                 break
             batch = next(data.train)
             state, step_metrics = step_fn(state, sharding.shard_batch(batch, mesh, keys))
@@ -863,6 +874,11 @@ def check_run_settings(config: Any) -> None:
         value = config[section][key]
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{dotted} must be a whole number >= {least}, got {value!r}")
+    if "train" in config:       # the global batches divide over this run's devices and hosts
+        mesh = sharding.make_mesh()
+        for key in ("batch_size", "eval_batch_size"):
+            if key in config.train:
+                sharding.check_global_batch(int(config.train[key]), mesh, f"train.{key}")
     min_delta = config.train.get("min_delta", 0.0) if "train" in config else 0.0
     if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or not (
             0 <= min_delta < float("inf")):
@@ -927,9 +943,12 @@ def write_training_report(config: Any, net: Any, params: Any, data: TrainData,
         return out_dir
     out = write_report(records, out_dir, color_by=config.report.color_by,
                        num_examples=int(config.report.num_example_predictions))
+    # The run's whole config (seed included): a report folder copied away still says what
+    # made it.
     summary = {"best_step": early["best_step"], "best_valid_loss": early["best_valid_loss"],
                "stopped_early": early["stopped"], "mode": data.mode,
-               "encoder_checkpoint": config.model.get("encoder_checkpoint")}
+               "encoder_checkpoint": config.model.get("encoder_checkpoint"),
+               "seed": int(config.seed), "config": cfglib.to_dict(config)}
     (out / "training.json").write_text(
         json.dumps(metrics_lib.json_safe(summary), indent=2, sort_keys=True) + "\n")
     write_split_manifest(data.rows, out / SPLIT_MANIFEST)
