@@ -354,8 +354,7 @@ def _same_setting(key: str, a: Any, b: Any) -> bool:
         return True
     bare = key[len("distill.teacher."):] if key.startswith("distill.teacher.") else key
     if bare in PATH_KEYS and isinstance(a, str) and isinstance(b, str) and a and b:
-        name = lambda p: os.path.abspath(os.path.expanduser(p))  # noqa: E731
-        return name(a) == name(b)
+        return os.path.abspath(a) == os.path.abspath(b)   # (readers do not expand "~")
     return False
 
 

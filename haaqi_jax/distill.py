@@ -636,9 +636,9 @@ def distill_and_evaluate(config: Any, workdir: str | os.PathLike, *, data: Any =
     student, pred_params = init_student(teacher, dc, int(config.seed))
     check_frozen_patterns(config, {**student.params, "pred_heads": pred_params})
     if data is None:
-        # (the teacher's weights too: a resume against another teacher is refused)
-        data = loop.build_train_data(config, student, workdir, start_params={
-            "teacher": teacher.params, "student": student.params})
+        # The teacher's weights are the run's starting point (the student is made from them,
+        # the config and the seed): a resume against another teacher is refused.
+        data = loop.build_train_data(config, student, workdir, start_params=teacher.params)
     if data.mode != "waveform":
         raise ValueError(f"distillation needs waveform batches, got mode {data.mode!r}")
     keys = loop.BATCH_KEYS["waveform"]

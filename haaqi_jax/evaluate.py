@@ -299,11 +299,9 @@ def evaluate_manifest(model_dir: str | os.PathLike, manifest: str | os.PathLike,
     Returns:
       the metrics dict written to metrics.json, plus "skipped".
     """
-    from tqdm.auto import tqdm
-
     from haaqi_jax.data.manifest import read_manifest
     from haaqi_jax.model import HAAQINet
-    from haaqi_jax.predict import Job, load_job
+    from haaqi_jax.predict import Job, score_jobs
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -324,34 +322,22 @@ def evaluate_manifest(model_dir: str | os.PathLike, manifest: str | os.PathLike,
         raise ValueError(f"{manifest}: no rows in split(s) {missing} (have {available})")
     net = HAAQINet.load(model_dir)
     records = []
-    # Clips are read and scored EVAL_CHUNK_BATCHES batches at a time: host memory stays bounded
-    # on a large set (a whole split of 10 s clips would be held at once otherwise).
-    chunk = EVAL_CHUNK_BATCHES * batch_size
+    # Clips are read and scored EVAL_CHUNK_BATCHES batches at a time, shortest first
+    # (`haaqi-jax predict`'s loader and checks): host memory stays bounded on a large set, and
+    # each chunk's length buckets fill whole batches.
     for split in splits:
-        todo = [r for r in rows if split_of[id(r)] == split]
-        split_rows, preds = [], []
-        with tqdm(total=len(todo), desc=f"HAAQI-Net {split}", unit="clip",
-                  disable=not progress) as bar:
-            for start in range(0, len(todo), chunk):
-                chunk_rows, waves = [], []
-                for row in todo[start:start + chunk]:
-                    job = Job(Path(row.file_path), str(row.file_path), channel=row.channel)
-                    wave = load_job(job)          # `haaqi-jax predict`'s loader and checks
-                    if wave is None:
-                        skipped.append({"id": row.id, "reason": job.error})
-                        bar.update(1)
-                        continue
-                    chunk_rows.append(row)
-                    waves.append(wave)
-                if not chunk_rows:
-                    continue
-                levels = np.stack([np.asarray(r.audiogram, np.float64) for r in chunk_rows])
-                preds.append(net.predict(waves, 16000, levels, batch_size=batch_size,
-                                         progress=bar))
-                split_rows += chunk_rows
-        if not split_rows:
-            continue
-        records += prediction_records(split_rows, np.concatenate(preds), split)
+        split_rows = [r for r in rows if split_of[id(r)] == split]
+        jobs = [Job(Path(r.file_path), str(r.file_path), np.asarray(r.audiogram, np.float64),
+                    channel=r.channel) for r in split_rows]
+        score_jobs(net, jobs, batch_size=batch_size, progress=progress,
+                   chunk_size=EVAL_CHUNK_BATCHES * batch_size, desc=f"HAAQI-Net {split}",
+                   print_errors=False)
+        skipped += [{"id": r.id, "reason": job.error} for r, job in zip(split_rows, jobs)
+                    if job.score is None]
+        scored = [(r, job.score) for r, job in zip(split_rows, jobs) if job.score is not None]
+        if scored:
+            records += prediction_records([r for r, _ in scored],
+                                          np.asarray([score for _, score in scored]), split)
     for item in skipped:
         where = f"line {item['line']}" if "line" in item else f"id {item['id']!r}"
         print(f"skipped {where}: {item['reason']}", file=sys.stderr)

@@ -303,23 +303,27 @@ def _by_length(jobs: list[Job]) -> list[Job]:
 
 
 def score_jobs(net, jobs: list[Job], *, batch_size: int = 8, progress: bool = True,
-               chunk_size: int | None = None) -> None:
+               chunk_size: int | None = None, desc: str = "HAAQI-Net",
+               print_errors: bool = True) -> None:
     """Loads and scores the jobs, filling job.score / job.error.
 
     Files are read shortest first, `chunk_size` at a time (default two batches): memory stays
-    bounded, and Ctrl-C loses at most the chunk in flight.
+    bounded, chunks of like lengths fill whole batches, and Ctrl-C loses at most the chunk in
+    flight. `desc` names the progress bar; `print_errors=False` leaves the errors to the
+    caller (they are in job.error either way).
     """
     from tqdm.auto import tqdm
     chunk_size = chunk_size or 2 * batch_size
     ordered = _by_length(jobs)
-    with tqdm(total=len(jobs), desc="HAAQI-Net", unit="file", disable=not progress) as bar:
+    say = (lambda text: print(text, file=sys.stderr)) if print_errors else (lambda text: None)
+    with tqdm(total=len(jobs), desc=desc, unit="file", disable=not progress) as bar:
         for start in range(0, len(ordered), chunk_size):
             chunk = ordered[start:start + chunk_size]
             ready, clips = [], []
             for job in chunk:
                 clip = None if job.error else load_job(job)
                 if clip is None:
-                    print(f"error: {job.error}", file=sys.stderr)
+                    say(f"error: {job.error}")
                     bar.update(1)
                     continue
                 ready.append(job)
@@ -335,7 +339,7 @@ def score_jobs(net, jobs: list[Job], *, batch_size: int = 8, progress: bool = Tr
                     job.score = float(score)
                 else:   # never a silent NaN in the results: the model's weights are suspect
                     job.error = "the model gave a non-finite score (NaN weights?)"
-                    print(f"error: {job.name}: {job.error}", file=sys.stderr)
+                    say(f"error: {job.name}: {job.error}")
 
 
 def write_results(path: str | Path, jobs: list[Job]) -> Path:

@@ -275,8 +275,8 @@ def test_a_large_split_is_read_and_scored_a_chunk_at_a_time(tmp_path, monkeypatc
     rng = np.random.default_rng(7)
     rows = []
     for i in range(7):
-        sf.write(tmp_path / f"c{i}.wav", 0.1 * rng.standard_normal(4000 + 1500 * i), 16000,
-                 subtype="FLOAT")
+        sf.write(tmp_path / f"c{i}.wav", 0.1 * rng.standard_normal(13000 - 1500 * i), 16000,
+                 subtype="FLOAT")                               # longest first
         rows.append({"id": f"c{i}", "file_path": f"c{i}.wav", "audiogram": [20] * 8,
                      "haaqi_score": float(rng.uniform()), "split": "test"})
     manifest = tmp_path / "m.jsonl"
@@ -286,15 +286,17 @@ def test_a_large_split_is_read_and_scored_a_chunk_at_a_time(tmp_path, monkeypatc
     calls, predict = [], HAAQINet.predict
 
     def spy(self, waveforms, *args, **kwargs):
-        calls.append(len(waveforms))
+        calls.append([len(w) for w in waveforms])
         return predict(self, waveforms, *args, **kwargs)
 
     monkeypatch.setattr(HAAQINet, "predict", spy)
     evaluate.evaluate_manifest(tmp_path / "model", manifest, tmp_path / "eval", batch_size=3,
                                progress=False)
-    assert calls == [3, 3, 1]
-    got = {r["id"]: float(r["prediction"])
-           for r in csv.DictReader((tmp_path / "eval" / "predictions.csv").open())}
+    # shortest first, so that each chunk's batches hold clips of like length
+    assert calls == [[4000, 5500, 7000], [8500, 10000, 11500], [13000]]
+    written = list(csv.DictReader((tmp_path / "eval" / "predictions.csv").open()))
+    assert [r["id"] for r in written] == [f"c{i}" for i in range(7)]      # manifest order
+    got = {r["id"]: float(r["prediction"]) for r in written}
     waves = [sf.read(tmp_path / f"c{i}.wav", dtype="float32")[0] for i in range(7)]
     expected = predict(HAAQINet.load(tmp_path / "model"), waves, 16000, [[20] * 8] * 7,
                        progress=False)

@@ -435,6 +435,8 @@ def test_default_chunking_cpu_budget_and_accelerator_memory():
     assert api.default_chunking(n, [gpu, _FakeDevice("gpu", limit // 2)]) == (2 * 20, 32)
     assert api.default_chunking(73_728, [gpu, _FakeDevice("tpu")]) == (5, 8)
     assert api.default_chunking(73_728, [_FakeDevice("gpu", "raises")]) == (5, 8)
+    with pytest.raises(ValueError, match="dtype must be float32 or float64, got float16"):
+        api.default_chunking(n, [cpu], np.float16)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -454,8 +456,9 @@ def test_default_cpu_chunk_scratch_stays_below_the_kept_heap_threshold(dtype):
         compiled = api._batch_core.lower(
             reference=pad(pairs[0].reference_24k), processed=pad(pairs[0].processed_24k),
             n=np.full(chunk, pairs[0].n, np.int32),
-            params=jax.tree.map(lambda v: np.tile(np.asarray(v, dtype), (chunk,) + (1,) * np.ndim(v)),
-                                pairs[0].params),
+            params=jax.tree.map(
+                lambda v: np.tile(np.asarray(v, dtype), (chunk,) + (1,) * np.ndim(v)),
+                pairs[0].params),
             level1=np.full(chunk, pairs[0].level1, dtype), keys=api._item_keys(None, chunk),
             silence_threshold=dtype(2.5), segment_covariance=16, bands_per_step=bands).compile()
     scratch = compiled.memory_analysis().temp_size_in_bytes

@@ -94,7 +94,7 @@ def haaqi_labeller(reference, processed, sample_rate, audiogram_levels, lengths,
     level1 = 65.0 - 20.0 * np.log10(np.maximum(rms, 1e-8))
     result = haaqi_batch(reference, processed, sample_rate, audiogram_levels,
                          np.asarray(STANDARD_FREQUENCIES), equalisation=1, level1=level1,
-                         lengths=lengths, dtype=jnp.float32,
+                         lengths=lengths, dtype=jnp.float32, progress=False,
                          key=jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds]))
     return {part: np.asarray(getattr(result, part), dtype=np.float64)
             for part in ("combined",) + COMPONENT_NAMES}
@@ -477,8 +477,12 @@ def _build(out: Path, settings: DemoSettings, splits: tuple[tuple[str, float], .
     with concurrent.futures.ThreadPoolExecutor(synthesis_workers()) as pool:
         made = pool.map(lambda index: _synthesize(out, index, split_of[index], settings),
                         range(settings.n_clips))
-        metas = list(tqdm(made, total=settings.n_clips, desc="synthesizing clips",
-                          disable=not progress))
+        try:
+            metas = list(tqdm(made, total=settings.n_clips, desc="synthesizing clips",
+                              disable=not progress))
+        except BaseException:     # e.g. the bar's stderr closed: stop now, not after every clip
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
     labels_path = out / "labels.jsonl"
     labels = _read_labels(labels_path)

@@ -41,8 +41,10 @@ CPU_SCRATCH_BYTES_PER_SAMPLE = {4: 2_310, 8: 3_590}
 #: Default scratch budget of one CPU chunk: below `host_memory.DEFAULT_THRESHOLD_BYTES` (1 GiB),
 #: so that under `keep_freed_memory()` (the CLI, train.py) each call reuses the heap pages of
 #: the last one. A larger scratch is mapped afresh by glibc on every call: 3 ten-second clips
-#: per chunk (1.6 GB) took 1.25 million page faults per batch of 8 and cost ~15-25 % more time
-#: per clip than 1 clip per chunk (benchmarks/README.md).
+#: per chunk (1.6 GB) took 1.25 million page faults per batch of 8 and 17-26 % more time per
+#: clip than 1 clip per chunk (benchmarks/README.md, 2026-11-29). One item is the least a
+#: chunk holds, so a float32 item longer than ~18 s (float64: ~12 s) still exceeds the budget
+#: and pays those faults.
 CPU_CHUNK_BYTES = 900 * 2 ** 20
 #: Accelerator memory per 24 kHz buffer sample of one chunk item (float32, all 32 bands in one
 #: step), measured on an H100: chunks of 16, 32 and 64 ten-second clips peaked at 10.9, 21.7
@@ -57,7 +59,7 @@ def default_chunking(length: int, devices: Sequence, dtype=np.float32) -> tuple[
 
     CPU: as many items as keep XLA's scratch within CPU_CHUNK_BYTES (one ten-second clip,
     five of 3 s; at least one) and 8 bands per step (host memory is shared with everything
-    else; a batch of 64 ten-second clips peaks near 3 GB). Accelerators
+    else). Accelerators
     (GPU, TPU): all 32 bands in one step and as many items as fill ACCELERATOR_MEMORY_SHARE of
     the smallest device's memory limit, per device; a wide chunk is what keeps the sequential
     block scans of the ear model busy (on an H100, 3 items per call ran at 0.32 s per ten-second
@@ -75,6 +77,8 @@ def default_chunking(length: int, devices: Sequence, dtype=np.float32) -> tuple[
         except Exception:  # noqa: BLE001 -- a backend without memory statistics: CPU rule
             stats = None
         limits.append((stats or {}).get("bytes_limit"))
+    if np.dtype(dtype) not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
     if not limits or None in limits:
         item_bytes = CPU_SCRATCH_BYTES_PER_SAMPLE[np.dtype(dtype).itemsize] * length
         return max(1, CPU_CHUNK_BYTES // item_bytes), 8
@@ -553,8 +557,9 @@ def haaqi_batch(reference, processed, sample_rate: float, audiogram_levels,
     the reference; pyclarity's `haaqi_v1` is no more reproducible there than ours. An item's
     float32 score can also move with the other items of its batch (all are padded to one
     bucketed length): 6e-7 at most on those 240 clips padded to 3 s; float64 scores do not
-    move with the padding. Either dtype moves with an item's *position*: item i draws its threshold noise from fold_in(key, i), so
-    the same pair at another index gets other noise (~3e-5 measured on a 1 s clip). Labels
+    move with the padding. Either dtype moves with an item's *position*: item i draws its
+    threshold noise from fold_in(key, i), so the same pair at another index gets other noise
+    (~3e-5 measured on a 1 s clip). Labels
     that must not depend on the batch: dtype=jnp.float64 and B per-item keys, e.g. from each
     item's id, as `haaqi-jax label --dtype float64` does.
     """
