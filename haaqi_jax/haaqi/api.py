@@ -59,16 +59,17 @@ def default_chunking(length: int, devices: Sequence, dtype=np.float32) -> tuple[
 
     CPU: as many items as keep XLA's scratch within CPU_CHUNK_BYTES (one ten-second clip,
     five of 3 s; at least one) and 8 bands per step (host memory is shared with everything
-    else). Accelerators
-    (GPU, TPU): all 32 bands in one step and as many items as fill ACCELERATOR_MEMORY_SHARE of
-    the smallest device's memory limit, per device; a wide chunk is what keeps the sequential
-    block scans of the ear model busy (on an H100, 3 items per call ran at 0.32 s per ten-second
-    clip, 64 items at 0.011 s).
+    else). Accelerators (GPU, TPU): all 32 bands in one step and as many items as fill
+    ACCELERATOR_MEMORY_SHARE of the smallest device's memory limit, per device; a wide chunk
+    is what keeps the sequential block scans of the ear model busy (on an H100, 3 items per
+    call ran at 0.32 s per ten-second clip, 64 items at 0.011 s).
 
     Args:
       length: buffer length in 24 kHz samples; devices: the local devices that share a chunk.
     Returns:
       (items per call over all devices, bands_per_step).
+    Raises:
+      ValueError for a dtype other than float32 and float64.
     """
     limits = []
     for device in devices:
@@ -559,9 +560,9 @@ def haaqi_batch(reference, processed, sample_rate: float, audiogram_levels,
     bucketed length): 6e-7 at most on those 240 clips padded to 3 s; float64 scores do not
     move with the padding. Either dtype moves with an item's *position*: item i draws its
     threshold noise from fold_in(key, i), so the same pair at another index gets other noise
-    (~3e-5 measured on a 1 s clip). Labels
-    that must not depend on the batch: dtype=jnp.float64 and B per-item keys, e.g. from each
-    item's id, as `haaqi-jax label --dtype float64` does.
+    (~3e-5 measured on a 1 s clip). Labels that must not depend on the batch: dtype=
+    jnp.float64 and B per-item keys, e.g. from each item's id, as `haaqi-jax label --dtype
+    float64` does.
     """
     prepared = prepare_batch(reference, processed, sample_rate, audiogram_levels,
                              audiogram_frequencies, equalisation=equalisation, level1=level1,

@@ -399,7 +399,8 @@ def check_run_data(config: Any, splits: Mapping[str, Sequence[Any]], workdir: Pa
 
     Args:
       start_params: the weights the run starts from when a `_WEIGHT_SOURCES` key is set
-        (default `net.params`; a distillation passes its teacher's as well).
+        (default `net.params`; a distillation passes its teacher's, from which it makes the
+        student).
     """
     from haaqi_jax.data.cache import params_fingerprint
 
