@@ -1,10 +1,10 @@
 """Files that runs leave behind and other processes may share: locks, atomic writes, JSON reads.
 
 The files a resumed or concurrent run reads back (configs, manifests, data records, feature
-caches, demo clips, checkpoint metrics) are written through `write_atomic` or
-`temporary_sibling`, so a kill leaves the old file or the new one, never half of one, and two
-processes writing the same file never trip over one temporary name. (Reports are rewritten
-whole by a rerun and are written plainly.) Readers use `read_json`, whose errors name the file.
+caches, demo clips, checkpoint metrics) are written through `write_atomic`, so a kill leaves
+the old file or the new one, never half of one, and two processes writing the same file never
+trip over one temporary name. (Reports are rewritten whole by a rerun and are written
+plainly.) Readers use `read_json`, whose errors name the file.
 `exclusive_lock` keeps a second run out of a folder or file that one run is writing.
 """
 
@@ -103,15 +103,6 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
     except OSError:
         pass                              # some file systems cannot sync a folder
     return path
-
-
-def temporary_sibling(path: str | os.PathLike) -> Path:
-    """A fresh, unique file in `path`'s folder (created empty, permissions as a plain open
-    gives), for writers that must name their own file (soundfile: give it the format, as the
-    name ends in ".tmp"); rename it over `path` when done."""
-    fd, tmp = _new_file(Path(path), ".tmp")
-    os.close(fd)
-    return tmp
 
 
 def read_json(path: str | os.PathLike, what: str = "") -> Any:

@@ -27,7 +27,8 @@ def test_an_atomic_write_leaves_the_whole_file_and_nothing_else(tmp_path, monkey
     link.symlink_to(path)
     files.write_atomic(link, '{"a": 2}\n')
     assert link.is_symlink() and files.read_json(path) == {"a": 2}
-    sibling = files.temporary_sibling(tmp_path / "clip.wav")
+    fd, sibling = files._new_file(tmp_path / "clip.wav", ".tmp")   # write_atomic's temporary
+    os.close(fd)
     assert sibling.name.startswith(".clip.wav.") and sibling.suffix == ".tmp"
     assert sibling.stat().st_mode & 0o777 == 0o666 & ~umask     # not mkstemp's 0600
     sibling.unlink()

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import io
 import json
 import os
 import zlib
@@ -51,8 +52,7 @@ from haaqi_jax.data import degrade as degrade_lib
 from haaqi_jax.data import listeners as listeners_lib
 from haaqi_jax.data import synth
 from haaqi_jax.data.manifest import COMPONENT_NAMES, RAW_LABEL_RANGE, label_fields
-from haaqi_jax.files import (complete_lines, exclusive_lock, read_json, temporary_sibling,
-                             write_atomic)
+from haaqi_jax.files import complete_lines, exclusive_lock, read_json, write_atomic
 
 SETTINGS_VERSION = 2  # 2: eleven seen pairs (was three)
 DEFAULT_SPLITS = (("train", 0.6), ("valid", 0.1), ("test_seen", 0.1), ("test_unseen", 0.2))
@@ -238,13 +238,9 @@ def make_clip(index: int, split: str, settings: DemoSettings) -> dict[str, Any]:
 
 
 def _write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> None:
-    tmp = temporary_sibling(path)
-    try:
-        sf.write(tmp, audio, sample_rate, subtype="PCM_16", format="WAV")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    sf.write(buffer, audio, sample_rate, subtype="PCM_16", format="WAV")
+    write_atomic(path, buffer.getvalue())
 
 
 def _read_labels(path: Path) -> dict[str, dict[str, Any]]:
