@@ -389,11 +389,23 @@ class PositionalConv(nn.Module):
 def relative_position_buckets(n_tokens: int, num_buckets: int, max_distance: int) -> np.ndarray:
     """T5 bidirectional buckets of (key - query), shape (T, T) int32, host-side numpy.
 
+    Entry (q, k) is the bucket of offset k - q: built from the (2T - 1,) buckets of the offsets
+    with one (T, T) int32 copy (no (T, T) int64 temporaries; a whole song is ~50 tokens per
+    second).
+    """
+    per_offset = offset_buckets(np.arange(1 - n_tokens, n_tokens), num_buckets, max_distance)
+    # Row q holds offsets -q .. T - 1 - q: the window of per_offset starting at T - 1 - q.
+    windows = np.lib.stride_tricks.sliding_window_view(per_offset, n_tokens)
+    return np.ascontiguousarray(windows[::-1])
+
+
+def offset_buckets(relative: np.ndarray, num_buckets: int, max_distance: int) -> np.ndarray:
+    """T5 bidirectional buckets of key - query offsets (any shape, int) -> int32, host-side.
+
     The logarithmic part is evaluated in float32 like the reference, so that values sitting on
     a bucket edge are truncated the same way.
     """
-    position = np.arange(n_tokens)
-    relative = position[None, :] - position[:, None]
+    relative = np.asarray(relative)
     half = num_buckets // 2
     buckets = (relative > 0).astype(np.int64) * half
     distance = np.abs(relative)
@@ -410,16 +422,24 @@ def relative_position_buckets(n_tokens: int, num_buckets: int, max_distance: int
 class RelativePositionBias(nn.Module):
     """One learned bias table shared by all layers.
 
-    __call__(n_tokens) -> (H, T, T) bias added to the attention logits.
+    __call__(n_tokens) -> (H, T, T) bias added to the attention logits; for inputs long enough
+    that `attention.attend` walks them in query blocks (`attention.default_query_block`), the
+    same bias as an `attention.ToeplitzBias` of (H, 2T - 1) diagonals, whose memory grows with
+    T rather than T^2.
     """
 
     config: BEATsConfig
 
     @nn.compact
-    def __call__(self, n_tokens: int) -> jax.Array:
+    def __call__(self, n_tokens: int) -> jax.Array | attention_lib.ToeplitzBias:
         cfg = self.config
         table = self.param("embedding", nn.initializers.normal(0.02),
                            (cfg.num_buckets, cfg.encoder_attention_heads))
+        heads = cfg.encoder_attention_heads
+        if attention_lib.default_query_block(heads, n_tokens, n_tokens) is not None:
+            offsets = np.arange(-(n_tokens - 1), n_tokens)
+            buckets = offset_buckets(offsets, cfg.num_buckets, cfg.max_distance)
+            return attention_lib.ToeplitzBias(jnp.transpose(table[buckets]))
         buckets = relative_position_buckets(n_tokens, cfg.num_buckets, cfg.max_distance)
         return jnp.transpose(table[buckets], (2, 0, 1))
 
@@ -427,8 +447,8 @@ class RelativePositionBias(nn.Module):
 class BEATsSelfAttention(nn.Module):
     """Multi-head self-attention with the gated relative position bias (gru_rel_pos).
 
-    __call__(x (B, T, C), key_padding_mask (B, T) True=pad, position_bias (H, T, T) | None)
-      -> (B, T, C)
+    __call__(x (B, T, C), key_padding_mask (B, T) True=pad, position_bias (H, T, T), an
+      attention.ToeplitzBias or None) -> (B, T, C)
     """
 
     config: BEATsConfig
@@ -466,8 +486,8 @@ class BEATsSelfAttention(nn.Module):
 class BEATsEncoderLayer(nn.Module):
     """Post-LN transformer layer with deep norm: x = LN(alpha * x + sublayer(x)).
 
-    __call__(x (B, T, C), key_padding_mask (B, T) True=pad, position_bias (H, T, T) | None)
-      -> (B, T, C)
+    __call__(x (B, T, C), key_padding_mask (B, T) True=pad, position_bias (H, T, T), an
+      attention.ToeplitzBias or None) -> (B, T, C)
     """
 
     config: BEATsConfig

@@ -55,3 +55,15 @@ def _drop_speechbrain_lazy_modules() -> None:
 
 def pytest_runtest_setup(item):
     _drop_speechbrain_lazy_modules()
+
+
+@pytest.fixture
+def query_blocks(monkeypatch):
+    """Every attention takes the long-input path: queries in blocks of 8 (the last one
+    padded), BEATs' position bias as a ToeplitzBias. Build jit functions inside the test: a
+    function traced before the patch keeps the short path."""
+    from haaqi_jax import attention
+    monkeypatch.setattr(attention, "LONG_ITEM_BYTES", 0)
+    monkeypatch.setattr(attention, "CPU_STEP_BYTES", 1)
+    monkeypatch.setattr(attention, "ACCELERATOR_BLOCK_BYTES", 1)
+    assert attention.default_query_block(2, 40, 40) == 8

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from haaqi_jax.attention import attend, default_items_per_step
+from haaqi_jax.attention import (ToeplitzBias, attend, default_items_per_step,
+                                 default_query_block)
 
 B, H, T, D = 3, 4, 11, 8
 VALID = (11, 7, 0)  # the last item has no valid key at all (a dummy batch filler)
@@ -123,3 +124,87 @@ def test_default_items_per_step_keeps_cpu_steps_cache_sized():
     assert default_items_per_step(8, 16, 1500, 1500) == 1     # never 0
     assert default_items_per_step(8, 16, 200, 200) is None    # 8 x 2.6 MB
     assert default_items_per_step(64, 16, 200, 200) == 6
+
+
+def _toeplitz_inputs(seed=3):
+    """q, k, v (B, H, T, D), a ToeplitzBias and its dense (H, T, T) table built entry by entry
+    from the definition bias[h, t, s] = diagonals[h, s - t + T - 1]."""
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((B, H, T, D)).astype(np.float32) for _ in range(3))
+    diagonals = rng.standard_normal((H, 2 * T - 1)).astype(np.float32)
+    dense = np.empty((H, T, T), np.float32)
+    for t in range(T):
+        for s in range(T):
+            dense[:, t, s] = diagonals[:, s - t + T - 1]
+    return q, k, v, ToeplitzBias(jnp.asarray(diagonals)), dense
+
+
+def test_toeplitz_bias_rows():
+    *_, bias, dense = _toeplitz_inputs()
+    np.testing.assert_array_equal(np.asarray(bias.dense(T)), dense)
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda s: bias.rows(s, 4, T))(5)),
+                                  dense[:, 5:9])
+
+
+@pytest.mark.parametrize("block", [4, 8])
+@pytest.mark.parametrize("toeplitz", [False, True])
+def test_query_blocks_match_torch(inputs, block, toeplitz):
+    """The long-input path (queries in blocks, the last one padded; the bias dense or as
+    diagonals) against torch SDPA, with the batch both at once and item by item."""
+    _, _, _, _, gate, key_valid = inputs
+    q, k, v, diagonals, dense = _toeplitz_inputs()
+    bias = diagonals if toeplitz else jnp.asarray(dense)
+    expected = _torch_reference(q, k, v, dense, gate, key_valid)
+    for items_per_step in (None, 1):
+        out = np.asarray(jax.jit(lambda q, k, v: attend(
+            q, k, v, key_valid, bias=bias, bias_gate=gate, items_per_step=items_per_step,
+            query_block=block))(q, k, v))
+        assert out.shape == (B, H, T, D)
+        for b, want in expected.items():
+            np.testing.assert_allclose(out[b], want, rtol=1e-5, atol=1e-5, err_msg=f"item {b}")
+        assert np.isfinite(out).all()
+
+
+def test_query_blocks_gradients_match_torch_autograd(inputs):
+    """Gradients through the blocked path (each block under jax.checkpoint) are torch's."""
+    _, _, _, _, gate, key_valid = inputs
+    q, k, v, diagonals, dense = _toeplitz_inputs(seed=4)
+    weights = np.random.default_rng(5).standard_normal((B, H, T, D)).astype(np.float32)
+    live = [b for b in range(B) if key_valid[b].any()]
+
+    def loss(q, k, v, diagonals):
+        out = attend(q, k, v, key_valid, bias=ToeplitzBias(diagonals), bias_gate=gate,
+                     query_block=4)
+        return (out * weights)[np.asarray(live)].sum()
+
+    got = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, diagonals.diagonals)
+    tq, tk, tv, tdense = (torch.tensor(x, requires_grad=True) for x in (q, k, v, dense))
+    total = 0
+    for b in live:
+        mask = (torch.from_numpy(gate[b]) * tdense).masked_fill(
+            ~torch.from_numpy(key_valid[b])[None, None, :], float("-inf"))
+        out = torch.nn.functional.scaled_dot_product_attention(tq[b], tk[b], tv[b],
+                                                               attn_mask=mask, scale=1.0)
+        total = total + (out * torch.from_numpy(weights[b])).sum()
+    total.backward()
+    # The gradient of a diagonal is the sum of the dense table's gradient along it.
+    dense_grad = tdense.grad.numpy()
+    want_diagonals = np.zeros((H, 2 * T - 1), np.float32)
+    for t in range(T):
+        for s in range(T):
+            want_diagonals[:, s - t + T - 1] += dense_grad[:, t, s]
+    for name, ours, want in zip("qkv", got[:3], (tq.grad, tk.grad, tv.grad)):
+        np.testing.assert_allclose(np.asarray(ours)[live], want.numpy()[live], atol=1e-4,
+                                   err_msg=name)
+    np.testing.assert_allclose(np.asarray(got[3]), want_diagonals, atol=1e-4)
+
+
+def test_default_query_block_only_for_long_items():
+    assert default_query_block(12, 496, 496) is None                  # a 10 s clip: 12 MB
+    assert default_query_block(16, 4000, 4000) is None                # 1.02 GB: the limit
+    assert default_query_block(16, 4200, 4200) is not None
+    block = default_query_block(12, 8940, 8940)                       # 3 minutes: 3.8 GB
+    assert block is not None and block % 8 == 0
+    if jax.default_backend() == "cpu":
+        assert 4 * 12 * 8940 * block <= 16 * 2 ** 20
+    assert default_query_block(16, 10 ** 6, 10 ** 6) == 8             # never fewer than 8

@@ -4,6 +4,7 @@ with seeded random weights in the official checkpoint layout."""
 from __future__ import annotations
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +13,8 @@ import pytest
 import torch
 
 import beats_reference as ref
-from haaqi_jax.beats import (RELEASED_CONFIG, BEATs, BEATsConfig, check_waveform_batch,
-                             min_samples, relative_position_buckets)
+from haaqi_jax.beats import (RELEASED_CONFIG, BEATs, BEATsConfig, RelativePositionBias,
+                             check_waveform_batch, min_samples, relative_position_buckets)
 from haaqi_jax.convert.beats_torch import beats_params_from_state_dict
 from haaqi_jax.fbank import frame_padding_mask, kaldi_fbank, normalize_fbank, num_frames
 
@@ -93,6 +94,37 @@ def _compare_with_speechbrain(setup, kaldi, lengths, n, seed, atol_wave, reuse_c
 def test_tiny_matches_speechbrain(tiny, kaldi):
     # Unaligned lengths: exercises the reference's odd sample -> frame -> token mask rule.
     _compare_with_speechbrain(tiny, kaldi, [3 * SR + 111, 2 * SR - 77, 5000], 3 * SR + 111,
+                              seed=0, atol_wave=1e-3)
+
+
+def test_relative_position_buckets_host_memory_is_one_result():
+    """A whole song is ~50 tokens/s: the (T, T) table's int64 temporaries must not multiply its
+    size (they once took 12 times as much host memory)."""
+    import tracemalloc
+    n = 2000
+    tracemalloc.start()
+    try:
+        ours = relative_position_buckets(n, 320, 800)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert ours.shape == (n, n) and ours.dtype == np.int32
+    assert peak <= 1.25 * ours.nbytes + 2 ** 20, (peak, ours.nbytes)
+
+
+def test_long_input_path_matches_speechbrain(tiny, kaldi, query_blocks):
+    """The path of long inputs (attention in query blocks, the relative position bias as
+    diagonals, never a (H, T, T) table) gives speechbrain's hidden states."""
+    from haaqi_jax import attention
+    variables = {"params": tiny.params}
+    long_path = types.SimpleNamespace(
+        cfg=tiny.cfg, speechbrain=tiny.speechbrain, encode_wave=jax.jit(functools.partial(tiny.model.apply, variables)),
+        encode_fbank=jax.jit(functools.partial(tiny.model.apply, variables,
+                                               method=BEATs.encode_fbank)))
+    bias = RelativePositionBias(tiny.model.config).apply(
+        {"params": tiny.params["relative_position_bias"]}, 150)
+    assert isinstance(bias, attention.ToeplitzBias)
+    _compare_with_speechbrain(long_path, kaldi, [3 * SR + 111, 2 * SR - 77, 5000], 3 * SR + 111,
                               seed=0, atol_wave=1e-3)
 
 

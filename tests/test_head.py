@@ -66,8 +66,10 @@ def test_clips_of_one_and_two_tokens_match_torch(audiograms):
                                    atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("num_layers", [0, 12])
-def test_head_matches_torch_per_item(num_layers, audiograms):
+@pytest.mark.parametrize("num_layers, path", [(0, "short"), (12, "short"), (0, "long")])
+def test_head_matches_torch_per_item(num_layers, path, audiograms, request):
+    if path == "long":
+        request.getfixturevalue("query_blocks")  # attention in blocks of 8 queries
     torch_head = make_head(1 + num_layers, feature_dim=768, num_weighted_layers=num_layers)
     params, cfg = head_params_from_state_dict(torch_head.state_dict())
     assert cfg.num_weighted_layers == num_layers and cfg.lstm_hidden == 100
@@ -81,10 +83,15 @@ def test_head_matches_torch_per_item(num_layers, audiograms):
     assert np.max(np.abs(np.asarray(out2.clip_score - out.clip_score))) > 1e-4
 
 
-def test_head_gradients_match_torch_autograd(audiograms):
+@pytest.mark.parametrize("path", ["short", "long"])
+def test_head_gradients_match_torch_autograd(path, audiograms, request):
     """Training sees the same gradients as the released head: the attention's folded value /
-    output / frame-score maps must give torch's gradients for every parameter."""
+    output / frame-score maps must give torch's gradients for every parameter (also on the
+    long-input path, the attention's queries in blocks under jax.checkpoint)."""
     import torch
+
+    if path == "long":
+        request.getfixturevalue("query_blocks")
 
     torch_head = make_head(9, feature_dim=64).train(False)
     params, cfg = head_params_from_state_dict(torch_head.state_dict())
