@@ -302,6 +302,46 @@ def _by_length(jobs: list[Job]) -> list[Job]:
     return sorted(jobs, key=length)
 
 
+def _predict_within_memory(net, jobs: list[Job], clips: list[np.ndarray], batch_size: int,
+                           bar, say) -> np.ndarray:
+    """net.predict of these clips (16 kHz); when that runs out of memory, each clip alone, so
+    that the clips that fit keep their scores and each one that does not fit fails by name
+    (job.error; its score NaN). A whole song can need more memory than the host has: attention
+    memory grows with the square of a clip's length (benchmarks/README.md)."""
+    from haaqi_jax import host_memory
+    audiograms = np.stack([job.audiogram for job in jobs])
+
+    def out_of_memory(err: BaseException) -> bool:
+        return isinstance(err, (MemoryError, RuntimeError)) and host_memory.is_out_of_memory(err)
+
+    start = bar.n
+    try:
+        return net.predict(clips, 16000, audiograms, batch_size=batch_size, progress=bar)
+    except (MemoryError, RuntimeError) as err:
+        if not out_of_memory(err):
+            raise
+        failure = err
+    bar.n = start                     # the batches scored before the failure are scored again
+    bar.refresh()
+    scores = np.full(len(clips), np.nan, np.float32)
+    for i, (job, clip) in enumerate(zip(jobs, clips)):
+        try:
+            if len(clips) == 1:
+                raise failure
+            scores[i] = net.predict([clip], 16000, audiograms[i:i + 1], batch_size=1,
+                                    progress=bar)[0]
+        except (MemoryError, RuntimeError) as err:
+            if not out_of_memory(err):
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else "MemoryError"
+            job.error = (f"out of memory scoring {len(clip) / 16000:.1f} s of audio ({first}); "
+                         f"memory grows with the square of a clip's length: score it in "
+                         f"shorter parts")
+            say(f"error: {job.name}: {job.error}")
+            bar.update(1)
+    return scores
+
+
 def score_jobs(net, jobs: list[Job], *, batch_size: int = 8, progress: bool = True,
                chunk_size: int | None = None, desc: str = "HAAQI-Net",
                print_errors: bool = True) -> None:
@@ -332,9 +372,10 @@ def score_jobs(net, jobs: list[Job], *, batch_size: int = 8, progress: bool = Tr
                 continue
             with warnings.catch_warnings():   # load_job has named each loud file already
                 warnings.filterwarnings("ignore", message=r"predict: items .* peak above")
-                scores = net.predict(clips, 16000, np.stack([j.audiogram for j in ready]),
-                                     batch_size=batch_size, progress=bar)
+                scores = _predict_within_memory(net, ready, clips, batch_size, bar, say)
             for job, score in zip(ready, scores):
+                if job.error:                      # out of memory alone: named already
+                    continue
                 if np.isfinite(score):
                     job.score = float(score)
                 else:   # never a silent NaN in the results: the model's weights are suspect

@@ -374,3 +374,35 @@ def test_a_json_table_with_a_key_twice_fails_that_key(tmp_path):
     read = predict.read_audiogram_table(table)
     assert read["a.wav"] == f"{table}: key 'a.wav': listed twice"
     np.testing.assert_array_equal(read["b.wav"], [10] * 8)
+
+
+def test_a_clip_too_long_for_memory_fails_by_name_and_the_others_are_scored(setup, tmp_path,
+                                                                           monkeypatch, capsys):
+    """A whole song can need more memory than the host has (attention grows with the square of
+    its length; a 10 min clip asked XLA for 67 GB): that file fails with its length named,
+    and the files scored with it keep their scores (before, the run stopped with exit 2 and
+    wrote no CSV at all)."""
+    root, net = setup
+    music = root / "music"
+    real_predict = HAAQINet.predict
+
+    def predict_within_memory(self, waveforms, *args, **kwargs):
+        if max(len(w) for w in waveforms) > 0.55 * 16000:      # b.flac: 0.6 s
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 67029111920 "
+                               "bytes.\nmore lines")
+        return real_predict(self, waveforms, *args, **kwargs)
+
+    monkeypatch.setattr(HAAQINet, "predict", predict_within_memory)
+    out = tmp_path / "long.csv"
+    rc = cli.main(["predict", "--checkpoint", str(root / "ckpt"), "--audiogram",
+                   ",".join(map(str, LEVELS)), str(music / "a.wav"), str(music / "sub"),
+                   "--out", str(out), "--no-progress"])
+    assert rc == 1
+    rows = _rows(out)
+    assert rows[str(music / "a.wav")]["haaqi"] and rows[str(music / "sub" / "c.wav")]["haaqi"]
+    long_row = rows[str(music / "sub" / "b.flac")]
+    assert long_row["haaqi"] == ""
+    assert "out of memory" in long_row["error"] and "0.6 s" in long_row["error"]
+    assert "shorter parts" in long_row["error"]
+    err = capsys.readouterr().err
+    assert "b.flac" in err and "out of memory" in err
