@@ -899,3 +899,31 @@ def test_a_row_whose_ears_both_fail_names_the_first(dataset, tmp_path):
                              progress=False)
     (error,) = _read_jsonl(tmp_path / "l.errors.jsonl")
     assert error["reason"].startswith("left ear: ") and "123 rejected" in error["reason"]
+
+
+def test_a_lone_long_pair_is_not_scored_as_a_full_batch_of_copies(tmp_path, monkeypatch):
+    """On a CPU a long pair is scored one item per call (its scratch alone exceeds the chunk
+    budget). Padding the last batch up to the batch size then bought no shape reuse and cost
+    one extra call per copy: one 60 s pair was scored 8 times (89 s instead of ~30 s)."""
+    from haaqi_jax.haaqi import api
+    rng = np.random.default_rng(3)
+    ref = _music(rng, N, SR, 330.0)
+    _write(tmp_path / "r.wav", ref)
+    _write(tmp_path / "p.wav", _degrade(rng, ref, 10.0))
+    manifest = _write_jsonl(tmp_path / "m.jsonl", [{"id": "x", "reference": "r.wav",
+                                                     "processed": "p.wav",
+                                                     "audiogram": SLOPING}])
+    monkeypatch.setattr(api, "default_chunking", lambda length, devices, dtype=None: (1, 8))
+    real_score = api.score_prepared
+    scored = []
+
+    def counting(pairs, **kwargs):
+        scored.append(len(pairs))
+        return real_score(pairs, **kwargs)
+
+    monkeypatch.setattr(api, "score_prepared", counting)
+    label_mod.label_manifest(manifest, tmp_path / "labels.jsonl", batch_size=8,
+                             progress=False)
+    assert sum(scored) == 1, scored
+    (row,) = _read_jsonl(tmp_path / "labels.jsonl")
+    assert 0.0 < row["haaqi"] < 1.0

@@ -630,6 +630,8 @@ def _score_with_api(items: list[_Item], prepared: list, size: int, sample_rate: 
     """haaqi_jax.haaqi.api: `prepare_batch` (done by `_prepare_with_api`) reports bad items one
     by one, `score_prepared` scores the good ones, padded to `size` items so that every call
     has the same shape."""
+    import jax
+
     from haaqi_jax.haaqi import api
     keys = np.stack([it.key for it in items])
     errors = {i: reason.removeprefix(f"item {i}: ")
@@ -640,6 +642,14 @@ def _score_with_api(items: list[_Item], prepared: list, size: int, sample_rate: 
         return scores, errors
 
     def call(chosen: list[int], rows: int) -> np.ndarray:
+        # Padded only up to whole device calls: where one call holds fewer items than `rows`
+        # (a long pair on a CPU: one item per call), more copies buy no shape reuse, and each
+        # would cost a call of its own (a lone 60 s pair was scored 8 times).
+        length = api.bucket_length(max(prepared[i][0].n for i in chosen))
+        devices = jax.local_devices()
+        per_call = api.default_chunking(length, devices, np.dtype(settings.dtype))[0]
+        per_call = -(-per_call // len(devices)) * len(devices)
+        rows = min(rows, -(-len(chosen) // per_call) * per_call)
         slots = chosen + [chosen[0]] * (rows - len(chosen))
         result = api.score_prepared([prepared[i][0] for i in slots], key=keys[slots],
                                     dtype=np.dtype(settings.dtype).type, progress=False)
