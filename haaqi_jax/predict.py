@@ -306,8 +306,8 @@ def _predict_within_memory(net, jobs: list[Job], clips: list[np.ndarray], batch_
                            bar, say) -> np.ndarray:
     """net.predict of these clips (16 kHz); when that runs out of memory, each clip alone, so
     that the clips that fit keep their scores and each one that does not fit fails by name
-    (job.error; its score NaN). A whole song can need more memory than the host has: attention
-    memory grows with the square of a clip's length (benchmarks/README.md)."""
+    (job.error; its score NaN). A whole song can need more memory than the host has (a
+    released-size HAAQI-Net: ~2.4 GB for 4 minutes on a CPU, benchmarks/README.md)."""
     from haaqi_jax import host_memory
     audiograms = np.stack([job.audiogram for job in jobs])
 
@@ -335,8 +335,7 @@ def _predict_within_memory(net, jobs: list[Job], clips: list[np.ndarray], batch_
                 raise
             first = str(err).strip().splitlines()[0] if str(err).strip() else "MemoryError"
             job.error = (f"out of memory scoring {len(clip) / 16000:.1f} s of audio ({first}); "
-                         f"memory grows with the square of a clip's length: score it in "
-                         f"shorter parts")
+                         f"score it in shorter parts")
             say(f"error: {job.name}: {job.error}")
             bar.update(1)
     return scores

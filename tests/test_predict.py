@@ -378,8 +378,8 @@ def test_a_json_table_with_a_key_twice_fails_that_key(tmp_path):
 
 def test_a_clip_too_long_for_memory_fails_by_name_and_the_others_are_scored(setup, tmp_path,
                                                                            monkeypatch, capsys):
-    """A whole song can need more memory than the host has (attention grows with the square of
-    its length; a 10 min clip asked XLA for 67 GB): that file fails with its length named,
+    """A whole song can need more memory than the host has (before attention walked long clips
+    in blocks, a 10 min clip asked XLA for 67 GB): that file fails with its length named,
     and the files scored with it keep their scores (before, the run stopped with exit 2 and
     wrote no CSV at all)."""
     root, net = setup
