@@ -32,6 +32,12 @@ def _split_scores(metrics_file: Path) -> str:
                                       for split, m in by_split.items())
 
 
+#: train.py's out-of-memory advice, in its own options (it has no --batch-size).
+TRAIN_MEMORY_HINT = ("lower --set train.batch_size=N (and train.eval_batch_size), or train on "
+                     "random crops of long clips (--set data.crop_seconds=S --set "
+                     "data.cache=False)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -111,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Bad data or settings: one line naming the file, row or key, exit 2.
     code = run_guarded("train.py", job, interrupted="interrupted; the same command resumes "
-                       "from the last checkpoint")
+                       "from the last checkpoint", memory_hint=TRAIN_MEMORY_HINT)
     if code and (args.coordinator is not None or args.distributed):
         # Leave at once: JAX's shutdown would wait up to 5 minutes for the other processes,
         # which wait for this one; its exit stops them within seconds.

@@ -98,13 +98,19 @@ def _check_folder(folder: Path, what: str) -> None:
 TRACEBACK_ENV = "HAAQI_JAX_TRACEBACK"
 
 
-def run_guarded(prog: str, job: Callable[[], int], *, interrupted: str) -> int:
+#: What an out-of-memory line tells the user of a command with a --batch-size option.
+BATCH_SIZE_HINT = "pass a smaller --batch-size, or cut long clips into parts"
+
+
+def run_guarded(prog: str, job: Callable[[], int], *, interrupted: str,
+                memory_hint: str = BATCH_SIZE_HINT) -> int:
     """Runs a command's job at the boundary between the user and the library.
 
     A ValueError or OSError (a bad file, path or setting: each names its cause) becomes one
-    line on stderr and exit code 2, and so does running out of memory (with what to do about
-    it); HAAQI_JAX_TRACEBACK=1 re-raises them instead. Ctrl-C prints `interrupted` and gives
-    130. Other exceptions are bugs and keep their traceback.
+    line on stderr and exit code 2, and so does running out of memory (ending with
+    `memory_hint`, what to do about it in this command's own options); HAAQI_JAX_TRACEBACK=1
+    re-raises them instead. Ctrl-C prints `interrupted` and gives 130. Other exceptions are
+    bugs and keep their traceback.
     """
     try:
         return int(job() or 0)
@@ -121,7 +127,7 @@ def run_guarded(prog: str, job: Callable[[], int], *, interrupted: str) -> int:
         if out_of_memory:   # XLA's message runs on for lines; its first says how much
             first = str(err).strip().splitlines()[0] if str(err).strip() else "MemoryError"
             message = (f"out of memory ({first}); memory grows with clip length and batch "
-                       f"size: pass a smaller --batch-size, or cut long clips into parts")
+                       f"size: {memory_hint}")
         print(f"{prog}: error: {message} (set {TRACEBACK_ENV}=1 for the traceback)",
               file=sys.stderr)
         return 2

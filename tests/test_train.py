@@ -246,6 +246,29 @@ def test_train_py_checks_its_multi_host_arguments(argv, message, capsys):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_train_py_out_of_memory_names_its_own_options(tmp_path, monkeypatch, capsys):
+    """Out of memory: one line whose advice is train.py's own setting (it told users to pass
+    --batch-size, which train.py does not have)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_train_script", REPO / "train.py")
+    train_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_script)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 30789914120 bytes.\n"
+                           "further lines")
+
+    monkeypatch.setattr(loop, "train_and_evaluate", out_of_memory)
+    monkeypatch.delenv("HAAQI_JAX_TRACEBACK", raising=False)
+    code = train_script.main(["--config", str(TINY), "--workdir", str(tmp_path / "w"),
+                              "--compilation-cache", "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("train.py: error: out of memory (RESOURCE_EXHAUSTED: Out of memory "
+                          "allocating 30789914120 bytes.)")
+    assert "--set train.batch_size=" in err and "--batch-size" not in err
+
+
 def test_frozen_encoder_has_no_optimizer_state_and_stays_put(tiny, tmp_path):
     """End-to-end training on waveforms (data.cache=False): a frozen encoder gets no Adam
     moments and is bit-for-bit unchanged after a step; unfrozen, it gets moments and moves."""
