@@ -15,10 +15,12 @@ Two choices make it fast without changing the maths (tests compare both models w
   BEATs logits are 12 x 496 x 496 floats = 12 MB, a batch of 8 of them 94 MB, which spills to
   memory. On the project's 2-core CPU (32 MB L3) this made a whole BEATs HAAQI-Net at batch 8
   ~13 % faster per clip (benchmarks/README.md). Short clips (the demo's 2-4 s) still go in
-  one step. On accelerators the whole batch is always attended at once.
+  one step at its training batch of 8; its evaluation batches of 16 clips padded past 3.1 s
+  (192 or 232 head tokens) take steps of 7 or 4 items. On accelerators the whole batch is
+  always attended at once.
 
 Long inputs (a whole song) are attended in blocks of queries. An item's logits grow with the
-square of its length: 12 x 8,940^2 floats = 3.8 GB per BEATs layer for 3 minutes of audio, as
+square of its length: 12 x 8,992^2 floats = 3.9 GB per BEATs layer for 3 minutes of audio, as
 much again for the softmax and for BEATs' (H, T, T) position bias, and the HAAQI-Net head's 16
 heads a third more. Above `LONG_ITEM_BYTES` of logits per item, `attend` walks the queries in
 blocks (`default_query_block`) under `jax.checkpoint`, so neither inference nor a gradient

@@ -3,8 +3,8 @@
     haaqi-jax compare runs/seed0 runs/seed1 runs/seed2 [--splits test_unseen valid]
         [--out comparison.md]
 
-On the demo set one training run moves by up to 0.03 LCC when its labels move by 1e-4 (see the
-README), so a setting is judged on several seeds. Each argument is a training workdir (its
+On the demo set one training run moves by up to 0.03 LCC when its labels move by at most 2.4e-4
+(see the README), so a setting is judged on several seeds. Each argument is a training workdir (its
 `report/metrics.json`), a report folder of `haaqi-jax evaluate` (its `metrics.json`) or a
 metrics.json itself. For every split (and "all"), the table lists each run's LCC, SRCC and MSE,
 then their mean, sample standard deviation and range over the runs.

@@ -277,7 +277,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--color-by", choices=COLOR_BY, default="split",
                         help="what colours the scatter plot's points (default split)")
     parser.add_argument("--num-examples", type=positive_int, default=8,
-                        help="clips listed in examples.json (default 8)")
+                        help="clips listed in examples.json, at most: the first N // "
+                             "(number of splits) of each split (default 8)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 

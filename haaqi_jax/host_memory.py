@@ -20,8 +20,8 @@ to none once warm. Allocations that bypass malloc are not affected.
 
 The setting belongs to the process, not to the library: importing haaqi_jax never calls it.
 The command-line entry points (`haaqi-jax ...`, `train.py`, and benchmarks/bench_student.py,
-bench_haaqi.py and bench_label.py) call it once, at start; a script of your own calls
-`keep_freed_memory()` the same way.
+bench_haaqi.py, bench_label.py and bench_long_clip.py) call it once, at start; a script of your
+own calls `keep_freed_memory()` the same way.
 """
 
 from __future__ import annotations

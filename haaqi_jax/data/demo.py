@@ -18,7 +18,8 @@ Layout of OUT_DIR:
   manifest.jsonl               one row per clip: id, file_path (= processed), reference,
                                audiogram, haaqi_score, haaqi_components (HAAQI's nonlinear and
                                linear parts), split, distortion, distortion_params,
-                               listener_shape, plus style, seconds, level_dbfs; paths relative
+                               listener_shape, plus style, music (the piece: tempo, key,
+                               bars, instruments, ...), seconds, level_dbfs; paths relative
                                to OUT_DIR
   .demo.lock                   held while a process builds the folder (a second one waits)
 

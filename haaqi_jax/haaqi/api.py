@@ -43,8 +43,9 @@ CPU_SCRATCH_BYTES_PER_SAMPLE = {4: 2_310, 8: 3_590}
 #: the last one. A larger scratch is mapped afresh by glibc on every call: 3 ten-second clips
 #: per chunk (1.6 GB) took 1.25 million page faults per batch of 8 and 17-26 % more time per
 #: clip than 1 clip per chunk (benchmarks/README.md, 2026-11-29). One item is the least a
-#: chunk holds, so a float32 item longer than ~18 s (float64: ~12 s) still exceeds the budget
-#: and pays those faults.
+#: chunk holds, so a float32 item longer than ~16 s (float64: ~10 s) still exceeds the budget,
+#: and one longer than ~18 s (float64: ~12 s) exceeds the 1 GiB threshold and pays those faults
+#: (buffer lengths are bucketed: `bucket_length`).
 CPU_CHUNK_BYTES = 900 * 2 ** 20
 #: Accelerator memory per 24 kHz buffer sample of one chunk item (float32, all 32 bands in one
 #: step), measured on an H100: chunks of 16, 32 and 64 ten-second clips peaked at 10.9, 21.7
