@@ -48,7 +48,8 @@ CPU_STEP_BYTES = 16 * 2 ** 20
 #: (a 10 s clip's BEATs logits are 12 MB; 1 GiB is ~95 s for BEATs' 12 heads, ~82 s for the
 #: head's 16). Its blocks hold at most `CPU_STEP_BYTES` of logits on a CPU (cache-sized) and
 #: `ACCELERATOR_BLOCK_BYTES` elsewhere. Blocks cost time (a 60 s clip through a released-size
-#: HAAQI-Net: 10.9 s blocked vs 7.4 s in one step on the project's CPU, peak 1.3 vs 3.0 GB):
+#: HAAQI-Net: 10.9 s blocked vs 7.4 s in one step on the Intel VM of benchmarks/README.md,
+#: peak 1.3 vs 3.0 GB):
 #: each block gathers its rows of the position bias and adds them outside the logits matmul.
 LONG_ITEM_BYTES = 2 ** 30
 ACCELERATOR_BLOCK_BYTES = 256 * 2 ** 20
