@@ -927,3 +927,31 @@ def test_a_lone_long_pair_is_not_scored_as_a_full_batch_of_copies(tmp_path, monk
     assert sum(scored) == 1, scored
     (row,) = _read_jsonl(tmp_path / "labels.jsonl")
     assert 0.0 < row["haaqi"] < 1.0
+
+
+def test_a_short_last_batch_keeps_the_full_batches_call_shape(tmp_path, monkeypatch):
+    """The last batch of a length group is padded to whole calls of the size a full batch's
+    calls have: 8 rows at 5 items per call go as two calls of 4, so 3 leftover rows go as one
+    call of 4 (a call of 5 would compile a shape of its own, ~10 s; 8 would be 2 calls)."""
+    from haaqi_jax.haaqi import api
+    rng = np.random.default_rng(4)
+    rows = []
+    for i in range(11):
+        ref = _music(rng, N, SR, 220.0 + 10 * i)
+        _write(tmp_path / f"r{i}.wav", ref)
+        _write(tmp_path / f"p{i}.wav", _degrade(rng, ref, 10.0))
+        rows.append({"id": f"x{i}", "reference": f"r{i}.wav", "processed": f"p{i}.wav",
+                     "audiogram": SLOPING})
+    manifest = _write_jsonl(tmp_path / "m.jsonl", rows)
+    monkeypatch.setattr(api, "default_chunking", lambda length, devices, dtype=None: (5, 8))
+    real_core = api._batch_core
+    call_items = []
+
+    def counting(reference, *args, **kwargs):
+        call_items.append(reference.shape[0])
+        return real_core(reference, *args, **kwargs)
+
+    monkeypatch.setattr(api, "_batch_core", counting)
+    label_mod.label_manifest(manifest, tmp_path / "labels.jsonl", batch_size=8, progress=False)
+    assert call_items == [4, 4, 4], call_items
+    assert len(_read_jsonl(tmp_path / "labels.jsonl")) == 11

@@ -418,6 +418,15 @@ def _batch_core(reference, processed, n, params, level1, keys, silence_threshold
     return jax.vmap(one)(reference, processed, n, params, level1, keys)
 
 
+def balanced_chunk(batch: int, chunk: int, num_devices: int) -> int:
+    """Items per device call of `score_prepared` for `batch` items and at most `chunk` per
+    call: the calls share the batch evenly (no mostly-padded last call), then round up to
+    whole items per device."""
+    n_chunks = -(-batch // max(1, min(int(chunk), batch)))
+    per_call = -(-batch // n_chunks)
+    return -(-per_call // num_devices) * num_devices
+
+
 def _item_keys(key, batch: int) -> jax.Array:
     """(batch,) per-item keys: fold_in(key, i), or `key` itself when it already holds one key
     per item (raw (batch, 2) uint32 or typed (batch,))."""
@@ -479,11 +488,8 @@ def score_prepared(pairs: Sequence[ear_model.PreparedPair], *, key=None, dtype=j
     auto_chunk, auto_bands = default_chunking(length, devices, dtype)
     if chunk is not None and (not isinstance(chunk, (int, np.integer)) or chunk < 1):
         raise ValueError(f"chunk must be a positive number of items, got {chunk!r}")
-    chunk = auto_chunk if chunk is None else chunk
+    chunk = balanced_chunk(batch, auto_chunk if chunk is None else chunk, n_dev)
     bands_per_step = auto_bands if bands_per_step is None else int(bands_per_step)
-    n_chunks = -(-batch // max(1, min(int(chunk), batch)))
-    chunk = -(-batch // n_chunks)                     # balanced: no mostly-padded last chunk
-    chunk = -(-chunk // n_dev) * n_dev                # whole items per device
     n_chunks = -(-batch // chunk)
     mesh = sharding.make_mesh(devices)
     place = sharding.batch_sharding(mesh)

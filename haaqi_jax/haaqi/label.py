@@ -642,17 +642,18 @@ def _score_with_api(items: list[_Item], prepared: list, size: int, sample_rate: 
         return scores, errors
 
     def call(chosen: list[int], rows: int) -> np.ndarray:
-        # Padded only up to whole device calls: where one call holds fewer items than `rows`
-        # (a long pair on a CPU: one item per call), more copies buy no shape reuse, and each
-        # would cost a call of its own (a lone 60 s pair was scored 8 times).
+        # A short batch is padded only up to whole calls of the items per call a full batch
+        # of `rows` uses: the same compiled shape, and no call that scores copies alone (a
+        # long pair on a CPU goes one item per call: a lone 60 s pair was scored 8 times).
         length = api.bucket_length(max(prepared[i][0].n for i in chosen))
         devices = jax.local_devices()
-        per_call = api.default_chunking(length, devices, np.dtype(settings.dtype))[0]
-        per_call = -(-per_call // len(devices)) * len(devices)
+        auto = api.default_chunking(length, devices, np.dtype(settings.dtype))[0]
+        per_call = api.balanced_chunk(rows, auto, len(devices))
         rows = min(rows, -(-len(chosen) // per_call) * per_call)
         slots = chosen + [chosen[0]] * (rows - len(chosen))
         result = api.score_prepared([prepared[i][0] for i in slots], key=keys[slots],
-                                    dtype=np.dtype(settings.dtype).type, progress=False)
+                                    dtype=np.dtype(settings.dtype).type, chunk=per_call,
+                                    progress=False)
         return _scores(result, rows)[:len(chosen)]
 
     try:
