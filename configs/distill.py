@@ -43,8 +43,8 @@ def get_config():
     # The adaptive loss's uncertainty weights: None = trained with the model's learning rate
     # (as Kendall et al.), at which Adam moves them by at most ~0.3 in log over a demo run
     # (weights ~1.15 at the end); 1e-2 lets them follow their terms (HAAQI weight ~10), but on
-    # the demo (one run each) the student then scored test_unseen LCC 0.48 vs 0.56, so the
-    # default stays None (haaqi_jax.distill.loss_param_labels).
+    # the demo (one run each, 2026-11-28) the student then scored test_unseen LCC 0.48 vs 0.56,
+    # so the default stays None (haaqi_jax.distill.loss_param_labels).
     c.optimizer.loss_params_learning_rate = config_dict.placeholder(float)
 
     c.distill = ConfigDict()
