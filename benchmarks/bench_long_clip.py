@@ -6,8 +6,9 @@
 A released-size HAAQI-Net (BEATs_iter3+ 12 x 768 + the head, random weights) scores one clip
 of each length at 16 kHz with `HAAQINet.apply` (jit, batch 1). Attention logits grow with the
 square of the length (12 x T^2 floats per BEATs layer, 16 x T^2 in the head, T ~ 49.6 tokens
-per second), so past ~82 s (the head) and ~95 s (BEATs) `haaqi_jax.attention` walks the queries in blocks and BEATs passes
-its position bias as diagonals (`attention.default_query_block`). Each row runs in a fresh
+per second), so past ~82 s (the head) and ~95 s (BEATs) `haaqi_jax.attention` walks the
+queries in blocks and BEATs passes its position bias as diagonals
+(`attention.default_query_block`). Each row runs in a fresh
 subprocess (its own peak RSS, VmHWM):
   blocked   the library as it is;
   one-step  the same with the long-input path switched off (every item's logits at once, the

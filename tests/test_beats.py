@@ -118,7 +118,8 @@ def test_long_input_path_matches_speechbrain(tiny, kaldi, query_blocks):
     from haaqi_jax import attention
     variables = {"params": tiny.params}
     long_path = types.SimpleNamespace(
-        cfg=tiny.cfg, speechbrain=tiny.speechbrain, encode_wave=jax.jit(functools.partial(tiny.model.apply, variables)),
+        cfg=tiny.cfg, speechbrain=tiny.speechbrain,
+        encode_wave=jax.jit(functools.partial(tiny.model.apply, variables)),
         encode_fbank=jax.jit(functools.partial(tiny.model.apply, variables,
                                                method=BEATs.encode_fbank)))
     bias = RelativePositionBias(tiny.model.config).apply(
