@@ -124,10 +124,9 @@ def run_guarded(prog: str, job: Callable[[], int], *, interrupted: str,
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise
         message = err
-        if out_of_memory:   # XLA's message runs on for lines; its first says how much
-            first = str(err).strip().splitlines()[0] if str(err).strip() else "MemoryError"
-            message = (f"out of memory ({first}); memory grows with clip length and batch "
-                       f"size: {memory_hint}")
+        if out_of_memory:
+            message = (f"out of memory ({host_memory.out_of_memory_summary(err)}); memory "
+                       f"grows with clip length and batch size: {memory_hint}")
         print(f"{prog}: error: {message} (set {TRACEBACK_ENV}=1 for the traceback)",
               file=sys.stderr)
         return 2

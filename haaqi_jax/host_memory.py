@@ -74,3 +74,10 @@ def is_out_of_memory(err: BaseException) -> bool:
     RESOURCE_EXHAUSTED (host or accelerator memory), which JAX raises as a JaxRuntimeError."""
     return isinstance(err, MemoryError) or (
         isinstance(err, RuntimeError) and "RESOURCE_EXHAUSTED" in str(err))
+
+
+def out_of_memory_summary(err: BaseException) -> str:
+    """The first line of an out-of-memory error (XLA's runs on for lines; its first says how
+    much it asked for), or "MemoryError" for one without a message."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "MemoryError"

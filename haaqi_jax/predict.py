@@ -310,15 +310,11 @@ def _predict_within_memory(net, jobs: list[Job], clips: list[np.ndarray], batch_
     released-size HAAQI-Net: ~2.4 GB for 4 minutes on a CPU, benchmarks/README.md)."""
     from haaqi_jax import host_memory
     audiograms = np.stack([job.audiogram for job in jobs])
-
-    def out_of_memory(err: BaseException) -> bool:
-        return isinstance(err, (MemoryError, RuntimeError)) and host_memory.is_out_of_memory(err)
-
     start = bar.n
     try:
         return net.predict(clips, 16000, audiograms, batch_size=batch_size, progress=bar)
     except (MemoryError, RuntimeError) as err:
-        if not out_of_memory(err):
+        if not host_memory.is_out_of_memory(err):
             raise
         failure = err
     bar.n = start                     # the batches scored before the failure are scored again
@@ -331,11 +327,11 @@ def _predict_within_memory(net, jobs: list[Job], clips: list[np.ndarray], batch_
             scores[i] = net.predict([clip], 16000, audiograms[i:i + 1], batch_size=1,
                                     progress=bar)[0]
         except (MemoryError, RuntimeError) as err:
-            if not out_of_memory(err):
+            if not host_memory.is_out_of_memory(err):
                 raise
-            first = str(err).strip().splitlines()[0] if str(err).strip() else "MemoryError"
-            job.error = (f"out of memory scoring {len(clip) / 16000:.1f} s of audio ({first}); "
-                         f"score it in shorter parts")
+            job.error = (f"out of memory scoring {len(clip) / 16000:.1f} s of audio "
+                         f"({host_memory.out_of_memory_summary(err)}); score it in shorter "
+                         f"parts")
             say(f"error: {job.name}: {job.error}")
             bar.update(1)
     return scores
