@@ -125,6 +125,8 @@ def main(argv=None) -> int:
         print(json.dumps(result))
         return 0
 
+    from haaqi_jax.model import tokens_for_samples
+
     print(f"one clip at {SR} Hz, released-size HAAQI-Net, batch 1; first call (with "
           f"compilation) / best of {args.repeats} warm calls / peak RSS of the process")
     print(f"{'seconds':>8} {'tokens':>7}  {'path':<9} {'first s':>8} {'warm s':>8} "
@@ -137,7 +139,7 @@ def main(argv=None) -> int:
             kinds.append("torch")
         for kind in kinds:
             r = _in_subprocess(kind, seconds, args.repeats)
-            tokens = int(seconds * SR) // 160 // 16 * 8
+            tokens = tokens_for_samples(int(seconds * SR))
             if "error" in r:
                 print(f"{seconds:8.0f} {tokens:7d}  {kind:<9} {r['error']}")
                 continue

@@ -437,8 +437,8 @@ class RelativePositionBias(nn.Module):
                            (cfg.num_buckets, cfg.encoder_attention_heads))
         heads = cfg.encoder_attention_heads
         if attention_lib.default_query_block(heads, n_tokens, n_tokens) is not None:
-            offsets = np.arange(-(n_tokens - 1), n_tokens)
-            buckets = offset_buckets(offsets, cfg.num_buckets, cfg.max_distance)
+            buckets = offset_buckets(np.arange(1 - n_tokens, n_tokens), cfg.num_buckets,
+                                     cfg.max_distance)
             return attention_lib.ToeplitzBias(jnp.transpose(table[buckets]))
         buckets = relative_position_buckets(n_tokens, cfg.num_buckets, cfg.max_distance)
         return jnp.transpose(table[buckets], (2, 0, 1))
