@@ -54,6 +54,7 @@ from haaqi_jax.data import listeners as listeners_lib
 from haaqi_jax.data import synth
 from haaqi_jax.data.manifest import COMPONENT_NAMES, RAW_LABEL_RANGE, label_fields
 from haaqi_jax.files import complete_lines, exclusive_lock, read_json, write_atomic
+from haaqi_jax.host_cpus import usable_cpu_count
 
 SETTINGS_VERSION = 2  # 2: eleven seen pairs (was three)
 DEFAULT_SPLITS = (("train", 0.6), ("valid", 0.1), ("test_seen", 0.1), ("test_unseen", 0.2))
@@ -432,13 +433,9 @@ LOCK_FILE = ".demo.lock"
 
 
 def synthesis_workers() -> int:
-    """Threads that synthesise demo clips: one per CPU core available to this process, at
-    most 8."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:                     # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(8, cores))
+    """Threads that synthesise demo clips: one per CPU core this process may use (its
+    affinity and any container CPU quota: `host_cpus.usable_cpu_count`), at most 8."""
+    return min(8, usable_cpu_count())
 
 
 def _synthesize(out: Path, index: int, split: str, settings: DemoSettings) -> dict[str, Any]:

@@ -17,7 +17,6 @@ import concurrent.futures
 import functools
 import logging
 import math
-import os
 from typing import Sequence
 
 import jax
@@ -29,6 +28,7 @@ from haaqi_jax.audiogram import (HAAQI_FREQUENCIES, STANDARD_FREQUENCIES, Audiog
 from haaqi_jax.haaqi import backend
 from haaqi_jax.haaqi import ear_model
 from haaqi_jax.haaqi.backend import HAAQIResult
+from haaqi_jax.host_cpus import usable_cpu_count
 
 logger = logging.getLogger(__name__)
 
@@ -323,6 +323,12 @@ def _per_item(name: str, value, batch: int) -> np.ndarray:
     return arr
 
 
+def default_prepare_workers() -> int:
+    """Threads for host-side preparation: one per CPU core this process may use (its affinity
+    and any container CPU quota: `host_cpus.usable_cpu_count`), at most 16."""
+    return min(16, usable_cpu_count())
+
+
 def prepare_batch(reference, processed, sample_rate: float, audiogram_levels,
                   audiogram_frequencies=STANDARD_FREQUENCIES, *, equalisation: int = 1,
                   level1=65.0, lengths=None, workers: int | None = None
@@ -331,8 +337,9 @@ def prepare_batch(reference, processed, sample_rate: float, audiogram_levels,
 
     Use it to find the bad items of a batch (e.g. a labelling tool that must go on): each entry
     is (prepared pair, None) or (None, "item i: reason"). `score_prepared` scores the good ones.
-    Arguments as `haaqi_batch`; `workers` threads prepare items side by side (default: one per
-    CPU core, at most 16; the FFT-based alignment and resampling release the GIL), 1 = serial.
+    Arguments as `haaqi_batch`; `workers` threads prepare items side by side (default:
+    `default_prepare_workers()`; the FFT-based alignment and resampling release the GIL),
+    1 = serial.
 
     Raises:
       ValueError: only for problems of the whole batch (shapes, equalisation, sample rate).
@@ -393,7 +400,7 @@ def prepare_batch(reference, processed, sample_rate: float, audiogram_levels,
         except ValueError as err:
             return None, f"item {i}: {err}"
 
-    workers = min(16, os.cpu_count() or 1) if workers is None else int(workers)
+    workers = default_prepare_workers() if workers is None else int(workers)
     if workers <= 1 or batch == 1:
         return [prepare(i) for i in range(batch)]
     with concurrent.futures.ThreadPoolExecutor(min(workers, batch)) as pool:
