@@ -36,7 +36,8 @@ NUM_BANDS = backend.NUM_BANDS
 #: Buffers are whole multiples of this many 24 kHz samples (one 16 ms covariance window).
 BUCKET_UNIT = 384
 #: XLA's scratch for one chunk item on a CPU, in bytes per 24 kHz buffer sample at 8 bands per
-#: step (`memory_analysis()` of the compiled scorer: 2,306 in float32, 3,587 in float64).
+#: step (`memory_analysis()` of the compiled scorer: 2,306 in float32, 3,587 in float64). XLA's
+#: YNNPACK fusions allocate their own intermediates on top of it (benchmarks/README.md).
 CPU_SCRATCH_BYTES_PER_SAMPLE = {4: 2_310, 8: 3_590}
 #: Default scratch budget of one CPU chunk: below `host_memory.DEFAULT_THRESHOLD_BYTES` (1 GiB),
 #: so that under `keep_freed_memory()` (the CLI, train.py) each call reuses the heap pages of
