@@ -703,6 +703,30 @@ def test_a_nan_loss_stops_training_naming_the_term(tiny, tmp_path):
                                 tmp_path / "work")
 
 
+def test_a_nan_gradient_under_a_finite_loss_keeps_no_nan_checkpoint(tiny, tmp_path):
+    """A loss whose value is finite but whose gradient is NaN (sqrt at 0) turns the parameters
+    NaN in the first step. The run must stop there, naming grad_norm, before it checkpoints
+    that state: it used to save step 1 and then call it "the last finite checkpoint"."""
+    from haaqi_jax.losses import register_loss
+
+    @register_loss("test_nan_gradient", overwrite=True)
+    def nan_gradient(predictions, batch, **_):
+        score = predictions["clip_score"]
+        value = jnp.mean((score - batch["label"]) ** 2) \
+            + 0.0 * jnp.sqrt(jnp.abs(score[0] - score[0]))
+        return value, {}
+
+    assert np.isnan(jax.grad(lambda x: jnp.sqrt(jnp.abs(x - x)))(0.5))   # the premise
+    _, overrides = tiny
+    with pytest.raises(ValueError, match=r"train steps 1-1: .*not finite: grad_norm.*No "
+                                         r"checkpoint was kept"):
+        loop.train_and_evaluate(_config(overrides + ["loss.name=test_nan_gradient",
+                                                     "train.checkpoint_every_steps=1",
+                                                     f"data.cache_dir={tmp_path / 'cache'}"]),
+                                tmp_path / "work")
+    assert not [p for p in (tmp_path / "work" / "checkpoints").iterdir() if p.name.isdigit()]
+
+
 def test_feature_cache_notices_a_changed_encoder_code(tiny, tmp_path, monkeypatch):
     """The same weights and settings but other encoder code (a user's own encoder edited, or a
     library change): the cached features are not reused. They were, keyed by the weights."""
