@@ -157,3 +157,26 @@ def test_bootstrap_draws_whole_groups():
         np.testing.assert_allclose(got[key], np.percentile(r, [2.5, 97.5]), rtol=1e-9)
     with pytest.raises(ValueError, match="3 groups for 4 items"):
         metrics.bootstrap_intervals(np.ones(4), np.ones(4), groups=[1, 2, 3])
+
+
+@pytest.mark.parametrize("value", [0.7, np.float32(0.7), 0.123456789])
+def test_constant_predictions_have_no_correlation(value):
+    """A model that gives every clip the same score (a saturated or dead head) has no LCC or
+    SRCC: scipy says NaN. Rounding in the weighted means used to leave a residue of ~1e-17 and
+    report a correlation of ~0 (SRCC always, LCC for some constants or weights), and bootstrap
+    intervals of ~[-5e-16, 6e-16], shown as 0.0000 in the tables."""
+    true = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.35])
+    pred = np.full(7, value)
+    with pytest.warns(scipy.stats.ConstantInputWarning):
+        assert np.isnan(scipy.stats.pearsonr(pred.astype(np.float64), true)[0])
+    with pytest.warns(scipy.stats.ConstantInputWarning):
+        assert np.isnan(scipy.stats.spearmanr(pred, true)[0])
+    weight = [1, 2, 3, 1, 1, 0, 1]
+    for p, t in ((pred, true), (true, pred)):
+        assert np.isnan(metrics.pearson_lcc(p, t)) and np.isnan(metrics.spearman_srcc(p, t))
+        assert np.isnan(metrics.pearson_lcc(p, t, weight))
+        assert np.isnan(metrics.spearman_srcc(p, t, weight))
+        summary = metrics.summarize(p, t)
+        assert np.isnan(summary["lcc"]) and np.isnan(summary["srcc"])
+        intervals = metrics.bootstrap_intervals(p, t, n_resamples=200)
+        assert all(np.isnan(intervals["lcc"])) and all(np.isnan(intervals["srcc"]))
