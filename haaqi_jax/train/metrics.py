@@ -39,7 +39,9 @@ def _prepare(pred: Any, true: Any, weight: Any | None) -> tuple[np.ndarray, np.n
 
 
 def _weighted_pearson(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
-    if x.size < 2:
+    # A constant input is tested exactly: its deviations from a rounded weighted mean are
+    # ~1e-17, not 0, and would give a meaningless correlation of about 0.
+    if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan")
     w = w / w.sum()
     dx = x - np.sum(w * x)
@@ -161,8 +163,9 @@ def bootstrap_intervals(pred: Any, true: Any, weight: Any | None = None, *,
         dx = x - x.mean(axis=1, keepdims=True)
         dy = y - y.mean(axis=1, keepdims=True)
         den = np.sqrt((dx * dx).sum(axis=1) * (dy * dy).sum(axis=1))
+        varies = (np.ptp(x, axis=1) > 0) & (np.ptp(y, axis=1) > 0)   # exactly, as above
         with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(den > 0, (dx * dy).sum(axis=1) / den, np.nan)
+            return np.where(varies & (den > 0), (dx * dy).sum(axis=1) / den, np.nan)
 
     tails = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
     out = {}
