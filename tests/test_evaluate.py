@@ -109,6 +109,16 @@ def test_report_errors(tmp_path):
     assert not (tmp_path / "rerun" / "by_distortion.png").exists()
 
 
+@pytest.mark.parametrize("label", [float("nan"), float("inf"), "0.5", 1.5])
+def test_a_bad_label_in_a_record_row_is_named(label):
+    """Rows given as dicts (the API takes them) are not checked by read_manifest: a NaN,
+    infinite, text or out-of-range label must be an error naming the row, not a report-wide
+    "metrics: targets hold non-finite values (first at kept item 0)" or a MSE of NaN."""
+    rows = [{"id": "a", "haaqi_score": 0.5}, {"id": "b", "haaqi_score": label}]
+    with pytest.raises(ValueError, match=r"split 'test', row 1 \(b\): .*haaqi_score"):
+        evaluate.prediction_records(rows, np.array([0.1, 0.2]), "test")
+
+
 def test_by_distortion_colours_each_type_by_all_its_splits(tmp_path, monkeypatch):
     """A distortion whose clips sit in two splits is shown as in both, not in its larger one."""
     import matplotlib
