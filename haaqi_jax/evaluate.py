@@ -59,12 +59,15 @@ def _row_id(row: Any, fallback: str) -> str:
 def prediction_records(rows: Sequence[Any], predictions: np.ndarray, split: str
                        ) -> list[dict[str, Any]]:
     """One dict per row (id, split, distortion, label, prediction, group: the row's manifest
-    group or None); NaN predictions are an error.
+    group or None); NaN predictions, and labels that are not numbers in [0, 1], are errors
+    naming the row.
 
     Args:
       rows: manifest rows of `split` (objects or dicts with id/label/distortion fields).
       predictions: (len(rows),) predicted clip scores in row order.
     """
+    from haaqi_jax.data.manifest import _check_label
+
     predictions = np.asarray(predictions, np.float64)
     if predictions.shape != (len(rows),):
         raise ValueError(f"split {split!r}: {predictions.size} predictions for {len(rows)} rows")
@@ -73,11 +76,15 @@ def prediction_records(rows: Sequence[Any], predictions: np.ndarray, split: str
         rid = _row_id(row, f"{split}[{i}]")
         if not np.isfinite(pred):
             raise ValueError(f"split {split!r}, row {i} ({rid}): no finite prediction")
-        label = _row_field(row, "haaqi_score")
-        label = _row_field(row, "label") if label is None else label
+        key = "haaqi_score" if _row_field(row, "haaqi_score") is not None else "label"
+        label = _row_field(row, key)
         if label is None:
             raise ValueError(f"split {split!r}, row {i} ({rid}): no HAAQI label to evaluate "
                              "against; label the manifest first (haaqi-jax label)")
+        try:        # rows given as dicts were not checked by read_manifest
+            label = _check_label(label, key)
+        except ValueError as err:
+            raise ValueError(f"split {split!r}, row {i} ({rid}): {err}") from None
         distortion, group = _row_field(row, "distortion"), _row_field(row, "group")
         records.append({"id": rid, "split": split,
                         "distortion": "unknown" if distortion is None else str(distortion),
