@@ -32,6 +32,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from haaqi_jax.data.manifest import check_label
 from haaqi_jax.train import metrics as metrics_lib
 
 RECORD_FIELDS = ("id", "split", "distortion", "label", "prediction", "group")
@@ -66,8 +67,6 @@ def prediction_records(rows: Sequence[Any], predictions: np.ndarray, split: str
       rows: manifest rows of `split` (objects or dicts with id/label/distortion fields).
       predictions: (len(rows),) predicted clip scores in row order.
     """
-    from haaqi_jax.data.manifest import _check_label
-
     predictions = np.asarray(predictions, np.float64)
     if predictions.shape != (len(rows),):
         raise ValueError(f"split {split!r}: {predictions.size} predictions for {len(rows)} rows")
@@ -82,7 +81,7 @@ def prediction_records(rows: Sequence[Any], predictions: np.ndarray, split: str
             raise ValueError(f"split {split!r}, row {i} ({rid}): no HAAQI label to evaluate "
                              "against; label the manifest first (haaqi-jax label)")
         try:        # rows given as dicts were not checked by read_manifest
-            label = _check_label(label, key)
+            label = check_label(label, key)
         except ValueError as err:
             raise ValueError(f"split {split!r}, row {i} ({rid}): {err}") from None
         distortion, group = _row_field(row, "distortion"), _row_field(row, "group")

@@ -88,7 +88,7 @@ class ManifestRow:
         if self.reference is not None:
             object.__setattr__(self, "reference", Path(self.reference))
         if self.haaqi_score is not None:
-            object.__setattr__(self, "haaqi_score", _check_label(self.haaqi_score))
+            object.__setattr__(self, "haaqi_score", check_label(self.haaqi_score))
         if self.haaqi_components is not None:
             object.__setattr__(self, "haaqi_components",
                                _check_components(self.haaqi_components))
@@ -139,7 +139,12 @@ class Manifest(list):
         self.skipped_ids = tuple(skipped_ids)
 
 
-def _check_label(value: Any, key: str = "haaqi_score") -> float:
+def check_label(value: Any, key: str = "haaqi_score") -> float:
+    """A HAAQI label as a float: a finite number in [0, 1] (not a bool or a string).
+
+    Raises:
+      ValueError naming `key` and the value.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
         raise ValueError(f"key {key!r} must be a number, got {value!r}")
     value = float(value)
@@ -159,7 +164,7 @@ def _check_components(value: Any) -> tuple[float, float]:
     if not isinstance(value, (tuple, list)) or len(value) != len(COMPONENT_NAMES):
         raise ValueError(f"key 'haaqi_components' must map {COMPONENT_NAMES} to numbers, got "
                          f"{value!r}")
-    return tuple(_check_label(v, f"haaqi_components.{k}")
+    return tuple(check_label(v, f"haaqi_components.{k}")
                  for k, v in zip(COMPONENT_NAMES, value))
 
 
@@ -245,7 +250,7 @@ def _parse_row(obj: Any, *, line: int, base: Path, require_label: bool,
         if require_label:
             raise ValueError("missing key 'haaqi_score' (a label is required)")
     else:
-        label = _check_label(label)
+        label = check_label(label)
     components = obj.get("haaqi_components") if read_labels else None
     if components is not None:
         components = _check_components(components)
