@@ -727,6 +727,25 @@ def test_a_nan_gradient_under_a_finite_loss_keeps_no_nan_checkpoint(tiny, tmp_pa
     assert not [p for p in (tmp_path / "work" / "checkpoints").iterdir() if p.name.isdigit()]
 
 
+def test_a_run_that_predicts_one_constant_says_so(tiny, tmp_path, capsys):
+    """A learning rate far too large saturates the head's sigmoid: every validation clip gets
+    the same score, the correlations are undefined and the gradient is zero, yet nothing is
+    NaN. The run must say so on stderr, once, rather than finish quietly with a "best" model
+    that scores every clip alike."""
+    _, overrides = tiny
+    result = loop.train_and_evaluate(_config(overrides + ["optimizer.learning_rate=1e4",
+                                                          "train.num_epochs=3",
+                                                          f"data.cache_dir={tmp_path / 'c'}"]),
+                                     tmp_path / "work")
+    valid = [json.loads(line) for line in (tmp_path / "work" / loop.METRICS_FILE).open()
+             if '"valid"' in line]
+    assert valid and all(r["lcc"] is None for r in valid[1:])         # the premise
+    err = capsys.readouterr().err
+    assert err.count("validation predictions are all") == 1, err
+    assert "optimizer.learning_rate" in err
+    assert result is not None
+
+
 def test_feature_cache_notices_a_changed_encoder_code(tiny, tmp_path, monkeypatch):
     """The same weights and settings but other encoder code (a user's own encoder edited, or a
     library change): the cached features are not reused. They were, keyed by the weights."""
