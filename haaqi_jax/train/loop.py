@@ -756,6 +756,7 @@ def run_loop(state: Any, *, step_fn: Callable, evaluate: Callable, data: TrainDa
     interrupted = False
     step = start_step
     pending: list[dict] = []
+    warned_constant = False
     bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step",
                disable=not (tc.get("progress", True) and sharding.is_main_process()))
     try:
@@ -790,6 +791,12 @@ def run_loop(state: Any, *, step_fn: Callable, evaluate: Callable, data: TrainDa
                 _check_finite({"loss": valid_loss}, f"validation at step {step}", ckpt)
                 summary = metrics_lib.summarize(predictions, valid_labels,
                                                 np.isfinite(predictions).astype(float))
+                if not warned_constant and _is_constant(predictions):
+                    warned_constant = True
+                    warn(f"validation predictions are all {np.nanmax(predictions):.6g} at step "
+                         f"{step}: the model scores every clip alike (a saturated or dead "
+                         "head; LCC and SRCC are undefined). Lower optimizer.learning_rate, or "
+                         "check the labels and the loss")
                 improved = update_early_stopping(early, valid_loss, step,
                                                  min_delta=float(tc.min_delta),
                                                  patience=patience)
@@ -804,6 +811,12 @@ def run_loop(state: Any, *, step_fn: Callable, evaluate: Callable, data: TrainDa
     finally:
         bar.close()
     return LoopRun(state=state, step=step, early=early, interrupted=interrupted, ckpt=ckpt)
+
+
+def _is_constant(predictions: np.ndarray) -> bool:
+    """True when at least two finite predictions exist and all are equal."""
+    finite = predictions[np.isfinite(predictions)]
+    return finite.size > 1 and np.ptp(finite) == 0
 
 
 def update_early_stopping(early: dict[str, Any], valid_loss: float, step: int, *,
