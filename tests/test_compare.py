@@ -138,6 +138,22 @@ def test_undefined_scores_stay_out_of_the_summary():
     assert "-0.0381 to 0.8000" in compare.markdown(compare.compare(runs, ["valid"]))
 
 
+def test_a_summary_that_leaves_a_run_out_says_which(tmp_path, capsys):
+    """A seed whose predictions were constant has no LCC; the mean over the others would
+    flatter its setting under a header of "3 runs". The command names the run left out."""
+    for name, lcc in [("s0", 0.8), ("s1", 0.6), ("s2", None)]:
+        folder = tmp_path / name / "report"
+        folder.mkdir(parents=True)
+        entry = {"n": 40, "lcc": lcc, "srcc": lcc, "mse": 0.05}
+        (folder / "metrics.json").write_text(json.dumps(
+            {"overall": entry, "by_split": {"valid": entry}}))
+    assert cli.main(["compare", *(str(tmp_path / n) for n in ("s0", "s1", "s2")),
+                     "--splits", "valid"]) == 0
+    err = capsys.readouterr().err
+    assert "split 'valid': LCC and SRCC are undefined for s2; their mean, sd and range cover " \
+           "the other 2 runs" in err, err
+
+
 def _workdir(path, records, **settings):
     """A training workdir as train.py leaves it: config.json and report/metrics.json."""
     config = {"seed": 0, "loss": {"name": "haaqi_mse", "kwargs": {"frame_weight": 1.0}},
