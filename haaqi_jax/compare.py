@@ -40,6 +40,8 @@ import numpy as np
 
 #: Scores tabulated per run and split, in table order.
 SCORES = ("lcc", "srcc", "mse")
+#: How the table heads them.
+SCORE_NAMES = {"lcc": "LCC", "srcc": "SRCC", "mse": "MSE"}
 #: Name of the whole-report entry ("overall" in metrics.json).
 ALL = "all"
 #: Summary rows of each setting, in table order.
@@ -169,6 +171,38 @@ def unsummarised(runs: Mapping[str, Mapping[str, Mapping[str, float]]],
         if reason is not None:
             notes.append(f"split {split!r}{f', setting {setting}' if setting else ''}: {reason}, "
                          f"so no mean, sd or range")
+    return notes
+
+
+def left_out(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Notes on summaries that leave runs out: a run whose score is undefined (n/a, e.g. the
+    correlations of constant predictions) is not averaged, so its setting's mean, sd and range
+    cover fewer runs than the "n runs" of its row says."""
+    groups: dict[tuple[str, str], dict[str, list[str]]] = {}
+    summarised = {(row["split"], row.get("setting", "")) for row in rows
+                  if row["run"] in SUMMARIES}
+    for row in rows:
+        if row["run"] in SUMMARIES or (row["split"], row.get("setting", "")) not in summarised:
+            continue
+        undefined = groups.setdefault((row["split"], row.get("setting", "")),
+                                      {"runs": [], **{k: [] for k in SCORES}})
+        undefined["runs"].append(row["run"])
+        for k in SCORES:
+            if not math.isfinite(row[k]):
+                undefined[k].append(row["run"])
+    notes = []
+    for (split, setting), undefined in groups.items():
+        by_runs: dict[tuple[str, ...], list[str]] = {}
+        for k in SCORES:
+            if undefined[k]:
+                by_runs.setdefault(tuple(undefined[k]), []).append(SCORE_NAMES[k])
+        for names, scores in by_runs.items():
+            others = len(undefined["runs"]) - len(names)
+            notes.append(f"split {split!r}{f', setting {setting}' if setting else ''}: "
+                         f"{' and '.join(scores)} {'is' if len(scores) == 1 else 'are'} "
+                         f"undefined for {', '.join(names)}; "
+                         f"{'its' if len(scores) == 1 else 'their'} mean, sd and range cover "
+                         f"the other {others} run{'s' if others != 1 else ''}")
     return notes
 
 
@@ -562,7 +596,7 @@ def run(args: argparse.Namespace) -> int:
     if note:
         print(f"note: {note}", file=sys.stderr)
     rows = compare(runs, args.splits, settings)   # a split no run has: one line, exit 2 (cli)
-    for text in unsummarised(runs, rows):
+    for text in unsummarised(runs, rows) + left_out(rows):
         print(f"note: {text}", file=sys.stderr)
     distilled = distill_rows(distill, args.splits)
     text = markdown(rows, legend, distilled)
