@@ -234,3 +234,21 @@ def test_a_resume_takes_another_spelling_of_the_same_path(tmp_path, monkeypatch)
                               {"model": {"head_checkpoint": "x"}}) == [
         "model.head_checkpoint: None -> 'x'"]
     assert config_differences({"data": {"demo_clips": "8"}}, {"data": {"demo_clips": "./8"}})
+
+
+def test_a_config_file_imports_a_module_beside_it(tmp_path, monkeypatch):
+    """As a Python script does: a config file's `import my_losses` finds my_losses.py in the
+    config's own folder (a user's losses kept beside their config), whatever the current
+    folder, and sys.path is left as it was."""
+    import sys
+    (tmp_path / "beside_config_losses.py").write_text("SCALE = 3.0\n")
+    (tmp_path / "mine.py").write_text(
+        "import beside_config_losses\n"
+        "from ml_collections import ConfigDict\n"
+        "def get_config():\n"
+        "    return ConfigDict({'scale': beside_config_losses.SCALE})\n")
+    monkeypatch.chdir(REPO)
+    monkeypatch.delitem(sys.modules, "beside_config_losses", raising=False)
+    path_before = list(sys.path)
+    assert cfglib.load_config_file(tmp_path / "mine.py").scale == 3.0
+    assert sys.path == path_before
