@@ -22,6 +22,7 @@ import difflib
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -144,13 +145,22 @@ def _unknown_run_keys(cfg: Any, where: str) -> list[str]:
 
 
 def load_config_file(path: str | os.PathLike) -> ConfigDict:
-    """Imports a Python config file and returns its `get_config()` (a fresh, mutable ConfigDict)."""
+    """Imports a Python config file and returns its `get_config()` (a fresh, mutable ConfigDict).
+
+    As for a Python script, the file's own folder is first on sys.path while it is imported, so
+    that it can import a module beside it (e.g. one that registers your losses); sys.path is
+    restored afterwards.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     spec = importlib.util.spec_from_file_location(f"_haaqi_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(path.absolute().parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.absolute().parent))   # the first copy: the one put there
     if not hasattr(module, "get_config"):
         raise ValueError(f"config file {path} defines no get_config()")
     cfg = module.get_config()
