@@ -205,6 +205,32 @@ def test_user_registered_loss_is_selectable_by_name():
                                          r"\(4,\); expected a scalar"):
         losses.get_loss("distill_weighted", distill="test_user_unreduced")(predictions, batch)
 
+def test_a_sub_loss_with_learnable_parameters_is_refused_by_name():
+    """A distillation objective hands its sub-losses no parameters of their own (the train
+    state holds only the objective's, loss.name's): a user's loss registered with params (say
+    a learned InfoNCE temperature) and named as loss.kwargs.distill would never be trained.
+    It is refused before training, naming the key, not met at trace time as a "missing key"
+    (or, under distill_uncertainty, handed the objective's log_vars)."""
+
+    @losses.register_loss("test_user_learned_scale", overwrite=True,
+                          params=lambda num_targets: {"log_scale": jnp.zeros(())})
+    def learned_scale(predictions, batch):
+        scale = jnp.exp(predictions["loss_params"]["log_scale"])
+        return scale * jnp.mean(predictions["student_layers"]), {}
+
+    for objective in ("distill_weighted", "distill_uncertainty"):
+        for key in ("distill", "haaqi"):
+            with pytest.raises(ValueError, match=rf"loss.kwargs.{key}: loss "
+                                                 r"'test_user_learned_scale' has learnable"):
+                losses.check_loss_config(objective, {key: "test_user_learned_scale"},
+                                         num_targets=3)
+    predictions, batch, _ = _inputs()
+    predictions["loss_params"] = {"log_vars": jnp.zeros((4,))}
+    with pytest.raises(ValueError, match="'test_user_learned_scale' has learnable"):
+        losses.get_loss("distill_uncertainty", distill="test_user_learned_scale")(predictions,
+                                                                                  batch)
+
+
 # ----------------------------------------------------------------------------- the step
 
 
