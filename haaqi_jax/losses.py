@@ -196,10 +196,23 @@ def check_loss_config(name: str, kwargs: Mapping[str, Any] | None = None, *,
         try:
             sub_name, sub_kwargs = _named(kwargs[key], default)
             get_loss(sub_name, **sub_kwargs)
+            _refuse_sub_loss_params(sub_name)
         except ValueError as err:
             raise ValueError(f"{where}.kwargs.{key}: {err}") from None
         if key == "distill" and "layer_weights" in sub_kwargs:
             raise ValueError(_SUB_LAYER_WEIGHTS.format(where=where))
+
+
+def _refuse_sub_loss_params(name: str) -> None:
+    """ValueError when loss `name`, named inside a distillation objective, has learnable
+    parameters: the train state holds only the objective's (`loss_params(loss.name)`), so the
+    sub-loss's would never be made or trained."""
+    if has_learnable_params(name):
+        raise ValueError(f"loss {name!r} has learnable parameters (register_loss(params=...)), "
+                         "which a distillation objective does not give its HAAQI and "
+                         "distillation losses (only the loss of loss.name gets its own): "
+                         "register your objective itself with params, calling "
+                         "haaqi_jax.losses.distillation_terms for the terms")
 
 
 #: Why a distillation sub-loss takes no per-layer weights.
@@ -402,6 +415,8 @@ def distillation_terms(predictions, batch, *, haaqi=None, distill=None):
     distill_name, distill_kwargs = _named(distill, SUB_LOSS_DEFAULTS["distill"])
     if "layer_weights" in distill_kwargs:
         raise ValueError(_SUB_LAYER_WEIGHTS.format(where="loss"))
+    _refuse_sub_loss_params(haaqi_name)
+    _refuse_sub_loss_params(distill_name)
     haaqi_loss, aux = get_loss(haaqi_name, **haaqi_kwargs)(predictions, batch)
     distill_fn = get_loss(distill_name, **distill_kwargs)
     terms = [haaqi_loss]
