@@ -252,3 +252,14 @@ def test_a_config_file_imports_a_module_beside_it(tmp_path, monkeypatch):
     path_before = list(sys.path)
     assert cfglib.load_config_file(tmp_path / "mine.py").scale == 3.0
     assert sys.path == path_before
+
+
+def test_a_new_loss_keyword_takes_true_and_false_as_bools():
+    """--set spells a bool true/false (as for any bool key); a keyword the config does not hold
+    yet (a user loss's flag) used to become the string "false", which is truthy."""
+    c = cfglib.load_config_file(REPO / "configs" / "distill_l1_cosine.py")
+    for i, (text, value) in enumerate((("false", False), ("true", True), ("False", False),
+                                       ("off", "off"), ("0", 0), ("'false'", "false"))):
+        cfglib.apply_overrides(c, [f"loss.kwargs.distill.kwargs.new_flag_{i}={text}"])
+        got = c.loss.kwargs.distill.kwargs[f"new_flag_{i}"]
+        assert got == value and type(got) is type(value), (text, got)

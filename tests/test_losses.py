@@ -203,3 +203,18 @@ def test_a_config_file_that_registers_a_loss_loads_twice(tmp_path):
     other.write_text(config_file.read_text().replace("scale *", "2 * scale *"))
     with pytest.raises(ValueError, match="'test_config_file_loss' is already registered"):
         cfglib.load_config_file(other)
+
+
+def test_a_bool_keyword_refuses_a_string():
+    """A string for a keyword whose default is a bool (e.g. "false" from a config) would be
+    truthy inside the loss: refused by name, as a string for a number keyword is."""
+
+    @losses.register_loss("test_bool_keyword", overwrite=True)
+    def flagged(predictions, batch, *, symmetric: bool = False):
+        return jnp.float32(1.0 if symmetric else 0.0), {}
+
+    preds, batch, _ = _batch()
+    assert float(losses.get_loss("test_bool_keyword", symmetric=True)(preds, batch)[0]) == 1.0
+    for value in ("false", "true"):
+        with pytest.raises(ValueError, match="keyword 'symmetric' takes true or false"):
+            losses.get_loss("test_bool_keyword", symmetric=value)
