@@ -263,8 +263,8 @@ def apply_overrides(cfg: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
     """Applies `a.b.c=value` overrides in place and returns cfg.
 
     A key may be added only under a section named `kwargs` (its value is read as a Python
-    literal), where a whole section may also be replaced by a literal (a dict, or a loss
-    name); everywhere else the key must exist.
+    literal, true / false as a bool), where a whole section may also be replaced by a literal
+    (a dict, or a loss name); everywhere else the key must exist.
 
     Raises:
       ValueError naming the key when an override is malformed, names a key the config does not
@@ -286,7 +286,10 @@ def apply_overrides(cfg: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
         if leaf not in node:
             if parents and parents[-1] == OPEN_SECTION:
                 # A loss's keywords are its own: a new one is checked by losses.get_loss.
-                node[leaf] = parse_value(key, text, None)
+                # true / false spell a bool here too (as a literal, "false" is a string).
+                low = text.strip()
+                node[leaf] = (low == "true") if low in ("true", "false") else parse_value(
+                    key, text, None)
                 continue
             where = ".".join(parents) or "<top>"
             raise ValueError(f"config override {key!r}: unknown key {leaf!r} under {where} "

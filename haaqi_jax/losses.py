@@ -137,6 +137,9 @@ def get_loss(name: str, **kwargs: Any) -> LossFn:
         if number(default) and not number(value):   # a string would fail deep inside the step
             raise ValueError(f"loss {name!r}: keyword {key!r} takes a number (default "
                              f"{default!r}), got {value!r}")
+        if isinstance(default, bool) and isinstance(value, str):   # "false" would be truthy
+            raise ValueError(f"loss {name!r}: keyword {key!r} takes true or false (default "
+                             f"{default!r}), got {value!r}")
 
     @functools.wraps(fn)
     def checked(predictions, batch):
