@@ -66,3 +66,24 @@ def test_a_distillation_plots_like_against_like(tmp_path, monkeypatch):
     assert [k for k in labels if not k.startswith("_")] == ["total loss", "haaqi_loss",
                                                             "distill_0"]
     plt.close("all")
+
+
+def test_smoothed_lines_start_at_the_first_log(tmp_path, monkeypatch):
+    """The thick lines (train loss, distillation terms) are trailing means over up to 5 logs,
+    drawn from the first log on: a short run's first 4 logs used to be missing from the terms'
+    panel, which drew only the full-width means."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = [4.0, 2.0, 6.0, 1.0, 3.0, 8.0, 5.0]
+    records = [{"kind": "train", "step": 10 * (i + 1), "loss": v + 1, "haaqi_loss": 1.0,
+                "distill_0": v} for i, v in enumerate(values)]
+    monkeypatch.setattr(plt, "close", lambda *a, **k: None)
+    curves.learning_curves(_write(tmp_path / "m.jsonl", records), tmp_path / "c.png")
+    term_ax = plt.gcf().axes[2]
+    line = [l for l in term_ax.get_lines() if l.get_label() == "distill_0"][0]
+    expected = [np.mean(values[max(0, i - 4):i + 1]) for i in range(len(values))]
+    np.testing.assert_array_equal(line.get_xdata(), [10 * (i + 1) for i in range(len(values))])
+    np.testing.assert_allclose(line.get_ydata(), expected)
+    plt.close("all")
