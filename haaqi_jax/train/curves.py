@@ -2,7 +2,7 @@
 (did the loss fall, when did validation peak, did a distillation term stall).
 
 `learning_curves(metrics_file, out_png)` draws, against the step:
-  loss          the training loss (thin: every log; thick: a running mean over 5 logs) and the
+  loss          the training loss (thin: every log; thick: a trailing mean over up to 5 logs) and the
                 validation loss (dots), log scale, the early-stopping best step marked; in a
                 distillation both are the HAAQI loss (what its validation measures);
   validation    LCC and SRCC on the validation split per epoch;
@@ -70,10 +70,12 @@ def read_series(metrics_file: str | os.PathLike) -> dict[str, Any]:
 
 
 def _running_mean(values: np.ndarray, width: int = 5) -> np.ndarray:
-    if values.size < width:
-        return values
-    kernel = np.ones(width) / width
-    return np.convolve(values, kernel, mode="valid")
+    """Trailing mean over up to `width` logs, one per log: (N,) -> (N,) (the first width - 1
+    average the logs so far)."""
+    sums = np.cumsum(np.concatenate([[0.0], values]))
+    ends = np.arange(1, values.size + 1)
+    counts = np.minimum(ends, width)
+    return (sums[ends] - sums[ends - counts]) / counts
 
 
 def learning_curves(metrics_file: str | os.PathLike, out_png: str | os.PathLike,
@@ -97,9 +99,7 @@ def learning_curves(metrics_file: str | os.PathLike, out_png: str | os.PathLike,
     steps, values = train[shown]
     if steps.size:
         loss_ax.plot(steps, values, color="tab:blue", lw=0.6, alpha=0.4)
-        smooth = _running_mean(values)
-        loss_ax.plot(steps[steps.size - smooth.size:], smooth, color="tab:blue", lw=1.6,
-                     label="train")
+        loss_ax.plot(steps, _running_mean(values), color="tab:blue", lw=1.6, label="train")
     steps, values = valid["loss"]
     if steps.size:
         loss_ax.plot(steps, values, "o-", color="tab:orange", ms=3, lw=1, label="validation")
@@ -117,8 +117,7 @@ def learning_curves(metrics_file: str | os.PathLike, out_png: str | os.PathLike,
         for i, key in enumerate(terms):
             steps, values = train[key]
             if steps.size:
-                term_ax.plot(steps[steps.size - _running_mean(values).size:],
-                             _running_mean(values), color=cmap(i % cmap.N), lw=1.4,
+                term_ax.plot(steps, _running_mean(values), color=cmap(i % cmap.N), lw=1.4,
                              label="total loss" if key == "loss" else key)
         term_ax.set(xlabel="step", ylabel="term (running mean)", title="distillation terms")
     for ax in axes:
