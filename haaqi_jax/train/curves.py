@@ -2,9 +2,10 @@
 (did the loss fall, when did validation peak, did a distillation term stall).
 
 `learning_curves(metrics_file, out_png)` draws, against the step:
-  loss          the training loss (thin: every log; thick: a trailing mean over up to 5 logs) and the
-                validation loss (dots), log scale, the early-stopping best step marked; in a
-                distillation both are the HAAQI loss (what its validation measures);
+  loss          the training loss (thin: every log; thick: a trailing mean over up to 5
+                logs) and the validation loss (dots), log scale, the early-stopping best
+                step marked; in a distillation both are the HAAQI loss (what its validation
+                measures);
   validation    LCC and SRCC on the validation split per epoch;
   distillation  (distillation runs only) the total loss, the HAAQI term and each layer's
                 distillation term (`loss`, `haaqi_loss`, `distill_0`, ... of the train
