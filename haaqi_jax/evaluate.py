@@ -11,7 +11,8 @@ writes into --out:
                     table.md then lists the intervals
   predictions.csv   one line per clip: id, split, distortion, label, prediction, group (the
                     manifest's group, empty when none)
-  examples.json     a few clips' predictions (the first of each split)
+  examples.json     a few clips' predictions: the first --num-examples // (number of
+                    splits) of each split, at least one, in manifest order
   scatter.png       predicted vs true HAAQI, coloured by split or distortion
   by_distortion.png mean label and mean prediction of every distortion, sorted by their gap
                     (where a model rates a degradation too close to clean, or too harshly);
