@@ -221,6 +221,7 @@ def haaqi_v1(reference, reference_freq: float, processed, processed_freq: float,
     Raises:
       ValueError: empty / non-finite / silent input, an invalid audiogram or equalisation, a
         reference shorter than 16 ms after trimming, or noise of the wrong shape.
+      TypeError: under jax.jit / vmap / grad (the preparation runs on the host, in numpy).
     """
     from haaqi_jax.tracing import refuse_traced
     refuse_traced("haaqi_v1", reference, processed)
@@ -343,7 +344,11 @@ def prepare_batch(reference, processed, sample_rate: float, audiogram_levels,
     1 = serial.
 
     Raises:
-      ValueError: only for problems of the whole batch (shapes, equalisation, sample rate).
+      ValueError: only for problems of the whole batch: the arrays' shapes or dtypes (not
+        (B, N), empty, complex or non-numeric), equalisation, sample rate, and the shapes of
+        audiogram_levels / audiogram_frequencies (or a list of Audiograms that is not B
+        long), level1 and lengths.
+      TypeError: under jax.jit / vmap / grad (host-side numpy).
     """
     from haaqi_jax.tracing import refuse_traced
     refuse_traced("haaqi_batch", reference, processed)
@@ -477,6 +482,11 @@ def score_prepared(pairs: Sequence[ear_model.PreparedPair], *, key=None, dtype=j
 
     Returns:
       HAAQIResult of (B,) float64 numpy arrays.
+
+    Raises:
+      ValueError: no pairs, a dtype other than float32 / float64, a chunk that is not a
+        positive whole number, a key that is neither one PRNG key nor B of them, or a pair
+        trimmed to fewer than 384 samples (16 ms).
     """
     from haaqi_jax.train import sharding
     from tqdm.auto import tqdm
