@@ -571,7 +571,17 @@ def init_params(config: BEATsConfig, key: jax.Array, n_frames: int = 16) -> dict
 
 
 def load_beats(directory: str | os.PathLike) -> tuple[BEATs, dict[str, Any]]:
-    """Loads a converted BEATs parameter directory -> (BEATs module, params)."""
+    """Loads a converted BEATs parameter directory -> (BEATs module, params).
+
+    `directory` is an output of `convert_weights.py` (config.json with kind "beats" and the
+    checkpoint's cfg, params/); apply as `module.apply({"params": params}, waveform (B, N),
+    padding_mask (B, N) | None)`. Parameters come back as numpy arrays.
+
+    Raises:
+      FileNotFoundError: no such folder, no config.json or params/ in it, or a PyTorch .pt
+        given instead (convert it first).
+      ValueError: a parameter folder of another kind (e.g. a HAAQI-Net).
+    """
     from haaqi_jax.train.checkpoint import load_params
     params, config = load_params(directory)
     if not isinstance(config, dict) or config.get("kind") != "beats" or "cfg" not in config:

@@ -532,7 +532,15 @@ class HAAQINet:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "HAAQINet":
-        """Reads a directory written by `save` (or by `convert_haaqinet`)."""
+        """Reads a directory written by `save` (or by `convert_haaqinet`).
+
+        Raises:
+          FileNotFoundError: no such folder, no config.json or params/ in it, or a PyTorch
+            .pt / .pth given instead (convert it first).
+          ValueError: a folder of another kind (a converted BEATs, or a training workdir:
+            the message names its report/best_model), or parameters that do not match the
+            config.
+        """
         from haaqi_jax.train.checkpoint import load_config, load_params
         meta = load_config(directory)
         best = Path(directory) / "report" / "best_model"
