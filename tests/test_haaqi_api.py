@@ -326,6 +326,17 @@ def test_batch_argument_checks_name_the_argument():
         haaqi_batch(ref, proc, FS, [Audiogram(levels[0])] * 3)
 
 
+
+def test_prepare_batch_under_jit_names_itself():
+    """prepare_batch called inside jax.jit is refused under its own name (it said
+    'haaqi_batch prepares its input ...', a function the caller never called)."""
+    ref, proc = _pairs(2)
+    levels = np.zeros((2, 8))
+    with pytest.raises(TypeError, match=r"^prepare_batch prepares its input on the host"):
+        jax.jit(lambda r: prepare_batch(r, r, FS, levels)[0][1])(ref)
+    with pytest.raises(TypeError, match=r"^haaqi_batch prepares its input on the host"):
+        jax.jit(lambda r: haaqi_batch(r, r, FS, levels).combined)(ref)
+
 def test_batch_takes_audiogram_objects():
     """B Audiogram objects (ours or pyclarity's, any frequencies) score as their levels and
     frequencies given as arrays."""
