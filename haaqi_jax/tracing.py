@@ -1,9 +1,9 @@
 """Host-side entry points and JAX tracing.
 
-`haaqi_v1`, `haaqi_batch`, `HAAQINet.predict` and `HAAQINet.encode` prepare their inputs with
-numpy on the host (resampling, alignment, validation, bucketing) and then call functions that
-they jit-compile themselves. Called inside `jax.jit`, `vmap` or `grad` they would meet tracers
-and fail deep inside numpy; `refuse_traced` says so at the door instead.
+`haaqi_v1`, `haaqi_batch`, `prepare_batch`, `HAAQINet.predict` and `HAAQINet.encode` prepare
+their inputs with numpy on the host (resampling, alignment, validation, bucketing) and then call
+functions that they jit-compile themselves. Called inside `jax.jit`, `vmap` or `grad` they would
+meet tracers and fail deep inside numpy; `refuse_traced` says so at the door instead.
 """
 
 from __future__ import annotations

@@ -351,7 +351,7 @@ def prepare_batch(reference, processed, sample_rate: float, audiogram_levels,
       TypeError: under jax.jit / vmap / grad (host-side numpy).
     """
     from haaqi_jax.tracing import refuse_traced
-    refuse_traced("haaqi_batch", reference, processed)
+    refuse_traced("prepare_batch", reference, processed)
     reference = _as_batch("reference", reference)
     batch = reference.shape[0]
     processed = _as_batch("processed", processed, batch)
@@ -589,6 +589,8 @@ def haaqi_batch(reference, processed, sample_rate: float, audiogram_levels,
     jnp.float64 and B per-item keys, e.g. from each item's id, as `haaqi-jax label --dtype
     float64` does.
     """
+    from haaqi_jax.tracing import refuse_traced
+    refuse_traced("haaqi_batch", reference, processed)
     prepared = prepare_batch(reference, processed, sample_rate, audiogram_levels,
                              audiogram_frequencies, equalisation=equalisation, level1=level1,
                              lengths=lengths)
