@@ -1190,13 +1190,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="HAAQI items (ears) per metric call (default: 8 on CPU, 64 per "
                              "GPU/TPU, where the device fills only with many clips at once)")
     parser.add_argument("--equalisation", type=int, choices=(1, 2), default=1,
-                        help="1: apply NAL-R to the reference; 2: reference already amplified")
+                        help="1: apply NAL-R to the reference (default); 2: reference already "
+                             "amplified")
     parser.add_argument("--level1", type=_level1_arg, default=65.0,
-                        help="dB SPL of RMS 1, or 'cadenza' for 65 - 20 log10 rms(reference)")
+                        help="dB SPL of RMS 1, or 'cadenza' for 65 - 20 log10 rms(reference) "
+                             "(default 65; a row's own level1 wins)")
     parser.add_argument("--ears", choices=EAR_CHOICES, default="average",
-                        help="score both ears and average, or one ear")
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32")
-    parser.add_argument("--seed", type=int, default=0, help="threshold-noise seed")
+                        help="score both ears and average (default), or one ear")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
+                        help="metric precision (default float32; float64 labels do not move "
+                             "with their batch)")
+    parser.add_argument("--seed", type=int, default=0, help="threshold-noise seed (default 0)")
     parser.add_argument("--limit", type=positive_int, default=None,
                         help="label only the first N manifest rows")
     parser.add_argument("--manifest-out", type=Path, default=None, metavar="TRAIN.jsonl",
