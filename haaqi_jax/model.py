@@ -3,11 +3,13 @@
     net = HAAQINet.load("checkpoints/haaqinet")           # written by convert_haaqinet / training
     scores = net.predict([wav_a, wav_b], 44100, [[10, 15, 20, 30, 40, 45, 50, 55]] * 2)
 
-Encoders are looked up by kind in a small registry, so another module can add one (e.g. the
-distilled student) without editing this file:
+Encoders are looked up by kind in a small registry, so another module can add one (as the
+distilled student's module does on import) without editing this file:
 
-    register_encoder("student", build=lambda cfg: StudentEncoder(StudentConfig.from_dict(cfg)),
-                     default_config=DEFAULT_STUDENT.to_dict)
+    register_encoder("my_encoder", build=lambda cfg: MyEncoder(**cfg),
+                     default_config=lambda: {"width": 256})
+    net = HAAQINet.init_random(HAAQINetConfig(encoder_kind="my_encoder",
+                                              encoder_config={"width": 512}))
 
 An encoder is a linen module called as `encoder(waveform (B, N), padding_mask (B, N) bool
 True = pad | None, *, deterministic)` that returns an object with `last_hidden_state (B, T, C)`
