@@ -557,7 +557,14 @@ class HAAQINet:
 
     def save(self, directory: str | os.PathLike, *, overwrite: bool = False,
              extra: Mapping[str, Any] | None = None):
-        """Writes params + config.json {"kind": "haaqinet", "version", "config", **extra}."""
+        """Writes params + config.json {"kind": "haaqinet", "version", "config", **extra}.
+
+        Returns:
+          the absolute path written (atomically: nothing is left on an error).
+        Raises:
+          FileExistsError: `directory` exists and `overwrite` is off, or it exists and is not
+            a parameter folder (overwrite replaces only config.json and params/), or a file.
+        """
         from haaqi_jax.train.checkpoint import save_params
         meta = {"kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION,
                 "config": self.config.to_dict(), **dict(extra or {})}
