@@ -198,6 +198,8 @@ def left_out(rows: Sequence[Mapping[str, Any]]) -> list[str]:
                 by_runs.setdefault(tuple(undefined[k]), []).append(SCORE_NAMES[k])
         for names, scores in by_runs.items():
             others = len(undefined["runs"]) - len(names)
+            if not others:              # no run left: the summary itself shows n/a
+                continue
             notes.append(f"split {split!r}{f', setting {setting}' if setting else ''}: "
                          f"{' and '.join(scores)} {'is' if len(scores) == 1 else 'are'} "
                          f"undefined for {', '.join(names)}; "

@@ -152,6 +152,9 @@ def test_a_summary_that_leaves_a_run_out_says_which(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "split 'valid': LCC and SRCC are undefined for s2; their mean, sd and range cover " \
            "the other 2 runs" in err, err
+    # A setting of one run whose score is undefined: its summary says n/a, no note.
+    assert cli.main(["compare", str(tmp_path / "s2"), "--splits", "valid"]) == 0
+    assert "undefined" not in capsys.readouterr().err
 
 
 def _workdir(path, records, **settings):
