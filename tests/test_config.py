@@ -263,3 +263,31 @@ def test_a_new_loss_keyword_takes_true_and_false_as_bools():
         cfglib.apply_overrides(c, [f"loss.kwargs.distill.kwargs.new_flag_{i}={text}"])
         got = c.loss.kwargs.distill.kwargs[f"new_flag_{i}"]
         assert got == value and type(got) is type(value), (text, got)
+
+
+@pytest.mark.parametrize("override", ["data.manifest=", "model.encoder_checkpoint= ", "seed=",
+                                      "data.eval_splits=", "loss.kwargs.new_flag="])
+def test_an_empty_value_is_refused(override):
+    """`--set data.manifest=$MANIFEST` with the variable unset gave the empty string, which a
+    run reads as no manifest: it trained on the demo dataset without a word."""
+    c = cfglib.load_config_file(REPO / "configs" / "default.py")
+    key = override.split("=")[0]
+    with pytest.raises(ValueError, match=rf"config override {key}=.*no value.*None"):
+        cfglib.apply_overrides(c, [override])
+
+
+def test_none_clears_only_an_optional_field():
+    """None clears a placeholder field (or a loss keyword); a bool / int / str / tuple field
+    given None used to take it (data.cache=None ran on waveforms; a later data.cache=false
+    then stored the truthy string "false")."""
+    c = cfglib.load_config_file(REPO / "configs" / "default.py")
+    cfglib.apply_overrides(c, ["data.manifest=m.jsonl", "data.manifest=None",
+                               "data.crop_seconds=null", "loss.kwargs.clip_weight=None"])
+    assert c.data.manifest is None and c.data.crop_seconds is None
+    assert c.loss.kwargs.clip_weight is None
+    for override in ("data.cache=None", "seed=none", "train.batch_size=null",
+                     "model.encoder_kind=None", "data.eval_splits=None"):
+        key = override.split("=")[0]
+        with pytest.raises(ValueError, match=rf"config override {key}=.*not optional.*type"):
+            cfglib.apply_overrides(c, [override])
+    assert c.data.cache is True
