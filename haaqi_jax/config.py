@@ -190,14 +190,22 @@ class _NotALiteral(Exception):
     """A tuple field's text that looks like a tuple but does not parse as one."""
 
 
-def parse_value(key: str, text: str, expected: type | None) -> Any:
+def parse_value(key: str, text: str, expected: type | None, optional: bool = True) -> Any:
     """Parses the text of an override for a field whose current type is `expected`.
 
     None as `expected` (a field that is None and not a typed placeholder) accepts any Python
-    literal, else the text as a string. "none"/"None" clears any field. A tuple field also
-    takes bare comma-separated items (`data.eval_splits=valid,test_seen`).
+    literal, else the text as a string. "none"/"None"/"null" clears an `optional` field (a
+    placeholder, or a loss keyword); an empty text is refused (an unset shell variable would
+    otherwise leave a path empty, which reads as no path). A tuple field also takes bare
+    comma-separated items (`data.eval_splits=valid,test_seen`).
     """
+    if not text.strip():
+        raise ValueError(f"config override {key}={text!r}: no value (None clears an optional "
+                         f"field, () empties a tuple)")
     if text.strip() in ("None", "none", "null"):
+        if not optional:
+            raise ValueError(f"config override {key}={text!r}: {key} is not optional (expected "
+                             f"a value of type {expected.__name__})")
         return None
     if expected is None or expected is type(None):
         return _parse_literal(text)
@@ -305,7 +313,11 @@ def apply_overrides(cfg: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
         if expected is ConfigDict:
             raise ValueError(f"config override {key!r}: {key} is a section; set one of its "
                              f"keys {sorted(node[leaf].keys())}")
-        value = parse_value(key, text, expected)
+        # None clears a placeholder (a FieldReference) or a loss keyword, not a bool or a
+        # count: a run would read it as false (or fail late), and the field would lose its type.
+        optional = (node[leaf] is None or OPEN_SECTION in parents
+                    or isinstance(node._fields[leaf], config_dict.FieldReference))
+        value = parse_value(key, text, expected, optional)
         try:
             node[leaf] = value
         except TypeError as e:

@@ -291,3 +291,10 @@ def test_none_clears_only_an_optional_field():
         with pytest.raises(ValueError, match=rf"config override {key}=.*not optional.*type"):
             cfglib.apply_overrides(c, [override])
     assert c.data.cache is True
+    # a config file's None for a count is still refused by name before the run
+    from haaqi_jax.train import loop
+    for key, message in (("batch_size", "a whole number >= 1"), ("min_delta", "a number >= 0")):
+        d = cfglib.load_config_file(REPO / "configs" / "tiny.py")
+        d.train[key] = None
+        with pytest.raises(ValueError, match=rf"train.{key} must be {message}, got None"):
+            loop.check_run_settings(d)
