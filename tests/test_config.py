@@ -298,3 +298,16 @@ def test_none_clears_only_an_optional_field():
         d.train[key] = None
         with pytest.raises(ValueError, match=rf"train.{key} must be {message}, got None"):
             loop.check_run_settings(d)
+
+
+def test_a_quoted_string_value_is_the_string_inside():
+    """`--set 'model.head.readout="haaqi_components"'` (quoted as a tuple's items are, or as
+    `haaqi-jax compare`'s legend writes a setting) kept the quotes: a path that is not there,
+    a split that matches no row."""
+    c = cfglib.load_config_file(REPO / "configs" / "default.py")
+    cfglib.apply_overrides(c, ['model.head.readout="haaqi_components"',
+                               "data.manifest='my data/m.jsonl'", "data.valid_split= 'dev' ",
+                               "data.demo_dir=it's", 'data.cache_dir="a"b'])
+    assert c.model.head.readout == "haaqi_components" and c.data.manifest == "my data/m.jsonl"
+    assert c.data.valid_split == "dev"
+    assert c.data.demo_dir == "it's" and c.data.cache_dir == '"a"b'   # not a quoted string
