@@ -194,10 +194,11 @@ def parse_value(key: str, text: str, expected: type | None, optional: bool = Tru
     """Parses the text of an override for a field whose current type is `expected`.
 
     None as `expected` (a field that is None and not a typed placeholder) accepts any Python
-    literal, else the text as a string. "none"/"None"/"null" clears an `optional` field (a
-    placeholder, or a loss keyword); an empty text is refused (an unset shell variable would
-    otherwise leave a path empty, which reads as no path). A tuple field also takes bare
-    comma-separated items (`data.eval_splits=valid,test_seen`).
+    literal, else the text as a string; a str field takes a quoted string as the string inside.
+    "none"/"None"/"null" clears an `optional` field (a placeholder, or a loss keyword); an empty
+    text is refused (an unset shell variable would otherwise leave a path empty, which reads as
+    no path). A tuple field also takes bare comma-separated items
+    (`data.eval_splits=valid,test_seen`).
     """
     if not text.strip():
         raise ValueError(f"config override {key}={text!r}: no value (None clears an optional "
@@ -223,7 +224,10 @@ def parse_value(key: str, text: str, expected: type | None, optional: bool = Tru
                 raise ValueError
             return float(value)
         if expected is str:
-            return text
+            # 'a b' or "a b" (a Python string literal, as a tuple's items are quoted) is the
+            # string inside; any other text is the string itself
+            value = _parse_literal(text.strip()) if text.strip()[:1] in "'\"" else text
+            return value if isinstance(value, str) else text
         if expected in (tuple, list):
             value = _parse_literal(text)
             if isinstance(value, str) and text.strip()[:1] in "([":
