@@ -311,3 +311,22 @@ def test_a_quoted_string_value_is_the_string_inside():
     assert c.model.head.readout == "haaqi_components" and c.data.manifest == "my data/m.jsonl"
     assert c.data.valid_split == "dev"
     assert c.data.demo_dir == "it's" and c.data.cache_dir == '"a"b'   # not a quoted string
+
+
+def test_an_override_of_a_misspelt_key_or_under_a_value_says_so():
+    """--set named the known keys but, unlike a config file's check, no nearest one; and a key
+    under a value (train.batch_size.x) was 'unknown key batch_size' with batch_size listed."""
+    c = cfglib.load_config_file(REPO / "configs" / "distill.py")
+    for override, match in (
+            ("train.nmu_epochs=3", r"unknown key 'nmu_epochs' under train \(did you mean "
+                                   r"train.num_epochs\?\)"),
+            ("distill.teacher.optimizer.learnig_rate=1", r"did you mean "
+                                                          r"distill.teacher.optimizer.learning_rate"),
+            ("trian.num_epochs=3", r"unknown key 'trian' under <top> \(did you mean train\?\)"),
+            ("train.batch_size.x=3", r"'train.batch_size.x': train.batch_size is not a section "
+                                     r"\(it is 8\)")):
+        with pytest.raises(ValueError, match=match):
+            cfglib.apply_overrides(c, [override])
+    cfglib.apply_overrides(c, ["loss.kwargs.distill=mse"])
+    with pytest.raises(ValueError, match=r"loss.kwargs.distill is not a section \(it is 'mse'\)"):
+        cfglib.apply_overrides(c, ["loss.kwargs.distill.kwargs.x=1"])
