@@ -271,6 +271,15 @@ def _field_type(cfg: ConfigDict, name: str) -> type | None:
 OPEN_SECTION = "kwargs"
 
 
+def _unknown_key(key: str, name: str, parents: list[str], node: ConfigDict) -> ValueError:
+    """"config override 'KEY': unknown key NAME under SECTION (did you mean ...?) (known: ...)"."""
+    where = ".".join(parents) or "<top>"
+    near = difflib.get_close_matches(name, sorted(node.keys()), n=1)
+    hint = f" (did you mean {'.'.join(parents + near)}?)" if near else ""
+    return ValueError(f"config override {key!r}: unknown key {name!r} under {where}{hint} "
+                      f"(known: {sorted(node.keys())})")
+
+
 def apply_overrides(cfg: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
     """Applies `a.b.c=value` overrides in place and returns cfg.
 
@@ -290,10 +299,11 @@ def apply_overrides(cfg: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
         *parents, leaf = key.split(".")
         node = cfg
         for depth, name in enumerate(parents):
-            if name not in node or not isinstance(node[name], ConfigDict):
-                where = ".".join(parents[:depth]) or "<top>"
-                raise ValueError(f"config override {key!r}: unknown key {name!r} under {where} "
-                                 f"(known: {sorted(node.keys())})")
+            if name in node and not isinstance(node[name], ConfigDict):
+                raise ValueError(f"config override {key!r}: {'.'.join(parents[:depth + 1])} is "
+                                 f"not a section (it is {node[name]!r})")
+            if name not in node:
+                raise _unknown_key(key, name, parents[:depth], node)
             node = node[name]
         if leaf not in node:
             if parents and parents[-1] == OPEN_SECTION:
@@ -303,9 +313,7 @@ def apply_overrides(cfg: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
                 node[leaf] = (low == "true") if low in ("true", "false") else parse_value(
                     key, text, None)
                 continue
-            where = ".".join(parents) or "<top>"
-            raise ValueError(f"config override {key!r}: unknown key {leaf!r} under {where} "
-                             f"(known: {sorted(node.keys())})")
+            raise _unknown_key(key, leaf, parents, node)
         expected = _field_type(node, leaf)
         if expected is ConfigDict and OPEN_SECTION in parents + [leaf]:
             # Inside a loss's keywords a whole sub-spec may be replaced, e.g. to switch the
