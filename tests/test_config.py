@@ -330,3 +330,16 @@ def test_an_override_of_a_misspelt_key_or_under_a_value_says_so():
     cfglib.apply_overrides(c, ["loss.kwargs.distill=mse"])
     with pytest.raises(ValueError, match=r"loss.kwargs.distill is not a section \(it is 'mse'\)"):
         cfglib.apply_overrides(c, ["loss.kwargs.distill.kwargs.x=1"])
+
+
+@pytest.mark.parametrize("name,override", [
+    ("default", "loss.kwargs=mse"), ("default", "loss.kwargs=[1, 2]"),
+    ("distill", "loss.kwargs.distill.kwargs=mse")])
+def test_a_loss_keywords_section_takes_only_a_dict(name, override):
+    """A `kwargs` section replaced by a name or a list failed later as 'dictionary update
+    sequence element #0 has length 1' (or a TypeError traceback), naming no key."""
+    c = cfglib.load_config_file(REPO / "configs" / f"{name}.py")
+    key = override.split("=")[0]
+    with pytest.raises(ValueError, match=rf"config override {key}=.*keywords.*dict"):
+        cfglib.apply_overrides(c, [override])
+    cfglib.apply_overrides(c, [f"{key}={{}}", f"{key}=None"])   # still fine
