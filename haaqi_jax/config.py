@@ -319,6 +319,9 @@ def apply_overrides(cfg: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
             # Inside a loss's keywords a whole sub-spec may be replaced, e.g. to switch the
             # distillation term: loss.kwargs.distill='{"name": "mse"}', or a bare name.
             value = parse_value(key, text, None)
+            if leaf == OPEN_SECTION and not (value is None or isinstance(value, dict)):
+                raise ValueError(f"config override {key}={text!r}: a loss's keywords are a "
+                                 f"dict, e.g. {key}='{{\"weight\": 0.5}}' (or {{}} for none)")
             del node[leaf]
             node[leaf] = ConfigDict(value) if isinstance(value, dict) else value
             continue
