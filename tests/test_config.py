@@ -343,3 +343,24 @@ def test_a_loss_keywords_section_takes_only_a_dict(name, override):
     with pytest.raises(ValueError, match=rf"config override {key}=.*keywords.*dict"):
         cfglib.apply_overrides(c, [override])
     cfglib.apply_overrides(c, [f"{key}={{}}", f"{key}=None"])   # still fine
+
+
+def test_a_tuple_override_keeps_the_type_of_the_items():
+    """model.feature_layers=1.5 ran on layer 1 (int(1.5)); data.eval_splits=1,2 named splits
+    1 and 2, which no manifest row has. The items of a non-empty tuple keep their type."""
+    c = cfglib.load_config_file(REPO / "configs" / "distill.py")
+    for override, match in (("model.feature_layers=1.5", r"model.feature_layers='1.5': "
+                                                         r"expected a tuple of int"),
+                            ("distill.target_layers=6,a", r"tuple of int"),
+                            ("data.eval_splits=1,2", r"data.eval_splits='1,2': expected a "
+                                                     r"tuple of str"),
+                            ("data.demo_seconds=(1, 'x')", r"tuple of float")):
+        with pytest.raises(ValueError, match=match):
+            cfglib.apply_overrides(cfglib.load_config_file(REPO / "configs" / "default.py")
+                                   if override.startswith(("model", "data")) else c,
+                                   [override])
+    d = cfglib.load_config_file(REPO / "configs" / "default.py")
+    cfglib.apply_overrides(d, ["data.demo_seconds=1,3", "model.feature_layers=2,3",
+                               "data.hold_out=resonance", "train.frozen_patterns=()"])
+    assert d.data.demo_seconds == (1.0, 3.0) and isinstance(d.data.demo_seconds[0], float)
+    assert d.model.feature_layers == (2, 3) and d.data.hold_out == ("resonance",)
