@@ -271,6 +271,21 @@ def _field_type(cfg: ConfigDict, name: str) -> type | None:
 OPEN_SECTION = "kwargs"
 
 
+def _typed_items(key: str, text: str, value: tuple | list, current: Any) -> tuple | list:
+    """`value` with the item type of the field's current non-empty tuple of ints or floats (an
+    int for a float), else ValueError naming the key: (1.5,) for layers would be int()-ed to
+    layer 1."""
+    kinds = {type(item) for item in current or ()}
+    if len(kinds) != 1 or not kinds <= {int, float}:
+        return value                        # empty, mixed or not numbers: taken as given
+    kind = kinds.pop()
+    if not all(isinstance(item, (int, float)) and not isinstance(item, bool)
+               and (kind is float or isinstance(item, int)) for item in value):
+        raise ValueError(f"config override {key}={text!r}: expected a tuple of "
+                         f"{kind.__name__}, e.g. {key}={','.join(map(str, current))}")
+    return type(value)(kind(item) for item in value)
+
+
 def _unknown_key(key: str, name: str, parents: list[str], node: ConfigDict) -> ValueError:
     """"config override 'KEY': unknown key NAME under SECTION (did you mean ...?) (known: ...)"."""
     where = ".".join(parents) or "<top>"
@@ -333,6 +348,8 @@ def apply_overrides(cfg: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
         optional = (node[leaf] is None or OPEN_SECTION in parents
                     or isinstance(node._fields[leaf], config_dict.FieldReference))
         value = parse_value(key, text, expected, optional)
+        if isinstance(value, (tuple, list)):
+            value = _typed_items(key, text, value, node[leaf])
         try:
             node[leaf] = value
         except TypeError as e:
