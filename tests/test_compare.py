@@ -377,3 +377,16 @@ def test_the_plot_does_not_magnify_runs_that_agree(tmp_path, monkeypatch):
     low, high = ax.get_ylim()
     assert low <= 0.50 and high >= 0.90
     plt.close("all")
+
+
+def test_a_whole_float_and_its_int_are_one_setting():
+    """A loss keyword added by --set keeps the literal's type: loss.kwargs.score_weight=1 and
+    =1.0 are one run's setting (a resume takes either), but made two settings here."""
+    configs = {"r0": {"seed": 0, "loss.kwargs.score_weight": 1},
+               "r1": {"seed": 1, "loss.kwargs.score_weight": 1.0},
+               "r2": {"seed": 0, "loss.kwargs.score_weight": 0.5}}
+    settings, legend, _ = compare.group_settings(configs)
+    assert settings == {"A": ["r0", "r1"], "B": ["r2"]}
+    assert legend == {"A": "loss.kwargs.score_weight=1", "B": "loss.kwargs.score_weight=0.5"}
+    assert compare.group_settings({n: configs[n] for n in ("r0", "r1")})[0] == {
+        "": ["r0", "r1"]}
