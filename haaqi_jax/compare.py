@@ -251,6 +251,18 @@ def read_config(folder: Path) -> dict[str, Any]:
     return cfglib.flatten(config)
 
 
+def _whole(value: Any) -> Any:
+    """`value` with whole floats as ints (1.0 -> 1), as a resume compares them: a loss keyword
+    added by --set keeps its literal's type, so =1 and =1.0 are one setting."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_whole(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _whole(v) for k, v in value.items()}
+    return value
+
+
 def group_settings(configs: Mapping[str, Mapping[str, Any] | None]
                    ) -> tuple[dict[str, list[str]], dict[str, str], str | None]:
     """Groups runs into settings: runs whose flat configs differ only in REPEAT_KEYS are
@@ -287,7 +299,7 @@ def group_settings(configs: Mapping[str, Mapping[str, Any] | None]
         if key.startswith("distill.teacher.") and configs[name].get("distill.teacher_checkpoint"):
             return unused
         found = configs[name].get(key, cfglib.IMPLICIT_VALUES.get(key, absent))
-        return absent if found is absent else json.dumps(found, sort_keys=True)
+        return absent if found is absent else json.dumps(_whole(found), sort_keys=True)
 
     def values(key: str) -> set:
         return {value(n, key) for n in with_config} - {unused}
