@@ -362,3 +362,19 @@ def test_a_tuple_override_keeps_the_type_of_the_items():
                                "data.hold_out=resonance", "train.frozen_patterns=()"])
     assert d.data.demo_seconds == (1.0, 3.0) and isinstance(d.data.demo_seconds[0], float)
     assert d.model.feature_layers == (2, 3) and d.data.hold_out == ("resonance",)
+
+
+def test_a_loss_keyword_takes_any_number_and_true_false_after_none():
+    """A loss's keywords are typed by the loss, not by the value they held: (1, 2, 3) ->
+    (0.5, 1, 1) and 1 -> 0.5 were refused as 'expected int'; a keyword cleared by None then
+    took false as the truthy string "false" (as a new keyword used to)."""
+    c = cfglib.load_config_file(REPO / "configs" / "distill.py")
+    cfglib.apply_overrides(c, ["loss.kwargs.distill.kwargs.layer_weights=(1, 2, 3)",
+                               "loss.kwargs.distill.kwargs.layer_weights=(0.5, 1, 1)",
+                               "loss.kwargs.distill.kwargs.w=1", "loss.kwargs.distill.kwargs.w=0.5",
+                               "loss.kwargs.distill.kwargs.flag=None",
+                               "loss.kwargs.distill.kwargs.flag=false"])
+    kw = c.loss.kwargs.distill.kwargs
+    assert kw.layer_weights == (0.5, 1, 1) and kw.w == 0.5 and kw.flag is False
+    cfglib.apply_overrides(c, ["loss.kwargs.distill.kwargs.cosine_weight=2"])
+    assert kw.cosine_weight == 2.0 and isinstance(kw.cosine_weight, float)
