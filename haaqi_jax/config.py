@@ -209,7 +209,8 @@ def parse_value(key: str, text: str, expected: type | None, optional: bool = Tru
                              f"a value of type {expected.__name__})")
         return None
     if expected is None or expected is type(None):
-        return _parse_literal(text)
+        low = text.strip()   # true / false spell a bool here too (as a literal, "false" is a str)
+        return (low == "true") if low in ("true", "false") else _parse_literal(text)
     try:
         if expected is bool:
             return _parse_bool(key, text)
@@ -323,10 +324,7 @@ def apply_overrides(cfg: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
         if leaf not in node:
             if parents and parents[-1] == OPEN_SECTION:
                 # A loss's keywords are its own: a new one is checked by losses.get_loss.
-                # true / false spell a bool here too (as a literal, "false" is a string).
-                low = text.strip()
-                node[leaf] = (low == "true") if low in ("true", "false") else parse_value(
-                    key, text, None)
+                node[leaf] = parse_value(key, text, None)
                 continue
             raise _unknown_key(key, leaf, parents, node)
         expected = _field_type(node, leaf)
@@ -347,8 +345,14 @@ def apply_overrides(cfg: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
         # count: a run would read it as false (or fail late), and the field would lose its type.
         optional = (node[leaf] is None or OPEN_SECTION in parents
                     or isinstance(node._fields[leaf], config_dict.FieldReference))
-        value = parse_value(key, text, expected, optional)
-        if isinstance(value, (tuple, list)):
+        # A loss keyword's numbers are typed by the loss (losses.check_loss_config), not by
+        # the value it held: layer_weights (1, 2, 3) may become (0.5, 1, 1), 1 become 0.5.
+        retype = bool(parents) and parents[-1] == OPEN_SECTION and expected in (int, tuple, list)
+        value = parse_value(key, text, None if retype and expected is int else expected,
+                            optional)
+        if retype:
+            del node[leaf]
+        elif isinstance(value, (tuple, list)):
             value = _typed_items(key, text, value, node[leaf])
         try:
             node[leaf] = value
