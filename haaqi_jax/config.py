@@ -343,6 +343,7 @@ def apply_overrides(cfg: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
                              f"keys {sorted(node[leaf].keys())}")
         # None clears a placeholder (a FieldReference) or a loss keyword, not a bool or a
         # count: a run would read it as false (or fail late), and the field would lose its type.
+        # (ConfigDict keeps a placeholder as a FieldReference in _fields: no public test.)
         optional = (node[leaf] is None or OPEN_SECTION in parents
                     or isinstance(node._fields[leaf], config_dict.FieldReference))
         # A loss keyword's numbers are typed by the loss (losses.check_loss_config), not by
