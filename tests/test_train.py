@@ -517,7 +517,19 @@ def test_relabelled_manifest_is_refused_on_resume(tiny, tmp_path):
     ("loss.kwargs.clip_wieght=2.0", r"loss.name='haaqi_mse': loss 'haaqi_mse' takes no keyword "
                                     r"'clip_wieght'"),
     ("loss.name=distill_uncertainty", r"loss.name='distill_uncertainty' has learnable "
-                                      r"parameters.*only a distillation trains")])
+                                      r"parameters.*only a distillation trains"),
+    # values of the right type out of range: these trained (a dropout of 1.5 in the head, a
+    # valid fraction of 2) or failed only after the data was built
+    ("model.head.dropout_rate=1.5", r"model.head: HeadConfig: dropout_rate must be in \[0, 1\), "
+                                    r"got 1.5"),
+    ("model.head.lstm_dropout_rate=-0.1", r"lstm_dropout_rate must be in \[0, 1\), got -0.1"),
+    ("optimizer.b1=5", r"optimizer.b1 must be a number in \[0, 1\), got 5.0"),
+    ("optimizer.b2=-0.5", r"optimizer.b2 must be a number in \[0, 1\), got -0.5"),
+    ("optimizer.warmup_steps=-5", r"optimizer.warmup_steps must be a whole number >= 0, got -5"),
+    ("data.valid_fraction=2", r"data.valid_fraction must be a number in \[0, 1\), got 2.0"),
+    ("data.crop_seconds=-1", r"data.crop_seconds must be None or seconds > 0, got -1.0"),
+    ("report.num_example_predictions=-1", r"report.num_example_predictions must be a whole "
+                                          r"number >= 0, got -1")])
 def test_run_settings_are_checked_before_training(tiny, tmp_path, override, message):
     """Before, a negative epoch count trained nothing and exited 0, a zero batch failed naming
     an internal class, and a third demo length was dropped; a loss typo or a cache dtype
