@@ -102,6 +102,10 @@ class HeadConfig:
         if self.num_weighted_layers < 0:
             raise ValueError(f"HeadConfig: num_weighted_layers must be >= 0, got "
                              f"{self.num_weighted_layers}")
+        for name in ("dropout_rate", "lstm_dropout_rate"):
+            rate = getattr(self, name)
+            if not 0.0 <= rate < 1.0:        # 1 or more drops everything (or scales by < 0)
+                raise ValueError(f"HeadConfig: {name} must be in [0, 1), got {rate}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -848,7 +848,8 @@ def update_early_stopping(early: dict[str, Any], valid_loss: float, step: int, *
 _LEAST_VALUES = {"train.batch_size": 1, "train.eval_batch_size": 1, "train.num_epochs": 0,
                  "train.patience": 0, "train.log_every_steps": 1,
                  "train.checkpoint_every_steps": 1, "train.stop_after_steps": 0,
-                 "data.encode_batch_size": 1, "data.demo_clips": 1, "data.prefetch": 0}
+                 "data.encode_batch_size": 1, "data.demo_clips": 1, "data.prefetch": 0,
+                 "report.num_example_predictions": 0}
 
 
 def trained_params(net: Any, *, cached: bool) -> dict[str, Any]:
@@ -913,6 +914,20 @@ def check_run_settings(config: Any) -> None:
                              "params=...)), which only a distillation trains (configs/distill"
                              ".py): plain training would not give the loss its loss_params")
         losses.check_loss_config(name, cfglib.to_dict(config.loss.get("kwargs") or {}))
+    fraction = config.data.get("valid_fraction", 0.0)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
+            0 <= fraction < 1):
+        raise ValueError(f"data.valid_fraction must be a number in [0, 1), got {fraction!r}")
+    crop = config.data.get("crop_seconds")
+    if crop is not None and (isinstance(crop, bool) or not isinstance(crop, (int, float))
+                             or not 0 < crop < float("inf")):
+        raise ValueError(f"data.crop_seconds must be None or seconds > 0, got {crop!r}")
+    if config.get("model") and config.model.get("head"):
+        from haaqi_jax.head import HeadConfig
+        try:                        # the head's own checks, before any data is built
+            HeadConfig.from_dict(cfglib.to_dict(config.model.head))
+        except ValueError as err:
+            raise ValueError(f"model.head: {err}") from None
     seconds = config.data.get("demo_seconds")
     if seconds is not None:
         if (isinstance(seconds, (str, bytes)) or len(seconds) != 2

@@ -113,8 +113,8 @@ SCHEDULES = ("constant", "cosine")
 
 def check_optimizer(opt_cfg: Any) -> None:
     """ValueError naming the `optimizer` key at fault: the name, a learning rate that is not a
-    positive number (a negative one would climb the loss), the schedule, a weight decay the
-    optimizer ignores."""
+    positive number (a negative one would climb the loss), moment decays b1 / b2 outside
+    [0, 1), a negative warmup, the schedule, a weight decay the optimizer ignores."""
     name = opt_cfg.get("name", "adam")
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer.name: unknown optimizer {name!r} ({' | '.join(OPTIMIZERS)})")
@@ -125,6 +125,14 @@ def check_optimizer(opt_cfg: Any) -> None:
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (
                 0 < rate < float("inf")):
             raise ValueError(f"optimizer.{key} must be a number > 0, got {rate!r}")
+    for key in ("b1", "b2"):               # Adam's moment decays
+        decay = opt_cfg.get(key, 0.9)
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not (
+                0 <= decay < 1):
+            raise ValueError(f"optimizer.{key} must be a number in [0, 1), got {decay!r}")
+    warmup = opt_cfg.get("warmup_steps", 0)
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"optimizer.warmup_steps must be a whole number >= 0, got {warmup!r}")
     _checked_schedule(opt_cfg)
     check_weight_decay(opt_cfg)
 
