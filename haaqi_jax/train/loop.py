@@ -871,8 +871,9 @@ def check_frozen(config: Any, net: Any) -> None:
 
 
 def check_run_settings(config: Any) -> None:
-    """The loop's counts, the demo's clip lengths and the report's settings, checked before
-    anything is built or trained; ValueError names the key."""
+    """The loop's counts, the optimizer, the loss, the data's fractions, crops and demo clip
+    lengths, the head's settings and the report's, checked before anything is built or
+    trained; ValueError names the key."""
     from haaqi_jax.evaluate import check_color_by
 
     cfglib.check_run_keys(config)
