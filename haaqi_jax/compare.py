@@ -157,17 +157,23 @@ def _unpooled(runs: Mapping[str, Mapping[str, Mapping[str, float]]], names: Sequ
     return None
 
 
+def _run_rows(rows: Sequence[Mapping[str, Any]]
+              ) -> dict[tuple[str, str], list[Mapping[str, Any]]]:
+    """The per-run rows of `compare` (not its summaries) by (split, setting), in row order."""
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        if row["run"] not in SUMMARIES:
+            groups.setdefault((row["split"], row.get("setting", "")), []).append(row)
+    return groups
+
+
 def unsummarised(runs: Mapping[str, Mapping[str, Mapping[str, float]]],
                  rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """Notes on the (split, setting) groups of `compare` rows that got no summary rows, and
     why (`_unpooled`)."""
-    groups: dict[tuple[str, str], list[str]] = {}
-    for row in rows:
-        if row["run"] not in SUMMARIES:
-            groups.setdefault((row["split"], row.get("setting", "")), []).append(row["run"])
     notes = []
-    for (split, setting), names in groups.items():
-        reason = _unpooled(runs, names, split)
+    for (split, setting), group in _run_rows(rows).items():
+        reason = _unpooled(runs, [row["run"] for row in group], split)
         if reason is not None:
             notes.append(f"split {split!r}{f', setting {setting}' if setting else ''}: {reason}, "
                          f"so no mean, sd or range")
@@ -178,26 +184,19 @@ def left_out(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """Notes on summaries that leave runs out: a run whose score is undefined (n/a, e.g. the
     correlations of constant predictions) is not averaged, so its setting's mean, sd and range
     cover fewer runs than the "n runs" of its row says."""
-    groups: dict[tuple[str, str], dict[str, list[str]]] = {}
     summarised = {(row["split"], row.get("setting", "")) for row in rows
                   if row["run"] in SUMMARIES}
-    for row in rows:
-        if row["run"] in SUMMARIES or (row["split"], row.get("setting", "")) not in summarised:
-            continue
-        undefined = groups.setdefault((row["split"], row.get("setting", "")),
-                                      {"runs": [], **{k: [] for k in SCORES}})
-        undefined["runs"].append(row["run"])
-        for k in SCORES:
-            if not math.isfinite(row[k]):
-                undefined[k].append(row["run"])
     notes = []
-    for (split, setting), undefined in groups.items():
+    for (split, setting), group in _run_rows(rows).items():
+        if (split, setting) not in summarised:
+            continue
         by_runs: dict[tuple[str, ...], list[str]] = {}
         for k in SCORES:
-            if undefined[k]:
-                by_runs.setdefault(tuple(undefined[k]), []).append(SCORE_NAMES[k])
+            undefined = tuple(row["run"] for row in group if not math.isfinite(row[k]))
+            if undefined:
+                by_runs.setdefault(undefined, []).append(SCORE_NAMES[k])
         for names, scores in by_runs.items():
-            others = len(undefined["runs"]) - len(names)
+            others = len(group) - len(names)
             if not others:              # no run left: the summary itself shows n/a
                 continue
             notes.append(f"split {split!r}{f', setting {setting}' if setting else ''}: "
