@@ -64,18 +64,25 @@ def _v2_quota(directory: Path) -> float | None:
     """cpu.max holds "QUOTA PERIOD" (microseconds) or "max PERIOD"."""
     try:
         quota, period = (directory / "cpu.max").read_text().split()
-        quota_cores = float(quota) / float(period)
-    except (OSError, ValueError, ZeroDivisionError):             # absent, "max", or garbled
+    except (OSError, ValueError):                                # absent or garbled
         return None
-    return quota_cores if quota_cores > 0 else None
+    return _cores(quota, period)
 
 
 def _v1_quota(directory: Path) -> float | None:
     """cpu.cfs_quota_us (-1: none) over cpu.cfs_period_us."""
     try:
-        quota = float((directory / "cpu.cfs_quota_us").read_text())
-        period = float((directory / "cpu.cfs_period_us").read_text())
-        quota_cores = quota / period
-    except (OSError, ValueError, ZeroDivisionError):
+        quota = (directory / "cpu.cfs_quota_us").read_text()
+        period = (directory / "cpu.cfs_period_us").read_text()
+    except OSError:
         return None
-    return quota_cores if quota_cores > 0 else None
+    return _cores(quota, period)
+
+
+def _cores(quota: str, period: str) -> float | None:
+    """quota / period as a positive number of cores, or None ("max", -1, 0 or garbled)."""
+    try:
+        cores = float(quota) / float(period)
+    except (ValueError, ZeroDivisionError):
+        return None
+    return cores if cores > 0 else None
