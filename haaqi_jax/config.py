@@ -62,6 +62,16 @@ def unknown_keys_message(unknown, known, owner: str) -> str:
             f"(known: {', '.join(sorted(known))})")
 
 
+def is_number(value: Any) -> bool:
+    """An int or a float, not a bool (to Python, True is the int 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_whole(value: Any) -> bool:
+    """An int, not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def reject_unknown_keys(d: Any, cls: type) -> None:
     """Raises ValueError naming the keys of mapping `d` that are not fields of dataclass `cls`
     (and the known ones): the one check behind the frozen config dataclasses' from_dict."""
@@ -216,12 +226,12 @@ def parse_value(key: str, text: str, expected: type | None, optional: bool = Tru
             return _parse_bool(key, text)
         if expected is int:
             value = _parse_literal(text)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if not is_whole(value):
                 raise ValueError
             return value
         if expected is float:
             value = _parse_literal(text)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if not is_number(value):
                 raise ValueError
             return float(value)
         if expected is str:

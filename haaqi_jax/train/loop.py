@@ -891,7 +891,7 @@ def check_run_settings(config: Any) -> None:
         if section not in config or key not in config[section]:
             continue
         value = config[section][key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        if not cfglib.is_whole(value) or value < least:
             raise ValueError(f"{dotted} must be a whole number >= {least}, got {value!r}")
     if "train" in config:       # the global batches divide over this run's devices and hosts
         mesh = sharding.make_mesh()
@@ -899,8 +899,7 @@ def check_run_settings(config: Any) -> None:
             if key in config.train:
                 sharding.check_global_batch(int(config.train[key]), mesh, f"train.{key}")
     min_delta = config.train.get("min_delta", 0.0) if "train" in config else 0.0
-    if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or not (
-            0 <= min_delta < float("inf")):
+    if not cfglib.is_number(min_delta) or not 0 <= min_delta < float("inf"):
         raise ValueError(f"train.min_delta must be a number >= 0, got {min_delta!r}")
     state_lib.check_optimizer(config.get("optimizer") or {})
     from haaqi_jax.data.cache import STORAGE_DTYPES
@@ -916,12 +915,10 @@ def check_run_settings(config: Any) -> None:
                              ".py): plain training would not give the loss its loss_params")
         losses.check_loss_config(name, cfglib.to_dict(config.loss.get("kwargs") or {}))
     fraction = config.data.get("valid_fraction", 0.0)
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
-            0 <= fraction < 1):
+    if not cfglib.is_number(fraction) or not 0 <= fraction < 1:
         raise ValueError(f"data.valid_fraction must be a number in [0, 1), got {fraction!r}")
     crop = config.data.get("crop_seconds")
-    if crop is not None and (isinstance(crop, bool) or not isinstance(crop, (int, float))
-                             or not 0 < crop < float("inf")):
+    if crop is not None and (not cfglib.is_number(crop) or not 0 < crop < float("inf")):
         raise ValueError(f"data.crop_seconds must be None or seconds > 0, got {crop!r}")
     if config.get("model") and config.model.get("head"):
         from haaqi_jax.head import HeadConfig

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from haaqi_jax.config import is_number, is_whole
+
 TRAINABLE = "trainable"
 FROZEN = "frozen"
 #: Learnable loss parameters (a distillation objective's uncertainty weights) trained at
@@ -122,16 +124,14 @@ def check_optimizer(opt_cfg: Any) -> None:
         rate = opt_cfg.get(key)
         if rate is None and key == "loss_params_learning_rate":
             continue
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (
-                0 < rate < float("inf")):
+        if not is_number(rate) or not 0 < rate < float("inf"):
             raise ValueError(f"optimizer.{key} must be a number > 0, got {rate!r}")
     for key in ("b1", "b2"):               # Adam's moment decays
         decay = opt_cfg.get(key, 0.9)
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not (
-                0 <= decay < 1):
+        if not is_number(decay) or not 0 <= decay < 1:
             raise ValueError(f"optimizer.{key} must be a number in [0, 1), got {decay!r}")
     warmup = opt_cfg.get("warmup_steps", 0)
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+    if not is_whole(warmup) or warmup < 0:
         raise ValueError(f"optimizer.warmup_steps must be a whole number >= 0, got {warmup!r}")
     _checked_schedule(opt_cfg)
     check_weight_decay(opt_cfg)
