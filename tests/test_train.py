@@ -710,7 +710,8 @@ def test_a_nan_loss_stops_training_naming_the_term(tiny, tmp_path):
 
     _, overrides = tiny
     with pytest.raises(ValueError, match=r"train steps 1-1: the loss is nan \(not finite: "
-                                         r"grad_norm, loss, nan_term\).*No checkpoint was kept"):
+                                         r"grad_norm, loss, nan_term, param_norm\).*No checkpoint "
+                                         r"was kept"):
         loop.train_and_evaluate(_config(overrides + ["loss.name=test_nan_loss",
                                                      f"data.cache_dir={tmp_path / 'cache'}"]),
                                 tmp_path / "work")
@@ -738,6 +739,53 @@ def test_a_nan_gradient_under_a_finite_loss_keeps_no_nan_checkpoint(tiny, tmp_pa
                                                      f"data.cache_dir={tmp_path / 'cache'}"]),
                                 tmp_path / "work")
     assert not [p for p in (tmp_path / "work" / "checkpoints").iterdir() if p.name.isdigit()]
+
+
+def test_parameters_that_overflow_are_never_checkpointed(tiny, tmp_path):
+    """Plain SGD at a learning rate near float32's largest value on a heavily weighted loss:
+    the first update overflows the parameters to inf, while that step's loss and gradient
+    norm (both of the parameters *before* the update) are finite. The run must stop before it checkpoints infinite
+    parameters, naming param_norm; it used to save them and then call that step "the last
+    finite checkpoint"."""
+    import orbax.checkpoint as ocp
+
+    _, overrides = tiny
+    with pytest.raises(ValueError, match=r"train steps 1-1: .*not finite: [^)]*param_norm.*No "
+                                         r"checkpoint was kept"):
+        loop.train_and_evaluate(_config(overrides + ["optimizer.name=sgd",
+                                                     "optimizer.learning_rate=3e38",
+                                                     "loss.kwargs.frame_weight=1e6",
+                                                     "optimizer.warmup_steps=0",
+                                                     "train.checkpoint_every_steps=1",
+                                                     "train.log_every_steps=1",
+                                                     f"data.cache_dir={tmp_path / 'cache'}"]),
+                                tmp_path / "work")
+    for step_dir in (tmp_path / "work" / "checkpoints").iterdir():
+        if step_dir.name.isdigit():
+            saved = ocp.StandardCheckpointer().restore((step_dir / "state").absolute())
+            for leaf in jax.tree_util.tree_leaves(saved["params"]):
+                assert np.isfinite(np.asarray(leaf)).all(), step_dir.name
+
+
+def test_param_norm_is_logged_after_the_update():
+    """param_norm: the global norm of the trainable parameters the step returns (after its
+    update), what a reader of metrics.jsonl watches for blow-ups."""
+    from haaqi_jax.train import state as state_lib
+    from haaqi_jax.train import steps as steps_lib
+    import optax
+
+    params = {"w": jnp.array([3.0, 4.0]), "frozen": jnp.array([100.0])}
+    labels = {"w": steps_lib.TRAINABLE, "frozen": steps_lib.FROZEN}
+    tx = optax.sgd(0.5)
+    state = state_lib.TrainState(step=jnp.array(0), params=params, opt_state=tx.init(params),
+                                 rng=jax.random.PRNGKey(0))
+    forward = lambda p, batch, **_: {"clip_score": jnp.sum(p["w"] * batch["x"], axis=-1)}
+    loss = lambda pred, batch: (jnp.mean(pred["clip_score"]), {})
+    step = steps_lib.make_train_step(forward, loss, tx, labels)
+    new_state, metrics = step(state, {"x": jnp.ones((1, 2)), "weight": jnp.ones(1)})
+    expected = np.linalg.norm(np.array([3.0, 4.0]) - 0.5)      # the gradient is all ones
+    assert float(metrics["param_norm"]) == pytest.approx(expected, rel=1e-6)
+    assert np.asarray(new_state.params["frozen"]) == 100.0
 
 
 def test_a_run_that_predicts_one_constant_says_so(tiny, tmp_path, capsys):

@@ -697,8 +697,9 @@ class LoopRun:
 def _check_finite(record: Mapping[str, float], where: str, ckpt: Any) -> None:
     """Stops the loop on a NaN or infinite logged term (never trains on, or keeps as best,
     NaN). Every term counts, not the loss alone: a step's loss is that of the parameters
-    before it, so a finite loss with a NaN gradient (grad_norm) has already made the new
-    parameters NaN, and the checkpoint that follows the check would keep them."""
+    before it, so a finite loss with a NaN gradient (grad_norm), or an update that overflowed
+    (param_norm, the norm after it), has already made the new parameters NaN or inf, and the
+    checkpoint that follows the check would keep them."""
     bad = [k for k, v in record.items() if not np.isfinite(v)]
     if not bad:
         return

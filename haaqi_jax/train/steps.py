@@ -81,7 +81,9 @@ def make_train_step(forward: ForwardFn, loss_fn: LossFn, tx: optax.GradientTrans
     """One optimizer step: (state, batch) -> (new state, scalar metrics).
 
     Metrics: loss, the loss's aux terms, grad_norm (the leaves labelled TRAINABLE: the norm
-    that gradient clipping sees), weight_sum (items that counted). Dropout uses
+    that gradient clipping sees), param_norm (the same leaves after the update: the loss and
+    gradient are those of the parameters before it, so only this term shows an update that
+    overflowed them), weight_sum (items that counted). Dropout uses
     fold_in(state.rng, state.step).
 
     Arguments between the state and the batch are passed through to `forward` before the
@@ -107,9 +109,10 @@ def make_train_step(forward: ForwardFn, loss_fn: LossFn, tx: optax.GradientTrans
             new_params, state.params, labels)
         # The model's trainable leaves only: the norm that clip_by_global_norm sees (a loss's
         # own parameters, labelled LOSS_PARAMS, have their own unclipped optimizer).
-        trainable_grads = jax.tree_util.tree_map(
-            lambda g, label: g if label == TRAINABLE else jnp.zeros((), g.dtype), grads, labels)
-        metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(trainable_grads),
+        trainable = lambda tree: jax.tree_util.tree_map(
+            lambda x, label: x if label == TRAINABLE else jnp.zeros((), x.dtype), tree, labels)
+        metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(trainable(grads)),
+                   "param_norm": optax.tree.norm(trainable(new_params)),
                    "weight_sum": jnp.sum(batch["weight"])}
         new_state = state.replace(step=state.step + 1, params=new_params, opt_state=opt_state)
         return new_state, metrics
