@@ -178,3 +178,66 @@ def standard_levels(audiogram, *, where: str = "audiogram") -> np.ndarray:
         keep = np.isin(audiogram.frequencies, STANDARD_FREQUENCIES)
         return validate_levels(audiogram.levels[keep], where=where)
     return validate_levels(audiogram, where=where)
+
+
+# ------------------------------------------------------------------- degree of hearing loss
+
+#: The frequencies of the four-frequency pure-tone average that grades hearing loss, Hz.
+PTA_FREQUENCIES = (500.0, 1000.0, 2000.0, 4000.0)
+#: WHO grades of hearing loss, mildest first (World report on hearing, 2021, Table 1.3).
+HEARING_LOSS_GRADES = ("normal", "mild", "moderate", "moderately_severe", "severe", "profound",
+                       "complete")
+#: Lower bound of every grade but "normal", dB HL: a PTA of exactly 20 is mild, 19.99 normal.
+HEARING_LOSS_BOUNDS_DB_HL = (20.0, 35.0, 50.0, 65.0, 80.0, 95.0)
+
+
+def pure_tone_average(levels, frequencies: Sequence[float] = STANDARD_FREQUENCIES) -> np.ndarray:
+    """Four-frequency pure-tone average (PTA_FREQUENCIES: 0.5, 1, 2, 4 kHz) of audiograms.
+
+    A PTA frequency that `frequencies` lacks is read off the audiogram linearly in log
+    frequency, the end values held beyond its range (as `Audiogram.resample`).
+
+    Args:
+      levels: (..., F) thresholds in dB HL at `frequencies` (finite).
+      frequencies: (F,) strictly increasing, positive frequencies in Hz; default the 8 standard
+        ones, which hold all four PTA frequencies.
+    Returns:
+      (...,) float64 mean of the four thresholds, dB HL.
+    """
+    levels = np.asarray(levels, dtype=np.float64)
+    log_freqs = np.log(np.asarray(frequencies, dtype=np.float64))
+    if levels.shape[-1:] != log_freqs.shape:
+        raise ValueError(f"pure_tone_average: levels of shape {levels.shape} for "
+                         f"{log_freqs.size} frequencies")
+    # (F,) weights: the interpolation of each frequency's unit vector at the PTA frequencies,
+    # averaged; a present frequency gets exactly 1/4.
+    weights = np.mean([np.interp(np.log(PTA_FREQUENCIES), log_freqs, unit)
+                       for unit in np.eye(log_freqs.size)], axis=1)
+    return levels @ weights
+
+
+def hearing_loss_grade(pta_db) -> np.ndarray:
+    """Grade of hearing loss of each pure-tone average, by the WHO's 2021 classification.
+
+    World Health Organization, "World report on hearing" (Geneva, 2021; ISBN 978-92-4-002048-1),
+    Table 1.3 "Grades of hearing loss and related hearing experience", graded on the average
+    threshold at 0.5, 1, 2 and 4 kHz: normal < 20 dB, mild 20 to < 35, moderate 35 to < 50,
+    moderately severe 50 to < 65, severe 65 to < 80, profound 80 to < 95, complete (total
+    hearing loss / deafness) >= 95 dB HL. Each bound belongs to the grade above it. (The WHO
+    grades a person by the better ear; here each audiogram, one ear, is graded on its own.)
+
+    Args:
+      pta_db: (...,) pure-tone averages in dB HL (`pure_tone_average`), finite.
+    Returns:
+      (...,) int64 index into HEARING_LOSS_GRADES (0 = normal ... 6 = complete).
+    Raises:
+      ValueError naming the first non-finite entry (a missing audiogram is its caller's to
+      leave out, not a grade).
+    """
+    pta_db = np.asarray(pta_db, dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(pta_db))
+    if bad.size:
+        where = tuple(int(i) for i in np.unravel_index(bad[0], pta_db.shape))
+        raise ValueError(f"hearing_loss_grade: pure-tone average {pta_db.reshape(-1)[bad[0]]} "
+                         f"at index {where} is not finite")
+    return np.searchsorted(HEARING_LOSS_BOUNDS_DB_HL, pta_db, side="right").astype(np.int64)

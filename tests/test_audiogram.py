@@ -76,3 +76,60 @@ def test_levels_that_are_not_numbers_are_named():
     from haaqi_jax.audiogram import validate_levels
     with pytest.raises(ValueError, match=r"listener: expected 8 numbers \(dB HL\), got \['a'"):
         validate_levels(["a"] + [0] * 7, where="listener")
+
+
+@pytest.mark.parametrize("pta, grade", [
+    (-20.0, "normal"), (19.99, "normal"), (20.0, "mild"), (34.99, "mild"), (35.0, "moderate"),
+    (49.99, "moderate"), (50.0, "moderately_severe"), (64.99, "moderately_severe"),
+    (65.0, "severe"), (79.99, "severe"), (80.0, "profound"), (94.99, "profound"),
+    (95.0, "complete"), (130.0, "complete"),
+])
+def test_hearing_loss_grades_have_the_who_2021_bounds(pta, grade):
+    """Each bound belongs to the grade above it (WHO: mild "20 to < 35 dB")."""
+    from haaqi_jax.audiogram import HEARING_LOSS_GRADES, hearing_loss_grade
+
+    assert HEARING_LOSS_GRADES[int(hearing_loss_grade(pta))] == grade
+
+
+def test_hearing_loss_grades_of_an_array_keep_its_shape():
+    from haaqi_jax.audiogram import hearing_loss_grade
+
+    pta = np.array([[0.0, 20.0, 35.0], [50.0, 65.0, 95.0]])
+    grades = hearing_loss_grade(pta)
+    assert grades.shape == (2, 3) and grades.dtype == np.int64
+    np.testing.assert_array_equal(grades, [[0, 1, 2], [3, 4, 6]])
+
+
+@pytest.mark.parametrize("pta", [np.nan, [20.0, np.inf], [[10.0], [np.nan]]])
+def test_a_missing_pure_tone_average_is_not_graded(pta):
+    from haaqi_jax.audiogram import hearing_loss_grade
+
+    with pytest.raises(ValueError, match="pure-tone average .* is not finite"):
+        hearing_loss_grade(pta)
+
+
+def test_pure_tone_average_is_the_mean_at_half_one_two_and_four_khz():
+    from haaqi_jax.audiogram import pure_tone_average
+
+    levels = np.array([LEVELS, [0, 10, 20, 30, 40, 50, 60, 70]], dtype=np.float32)
+    np.testing.assert_allclose(pure_tone_average(levels),
+                               [(15 + 20 + 30 + 50) / 4, (10 + 20 + 30 + 50) / 4], atol=1e-12)
+    assert pure_tone_average(levels[0]).shape == ()
+    with pytest.raises(ValueError, match=r"shape \(7,\) for 8 frequencies"):
+        pure_tone_average(LEVELS[:7])
+
+
+def test_pure_tone_average_interpolates_a_missing_frequency_in_log_frequency():
+    """An audiogram measured at 250, 750, 1500, 3000, 6000 Hz: the PTA frequencies are read
+    off it as `Audiogram.resample` reads them (np.interp in log frequency, ends held)."""
+    from haaqi_jax.audiogram import PTA_FREQUENCIES, pure_tone_average
+
+    freqs = [250.0, 750.0, 1500.0, 3000.0, 6000.0]
+    levels = [10.0, 20.0, 35.0, 50.0, 70.0]
+    at_pta = Audiogram(levels, freqs).resample(PTA_FREQUENCIES).levels
+    assert pure_tone_average(levels, freqs) == pytest.approx(np.mean(at_pta), abs=1e-12)
+    # by hand: 500 Hz sits log2(2)/log2(3) of the way from 250 to 750 Hz
+    assert at_pta[0] == pytest.approx(10 + 10 * np.log(2) / np.log(3), abs=1e-12)
+    # beyond the measured range the end value is held: 500 Hz of an audiogram from 1 kHz up
+    assert pure_tone_average([30.0, 40.0, 60.0], [1000.0, 2000.0, 4000.0]) == pytest.approx(
+        (30 + 30 + 40 + 60) / 4)
