@@ -4,20 +4,32 @@
         --out runs/demo/eval --splits test_seen test_unseen --color-by distortion
 
 writes into --out:
-  metrics.json      {"overall", "by_split", "by_distortion"}: lcc, srcc, mse, n each; overall
-                    and each split also ci95: {"lcc", "srcc"} 95 % bootstrap intervals
-                    (rows sharing a manifest group, e.g. two ears of a clip, drawn together)
-  table.md/.csv     the same numbers as one table (rows: all, split=..., distortion=...);
-                    table.md then lists the intervals
+  metrics.json      {"overall", "by_split", "by_distortion", "by_hearing_loss",
+                    "hearing_loss_left_out"}: lcc, srcc, mse, n each; overall and each split
+                    also ci95: {"lcc", "srcc"} 95 % bootstrap intervals (rows sharing a
+                    manifest group, e.g. two ears of a clip, drawn together)
+  table.md/.csv     the same numbers as one table (rows: all, split=..., distortion=...,
+                    hearing_loss=... mildest first); table.md then lists the intervals
   predictions.csv   one line per clip: id, split, distortion, label, prediction, group (the
-                    manifest's group, empty when none)
+                    manifest's group, empty when none), pta_db, hearing_loss
   examples.json     a few clips' predictions: the first --num-examples // (number of
                     splits) of each split, at least one, in manifest order
   scatter.png       predicted vs true HAAQI, coloured by split or distortion
   by_distortion.png mean label and mean prediction of every distortion, sorted by their gap
                     (where a model rates a degradation too close to clean, or too harshly);
                     only when rows name their distortion
+  by_hearing_loss.png  per hearing-loss grade, mildest first: boxes of true and predicted
+                    HAAQI with their means, and the grade's LCC and SRCC; only when rows have
+                    audiograms
 Every metrics entry also has label_mean and prediction_mean.
+
+Hearing loss: each clip's listener is graded by the four-frequency pure-tone average (PTA:
+0.5, 1, 2, 4 kHz, dB HL) of the row's audiogram, on the WHO's 2021 grades (normal < 20, mild
+< 35, moderate < 50, moderately_severe < 65, severe < 80, profound < 95, complete; see
+`haaqi_jax.audiogram.hearing_loss_grade`). by_hearing_loss lists the grades that occur, each
+also with pta_db_range [low, high) (None: open); records without an audiogram are left out of
+it, counted by hearing_loss_left_out and noted under table.md's table.
+
 The training loop writes the same report for its best checkpoint (`write_report`).
 """
 
@@ -33,10 +45,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from haaqi_jax.audiogram import (HEARING_LOSS_BOUNDS_DB_HL, HEARING_LOSS_GRADES,
+                                 hearing_loss_grade, pure_tone_average, standard_levels)
 from haaqi_jax.data.manifest import check_label
 from haaqi_jax.train import metrics as metrics_lib
 
-RECORD_FIELDS = ("id", "split", "distortion", "label", "prediction", "group")
+RECORD_FIELDS = ("id", "split", "distortion", "label", "prediction", "group", "pta_db",
+                 "hearing_loss")
 #: The split name of manifest rows that have none.
 UNSPLIT = "unsplit"
 
@@ -61,17 +76,26 @@ def _row_id(row: Any, fallback: str) -> str:
 def prediction_records(rows: Sequence[Any], predictions: np.ndarray, split: str
                        ) -> list[dict[str, Any]]:
     """One dict per row (id, split, distortion, label, prediction, group: the row's manifest
-    group or None); NaN predictions, and labels that are not numbers in [0, 1], are errors
-    naming the row.
+    group or None; pta_db, hearing_loss: see below); NaN predictions, labels that are not
+    numbers in [0, 1] and malformed audiograms are errors naming the row.
+
+    pta_db is the four-frequency pure-tone average (0.5, 1, 2, 4 kHz, dB HL) of the row's
+    audiogram and hearing_loss its WHO 2021 grade (`hearing_loss_grade`); both None for a row
+    without an audiogram (a dict with none, or None), which the report leaves out of its
+    per-grade rows. An audiogram may be 8 levels at the standard frequencies (a ManifestRow's)
+    or an Audiogram (or pyclarity's) at any frequencies, read at the PTA frequencies linearly in
+    log frequency, end values held (`standard_levels`).
 
     Args:
-      rows: manifest rows of `split` (objects or dicts with id/label/distortion fields).
+      rows: manifest rows of `split` (objects or dicts with id/label/distortion/audiogram
+        fields).
       predictions: (len(rows),) predicted clip scores in row order.
     """
     predictions = np.asarray(predictions, np.float64)
     if predictions.shape != (len(rows),):
         raise ValueError(f"split {split!r}: {predictions.size} predictions for {len(rows)} rows")
     records = []
+    levels, heard = [], []          # (8,) standard levels of the rows that have an audiogram
     for i, (row, pred) in enumerate(zip(rows, predictions)):
         rid = _row_id(row, f"{split}[{i}]")
         if not np.isfinite(pred):
@@ -85,31 +109,81 @@ def prediction_records(rows: Sequence[Any], predictions: np.ndarray, split: str
             label = check_label(label, key)
         except ValueError as err:
             raise ValueError(f"split {split!r}, row {i} ({rid}): {err}") from None
+        audiogram = _row_field(row, "audiogram")
+        if audiogram is not None:
+            levels.append(standard_levels(
+                audiogram, where=f"split {split!r}, row {i} ({rid}): key 'audiogram'"))
+            heard.append(i)
         distortion, group = _row_field(row, "distortion"), _row_field(row, "group")
         records.append({"id": rid, "split": split,
                         "distortion": "unknown" if distortion is None else str(distortion),
                         "label": float(label), "prediction": float(pred),
-                        "group": None if group is None else str(group)})
+                        "group": None if group is None else str(group),
+                        "pta_db": None, "hearing_loss": None})
+    if heard:
+        pta_db = pure_tone_average(np.stack(levels))                       # (len(heard),)
+        for i, pta, grade in zip(heard, pta_db, hearing_loss_grade(pta_db)):
+            records[i].update(pta_db=float(pta), hearing_loss=HEARING_LOSS_GRADES[grade])
     return records
 
 
+def hearing_loss_of_records(records: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """(len(records),) str: the WHO 2021 grade of each record's pta_db ("" where it has none).
+
+    The grade is taken afresh from pta_db (`hearing_loss_grade`), so hand-made records need
+    only that; a pta_db that is not a finite number is an error naming the record.
+    """
+    pta_db = np.array([np.nan if r.get("pta_db") is None else r["pta_db"] for r in records],
+                      dtype=np.float64)
+    heard = np.array([r.get("pta_db") is not None for r in records], dtype=bool)
+    bad = np.flatnonzero(heard & ~np.isfinite(pta_db))
+    if bad.size:
+        raise ValueError(f"record {int(bad[0])} (id {records[bad[0]].get('id')!r}): pta_db "
+                         f"{records[bad[0]]['pta_db']!r} is not a finite number")
+    grade = np.full(len(records), len(HEARING_LOSS_GRADES))       # past the names: ""
+    grade[heard] = hearing_loss_grade(pta_db[heard])
+    return np.array(HEARING_LOSS_GRADES + ("",))[grade]
+
+
+def _pta_range(grade: str) -> list[float | None]:
+    """[lowest PTA of the grade, first PTA above it], dB HL; None for an open end."""
+    bounds = (None,) + HEARING_LOSS_BOUNDS_DB_HL + (None,)
+    k = HEARING_LOSS_GRADES.index(grade)
+    return [bounds[k], bounds[k + 1]]
+
+
 def compute_report_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """{"overall": ..., "by_split": {...}, "by_distortion": {...}} of lcc, srcc, mse, n."""
+    """{"overall": ..., "by_split": {...}, "by_distortion": {...}, "by_hearing_loss": {...}} of
+    lcc, srcc, mse, n, label_mean, prediction_mean, plus "hearing_loss_left_out".
+
+    by_hearing_loss holds the WHO grades of the records' pure-tone averages that occur, mildest
+    first, each also with pta_db_range [low, high) in dB HL (None for an open end);
+    hearing_loss_left_out counts the records without an audiogram (pta_db None), which it
+    leaves out.
+    """
     if not records:
         raise ValueError("evaluate: no clips to evaluate")
     pred = np.array([r["prediction"] for r in records])
     true = np.array([r["label"] for r in records])
     splits = np.array([r["split"] for r in records])
     distortions = np.array([str(r["distortion"]) for r in records])
+    grades = hearing_loss_of_records(records)
+    heard = grades != ""
+    by_grade = metrics_lib.summarize_by_group(pred[heard], true[heard], grades[heard])
     report = {
         "overall": metrics_lib.summarize(pred, true),
         "by_split": metrics_lib.summarize_by_group(pred, true, splits),
         "by_distortion": metrics_lib.summarize_by_group(pred, true, distortions),
+        # Severity order (the table's; metrics.json sorts keys, pta_db_range orders them).
+        "by_hearing_loss": {g: {**by_grade[g], "pta_db_range": _pta_range(g)}
+                            for g in HEARING_LOSS_GRADES if g in by_grade},
+        "hearing_loss_left_out": int((~heard).sum()),
     }
     # Means show a bias that correlations hide (a type rated too close to clean as a whole).
     for entry, mask in [(report["overall"], np.ones(len(records), bool))] + [
             (entry, splits == k) for k, entry in report["by_split"].items()] + [
-            (entry, distortions == k) for k, entry in report["by_distortion"].items()]:
+            (entry, distortions == k) for k, entry in report["by_distortion"].items()] + [
+            (entry, grades == k) for k, entry in report["by_hearing_loss"].items()]:
         entry["label_mean"] = float(true[mask].mean())
         entry["prediction_mean"] = float(pred[mask].mean())
     # How much of a split's score is the luck of its clips: 95 % bootstrap intervals.
@@ -125,6 +199,7 @@ def _table_rows(report: Mapping[str, Any]) -> list[tuple[str, dict[str, float]]]
     rows = [("all", report["overall"])]
     rows += [(f"split={k}", v) for k, v in report["by_split"].items()]
     rows += [(f"distortion={k}", v) for k, v in report["by_distortion"].items()]
+    rows += [(f"hearing_loss={k}", v) for k, v in report["by_hearing_loss"].items()]
     return rows
 
 
@@ -215,10 +290,100 @@ def distortion_plot(records: Sequence[Mapping[str, Any]], report: Mapping[str, A
     return path
 
 
+def _grade_text(grade: str) -> str:
+    return grade.replace("_", " ")
+
+
+def hearing_loss_plot(records: Sequence[Mapping[str, Any]], report: Mapping[str, Any],
+                      path: Path) -> Path:
+    """Per WHO grade of hearing loss, mildest on the left: the spread of true and predicted
+    HAAQI (boxes, means marked) and the LCC and SRCC of the grade's clips (bars, the pooled
+    LCC of all clips as a line). Tick labels give each grade's PTA range and clip count; clips
+    without an audiogram are left out, and a footnote counts them."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    by_grade = report["by_hearing_loss"]
+    names = list(by_grade)                                   # severity order
+    grades = hearing_loss_of_records(records)
+    true = np.array([r["label"] for r in records])
+    pred = np.array([r["prediction"] for r in records])
+    x = np.arange(len(names))
+    label_color, pred_color = "0.55", "tab:blue"
+
+    def ends(k: int) -> str:
+        low, high = by_grade[names[k]]["pta_db_range"]
+        return f"< {high:g}" if low is None else f">= {low:g}" if high is None else \
+            f"{low:g}-{high:g}"
+
+    ticks = [f"{_grade_text(name)}\n{ends(k)} dB HL\nn = {by_grade[name]['n']}"
+             for k, name in enumerate(names)]
+    fig, (ax_score, ax_corr) = plt.subplots(
+        1, 2, figsize=(max(8.0, 3.0 + 1.5 * len(names)), 4.6), dpi=120,
+        gridspec_kw={"width_ratios": [3, 2]})
+    for values, offset, color in ((true, -0.18, label_color), (pred, 0.18, pred_color)):
+        per_grade = [values[grades == name] for name in names]
+        boxes = ax_score.boxplot(per_grade, positions=x + offset, widths=0.32,
+                                 patch_artist=True, manage_ticks=False,
+                                 medianprops={"color": "black"},
+                                 flierprops={"markersize": 3, "markeredgecolor": color})
+        for box in boxes["boxes"]:
+            box.set(facecolor=color, alpha=0.55)
+        ax_score.scatter(x + offset, [v.mean() for v in per_grade], marker="D", s=22,
+                         color="white", edgecolor="black", zorder=4)
+    ax_score.set_xticks(x, ticks, fontsize=7)
+    ax_score.set(ylim=(-0.02, 1.02), ylabel="HAAQI (0 = worst, 1 = best)",
+                 xlabel="hearing-loss grade (WHO 2021, PTA of 0.5, 1, 2, 4 kHz)",
+                 title="True and predicted HAAQI per grade")
+    ax_score.grid(axis="y", color="0.9")
+    ax_score.legend(handles=[Patch(facecolor=label_color, alpha=0.55, label="true HAAQI"),
+                             Patch(facecolor=pred_color, alpha=0.55, label="predicted"),
+                             plt.Line2D([], [], marker="D", ls="", color="white",
+                                        markeredgecolor="black", label="mean")],
+                    fontsize=7, loc="best", framealpha=0.85)
+
+    corr = {name: np.array([by_grade[g][name] for g in names], dtype=np.float64)
+            for name in ("lcc", "srcc")}
+    for (name, values), offset, color in zip(corr.items(), (-0.18, 0.18),
+                                             ("tab:blue", "tab:orange")):
+        ax_corr.bar(x + offset, np.nan_to_num(values), width=0.34, color=color,
+                    label={"lcc": "LCC (Pearson)", "srcc": "SRCC (Spearman)"}[name])
+        for k in np.flatnonzero(~np.isfinite(values)):      # fewer than 3 clips, or constant
+            ax_corr.text(x[k] + offset, 0.02, "n/a", ha="center", va="bottom", fontsize=6,
+                         rotation=90)
+    overall = report["overall"]["lcc"]
+    if np.isfinite(overall):
+        ax_corr.axhline(overall, color="0.3", lw=1, ls="--",
+                        label=f"LCC, all clips ({overall:.2f})")
+    finite = np.concatenate(list(corr.values()))
+    finite = finite[np.isfinite(finite)]
+    ax_corr.axhline(0.0, color="black", lw=0.8)
+    ax_corr.set_xticks(x, [_grade_text(n) for n in names], fontsize=7, rotation=30, ha="right")
+    ax_corr.set(ylim=(min(0.0, finite.min() - 0.1) if finite.size else 0.0, 1.0),
+                ylabel="correlation with true HAAQI", title="Agreement per grade")
+    ax_corr.grid(axis="y", color="0.9")
+    ax_corr.legend(fontsize=7, loc="lower left", framealpha=0.85)
+    left_out = report["hearing_loss_left_out"]
+    if left_out:
+        fig.text(0.01, 0.01, f"{_clips(left_out)} without an audiogram left out",
+                 fontsize=7, color="0.3")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _clips(n: int) -> str:
+    return f"{n} clip" + ("" if n == 1 else "s")
+
+
 def write_report(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, *,
                  color_by: str = "split", num_examples: int = 8) -> Path:
-    """Writes metrics.json, table.md, table.csv, predictions.csv, examples.json, scatter.png
-    and, when rows name their distortion, by_distortion.png.
+    """Writes metrics.json, table.md, table.csv, predictions.csv, examples.json, scatter.png,
+    by_distortion.png when rows name their distortion and by_hearing_loss.png when they have
+    audiograms.
 
     Returns:
       out_dir.
@@ -234,6 +399,10 @@ def write_report(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLik
           "|---|---|---|---|---|---|---|"]
     md += [f"| {name} | {m['n']} | {_fmt(m['lcc'])} | {_fmt(m['srcc'])} | {_fmt(m['mse'])} | "
            f"{_fmt(m['label_mean'])} | {_fmt(m['prediction_mean'])} |" for name, m in table]
+    left_out = report["hearing_loss_left_out"]
+    if left_out:
+        md += ["", f"{_clips(left_out)} without an audiogram "
+               f"{'is' if left_out == 1 else 'are'} left out of the hearing_loss rows."]
     grouped = any(r.get("group") is not None for r in records)
     md += ["", "95 % bootstrap intervals (1000 resamples of the clips"
            + ("; rows of one manifest group drawn together" if grouped else "") + "):", ""]
@@ -265,6 +434,10 @@ def write_report(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLik
         distortion_plot(records, report, out_dir / "by_distortion.png")
     else:   # nor an earlier run's into the same folder, read as this one's
         (out_dir / "by_distortion.png").unlink(missing_ok=True)
+    if report["by_hearing_loss"]:
+        hearing_loss_plot(records, report, out_dir / "by_hearing_loss.png")
+    else:
+        (out_dir / "by_hearing_loss.png").unlink(missing_ok=True)
     return out_dir
 
 

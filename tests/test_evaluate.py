@@ -30,7 +30,7 @@ def test_evaluate_subcommand_writes_its_files(tmp_path, capsys):
                      "--out", str(out), "--splits", "valid", "test_seen", "test_unseen",
                      "--color-by", "distortion", "--batch-size", "4"]) == 0
     for name in ("metrics.json", "table.md", "table.csv", "predictions.csv", "examples.json",
-                 "scatter.png", "by_distortion.png"):
+                 "scatter.png", "by_distortion.png", "by_hearing_loss.png"):
         assert (out / name).is_file(), name
     printed = capsys.readouterr().out.splitlines()       # one line per split, not only pooled
     assert [line.split()[:2] for line in printed[:4]] == [
@@ -70,6 +70,19 @@ def test_evaluate_subcommand_writes_its_files(tmp_path, capsys):
                         (metrics["by_distortion"]["noise"], noise)):
         assert entry["label_mean"] == pytest.approx(t[mask].mean(), abs=1e-12)
         assert entry["prediction_mean"] == pytest.approx(p[mask].mean(), abs=1e-12)
+    # Manifest rows' audiograms: every clip graded, as this test's own bounds grade it.
+    pta = np.array([np.mean(np.asarray(manifest_rows[r["id"]]["audiogram"])[PTA_COLUMNS])
+                    for r in rows])
+    np.testing.assert_allclose([float(r["pta_db"]) for r in rows], pta, atol=1e-4)
+    assert metrics["hearing_loss_left_out"] == 0
+    assert sum(e["n"] for e in metrics["by_hearing_loss"].values()) == len(rows)
+    for name, low, high in WHO_2021_GRADES:
+        sel = (pta >= low) & (pta < high)
+        assert metrics["by_hearing_loss"].get(name, {"n": 0})["n"] == sel.sum(), name
+        assert all(r["hearing_loss"] == name for r, s in zip(rows, sel) if s)
+        if sel.sum() >= 3:
+            assert metrics["by_hearing_loss"][name]["lcc"] == pytest.approx(
+                scipy.stats.pearsonr(p[sel], t[sel])[0], abs=1e-9)
     low, high = metrics["overall"]["ci95"]["lcc"]
     assert low <= metrics["overall"]["lcc"] <= high
     assert set(metrics["by_split"]["valid"]["ci95"]) == {"lcc", "srcc"}
@@ -311,3 +324,122 @@ def test_a_large_split_is_read_and_scored_a_chunk_at_a_time(tmp_path, monkeypatc
     expected = predict(HAAQINet.load(tmp_path / "model"), waves, 16000, [[20] * 8] * 7,
                        progress=False)
     np.testing.assert_allclose([got[f"c{i}"] for i in range(7)], expected, atol=1e-5)
+
+
+#: WHO 2021 grades (World report on hearing, Table 1.3), written out here apart from the
+#: library's: (name, lowest PTA in the grade, first PTA above it), dB HL.
+WHO_2021_GRADES = [("normal", -np.inf, 20.0), ("mild", 20.0, 35.0), ("moderate", 35.0, 50.0),
+                   ("moderately_severe", 50.0, 65.0), ("severe", 65.0, 80.0),
+                   ("profound", 80.0, 95.0), ("complete", 95.0, np.inf)]
+#: Columns of 500, 1000, 2000 and 4000 Hz in an audiogram of the 8 standard frequencies.
+PTA_COLUMNS = [1, 2, 3, 5]
+
+
+def _listener_rows(rng, n_random=60):
+    """Dict rows of random listeners: every grade, a PTA exactly on each bound, and three rows
+    without an audiogram. Returns (rows, pta of each row or NaN where it has no audiogram)."""
+    levels = []
+    for bound in [20.0, 35.0, 50.0, 65.0, 80.0, 95.0] * 2:           # PTA on the bound itself
+        row = rng.uniform(0, 100, 8).round()
+        row[PTA_COLUMNS] = bound + np.array([-5.0, 5.0, -3.0, 3.0])
+        levels.append(row)
+    offsets = rng.uniform(-10, 110, n_random)                      # then every degree of loss
+    levels += list(np.clip(offsets[:, None] + rng.uniform(-8, 8, (n_random, 8)), -20, 130))
+    levels = np.array(levels)
+    pta = levels[:, PTA_COLUMNS].mean(axis=1)
+    label = np.clip(0.95 - 0.008 * pta + 0.1 * rng.standard_normal(len(pta)), 0, 1)
+    rows = [{"id": f"l{i}", "haaqi_score": float(t), "distortion": "noise",
+             "audiogram": [float(v) for v in a]} for i, (t, a) in enumerate(zip(label, levels))]
+    rows += [{"id": "none", "haaqi_score": 0.5, "audiogram": None},
+             {"id": "absent", "haaqi_score": 0.4},
+             {"id": "absent2", "haaqi_score": 0.6}]
+    return rows, np.concatenate([pta, [np.nan] * 3])
+
+
+def test_report_breaks_down_by_hearing_loss_grade(tmp_path):
+    """Each WHO grade's numbers are scipy's on the clips whose PTA falls in it (bounds written
+    out in this test); rows without an audiogram are left out, counted and noted."""
+    rng = np.random.default_rng(11)
+    rows, pta = _listener_rows(rng)
+    pred = np.clip(np.array([r["haaqi_score"] for r in rows])
+                   + 0.15 * rng.standard_normal(len(rows)), 0, 1)
+    records = evaluate.prediction_records(rows, pred, "test")
+    evaluate.write_report(records, tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    by_grade = metrics["by_hearing_loss"]
+    t = np.array([r["haaqi_score"] for r in rows])
+    present = []
+    for name, low, high in WHO_2021_GRADES:
+        sel = (pta >= low) & (pta < high)                       # NaN: in no grade
+        if not sel.any():
+            assert name not in by_grade
+            continue
+        present.append(name)
+        entry = by_grade[name]
+        assert entry["n"] == sel.sum() >= 3, name
+        assert entry["lcc"] == pytest.approx(scipy.stats.pearsonr(pred[sel], t[sel])[0],
+                                             abs=1e-9), name
+        assert entry["srcc"] == pytest.approx(scipy.stats.spearmanr(pred[sel], t[sel])[0],
+                                              abs=1e-9), name
+        assert entry["mse"] == pytest.approx(np.mean((pred[sel] - t[sel]) ** 2), abs=1e-12)
+        assert entry["label_mean"] == pytest.approx(t[sel].mean(), abs=1e-12)
+        assert entry["prediction_mean"] == pytest.approx(pred[sel].mean(), abs=1e-12)
+        assert entry["pta_db_range"] == [None if np.isinf(low) else low,
+                                         None if np.isinf(high) else high]
+    assert len(present) == 7 and set(by_grade) == set(present)
+    assert metrics["hearing_loss_left_out"] == 3
+    # Tables: one row per grade, mildest first (alphabetical would put "complete" first).
+    table = list(csv.DictReader((tmp_path / "table.csv").open()))
+    graded = [r for r in table if r["subset"].startswith("hearing_loss=")]
+    assert [r["subset"] for r in graded] == [f"hearing_loss={g}" for g in present]
+    for r in graded:
+        entry = by_grade[r["subset"].split("=", 1)[1]]
+        assert int(r["n"]) == entry["n"] and float(r["lcc"]) == pytest.approx(entry["lcc"])
+    md = (tmp_path / "table.md").read_text()
+    assert [line.split("|")[1].strip() for line in md.splitlines()
+            if line.startswith("| hearing_loss=")] == [r["subset"] for r in graded]
+    assert "3 clips without an audiogram are left out of the hearing_loss rows" in md
+    # predictions.csv: each clip's PTA and grade; empty for the rows without an audiogram
+    written = list(csv.DictReader((tmp_path / "predictions.csv").open()))
+    heard = ~np.isnan(pta)
+    np.testing.assert_allclose([float(r["pta_db"]) for r in written[:heard.sum()]], pta[heard],
+                               atol=1e-4)                       # levels are stored as float32
+    assert [(r["pta_db"], r["hearing_loss"]) for r in written[heard.sum():]] == [("", "")] * 3
+    import matplotlib.image
+    assert matplotlib.image.imread(tmp_path / "by_hearing_loss.png").ndim == 3
+
+
+def test_a_report_without_audiograms_has_no_hearing_loss_breakdown(tmp_path):
+    """Hand-made records (no pta_db) or rows without audiograms: no rows, no plot (an earlier
+    run's plot in the folder goes), and no crash."""
+    rng = np.random.default_rng(3)
+    rows, _ = _listener_rows(rng, n_random=10)
+    evaluate.write_report(evaluate.prediction_records(rows, np.full(len(rows), 0.5), "t"),
+                          tmp_path)
+    assert (tmp_path / "by_hearing_loss.png").is_file()
+    bare = [{"id": f"b{i}", "split": "t", "distortion": "x", "label": 0.1 * i,
+             "prediction": 0.1 * i + 0.05} for i in range(5)]
+    evaluate.write_report(bare, tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["by_hearing_loss"] == {} and metrics["hearing_loss_left_out"] == 5
+    assert not (tmp_path / "by_hearing_loss.png").exists()
+    assert "5 clips without an audiogram" in (tmp_path / "table.md").read_text()
+    # A hand-made record's NaN PTA is not a missing audiogram: named, not left out.
+    with pytest.raises(ValueError, match=r"record 1 \(id 'b1'\): pta_db nan is not a finite"):
+        evaluate.write_report([bare[0], {**bare[1], "pta_db": float("nan")}], tmp_path)
+
+
+def test_a_rows_audiogram_object_is_graded_and_a_bad_one_is_named():
+    """An Audiogram at other frequencies is read at 0.5/1/2/4 kHz in log frequency; a malformed
+    audiogram in a dict row is an error naming the row and the key, not a missing one."""
+    from haaqi_jax.audiogram import Audiogram
+
+    odd = Audiogram([30.0, 40.0, 60.0], [1000.0, 2000.0, 4000.0])     # 500 Hz held at 30
+    rows = [{"id": "odd", "haaqi_score": 0.5, "audiogram": odd}]
+    (record,) = evaluate.prediction_records(rows, np.array([0.4]), "test")
+    assert record["pta_db"] == pytest.approx(40.0) and record["hearing_loss"] == "moderate"
+    for bad in ([10.0] * 7, [10.0] * 7 + [float("nan")]):
+        with pytest.raises(ValueError, match=r"split 'test', row 1 \(b\): key 'audiogram'"):
+            evaluate.prediction_records(
+                rows + [{"id": "b", "haaqi_score": 0.5, "audiogram": bad}], np.array([0.4, 0.5]),
+                "test")
