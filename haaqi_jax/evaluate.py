@@ -5,13 +5,17 @@
 
 writes into --out:
   metrics.json      {"overall", "by_split", "by_distortion", "by_hearing_loss",
-                    "hearing_loss_left_out"}: lcc, srcc, mse, n each; overall and each split
+                    "hearing_loss_left_out", "by_listener_shape"}: lcc, srcc, mse, n each
+                    (by_listener_shape: rows that name their audiogram's shape, as the
+                    demo's do; empty when none does); overall and each split
                     also ci95: {"lcc", "srcc"} 95 % bootstrap intervals (rows sharing a
                     manifest group, e.g. two ears of a clip, drawn together)
   table.md/.csv     the same numbers as one table (rows: all, split=..., distortion=...,
-                    hearing_loss=... mildest first); table.md then lists the intervals
+                    hearing_loss=... mildest first, listener_shape=...); table.md then lists
+                    the intervals
   predictions.csv   one line per clip: id, split, distortion, label, prediction, group (the
-                    manifest's group, empty when none), pta_db, hearing_loss
+                    manifest's group, empty when none), pta_db, hearing_loss,
+                    listener_shape
   examples.json     a few clips' predictions: the first --num-examples // (number of
                     splits) of each split, at least one, in manifest order
   scatter.png       predicted vs true HAAQI, coloured by split or distortion
@@ -51,7 +55,7 @@ from haaqi_jax.data.manifest import check_label
 from haaqi_jax.train import metrics as metrics_lib
 
 RECORD_FIELDS = ("id", "split", "distortion", "label", "prediction", "group", "pta_db",
-                 "hearing_loss")
+                 "hearing_loss", "listener_shape")
 #: The split name of manifest rows that have none.
 UNSPLIT = "unsplit"
 
@@ -76,7 +80,8 @@ def _row_id(row: Any, fallback: str) -> str:
 def prediction_records(rows: Sequence[Any], predictions: np.ndarray, split: str
                        ) -> list[dict[str, Any]]:
     """One dict per row (id, split, distortion, label, prediction, group: the row's manifest
-    group or None; pta_db, hearing_loss: see below); NaN predictions, labels that are not
+    group or None; pta_db, hearing_loss: see below; listener_shape: the row's audiogram shape
+    or None); NaN predictions, labels that are not
     numbers in [0, 1] and malformed audiograms are errors naming the row.
 
     pta_db is the four-frequency pure-tone average (0.5, 1, 2, 4 kHz, dB HL) of the row's
@@ -115,11 +120,13 @@ def prediction_records(rows: Sequence[Any], predictions: np.ndarray, split: str
                 audiogram, where=f"split {split!r}, row {i} ({rid}): key 'audiogram'"))
             heard.append(i)
         distortion, group = _row_field(row, "distortion"), _row_field(row, "group")
+        shape = _row_field(row, "listener_shape")
         records.append({"id": rid, "split": split,
                         "distortion": "unknown" if distortion is None else str(distortion),
                         "label": float(label), "prediction": float(pred),
                         "group": None if group is None else str(group),
-                        "pta_db": None, "hearing_loss": None})
+                        "pta_db": None, "hearing_loss": None,
+                        "listener_shape": None if shape is None else str(shape)})
     if heard:
         pta_db = pure_tone_average(np.stack(levels))                       # (len(heard),)
         for i, pta, grade in zip(heard, pta_db, hearing_loss_grade(pta_db)):
@@ -153,13 +160,15 @@ def _pta_range(grade: str) -> list[float | None]:
 
 
 def compute_report_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """{"overall": ..., "by_split": {...}, "by_distortion": {...}, "by_hearing_loss": {...}} of
-    lcc, srcc, mse, n, label_mean, prediction_mean, plus "hearing_loss_left_out".
+    """{"overall": ..., "by_split": {...}, "by_distortion": {...}, "by_hearing_loss": {...},
+    "by_listener_shape": {...}} of lcc, srcc, mse, n, label_mean, prediction_mean, plus
+    "hearing_loss_left_out".
 
     by_hearing_loss holds the WHO grades of the records' pure-tone averages that occur, mildest
     first, each also with pta_db_range [low, high) in dB HL (None for an open end);
     hearing_loss_left_out counts the records without an audiogram (pta_db None), which it
-    leaves out.
+    leaves out. by_listener_shape: the records that name their listener's audiogram shape
+    (the demo's rows do), by shape; empty when none does.
     """
     if not records:
         raise ValueError("evaluate: no clips to evaluate")
@@ -170,6 +179,8 @@ def compute_report_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, An
     grades = hearing_loss_of_records(records)
     heard = grades != ""
     by_grade = metrics_lib.summarize_by_group(pred[heard], true[heard], grades[heard])
+    shapes = np.array([str(r.get("listener_shape") or "") for r in records])
+    shaped = shapes != ""
     report = {
         "overall": metrics_lib.summarize(pred, true),
         "by_split": metrics_lib.summarize_by_group(pred, true, splits),
@@ -178,12 +189,15 @@ def compute_report_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, An
         "by_hearing_loss": {g: {**by_grade[g], "pta_db_range": _pta_range(g)}
                             for g in HEARING_LOSS_GRADES if g in by_grade},
         "hearing_loss_left_out": int((~heard).sum()),
+        "by_listener_shape": metrics_lib.summarize_by_group(pred[shaped], true[shaped],
+                                                            shapes[shaped]),
     }
     # Means show a bias that correlations hide (a type rated too close to clean as a whole).
     for entry, mask in [(report["overall"], np.ones(len(records), bool))] + [
             (entry, splits == k) for k, entry in report["by_split"].items()] + [
             (entry, distortions == k) for k, entry in report["by_distortion"].items()] + [
-            (entry, grades == k) for k, entry in report["by_hearing_loss"].items()]:
+            (entry, grades == k) for k, entry in report["by_hearing_loss"].items()] + [
+            (entry, shapes == k) for k, entry in report["by_listener_shape"].items()]:
         entry["label_mean"] = float(true[mask].mean())
         entry["prediction_mean"] = float(pred[mask].mean())
     # How much of a split's score is the luck of its clips: 95 % bootstrap intervals.
@@ -200,6 +214,7 @@ def _table_rows(report: Mapping[str, Any]) -> list[tuple[str, dict[str, float]]]
     rows += [(f"split={k}", v) for k, v in report["by_split"].items()]
     rows += [(f"distortion={k}", v) for k, v in report["by_distortion"].items()]
     rows += [(f"hearing_loss={k}", v) for k, v in report["by_hearing_loss"].items()]
+    rows += [(f"listener_shape={k}", v) for k, v in report["by_listener_shape"].items()]
     return rows
 
 

@@ -443,3 +443,38 @@ def test_a_rows_audiogram_object_is_graded_and_a_bad_one_is_named():
             evaluate.prediction_records(
                 rows + [{"id": "b", "haaqi_score": 0.5, "audiogram": bad}], np.array([0.4, 0.5]),
                 "test")
+
+
+def test_report_breaks_down_by_listener_shape_when_rows_name_it(tmp_path):
+    """The demo's rows name their listener's audiogram shape: one more breakdown, scipy's
+    numbers on the rows of each shape; rows that name none are left out of it."""
+    from haaqi_jax.data.manifest import ManifestRow
+
+    rng = np.random.default_rng(4)
+    shapes = np.array(["flat", "normal", "cookie_bite"])[rng.integers(0, 3, 30)]
+    labels = rng.uniform(0, 1, 30)
+    rows = [ManifestRow(id=f"s{i}", file_path=f"s{i}.wav", audiogram=[30.0] * 8,
+                        haaqi_score=float(t), listener_shape=str(shape))
+            for i, (t, shape) in enumerate(zip(labels, shapes))]
+    rows.append(ManifestRow(id="plain", file_path="p.wav", audiogram=[30.0] * 8,
+                            haaqi_score=0.5))
+    pred = np.clip(np.append(labels, 0.5) + 0.2 * rng.standard_normal(31), 0, 1)
+    evaluate.write_report(evaluate.prediction_records(rows, pred, "test"), tmp_path)
+    by_shape = json.loads((tmp_path / "metrics.json").read_text())["by_listener_shape"]
+    assert sorted(by_shape) == ["cookie_bite", "flat", "normal"]
+    for shape, entry in by_shape.items():
+        sel = np.append(shapes == shape, False)
+        assert entry["n"] == sel.sum()
+        assert entry["lcc"] == pytest.approx(scipy.stats.pearsonr(pred[sel], np.append(
+            labels, 0.5)[sel])[0], abs=1e-9)
+        assert entry["label_mean"] == pytest.approx(labels[sel[:-1]].mean(), abs=1e-12)
+    table = [r["subset"] for r in csv.DictReader((tmp_path / "table.csv").open())]
+    assert [s for s in table if s.startswith("listener_shape=")] == [
+        "listener_shape=cookie_bite", "listener_shape=flat", "listener_shape=normal"]
+    written = list(csv.DictReader((tmp_path / "predictions.csv").open()))
+    assert [r["listener_shape"] for r in written] == list(shapes) + [""]
+    # Without shapes: an empty breakdown, no table rows.
+    bare = [{"id": f"b{i}", "split": "t", "distortion": "x", "label": 0.1 * i,
+             "prediction": 0.1 * i} for i in range(4)]
+    evaluate.write_report(bare, tmp_path)
+    assert json.loads((tmp_path / "metrics.json").read_text())["by_listener_shape"] == {}

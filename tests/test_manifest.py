@@ -62,6 +62,21 @@ def test_jsonl_optional_keys_comments_and_default_ids(tmp_path):
     assert rows[1].haaqi_score is None and rows[1].reference is None
 
 
+def test_a_rows_listener_shape_is_kept_and_written_back(tmp_path):
+    """The demo's rows name their listener's audiogram shape; the report breaks down by it."""
+    path = _write_jsonl(tmp_path / "m.jsonl", [_row(0, listener_shape="flat"), _row(1)])
+    rows = read_manifest(path)
+    assert [r.listener_shape for r in rows] == ["flat", None]
+    back = read_manifest(write_manifest(tmp_path / "back.jsonl", rows))
+    assert [r.listener_shape for r in back] == ["flat", None]
+    assert "listener_shape" not in json.loads((tmp_path / "back.jsonl").read_text()
+                                               .splitlines()[1])
+    _write_jsonl(path, [_row(0, listener_shape=3)])
+    with pytest.raises(ValueError, match=r"m.jsonl:1 \(id '1'\): key 'listener_shape' must be a "
+                                         r"string, got 3"):
+        read_manifest(path)
+
+
 def test_write_then_read_round_trip(tmp_path):
     rows = [ManifestRow(id=f"r{i}", file_path=tmp_path / "audio" / f"c{i}.wav",
                         audiogram=np.asarray(AUDIOGRAM) + i, haaqi_score=0.25 * i,

@@ -17,6 +17,8 @@ Row keys:
   split        str, optional (train, valid, test_seen, test_unseen, ...).
   id           str or int, optional; defaults to the line number. Must be unique.
   distortion   str, optional free text used for per-distortion evaluation.
+  listener_shape  str, optional: the shape of the listener's audiogram (the demo's rows name
+               one of `haaqi_jax.data.listeners.LISTENER_SHAPES`); the report breaks down by it.
   channel      "left" or "right", optional: read that channel of a stereo file instead of the
                mean of its channels (a mono file's only channel serves either).
   group        str or int, optional: rows sharing a group land in the same split when the
@@ -38,7 +40,7 @@ import numpy as np
 from haaqi_jax.audiogram import validate_levels
 from haaqi_jax.files import write_atomic
 
-_OPTIONAL_TEXT_KEYS = ("split", "distortion")
+_OPTIONAL_TEXT_KEYS = ("split", "distortion", "listener_shape")
 #: Values of a row's `channel` key; the index is the channel read from a stereo file.
 CHANNELS = ("left", "right")
 #: HAAQI's two parts, in the order of `ManifestRow.haaqi_components` and of batch["components"].
@@ -62,6 +64,7 @@ class ManifestRow:
         row was built in code.
       channel: "left" or "right" (one channel of a stereo file), or None (the channel mean).
       group: rows with the same group are split together by `split_rows`, or None.
+      listener_shape: the shape of the listener's audiogram (e.g. "flat"), or None.
     """
 
     id: str
@@ -75,6 +78,7 @@ class ManifestRow:
     haaqi_components: tuple[float, float] | None = None
     channel: str | None = None
     group: str | None = None
+    listener_shape: str | None = None
 
     def __post_init__(self) -> None:
         levels = validate_levels(self.audiogram, where=f"row {self.id!r}: key 'audiogram'")
