@@ -1,0 +1,128 @@
+"""Float64 HAAQI on a backend without float64 (TPUs) runs on the host CPU; float32 does not.
+
+This machine has CPUs only, so the tests pretend to be a TPU host (`pretend_tpu_host`):
+`jax.default_backend()` says "tpu" and `jax.local_devices()` (no backend named) lists fake TPU
+devices that no computation can use, while the cpu backend stays real. float64 work must then
+run with a CPU device as JAX's default device, never touch the fake devices, and give exactly
+the numbers of an unpatched run; float32 work must keep to the (fake) accelerators.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from haaqi_jax.audiogram import Audiogram
+from haaqi_jax.haaqi import placement
+
+SLOPING = [10, 15, 20, 30, 40, 50, 60, 65]
+
+
+class FakeTPU:
+    """A TPU device as `jax.local_devices()` lists it; no array can be placed on it."""
+
+    platform = "tpu"
+
+    def __init__(self, index: int):
+        self.id = index
+
+    def memory_stats(self):
+        return {"bytes_limit": 16 * 2 ** 30}
+
+    def __repr__(self):
+        return f"FakeTPU({self.id})"
+
+
+def pretend_tpu_host(monkeypatch, count: int = 4) -> list[FakeTPU]:
+    """Makes this process look like a host with `count` TPUs and a CPU; returns the TPUs."""
+    real_local_devices = jax.local_devices
+    tpus = [FakeTPU(i) for i in range(count)]
+
+    def local_devices(process_index=None, backend=None, host_id=None):
+        if backend is None:
+            return list(tpus)
+        return real_local_devices(process_index, backend, host_id)
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    monkeypatch.setattr(jax, "local_devices", local_devices)
+    monkeypatch.setattr(jax, "local_device_count",
+                        lambda backend=None: len(local_devices(backend=backend)))
+    return tpus
+
+
+def spy_default_device(monkeypatch, module, name: str) -> list:
+    """Wraps module.name to record JAX's default device at each call."""
+    real = getattr(module, name)
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(jax.config.jax_default_device)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return seen
+
+
+CPU0 = jax.local_devices(backend="cpu")[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# The predicate and the devices
+
+
+@pytest.mark.parametrize("platform,native", [
+    ("cpu", True), ("gpu", True), ("cuda", True), ("rocm", True), ("GPU", True),
+    ("tpu", False), ("TPU", False), ("METAL", False), ("neuron", False), ("", False)])
+def test_computes_float64_by_platform(platform, native):
+    assert placement.computes_float64(platform) is native
+
+
+def test_float64_goes_to_the_host_cpu_only_where_the_backend_lacks_it(monkeypatch):
+    assert not placement.float64_on_host()                     # this CPU host
+    assert placement.compute_devices(np.float64) == jax.local_devices()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not placement.float64_on_host()
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert placement.float64_on_host()
+
+
+def test_compute_devices_on_a_tpu_host(monkeypatch):
+    tpus = pretend_tpu_host(monkeypatch)
+    assert placement.compute_devices(np.float32) == tpus
+    assert placement.compute_devices(jnp.float32) == tpus
+    cpus = placement.compute_devices(np.float64)
+    assert cpus and all(d.platform == "cpu" for d in cpus)
+    assert cpus == jax.local_devices(backend="cpu")
+    with placement.float64_placement():
+        assert jax.config.jax_default_device == CPU0
+        assert jnp.zeros(3).devices() == {CPU0}
+    assert jax.config.jax_default_device is None
+
+
+def test_float64_placement_changes_nothing_on_a_float64_backend():
+    with placement.float64_placement():
+        assert jax.config.jax_default_device is None
+
+
+def test_a_tpu_host_without_the_cpu_backend_names_the_fix(monkeypatch):
+    pretend_tpu_host(monkeypatch)
+
+    def no_cpu(process_index=None, backend=None, host_id=None):
+        if backend is None:
+            return [FakeTPU(0)]
+        raise RuntimeError(f"Unknown backend {backend}")
+
+    monkeypatch.setattr(jax, "local_devices", no_cpu)
+    message = (r"float64 runs on the host CPU here \(tpu has no float64\), but JAX's cpu "
+               r"backend is not available \(Unknown backend cpu\).*JAX_PLATFORMS=tpu,cpu.*"
+               r"dtype=float32")
+    with pytest.raises(ValueError, match=message):
+        placement.compute_devices(np.float64)
+    with pytest.raises(ValueError, match=message):
+        with placement.float64_placement():
+            pass
+    assert [d.platform for d in placement.compute_devices(np.float32)] == ["tpu"]
