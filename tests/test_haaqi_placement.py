@@ -126,3 +126,42 @@ def test_a_tpu_host_without_the_cpu_backend_names_the_fix(monkeypatch):
         with placement.float64_placement():
             pass
     assert [d.platform for d in placement.compute_devices(np.float32)] == ["tpu"]
+
+
+# ----------------------------------------------------------------------------------------------
+# One pair: haaqi_v1, compute_haaqi, ear_model.ear_model
+
+
+FS = 24000
+
+
+def _pair(seconds: float = 0.5, seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    t = np.arange(int(seconds * FS)) / FS
+    rng = np.random.default_rng(seed)
+    ref = 0.1 * sum(np.sin(2 * np.pi * 220 * h * t + h) / h for h in range(1, 6))
+    ref = ref * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    return ref, ref + 0.02 * rng.standard_normal(ref.size)
+
+
+def test_haaqi_v1_on_a_tpu_host_runs_on_the_cpu_and_gives_the_cpu_host_numbers(monkeypatch):
+    from haaqi_jax.haaqi import api
+    ref, proc = _pair()
+    audiogram = Audiogram(SLOPING)
+    np.random.seed(4)
+    want = api.haaqi_v1(ref, FS, proc, FS, audiogram, 1)
+    np.random.seed(4)
+    want_compute = api.compute_haaqi(proc, ref, FS, FS, audiogram)
+    state = np.random.get_state()[1].copy()
+
+    pretend_tpu_host(monkeypatch)
+    ear_calls = spy_default_device(monkeypatch, api, "_ear_and_loud_frames")
+    backend_calls = spy_default_device(monkeypatch, api, "_backend_jit")
+    np.random.seed(4)
+    got = api.haaqi_v1(ref, FS, proc, FS, audiogram, 1)
+    assert got == want                                    # the same floats, bit for bit
+    assert ear_calls == [CPU0] and backend_calls == [CPU0]
+    np.random.seed(4)
+    assert api.compute_haaqi(proc, ref, FS, FS, audiogram) == want_compute
+    assert ear_calls == [CPU0] * 2 and backend_calls == [CPU0] * 2
+    np.testing.assert_array_equal(np.random.get_state()[1], state)   # pyclarity's draws
+    assert jax.config.jax_default_device is None           # restored afterwards

@@ -27,6 +27,7 @@ from haaqi_jax.audiogram import (HAAQI_FREQUENCIES, STANDARD_FREQUENCIES, Audiog
                                  is_audiogram)
 from haaqi_jax.haaqi import backend
 from haaqi_jax.haaqi import ear_model
+from haaqi_jax.haaqi import placement
 from haaqi_jax.haaqi.backend import HAAQIResult
 from haaqi_jax.host_cpus import usable_cpu_count
 
@@ -197,6 +198,9 @@ def haaqi_v1(reference, reference_freq: float, processed, processed_freq: float,
              ) -> tuple[float, float, float, list[float]]:
     """HAAQI of one pair, as pyclarity's `haaqi_v1` computes it (float64).
 
+    Runs on JAX's default backend, or on the host CPU where that lacks float64 (TPUs:
+    `placement.float64_placement`), with the same results.
+
     Args:
       reference: (N,) clean reference. reference_freq: its sample rate, Hz.
       processed: (M,) processed signal. processed_freq: its sample rate, Hz.
@@ -248,7 +252,7 @@ def haaqi_v1(reference, reference_freq: float, processed, processed_freq: float,
         noises.append(noise)
     length = bucket_length(n)
     f = np.float64
-    with jax.enable_x64(True):
+    with jax.enable_x64(True), placement.float64_placement():
         args = (_pad(pair.reference_24k, length, f), _pad(pair.processed_24k, length, f),
                 np.int32(n), _cast_params(pair.params, f), _pad(noises[0], length, f),
                 _pad(noises[1], length, f), f(level1), f(silence_threshold))
@@ -274,7 +278,8 @@ def compute_haaqi(processed_signal, reference_signal, processed_sample_rate: flo
     """The combined HAAQI score, as pyclarity's `compute_haaqi` (note: processed first).
 
     An empty reference scores 1.0 when the processed signal is empty too and 0.0 otherwise (as
-    in pyclarity). Otherwise see `haaqi_v1`.
+    in pyclarity). Otherwise see `haaqi_v1` (float64; on the host CPU where JAX's default
+    backend lacks float64, e.g. on a TPU host).
     """
     if len(reference_signal) == 0:
         if len(processed_signal) == 0:
