@@ -165,3 +165,18 @@ def test_haaqi_v1_on_a_tpu_host_runs_on_the_cpu_and_gives_the_cpu_host_numbers(m
     assert ear_calls == [CPU0] * 2 and backend_calls == [CPU0] * 2
     np.testing.assert_array_equal(np.random.get_state()[1], state)   # pyclarity's draws
     assert jax.config.jax_default_device is None           # restored afterwards
+
+
+def test_ear_model_drop_in_on_a_tpu_host_runs_on_the_cpu(monkeypatch):
+    from haaqi_jax.haaqi import ear_model
+    ref, proc = _pair(0.3)
+    loss = np.array([10, 20, 30, 40, 50, 60.0])
+    np.random.seed(2)
+    want = ear_model.ear_model(ref, FS, proc, FS, loss, 1, 65.0)
+    pretend_tpu_host(monkeypatch)
+    calls = spy_default_device(monkeypatch, ear_model, "_core_jit")
+    np.random.seed(2)
+    got = ear_model.ear_model(ref, FS, proc, FS, loss, 1, 65.0)
+    assert calls == [CPU0]
+    for ours, theirs in zip(got, want):
+        np.testing.assert_array_equal(ours, theirs)

@@ -3,7 +3,8 @@
 Representation: each signal sits left-aligned in a buffer of static length N_max (24 kHz) with
 a traced valid length `n`; everything past `n` is zero on input and on output, every mean
 divides by `n`. The core is jit- and vmap-able and runs in float64 (agreement with pyclarity;
-use `jax.enable_x64`) or float32.
+use `jax.enable_x64`, and on a TPU, which has no float64, a CPU device:
+`placement.float64_placement`) or float32.
 
 Follows pyclarity 0.9.0's clarity.evaluator.haspi.eb.ear_model (translated from J. M. Kates's
 MATLAB code). pyclarity: MIT License, Copyright (c) 2022 The PyClarity Team.
@@ -41,6 +42,7 @@ import numpy as np
 import scipy.signal
 
 from haaqi_jax.haaqi import filters
+from haaqi_jax.haaqi import placement
 from haaqi_jax.haaqi import preprocess
 
 SAMPLE_RATE = preprocess.SAMPLE_RATE
@@ -562,7 +564,8 @@ def _core_jit(reference, processed, n, params, reference_noise, processed_noise,
 
 def ear_model(reference, reference_sr: float, processed, processed_sr: float, hearing_loss_6,
               equalisation: int, level1: float, reference_noise=None, processed_noise=None):
-    """Drop-in for pyclarity's eb.ear_model (float64): prepare on the host, run the core.
+    """Drop-in for pyclarity's eb.ear_model (float64): prepare on the host, run the core
+    (on the host CPU where JAX's default backend lacks float64: `placement.float64_placement`).
 
     Noise not given is drawn from numpy's global generator after all other work, reference
     first, as pyclarity does (so seeding np.random identically reproduces it).
@@ -589,7 +592,7 @@ def ear_model(reference, reference_sr: float, processed, processed_sr: float, he
         x = np.asarray(x, np.float64)
         return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n_max - n)])
 
-    with jax.enable_x64(True):
+    with jax.enable_x64(True), placement.float64_placement():   # the host CPU on a TPU host
         out = _core_jit(jnp.asarray(padded(pair.reference_24k)),
                         jnp.asarray(padded(pair.processed_24k)), jnp.asarray(n, jnp.int32),
                         jax.tree.map(jnp.asarray, pair.params),
