@@ -180,3 +180,82 @@ def test_ear_model_drop_in_on_a_tpu_host_runs_on_the_cpu(monkeypatch):
     assert calls == [CPU0]
     for ours, theirs in zip(got, want):
         np.testing.assert_array_equal(ours, theirs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches: haaqi_batch / score_prepared
+
+
+class _MeshBuilt(Exception):
+    """Raised by a stand-in for sharding.make_mesh: where the batch would have run."""
+
+    def __init__(self, devices, default_device):
+        super().__init__("mesh")
+        self.devices, self.default_device = list(devices), default_device
+
+
+def _stop_at_the_mesh(monkeypatch) -> None:
+    from haaqi_jax.train import sharding
+
+    def make_mesh(devices=None):
+        raise _MeshBuilt(devices, jax.config.jax_default_device)
+
+    monkeypatch.setattr(sharding, "make_mesh", make_mesh)
+
+
+def _batch(count: int = 2):
+    pairs = [_pair(0.5, seed) for seed in range(count)]
+    return (np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]),
+            np.asarray([SLOPING] * count, dtype=float))
+
+
+def test_float32_batch_on_a_tpu_host_keeps_to_the_accelerators(monkeypatch):
+    from haaqi_jax.haaqi import api
+    tpus = pretend_tpu_host(monkeypatch)
+    _stop_at_the_mesh(monkeypatch)
+    ref, proc, levels = _batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                     # and no warning about the CPU
+        with pytest.raises(_MeshBuilt) as built:
+            api.haaqi_batch(ref, proc, FS, levels, dtype=jnp.float32)
+    assert built.value.devices == tpus and built.value.default_device is None
+
+
+def test_float64_batch_on_a_tpu_host_goes_to_the_host_cpu_with_a_warning(monkeypatch):
+    from haaqi_jax.haaqi import api
+    pretend_tpu_host(monkeypatch)
+    _stop_at_the_mesh(monkeypatch)
+    ref, proc, levels = _batch()
+    with pytest.warns(UserWarning, match=r"^HAAQI in float64 runs on the host CPU \(1 "
+                                         r"device\) as tpu has no float64.*dtype=float32"):
+        with pytest.raises(_MeshBuilt) as built:
+            api.haaqi_batch(ref, proc, FS, levels, dtype=jnp.float64)
+    assert built.value.devices == jax.local_devices(backend="cpu")
+
+
+def test_float64_batch_on_a_float64_backend_does_not_warn(monkeypatch):
+    from haaqi_jax.haaqi import api
+    _stop_at_the_mesh(monkeypatch)
+    ref, proc, levels = _batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(_MeshBuilt) as built:
+            api.haaqi_batch(ref, proc, FS, levels, dtype=jnp.float64)
+    assert built.value.devices == jax.local_devices() and built.value.default_device is None
+
+
+def test_float64_batch_on_a_tpu_host_gives_the_cpu_host_numbers(monkeypatch):
+    """The whole float64 batch, fake TPUs listed: no array may reach them (a Mesh over them
+    fails), every call runs with the CPU as default device, and the floats are a CPU host's."""
+    from haaqi_jax.haaqi import api
+    ref, proc, levels = _batch(3)
+    keys = jax.random.split(jax.random.PRNGKey(5), 3)
+    want = api.haaqi_batch(ref, proc, FS, levels, key=keys, dtype=jnp.float64, chunk=2)
+    pretend_tpu_host(monkeypatch)
+    calls = spy_default_device(monkeypatch, api, "_batch_core")
+    with pytest.warns(UserWarning, match="float64 runs on the host CPU"):
+        got = api.haaqi_batch(ref, proc, FS, levels, key=keys, dtype=jnp.float64, chunk=2)
+    assert calls == [CPU0, CPU0]                          # 2 chunks of 2
+    for field in ("combined", "nonlinear", "linear", "cephigh", "bmsync5", "d_loud", "d_norm"):
+        np.testing.assert_array_equal(np.asarray(getattr(got, field)),
+                                      np.asarray(getattr(want, field)), err_msg=field)

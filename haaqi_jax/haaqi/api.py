@@ -14,9 +14,11 @@ MIT License, Copyright (c) 2022 The PyClarity Team.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import math
+import warnings
 from typing import Sequence
 
 import jax
@@ -471,13 +473,16 @@ def score_prepared(pairs: Sequence[ear_model.PreparedPair], *, key=None, dtype=j
     """Scores prepared pairs (from `prepare_batch` or `ear_model.prepare_pair`).
 
     Items are padded to one bucketed length and scored `chunk` at a time by one compiled
-    function (vmap over items), split over the local devices on a 'data' mesh.
+    function (vmap over items), split over the local devices on a 'data' mesh. float64 where
+    JAX's default backend lacks it (TPUs) runs on the host's CPU devices instead, with a
+    warning (`placement.compute_devices`); float32 always runs on the default backend.
 
     Args:
       pairs: B prepared pairs (trimmed lengths >= 384).
       key: PRNG key for the threshold noise (default PRNGKey(0)); item i uses fold_in(key, i),
         or key[i] when `key` holds B keys.
-      dtype: jnp.float32 or jnp.float64 (the latter computes under jax.enable_x64).
+      dtype: jnp.float32 or jnp.float64 (the latter computes under jax.enable_x64, on the
+        host CPU on a TPU host).
       chunk: at most this many items per device call (chunks are balanced, then rounded up to
         a multiple of the device count); default from `default_chunking` (a fixed budget on
         CPU, a share of device memory on accelerators).
@@ -490,8 +495,9 @@ def score_prepared(pairs: Sequence[ear_model.PreparedPair], *, key=None, dtype=j
 
     Raises:
       ValueError: no pairs, a dtype other than float32 / float64, a chunk that is not a
-        positive whole number, a key that is neither one PRNG key nor B of them, or a pair
-        trimmed to fewer than 384 samples (16 ms).
+        positive whole number, a key that is neither one PRNG key nor B of them, a pair
+        trimmed to fewer than 384 samples (16 ms), or float64 on a backend without it when JAX
+        runs without its cpu backend.
     """
     from haaqi_jax.train import sharding
     from tqdm.auto import tqdm
@@ -506,7 +512,15 @@ def score_prepared(pairs: Sequence[ear_model.PreparedPair], *, key=None, dtype=j
     for i, n in enumerate(lengths):
         _check_length(int(n), f"item {i}")
     length = bucket_length(int(lengths.max()))
-    devices = jax.local_devices()
+    devices = placement.compute_devices(dtype)
+    on_host = dtype == np.float64 and placement.float64_on_host()
+    if on_host:
+        warnings.warn(f"HAAQI in float64 runs on the host CPU ({len(devices)} device"
+                      f"{'s' if len(devices) > 1 else ''}) as {jax.default_backend()} has no "
+                      f"float64, much slower than the accelerators; dtype=float32 keeps the "
+                      f"work on them", stacklevel=2)
+        if isinstance(key, jax.Array):      # a key committed to an accelerator comes along
+            key = jax.device_put(key, devices[0])
     n_dev = len(devices)
     auto_chunk, auto_bands = default_chunking(length, devices, dtype)
     if chunk is not None and (not isinstance(chunk, (int, np.integer)) or chunk < 1):
@@ -518,7 +532,8 @@ def score_prepared(pairs: Sequence[ear_model.PreparedPair], *, key=None, dtype=j
     place = sharding.batch_sharding(mesh)
     show = n_chunks > 1 if progress is None else progress
 
-    with jax.enable_x64(dtype == np.float64):
+    with jax.enable_x64(dtype == np.float64), (
+            jax.default_device(devices[0]) if on_host else contextlib.nullcontext()):
         keys = _item_keys(key, batch)
         outputs = []
         for c in tqdm(range(n_chunks), desc="HAAQI", unit="chunk", disable=not show):
@@ -560,6 +575,8 @@ def haaqi_batch(reference, processed, sample_rate: float, audiogram_levels,
       lengths: (B,) true lengths (default N).
       key: PRNG key for the IHC threshold noise (default PRNGKey(0)); or B per-item keys.
       dtype: jnp.float32 (fast) or jnp.float64 (agrees with `haaqi_v1` given the same noise).
+        TPUs have no float64: there float64 runs on the host's CPU devices, with a warning
+        (same scores as a CPU host's, at CPU speed); float32 runs on the TPUs.
       chunk: items per device call (default: `default_chunking`, memory bound); progress: a
         progress bar over chunks.
 
