@@ -955,3 +955,58 @@ def test_a_short_last_batch_keeps_the_full_batches_call_shape(tmp_path, monkeypa
     label_mod.label_manifest(manifest, tmp_path / "labels.jsonl", batch_size=8, progress=False)
     assert call_items == [4, 4, 4], call_items
     assert len(_read_jsonl(tmp_path / "labels.jsonl")) == 11
+
+
+def _two_row_manifest(root: Path) -> Path:
+    rng = np.random.default_rng(8)
+    rows = []
+    for i in range(2):
+        ref = _music(rng, N, SR, 247.0 + 30 * i)
+        _write(root / f"r{i}.wav", ref)
+        _write(root / f"p{i}.wav", _degrade(rng, ref, 10.0))
+        rows.append({"id": f"x{i}", "reference": f"r{i}.wav", "processed": f"p{i}.wav",
+                     "audiogram": SLOPING})
+    return _write_jsonl(root / "m.jsonl", rows)
+
+
+def test_float64_labels_on_a_tpu_host_run_on_the_host_cpu(tmp_path, monkeypatch):
+    """TPUs have no float64: `--dtype float64` there labels on the host CPU, sized for it (8
+    items per call, not 64 per TPU), warns once, and writes a CPU host's labels; none of the
+    (fake) TPUs is touched (a Mesh over them would fail)."""
+    import jax
+    from haaqi_jax.haaqi import api
+    from test_haaqi_placement import CPU0, pretend_tpu_host, spy_default_device
+    manifest = _two_row_manifest(tmp_path)
+    label_mod.label_manifest(manifest, tmp_path / "cpu_host.jsonl", dtype="float64",
+                             progress=False)
+    tpus = pretend_tpu_host(monkeypatch)
+    assert label_mod.default_batch_size(jax.local_devices()) == 64 * len(tpus)
+    calls = spy_default_device(monkeypatch, api, "_batch_core")
+    real_score = api.score_prepared
+    scored = []
+
+    def counting(pairs, **kwargs):
+        scored.append(len(pairs))
+        return real_score(pairs, **kwargs)
+
+    monkeypatch.setattr(api, "score_prepared", counting)
+    with pytest.warns(UserWarning, match="float64 runs on the host CPU .* as tpu has no float64"):
+        label_mod.label_manifest(manifest, tmp_path / "tpu_host.jsonl", dtype="float64",
+                                 progress=False)
+    assert scored == [8] and calls == [CPU0]     # one call of the CPU's default batch size
+    want = {r["id"]: r for r in _read_jsonl(tmp_path / "cpu_host.jsonl")}
+    got = {r["id"]: r for r in _read_jsonl(tmp_path / "tpu_host.jsonl")}
+    assert sorted(got) == ["x0", "x1"]
+    for row_id, row in got.items():
+        assert row["per_ear"] == want[row_id]["per_ear"] and row["haaqi"] == want[row_id]["haaqi"]
+
+
+def test_float32_labels_on_a_tpu_host_keep_to_the_accelerators(tmp_path, monkeypatch):
+    from test_haaqi_placement import _MeshBuilt, _stop_at_the_mesh, pretend_tpu_host
+    manifest = _two_row_manifest(tmp_path)
+    tpus = pretend_tpu_host(monkeypatch)
+    _stop_at_the_mesh(monkeypatch)
+    with pytest.raises(_MeshBuilt) as built:
+        label_mod.label_manifest(manifest, tmp_path / "l.jsonl", dtype="float32",
+                                 progress=False)
+    assert built.value.devices == tpus

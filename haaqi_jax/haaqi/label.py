@@ -630,8 +630,6 @@ def _score_with_api(items: list[_Item], prepared: list, size: int, sample_rate: 
     """haaqi_jax.haaqi.api: `prepare_batch` (done by `_prepare_with_api`) reports bad items one
     by one, `score_prepared` scores the good ones, padded to `size` items so that every call
     has the same shape."""
-    import jax
-
     from haaqi_jax.haaqi import api
     keys = np.stack([it.key for it in items])
     errors = {i: reason.removeprefix(f"item {i}: ")
@@ -646,7 +644,7 @@ def _score_with_api(items: list[_Item], prepared: list, size: int, sample_rate: 
         # of `rows` uses: the same compiled shape, and no call that scores copies alone (a
         # long pair on a CPU goes one item per call: a lone 60 s pair was scored 8 times).
         length = api.bucket_length(max(prepared[i][0].n for i in chosen))
-        devices = jax.local_devices()
+        devices = metric_devices(settings, None)
         auto = api.default_chunking(length, devices, np.dtype(settings.dtype))[0]
         per_call = api.balanced_chunk(rows, auto, len(devices))
         rows = min(rows, -(-len(chosen) // per_call) * per_call)
@@ -977,6 +975,18 @@ def _check_settings(done: Sequence[dict[str, Any]], settings: LabelSettings, pat
                              f"settings or write to a new --out")
 
 
+def metric_devices(settings: LabelSettings, scorer: Scorer | None) -> list[Any]:
+    """The local devices the metric runs on: for the built-in one those of
+    `placement.compute_devices` (the host's CPU devices for float64 where the default backend
+    lacks it, e.g. on a TPU host), for a custom `scorer` all local devices."""
+    import jax
+
+    from haaqi_jax.haaqi import placement
+    if scorer is not None:
+        return list(jax.local_devices())
+    return placement.compute_devices(np.dtype(settings.dtype))
+
+
 def default_batch_size(devices: Sequence[Any]) -> int:
     """Items per metric call when none is given: 8 on CPU (memory is shared with the host and
     the metric is compute bound there), 64 per accelerator (a GPU fills only with many clips
@@ -1002,14 +1012,16 @@ def label_manifest(manifest_path: str | os.PathLike, out_path: str | os.PathLike
       errors_path: JSONL of failed rows (id, line, stage, reason); default OUT.errors.jsonl.
         Rows in it are tried again (a file may have been fixed); a file that holds other rows
         (a labels file given by mistake) is refused, not overwritten.
-      batch_size: HAAQI items (ears) per metric call, rounded up to a multiple of
-        jax.local_device_count() (and to at least one row's ears); every call has this shape.
-        Default `default_batch_size()`: 8 on CPU, 64 per accelerator.
+      batch_size: HAAQI items (ears) per metric call, rounded up to a multiple of the
+        metric's device count (`metric_devices`; and to at least one row's ears); every call
+        has this shape. Default `default_batch_size()`: 8 on CPU, 64 per accelerator.
       equalisation: 1 (NAL-R applied to the reference) or 2 (reference already amplified).
       level1: dB SPL of RMS 1, or "cadenza" (65 - 20 log10 rms(reference), per ear); a row's own
         `level1` wins.
       ears: "average" (every ear the row has, combined scores averaged), "left" or "right".
-      dtype: "float32" or "float64" (the metric's compute precision).
+      dtype: "float32" or "float64" (the metric's compute precision). TPUs have no float64:
+        there "float64" labels on the host's CPU devices, at CPU speed and batch size, with a
+        warning, and writes a CPU host's labels; "float32" labels on the TPUs.
       seed: threshold-noise seed; each row's ears fold in a hash of its id (see `item_key`).
       limit: label only the first `limit` rows of the manifest.
       scorer: a `haaqi_batch`-compatible metric to use instead of haaqi_jax.haaqi.api (whose
@@ -1023,13 +1035,11 @@ def label_manifest(manifest_path: str | os.PathLike, out_path: str | os.PathLike
       LabelSummary. Raises ValueError for bad arguments, an unreadable manifest, or an output
       written with other settings; per-row problems never raise (they go to the errors file).
     """
-    import jax
-
     start = time.perf_counter()
     settings = LabelSettings(equalisation, level1 if isinstance(level1, str) else float(level1),
                              ears, dtype, int(seed))
     if batch_size is None:
-        batch_size = default_batch_size(jax.local_devices())
+        batch_size = default_batch_size(metric_devices(settings, scorer))
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
@@ -1061,7 +1071,6 @@ def _label_rows(manifest_path, out_path: Path, errors_path: Path, batch_size: in
                 settings: LabelSettings, limit: int | None, scorer: Scorer | None,
                 progress: bool, manifest_out, start: float) -> LabelSummary:
     """`label_manifest` after its arguments are checked, with OUT locked."""
-    import jax
     from tqdm.auto import tqdm
 
     done_labels = _read_done(out_path)
@@ -1103,7 +1112,7 @@ def _label_rows(manifest_path, out_path: Path, errors_path: Path, batch_size: in
     # Rows that failed before are tried again (a file may have been fixed since): their old
     # entries go, and a row that fails again is written anew.
     failed_before = {str(o["id"]) for o in previous_errors} - done
-    devices = jax.local_device_count()
+    devices = len(metric_devices(settings, scorer))
     widest = max((len(p[2]) for p in probed), default=1)
     size = -(-max(batch_size, widest) // devices) * devices
     batches = [b for b in _plan(probed, size) if any(r.key not in done for r in b.rows)]
@@ -1199,7 +1208,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="score both ears and average (default), or one ear")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
                         help="metric precision (default float32; float64 labels do not move "
-                             "with their batch)")
+                             "with their batch, and run on the host CPU on a TPU host, which "
+                             "has no float64)")
     parser.add_argument("--seed", type=int, default=0, help="threshold-noise seed (default 0)")
     parser.add_argument("--limit", type=positive_int, default=None,
                         help="label only the first N manifest rows")
