@@ -9,6 +9,7 @@ MODULES = [
     "haaqi_jax.model", "haaqi_jax.student", "haaqi_jax.losses", "haaqi_jax.config",
     "haaqi_jax.distill", "haaqi_jax.predict", "haaqi_jax.evaluate", "haaqi_jax.cli",
     "haaqi_jax.haaqi.api", "haaqi_jax.haaqi.label", "haaqi_jax.haaqi.score_cli",
+    "haaqi_jax.haaqi.placement",
     "haaqi_jax.data.manifest", "haaqi_jax.data.audio", "haaqi_jax.data.pipeline",
     "haaqi_jax.data.cache", "haaqi_jax.data.demo", "haaqi_jax.train.loop",
     "haaqi_jax.train.checkpoint",

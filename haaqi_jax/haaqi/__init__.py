@@ -3,7 +3,8 @@ batched, jit-compiled `haaqi_batch`.
 
 Modules: preprocess (host-side resampling, alignment, trim, NAL-R), filters (linear recursions),
 ear_model (the cochlear model), backend (features and scores), api (the public functions),
-score_cli / label (the `haaqi-jax score` / `label` subcommands). Names below import lazily.
+placement (float64 work on the host CPU where the backend lacks float64: TPUs), score_cli /
+label (the `haaqi-jax score` / `label` subcommands). Names below import lazily.
 """
 
 from __future__ import annotations
