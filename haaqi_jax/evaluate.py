@@ -223,7 +223,9 @@ def _fmt(x: Any) -> str:
 
 
 #: What the scatter plot can colour its points by.
-COLOR_BY = ("split", "distortion")
+COLOR_BY = ("split", "distortion", "hearing_loss")
+#: The scatter's group of records without an audiogram, under color_by="hearing_loss".
+NO_AUDIOGRAM = "no audiogram"
 
 
 def check_color_by(color_by: str, what: str = "color_by") -> None:
@@ -237,13 +239,20 @@ SCATTER_MARKERS = "os^D"
 
 def scatter_plot(records: Sequence[Mapping[str, Any]], path: Path, color_by: str = "split"
                  ) -> Path:
-    """Predicted vs true HAAQI, one colour per value of `color_by` ('split' | 'distortion')."""
+    """Predicted vs true HAAQI, one colour per value of `color_by` ('split' | 'distortion' |
+    'hearing_loss': the WHO grades mildest first, then the clips without an audiogram)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     check_color_by(color_by)
-    groups = sorted({r[color_by] for r in records})
+    if color_by == "hearing_loss":
+        grades = hearing_loss_of_records(records)
+        records = [{**r, "hearing_loss": g or NO_AUDIOGRAM} for r, g in zip(records, grades)]
+        present = {r["hearing_loss"] for r in records}
+        groups = [g for g in HEARING_LOSS_GRADES + (NO_AUDIOGRAM,) if g in present]
+    else:
+        groups = sorted({r[color_by] for r in records})
     many = len(groups) > 10                   # e.g. the demo's 26 distortions
     fig, ax = plt.subplots(figsize=(8.5 if many else 5.5, 5), dpi=120)
     cmap = plt.get_cmap("tab20" if many else "tab10")

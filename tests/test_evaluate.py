@@ -478,3 +478,26 @@ def test_report_breaks_down_by_listener_shape_when_rows_name_it(tmp_path):
              "prediction": 0.1 * i} for i in range(4)]
     evaluate.write_report(bare, tmp_path)
     assert json.loads((tmp_path / "metrics.json").read_text())["by_listener_shape"] == {}
+
+
+def test_a_scatter_coloured_by_hearing_loss_lists_the_grades_mildest_first(tmp_path,
+                                                                            monkeypatch):
+    """`color_by="hearing_loss"` (report.color_by, --color-by): one colour per WHO grade in
+    the legend, mildest first (not alphabetical: "complete" would lead), each with its count,
+    and the clips without an audiogram as a group of their own, last."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(11)
+    rows, pta = _listener_rows(rng)
+    records = evaluate.prediction_records(rows, rng.uniform(size=len(rows)), "test")
+    monkeypatch.setattr(plt, "close", lambda *a, **k: None)
+    evaluate.scatter_plot(records, tmp_path / "s.png", color_by="hearing_loss")
+    (ax,) = plt.gcf().axes
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    counts = [((pta >= low) & (pta < high)).sum() for _, low, high in WHO_2021_GRADES]
+    assert legend == [f"{name} ({n})" for (name, _, _), n in zip(WHO_2021_GRADES, counts)
+                      if n] + [f"no audiogram ({np.isnan(pta).sum()})"]
+    plt.close("all")
+    evaluate.check_color_by("hearing_loss")
