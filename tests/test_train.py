@@ -100,10 +100,11 @@ def test_tiny_config_trains_and_reports(straight_run, tiny):
     assert saved["train"]["num_epochs"] == 2 and saved["model"]["encoder_kind"] == "fbank_patches"
     rep = r.report_dir
     for name in ("metrics.json", "table.md", "table.csv", "predictions.csv", "examples.json",
-                 "scatter.png", "by_distortion.png", "training.json", "curves.png",
-                 "manifest.jsonl"):
+                 "scatter.png", "by_distortion.png", "by_hearing_loss.png", "training.json",
+                 "curves.png", "manifest.jsonl"):
         assert (rep / name).is_file(), name
     metrics = json.loads((rep / "metrics.json").read_text())
+    assert sum(g["n"] for g in metrics["by_hearing_loss"].values()) == metrics["overall"]["n"]
     assert set(metrics["by_split"]) == {"valid", "test_seen", "test_unseen"}
     assert set(metrics["by_distortion"]) == {"noise", "clipping"}
     summary = json.loads((rep / "training.json").read_text())
@@ -500,7 +501,8 @@ def test_relabelled_manifest_is_refused_on_resume(tiny, tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("report.color_by=distortionn",
-     r"report.color_by must be one of \('split', 'distortion'\), got 'distortionn'"),
+     r"report.color_by must be one of \('split', 'distortion', 'hearing_loss'\), got "
+     r"'distortionn'"),
     ("train.num_epochs=-1", r"train.num_epochs must be a whole number >= 0, got -1"),
     ("train.batch_size=0", r"train.batch_size must be a whole number >= 1, got 0"),
     ("data.demo_seconds=(1.0, 2.0, 3.0)", r"data.demo_seconds must be \(shortest, longest\)"),
