@@ -313,16 +313,18 @@ def _per_layer(per_token: jax.Array, predictions: Mapping[str, jax.Array],
                                                        batch["weight"].astype(jnp.float32))
 
 
-def _cosine(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Array:
-    """Cosine similarity over the last axis (torch.nn.functional.cosine_similarity's eps).
+def _safe_norm(x: jax.Array, eps: float = 1e-8) -> jax.Array:
+    """(...) Euclidean norm over the last axis, at least eps, as sqrt(max(|x|^2, eps^2)): the
+    same value as max(|x|, eps), but a zero vector (e.g. a padded token of an encoder's input
+    layer) gets a zero gradient through it instead of 0/0 = NaN, which a mask multiplying the
+    loss afterwards would not remove."""
+    return jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1), eps * eps))
 
-    Each norm is sqrt(max(|x|^2, eps^2)), not max(|x|, eps): the same value, but a zero
-    vector (e.g. a padded token of an encoder's input layer) gets a zero gradient through its
-    norm instead of 0/0 = NaN, which a mask multiplying the loss afterwards would not remove.
-    """
-    def safe_norm(x):
-        return jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1), eps * eps))
-    return (a * b).sum(-1) / (safe_norm(a) * safe_norm(b))
+
+def _cosine(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Array:
+    """Cosine similarity over the last axis (torch.nn.functional.cosine_similarity's eps,
+    `_safe_norm`)."""
+    return (a * b).sum(-1) / (_safe_norm(a, eps) * _safe_norm(b, eps))
 
 
 def _distill_result(name: str, terms: jax.Array, layer_weights) -> tuple[jax.Array, dict]:
@@ -382,6 +384,40 @@ def cosine(predictions, batch, *, layer_weights=None):
     student, teacher = _targets(predictions)
     return _distill_result("cosine", _per_layer(1.0 - _cosine(student, teacher), predictions,
                                                 batch), layer_weights)
+
+
+@register_loss("info_nce")
+def info_nce(predictions, batch, *, temperature: float = 0.1, layer_weights=None):
+    """Frame-contrastive distillation (InfoNCE, van den Oord et al. 2018, "Representation
+    Learning with Contrastive Predictive Coding"; in distillation as in Tian et al., ICLR 2020,
+    "Contrastive Representation Distillation"), per target layer and item:
+
+        -log softmax_u(cos(s_t, t_u) / temperature)[u = t]
+
+    for each valid student frame s_t against the item's valid teacher frames t_u: a frame must
+    be closer to its own teacher frame than to the clip's other frames. Unlike l1 / cosine it
+    asks only for the teacher's relative geometry over time, not its values. Per-token terms
+    are averaged as the other losses (valid tokens, then the weighted mean over items); layers
+    are summed (optionally weighted). Costs (B, K, T, T) logits: 24 MB at B = 8, K = 3, 10 s.
+
+    Args:
+      temperature: > 0; smaller sharpens the softmax (0.1 is CRD's and SimCLR's usual order).
+    Returns (loss, {"info_nce_k"}).
+    """
+    if not temperature > 0:                # its type: checked by get_loss
+        raise ValueError(f"info_nce: temperature must be a number > 0, got {temperature!r}")
+    student, teacher = _targets(predictions)                                    # (B, K, T, C)
+    unit = lambda x: x / _safe_norm(x)[..., None]
+    logits = jnp.einsum("bktc,bkuc->bktu", unit(student), unit(teacher)) / temperature
+    valid = predictions["frame_mask"].astype(bool)                              # (B, T)
+    # Padded teacher frames are no candidates; half the lowest float keeps every value finite
+    # (an item of padding alone included), so the masked mean's zeros stay zeros.
+    logits = jnp.where(valid[:, None, None, :], logits, jnp.finfo(logits.dtype).min / 2)
+    own = jnp.diagonal(logits, axis1=-2, axis2=-1)                              # (B, K, T)
+    per_token = jax.nn.logsumexp(logits, axis=-1) - own
+    per_token = jnp.where(valid[:, None, :], per_token, 0.0)
+    return _distill_result("info_nce", _per_layer(per_token, predictions, batch),
+                           layer_weights)
 
 
 #: The sub-losses of a distillation objective and the loss each defaults to.

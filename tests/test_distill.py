@@ -69,6 +69,9 @@ TORCH_TERMS = {
     "cosine": lambda s, t: (1 - F.cosine_similarity(s, t, dim=-1)).mean(),
     "l1_cosine": lambda s, t: F.l1_loss(s, t) - 0.5 * F.logsigmoid(
         F.cosine_similarity(s, t, dim=-1)).mean(),
+    # Each valid student frame classifies its own teacher frame among the item's valid ones.
+    "info_nce": lambda s, t: F.cross_entropy(
+        F.cosine_similarity(s[:, None], t[None], dim=-1) / 0.1, torch.arange(len(s))),
 }
 
 
@@ -114,10 +117,25 @@ def test_filler_items_and_padding_do_not_count():
     noise[2] += 100.0                      # the weight-0 item
     noise[1, :, 3:] += 100.0               # padded tokens of item 1
     changed["student_layers"] = jnp.asarray(noise)
+    teacher = np.asarray(predictions["teacher_layers"]).copy()
+    teacher[1, :, 3:] = np.asarray(predictions["student_layers"])[1, :, :3].mean(1)[:, None]
+    changed["teacher_layers"] = jnp.asarray(teacher)  # padded teacher frames: no candidates
     for name in TORCH_TERMS:
         a, _ = losses.get_loss(name)(predictions, batch)
         b, _ = losses.get_loss(name)(changed, batch)
         assert float(a) == pytest.approx(float(b), rel=1e-6), name
+
+
+def test_info_nce_temperature_must_be_positive():
+    predictions, batch, _ = _inputs()
+    for bad in (0.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"info_nce: temperature must be a number > 0"):
+            losses.get_loss("info_nce", temperature=bad)(predictions, batch)
+    for bad in (True, "0.1"):
+        with pytest.raises(ValueError, match=r"keyword 'temperature' takes a number"):
+            losses.get_loss("info_nce", temperature=bad)(predictions, batch)
+    sharp, _ = losses.get_loss("info_nce", temperature=0.05)(predictions, batch)
+    assert np.isfinite(float(sharp))
 
 
 def test_distill_weighted_and_uncertainty():
