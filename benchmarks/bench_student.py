@@ -14,6 +14,9 @@ Target: whole model <= 0.25. `--batch B` times forwards of B clips instead (per 
 batched evaluation runs them. Like the `haaqi-jax` CLI and train.py, it first calls
 `haaqi_jax.host_memory.keep_freed_memory()` (XLA's scratch reused, not page-faulted afresh).
 
+--head-pieces times the released head's pieces alone (same shapes, interleaved): what the
+head costs at the least when each piece runs as fast as XLA runs it alone.
+
 --train-step B times one distillation step at batch B x `--seconds` (released sizes): the
 step that runs the teacher vs the step on cached targets (`distill.cache_targets`), interleaved.
 
@@ -83,6 +86,38 @@ def _breakdown(teacher, student, seconds: float, repeats: int) -> dict[str, dict
     return {k: {"min": float(np.min(v)), "median": float(np.median(v))} for k, v in runs.items()}
 
 
+def _head_pieces(tokens: int, repeats: int) -> dict[str, dict[str, float]]:
+    """min / median seconds of the released head's pieces on one clip of `tokens` tokens,
+    interleaved: what the head (shared by teacher and student) costs at the least."""
+    from haaqi_jax import attention as attention_lib
+    from haaqi_jax import distill as distill_lib
+    from haaqi_jax.head import HeadConfig, lstm_recurrence
+
+    cfg = HeadConfig()
+    rng = np.random.default_rng(0)
+    arr = lambda *shape: jnp.asarray(0.05 * rng.standard_normal(shape), jnp.float32)
+    hidden, heads = cfg.lstm_hidden, cfg.num_heads
+    width = cfg.adapter_dim + cfg.audiogram_dim
+    features, adapter = arr(1, tokens, 768), arr(768, cfg.adapter_dim)
+    lstm_in, gates_in = arr(1, tokens, width), arr(width, 2 * 4 * hidden)   # both directions
+    gates, recurrent = arr(2, 1, tokens, 4 * hidden), arr(2, hidden, 4 * hidden)
+    lstm_out, dense = arr(1, tokens, 2 * hidden), arr(2 * hidden, cfg.dense_dim)
+    dense_out, query_key = arr(1, tokens, cfg.dense_dim), arr(cfg.dense_dim, 2 * cfg.dense_dim)
+    q = arr(1, heads, tokens, cfg.dense_dim // heads)
+    v = arr(1, heads, tokens, 1)                      # the folded readout: one value per head
+    mask = jnp.ones((1, tokens), bool)
+    fns = {"adapter": (jax.jit(lambda x, w: x @ w), (features, adapter)),
+           "lstm_input": (jax.jit(lambda x, w: x @ w), (lstm_in, gates_in)),
+           "lstm_recurrence": (jax.jit(lstm_recurrence), (gates, recurrent)),
+           "dense": (jax.jit(lambda x, w: jax.nn.relu(x @ w)), (lstm_out, dense)),
+           "query_key": (jax.jit(lambda x, w: x @ w), (dense_out, query_key)),
+           "attention_core": (jax.jit(lambda q, v, m: attention_lib.attend(q, q, v, m)),
+                              (q, v, mask))}
+    jobs = {name: (lambda f=f, a=a: f(*a)) for name, (f, a) in fns.items()}
+    runs = distill_lib.interleaved_runs(jobs, repeats)
+    return {k: {"min": float(np.min(v)), "median": float(np.median(v))} for k, v in runs.items()}
+
+
 def _train_steps(teacher, student, pred_params, batch_size: int, seconds: float,
                  repeats: int) -> dict[str, dict[str, float]]:
     """min / median seconds of a distillation step with and without cached targets."""
@@ -135,6 +170,9 @@ def main(argv=None) -> int:
                         help="one relative-position table for all student layers")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time fbank, front end, tables, one layer, pos conv, head")
+    parser.add_argument("--head-pieces", action="store_true",
+                        help="also time the head's pieces (adapter, LSTM input projection, "
+                             "recurrence, dense, query/key projection, attention core)")
     parser.add_argument("--train-step", type=int, default=0, metavar="B",
                         help="also time a distillation step at batch B, with the teacher vs "
                              "on cached targets")
@@ -188,6 +226,14 @@ def main(argv=None) -> int:
             need = 3 * shared + (4 * n_tables - 1) * m["position_table"]
             print(f"ratio <= 0.25 needs 3 x (fbank + front end + head) + {4 * n_tables - 1} x "
                   f"table <= pos conv: {1e3 * need:.1f} <= {1e3 * m['pos_conv']:.1f} ms")
+    if args.head_pieces:
+        frames = 1 + (int(args.seconds * 16000) - 400) // 160    # 25 ms windows, 10 ms hop
+        tokens = 8 * (frames // 16)                    # 16-frame patches x 8 mel patches
+        parts = _head_pieces(tokens, args.repeats)
+        print(f"head pieces at {tokens} tokens (min / median ms):")
+        for k, v in parts.items():
+            print(f"  {k:<15} {1e3 * v['min']:8.2f} {1e3 * v['median']:8.2f}")
+        print(f"  sum of minima   {1e3 * sum(v['min'] for v in parts.values()):8.2f}")
     if args.train_step:
         steps = _train_steps(teacher, student, pred_params, args.train_step, args.seconds,
                              max(3, args.repeats // 3))
