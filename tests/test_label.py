@@ -929,20 +929,27 @@ def test_a_lone_long_pair_is_not_scored_as_a_full_batch_of_copies(tmp_path, monk
     assert 0.0 < row["haaqi"] < 1.0
 
 
+def _pairs_manifest(root: Path, count: int, *, seed: int, base_hz: float,
+                    step_hz: float) -> Path:
+    """root/m.jsonl of `count` rows x0, x1, ...: music at base_hz + i * step_hz and its
+    10 dB SNR degradation, for the sloping audiogram."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(count):
+        ref = _music(rng, N, SR, base_hz + step_hz * i)
+        _write(root / f"r{i}.wav", ref)
+        _write(root / f"p{i}.wav", _degrade(rng, ref, 10.0))
+        rows.append({"id": f"x{i}", "reference": f"r{i}.wav", "processed": f"p{i}.wav",
+                     "audiogram": SLOPING})
+    return _write_jsonl(root / "m.jsonl", rows)
+
+
 def test_a_short_last_batch_keeps_the_full_batches_call_shape(tmp_path, monkeypatch):
     """The last batch of a length group is padded to whole calls of the size a full batch's
     calls have: 8 rows at 5 items per call go as two calls of 4, so 3 leftover rows go as one
     call of 4 (a call of 5 would compile a shape of its own, ~10 s; 8 would be 2 calls)."""
     from haaqi_jax.haaqi import api
-    rng = np.random.default_rng(4)
-    rows = []
-    for i in range(11):
-        ref = _music(rng, N, SR, 220.0 + 10 * i)
-        _write(tmp_path / f"r{i}.wav", ref)
-        _write(tmp_path / f"p{i}.wav", _degrade(rng, ref, 10.0))
-        rows.append({"id": f"x{i}", "reference": f"r{i}.wav", "processed": f"p{i}.wav",
-                     "audiogram": SLOPING})
-    manifest = _write_jsonl(tmp_path / "m.jsonl", rows)
+    manifest = _pairs_manifest(tmp_path, 11, seed=4, base_hz=220.0, step_hz=10.0)
     monkeypatch.setattr(api, "default_chunking", lambda length, devices, dtype=None: (5, 8))
     real_core = api._batch_core
     call_items = []
@@ -958,15 +965,7 @@ def test_a_short_last_batch_keeps_the_full_batches_call_shape(tmp_path, monkeypa
 
 
 def _two_row_manifest(root: Path) -> Path:
-    rng = np.random.default_rng(8)
-    rows = []
-    for i in range(2):
-        ref = _music(rng, N, SR, 247.0 + 30 * i)
-        _write(root / f"r{i}.wav", ref)
-        _write(root / f"p{i}.wav", _degrade(rng, ref, 10.0))
-        rows.append({"id": f"x{i}", "reference": f"r{i}.wav", "processed": f"p{i}.wav",
-                     "audiogram": SLOPING})
-    return _write_jsonl(root / "m.jsonl", rows)
+    return _pairs_manifest(root, 2, seed=8, base_hz=247.0, step_hz=30.0)
 
 
 def test_float64_labels_on_a_tpu_host_run_on_the_host_cpu(tmp_path, monkeypatch):
