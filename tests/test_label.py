@@ -901,6 +901,19 @@ def test_a_row_whose_ears_both_fail_names_the_first(dataset, tmp_path):
     assert error["reason"].startswith("left ear: ") and "123 rejected" in error["reason"]
 
 
+def _count_scored_pairs(monkeypatch, api) -> list[int]:
+    """Wraps api.score_prepared: the returned list gets each call's number of pairs."""
+    real_score = api.score_prepared
+    scored = []
+
+    def counting(pairs, **kwargs):
+        scored.append(len(pairs))
+        return real_score(pairs, **kwargs)
+
+    monkeypatch.setattr(api, "score_prepared", counting)
+    return scored
+
+
 def test_a_lone_long_pair_is_not_scored_as_a_full_batch_of_copies(tmp_path, monkeypatch):
     """On a CPU a long pair is scored one item per call (its scratch alone exceeds the chunk
     budget). Padding the last batch up to the batch size then bought no shape reuse and cost
@@ -914,14 +927,7 @@ def test_a_lone_long_pair_is_not_scored_as_a_full_batch_of_copies(tmp_path, monk
                                                      "processed": "p.wav",
                                                      "audiogram": SLOPING}])
     monkeypatch.setattr(api, "default_chunking", lambda length, devices, dtype=None: (1, 8))
-    real_score = api.score_prepared
-    scored = []
-
-    def counting(pairs, **kwargs):
-        scored.append(len(pairs))
-        return real_score(pairs, **kwargs)
-
-    monkeypatch.setattr(api, "score_prepared", counting)
+    scored = _count_scored_pairs(monkeypatch, api)
     label_mod.label_manifest(manifest, tmp_path / "labels.jsonl", batch_size=8,
                              progress=False)
     assert sum(scored) == 1, scored
@@ -981,14 +987,7 @@ def test_float64_labels_on_a_tpu_host_run_on_the_host_cpu(tmp_path, monkeypatch)
     tpus = pretend_tpu_host(monkeypatch)
     assert label_mod.default_batch_size(jax.local_devices()) == 64 * len(tpus)
     calls = spy_default_device(monkeypatch, api, "_batch_core")
-    real_score = api.score_prepared
-    scored = []
-
-    def counting(pairs, **kwargs):
-        scored.append(len(pairs))
-        return real_score(pairs, **kwargs)
-
-    monkeypatch.setattr(api, "score_prepared", counting)
+    scored = _count_scored_pairs(monkeypatch, api)
     with pytest.warns(UserWarning, match="float64 runs on the host CPU .* as tpu has no float64"):
         label_mod.label_manifest(manifest, tmp_path / "tpu_host.jsonl", dtype="float64",
                                  progress=False)
