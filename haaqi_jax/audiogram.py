@@ -189,6 +189,9 @@ HEARING_LOSS_GRADES = ("normal", "mild", "moderate", "moderately_severe", "sever
                        "complete")
 #: Lower bound of every grade but "normal", dB HL: a PTA of exactly 20 is mild, 19.99 normal.
 HEARING_LOSS_BOUNDS_DB_HL = (20.0, 35.0, 50.0, 65.0, 80.0, 95.0)
+#: Decimals of dB a pure-tone average is graded (and reported) at: far finer than an
+#: audiometer's 1 dB, far coarser than the float32 rounding of stored levels (< 1e-5 dB).
+PTA_DECIMALS = 4
 
 
 def pure_tone_average(levels, frequencies: Sequence[float] = STANDARD_FREQUENCIES) -> np.ndarray:
@@ -225,6 +228,9 @@ def hearing_loss_grade(pta_db) -> np.ndarray:
     moderately severe 50 to < 65, severe 65 to < 80, profound 80 to < 95, complete (total
     hearing loss / deafness) >= 95 dB HL. Each bound belongs to the grade above it. (The WHO
     grades a person by the better ear; here each audiogram, one ear, is graded on its own.)
+    The average is graded rounded to PTA_DECIMALS: levels in 0.1 dB steps stored as float32
+    (ManifestRow, `standard_levels`) whose exact PTA is a bound (20) average to 19.9999995,
+    graded as the bound, not as the grade below it.
 
     Args:
       pta_db: (...,) pure-tone averages in dB HL (`pure_tone_average`), finite.
@@ -240,4 +246,5 @@ def hearing_loss_grade(pta_db) -> np.ndarray:
         where = tuple(int(i) for i in np.unravel_index(bad[0], pta_db.shape))
         raise ValueError(f"hearing_loss_grade: pure-tone average {pta_db.reshape(-1)[bad[0]]} "
                          f"at index {where} is not finite")
-    return np.searchsorted(HEARING_LOSS_BOUNDS_DB_HL, pta_db, side="right").astype(np.int64)
+    return np.searchsorted(HEARING_LOSS_BOUNDS_DB_HL, np.round(pta_db, PTA_DECIMALS),
+                           side="right").astype(np.int64)

@@ -49,7 +49,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from haaqi_jax.audiogram import (HEARING_LOSS_BOUNDS_DB_HL, HEARING_LOSS_GRADES,
+from haaqi_jax.audiogram import (HEARING_LOSS_BOUNDS_DB_HL, HEARING_LOSS_GRADES, PTA_DECIMALS,
                                  hearing_loss_grade, pure_tone_average, standard_levels)
 from haaqi_jax.data.manifest import check_label
 from haaqi_jax.train import metrics as metrics_lib
@@ -84,10 +84,10 @@ def prediction_records(rows: Sequence[Any], predictions: np.ndarray, split: str
     or None); NaN predictions, labels that are not
     numbers in [0, 1] and malformed audiograms are errors naming the row.
 
-    pta_db is the four-frequency pure-tone average (0.5, 1, 2, 4 kHz, dB HL) of the row's
-    audiogram and hearing_loss its WHO 2021 grade (`hearing_loss_grade`); both None for a row
-    without an audiogram (a dict with none, or None), which the report leaves out of its
-    per-grade rows. An audiogram may be 8 levels at the standard frequencies (a ManifestRow's)
+    pta_db is the four-frequency pure-tone average (0.5, 1, 2, 4 kHz, dB HL, rounded to
+    PTA_DECIMALS) of the row's audiogram and hearing_loss its WHO 2021 grade
+    (`hearing_loss_grade`); both None for a row without an audiogram (a dict with none, or
+    None), which the report leaves out of its per-grade rows. An audiogram may be 8 levels at the standard frequencies (a ManifestRow's)
     or an Audiogram (or pyclarity's) at any frequencies, read at the PTA frequencies linearly in
     log frequency, end values held (`standard_levels`).
 
@@ -130,7 +130,9 @@ def prediction_records(rows: Sequence[Any], predictions: np.ndarray, split: str
     if heard:
         pta_db = pure_tone_average(np.stack(levels))                       # (len(heard),)
         for i, pta, grade in zip(heard, pta_db, hearing_loss_grade(pta_db)):
-            records[i].update(pta_db=float(pta), hearing_loss=HEARING_LOSS_GRADES[grade])
+            # Rounded as it is graded: float32-stored levels' noise (49.999999 for 50) goes.
+            records[i].update(pta_db=round(float(pta), PTA_DECIMALS),
+                              hearing_loss=HEARING_LOSS_GRADES[grade])
     return records
 
 

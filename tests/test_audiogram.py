@@ -133,3 +133,17 @@ def test_pure_tone_average_interpolates_a_missing_frequency_in_log_frequency():
     # beyond the measured range the end value is held: 500 Hz of an audiogram from 1 kHz up
     assert pure_tone_average([30.0, 40.0, 60.0], [1000.0, 2000.0, 4000.0]) == pytest.approx(
         (30 + 30 + 40 + 60) / 4)
+
+
+def test_a_float32_audiogram_whose_average_is_a_bound_gets_the_grade_above():
+    """Levels in 0.1 dB steps are stored in float32 (ManifestRow, `standard_levels`): their
+    exact PTA of 20 dB HL reads back as 19.9999995 and must still be mild, not normal."""
+    from haaqi_jax.audiogram import (HEARING_LOSS_GRADES, hearing_loss_grade,
+                                     pure_tone_average, standard_levels)
+
+    for levels, grade in [([10.0, 27.3, 30.3, 31.4, 30.0, -9.0, 40.0, 50.0], "mild"),
+                          ([10.0, 49.4, 34.6, 69.2, 30.0, 46.8, 40.0, 50.0],
+                           "moderately_severe"),
+                          ([10.0, 82.6, 97.2, 107.0, 30.0, 93.2, 40.0, 50.0], "complete")]:
+        pta = pure_tone_average(standard_levels(levels))
+        assert HEARING_LOSS_GRADES[int(hearing_loss_grade(pta))] == grade, (levels, pta)

@@ -501,3 +501,16 @@ def test_a_scatter_coloured_by_hearing_loss_lists_the_grades_mildest_first(tmp_p
                       if n] + [f"no audiogram ({np.isnan(pta).sum()})"]
     plt.close("all")
     evaluate.check_color_by("hearing_loss")
+
+
+def test_a_pure_tone_average_on_a_bound_in_tenths_of_a_db_is_graded_above_it():
+    """Audiograms in 0.1 dB steps are stored as float32: a row whose exact PTA is 50 dB HL is
+    moderately_severe, and its pta_db reads 50, not 49.999999."""
+    rows = [{"id": "a", "haaqi_score": 0.5,
+             "audiogram": [10.0, 49.4, 34.6, 69.2, 30.0, 46.8, 40.0, 50.0]},
+            {"id": "b", "haaqi_score": 0.5,
+             "audiogram": [10.0, 27.3, 30.3, 31.4, 30.0, -9.0, 40.0, 50.0]}]
+    records = evaluate.prediction_records(rows, np.array([0.4, 0.6]), "test")
+    assert [(r["pta_db"], r["hearing_loss"]) for r in records] == [
+        (50.0, "moderately_severe"), (20.0, "mild")]
+    assert list(evaluate.hearing_loss_of_records(records)) == ["moderately_severe", "mild"]
