@@ -93,6 +93,6 @@ def get_config() -> ConfigDict:
     c.train.write_report = True
 
     c.report = ConfigDict()
-    c.report.color_by = "split"  # "split" | "distortion"
+    c.report.color_by = "split"  # "split" | "distortion" | "hearing_loss"
     c.report.num_example_predictions = 12
     return c

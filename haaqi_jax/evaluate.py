@@ -18,7 +18,7 @@ writes into --out:
                     listener_shape
   examples.json     a few clips' predictions: the first --num-examples // (number of
                     splits) of each split, at least one, in manifest order
-  scatter.png       predicted vs true HAAQI, coloured by split or distortion
+  scatter.png       predicted vs true HAAQI, coloured by split, distortion or hearing_loss
   by_distortion.png mean label and mean prediction of every distortion, sorted by their gap
                     (where a model rates a degradation too close to clean, or too harshly);
                     only when rows name their distortion
