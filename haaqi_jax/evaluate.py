@@ -87,9 +87,10 @@ def prediction_records(rows: Sequence[Any], predictions: np.ndarray, split: str
     pta_db is the four-frequency pure-tone average (0.5, 1, 2, 4 kHz, dB HL, rounded to
     PTA_DECIMALS) of the row's audiogram and hearing_loss its WHO 2021 grade
     (`hearing_loss_grade`); both None for a row without an audiogram (a dict with none, or
-    None), which the report leaves out of its per-grade rows. An audiogram may be 8 levels at the standard frequencies (a ManifestRow's)
-    or an Audiogram (or pyclarity's) at any frequencies, read at the PTA frequencies linearly in
-    log frequency, end values held (`standard_levels`).
+    None), which the report leaves out of its per-grade rows. An audiogram may be 8 levels at
+    the standard frequencies (a ManifestRow's) or an Audiogram (or pyclarity's) at any
+    frequencies, read at the PTA frequencies linearly in log frequency, end values held
+    (`standard_levels`).
 
     Args:
       rows: manifest rows of `split` (objects or dicts with id/label/distortion/audiogram

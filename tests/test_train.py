@@ -746,9 +746,9 @@ def test_a_nan_gradient_under_a_finite_loss_keeps_no_nan_checkpoint(tiny, tmp_pa
 def test_parameters_that_overflow_are_never_checkpointed(tiny, tmp_path):
     """Plain SGD at a learning rate near float32's largest value on a heavily weighted loss:
     the first update overflows the parameters to inf, while that step's loss and gradient
-    norm (both of the parameters *before* the update) are finite. The run must stop before it checkpoints infinite
-    parameters, naming param_norm; it used to save them and then call that step "the last
-    finite checkpoint"."""
+    norm (both of the parameters *before* the update) are finite. The run must stop before
+    it checkpoints infinite parameters, naming param_norm; it used to save them and then call
+    that step "the last finite checkpoint"."""
     import orbax.checkpoint as ocp
 
     _, overrides = tiny
