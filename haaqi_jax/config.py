@@ -103,7 +103,7 @@ RUN_KEYS: dict[str, frozenset[str]] = {
     "train": frozenset({
         "batch_size", "eval_batch_size", "num_epochs", "patience", "min_delta",
         "checkpoint_every_steps", "log_every_steps", "frozen_patterns", "stop_after_steps",
-        "progress", "write_report"}),
+        "progress", "write_report", "ema_decay"}),
     "report": frozenset({"color_by", "num_example_predictions"}),
     "distill": frozenset({
         "teacher_checkpoint", "teacher", "student_layers", "target_layers", "head_kind",
@@ -410,7 +410,8 @@ RESUMABLE_KEYS = _LOOP_KEYS + ("distill.timing_*",) + tuple(f"distill.teacher.{k
 IMPLICIT_VALUES = {
     **{f"{where}model.{key}": value for where in ("", "distill.teacher.")
        for key, value in (("head.readout", "score"), ("head_checkpoint", None),
-                          ("head.lstm_layers", 1), ("head.lstm_dropout_rate", 0.0))}}
+                          ("head.lstm_layers", 1), ("head.lstm_dropout_rate", 0.0))},
+    "train.ema_decay": 0.0}
 
 
 #: Keys that name a file or folder (also under distill.teacher.). A resume compares them as the

@@ -1114,3 +1114,122 @@ def test_a_checkpoint_that_fails_for_want_of_memory_is_not_taken_for_damaged(tmp
         ckpt.restore_latest({"w": jnp.arange(4.0)}, warn=lambda text: None)
     assert sorted(ckpt.all_steps()) == [1, 3]
     ckpt.close()
+
+
+# ----------------------------------------------------------------------------- train.ema_decay
+
+
+def test_ema_is_the_bias_corrected_average_of_the_steps_params():
+    """train.ema_decay: after t steps the state's ema_params are sum_i d**(t-i) p_i / sum_i
+    d**(t-i) over the parameters after steps 1..t (numpy, from the params each step left),
+    through the jitted, donating, replicated step; frozen leaves stay bit for bit; the
+    average changes nothing in training (the same params as without it)."""
+    import optax
+    from haaqi_jax.train import sharding
+    from haaqi_jax.train import state as state_lib
+    from haaqi_jax.train import steps as steps_lib
+
+    decay = 0.8
+    params = {"w": jnp.linspace(-1.0, 1.0, 16), "frozen": jnp.array([-0.0, 2.5])}
+    labels = {"w": state_lib.TRAINABLE, "frozen": state_lib.FROZEN}
+    tx = state_lib.make_optimizer(cfglib.ConfigDict({"name": "adam", "learning_rate": 0.05}),
+                                  labels, 10)
+    forward = lambda p, batch, **kw: {
+        "clip_score": _toy_forward(p, batch, **kw)["clip_score"] + p["frozen"][1]}
+    mesh = sharding.make_mesh()
+    eval_step = steps_lib.make_eval_step(forward, _toy_loss)
+    plain_step, _ = steps_lib.jit_steps(
+        steps_lib.make_train_step(forward, _toy_loss, tx, labels), eval_step, mesh)
+    ema_step, _ = steps_lib.jit_steps(
+        steps_lib.make_train_step(forward, _toy_loss, tx, labels, ema_decay=decay), eval_step,
+        mesh)
+    fresh = lambda: jax.tree_util.tree_map(jnp.copy, params)   # each state donates its own
+    plain = sharding.replicate(state_lib.create_train_state(fresh(), tx, 3), mesh)
+    state = sharding.replicate(state_lib.create_train_state(fresh(), tx, 3, ema_decay=decay),
+                               mesh)
+    assert plain.ema_params is None
+    np.testing.assert_array_equal(state.ema_params["w"], params["w"])   # until the first step
+    rng = np.random.default_rng(0)
+    history = []
+    for t in range(1, 6):
+        batch = {"x": jnp.asarray(rng.standard_normal((4, 16)), jnp.float32),
+                 "label": jnp.asarray(rng.uniform(size=4), jnp.float32),
+                 "weight": jnp.ones(4)}
+        plain, _ = plain_step(plain, batch)
+        state, _ = ema_step(state, batch)
+        np.testing.assert_array_equal(state.params["w"], plain.params["w"])
+        history.append(np.asarray(state.params["w"], np.float64))
+        weights = decay ** np.arange(t - 1, -1, -1.0)
+        want = weights @ np.stack(history) / weights.sum()
+        np.testing.assert_allclose(state.ema_params["w"], want, rtol=1e-5, atol=1e-6)
+        assert int(state.step) == t
+    assert not np.allclose(state.ema_params["w"], state.params["w"])
+    assert np.signbit(np.asarray(state.ema_params["frozen"])[0])      # -0.0 kept as it was
+    np.testing.assert_array_equal(state.ema_params["frozen"], params["frozen"])
+    assert state_lib.eval_params(state) is state.ema_params
+    assert state_lib.eval_params(plain) is plain.params
+
+
+def test_ema_decay_zero_adds_nothing_to_the_state(straight_run):
+    """train.ema_decay=0 (the default): the train state has exactly the leaves it had before
+    the option existed (no ema_params), so its steps, checkpoints and results are those of
+    before, and checkpoints made before it resume."""
+    assert straight_run.state.ema_params is None
+    assert all(".ema_params" not in k for k in _flat(straight_run.state))
+    assert {k.split("[")[0].split(".")[1] for k in _flat(straight_run.state)} == {
+        "step", "params", "opt_state", "rng"}
+
+
+def test_ema_run_resumes_exactly_and_reports_the_average(tiny, tmp_path):
+    """train.ema_decay=0.9: the moving average is checkpointed and resumed bit for bit (a run
+    stopped after step 5 and continued equals the straight one), validation scores it, and
+    the report's best_model holds the best checkpoint's average, not its parameters."""
+    from haaqi_jax.train.checkpoint import TrainCheckpointManager, load_params
+
+    root, overrides = tiny
+    overrides = overrides + ["train.ema_decay=0.9"]
+    straight = loop.train_and_evaluate(_config(overrides), tmp_path / "straight")
+    work = tmp_path / "resumed"
+    first = loop.train_and_evaluate(_config(overrides + ["train.stop_after_steps=5"]), work)
+    assert first.interrupted and first.state.ema_params is not None
+    resumed = loop.train_and_evaluate(_config(overrides), work)
+    a, b = _flat(straight.state), _flat(resumed.state)
+    assert a.keys() == b.keys() and any(".ema_params" in k for k in a)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert ((work / "metrics.jsonl").read_text()
+            == (straight.workdir / "metrics.jsonl").read_text())
+
+    ckpt = TrainCheckpointManager(straight.workdir / "checkpoints")
+    best, _ = ckpt.restore(straight.best_step, straight.state)
+    ckpt.close()
+    exported, _ = load_params(straight.report_dir / "best_model")
+    got, ema, raw = _flat(exported["head"]), _flat(best.ema_params["head"]), _flat(
+        best.params["head"])
+    assert got.keys() == ema.keys()
+    for k in got:
+        np.testing.assert_array_equal(got[k], ema[k], err_msg=k)
+    assert any(not np.array_equal(got[k], raw[k]) for k in got)
+
+
+@pytest.mark.parametrize("value", ["1.0", "-0.1"])
+def test_ema_decay_out_of_range_is_refused(tiny, tmp_path, value):
+    """Before anything is built: 1 would never move the average, a negative decay is none."""
+    from haaqi_jax.train import state as state_lib
+
+    _, overrides = tiny
+    with pytest.raises(ValueError, match=r"train.ema_decay must be a number in \[0, 1\)"):
+        loop.train_and_evaluate(_config(overrides + [f"train.ema_decay={value}"]),
+                                tmp_path / "work")
+    assert not (tmp_path / "work").exists()
+    with pytest.raises(ValueError, match=r"train.ema_decay must be a number .* got '0.9'"):
+        state_lib.check_ema_decay("0.9")
+
+
+def test_a_distillation_refuses_an_ema():
+    """A distillation's loop validates its parameters; a moving average it would not use is
+    refused rather than ignored."""
+    cfg = cfglib.get_config(REPO / "configs" / "distill.py", ["train.ema_decay=0.5"])
+    with pytest.raises(ValueError, match=r"train.ema_decay=0.5: a distillation keeps no "
+                                         r"moving average"):
+        loop.check_run_settings(cfg)

@@ -655,18 +655,23 @@ def _train_and_evaluate(config: Any, workdir: Path, *, data: TrainData | None) -
     labels = state_lib.param_labels(params, frozen_patterns(config))
     total_steps = int(tc.num_epochs) * data.steps_per_epoch
     tx = state_lib.make_optimizer(config.optimizer, labels, total_steps)
-    state = sharding.replicate(state_lib.create_train_state(params, tx, int(config.seed)), mesh)
+    ema_decay = float(tc.get("ema_decay", 0.0))
+    state = sharding.replicate(state_lib.create_train_state(params, tx, int(config.seed),
+                                                            ema_decay=ema_decay), mesh)
 
     loss_fn = losses.get_loss(config.loss.name, **cfglib.to_dict(config.loss.get("kwargs") or {}))
     forward = make_forward(net.config, mode)
     train_step, eval_step = steps_lib.jit_steps(
-        steps_lib.make_train_step(forward, loss_fn, tx, labels),
+        steps_lib.make_train_step(forward, loss_fn, tx, labels, ema_decay=ema_decay),
         steps_lib.make_eval_step(forward, loss_fn), mesh)
 
+    # With train.ema_decay > 0 the moving average is what is validated, kept as best and
+    # reported (state_lib.eval_params).
     run = run_loop(
         state, step_fn=train_step,
-        evaluate=lambda st: run_eval(eval_step, st.params, data.eval_batches(valid_split), mesh,
-                                     keys, len(valid_labels)),
+        evaluate=lambda st: run_eval(eval_step, state_lib.eval_params(st),
+                                     data.eval_batches(valid_split), mesh, keys,
+                                     len(valid_labels)),
         data=data, mesh=mesh, keys=keys, valid_labels=valid_labels, tc=tc, workdir=workdir)
     state, step, early, interrupted, ckpt = (run.state, run.step, run.early, run.interrupted,
                                              run.ckpt)
@@ -674,8 +679,9 @@ def _train_and_evaluate(config: Any, workdir: Path, *, data: TrainData | None) -
     report_dir = None
     if not interrupted and early["best_step"] is not None and tc.get("write_report", True):
         best_state, _ = ckpt.restore(int(early["best_step"]), state)
-        report_dir = write_training_report(config, net, best_state.params, data, eval_step,
-                                           mesh, keys, workdir / REPORT_DIR, early)
+        report_dir = write_training_report(config, net, state_lib.eval_params(best_state),
+                                           data, eval_step, mesh, keys, workdir / REPORT_DIR,
+                                           early)
     ckpt.close()
     return TrainResult(workdir=workdir, final_step=step, best_step=early["best_step"],
                        best_valid_loss=early["best_valid_loss"], stopped_early=early["stopped"],
@@ -903,6 +909,11 @@ def check_run_settings(config: Any) -> None:
     if not cfglib.is_number(min_delta) or not 0 <= min_delta < float("inf"):
         raise ValueError(f"train.min_delta must be a number >= 0, got {min_delta!r}")
     state_lib.check_optimizer(config.get("optimizer") or {})
+    if "train" in config:
+        ema_decay = state_lib.check_ema_decay(config.train.get("ema_decay", 0.0))
+        if ema_decay != 0.0 and "distill" in config:
+            raise ValueError(f"train.ema_decay={ema_decay}: a distillation keeps no moving "
+                             "average of its parameters; set train.ema_decay=0")
     from haaqi_jax.data.cache import STORAGE_DTYPES
     cache_dtype = config.data.get("cache_dtype", "float16")
     if cache_dtype not in STORAGE_DTYPES:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from haaqi_jax.train import sharding
-from haaqi_jax.train.state import FROZEN, TRAINABLE, TrainState
+from haaqi_jax.train.state import FROZEN, TRAINABLE, TrainState, ema_update
 
 Batch = Mapping[str, jax.Array]
 ForwardFn = Callable[..., dict[str, jax.Array]]
@@ -77,14 +77,16 @@ def stop_frozen(params: Any, labels: Any) -> Any:
 
 
 def make_train_step(forward: ForwardFn, loss_fn: LossFn, tx: optax.GradientTransformation,
-                    labels: Any) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                    labels: Any, *, ema_decay: float = 0.0
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """One optimizer step: (state, batch) -> (new state, scalar metrics).
 
     Metrics: loss, the loss's aux terms, grad_norm (the leaves labelled TRAINABLE: the norm
     that gradient clipping sees), param_norm (the same leaves after the update: the loss and
     gradient are those of the parameters before it, so only this term shows an update that
     overflowed them), weight_sum (items that counted). Dropout uses
-    fold_in(state.rng, state.step).
+    fold_in(state.rng, state.step). A state with `ema_params` (create_train_state's
+    ema_decay > 0) gets them updated with the new parameters at `ema_decay` (`ema_update`).
 
     Arguments between the state and the batch are passed through to `forward` before the
     batch and get no gradient: distillation calls `step(state, teacher_params, batch)` with a
@@ -114,7 +116,11 @@ def make_train_step(forward: ForwardFn, loss_fn: LossFn, tx: optax.GradientTrans
         metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(trainable(grads)),
                    "param_norm": optax.tree.norm(trainable(new_params)),
                    "weight_sum": jnp.sum(batch["weight"])}
-        new_state = state.replace(step=state.step + 1, params=new_params, opt_state=opt_state)
+        ema = state.ema_params
+        if ema is not None:
+            ema = ema_update(ema, new_params, labels, ema_decay, state.step + 1)
+        new_state = state.replace(step=state.step + 1, params=new_params, opt_state=opt_state,
+                                  ema_params=ema)
         return new_state, metrics
 
     return train_step
