@@ -11,7 +11,8 @@ scalar, `aux` a dict of scalars to log. Every loss weights items by `batch["weig
 items added to complete a batch count for nothing; the normaliser is the weight sum of the
 (global) batch, so a data-parallel step gives the loss of the whole batch.
 
-Registered: "haaqi_mse" (HAAQI-Net), "haaqi_components" (the same on HAAQI's two parts, for a
+Registered: "haaqi_mse" (HAAQI-Net), "haaqi_mse_corr" (the same plus a batch-correlation
+term), "haaqi_components" (the same on HAAQI's two parts, for a
 head with the "haaqi_components" readout); distillation terms "l1_cosine" (DistilHuBERT), "l1",
 "mse", "cosine"; and the distillation objectives "distill_weighted" (fixed weights) and
 "distill_uncertainty" (learned uncertainty weights, Kendall et al. 2018), which combine a HAAQI
@@ -258,6 +259,39 @@ def haaqi_mse(predictions: Mapping[str, jax.Array], batch: Mapping[str, jax.Arra
     frame_mse = weighted_mean(frame_se, weight)
     loss = clip_weight * clip_mse + frame_weight * frame_mse
     return loss, {"clip_mse": clip_mse, "frame_mse": frame_mse}
+
+
+def weighted_pearson(x: jax.Array, y: jax.Array, weight: jax.Array, *,
+                     eps: float = 1e-6) -> jax.Array:
+    """Pearson correlation of x and y (B,) with items weighted by `weight` (0 = filler):
+    cov / sqrt((var_x + eps) (var_y + eps)), the weighted (co)variances about the weighted
+    means. `eps` keeps it finite, and its gradient bounded, when either side is constant (a
+    batch of one label, a head that scores every clip alike, one real item): then cov is 0,
+    so is the result, and so is its gradient; against the labels' variance (~0.1 on the demo
+    set) it changes r by about 1e-5."""
+    w = weight.astype(jnp.float32)
+    x, y = x.astype(jnp.float32), y.astype(jnp.float32)
+    dx, dy = x - weighted_mean(x, w), y - weighted_mean(y, w)
+    cov = weighted_mean(dx * dy, w)
+    return cov / jnp.sqrt((weighted_mean(dx * dx, w) + eps) * (weighted_mean(dy * dy, w) + eps))
+
+
+@register_loss("haaqi_mse_corr")
+def haaqi_mse_corr(predictions: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], *,
+                   clip_weight: float = 1.0, frame_weight: float = 1.0,
+                   corr_weight: float = 0.1) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`haaqi_mse` + corr_weight * (1 - the batch's Pearson correlation of clip scores and
+    labels), a term aimed at the LCC the model is judged by (`weighted_pearson`: filler items
+    count for nothing; a batch of constant labels gives the term 1 and no gradient). The
+    correlation of one batch is noisy with few items: train.batch_size 8 leaves 6 degrees of
+    freedom.
+
+    Returns:
+      (loss, {"clip_mse", "frame_mse", "batch_lcc"}).
+    """
+    loss, aux = haaqi_mse(predictions, batch, clip_weight=clip_weight, frame_weight=frame_weight)
+    r = weighted_pearson(predictions["clip_score"], batch["label"], batch["weight"])
+    return loss + corr_weight * (1.0 - r), {**aux, "batch_lcc": r}
 
 
 @register_loss("haaqi_components", row_fields=("haaqi_components",))

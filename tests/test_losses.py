@@ -218,3 +218,64 @@ def test_a_bool_keyword_refuses_a_string():
     for value in ("false", "true"):
         with pytest.raises(ValueError, match="keyword 'symmetric' takes true or false"):
             losses.get_loss("test_bool_keyword", symmetric=value)
+
+
+def test_weighted_pearson_matches_scipy_and_ignores_filler():
+    from scipy.stats import pearsonr
+
+    rng = np.random.default_rng(1)
+    x, y = rng.uniform(0, 1, 12), rng.uniform(0, 1, 12)
+    y = 0.6 * x + 0.4 * y                              # r about 0.8
+    w = np.ones(12, np.float32)
+    w[[3, 7]] = 0.0                                    # filler items: left out of scipy's
+    r = losses.weighted_pearson(jnp.asarray(x), jnp.asarray(y), jnp.asarray(w))
+    keep = w > 0
+    assert float(r) == pytest.approx(pearsonr(x[keep], y[keep])[0], rel=2e-4)
+    # integer weights count an item that many times
+    w2 = np.array([2, 1, 3] + [1] * 9, np.float32)
+    rep = np.repeat(np.arange(12), w2.astype(int))
+    r2 = losses.weighted_pearson(jnp.asarray(x), jnp.asarray(y), jnp.asarray(w2))
+    assert float(r2) == pytest.approx(pearsonr(x[rep], y[rep])[0], rel=2e-4)
+    assert float(losses.weighted_pearson(jnp.asarray(x), jnp.asarray(-y), jnp.asarray(w))) \
+        == pytest.approx(-pearsonr(x[keep], y[keep])[0], rel=2e-4)
+
+
+def test_haaqi_mse_corr_is_mse_plus_the_correlation_term_and_safe_when_constant():
+    preds, batch, _ = _batch(b=5)
+    mse_loss, _ = losses.get_loss("haaqi_mse")(preds, batch)
+    fn = losses.get_loss("haaqi_mse_corr", corr_weight=0.5)
+    loss, aux = fn(preds, batch)
+    r = losses.weighted_pearson(preds["clip_score"], batch["label"], batch["weight"])
+    assert float(loss) == pytest.approx(float(mse_loss) + 0.5 * (1 - float(r)), rel=1e-6)
+    assert float(aux["batch_lcc"]) == float(r)
+    grad = lambda p, b: np.asarray(jax.grad(lambda c: fn(dict(p, clip_score=c), b)[0])(
+        p["clip_score"]))
+    assert grad(preds, batch)[2] == 0.0                          # the filler item
+    # constant labels, constant predictions, one real item: finite, r = 0, gradient finite
+    for p, b in ((preds, dict(batch, label=jnp.full(5, 0.4))),
+                 (dict(preds, clip_score=jnp.full(5, 0.7)), batch),
+                 (preds, dict(batch, weight=jnp.array([0, 0, 1, 0, 0], jnp.float32))),
+                 (preds, dict(batch, weight=jnp.zeros(5)))):
+        loss, aux = fn(p, b)
+        assert np.isfinite(float(loss)) and abs(float(aux["batch_lcc"])) < 1e-6
+        assert np.all(np.isfinite(grad(p, b)))
+    # constant labels: the correlation term adds no gradient to the MSE's
+    const = dict(batch, label=jnp.full(5, 0.4))
+    plain = losses.get_loss("haaqi_mse")
+    g_plain = jax.grad(lambda c: plain(dict(preds, clip_score=c), const)[0])(preds["clip_score"])
+    np.testing.assert_allclose(grad(preds, const), g_plain, atol=1e-7)
+
+
+def test_haaqi_mse_corr_gradient_matches_finite_differences():
+    preds, batch, _ = _batch(seed=3, b=5)
+    fn = losses.get_loss("haaqi_mse_corr", clip_weight=0.0, frame_weight=0.0, corr_weight=1.0)
+    f = lambda c: float(fn(dict(preds, clip_score=jnp.asarray(c, jnp.float32)), batch)[0])
+    clip = np.asarray(preds["clip_score"], np.float64)
+    g = np.asarray(jax.grad(lambda c: fn(dict(preds, clip_score=c), batch)[0])(
+        preds["clip_score"]))
+    h = 1e-3
+    for i in range(5):
+        e = np.zeros(5)
+        e[i] = h
+        assert g[i] == pytest.approx((f(clip + e) - f(clip - e)) / (2 * h), abs=2e-3)
+    assert np.count_nonzero(g) == 4                               # all but the filler item
