@@ -290,8 +290,7 @@ def _typed_items(key: str, text: str, value: tuple | list, current: Any) -> tupl
     if len(kinds) != 1 or not kinds <= {int, float}:
         return value                        # empty, mixed or not numbers: taken as given
     kind = kinds.pop()
-    if not all(isinstance(item, (int, float)) and not isinstance(item, bool)
-               and (kind is float or isinstance(item, int)) for item in value):
+    if not all(is_number(item) and (kind is float or isinstance(item, int)) for item in value):
         raise ValueError(f"config override {key}={text!r}: expected a tuple of "
                          f"{kind.__name__}, e.g. {key}={','.join(map(str, current))}")
     return type(value)(kind(item) for item in value)
