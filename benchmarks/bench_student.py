@@ -42,6 +42,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _min_median(runs: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """{name: {"min", "median"}} seconds of `distill.interleaved_runs`' timings."""
+    return {k: {"min": float(np.min(v)), "median": float(np.median(v))} for k, v in runs.items()}
+
+
 def _breakdown(teacher, student, seconds: float, repeats: int) -> dict[str, dict[str, float]]:
     """min / median seconds of each piece on one clip, interleaved."""
     import flax.linen as nn
@@ -83,7 +88,7 @@ def _breakdown(teacher, student, seconds: float, repeats: int) -> dict[str, dict
                                     tp["encoder"]["encoder_layer_norm"], x),
             "head": lambda: head_fn(tp["head"], x)}
     runs = distill_lib.interleaved_runs(jobs, repeats)
-    return {k: {"min": float(np.min(v)), "median": float(np.median(v))} for k, v in runs.items()}
+    return _min_median(runs)
 
 
 def _head_pieces(tokens: int, repeats: int) -> dict[str, dict[str, float]]:
@@ -115,7 +120,7 @@ def _head_pieces(tokens: int, repeats: int) -> dict[str, dict[str, float]]:
                               (q, v, mask))}
     jobs = {name: (lambda f=f, a=a: f(*a)) for name, (f, a) in fns.items()}
     runs = distill_lib.interleaved_runs(jobs, repeats)
-    return {k: {"min": float(np.min(v)), "median": float(np.median(v))} for k, v in runs.items()}
+    return _min_median(runs)
 
 
 def _train_steps(teacher, student, pred_params, batch_size: int, seconds: float,
@@ -156,7 +161,7 @@ def _train_steps(teacher, student, pred_params, batch_size: int, seconds: float,
     jobs = {"teacher_step": lambda: with_teacher(state, teacher_params, plain),
             "cached_step": lambda: cached(state, batch)}
     runs = distill.interleaved_runs(jobs, repeats)
-    return {k: {"min": float(np.min(v)), "median": float(np.median(v))} for k, v in runs.items()}
+    return _min_median(runs)
 
 
 def main(argv=None) -> int:
