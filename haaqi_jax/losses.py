@@ -14,7 +14,7 @@ items added to complete a batch count for nothing; the normaliser is the weight 
 Registered: "haaqi_mse" (HAAQI-Net), "haaqi_mse_corr" (the same plus a batch-correlation
 term), "haaqi_components" (the same on HAAQI's two parts, for a
 head with the "haaqi_components" readout); distillation terms "l1_cosine" (DistilHuBERT), "l1",
-"mse", "cosine"; and the distillation objectives "distill_weighted" (fixed weights) and
+"mse", "cosine", "info_nce" (frame-contrastive); and the distillation objectives "distill_weighted" (fixed weights) and
 "distill_uncertainty" (learned uncertainty weights, Kendall et al. 2018), which combine a HAAQI
 loss and a distillation loss given by name (see the distillation section below).
 
