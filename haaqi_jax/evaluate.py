@@ -418,6 +418,10 @@ def write_report(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLik
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = compute_report_metrics(records)
+    # The files name each clip's grade as the report counts it: from pta_db, so a hand-made
+    # record with only pta_db (or a stale grade) reads as its hearing_loss row does.
+    records = [{**r, "hearing_loss": grade or None}
+               for r, grade in zip(records, hearing_loss_of_records(records))]
     (out_dir / "metrics.json").write_text(
         json.dumps(metrics_lib.json_safe(report), indent=2, sort_keys=True) + "\n")
 

@@ -514,3 +514,24 @@ def test_a_pure_tone_average_on_a_bound_in_tenths_of_a_db_is_graded_above_it():
     assert [(r["pta_db"], r["hearing_loss"]) for r in records] == [
         (50.0, "moderately_severe"), (20.0, "mild")]
     assert list(evaluate.hearing_loss_of_records(records)) == ["moderately_severe", "mild"]
+
+
+def test_predictions_csv_grades_hand_made_records_as_the_report_does(tmp_path):
+    """A record with only pta_db (or a stale hearing_loss) gets, in predictions.csv and
+    examples.json, the grade its row of the report counts it under (WHO 2021, bounds here)."""
+    pta = [5.0, 20.0, 34.9, 50.0, 65.0, 96.0]
+    expected = ["normal", "mild", "mild", "moderately_severe", "severe", "complete"]
+    records = [{"id": f"r{i}", "split": "t", "distortion": "x", "label": 0.1 + 0.1 * i,
+                "prediction": 0.12 + 0.1 * i, "pta_db": p} for i, p in enumerate(pta)]
+    records[2]["hearing_loss"] = "severe"              # stale: the report grades by pta_db
+    records.append({"id": "bare", "split": "t", "distortion": "x", "label": 0.5,
+                    "prediction": 0.5})
+    evaluate.write_report(records, tmp_path, num_examples=10)
+    written = list(csv.DictReader((tmp_path / "predictions.csv").open()))
+    assert [r["hearing_loss"] for r in written] == expected + [""]
+    examples = json.loads((tmp_path / "examples.json").read_text())
+    assert [e["hearing_loss"] for e in examples] == expected + [None]
+    by_grade = json.loads((tmp_path / "metrics.json").read_text())["by_hearing_loss"]
+    assert {g: e["n"] for g, e in by_grade.items()} == {
+        g: expected.count(g) for g in expected}
+    assert records[0].get("hearing_loss") is None          # the caller's records untouched
