@@ -72,6 +72,15 @@ def is_whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def check_fraction(value: Any, key: str, note: str = "") -> float:
+    """`value` as a float; ValueError naming `key` (and `note`, e.g. what 0 means) unless it is
+    a number in [0, 1): the range of decays, dropout rates and held-back fractions."""
+    if not is_number(value) or not 0 <= value < 1:
+        raise ValueError(f"{key} must be a number in [0, 1){f' ({note})' if note else ''}, "
+                         f"got {value!r}")
+    return float(value)
+
+
 def reject_unknown_keys(d: Any, cls: type) -> None:
     """Raises ValueError naming the keys of mapping `d` that are not fields of dataclass `cls`
     (and the known ones): the one check behind the frozen config dataclasses' from_dict."""

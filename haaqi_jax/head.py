@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from haaqi_jax import attention as attention_lib
-from haaqi_jax.config import reject_unknown_keys
+from haaqi_jax.config import check_fraction, reject_unknown_keys
 
 
 #: Frame readouts of the head and their outputs per frame.
@@ -102,10 +102,8 @@ class HeadConfig:
         if self.num_weighted_layers < 0:
             raise ValueError(f"HeadConfig: num_weighted_layers must be >= 0, got "
                              f"{self.num_weighted_layers}")
-        for name in ("dropout_rate", "lstm_dropout_rate"):
-            rate = getattr(self, name)
-            if not 0.0 <= rate < 1.0:        # 1 or more drops everything (or scales by < 0)
-                raise ValueError(f"HeadConfig: {name} must be in [0, 1), got {rate}")
+        for name in ("dropout_rate", "lstm_dropout_rate"):   # 1 drops everything
+            check_fraction(getattr(self, name), f"HeadConfig: {name}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

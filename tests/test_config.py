@@ -378,3 +378,18 @@ def test_a_loss_keyword_takes_any_number_and_true_false_after_none():
     assert kw.layer_weights == (0.5, 1, 1) and kw.w == 0.5 and kw.flag is False
     cfglib.apply_overrides(c, ["loss.kwargs.distill.kwargs.cosine_weight=2"])
     assert kw.cosine_weight == 2.0 and isinstance(kw.cosine_weight, float)
+
+
+@pytest.mark.parametrize("bad", [1, 1.0, -0.1, True, "0.5", None, float("nan")])
+def test_every_fraction_setting_refuses_what_is_not_a_number_in_0_1_by_name(bad):
+    """Decays, dropout rates and held-back fractions share one check and one message."""
+    from haaqi_jax.head import HeadConfig
+    from haaqi_jax.train import state
+
+    for build, key in [(lambda v: cfglib.check_fraction(v, "a.b"), r"a\.b"),
+                       (lambda v: HeadConfig(dropout_rate=v), "HeadConfig: dropout_rate"),
+                       (lambda v: HeadConfig(lstm_dropout_rate=v), "lstm_dropout_rate"),
+                       (lambda v: state.check_ema_decay(v), r"train\.ema_decay")]:
+        with pytest.raises(ValueError, match=key + r" must be a number in \[0, 1\)"):
+            build(bad)
+    assert cfglib.check_fraction(0, "a.b") == 0.0 and cfglib.check_fraction(0.999, "a") == 0.999

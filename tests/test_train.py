@@ -522,9 +522,10 @@ def test_relabelled_manifest_is_refused_on_resume(tiny, tmp_path):
                                       r"parameters.*only a distillation trains"),
     # values of the right type out of range: these trained (a dropout of 1.5 in the head, a
     # valid fraction of 2) or failed only after the data was built
-    ("model.head.dropout_rate=1.5", r"model.head: HeadConfig: dropout_rate must be in \[0, 1\), "
-                                    r"got 1.5"),
-    ("model.head.lstm_dropout_rate=-0.1", r"lstm_dropout_rate must be in \[0, 1\), got -0.1"),
+    ("model.head.dropout_rate=1.5", r"model.head: HeadConfig: dropout_rate must be a number "
+                                    r"in \[0, 1\), got 1.5"),
+    ("model.head.lstm_dropout_rate=-0.1", r"lstm_dropout_rate must be a number in \[0, 1\), "
+                                          r"got -0.1"),
     ("optimizer.b1=5", r"optimizer.b1 must be a number in \[0, 1\), got 5.0"),
     ("optimizer.b2=-0.5", r"optimizer.b2 must be a number in \[0, 1\), got -0.5"),
     ("optimizer.warmup_steps=-5", r"optimizer.warmup_steps must be a whole number >= 0, got -5"),

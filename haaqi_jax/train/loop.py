@@ -926,9 +926,7 @@ def check_run_settings(config: Any) -> None:
                              "params=...)), which only a distillation trains (configs/distill"
                              ".py): plain training would not give the loss its loss_params")
         losses.check_loss_config(name, cfglib.to_dict(config.loss.get("kwargs") or {}))
-    fraction = config.data.get("valid_fraction", 0.0)
-    if not cfglib.is_number(fraction) or not 0 <= fraction < 1:
-        raise ValueError(f"data.valid_fraction must be a number in [0, 1), got {fraction!r}")
+    cfglib.check_fraction(config.data.get("valid_fraction", 0.0), "data.valid_fraction")
     crop = config.data.get("crop_seconds")
     if crop is not None and (not cfglib.is_number(crop) or not 0 < crop < float("inf")):
         raise ValueError(f"data.crop_seconds must be None or seconds > 0, got {crop!r}")

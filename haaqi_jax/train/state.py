@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from haaqi_jax.config import is_number, is_whole
+from haaqi_jax.config import check_fraction, is_number, is_whole
 
 TRAINABLE = "trainable"
 FROZEN = "frozen"
@@ -51,10 +51,7 @@ class TrainState:
 def check_ema_decay(decay: Any, key: str = "train.ema_decay") -> float:
     """`decay` as a float; ValueError naming `key` unless it is a number in [0, 1) (1 would
     never move the average off its first value, a negative one is no average)."""
-    if not is_number(decay) or not 0 <= decay < 1:
-        raise ValueError(f"{key} must be a number in [0, 1) (0 = no moving average of the "
-                         f"parameters), got {decay!r}")
-    return float(decay)
+    return check_fraction(decay, key, "0 = no moving average of the parameters")
 
 
 def ema_update(ema: Any, params: Any, labels: Any, decay: float, count: jax.Array) -> Any:
@@ -166,9 +163,7 @@ def check_optimizer(opt_cfg: Any) -> None:
         if not is_number(rate) or not 0 < rate < float("inf"):
             raise ValueError(f"optimizer.{key} must be a number > 0, got {rate!r}")
     for key in ("b1", "b2"):               # Adam's moment decays
-        decay = opt_cfg.get(key, 0.9)
-        if not is_number(decay) or not 0 <= decay < 1:
-            raise ValueError(f"optimizer.{key} must be a number in [0, 1), got {decay!r}")
+        check_fraction(opt_cfg.get(key, 0.9), f"optimizer.{key}")
     warmup = opt_cfg.get("warmup_steps", 0)
     if not is_whole(warmup) or warmup < 0:
         raise ValueError(f"optimizer.warmup_steps must be a whole number >= 0, got {warmup!r}")
