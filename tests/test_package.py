@@ -1,8 +1,19 @@
 """Package-level promises: importing haaqi_jax (any module but haaqi_jax.convert) never imports
-torch, and the public names resolve."""
+torch, and the public names resolve; the wheel and the sdist hold what they must (every module,
+every source file, the licences), and the metadata is right."""
 
+import ast
+import os
+import re
+import shutil
 import subprocess
 import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
 
 MODULES = [
     "haaqi_jax", "haaqi_jax.audiogram", "haaqi_jax.fbank", "haaqi_jax.beats", "haaqi_jax.head",
@@ -34,3 +45,103 @@ def test_cli_help_lists_every_subcommand():
     assert result.returncode == 0, result.stderr
     for name in ("score", "label", "demo-data", "predict", "evaluate"):
         assert name in result.stdout
+
+
+# --- what a user installs: the wheel and the sdist, built here without the network ----------
+
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+#: Folders and files a checkout may hold that are no part of the source (.gitignore's).
+NOT_SOURCE = {".git", "runs", "data_cache", "build", "dist", ".pytest_cache", ".hypothesis",
+              "__pycache__", ".whl", ".gl", ".venv"}
+
+
+def _source_files() -> list[str]:
+    """The project's files, relative to ROOT: git's list (tracked, and untracked but not
+    ignored) in a checkout; every file outside the build outputs otherwise (an unpacked sdist)."""
+    if (ROOT / ".git").exists() and shutil.which("git"):
+        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
+                              "--exclude-standard"], cwd=ROOT, capture_output=True, check=True)
+        return sorted(p for p in out.stdout.decode().split("\0") if p and (ROOT / p).is_file())
+    return sorted(str(p.relative_to(ROOT)) for p in ROOT.rglob("*") if p.is_file()
+                  and not any(part in NOT_SOURCE or part.endswith(".egg-info")
+                              for part in p.relative_to(ROOT).parts)
+                  and p.name != "PKG-INFO" and p.name != "setup.cfg")
+
+
+def _source_version() -> str:
+    """haaqi_jax.__version__ as written in haaqi_jax/__init__.py (read, not imported)."""
+    tree = ast.parse((ROOT / "haaqi_jax" / "__init__.py").read_text())
+    return next(node.value.value for node in tree.body if isinstance(node, ast.Assign)
+                and [t.id for t in node.targets if isinstance(t, ast.Name)] == ["__version__"])
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A wheel and an sdist built from a copy of the source files (so the checkout gets no
+    build/ or egg-info, and files git does not know cannot slip in) by the installed
+    setuptools, without build isolation or the network: {"wheel": Path, "sdist": Path}."""
+    import setuptools
+    need = next(Requirement(r) for r in PYPROJECT["build-system"]["requires"]
+                if Requirement(r).name == "setuptools")
+    if not need.specifier.contains(setuptools.__version__, prereleases=True):
+        pytest.skip(f"the installed setuptools {setuptools.__version__} is not {need}")
+    root = tmp_path_factory.mktemp("build")
+    src, out = root / "src", root / "dist"
+    for name in _source_files():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, src / name)
+    for hook in ("build_wheel", "build_sdist"):     # one process each, as a build frontend
+        code = f"import sys; from setuptools import build_meta; build_meta.{hook}(sys.argv[1])"
+        result = subprocess.run([sys.executable, "-c", code, str(out)], cwd=src,
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return {"wheel": next(out.glob("*.whl")), "sdist": next(out.glob("*.tar.gz"))}
+
+
+def _wheel_names(wheel: Path) -> set[str]:
+    with zipfile.ZipFile(wheel) as z:
+        return set(z.namelist())
+
+
+def test_wheel_holds_every_file_of_the_package(built):
+    package = {name for name in _source_files() if name.startswith("haaqi_jax/")}
+    missing = package - _wheel_names(built["wheel"])
+    assert not missing, f"not in the wheel: {sorted(missing)}"
+
+
+def test_installed_wheel_imports_without_torch_and_runs_its_script(built, tmp_path):
+    """The wheel unpacked as pip installs it, used from a folder outside the checkout: every
+    module imports (torch stays out, haaqi_jax.convert aside), __version__ is the wheel's, the
+    console script's target exists and `haaqi-jax --help` works."""
+    site = tmp_path / "site"
+    with zipfile.ZipFile(built["wheel"]) as z:
+        z.extractall(site)
+    modules = sorted(n[:-3].replace("/", ".").removesuffix(".__init__")
+                     for n in _wheel_names(built["wheel"])
+                     if n.endswith(".py") and not n.startswith("haaqi_jax/convert/"))
+    dist_info = next(site.glob("*.dist-info"))
+    version = re.search(r"^Version: (.+)$", (dist_info / "METADATA").read_text(), re.M)[1]
+    scripts = (dist_info / "entry_points.txt").read_text()
+    target = re.search(r"^haaqi-jax\s*=\s*(\S+)$", scripts, re.M)[1]
+    code = ("import importlib, sys\n"
+            f"for m in {modules!r}: importlib.import_module(m)\n"
+            "import haaqi_jax\n"
+            f"assert haaqi_jax.__file__.startswith({str(site)!r}), haaqi_jax.__file__\n"
+            f"assert haaqi_jax.__version__ == {version!r}, haaqi_jax.__version__\n"
+            "for name in haaqi_jax.__all__: getattr(haaqi_jax, name)\n"
+            f"module, func = {target!r}.split(':')\n"
+            "assert callable(getattr(importlib.import_module(module), func))\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchaudio',"
+            " 'speechbrain', 'clarity'))\n"
+            "assert not bad, bad\n")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    result = subprocess.run([sys.executable, "-c", code], cwd=outside, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = subprocess.run([sys.executable, "-m", "haaqi_jax.cli", "--help"], cwd=outside,
+                            env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and "demo-data" in result.stdout, result.stderr[-2000:]
+    assert version == _source_version()
