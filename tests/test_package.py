@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tomllib
 import zipfile
 from pathlib import Path
@@ -104,6 +105,12 @@ def _wheel_names(wheel: Path) -> set[str]:
         return set(z.namelist())
 
 
+def _sdist_names(sdist: Path) -> set[str]:
+    with tarfile.open(sdist) as t:
+        top = t.getnames()[0].split("/")[0]
+        return {n[len(top) + 1:] for n in t.getnames() if n.startswith(top + "/")}
+
+
 def test_wheel_holds_every_file_of_the_package(built):
     package = {name for name in _source_files() if name.startswith("haaqi_jax/")}
     missing = package - _wheel_names(built["wheel"])
@@ -145,3 +152,25 @@ def test_installed_wheel_imports_without_torch_and_runs_its_script(built, tmp_pa
                             env=env, capture_output=True, text=True)
     assert result.returncode == 0 and "demo-data" in result.stdout, result.stderr[-2000:]
     assert version == _source_version()
+
+
+#: The licence texts that must travel with the code: ours and the MIT notices of the code
+#: ported (README, "Credits and licences").
+LICENCE_FILES = ("LICENSE", "LICENSES/BEATs-MIT.txt", "LICENSES/pyclarity-MIT.txt")
+
+
+def test_licences_ship_in_wheel_and_sdist(built):
+    for name, holder in (("LICENSE", "The haaqi_jax authors"),
+                         ("LICENSES/BEATs-MIT.txt", "Microsoft Corporation"),
+                         ("LICENSES/pyclarity-MIT.txt", "The PyClarity Team")):
+        text = (ROOT / name).read_text()
+        assert holder in text and "Permission is hereby granted" in text, name
+    wheel_names = _wheel_names(built["wheel"])
+    dist_info = next(n.split("/")[0] for n in wheel_names if ".dist-info/" in n)
+    for name in LICENCE_FILES:
+        assert f"{dist_info}/licenses/{name}" in wheel_names, name
+        assert name in _sdist_names(built["sdist"]), name
+    with zipfile.ZipFile(built["wheel"]) as z:
+        metadata = z.read(f"{dist_info}/METADATA").decode()
+    assert "License-Expression: MIT" in metadata
+    assert set(re.findall(r"^License-File: (.+)$", metadata, re.M)) == set(LICENCE_FILES)
