@@ -154,6 +154,13 @@ def test_installed_wheel_imports_without_torch_and_runs_its_script(built, tmp_pa
     assert version == _source_version()
 
 
+def test_sdist_holds_every_source_file(built):
+    # The tests with their helpers (conftest.py ...), train.py, configs/, convert_weights.py,
+    # benchmarks/ and docs/: an sdist is the source, and the README's commands run in it.
+    missing = set(_source_files()) - _sdist_names(built["sdist"])
+    assert not missing, f"not in the sdist: {sorted(missing)}"
+
+
 #: The licence texts that must travel with the code: ours and the MIT notices of the code
 #: ported (README, "Credits and licences").
 LICENCE_FILES = ("LICENSE", "LICENSES/BEATs-MIT.txt", "LICENSES/pyclarity-MIT.txt")
