@@ -181,3 +181,11 @@ def test_licences_ship_in_wheel_and_sdist(built):
         metadata = z.read(f"{dist_info}/METADATA").decode()
     assert "License-Expression: MIT" in metadata
     assert set(re.findall(r"^License-File: (.+)$", metadata, re.M)) == set(LICENCE_FILES)
+
+
+def test_the_version_is_written_once():
+    # pyproject.toml reads haaqi_jax.__version__, so the two cannot drift apart.
+    assert "version" not in PYPROJECT["project"]
+    assert "version" in PYPROJECT["project"]["dynamic"]
+    assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {
+        "attr": "haaqi_jax.__version__"}
