@@ -189,3 +189,18 @@ def test_the_version_is_written_once():
     assert "version" in PYPROJECT["project"]["dynamic"]
     assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {
         "attr": "haaqi_jax.__version__"}
+
+
+#: Import names of the runtime dependencies whose distribution name differs.
+IMPORT_NAME = {"orbax-checkpoint": "orbax", "ml-collections": "ml_collections"}
+
+
+def test_every_runtime_dependency_is_used():
+    code = "\n".join(p.read_text() for p in (ROOT / "haaqi_jax").rglob("*.py"))
+    unused = []
+    for text in PYPROJECT["project"]["dependencies"]:
+        name = Requirement(text).name
+        module = IMPORT_NAME.get(name, name.replace("-", "_"))
+        if not re.search(rf"^\s*(import|from) {re.escape(module)}\b", code, re.M):
+            unused.append(name)
+    assert not unused, f"declared but never imported by haaqi_jax: {unused}"

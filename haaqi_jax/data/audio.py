@@ -1,11 +1,11 @@
 """Reading audio files as 16 kHz mono float32 waveforms, and validating waveforms.
 
-Resampling uses libsoxr at its "very high quality" setting (the `soxr` package, which librosa
-already depends on). Measured on in-band sines (440 + 1500 Hz, 8/44.1/48 kHz -> 16 kHz) it is
-within 1e-9 of the exact values, where scipy.signal.resample_poly with its default Kaiser
-window is off by 2e-4..6e-4, and it is as fast. Its output length, round-half-up of
-n * target / source, is known from the file header (`resampled_length`), which the
-length-bucketed input pipeline relies on; `load_audio` enforces it.
+Resampling uses libsoxr at its "very high quality" setting (the `soxr` package). Measured on
+in-band sines (440 + 1500 Hz, 8/44.1/48 kHz -> 16 kHz) it is within 1e-9 of the exact values,
+where scipy.signal.resample_poly with its default Kaiser window is off by 2e-4..6e-4, and it
+is as fast. Its output length, round-half-up of n * target / source, is known from the file
+header (`resampled_length`), which the length-bucketed input pipeline relies on; `load_audio`
+enforces it.
 """
 
 from __future__ import annotations
