@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.version import Version
 
 MODULES = [
     "haaqi_jax", "haaqi_jax.audiogram", "haaqi_jax.fbank", "haaqi_jax.beats", "haaqi_jax.head",
@@ -204,3 +205,23 @@ def test_every_runtime_dependency_is_used():
         if not re.search(rf"^\s*(import|from) {re.escape(module)}\b", code, re.M):
             unused.append(name)
     assert not unused, f"declared but never imported by haaqi_jax: {unused}"
+
+
+#: The oldest release of a dependency with an API the package calls.
+OLDEST_WITH = {
+    "jax": ("0.8.0", "jax.enable_x64 as a top-level context manager (haaqi_jax.haaqi)"),
+    "optax": ("0.2.5", "optax.tree.norm (haaqi_jax.train.steps)"),
+    "grain": ("0.2.8", "grain.MapDataset and grain.ReadOptions at the top level "
+                       "(haaqi_jax.data.pipeline)"),
+}
+
+
+def test_dependency_lower_bounds_admit_no_release_without_the_apis_used():
+    bounds = {Requirement(r).name: Requirement(r).specifier
+              for r in PYPROJECT["project"]["dependencies"]}
+    too_low = [f"{name}{bounds[name]} admits releases before {oldest}, which lack {why}"
+               for name, (oldest, why) in OLDEST_WITH.items()
+               if any(Version(s.version) < Version(oldest) for s in bounds[name]
+                      if s.operator in (">=", ">", "~=", "=="))
+               or not any(s.operator in (">=", ">", "~=", "==") for s in bounds[name])]
+    assert not too_low, too_low
