@@ -86,8 +86,9 @@ def built(tmp_path_factory):
     import setuptools
     need = next(Requirement(r) for r in PYPROJECT["build-system"]["requires"]
                 if Requirement(r).name == "setuptools")
-    if not need.specifier.contains(setuptools.__version__, prereleases=True):
-        pytest.skip(f"the installed setuptools {setuptools.__version__} is not {need}")
+    assert need.specifier.contains(setuptools.__version__, prereleases=True), (
+        f"the installed setuptools {setuptools.__version__} is not {need}: pip install -e "
+        "'.[test]' installs one that is")
     root = tmp_path_factory.mktemp("build")
     src, out = root / "src", root / "dist"
     for name in _source_files():
