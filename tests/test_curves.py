@@ -87,3 +87,58 @@ def test_smoothed_lines_start_at_the_first_log(tmp_path, monkeypatch):
     np.testing.assert_array_equal(line.get_xdata(), [10 * (i + 1) for i in range(len(values))])
     np.testing.assert_allclose(line.get_ydata(), expected)
     plt.close("all")
+
+
+def _distill_log(tmp_path):
+    """A short distillation's log: the HAAQI loss spans 0.07 to 0.17, best step 240."""
+    rng = np.random.default_rng(0)
+    records = [{"kind": "train", "step": s, "loss": 2.0 - s / 400, "haaqi_loss":
+                0.16 - s / 5000 + 0.01 * rng.uniform(), "distill_0": 0.8, "distill_1": 0.7}
+               for s in range(10, 430, 10)]
+    records += [{"kind": "valid", "step": s, "epoch": s // 60, "loss": 0.09 - s / 20000,
+                 "lcc": 0.75, "srcc": 0.74, "best": s == 240} for s in range(60, 430, 60)]
+    return _write(tmp_path / "metrics.jsonl", records)
+
+
+def _drawn_curves(path, out):
+    import warnings
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    close, plt.close = plt.close, (lambda *a, **k: None)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            curves.learning_curves(path, out, title="distill")
+    finally:
+        plt.close = close
+    fig = plt.gcf()
+    fig.canvas.draw()
+    return fig
+
+
+def test_the_best_step_is_named_in_the_legend_not_under_it(tmp_path):
+    """The "best step 240" note sat at the top of the loss panel, where the legend hid it."""
+    fig = _drawn_curves(_distill_log(tmp_path), tmp_path / "c.png")
+    loss_ax = fig.axes[0]
+    labels = [t.get_text() for t in loss_ax.get_legend().get_texts()]
+    assert "best step 240" in labels
+    legend = loss_ax.get_legend().get_window_extent()
+    for text in loss_ax.texts:                                     # no note left under it
+        box = text.get_window_extent()
+        assert not (box.x0 < legend.x1 and legend.x0 < box.x1 and box.y0 < legend.y1
+                    and legend.y0 < box.y1), text.get_text()
+
+
+def test_a_log_loss_axis_under_a_decade_reads_off_values(tmp_path):
+    """A loss between 0.07 and 0.17 on a log axis (the demo distillation's) had one labelled
+    tick, 10^-1: no value could be read off it."""
+    fig = _drawn_curves(_distill_log(tmp_path), tmp_path / "c.png")
+    loss_ax = fig.axes[0]
+    low, high = loss_ax.get_ylim()
+    shown = [t for t in loss_ax.yaxis.get_majorticklabels() + loss_ax.yaxis.get_minorticklabels()
+             if t.get_text() and low <= t.get_position()[1] <= high]
+    assert len(shown) >= 3, [t.get_text() for t in shown]

@@ -79,6 +79,18 @@ def _running_mean(values: np.ndarray, width: int = 5) -> np.ndarray:
     return (sums[ends] - sums[ends - counts]) / counts
 
 
+def _label_short_log_axis(ax: Any, values: np.ndarray) -> None:
+    """Plain numbers on every tick of a log axis spanning under a decade, where matplotlib
+    labels a power of ten or two at most (0.07 to 0.17: "10^-1" alone)."""
+    from matplotlib import ticker
+
+    values = values[np.isfinite(values) & (values > 0)]
+    if values.size and values.max() / values.min() < 10:
+        plain = ticker.FuncFormatter(lambda v, _: f"{v:.3g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+
+
 def learning_curves(metrics_file: str | os.PathLike, out_png: str | os.PathLike,
                     title: str | None = None) -> Path:
     """Draws the curves of `read_series` into `out_png` (see the module docstring)."""
@@ -95,7 +107,8 @@ def learning_curves(metrics_file: str | os.PathLike, out_png: str | os.PathLike,
     shown = HAAQI_TERM if distilling else "loss"
     if distilling:
         terms = ["loss"] + terms
-    fig, axes = plt.subplots(1, 3 if terms else 2, figsize=(12 if terms else 8.5, 3.6), dpi=120)
+    fig, axes = plt.subplots(1, 3 if terms else 2, figsize=(12 if terms else 8.5, 3.6), dpi=120,
+                             sharex=True)        # one step range: the best-step lines align
     loss_ax, corr_ax = axes[0], axes[1]
     steps, values = train[shown]
     if steps.size:
@@ -106,6 +119,7 @@ def learning_curves(metrics_file: str | os.PathLike, out_png: str | os.PathLike,
         loss_ax.plot(steps, values, "o-", color="tab:orange", ms=3, lw=1, label="validation")
     if (train[shown][1] > 0).all() and (valid["loss"][1] > 0).all():
         loss_ax.set_yscale("log")
+        _label_short_log_axis(loss_ax, np.concatenate([train[shown][1], valid["loss"][1]]))
     loss_ax.set(xlabel="step", ylabel="loss", title="HAAQI loss" if distilling else "loss")
     for key, color in (("lcc", "tab:green"), ("srcc", "tab:purple")):
         steps, values = valid[key]
@@ -123,15 +137,14 @@ def learning_curves(metrics_file: str | os.PathLike, out_png: str | os.PathLike,
         term_ax.set(xlabel="step", ylabel="term (running mean)", title="distillation terms")
     for ax in axes:
         if best is not None:
-            ax.axvline(best, color="0.5", ls="--", lw=1)
+            # Named in the loss panel's legend: a note on the line sat under the legend.
+            ax.axvline(best, color="0.5", ls="--", lw=1,
+                       label=f"best step {best}" if ax is loss_ax else None)
         ax.grid(color="0.92")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    if best is not None:
-        loss_ax.annotate(f"best step {best}", xy=(best, 1), xycoords=("data", "axes fraction"),
-                         xytext=(3, -12), textcoords="offset points", fontsize=7, color="0.4")
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(f"{title}: learning curves", fontsize=10)
     fig.tight_layout()
     out_png = Path(out_png)
     fig.savefig(out_png)
