@@ -237,13 +237,59 @@ def check_color_by(color_by: str, what: str = "color_by") -> None:
 
 
 #: Marker per round of the palette's colours in `scatter_plot`.
-SCATTER_MARKERS = "os^D"
+SCATTER_MARKERS = "os^DvP"
+#: Legend entries per column beside the scatter (more: another column, the figure widens).
+SCATTER_LEGEND_ROWS = 24
+#: Both HAAQI axes of the report's plots: [0, 1] and a margin, so that a clip on 0 or 1 (a
+#: clean reference) shows its whole marker.
+HAAQI_LIMITS = (-0.025, 1.025)
+
+
+def _scope(records: Sequence[Mapping[str, Any]]) -> str:
+    """"320 clips: valid, test_seen, test_unseen": how many clips a plot pools, and from which
+    splits (in the records' order), wrapped to lines of at most 80 characters."""
+    import textwrap
+    splits = ", ".join(dict.fromkeys(str(r["split"]) for r in records))
+    return textwrap.fill(f"{_clips(len(records))}: {splits}", 80)
+
+
+def _group_colors(groups: Sequence[str], color_by: str, cmap: Any) -> list[Any]:
+    """One colour per group: the WHO grades on a sequential scale, mildest lightest (they are
+    ordered; a qualitative palette hid that), clips without an audiogram grey."""
+    if color_by != "hearing_loss":
+        return [cmap(i % cmap.N) for i in range(len(groups))]
+    import matplotlib
+    scale = matplotlib.colormaps["viridis_r"]
+    last = len(HEARING_LOSS_GRADES) - 1
+    return ["0.6" if g == NO_AUDIOGRAM else scale(0.12 + 0.88 * HEARING_LOSS_GRADES.index(g)
+                                                    / last) for g in groups]
+
+
+def _fit_legend_beside(fig: Any, legend: Any, height: float) -> None:
+    """Widens `fig` by what its legend beside the axes takes, then fits the layout: a long or
+    many-columned legend ran off the figure, or squeezed the axes to a sliver."""
+    fig.canvas.draw()
+    fig.set_size_inches(fig.get_size_inches()[0] + legend.get_window_extent().width / fig.dpi,
+                        height)
+    fig.tight_layout()
+    for _ in range(4):          # an equal-aspect axes moves as the figure widens: settle it
+        fig.canvas.draw()
+        over = (legend.get_window_extent().x1 - fig.bbox.x1) / fig.dpi + 0.1  # inches
+        if -0.1 <= over <= 0:
+            break
+        fig.set_size_inches(fig.get_size_inches()[0] + over, height)
+        fig.tight_layout()
 
 
 def scatter_plot(records: Sequence[Mapping[str, Any]], path: Path, color_by: str = "split"
                  ) -> Path:
-    """Predicted vs true HAAQI, one colour per value of `color_by` ('split' | 'distortion' |
-    'hearing_loss': the WHO grades mildest first, then the clips without an audiogram)."""
+    """Predicted vs true HAAQI, one point per clip, one colour per value of `color_by`
+    ('split' | 'distortion' | 'hearing_loss': the WHO grades mildest first, then the clips
+    without an audiogram); the title names the splits, the clip count, LCC and SRCC. The
+    legend (every group, with its clip count) stands beside the axes, in columns of
+    SCATTER_LEGEND_ROWS, the figure widened to hold it."""
+    import math
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -257,22 +303,33 @@ def scatter_plot(records: Sequence[Mapping[str, Any]], path: Path, color_by: str
     else:
         groups = sorted({r[color_by] for r in records})
     many = len(groups) > 10                   # e.g. the demo's 26 distortions
-    fig, ax = plt.subplots(figsize=(8.5 if many else 5.5, 5), dpi=120)
     cmap = plt.get_cmap("tab20" if many else "tab10")
+    colors = _group_colors(groups, color_by, cmap)
+    fig, ax = plt.subplots(figsize=(5.6, 5.4), dpi=120)
     for i, group in enumerate(groups):
         # Past the palette's colours the marker changes, so no two groups look alike.
         sel = [r for r in records if r[color_by] == group]
         ax.scatter([r["label"] for r in sel], [r["prediction"] for r in sel], s=12, alpha=0.75,
-                   color=cmap(i % cmap.N),
+                   color=colors[i],
                    marker=SCATTER_MARKERS[i // cmap.N % len(SCATTER_MARKERS)],
                    label=f"{group} ({len(sel)})")
-    ax.plot([0, 1], [0, 1], color="0.5", lw=1, ls="--")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="true HAAQI", ylabel="predicted HAAQI",
-           title="HAAQI-Net predictions")
-    # Many groups: the legend beside the axes, not over the points.
-    ax.legend(fontsize=7, title=color_by, title_fontsize=8, loc="upper left",
-              **({"bbox_to_anchor": (1.02, 1.0), "borderaxespad": 0.0} if many else {}))
-    fig.tight_layout()
+    ax.plot([0, 1], [0, 1], color="0.5", lw=1, ls="--")         # prediction = label
+    pred = np.array([r["prediction"] for r in records])
+    true = np.array([r["label"] for r in records])
+    summary = metrics_lib.summarize(pred, true)
+    ax.set(xlim=HAAQI_LIMITS, ylim=HAAQI_LIMITS, aspect="equal", anchor="W",
+           xlabel="true HAAQI (label)", ylabel="predicted HAAQI",
+           xticks=np.linspace(0, 1, 6), yticks=np.linspace(0, 1, 6))
+    ax.set_title(f"HAAQI-Net predictions, one point per clip\n{_scope(records)}\n"
+                 f"LCC {_fmt(summary['lcc'])}, SRCC {_fmt(summary['srcc'])} "
+                 "(dashed: prediction = label)", fontsize=9)
+    ax.grid(color="0.93")
+    # Beside the axes, never over the points (inside, it hid the over-predicted clips of
+    # the top-left corner), in as many columns as it needs.
+    legend = ax.legend(fontsize=7, title=color_by.replace("_", " "), title_fontsize=8,
+                       loc="upper left", bbox_to_anchor=(1.03, 1.0), borderaxespad=0.0,
+                       ncol=math.ceil(len(groups) / SCATTER_LEGEND_ROWS))
+    _fit_legend_beside(fig, legend, 5.4)
     fig.savefig(path)
     plt.close(fig)
     return path

@@ -535,3 +535,99 @@ def test_predictions_csv_grades_hand_made_records_as_the_report_does(tmp_path):
     assert {g: e["n"] for g, e in by_grade.items()} == {
         g: expected.count(g) for g in expected}
     assert records[0].get("hearing_loss") is None          # the caller's records untouched
+
+
+# ------------------------------------------------------------------ how the plots read
+
+
+def _drawn(plot, *args, **kwargs):
+    """Draws a plot with warnings as errors (a tight_layout that gives up warns) and returns
+    its figure, kept open and drawn so that extents are final."""
+    import warnings
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    close = plt.close
+    plt.close = lambda *a, **k: None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            plot(*args, **kwargs)
+    finally:
+        plt.close = close
+    fig = plt.gcf()
+    fig.canvas.draw()
+    return fig
+
+
+def _inside(inner, outer, tol=1.0):
+    return (inner.x0 >= outer.x0 - tol and inner.y0 >= outer.y0 - tol
+            and inner.x1 <= outer.x1 + tol and inner.y1 <= outer.y1 + tol)
+
+
+def _overlap(a, b):
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def _texts(fig):
+    return "\n".join([fig._suptitle.get_text() if fig._suptitle else ""]
+                     + [ax.get_title(loc) for ax in fig.axes for loc in ("left", "center")])
+
+
+def _demo_records(rng, names, splits=("valid", "test_seen", "test_unseen"), per=3):
+    return [{"id": f"{i}-{k}", "split": splits[(i + k) % len(splits)], "distortion": name,
+             "label": float(rng.uniform()), "prediction": float(rng.uniform()),
+             "pta_db": float(rng.uniform(0, 90))}
+            for i, name in enumerate(names) for k in range(per)]
+
+
+#: 64 distortion names, many of them combinations, as a large manifest has.
+_BASE = ["babble", "tilt_down", "multi_resonance", "spectral_subtraction", "highpass",
+         "lowpass", "compression", "resonance"]
+_MANY = ([f"{a}+{b}" for a in _BASE for b in _BASE if a < b]
+         + [f"{a}+{b}+compression" for a in _BASE[:4] for b in _BASE[4:6]])[:64]
+
+
+@pytest.mark.parametrize("which", ["scatter"])
+def test_every_report_plot_names_its_splits_and_clip_count(which):
+    """A report plot pools splits: it says which, and over how many clips (a PNG copied out of
+    its folder said neither)."""
+    records = _demo_records(np.random.default_rng(1), _BASE[:5])
+    report = evaluate.compute_report_metrics(records)
+    fig = {"scatter": lambda: _drawn(evaluate.scatter_plot, records, Path("/dev/null")),
+           "distortion": lambda: _drawn(evaluate.distortion_plot, records, report,
+                                        Path("/dev/null")),
+           "hearing_loss": lambda: _drawn(evaluate.hearing_loss_plot, records, report,
+                                          Path("/dev/null"))}[which]()
+    text = _texts(fig)
+    assert "valid, test_seen, test_unseen" in text and "15 clips" in text, text
+
+
+@pytest.mark.parametrize("color_by, names", [("split", _BASE[:1]), ("hearing_loss", _BASE[:1]),
+                                              ("distortion", _MANY)])
+def test_a_scatter_legend_is_whole_and_off_the_points(tmp_path, color_by, names):
+    """Beside the axes for any number of groups (inside, it hid the over-predicted clips in the
+    top-left corner), and whole: 64 distortions ran off the bottom and right of the figure."""
+    records = _demo_records(np.random.default_rng(2), names)
+    fig = _drawn(evaluate.scatter_plot, records, tmp_path / "s.png", color_by=color_by)
+    (ax,) = fig.axes
+    legend = ax.get_legend().get_window_extent()
+    assert _inside(legend, fig.bbox)
+    assert not any(_overlap(legend, a.get_window_extent())     # nor over a tick label
+                   for a in [ax] + ax.get_xticklabels() + ax.get_yticklabels())
+    assert len(ax.get_legend().get_texts()) == len({r[color_by] for r in records}
+                                                   if color_by != "hearing_loss" else
+                                                   set(evaluate.hearing_loss_of_records(records)))
+
+
+def test_a_scatter_shows_clips_on_the_edges_whole():
+    """Labels and predictions of exactly 0 or 1 (clean references) sat on the axes' edges,
+    three quarters of each marker cut off."""
+    records = [{"id": str(i), "split": "t", "distortion": "x", "label": float(i % 2),
+                "prediction": float(i % 2)} for i in range(4)]
+    (ax,) = _drawn(evaluate.scatter_plot, records, Path("/dev/null")).axes
+    for low, high in (ax.get_xlim(), ax.get_ylim()):
+        assert low < 0 < 1 < high <= 1.05
