@@ -245,12 +245,12 @@ SCATTER_LEGEND_ROWS = 24
 HAAQI_LIMITS = (-0.025, 1.025)
 
 
-def _scope(records: Sequence[Mapping[str, Any]]) -> str:
+def _scope(records: Sequence[Mapping[str, Any]], width: int = 80) -> str:
     """"320 clips: valid, test_seen, test_unseen": how many clips a plot pools, and from which
-    splits (in the records' order), wrapped to lines of at most 80 characters."""
+    splits (in the records' order), wrapped to lines of at most `width` characters."""
     import textwrap
     splits = ", ".join(dict.fromkeys(str(r["split"]) for r in records))
-    return textwrap.fill(f"{_clips(len(records))}: {splits}", 80)
+    return textwrap.fill(f"{_clips(len(records))}: {splits}", width)
 
 
 def _group_colors(groups: Sequence[str], color_by: str, cmap: Any) -> list[Any]:
@@ -337,9 +337,13 @@ def scatter_plot(records: Sequence[Mapping[str, Any]], path: Path, color_by: str
 
 def distortion_plot(records: Sequence[Mapping[str, Any]], report: Mapping[str, Any], path: Path
                     ) -> Path:
-    """Mean label (black) and mean prediction (coloured by the splits the type's clips are in,
-    e.g. "valid, test_seen" or "test_unseen") of every distortion, one row each, sorted by
-    prediction - label."""
+    """Mean label (black ring) and mean prediction (dot coloured by the splits the type's clips
+    are in, e.g. "valid, test_seen" or "test_unseen") of every distortion, one row each,
+    sorted by prediction - label (rated too close to clean at the top). The title names the
+    splits and clip count; the legend stands beside the rows, the figure as wide as the
+    longest name needs."""
+    import textwrap
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -353,21 +357,41 @@ def distortion_plot(records: Sequence[Mapping[str, Any]], report: Mapping[str, A
     home = {name: ", ".join(sorted(counts[name])) for name in names}
     splits = sorted(set(home.values()))
     cmap = plt.get_cmap("tab10")
-    fig, ax = plt.subplots(figsize=(6.5, 1.2 + 0.28 * len(names)), dpi=120)
+    # At least 3 in high: one or two rows in a 1.5 in figure cut off the title and x label.
+    height = max(3.0, 1.6 + 0.28 * len(names))
+    fig, ax = plt.subplots(figsize=(6.5, height), dpi=120)
     for y, name in enumerate(names):
         label, pred = by_type[name]["label_mean"], by_type[name]["prediction_mean"]
         color = cmap(splits.index(home[name]) % cmap.N)
         ax.plot([label, pred], [y, y], color=color, lw=2, alpha=0.6)
-        ax.scatter([label], [y], color="black", s=18, zorder=3)
         ax.scatter([pred], [y], color=color, s=24, zorder=3)
+        # A ring over the dot: a label equal to its prediction no longer hides under it.
+        ax.scatter([label], [y], facecolors="none", edgecolors="black", s=34, lw=1.1, zorder=4)
     for i, split in enumerate(splits):
-        ax.scatter([], [], color=cmap(i % cmap.N), s=24, label=f"prediction ({split})")
-    ax.scatter([], [], color="black", s=18, label="label")
+        # A type in many splits: its entry wrapped, not one line wider than the figure.
+        ax.scatter([], [], color=cmap(i % cmap.N), s=24,
+                   label=textwrap.fill(f"prediction ({split})", 34))
+    ax.scatter([], [], facecolors="none", edgecolors="black", s=34, lw=1.1,
+               label="label (true HAAQI)")
     ax.set_yticks(range(len(names)),
                   [f"{name} ({by_type[name]['n']})" for name in names], fontsize=7)
-    ax.set(xlim=(0, 1), xlabel="mean HAAQI", title="Mean label vs mean prediction per distortion")
+    ax.set(xlim=HAAQI_LIMITS, ylim=(-0.6, len(names) - 0.4), xlabel="mean HAAQI",
+           ylabel="distortion (clips)")
+    ax.set_title(f"Mean label vs mean prediction per distortion\n{_scope(records, 60)}\n"
+                 "top: rated too close to clean; bottom: rated too harshly", fontsize=9)
     ax.grid(axis="x", color="0.9")
-    ax.legend(fontsize=7, loc="best", framealpha=0.85)
+    # Beside the rows, never over them (at "best" it sat on the top rows' points).
+    legend = ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                       borderaxespad=0.0)
+    fig.canvas.draw()
+    # As wide as the names and the legend need, the data keeping 3.5 in.
+    names_width = max(t.get_window_extent().width for t in ax.get_yticklabels()) / fig.dpi
+    legend_box = legend.get_window_extent()
+    title_box = ax.title.get_window_extent()
+    # Wide enough for the title too, and high enough for a legend of many splits.
+    fig.set_size_inches(max(3.5 + names_width + 0.8 + legend_box.width / fig.dpi,
+                            title_box.width / fig.dpi + 0.4),
+                        max(height, (legend_box.height + title_box.height) / fig.dpi + 1.0))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

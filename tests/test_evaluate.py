@@ -591,7 +591,7 @@ _MANY = ([f"{a}+{b}" for a in _BASE for b in _BASE if a < b]
          + [f"{a}+{b}+compression" for a in _BASE[:4] for b in _BASE[4:6]])[:64]
 
 
-@pytest.mark.parametrize("which", ["scatter"])
+@pytest.mark.parametrize("which", ["scatter", "distortion"])
 def test_every_report_plot_names_its_splits_and_clip_count(which):
     """A report plot pools splits: it says which, and over how many clips (a PNG copied out of
     its folder said neither)."""
@@ -631,3 +631,19 @@ def test_a_scatter_shows_clips_on_the_edges_whole():
     (ax,) = _drawn(evaluate.scatter_plot, records, Path("/dev/null")).axes
     for low, high in (ax.get_xlim(), ax.get_ylim()):
         assert low < 0 < 1 < high <= 1.05
+
+
+@pytest.mark.parametrize("names, splits", [
+    (["noise"], tuple(f"split_with_a_long_name_{i}" for i in range(8))),
+    (_MANY, ("valid", "test_seen", "test_unseen"))])
+def test_the_distortion_plot_fits_its_text_and_keeps_its_legend_off_the_rows(names, splits):
+    """One distortion: a 1.5 in high figure cut off its title and x label; a type in many
+    splits wrote one legend line wider than the figure; and the legend sat on the top rows."""
+    records = _demo_records(np.random.default_rng(3), names, splits)
+    report = evaluate.compute_report_metrics(records)
+    fig = _drawn(evaluate.distortion_plot, records, report, Path("/dev/null"))
+    (ax,) = fig.axes
+    legend = ax.get_legend().get_window_extent()
+    assert _inside(legend, fig.bbox) and _inside(ax.get_tightbbox(), fig.bbox)
+    assert not _overlap(legend, ax.get_window_extent())
+    assert ax.get_window_extent().width > 0.4 * fig.bbox.width      # long names leave room
