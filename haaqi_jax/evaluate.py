@@ -407,7 +407,9 @@ def hearing_loss_plot(records: Sequence[Mapping[str, Any]], report: Mapping[str,
     """Per WHO grade of hearing loss, mildest on the left: the spread of true and predicted
     HAAQI (boxes, means marked) and the LCC and SRCC of the grade's clips (bars, the pooled
     LCC of all clips as a line). Tick labels give each grade's PTA range and clip count; clips
-    without an audiogram are left out, and a footnote counts them."""
+    without an audiogram are left out, and a footnote counts them (and says what an n/a
+    correlation means). The title names the splits and clip count; legends sit in headroom
+    above 1, off the boxes and bars."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -442,7 +444,9 @@ def hearing_loss_plot(records: Sequence[Mapping[str, Any]], report: Mapping[str,
         ax_score.scatter(x + offset, [v.mean() for v in per_grade], marker="D", s=22,
                          color="white", edgecolor="black", zorder=4)
     ax_score.set_xticks(x, ticks, fontsize=7)
-    ax_score.set(ylim=(-0.02, 1.02), ylabel="HAAQI (0 = worst, 1 = best)",
+    # Headroom above 1 for the legend: at "best" it sat on a box or whisker.
+    ax_score.set(ylim=(-0.02, 1.2), yticks=np.linspace(0, 1, 6),
+                 ylabel="HAAQI (0 = worst, 1 = best)",
                  xlabel="hearing-loss grade (WHO 2021, PTA of 0.5, 1, 2, 4 kHz)",
                  title="True and predicted HAAQI per grade")
     ax_score.grid(axis="y", color="0.9")
@@ -450,7 +454,7 @@ def hearing_loss_plot(records: Sequence[Mapping[str, Any]], report: Mapping[str,
                              Patch(facecolor=pred_color, alpha=0.55, label="predicted"),
                              plt.Line2D([], [], marker="D", ls="", color="white",
                                         markeredgecolor="black", label="mean")],
-                    fontsize=7, loc="best", framealpha=0.85)
+                    fontsize=7, loc="upper center", ncol=3, framealpha=0.85)
 
     corr = {name: np.array([by_grade[g][name] for g in names], dtype=np.float64)
             for name in ("lcc", "srcc")}
@@ -459,8 +463,7 @@ def hearing_loss_plot(records: Sequence[Mapping[str, Any]], report: Mapping[str,
         ax_corr.bar(x + offset, np.nan_to_num(values), width=0.34, color=color,
                     label={"lcc": "LCC (Pearson)", "srcc": "SRCC (Spearman)"}[name])
         for k in np.flatnonzero(~np.isfinite(values)):      # fewer than 3 clips, or constant
-            ax_corr.text(x[k] + offset, 0.02, "n/a", ha="center", va="bottom", fontsize=6,
-                         rotation=90)
+            ax_corr.text(x[k] + offset, 0.02, "n/a", ha="center", va="bottom", fontsize=7)
     overall = report["overall"]["lcc"]
     if np.isfinite(overall):
         ax_corr.axhline(overall, color="0.3", lw=1, ls="--",
@@ -469,15 +472,23 @@ def hearing_loss_plot(records: Sequence[Mapping[str, Any]], report: Mapping[str,
     finite = finite[np.isfinite(finite)]
     ax_corr.axhline(0.0, color="black", lw=0.8)
     ax_corr.set_xticks(x, [_grade_text(n) for n in names], fontsize=7, rotation=30, ha="right")
-    ax_corr.set(ylim=(min(0.0, finite.min() - 0.1) if finite.size else 0.0, 1.0),
+    low = min(0.0, finite.min() - 0.1) if finite.size else 0.0
+    # Headroom above 1 for the legend: in the lower left it covered the first grades' bars.
+    ax_corr.set(ylim=(low, 1.0 + 0.3 * (1.0 - low)),
+                yticks=[t for t in np.arange(-1.0, 1.01, 0.2) if t >= low - 1e-9],
                 ylabel="correlation with true HAAQI", title="Agreement per grade")
     ax_corr.grid(axis="y", color="0.9")
-    ax_corr.legend(fontsize=7, loc="lower left", framealpha=0.85)
+    ax_corr.legend(fontsize=7, loc="upper center", ncol=2, framealpha=0.85)
+    fig.suptitle(f"HAAQI-Net per hearing-loss grade; {_scope(records)}", fontsize=9)
+    notes = []
+    if not all(np.isfinite(v).all() for v in corr.values()):
+        notes.append("n/a: fewer than 3 clips, or constant values")
     left_out = report["hearing_loss_left_out"]
     if left_out:
-        fig.text(0.01, 0.01, f"{_clips(left_out)} without an audiogram left out",
-                 fontsize=7, color="0.3")
-    fig.tight_layout()
+        notes.append(f"{_clips(left_out)} without an audiogram left out")
+    if notes:
+        fig.text(0.01, 0.01, "; ".join(notes), fontsize=7, color="0.3")
+    fig.tight_layout(rect=(0, 0.03 if notes else 0, 1, 1))
     fig.savefig(path)
     plt.close(fig)
     return path

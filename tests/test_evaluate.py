@@ -591,7 +591,7 @@ _MANY = ([f"{a}+{b}" for a in _BASE for b in _BASE if a < b]
          + [f"{a}+{b}+compression" for a in _BASE[:4] for b in _BASE[4:6]])[:64]
 
 
-@pytest.mark.parametrize("which", ["scatter", "distortion"])
+@pytest.mark.parametrize("which", ["scatter", "distortion", "hearing_loss"])
 def test_every_report_plot_names_its_splits_and_clip_count(which):
     """A report plot pools splits: it says which, and over how many clips (a PNG copied out of
     its folder said neither)."""
@@ -647,3 +647,18 @@ def test_the_distortion_plot_fits_its_text_and_keeps_its_legend_off_the_rows(nam
     assert _inside(legend, fig.bbox) and _inside(ax.get_tightbbox(), fig.bbox)
     assert not _overlap(legend, ax.get_window_extent())
     assert ax.get_window_extent().width > 0.4 * fig.bbox.width      # long names leave room
+
+
+def test_the_hearing_loss_plot_keeps_its_legends_off_the_boxes_and_bars():
+    records = _demo_records(np.random.default_rng(4), _BASE, per=6)
+    for r in records[:20]:
+        r["label"], r["prediction"] = 0.05, 0.97                   # boxes reach both ends
+    report = evaluate.compute_report_metrics(records)
+    fig = _drawn(evaluate.hearing_loss_plot, records, report, Path("/dev/null"))
+    for ax in fig.axes:
+        legend = ax.get_legend().get_window_extent()
+        assert _inside(legend, fig.bbox)
+        data = (list(ax.patches) + list(ax.collections)
+                + [l for l in ax.lines if len(l.get_xdata()) and l.get_linestyle() != "--"])
+        hits = [a for a in data if _overlap(legend, a.get_window_extent())]
+        assert not hits, (ax.get_title(), hits[:3])
