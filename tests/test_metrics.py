@@ -180,3 +180,78 @@ def test_constant_predictions_have_no_correlation(value):
         assert np.isnan(summary["lcc"]) and np.isnan(summary["srcc"])
         intervals = metrics.bootstrap_intervals(p, t, n_resamples=200)
         assert all(np.isnan(intervals["lcc"])) and all(np.isnan(intervals["srcc"]))
+
+
+def test_builtin_metrics_are_registered_and_equal_summarize():
+    """lcc, srcc and mse are registered (what train.monitor may name besides "loss"), with
+    their direction, and `metric_value` gives what `summarize` logs, filler items left out."""
+    assert {"lcc", "srcc", "mse"} <= set(metrics.available_metrics())
+    assert metrics.higher_is_better("lcc") and metrics.higher_is_better("srcc")
+    assert not metrics.higher_is_better("mse") and not metrics.higher_is_better("loss")
+    pred, true = _data(4, n=12, ties=True)
+    weight = np.r_[np.ones(10), 0, 2.0]
+    summary = metrics.summarize(pred, true, weight)
+    for name in ("lcc", "srcc", "mse"):
+        assert metrics.metric_value(name, pred, true, weight) == summary[name]
+    # below three clips the correlations are NaN there too
+    assert np.isnan(metrics.metric_value("lcc", [0.1, 0.7], [0.3, 0.2]))
+
+
+def test_a_user_metric_is_registered_called_with_the_kept_items_and_checked():
+    seen = []
+
+    @metrics.register_metric("test_max_error", higher_is_better=False)
+    def max_error(pred, true, weight):
+        seen.append((pred, true, weight))
+        return np.max(np.abs(pred - true))
+
+    try:
+        assert "test_max_error" in metrics.available_metrics()
+        assert not metrics.higher_is_better("test_max_error")
+        value = metrics.metric_value("test_max_error", [0.1, 0.5, 9.0], [0.2, 0.1, 0.0],
+                                     [1, 1, 0])
+        assert value == pytest.approx(0.4) and type(value) is float
+        np.testing.assert_array_equal(seen[-1][0], [0.1, 0.5])      # weight 0 left out
+        # the same definition again (a config file loaded twice) replaces itself
+        metrics.register_metric("test_max_error", max_error, higher_is_better=False)
+        with pytest.raises(ValueError, match=r"metric 'test_max_error' is already registered "
+                                             r"by .*max_error \(pass overwrite=True\)"):
+            metrics.register_metric("test_max_error", lambda p, t, w: 0.0,
+                                    higher_is_better=True)
+        metrics.register_metric("test_max_error", lambda p, t, w: 1.5, True, overwrite=True)
+        assert metrics.metric_value("test_max_error", [0.1], [0.2]) == 1.5
+        assert metrics.higher_is_better("test_max_error")
+        metrics.register_metric("test_max_error", lambda p, t, w: np.ones(2), True,
+                                overwrite=True)
+        with pytest.raises(ValueError, match=r"metric 'test_max_error' returned .*a number"):
+            metrics.metric_value("test_max_error", [0.1], [0.2])
+    finally:
+        metrics.unregister_metric("test_max_error")
+    assert "test_max_error" not in metrics.available_metrics()
+    with pytest.raises(ValueError, match=r"unknown metric 'test_max_error'; registered: "
+                                         r"\[.*'lcc', 'mse', 'srcc'.*\]"):
+        metrics.metric_value("test_max_error", [0.1], [0.2])
+    with pytest.raises(ValueError, match=r"train.monitor must be 'loss' or a registered "
+                                         r"metric \(.*'lcc', 'mse', 'srcc'.*\), got 'lccc'"):
+        metrics.check_monitor("lccc")
+    metrics.check_monitor("loss")
+    metrics.check_monitor("srcc")
+
+
+@pytest.mark.parametrize("args, kwargs, error, message", [
+    (("loss", lambda p, t, w: 0.0), {"higher_is_better": False}, ValueError,
+     r"'loss' is a name of the validation rows"),
+    (("best", lambda p, t, w: 0.0), {"higher_is_better": False}, ValueError,
+     r"'best' is a name of the validation rows"),
+    (("", lambda p, t, w: 0.0), {"higher_is_better": False}, ValueError, r"a non-empty name"),
+    (("m", lambda p, t, w: 0.0), {}, TypeError, r"higher_is_better=True or False"),
+    (("m", lambda p, t, w: 0.0), {"higher_is_better": 1}, TypeError,
+     r"higher_is_better=True or False"),
+    ((lambda p, t, w: 0.0,), {"higher_is_better": True}, TypeError,
+     r"register_metric takes the metric's name"),
+    (("m", "not callable"), {"higher_is_better": True}, TypeError, r"not callable"),
+])
+def test_register_metric_refuses_bad_registrations(args, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        metrics.register_metric(*args, **kwargs)
+    assert "m" not in metrics.available_metrics()
