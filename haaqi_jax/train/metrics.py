@@ -7,11 +7,24 @@ scipy.stats.pearsonr / spearmanr / a plain MSE on the kept items.
 
 A correlation is undefined for fewer than 2 items or a constant input; it is then NaN (the JSON
 writers turn NaN into null). Non-finite inputs are an error.
+
+Validation metrics by name: a small registry (`register_metric`) with "lcc", "srcc" (higher is
+better) and "mse" (lower is better) built in. `train.monitor` names one of them, or "loss", as
+the quantity that early stopping and the best checkpoint follow. Your own, registered from
+your own code (a config file, or a module beside it that the config imports, as for a loss:
+README "Register your own loss"), then chosen with `--set train.monitor=max_error`; its value
+is logged in the validation rows of metrics.jsonl under its name:
+
+    from haaqi_jax.train.metrics import register_metric
+
+    @register_metric("max_error", higher_is_better=False)
+    def max_error(pred, true, weight):
+        return float(np.max(np.abs(pred - true)))
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -107,10 +120,120 @@ def summarize(pred: Any, true: Any, weight: Any | None = None) -> dict[str, floa
     `spearman_srcc`, the correlations are NaN below MIN_CORRELATION_ITEMS clips (two points
     always correlate by +-1)."""
     kept = _prepare(pred, true, weight)
-    few = kept[0].size < MIN_CORRELATION_ITEMS
-    return {"lcc": float("nan") if few else _weighted_pearson(*kept),
-            "srcc": float("nan") if few else _srcc(*kept),
-            "mse": _mse(*kept), "n": int(kept[0].size)}
+    return {"lcc": _reported_lcc(*kept), "srcc": _reported_srcc(*kept), "mse": _mse(*kept),
+            "n": int(kept[0].size)}
+
+
+def _reported_lcc(pred: np.ndarray, true: np.ndarray, weight: np.ndarray) -> float:
+    return float("nan") if pred.size < MIN_CORRELATION_ITEMS else _weighted_pearson(pred, true,
+                                                                                    weight)
+
+
+def _reported_srcc(pred: np.ndarray, true: np.ndarray, weight: np.ndarray) -> float:
+    return float("nan") if pred.size < MIN_CORRELATION_ITEMS else _srcc(pred, true, weight)
+
+
+# ----------------------------------------------------------------------------- registry
+
+#: fn(pred, true, weight) -> float, on the kept items: (n,) float64 arrays, weights > 0,
+#: predictions and targets finite. NaN when the metric is undefined (e.g. a constant input).
+MetricFn = Callable[[np.ndarray, np.ndarray, np.ndarray], float]
+
+_METRICS: dict[str, tuple[MetricFn, bool]] = {}
+#: What train.monitor may name besides the registered metrics: the validation loss.
+LOSS = "loss"
+#: Keys of metrics.jsonl's validation rows that a metric may not take as its name.
+RESERVED_NAMES = (LOSS, "step", "epoch", "kind", "best", "n")
+
+
+def register_metric(name: str, fn: MetricFn | None = None, higher_is_better: bool | None = None,
+                    *, overwrite: bool = False) -> Any:
+    """Adds a validation metric under `name` (an existing name needs overwrite): called with
+    fn, `register_metric("max_error", fn, higher_is_better=False)`, or as a decorator,
+    `@register_metric("max_error", higher_is_better=False)`.
+
+    Args:
+      fn: (pred, true, weight) -> float, see `MetricFn`.
+      higher_is_better: True for a score (as LCC), False for an error (as MSE); required.
+    Returns:
+      fn, or the decorator that registers and returns it.
+    """
+    if not isinstance(name, str):       # bare @register_metric hands over the function
+        raise TypeError(f"register_metric takes the metric's name first: write "
+                        f"register_metric(\"my_metric\", fn, higher_is_better=...), got "
+                        f"{name!r}")
+    if not name:
+        raise ValueError("register_metric needs a non-empty name")
+    if name in RESERVED_NAMES:
+        raise ValueError(f"register_metric: {name!r} is a name of the validation rows "
+                         f"({', '.join(RESERVED_NAMES)}); pick another")
+    if not isinstance(higher_is_better, bool):
+        raise TypeError(f"register_metric({name!r}): say whether a larger value is better, "
+                        f"higher_is_better=True or False (got {higher_is_better!r})")
+
+    def decorator(fn: MetricFn) -> MetricFn:
+        from haaqi_jax.config import definition_site
+        if not callable(fn):
+            raise TypeError(f"register_metric({name!r}): {fn!r} is not callable")
+        old = _METRICS.get(name)
+        # As register_loss: the same definition run again (a config file loaded twice)
+        # replaces itself; another function under a taken name needs overwrite.
+        if old is not None and not overwrite and definition_site(old[0]) != definition_site(fn):
+            raise ValueError(f"metric {name!r} is already registered by "
+                             f"{old[0].__module__}.{getattr(old[0], '__qualname__', old[0])} "
+                             f"(pass overwrite=True)")
+        _METRICS[name] = (fn, higher_is_better)
+        return fn
+    return decorator if fn is None else decorator(fn)
+
+
+def unregister_metric(name: str) -> None:
+    """Removes metric `name` from the registry (no error when it is not there)."""
+    _METRICS.pop(name, None)
+
+
+def available_metrics() -> list[str]:
+    """Names of the registered metrics."""
+    return sorted(_METRICS)
+
+
+def _known(name: str) -> tuple[MetricFn, bool]:
+    if name not in _METRICS:
+        raise ValueError(f"unknown metric {name!r}; registered: {available_metrics()}")
+    return _METRICS[name]
+
+
+def higher_is_better(name: str) -> bool:
+    """Whether a larger value of `name` (a registered metric, or "loss") is better."""
+    return False if name == LOSS else _known(name)[1]
+
+
+def check_monitor(name: Any, where: str = "train.monitor") -> str:
+    """`name` when it is "loss" or a registered metric; else ValueError naming `where` and the
+    choices."""
+    if not isinstance(name, str) or (name != LOSS and name not in _METRICS):
+        raise ValueError(f"{where} must be {LOSS!r} or a registered metric "
+                         f"({', '.join(repr(n) for n in available_metrics())}; "
+                         f"haaqi_jax.train.metrics.register_metric adds yours), got {name!r}")
+    return name
+
+
+def metric_value(name: str, pred: Any, true: Any, weight: Any | None = None) -> float:
+    """The registered metric `name` of one set of clips (items with weight 0 left out)."""
+    fn, _ = _known(name)
+    value = fn(*_prepare(pred, true, weight))
+    try:
+        if isinstance(value, bool) or np.ndim(value) != 0:
+            raise TypeError
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"metric {name!r} returned {value!r}; it must return a number"
+                         ) from None
+
+
+register_metric("lcc", _reported_lcc, higher_is_better=True)
+register_metric("srcc", _reported_srcc, higher_is_better=True)
+register_metric("mse", _mse, higher_is_better=False)
 
 
 def bootstrap_intervals(pred: Any, true: Any, weight: Any | None = None, *,
