@@ -532,7 +532,9 @@ def test_relabelled_manifest_is_refused_on_resume(tiny, tmp_path):
     ("data.valid_fraction=2", r"data.valid_fraction must be a number in \[0, 1\), got 2.0"),
     ("data.crop_seconds=-1", r"data.crop_seconds must be None or seconds > 0, got -1.0"),
     ("report.num_example_predictions=-1", r"report.num_example_predictions must be a whole "
-                                          r"number >= 0, got -1")])
+                                          r"number >= 0, got -1"),
+    ("train.monitor=lccc", r"train.monitor must be 'loss' or a registered metric \('lcc', "
+                           r"'mse', 'srcc'; .*\), got 'lccc'")])
 def test_run_settings_are_checked_before_training(tiny, tmp_path, override, message):
     """Before, a negative epoch count trained nothing and exited 0, a zero batch failed naming
     an internal class, and a third demo length was dropped; a loss typo or a cache dtype
@@ -883,6 +885,188 @@ def test_early_stopping_against_a_numpy_reference(losses_, min_delta, patience):
             break
     assert early["best_step"] == best_epoch * steps_per_epoch
     assert early["best_valid_loss"] == best and stopped_at == expected_stop
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("monitor, values, min_delta, patience", [
+    ("lcc", [0.2, 0.5, 0.45, 0.52, 0.7, 0.69, 0.6, 0.65, 0.8], 0.0, 3),
+    ("lcc", [0.2, 0.5, 0.45, 0.52, 0.7, 0.69, 0.6, 0.65, 0.8], 0.05, 2),  # 0.52: not by 0.05
+    ("srcc", [0.3, 0.3, 0.1, 0.3, 0.31], 0.0, 0),        # 0: never stops; ties do not improve
+    # NaN (constant predictions): the first epoch is the best all the same (best_value None),
+    # any finite value beats it whatever min_delta, and no NaN ever beats a finite one.
+    ("lcc", [NAN, NAN, -0.2, NAN, -0.25, 0.3, NAN, NAN, NAN], 0.5, 3),
+    ("srcc", [0.4, NAN, NAN, 0.41], 0.0, 0),
+    ("mse", [0.3, 0.2, 0.25, 0.19, 0.1, 0.12, 0.11], 0.02, 2),     # lower is better
+])
+def test_early_stopping_on_a_metric_against_a_plain_reference(monitor, values, min_delta,
+                                                              patience):
+    """train.monitor: the best epoch is the running best of the monitored quantity (highest
+    LCC / SRCC, least MSE), beaten by more than min_delta in its own units; the run stops
+    after `patience` epochs in a row that do not beat it. The valid losses rise throughout
+    (following the loss would keep epoch 1); best_valid_loss is the best epoch's loss."""
+    early = loop.new_early_stopping(monitor)
+    steps_per_epoch, stopped_at, flags = 10, None, []
+    valid_losses = [1.0 + 0.1 * epoch for epoch in range(len(values))]
+    for epoch, (loss, value) in enumerate(zip(valid_losses, values), start=1):
+        flags.append(loop.update_early_stopping(early, loss, epoch * steps_per_epoch,
+                                                value=value, min_delta=min_delta,
+                                                patience=patience))
+        if early["stopped"]:
+            stopped_at = epoch
+            break
+    sign = -1 if monitor == "mse" else 1
+    best, best_epoch, since, expected_stop, expected_flags = None, None, 0, None, []
+    for epoch, value in enumerate(values, start=1):
+        finite = value == value
+        better = best_epoch is None or (finite and (best is None
+                                                    or sign * (value - best) > min_delta))
+        expected_flags.append(better)
+        if better:
+            best, best_epoch, since = (value if finite else None), epoch, 0
+        else:
+            since += 1
+        if patience and since == patience:
+            expected_stop = epoch
+            break
+    assert flags == expected_flags
+    assert early["monitor"] == monitor and early["best_step"] == best_epoch * steps_per_epoch
+    assert early["best_value"] == best and stopped_at == expected_stop
+    assert early["best_valid_loss"] == valid_losses[best_epoch - 1]
+    with pytest.raises(ValueError, match="the value of the monitored 'lcc'"):
+        loop.update_early_stopping(loop.new_early_stopping("lcc"), 0.5, 10, min_delta=0.0,
+                                   patience=0)
+
+
+def test_an_early_stopping_record_from_before_train_monitor_resumes_as_loss():
+    """A checkpoint written before train.monitor holds no monitor and no best_value: it
+    followed the valid loss. Resuming it under another monitor is refused by name."""
+    old = {"best_valid_loss": 0.25, "best_step": 8, "bad_epochs": 1, "stopped": False}
+    early = loop.resumed_early_stopping(old, "loss")
+    assert early == {**old, "monitor": "loss", "best_value": 0.25}
+    for value in (0.26, 0.24):
+        again = dict(old)                            # an old record updated in place works too
+        assert loop.update_early_stopping(again, value, 12, min_delta=0.0,
+                                          patience=0) == (value < 0.25)
+    with pytest.raises(ValueError, match=r"its checkpoints followed train.monitor='loss'.*"
+                                         r"train.monitor='lcc'"):
+        loop.resumed_early_stopping(old, "lcc")
+    new = loop.new_early_stopping("srcc")
+    assert loop.resumed_early_stopping(dict(new), "srcc") == new
+    with pytest.raises(ValueError, match=r"train.monitor='srcc'.*train.monitor='loss'"):
+        loop.resumed_early_stopping(new, "loss")
+
+
+def _valid_rows(workdir):
+    return [json.loads(line) for line in (Path(workdir) / loop.METRICS_FILE).open()
+            if '"valid"' in line]
+
+
+def test_a_run_monitoring_srcc_keeps_the_epoch_of_highest_srcc(tiny, tmp_path, capsys):
+    """train.monitor=srcc on the tiny run (interrupted and resumed on the way): the best step,
+    the "best" flags of metrics.jsonl, the report's training.json and the TrainResult follow
+    the validation SRCC, not the loss; a resume with another train.monitor is refused."""
+    _, overrides = tiny
+    sets = overrides + ["train.num_epochs=5", "train.monitor=srcc", "optimizer.learning_rate=3e-3"]
+    first = loop.train_and_evaluate(_config(sets + ["train.stop_after_steps=9"]),
+                                    tmp_path / "w")
+    assert first.interrupted and first.monitor == "srcc"
+    result = loop.train_and_evaluate(_config(sets), tmp_path / "w")
+    valid = _valid_rows(tmp_path / "w")
+    srcc = [row["srcc"] for row in valid]
+    assert len(valid) == 5 and all(v is not None for v in srcc)
+    best = valid[int(np.argmax(srcc))]                     # the first of the highest
+    # the premise: following the valid loss would keep another epoch
+    assert best["step"] != valid[int(np.argmin([row["loss"] for row in valid]))]["step"]
+    assert result.best_step == best["step"] and result.monitor == "srcc"
+    assert result.best_value == best["srcc"] and result.best_valid_loss == best["loss"]
+    running = np.maximum.accumulate(srcc)
+    assert [row["best"] for row in valid] == [True] + [
+        bool(srcc[i] > running[i - 1]) for i in range(1, len(srcc))]
+    summary = json.loads((result.report_dir / "training.json").read_text())
+    assert (summary["monitor"], summary["best_value"], summary["best_step"],
+            summary["best_valid_loss"]) == ("srcc", best["srcc"], best["step"], best["loss"])
+    with pytest.raises(ValueError, match=r"train.monitor: 'srcc' -> 'lcc'"):
+        loop.train_and_evaluate(_config(sets + ["train.monitor=lcc"]), tmp_path / "w")
+
+
+def test_a_checkpoint_from_before_train_monitor_resumes_exactly(straight_run, tiny, tmp_path,
+                                                                 monkeypatch):
+    """A run interrupted before train.monitor existed (its checkpoints' early-stopping record
+    and its config.json without it) resumes as the loss-monitored run it was: the same log and
+    parameters as the uninterrupted run."""
+    _, overrides = tiny
+    work = tmp_path / "old"
+    new_meta = loop._meta
+    monkeypatch.setattr(loop, "_meta", lambda data_state, early: new_meta(data_state, {
+        k: v for k, v in early.items() if k not in ("monitor", "best_value")}))
+    first = loop.train_and_evaluate(_config(overrides + ["train.stop_after_steps=5"]), work)
+    assert first.interrupted
+    monkeypatch.setattr(loop, "_meta", new_meta)
+    from haaqi_jax.train.checkpoint import TrainCheckpointManager
+    ckpt = TrainCheckpointManager(work / loop.CHECKPOINT_DIR)
+    _, meta = ckpt.restore(4, first.state)
+    ckpt.close()
+    assert "monitor" not in meta["early_stopping"]                 # the premise: old format
+    saved = json.loads((work / loop.CONFIG_FILE).read_text())
+    del saved["train"]["monitor"]
+    (work / loop.CONFIG_FILE).write_text(json.dumps(saved))
+    result = loop.train_and_evaluate(_config(overrides), work)
+    assert result.monitor == "loss" and result.best_step == straight_run.best_step
+    assert result.best_value == result.best_valid_loss == straight_run.best_valid_loss
+    assert ((work / loop.METRICS_FILE).read_text()
+            == (straight_run.workdir / loop.METRICS_FILE).read_text())
+    a, b = _flat(straight_run.state), _flat(result.state)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_a_user_registered_metric_is_monitored_and_logged(tiny, tmp_path, capsys):
+    """A metric registered by a module that the config file imports (as a user's loss):
+    train.monitor names it, the valid rows log it, the best step is its least value, and
+    min_delta is in its units (10: nothing beats the first epoch, patience 1 stops after the
+    second); a rerun of the stopped run names it in its message."""
+    from haaqi_jax.train import metrics as metrics_lib
+    _, overrides = tiny
+    (tmp_path / "haaqi_test_user_metric.py").write_text(
+        "import numpy as np\n"
+        "from haaqi_jax.train.metrics import register_metric\n\n"
+        "@register_metric('test_mean_abs_error', higher_is_better=False)\n"
+        "def mean_abs_error(pred, true, weight):\n"
+        "    return float(np.sum(weight * np.abs(pred - true)) / np.sum(weight))\n")
+    (tmp_path / "my_config.py").write_text(
+        "import haaqi_test_user_metric  # registers test_mean_abs_error\n"
+        "from haaqi_jax.config import load_config_file\n\n"
+        "def get_config():\n"
+        f"    c = load_config_file({str(TINY)!r})\n"
+        "    c.train.monitor = 'test_mean_abs_error'\n"
+        "    return c\n")
+    try:
+        sets = overrides + ["train.num_epochs=3", "optimizer.schedule=constant"]
+        result = loop.train_and_evaluate(cfglib.get_config(tmp_path / "my_config.py", sets),
+                                         tmp_path / "w")
+        valid = _valid_rows(tmp_path / "w")
+        errors = [row["test_mean_abs_error"] for row in valid]
+        assert len(valid) == 3 and all(np.isfinite(errors))
+        assert errors[0] > 0 and errors != [row["mse"] for row in valid]
+        assert result.best_step == valid[int(np.argmin(errors))]["step"]
+        assert result.monitor == "test_mean_abs_error" and result.best_value == min(errors)
+        summary = json.loads((result.report_dir / "training.json").read_text())
+        assert summary["monitor"] == "test_mean_abs_error"
+
+        stop = sets + ["train.min_delta=10.0", "train.patience=1", "train.write_report=false"]
+        first = loop.train_and_evaluate(cfglib.get_config(tmp_path / "my_config.py", stop),
+                                        tmp_path / "s")
+        assert first.stopped_early and first.best_step == 4 and first.final_step == 8
+        capsys.readouterr()
+        loop.train_and_evaluate(cfglib.get_config(tmp_path / "my_config.py", stop),
+                                tmp_path / "s")
+        assert ("1 epochs without a better validation test_mean_abs_error"
+                in capsys.readouterr().err)
+    finally:
+        metrics_lib.unregister_metric("test_mean_abs_error")
+        sys.modules.pop("haaqi_test_user_metric", None)
 
 
 def test_adamw_with_clipping_matches_torch():
