@@ -713,6 +713,25 @@ def test_rerun_of_a_finished_distillation_keeps_its_timings(distill_job, capsys)
     assert f"{100 * after['params']['encoder_reduction']:.2f} % fewer" in out
 
 
+def test_a_distillation_follows_train_monitor(distill_job, tmp_path, capsys):
+    """train.monitor=lcc for the student (from the job's teacher): 2 validation clips have no
+    LCC (NaN) in any epoch, so the first epoch stays the best step (best_value null) and the
+    report is written; train.py names the monitored quantity."""
+    workdir = tmp_path / "run"
+    teacher = distill_job["workdir"] / "teacher" / "report" / "best_model"
+    sets = distill_job["sets"] + [f"distill.teacher_checkpoint={teacher}", "train.monitor=lcc"]
+    assert distill_job["train_script"].main(_argv(workdir, sets)) == 0
+    assert "best valid lcc undefined (train.monitor) at step 3, valid loss" \
+        in capsys.readouterr().out
+    valid = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()
+             if '"valid"' in l]
+    assert [(r["lcc"], r["best"]) for r in valid] == [(None, True), (None, False)]
+    summary = json.loads((workdir / "report" / "training.json").read_text())
+    assert (summary["monitor"], summary["best_value"], summary["best_step"]) == ("lcc", None, 3)
+    assert summary["best_valid_loss"] == valid[0]["loss"]
+    assert json.loads((workdir / "distill_report.json").read_text())["best_step"] == 3
+
+
 def test_distillation_job_with_cached_targets(distill_job, tmp_path):
     """The same job with distill.cache_targets (teacher from the first job's checkpoint):
     targets encoded once per train clip, and the training steps equal the teacher-running
@@ -897,6 +916,9 @@ def test_time_inference_reports_seconds_per_clip(tiny_setup, monkeypatch):
     ("distill.teacher.train.num_epochs=-2", r"distill.teacher: train.num_epochs must be a "
                                             r"whole number >= 0, got -2"),
     ("train.num_epochs=-1", r"^train.num_epochs must be a whole number >= 0, got -1"),
+    ("train.monitor=lccc", r"^train.monitor must be 'loss' or a registered metric"),
+    ("distill.teacher.train.monitor=srccc", r"^distill.teacher: train.monitor must be 'loss' "
+                                            r"or a registered metric .*got 'srccc'"),
     ("distill.target_layers=()", r"^distill.target_layers is empty"),  # was a numpy error
     ("loss.kwargs.min_log_var=abc", r"keyword 'min_log_var' takes a number"),  # a traceback
     ("model.encoder_checkpoint=/x", r"model.encoder_checkpoint is not read by a distillation.*"
