@@ -108,10 +108,17 @@ def main(argv: list[str] | None = None) -> int:
         result = train_and_evaluate(cfglib.freeze(config), writable_folder(workdir, "--workdir"))
         if result.report_dir is not None and jax.process_index() == 0:
             if result.stopped_early:
-                print(f"stopped early at step {result.final_step}: no better validation loss "
-                      f"for {int(config.train.patience)} epochs (train.patience)")
-            print(f"best valid loss {result.best_valid_loss:.5f} at step {result.best_step}; "
-                  f"report in {result.report_dir}")
+                print(f"stopped early at step {result.final_step}: no better validation "
+                      f"{result.monitor} for {int(config.train.patience)} epochs "
+                      f"(train.patience, train.monitor)")
+            if result.monitor != "loss":
+                best = "undefined" if result.best_value is None else f"{result.best_value:.5f}"
+                print(f"best valid {result.monitor} {best} (train.monitor) at step "
+                      f"{result.best_step}, valid loss {result.best_valid_loss:.5f}; report in "
+                      f"{result.report_dir}")
+            else:
+                print(f"best valid loss {result.best_valid_loss:.5f} at step "
+                      f"{result.best_step}; report in {result.report_dir}")
             print(_split_scores(result.report_dir / "metrics.json"))
         return 0
 

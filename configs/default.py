@@ -83,8 +83,9 @@ def get_config() -> ConfigDict:
     c.train.batch_size = 8
     c.train.eval_batch_size = 16
     c.train.num_epochs = 25
-    c.train.patience = 5  # epochs without a better validation loss; 0 = never stop early
-    c.train.min_delta = 0.0
+    c.train.monitor = "loss"  # early stopping & best step follow: loss|lcc|srcc|mse|register_metric
+    c.train.patience = 5  # epochs without a better train.monitor value; 0 = never stop early
+    c.train.min_delta = 0.0  # in the units of train.monitor
     c.train.checkpoint_every_steps = 100
     c.train.log_every_steps = 10
     # > 0: validate, early-stop on, keep and report an exponential moving average of the

@@ -700,7 +700,8 @@ def distill_and_evaluate(config: Any, workdir: str | os.PathLike, *, data: Any =
     return loop.TrainResult(workdir=workdir, final_step=step, best_step=early["best_step"],
                             best_valid_loss=early["best_valid_loss"],
                             stopped_early=early["stopped"], interrupted=interrupted,
-                            state=state, report_dir=report_dir)
+                            state=state, report_dir=report_dir, monitor=early["monitor"],
+                            best_value=early["best_value"])
 
 
 def _earlier_timing(report_file: Path, config: Any, best_step: int) -> dict[str, Any] | None:

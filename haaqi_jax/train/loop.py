@@ -9,8 +9,10 @@
     cache and only the head trains; else end-to-end on waveforms, encoder frozen or not),
  4. trains with the jitted, data-parallel step, logging scalars as JSONL (metrics.jsonl),
     evaluating the validation split every epoch (loss, LCC, SRCC, MSE), early-stopping on the
-    validation loss, checkpointing the latest state every `train.checkpoint_every_steps` and at
-    each epoch end (best by validation loss kept too),
+    validation quantity `train.monitor` names (the loss by default, or LCC, SRCC, MSE or a
+    metric of your own: `haaqi_jax.train.metrics.register_metric`), checkpointing the latest
+    state every `train.checkpoint_every_steps` and at each epoch end (the best by that
+    quantity kept too),
  5. restores the best checkpoint, evaluates every split in `evaluated_splits` and writes the
     report folder (metrics per split and distortion, scatter and per-distortion plots, table,
     example predictions, best_model/ loadable with `HAAQINet.load`, curves.png: the learning
@@ -86,7 +88,9 @@ BATCH_KEYS = {
 
 @dataclasses.dataclass
 class TrainResult:
-    """What `train_and_evaluate` returns."""
+    """What `train_and_evaluate` returns. best_valid_loss is the validation loss of the best
+    step, which `monitor` (train.monitor) chose with its value `best_value` (None: undefined,
+    e.g. the LCC of constant predictions)."""
 
     workdir: Path
     final_step: int
@@ -96,6 +100,8 @@ class TrainResult:
     interrupted: bool
     state: Any
     report_dir: Path | None
+    monitor: str = metrics_lib.LOSS
+    best_value: float | None = None
 
 
 # ----------------------------------------------------------------------------- model
@@ -685,7 +691,8 @@ def _train_and_evaluate(config: Any, workdir: Path, *, data: TrainData | None) -
     ckpt.close()
     return TrainResult(workdir=workdir, final_step=step, best_step=early["best_step"],
                        best_valid_loss=early["best_valid_loss"], stopped_early=early["stopped"],
-                       interrupted=interrupted, state=state, report_dir=report_dir)
+                       interrupted=interrupted, state=state, report_dir=report_dir,
+                       monitor=early["monitor"], best_value=early["best_value"])
 
 
 @dataclasses.dataclass
@@ -723,8 +730,9 @@ def run_loop(state: Any, *, step_fn: Callable, evaluate: Callable, data: TrainDa
 
     Resumes from the latest checkpoint (state, data position, early-stopping record), then
     steps until `tc.num_epochs` epochs or early stopping: logs train scalars every
-    `tc.log_every_steps`, evaluates at each epoch end (valid loss, LCC, SRCC, MSE; patience on
-    the valid loss) and checkpoints there and every `tc.checkpoint_every_steps`.
+    `tc.log_every_steps`, evaluates at each epoch end (valid loss, LCC, SRCC, MSE and the
+    metric `tc.monitor` names; patience on that quantity, default the valid loss) and
+    checkpoints there and every `tc.checkpoint_every_steps`.
 
     Args:
       state: the replicated TrainState (restored over if a checkpoint exists).
@@ -736,7 +744,8 @@ def run_loop(state: Any, *, step_fn: Callable, evaluate: Callable, data: TrainDa
 
     total_steps = int(tc.num_epochs) * data.steps_per_epoch
     ckpt = TrainCheckpointManager(workdir / CHECKPOINT_DIR)
-    early = {"best_valid_loss": None, "best_step": None, "bad_epochs": 0, "stopped": False}
+    monitor = metrics_lib.check_monitor(tc.get("monitor", metrics_lib.LOSS))
+    early = new_early_stopping(monitor)
     warn = (lambda text: print(f"{desc}: {text}", file=sys.stderr)) \
         if sharding.is_main_process() else (lambda text: None)
     restored = ckpt.restore_latest(state, warn)
@@ -745,12 +754,15 @@ def run_loop(state: Any, *, step_fn: Callable, evaluate: Callable, data: TrainDa
         start, state, meta = restored
         warn(f"resuming {workdir} from its checkpoint at step {start}")
         data.train.set_state(meta["data_state"])
-        early = dict(meta["early_stopping"])
+        try:
+            early = resumed_early_stopping(meta["early_stopping"], monitor)
+        except ValueError as err:
+            raise ValueError(f"{workdir}: {err}") from None
         # train.patience may change on a resume: the stop is decided again with its value.
         early["stopped"] = 0 < int(tc.patience) <= early["bad_epochs"]
         if early["stopped"] and int(state.step) < total_steps and sharding.is_main_process():
             print(f"{desc}: the run stopped early at step {int(state.step)} ("
-                  f"{early['bad_epochs']} epochs without a better validation loss, "
+                  f"{early['bad_epochs']} epochs without a better validation {monitor}, "
                   f"train.patience={int(tc.patience)}); raise train.patience, or set it to 0, "
                   "to train on", file=sys.stderr)
     start_step = int(state.step)
@@ -764,6 +776,7 @@ def run_loop(state: Any, *, step_fn: Callable, evaluate: Callable, data: TrainDa
     step = start_step
     pending: list[dict] = []
     warned_constant = False
+    postfix: dict[str, str] = {}        # the progress bar's: train loss, best monitored value
     bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step",
                disable=not (tc.get("progress", True) and sharding.is_main_process()))
     try:
@@ -790,7 +803,8 @@ def run_loop(state: Any, *, step_fn: Callable, evaluate: Callable, data: TrainDa
                 record = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
                 _check_finite(record, f"{desc} steps {step - len(host) + 1}-{step}", ckpt)
                 writer.write({"step": step, "kind": "train", **record})
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                postfix["loss"] = f"{record['loss']:.4f}"
+                bar.set_postfix(postfix)
                 pending = []
             if at_epoch_end:
                 epoch = step // data.steps_per_epoch
@@ -804,12 +818,19 @@ def run_loop(state: Any, *, step_fn: Callable, evaluate: Callable, data: TrainDa
                          f"{step}: the model scores every clip alike (a saturated or dead "
                          "head; LCC and SRCC are undefined). Lower optimizer.learning_rate, or "
                          "check the labels and the loss")
-                improved = update_early_stopping(early, valid_loss, step,
+                values = {"loss": valid_loss, **{k: summary[k] for k in ("lcc", "srcc", "mse")}}
+                if monitor not in values:           # a metric of the user's (register_metric)
+                    values[monitor] = metrics_lib.metric_value(
+                        monitor, predictions, valid_labels,
+                        np.isfinite(predictions).astype(float))
+                improved = update_early_stopping(early, valid_loss, step, value=values[monitor],
                                                  min_delta=float(tc.min_delta),
                                                  patience=patience)
-                writer.write({"step": step, "epoch": epoch, "kind": "valid", "loss": valid_loss,
-                              **{k: summary[k] for k in ("lcc", "srcc", "mse")},
+                writer.write({"step": step, "epoch": epoch, "kind": "valid", **values,
                               "best": improved})
+                best = early["best_value"]
+                postfix[f"best valid {monitor}"] = "n/a" if best is None else f"{best:.4f}"
+                bar.set_postfix(postfix)
                 ckpt.save(step, state, _meta(data.train.get_state(), early),
                           metrics={"valid_loss": valid_loss}, keep=(early["best_step"],))
             elif at_checkpoint:
@@ -826,22 +847,78 @@ def _is_constant(predictions: np.ndarray) -> bool:
     return finite.size > 1 and np.ptp(finite) == 0
 
 
-def update_early_stopping(early: dict[str, Any], valid_loss: float, step: int, *,
-                          min_delta: float, patience: int) -> bool:
-    """Records one epoch's validation loss in `early` (in place) and says whether it improved.
+def new_early_stopping(monitor: str = metrics_lib.LOSS) -> dict[str, Any]:
+    """A fresh early-stopping record following `monitor` (train.monitor), as the loop keeps
+    and checkpoints it: {"monitor", "best_value": the monitored value of the best step (None
+    before the first epoch, and while it is undefined), "best_valid_loss": that step's valid
+    loss, "best_step", "bad_epochs", "stopped"}."""
+    return {"monitor": monitor, "best_value": None, "best_valid_loss": None, "best_step": None,
+            "bad_epochs": 0, "stopped": False}
 
-    An epoch improves when its loss is below the best so far by more than `min_delta` (the
-    first epoch always does); the best step is that epoch's last step. After `patience`
-    epochs in a row without improvement (patience > 0) `early["stopped"]` turns True.
+
+def resumed_early_stopping(record: Mapping[str, Any], monitor: str) -> dict[str, Any]:
+    """The early-stopping record of a checkpoint, to go on with under train.monitor=`monitor`.
+
+    A record written before train.monitor existed has no "monitor" and "best_value": it
+    followed the valid loss. A run whose checkpoints followed another quantity is not resumed
+    under this one (their best step and patience count were chosen by the other).
+
+    Raises:
+      ValueError naming both monitors.
+    """
+    early = dict(record)
+    early.setdefault("monitor", metrics_lib.LOSS)
+    early.setdefault("best_value", early["best_valid_loss"])
+    if early["monitor"] != monitor:
+        raise ValueError(f"its checkpoints followed train.monitor={early['monitor']!r} (their "
+                         f"best step and patience count), this config has train.monitor="
+                         f"{monitor!r}: set it back to {early['monitor']!r}, or pass another "
+                         f"--workdir to start over")
+    return early
+
+
+def update_early_stopping(early: dict[str, Any], valid_loss: float, step: int, *,
+                          min_delta: float, patience: int, value: float | None = None) -> bool:
+    """Records one epoch's validation in `early` (in place) and says whether it improved.
+
+    The quantity followed is `early["monitor"]` (train.monitor; "loss" for a record without
+    one): `value`, or the valid loss for "loss". An epoch improves when its value beats the
+    best so far by more than `min_delta` (in that quantity's units: below it for "loss",
+    "mse" and other lower-is-better metrics, above it for "lcc", "srcc" and other
+    higher-is-better ones); the first epoch always does, so that a best step exists. A value
+    that is not finite (NaN: an LCC or SRCC of constant predictions) never improves on an
+    earlier epoch; when the best so far is not finite (a first epoch of NaN, recorded as
+    best_value None) any finite value improves on it, whatever `min_delta`. The best step is
+    that epoch's last step. After `patience` epochs in a row without improvement
+    (patience > 0) `early["stopped"]` turns True.
 
     Args:
-      early: {"best_valid_loss": float | None, "best_step": int | None, "bad_epochs": int,
-        "stopped": bool}, as the loop keeps (and checkpoints) it.
+      early: `new_early_stopping(monitor)`, as the loop keeps (and checkpoints) it.
     """
-    improved = (early["best_valid_loss"] is None
-                or valid_loss < early["best_valid_loss"] - min_delta)
+    early.setdefault("monitor", metrics_lib.LOSS)
+    early.setdefault("best_value", early["best_valid_loss"])
+    monitor = early["monitor"]
+    if value is None:
+        if monitor != metrics_lib.LOSS:
+            raise ValueError(f"update_early_stopping: the value of the monitored {monitor!r} "
+                             "is missing (value=...)")
+        value = valid_loss
+    value = float(value)
+    finite = bool(np.isfinite(value))
+    best = early["best_value"]
+    if early["best_step"] is None:
+        improved = True
+    elif not finite:
+        improved = False
+    elif best is None or not np.isfinite(best):
+        improved = True
+    elif metrics_lib.higher_is_better(monitor):
+        improved = value > best + min_delta
+    else:
+        improved = value < best - min_delta
     if improved:
-        early.update(best_valid_loss=valid_loss, best_step=step, bad_epochs=0)
+        early.update(best_value=value if finite else None, best_valid_loss=valid_loss,
+                     best_step=step, bad_epochs=0)
     else:
         early["bad_epochs"] += 1
     if patience > 0 and early["bad_epochs"] >= patience:
@@ -905,6 +982,8 @@ def check_run_settings(config: Any) -> None:
         for key in ("batch_size", "eval_batch_size"):
             if key in config.train:
                 sharding.check_global_batch(int(config.train[key]), mesh, f"train.{key}")
+    if "train" in config:
+        metrics_lib.check_monitor(config.train.get("monitor", metrics_lib.LOSS))
     min_delta = config.train.get("min_delta", 0.0) if "train" in config else 0.0
     if not cfglib.is_number(min_delta) or not 0 <= min_delta < float("inf"):
         raise ValueError(f"train.min_delta must be a number >= 0, got {min_delta!r}")
@@ -986,6 +1065,7 @@ def write_training_report(config: Any, net: Any, params: Any, data: TrainData,
     # The run's whole config (seed included): a report folder copied away still says what
     # made it.
     summary = {"best_step": early["best_step"], "best_valid_loss": early["best_valid_loss"],
+               "monitor": early["monitor"], "best_value": early["best_value"],
                "stopped_early": early["stopped"], "mode": data.mode,
                "encoder_checkpoint": config.model.get("encoder_checkpoint"),
                "seed": int(config.seed), "config": cfglib.to_dict(config)}
