@@ -16,7 +16,8 @@ a config that has a `distill` section, holding the workdir's lock):
     optimizer state, not checkpointed), student forward, loss = the configured registry loss
     (`distill_weighted` or `distill_uncertainty` combining the HAAQI loss and per-layer
     distillation terms); validation on the student's HAAQI loss every epoch, early
-    stopping, checkpoints and resumption as in `haaqi_jax.train.loop` (same checkpoint
+    stopping (on `train.monitor`: that loss, or the student's LCC, SRCC, MSE or a registered
+    metric), checkpoints and resumption as in `haaqi_jax.train.loop` (same checkpoint
     manager, metrics file, progress bar);
     with `distill.cache_targets` the teacher's target layers are computed once per clip into a
     disk cache (`haaqi_jax.data.cache`, keyed by the teacher and the layers, float16 by
