@@ -58,17 +58,50 @@ NOT_SOURCE = {".git", "runs", "data_cache", "build", "dist", ".pytest_cache", ".
               "__pycache__", ".whl", ".gl", ".venv"}
 
 
-def _source_files() -> list[str]:
-    """The project's files, relative to ROOT: git's list (tracked, and untracked but not
-    ignored) in a checkout; every file outside the build outputs otherwise (an unpacked sdist)."""
-    if (ROOT / ".git").exists() and shutil.which("git"):
+def _source_files(root: Path = ROOT) -> list[str]:
+    """The project's files, relative to `root`: git's list (tracked, and untracked but not
+    ignored) in a checkout; every file outside the build outputs otherwise (an unpacked sdist,
+    or a checkout git will not read, e.g. one owned by another user). Never the files of a
+    virtual environment (a folder holding pyvenv.cfg: CI makes .venv inside the checkout)."""
+    listed = None
+    if (root / ".git").exists() and shutil.which("git"):
         out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
-                              "--exclude-standard"], cwd=ROOT, capture_output=True, check=True)
-        return sorted(p for p in out.stdout.decode().split("\0") if p and (ROOT / p).is_file())
-    return sorted(str(p.relative_to(ROOT)) for p in ROOT.rglob("*") if p.is_file()
+                              "--exclude-standard"], cwd=root, capture_output=True)
+        if out.returncode == 0:
+            listed = [p for p in out.stdout.decode().split("\0") if p]
+    if listed is None:
+        listed = [str(p.relative_to(root)) for p in root.rglob("*")
+                  if p.name not in ("PKG-INFO", "setup.cfg")]
+    venvs: dict[Path, bool] = {}
+
+    def in_venv(path: Path) -> bool:
+        for folder in path.parents:
+            if folder not in venvs:
+                venvs[folder] = folder != Path(".") and (root / folder / "pyvenv.cfg").is_file()
+            if venvs[folder]:
+                return True
+        return False
+
+    return sorted(name for name in listed if (root / name).is_file()
                   and not any(part in NOT_SOURCE or part.endswith(".egg-info")
-                              for part in p.relative_to(ROOT).parts)
-                  and p.name != "PKG-INFO" and p.name != "setup.cfg")
+                              for part in Path(name).parts)
+                  and not in_venv(Path(name)))
+
+
+@pytest.mark.parametrize("git", [True, False])
+def test_source_files_leave_out_build_outputs_and_virtual_environments(tmp_path, git):
+    """CI makes its venv (.venv, not ignored by git) inside the checkout: listing it as source
+    copied torch into the build and failed the sdist test on every file of it."""
+    if git and not shutil.which("git"):
+        pytest.skip("no git")
+    for name in ("pkg/__init__.py", "README.md", ".venv/pyvenv.cfg", ".venv/lib/site.py",
+                 "myenv/pyvenv.cfg", "myenv/lib/x.py", "build/lib/pkg/__init__.py",
+                 "pkg/__pycache__/m.pyc", "pkg.egg-info/PKG-INFO"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    if git:
+        subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    assert _source_files(tmp_path) == ["README.md", "pkg/__init__.py"]
 
 
 def _source_version() -> str:
