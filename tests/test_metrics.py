@@ -255,3 +255,39 @@ def test_register_metric_refuses_bad_registrations(args, kwargs, error, message)
     with pytest.raises(error, match=message):
         metrics.register_metric(*args, **kwargs)
     assert "m" not in metrics.available_metrics()
+
+
+@pytest.mark.parametrize("name", ["lcc", "srcc", "mse"])
+def test_a_builtin_metric_cannot_be_overwritten(name):
+    """The validation rows log summarize's lcc, srcc and mse, and train.monitor took those
+    values: a metric registered over one (overwrite=True) was never called, while its
+    higher_is_better flipped the direction early stopping compared them in."""
+    with pytest.raises(ValueError, match=rf"{name!r} is built in .*another name"):
+        metrics.register_metric(name, lambda p, t, w: 0.0, higher_is_better=False,
+                                overwrite=True)
+    assert metrics.higher_is_better(name) == (name != "mse")
+    assert metrics.metric_value(name, [0.1, 0.5, 0.9], [0.2, 0.4, 0.8]) == metrics.summarize(
+        [0.1, 0.5, 0.9], [0.2, 0.4, 0.8])[name]
+
+
+def test_a_metric_that_raises_is_named_in_the_error():
+    """A registered metric failing at an epoch's end: the error said what numpy said, not
+    which metric (train.py prints a ValueError as one line)."""
+    def bad_value(pred, true, weight):
+        raise ValueError("operands could not be broadcast together")
+
+    def bad_code(pred, true, weight):
+        return pred[10]
+
+    try:
+        metrics.register_metric("test_bad_value", bad_value, higher_is_better=False)
+        metrics.register_metric("test_bad_code", bad_code, higher_is_better=False)
+        with pytest.raises(ValueError, match=r"^metric 'test_bad_value' \(.*bad_value\) failed "
+                                             r"on 2 clips: operands could not be broadcast"):
+            metrics.metric_value("test_bad_value", [0.1, 0.2], [0.3, 0.4])
+        with pytest.raises(IndexError) as caught:              # a bug: its type and traceback
+            metrics.metric_value("test_bad_code", [0.1, 0.2], [0.3, 0.4])
+        assert any("metric 'test_bad_code'" in note for note in caught.value.__notes__)
+    finally:
+        metrics.unregister_metric("test_bad_value")
+        metrics.unregister_metric("test_bad_code")

@@ -137,6 +137,8 @@ def _reported_srcc(pred: np.ndarray, true: np.ndarray, weight: np.ndarray) -> fl
 
 #: fn(pred, true, weight) -> float, on the kept items: (n,) float64 arrays, weights > 0,
 #: predictions and targets finite. NaN when the metric is undefined (e.g. a constant input).
+#: Deterministic: every process of a multi-host run computes it on the same clips, and their
+#: early-stopping decisions must agree.
 MetricFn = Callable[[np.ndarray, np.ndarray, np.ndarray], float]
 
 _METRICS: dict[str, tuple[MetricFn, bool]] = {}
@@ -144,13 +146,17 @@ _METRICS: dict[str, tuple[MetricFn, bool]] = {}
 LOSS = "loss"
 #: Keys of metrics.jsonl's validation rows that a metric may not take as its name.
 RESERVED_NAMES = (LOSS, "step", "epoch", "kind", "best", "n")
+#: The metrics every validation row logs (from `summarize`, whatever train.monitor names):
+#: registered below, never over.
+BUILTIN_METRICS = ("lcc", "srcc", "mse")
 
 
 def register_metric(name: str, fn: MetricFn | None = None, higher_is_better: bool | None = None,
                     *, overwrite: bool = False) -> Any:
-    """Adds a validation metric under `name` (an existing name needs overwrite): called with
-    fn, `register_metric("max_error", fn, higher_is_better=False)`, or as a decorator,
-    `@register_metric("max_error", higher_is_better=False)`.
+    """Adds a validation metric under `name` (an existing name needs overwrite; the built-in
+    lcc, srcc and mse cannot be replaced): called with fn, `register_metric("max_error", fn,
+    higher_is_better=False)`, or as a decorator, `@register_metric("max_error",
+    higher_is_better=False)`.
 
     Args:
       fn: (pred, true, weight) -> float, see `MetricFn`.
@@ -167,6 +173,9 @@ def register_metric(name: str, fn: MetricFn | None = None, higher_is_better: boo
     if name in RESERVED_NAMES:
         raise ValueError(f"register_metric: {name!r} is a name of the validation rows "
                          f"({', '.join(RESERVED_NAMES)}); pick another")
+    if name in BUILTIN_METRICS and name in _METRICS:
+        raise ValueError(f"register_metric: {name!r} is built in (every validation row logs "
+                         f"it, as summarize computes it); register yours under another name")
     if not isinstance(higher_is_better, bool):
         raise TypeError(f"register_metric({name!r}): say whether a larger value is better, "
                         f"higher_is_better=True or False (got {higher_is_better!r})")
@@ -221,7 +230,15 @@ def check_monitor(name: Any, where: str = "train.monitor") -> str:
 def metric_value(name: str, pred: Any, true: Any, weight: Any | None = None) -> float:
     """The registered metric `name` of one set of clips (items with weight 0 left out)."""
     fn, _ = _known(name)
-    value = fn(*_prepare(pred, true, weight))
+    kept = _prepare(pred, true, weight)
+    where = f"metric {name!r} ({getattr(fn, '__module__', None)}.{getattr(fn, '__qualname__', fn)})"
+    try:
+        value = fn(*kept)
+    except ValueError as err:       # train.py prints a ValueError as one line: name the metric
+        raise ValueError(f"{where} failed on {kept[0].size} clips: {err}") from err
+    except Exception as err:        # a bug in it: its own type and traceback, and a note
+        err.add_note(f"in {where}, on {kept[0].size} clips")
+        raise
     try:
         if isinstance(value, bool) or np.ndim(value) != 0:
             raise TypeError
