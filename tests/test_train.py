@@ -1069,6 +1069,28 @@ def test_a_user_registered_metric_is_monitored_and_logged(tiny, tmp_path, capsys
         sys.modules.pop("haaqi_test_user_metric", None)
 
 
+def test_a_monitored_metric_undefined_in_every_epoch_is_warned_of_once(tiny, tmp_path,
+                                                                         capsys):
+    """A registered metric that returns NaN: no epoch can beat the first, which stays the best
+    step (best_value None), and patience counts every later epoch. That was silent (a null in
+    metrics.jsonl); the run now says so, once."""
+    from haaqi_jax.train import metrics as metrics_lib
+    _, overrides = tiny
+    metrics_lib.register_metric("test_undefined", lambda p, t, w: float("nan"),
+                                higher_is_better=True)
+    try:
+        result = loop.train_and_evaluate(
+            _config(overrides + ["train.monitor=test_undefined", "train.write_report=false"]),
+            tmp_path / "w")
+    finally:
+        metrics_lib.unregister_metric("test_undefined")
+    err = capsys.readouterr().err
+    assert err.count("validation test_undefined (train.monitor) is undefined") == 1, err
+    assert "at step 4" in err and "the first epoch stays the best" in err
+    assert result.best_step == 4 and result.best_value is None
+    assert [row["test_undefined"] for row in _valid_rows(tmp_path / "w")] == [None, None]
+
+
 def test_adamw_with_clipping_matches_torch():
     """optimizer.name=adamw with weight_decay and grad_clip_norm against torch.optim.AdamW and
     torch.nn.utils.clip_grad_norm_ on a fixed gradient sequence."""

@@ -775,7 +775,7 @@ def run_loop(state: Any, *, step_fn: Callable, evaluate: Callable, data: TrainDa
     interrupted = False
     step = start_step
     pending: list[dict] = []
-    warned_constant = False
+    warned_constant = warned_undefined = False
     postfix: dict[str, str] = {}        # the progress bar's: train loss, best monitored value
     bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step",
                disable=not (tc.get("progress", True) and sharding.is_main_process()))
@@ -828,6 +828,12 @@ def run_loop(state: Any, *, step_fn: Callable, evaluate: Callable, data: TrainDa
                                                  patience=patience)
                 writer.write({"step": step, "epoch": epoch, "kind": "valid", **values,
                               "best": improved})
+                if not warned_undefined and not np.isfinite(values[monitor]):
+                    warned_undefined = True
+                    warn(f"validation {monitor} (train.monitor) is undefined at step {step}: "
+                         "an epoch without a value never becomes the best one"
+                         + ("; the first epoch stays the best until one has a value"
+                            if early["best_value"] is None else ""))
                 best = early["best_value"]
                 postfix[f"best valid {monitor}"] = "n/a" if best is None else f"{best:.4f}"
                 bar.set_postfix(postfix)

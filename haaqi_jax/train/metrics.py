@@ -15,6 +15,7 @@ your own code (a config file, or a module beside it that the config imports, as 
 README "Register your own loss"), then chosen with `--set train.monitor=max_error`; its value
 is logged in the validation rows of metrics.jsonl under its name:
 
+    import numpy as np
     from haaqi_jax.train.metrics import register_metric
 
     @register_metric("max_error", higher_is_better=False)
