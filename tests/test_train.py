@@ -987,6 +987,9 @@ def test_a_run_monitoring_srcc_keeps_the_epoch_of_highest_srcc(tiny, tmp_path, c
     summary = json.loads((result.report_dir / "training.json").read_text())
     assert (summary["monitor"], summary["best_value"], summary["best_step"],
             summary["best_valid_loss"]) == ("srcc", best["srcc"], best["step"], best["loss"])
+    saved = json.loads((result.report_dir / "best_model" / "config.json").read_text())
+    assert (saved["monitor"], saved["best_value"], saved["best_step"]) == (
+        "srcc", best["srcc"], best["step"])              # why this step, with the model
     with pytest.raises(ValueError, match=r"train.monitor: 'srcc' -> 'lcc'"):
         loop.train_and_evaluate(_config(sets + ["train.monitor=lcc"]), tmp_path / "w")
 

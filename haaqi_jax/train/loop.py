@@ -862,6 +862,12 @@ def new_early_stopping(monitor: str = metrics_lib.LOSS) -> dict[str, Any]:
             "bad_epochs": 0, "stopped": False}
 
 
+def _with_monitor(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of an early-stopping record; one written before train.monitor existed (no
+    "monitor", no "best_value") followed the valid loss, and says so."""
+    return {"monitor": metrics_lib.LOSS, "best_value": record["best_valid_loss"], **record}
+
+
 def resumed_early_stopping(record: Mapping[str, Any], monitor: str) -> dict[str, Any]:
     """The early-stopping record of a checkpoint, to go on with under train.monitor=`monitor`.
 
@@ -872,9 +878,7 @@ def resumed_early_stopping(record: Mapping[str, Any], monitor: str) -> dict[str,
     Raises:
       ValueError naming both monitors.
     """
-    early = dict(record)
-    early.setdefault("monitor", metrics_lib.LOSS)
-    early.setdefault("best_value", early["best_valid_loss"])
+    early = _with_monitor(record)
     if early["monitor"] != monitor:
         raise ValueError(f"its checkpoints followed train.monitor={early['monitor']!r} (their "
                          f"best step and patience count), this config has train.monitor="
@@ -901,8 +905,7 @@ def update_early_stopping(early: dict[str, Any], valid_loss: float, step: int, *
     Args:
       early: `new_early_stopping(monitor)`, as the loop keeps (and checkpoints) it.
     """
-    early.setdefault("monitor", metrics_lib.LOSS)
-    early.setdefault("best_value", early["best_valid_loss"])
+    early.update(_with_monitor(early))
     monitor = early["monitor"]
     if value is None:
         if monitor != metrics_lib.LOSS:
@@ -1087,6 +1090,7 @@ def write_training_report(config: Any, net: Any, params: Any, data: TrainData,
     full.update(jax.device_get(params))
     HAAQINet(net.config, full).save(
         out / "best_model", overwrite=True,
-        extra={"best_step": early["best_step"], "best_valid_loss": early["best_valid_loss"]})
+        extra={"best_step": early["best_step"], "best_valid_loss": early["best_valid_loss"],
+               "monitor": early["monitor"], "best_value": early["best_value"]})
     sharding.barrier("training report")
     return out
