@@ -890,18 +890,21 @@ def test_early_stopping_against_a_numpy_reference(losses_, min_delta, patience):
 NAN = float("nan")
 
 
-@pytest.mark.parametrize("monitor, values, min_delta, patience", [
-    ("lcc", [0.2, 0.5, 0.45, 0.52, 0.7, 0.69, 0.6, 0.65, 0.8], 0.0, 3),
-    ("lcc", [0.2, 0.5, 0.45, 0.52, 0.7, 0.69, 0.6, 0.65, 0.8], 0.05, 2),  # 0.52: not by 0.05
-    ("srcc", [0.3, 0.3, 0.1, 0.3, 0.31], 0.0, 0),        # 0: never stops; ties do not improve
+@pytest.mark.parametrize("monitor, values, min_delta, patience, by_hand", [
+    # by_hand: (best epoch, stopping epoch or None), worked out on paper
+    ("lcc", [0.2, 0.5, 0.45, 0.52, 0.7, 0.69, 0.6, 0.65, 0.8], 0.0, 3, (5, 8)),
+    ("lcc", [0.2, 0.5, 0.45, 0.52, 0.7, 0.69, 0.6, 0.65, 0.8], 0.05, 2,   # 0.52: not by 0.05
+     (2, 4)),
+    ("srcc", [0.3, 0.3, 0.1, 0.3, 0.31], 0.0, 0,          # 0: never stops; ties do not improve
+     (5, None)),
     # NaN (constant predictions): the first epoch is the best all the same (best_value None),
     # any finite value beats it whatever min_delta, and no NaN ever beats a finite one.
-    ("lcc", [NAN, NAN, -0.2, NAN, -0.25, 0.3, NAN, NAN, NAN], 0.5, 3),
-    ("srcc", [0.4, NAN, NAN, 0.41], 0.0, 0),
-    ("mse", [0.3, 0.2, 0.25, 0.19, 0.1, 0.12, 0.11], 0.02, 2),     # lower is better
+    ("lcc", [NAN, NAN, -0.2, NAN, -0.25, 0.3, NAN, NAN, NAN], 0.5, 3, (3, 6)),
+    ("srcc", [0.4, NAN, NAN, 0.41], 0.0, 0, (4, None)),
+    ("mse", [0.3, 0.2, 0.25, 0.19, 0.1, 0.12, 0.11], 0.02, 2, (2, 4)),  # lower is better
 ])
 def test_early_stopping_on_a_metric_against_a_plain_reference(monitor, values, min_delta,
-                                                              patience):
+                                                              patience, by_hand):
     """train.monitor: the best epoch is the running best of the monitored quantity (highest
     LCC / SRCC, least MSE), beaten by more than min_delta in its own units; the run stops
     after `patience` epochs in a row that do not beat it. The valid losses rise throughout
@@ -930,7 +933,7 @@ def test_early_stopping_on_a_metric_against_a_plain_reference(monitor, values, m
         if patience and since == patience:
             expected_stop = epoch
             break
-    assert flags == expected_flags
+    assert flags == expected_flags and (best_epoch, expected_stop) == by_hand
     assert early["monitor"] == monitor and early["best_step"] == best_epoch * steps_per_epoch
     assert early["best_value"] == best and stopped_at == expected_stop
     assert early["best_valid_loss"] == valid_losses[best_epoch - 1]
