@@ -224,7 +224,8 @@ def check_monitor(name: Any, where: str = "train.monitor") -> str:
     if not isinstance(name, str) or (name != LOSS and name not in _METRICS):
         raise ValueError(f"{where} must be {LOSS!r} or a registered metric "
                          f"({', '.join(repr(n) for n in available_metrics())}; "
-                         f"haaqi_jax.train.metrics.register_metric adds yours), got {name!r}")
+                         "haaqi_jax.train.metrics.register_metric adds yours, from your config "
+                         f"file or a module loaded with --import), got {name!r}")
     return name
 
 
