@@ -25,7 +25,11 @@ writes into --out:
   by_hearing_loss.png  per hearing-loss grade, mildest first: boxes of true and predicted
                     HAAQI with their means, and the grade's LCC and SRCC; only when rows have
                     audiograms
-Every metrics entry also has label_mean and prediction_mean.
+Every metrics entry also has label_mean and prediction_mean, and each metric of your own that
+--metric NAME names (registered by `haaqi_jax.train.metrics.register_metric` in a module loaded
+with `haaqi-jax --import`): its value on the entry's clips, null where it fails or is undefined
+(a note on stderr names the metric and the row; n/a in table.md), and a column after MSE in
+the tables.
 
 Hearing loss: each clip's listener is graded by the four-frequency pure-tone average (PTA:
 0.5, 1, 2, 4 kHz, dB HL) of the row's audiogram, on the WHO's 2021 grades (normal < 20, mild
@@ -162,10 +166,55 @@ def _pta_range(grade: str) -> list[float | None]:
     return [bounds[k], bounds[k + 1]]
 
 
-def compute_report_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+#: Keys of every report entry besides the metrics: a metric of your own may not take them.
+ENTRY_KEYS = ("n", "label_mean", "prediction_mean", "ci95", "pta_db_range")
+
+
+def check_report_metrics(metrics: Any, what: str = "metrics") -> tuple[str, ...]:
+    """The metrics a report adds to lcc, srcc and mse: `metrics` (registered names, see
+    `haaqi_jax.train.metrics.register_metric`) less the built-ins, which every report has, each
+    once, in order. ValueError naming `what` for a name that is not registered (listing those
+    that are) or one of ENTRY_KEYS, or for `metrics` that is not a list of names."""
+    if isinstance(metrics, (str, bytes)) or not isinstance(metrics, Sequence) or not all(
+            isinstance(m, str) for m in metrics):
+        raise ValueError(f"{what} must be a list of metric names, got {metrics!r}")
+    for name in metrics:
+        if name in ENTRY_KEYS:
+            raise ValueError(f"{what}: {name!r} is a key of every report entry; register your "
+                             "metric under another name")
+        if name not in metrics_lib.available_metrics():
+            raise ValueError(f"{what}: {name!r} is not registered (registered: "
+                             f"{', '.join(repr(n) for n in metrics_lib.available_metrics())}; "
+                             "haaqi_jax.train.metrics.register_metric adds yours, from your "
+                             "config file or a module loaded with --import)")
+    return tuple(m for m in dict.fromkeys(metrics) if m not in metrics_lib.BUILTIN_METRICS)
+
+
+def _subset_metric(name: str, pred: np.ndarray, true: np.ndarray, subset: str) -> float:
+    """`metric_value(name)` of one report subset's clips, (n,) each; NaN, with a note on stderr
+    naming the metric and the subset, where it fails or is not finite: a metric undefined on a
+    group of one clip must not cost the whole report."""
+    where = f"note: metric {name!r} is n/a on {subset} ({_clips(pred.size)})"
+    try:
+        value = metrics_lib.metric_value(name, pred, true)
+    except Exception as err:        # (a bug too: the note names it, the rest is reported)
+        print(f"{where}: {type(err).__name__}: {err}", file=sys.stderr)
+        return float("nan")
+    if not np.isfinite(value):
+        print(f"{where}: it returned {'NaN' if np.isnan(value) else value}", file=sys.stderr)
+        return float("nan")
+    return value
+
+
+def compute_report_metrics(records: Sequence[Mapping[str, Any]], metrics: Sequence[str] = ()
+                           ) -> dict[str, Any]:
     """{"overall": ..., "by_split": {...}, "by_distortion": {...}, "by_hearing_loss": {...},
-    "by_listener_shape": {...}} of lcc, srcc, mse, n, label_mean, prediction_mean, plus
-    "hearing_loss_left_out".
+    "by_listener_shape": {...}} of lcc, srcc, mse, n, label_mean, prediction_mean (and each of
+    `metrics`), plus "hearing_loss_left_out".
+
+    `metrics`: registered metrics (`check_report_metrics`) added to every entry under their
+    names, computed by `metric_value` on the entry's clips; NaN (a note on stderr) where one
+    fails or is not finite.
 
     by_hearing_loss holds the WHO grades of the records' pure-tone averages that occur, mildest
     first, each also with pta_db_range [low, high) in dB HL (None for an open end);
@@ -173,6 +222,7 @@ def compute_report_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, An
     leaves out. by_listener_shape: the records that name their listener's audiogram shape
     (the demo's rows do), by shape; empty when none does.
     """
+    metrics = check_report_metrics(metrics)
     if not records:
         raise ValueError("evaluate: no clips to evaluate")
     pred = np.array([r["prediction"] for r in records])
@@ -196,13 +246,15 @@ def compute_report_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, An
                                                             shapes[shaped]),
     }
     # Means show a bias that correlations hide (a type rated too close to clean as a whole).
-    for entry, mask in [(report["overall"], np.ones(len(records), bool))] + [
-            (entry, splits == k) for k, entry in report["by_split"].items()] + [
-            (entry, distortions == k) for k, entry in report["by_distortion"].items()] + [
-            (entry, grades == k) for k, entry in report["by_hearing_loss"].items()] + [
-            (entry, shapes == k) for k, entry in report["by_listener_shape"].items()]:
+    masks = {"split": splits, "distortion": distortions, "hearing_loss": grades,
+             "listener_shape": shapes}
+    for subset, entry in _table_rows(report):
+        kind, _, key = subset.partition("=")          # "all", or e.g. "split=valid"
+        mask = np.ones(len(records), bool) if subset == "all" else masks[kind] == key
         entry["label_mean"] = float(true[mask].mean())
         entry["prediction_mean"] = float(pred[mask].mean())
+        for name in metrics:
+            entry[name] = _subset_metric(name, pred[mask], true[mask], subset)
     # How much of a split's score is the luck of its clips: 95 % bootstrap intervals.
     groups = [r.get("group") for r in records]
     report["overall"]["ci95"] = metrics_lib.bootstrap_intervals(pred, true, groups=groups)
@@ -499,17 +551,30 @@ def _clips(n: int) -> str:
 
 
 def write_report(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, *,
-                 color_by: str = "split", num_examples: int = 8) -> Path:
+                 color_by: str = "split", num_examples: int = 8,
+                 metrics: Sequence[str] = ()) -> Path:
     """Writes metrics.json, table.md, table.csv, predictions.csv, examples.json, scatter.png,
     by_distortion.png when rows name their distortion and by_hearing_loss.png when they have
     audiograms.
 
+    Args:
+      metrics: registered metrics of your own for every entry of metrics.json and a column
+        each in the tables, after MSE (`compute_report_metrics`); an unknown name is an error
+        before anything is written.
     Returns:
       out_dir.
     """
+    metrics = check_report_metrics(metrics)
+    return _write_report(records, compute_report_metrics(records, metrics), out_dir,
+                         color_by=color_by, num_examples=num_examples, metrics=metrics)
+
+
+def _write_report(records: Sequence[Mapping[str, Any]], report: Mapping[str, Any],
+                  out_dir: str | os.PathLike, *, color_by: str, num_examples: int,
+                  metrics: Sequence[str]) -> Path:
+    """`write_report` of the records' `compute_report_metrics(records, metrics)`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = compute_report_metrics(records)
     # The files name each clip's grade as the report counts it: from pta_db, so a hand-made
     # record with only pta_db (or a stale grade) reads as its hearing_loss row does.
     records = [{**r, "hearing_loss": grade or None}
@@ -518,10 +583,12 @@ def write_report(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLik
         json.dumps(metrics_lib.json_safe(report), indent=2, sort_keys=True) + "\n")
 
     table = _table_rows(report)
-    md = ["| subset | n | LCC | SRCC | MSE | mean label | mean prediction |",
-          "|---|---|---|---|---|---|---|"]
+    md = ["| subset | n | LCC | SRCC | MSE | "
+          + "".join(f"{k} | " for k in metrics) + "mean label | mean prediction |",
+          "|---|---|---|---|---|---|---|" + "---|" * len(metrics)]
     md += [f"| {name} | {m['n']} | {_fmt(m['lcc'])} | {_fmt(m['srcc'])} | {_fmt(m['mse'])} | "
-           f"{_fmt(m['label_mean'])} | {_fmt(m['prediction_mean'])} |" for name, m in table]
+           + "".join(f"{_fmt(m[k])} | " for k in metrics)
+           + f"{_fmt(m['label_mean'])} | {_fmt(m['prediction_mean'])} |" for name, m in table]
     left_out = report["hearing_loss_left_out"]
     if left_out:
         md += ["", f"{_clips(left_out)} without an audiogram "
@@ -535,10 +602,10 @@ def write_report(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLik
     (out_dir / "table.md").write_text("\n".join(md) + "\n")
     with (out_dir / "table.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["subset", "n", "lcc", "srcc", "mse", "label_mean", "prediction_mean"])
+        columns = ["lcc", "srcc", "mse", *metrics, "label_mean", "prediction_mean"]
+        w.writerow(["subset", "n", *columns])
         for name, m in table:
-            w.writerow([name, m["n"], *(metrics_lib.json_safe(
-                [m["lcc"], m["srcc"], m["mse"], m["label_mean"], m["prediction_mean"]]))])
+            w.writerow([name, m["n"], *metrics_lib.json_safe([m[k] for k in columns])])
     with (out_dir / "predictions.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=RECORD_FIELDS)
         w.writeheader()
@@ -582,6 +649,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-examples", type=positive_int, default=8,
                         help="clips listed in examples.json, at most: the first N // "
                              "(number of splits) of each split (default 8)")
+    parser.add_argument("--metric", dest="metrics", action="append", default=[],
+                        metavar="NAME", help="a metric of your own (register_metric, in a "
+                        "module loaded with haaqi-jax --import) for every row of the report "
+                        "(repeatable)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -592,8 +663,9 @@ EVAL_CHUNK_BATCHES = 16
 def evaluate_manifest(model_dir: str | os.PathLike, manifest: str | os.PathLike,
                       out_dir: str | os.PathLike, *, splits: Sequence[str] | None = None,
                       batch_size: int = 8, color_by: str = "split", num_examples: int = 8,
-                      progress: bool = True) -> dict[str, Any]:
-    """Predicts every (selected) row of a labelled manifest and writes the report.
+                      progress: bool = True, metrics: Sequence[str] = ()) -> dict[str, Any]:
+    """Predicts every (selected) row of a labelled manifest and writes the report (with your
+    registered `metrics` too, see `write_report`).
 
     Bad rows (malformed, a missing, corrupt, NaN, silent or too short file) are reported and
     skipped, as `haaqi-jax predict` skips bad files: metrics["skipped"] lists them
@@ -609,6 +681,7 @@ def evaluate_manifest(model_dir: str | os.PathLike, manifest: str | os.PathLike,
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    metrics = check_report_metrics(metrics)
     rows = read_manifest(manifest, require_label=True, check_files=True, on_error="skip",
                          progress=progress)
     skipped = [{"line": line, "id": row_id, "reason": reason}
@@ -647,20 +720,24 @@ def evaluate_manifest(model_dir: str | os.PathLike, manifest: str | os.PathLike,
         print(f"skipped {where}: {item['reason']}", file=sys.stderr)
     if not records:
         raise ValueError(f"{manifest}: no row could be evaluated ({len(skipped)} skipped)")
-    write_report(records, out_dir, color_by=color_by, num_examples=num_examples)
+    report = compute_report_metrics(records, metrics)     # (once: its notes printed once)
+    _write_report(records, report, out_dir, color_by=color_by, num_examples=num_examples,
+                  metrics=metrics)
     if skipped:
         (Path(out_dir) / "skipped.json").write_text(json.dumps(skipped, indent=1) + "\n")
     else:   # an earlier run's list would read as this run's
         (Path(out_dir) / "skipped.json").unlink(missing_ok=True)
-    return {**compute_report_metrics(records), "skipped": skipped}
+    return {**report, "skipped": skipped}
 
 
 def run(args: argparse.Namespace) -> int:
     from haaqi_jax.cli import writable_folder
+    metrics = check_report_metrics(args.metrics, "--metric")    # (after --import)
     writable_folder(args.out, "--out")                       # before the model runs
     report = evaluate_manifest(args.model, args.manifest, args.out, splits=args.splits,
                                batch_size=args.batch_size, color_by=args.color_by,
-                               num_examples=args.num_examples, progress=not args.no_progress)
+                               num_examples=args.num_examples, progress=not args.no_progress,
+                               metrics=metrics)
     # One line per split: a pooled figure would mix, e.g., a run's train rows with its tests.
     entries = [("all", report["overall"])] + sorted(report["by_split"].items())
     if len(entries) == 2:

@@ -662,3 +662,237 @@ def test_the_hearing_loss_plot_keeps_its_legends_off_the_boxes_and_bars():
                 + [l for l in ax.lines if len(l.get_xdata()) and l.get_linestyle() != "--"])
         hits = [a for a in data if _overlap(legend, a.get_window_extent())]
         assert not hits, (ax.get_title(), hits[:3])
+
+
+# ----------------------------------------------------------------------------- your own metrics
+
+#: table.csv's header before registered metrics could join the report (a report without them
+#: must stay byte for byte as it was: scripts read these files).
+OLD_CSV_HEADER = "subset,n,lcc,srcc,mse,label_mean,prediction_mean"
+OLD_MD_HEADER = ["| subset | n | LCC | SRCC | MSE | mean label | mean prediction |",
+                 "|---|---|---|---|---|---|---|"]
+
+
+def _max_abs_error(pred, true, weight):       # (n,) float64 of the kept clips
+    return float(np.max(np.abs(pred - true)))
+
+
+@pytest.fixture
+def max_error():
+    from haaqi_jax.train import metrics as metrics_lib
+    metrics_lib.register_metric("test_max_error", _max_abs_error, higher_is_better=False)
+    yield "test_max_error"
+    metrics_lib.unregister_metric("test_max_error")
+
+
+def _report_records(n=40, seed=7):
+    """Records filling every kind of report entry: three splits, four distortions and one of a
+    single clip, groups, audiograms (some missing) and listener shapes (some missing)."""
+    rng = np.random.default_rng(seed)
+    return [{"id": f"c{i}", "split": ("valid", "test_seen", "test_unseen")[i % 3],
+             "distortion": ("noise", "tilt", "clip", "solo")[i % 4] if i < n - 1 else "single",
+             "label": float(rng.uniform()), "prediction": float(rng.uniform()),
+             "group": f"g{i // 2}", "pta_db": float(rng.uniform(0, 100)) if i % 7 else None,
+             "listener_shape": ("flat", "sloping")[i % 2] if i % 5 else None}
+            for i in range(n)]
+
+
+def _subset_masks(records):
+    """{(section, key): (len(records),) bool} of every report entry, worked out here."""
+    pta = np.array([np.nan if r["pta_db"] is None else r["pta_db"] for r in records])
+    masks = {("overall", None): np.ones(len(records), bool)}
+    for section, field in (("by_split", "split"), ("by_distortion", "distortion"),
+                           ("by_listener_shape", "listener_shape")):
+        for key in {r[field] for r in records} - {None}:
+            masks[section, key] = np.array([r[field] == key for r in records])
+    for name, low, high in WHO_2021_GRADES:
+        sel = (pta >= low) & (pta < high)
+        if sel.any():
+            masks["by_hearing_loss", name] = sel
+    return masks
+
+
+def _without_column(text, column, sep):
+    """`text` (table.csv or table.md's table lines) with column number `column` removed."""
+    out = []
+    for line in text.splitlines():
+        cells = line.split(sep)
+        if sep == "|" and line.startswith("|"):
+            column_at = column + 1                   # a md line starts with an empty cell
+        elif sep == ",":
+            column_at = column
+        else:
+            out.append(line)
+            continue
+        out.append(sep.join(cells[:column_at] + cells[column_at + 1:]))
+    return "\n".join(out) + "\n"
+
+
+def test_a_registered_metric_is_in_every_report_entry_and_table(tmp_path, max_error):
+    """report.metrics / --metric: the metric's value on each entry's clips (every section, down
+    to a one-clip distortion), a table column after MSE; the rest of the report unchanged."""
+    records = _report_records()
+    evaluate.write_report(records, tmp_path / "plain")
+    evaluate.write_report(records, tmp_path / "m", metrics=[max_error])
+    report = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    pred = np.array([r["prediction"] for r in records])
+    true = np.array([r["label"] for r in records])
+    masks = _subset_masks(records)
+    assert len(masks) == 1 + 3 + 5 + len(report["by_hearing_loss"]) + 2
+    for (section, key), mask in masks.items():
+        entry = report[section] if key is None else report[section][key]
+        assert entry["n"] == mask.sum(), (section, key)
+        assert entry[max_error] == pytest.approx(np.max(np.abs(pred[mask] - true[mask])),
+                                                 abs=1e-12), (section, key)
+    # Nothing else changed: without its key and column, the files are the plain report's.
+    plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+
+    def drop(tree):
+        return ({k: drop(v) for k, v in tree.items() if k != max_error}
+                if isinstance(tree, dict) else tree)
+    assert drop(report) == plain
+    csv_text = (tmp_path / "m" / "table.csv").read_text()
+    assert csv_text.splitlines()[0] == OLD_CSV_HEADER.replace("mse,", f"mse,{max_error},")
+    assert _without_column(csv_text, 5, ",") == (tmp_path / "plain" / "table.csv").read_text()
+    md = (tmp_path / "m" / "table.md").read_text()
+    assert md.splitlines()[:2] == [
+        f"| subset | n | LCC | SRCC | MSE | {max_error} | mean label | mean prediction |",
+        "|---|---|---|---|---|---|---|---|"]
+    assert _without_column(md, 5, "|") == (tmp_path / "plain" / "table.md").read_text()
+    for name in ("predictions.csv", "examples.json"):
+        assert (tmp_path / "m" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
+    rows = {r["subset"]: r for r in csv.DictReader(csv_text.splitlines())}
+    assert float(rows["distortion=single"][max_error]) == report["by_distortion"]["single"][
+        max_error]
+    assert f"| all | 40 | " in md and f"| {report['overall'][max_error]:.4f} |" in md
+    # The returned report is metrics.json's, the built-ins asked for are there once.
+    again = evaluate.compute_report_metrics(records, metrics=(max_error, "lcc", max_error))
+    assert again["overall"][max_error] == report["overall"][max_error]
+    assert sorted(k for k in again["overall"] if k in ("lcc", max_error)) == ["lcc", max_error]
+
+
+def test_a_report_without_metrics_of_your_own_is_as_before(tmp_path, max_error):
+    """No extra metric (none, metrics=(), or only built-ins): every file byte for byte the
+    same, and the tables' headers the old ones."""
+    records = _report_records()
+    evaluate.write_report(records, tmp_path / "a", color_by="hearing_loss")
+    evaluate.write_report(records, tmp_path / "b", color_by="hearing_loss", metrics=())
+    evaluate.write_report(records, tmp_path / "c", color_by="hearing_loss",
+                          metrics=["lcc", "srcc", "mse"])
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == ["by_distortion.png", "by_hearing_loss.png", "examples.json",
+                     "metrics.json", "predictions.csv", "scatter.png", "table.csv", "table.md"]
+    for other in ("b", "c"):
+        assert sorted(p.name for p in (tmp_path / other).iterdir()) == names
+        for name in names:
+            assert ((tmp_path / other / name).read_bytes()
+                    == (tmp_path / "a" / name).read_bytes()), (other, name)
+    assert (tmp_path / "a" / "table.csv").read_text().splitlines()[0] == OLD_CSV_HEADER
+    assert (tmp_path / "a" / "table.md").read_text().splitlines()[:2] == OLD_MD_HEADER
+    entry_keys = {"lcc", "srcc", "mse", "n", "label_mean", "prediction_mean"}
+    report = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert set(report["overall"]) == entry_keys | {"ci95"}
+    assert set(report["by_distortion"]["noise"]) == entry_keys
+
+
+def test_an_unknown_report_metric_is_refused_before_anything_is_written(tmp_path, max_error):
+    records = _report_records(n=8)
+    for call in (lambda: evaluate.write_report(records, tmp_path / "out", metrics=["nope"]),
+                 lambda: evaluate.compute_report_metrics(records, metrics=[max_error, "nope"])):
+        with pytest.raises(ValueError, match=r"'nope'.*registered.*'lcc'.*'test_max_error'"):
+            call()
+    assert not (tmp_path / "out").exists()
+    for bad in ("test_max_error", [3], None):       # a bare name would be read letter by letter
+        with pytest.raises(ValueError, match=r"metrics must be a list of metric names"):
+            evaluate.write_report(records, tmp_path / "out", metrics=bad)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_metric_that_fails_or_is_undefined_on_a_small_group_leaves_the_report_whole(
+        tmp_path, capsys):
+    """A metric that raises on one clip and is NaN on two: those entries read null in
+    metrics.json and n/a in table.md (empty in table.csv, as an undefined LCC), a note on stderr
+    names the metric, the subset and why; the other entries keep their values."""
+    from haaqi_jax.train import metrics as metrics_lib
+
+    def picky(pred, true, weight):
+        if pred.size < 2:
+            raise ZeroDivisionError("needs 2 clips")
+        return float("nan") if pred.size == 2 else float(np.median(np.abs(pred - true)))
+
+    records = _report_records(n=12)
+    records[5]["distortion"] = "pair"
+    records[6]["distortion"] = "pair"
+    metrics_lib.register_metric("test_picky", picky, higher_is_better=False)
+    try:
+        evaluate.write_report(records, tmp_path, metrics=["test_picky"])
+    finally:
+        metrics_lib.unregister_metric("test_picky")
+    err = capsys.readouterr().err
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert report["by_distortion"]["single"]["n"] == 1 and report["by_distortion"]["pair"]["n"] == 2
+    assert report["by_distortion"]["single"]["test_picky"] is None
+    assert report["by_distortion"]["pair"]["test_picky"] is None
+    pred = np.array([r["prediction"] for r in records])
+    true = np.array([r["label"] for r in records])
+    assert report["overall"]["test_picky"] == pytest.approx(np.median(np.abs(pred - true)))
+    assert all(e["test_picky"] is not None for e in report["by_split"].values())
+    # One note per n/a entry (small hearing-loss grades and shapes have theirs too).
+    lines = {l.split(" on ")[1].split(" (")[0]: l for l in err.splitlines() if "test_picky" in l}
+    n_a = [f"{section[3:]}={key}" for section in ("by_split", "by_distortion", "by_hearing_loss",
+                                                 "by_listener_shape")
+           for key, entry in report[section].items() if entry["test_picky"] is None]
+    assert sorted(lines) == sorted(n_a), err
+    assert "(1 clip)" in lines["distortion=single"], err
+    assert "ZeroDivisionError: needs 2 clips" in lines["distortion=single"], err
+    assert "(2 clips)" in lines["distortion=pair"] and "NaN" in lines["distortion=pair"], err
+    md = {l.split(" | ")[0]: l for l in (tmp_path / "table.md").read_text().splitlines()}
+    assert md["| distortion=single"].split(" | ")[5] == "n/a"
+    assert md["| distortion=pair"].split(" | ")[5] == "n/a"
+    rows = {r["subset"]: r for r in csv.DictReader((tmp_path / "table.csv").open())}
+    assert rows["distortion=single"]["test_picky"] == "" == rows["distortion=single"]["lcc"]
+    assert float(rows["all"]["test_picky"]) == report["overall"]["test_picky"]
+
+
+def test_evaluate_metric_option_adds_a_metric_from_an_imported_module(tmp_path, capsys):
+    """`haaqi-jax --import my_metric.py evaluate --metric NAME`: the module registers it, the
+    report has it; an unknown --metric is a one-line error before the model is read."""
+    import sys
+    from haaqi_jax import config as cfglib
+    from haaqi_jax.train import loop
+    from haaqi_jax.train import metrics as metrics_lib
+
+    manifest = _helpers.write_tiny_dataset(tmp_path / "data", n_train=2, n_valid=2, n_test=2)
+    loop.build_model(cfglib.load_config_file(_helpers.TINY)).save(tmp_path / "model")
+    (tmp_path / "haaqi_test_cli_metric.py").write_text(
+        "import numpy as np\n"
+        "from haaqi_jax.train.metrics import register_metric\n\n"
+        "@register_metric('test_cli_max_error', higher_is_better=False)\n"
+        "def max_error(pred, true, weight):\n"
+        "    return float(np.max(np.abs(pred - true)))\n")
+    common = ["--import", str(tmp_path / "haaqi_test_cli_metric.py"), "evaluate",
+              "--manifest", str(manifest), "--no-progress", "--splits", "valid", "test_seen"]
+    try:
+        assert cli.main(common + ["--model", str(tmp_path / "model"), "--out",
+                                  str(tmp_path / "eval"), "--metric", "test_cli_max_error",
+                                  "--metric", "mse"]) == 0
+        assert cli.main(common + ["--model", str(tmp_path / "no_model"), "--out",
+                                  str(tmp_path / "eval2"), "--metric", "nope"]) == 2
+    finally:
+        metrics_lib.unregister_metric("test_cli_max_error")
+        sys.modules.pop("haaqi_test_cli_metric", None)
+    err = capsys.readouterr().err
+    assert "--metric: 'nope' is not registered" in err and "test_cli_max_error" in err, err
+    assert not (tmp_path / "eval2").exists()
+    rows = list(csv.DictReader((tmp_path / "eval" / "predictions.csv").open()))
+    p = np.array([float(r["prediction"]) for r in rows])
+    t = np.array([float(r["label"]) for r in rows])
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert report["overall"]["test_cli_max_error"] == pytest.approx(np.max(np.abs(p - t)),
+                                                                    abs=1e-12)
+    for split, entry in report["by_split"].items():
+        sel = np.array([r["split"] == split for r in rows])
+        assert entry["test_cli_max_error"] == pytest.approx(np.max(np.abs(p[sel] - t[sel])),
+                                                            abs=1e-12)
+    header = (tmp_path / "eval" / "table.csv").read_text().splitlines()[0]
+    assert header == "subset,n,lcc,srcc,mse,test_cli_max_error,label_mean,prediction_mean"
