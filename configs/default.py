@@ -101,4 +101,7 @@ def get_config() -> ConfigDict:
     c.report = ConfigDict()
     c.report.color_by = "split"  # "split" | "distortion" | "hearing_loss"
     c.report.num_example_predictions = 12
+    # Registered metrics of your own (register_metric) beside LCC, SRCC and MSE in every row of
+    # the report; a train.monitor metric of your own is there without being named.
+    c.report.metrics = ()
     return c

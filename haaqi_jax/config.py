@@ -113,7 +113,7 @@ RUN_KEYS: dict[str, frozenset[str]] = {
         "batch_size", "eval_batch_size", "num_epochs", "patience", "min_delta",
         "checkpoint_every_steps", "log_every_steps", "frozen_patterns", "stop_after_steps",
         "progress", "write_report", "ema_decay", "monitor"}),
-    "report": frozenset({"color_by", "num_example_predictions"}),
+    "report": frozenset({"color_by", "num_example_predictions", "metrics"}),
     "distill": frozenset({
         "teacher_checkpoint", "teacher", "student_layers", "target_layers", "head_kind",
         "shared_position_bias", "feature_mode", "head_init", "frozen_head", "timing_seconds",
@@ -421,7 +421,9 @@ IMPLICIT_VALUES = {
                           ("head.lstm_layers", 1), ("head.lstm_dropout_rate", 0.0))},
     "train.ema_decay": 0.0,
     # (before train.monitor, early stopping and the best checkpoint followed the valid loss)
-    **{f"{where}train.monitor": "loss" for where in ("", "distill.teacher.")}}
+    **{f"{where}train.monitor": "loss" for where in ("", "distill.teacher.")},
+    # (before report.metrics, a report had LCC, SRCC and MSE only)
+    **{f"{where}report.metrics": () for where in ("", "distill.teacher.")}}
 
 
 #: Keys that name a file or folder (also under distill.teacher.). A resume compares them as the

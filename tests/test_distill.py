@@ -913,6 +913,8 @@ def test_time_inference_reports_seconds_per_clip(tiny_setup, monkeypatch):
     ("loss.kwargs.distill.kwargs.cosine_wieght=1", r"loss 'l1_cosine' takes no keyword "
                                                    r"'cosine_wieght'"),
     ("distill.teacher.report.color_by=nope", r"distill.teacher: report.color_by must be one of"),
+    ("distill.teacher.report.metrics=nope", r"distill.teacher: report.metrics: 'nope' is not "
+                                            r"registered"),
     ("distill.teacher.train.num_epochs=-2", r"distill.teacher: train.num_epochs must be a "
                                             r"whole number >= 0, got -2"),
     ("train.num_epochs=-1", r"^train.num_epochs must be a whole number >= 0, got -1"),

@@ -1,6 +1,7 @@
 """Training: the real config shrunk (configs/tiny.py) end to end, exact resumption in a fresh
 process, frozen parameters, a falling loss, and clear errors."""
 
+import csv
 import dataclasses
 import json
 import os
@@ -1040,13 +1041,17 @@ def test_a_user_registered_metric_is_monitored_and_logged(tiny, tmp_path, capsys
         "from haaqi_jax.train.metrics import register_metric\n\n"
         "@register_metric('test_mean_abs_error', higher_is_better=False)\n"
         "def mean_abs_error(pred, true, weight):\n"
-        "    return float(np.sum(weight * np.abs(pred - true)) / np.sum(weight))\n")
+        "    return float(np.sum(weight * np.abs(pred - true)) / np.sum(weight))\n\n"
+        "@register_metric('test_max_abs_error', higher_is_better=False)\n"
+        "def max_abs_error(pred, true, weight):\n"
+        "    return float(np.max(np.abs(pred - true)))\n")
     (tmp_path / "my_config.py").write_text(
-        "import haaqi_test_user_metric  # registers test_mean_abs_error\n"
+        "import haaqi_test_user_metric  # registers test_mean_abs_error, test_max_abs_error\n"
         "from haaqi_jax.config import load_config_file\n\n"
         "def get_config():\n"
         f"    c = load_config_file({str(TINY)!r})\n"
         "    c.train.monitor = 'test_mean_abs_error'\n"
+        "    c.report.metrics = ('test_max_abs_error',)\n"
         "    return c\n")
     try:
         sets = overrides + ["train.num_epochs=3", "optimizer.schedule=constant"]
@@ -1060,6 +1065,22 @@ def test_a_user_registered_metric_is_monitored_and_logged(tiny, tmp_path, capsys
         assert result.monitor == "test_mean_abs_error" and result.best_value == min(errors)
         summary = json.loads((result.report_dir / "training.json").read_text())
         assert summary["monitor"] == "test_mean_abs_error"
+        # The report has the monitored metric without asking, and report.metrics' too.
+        report = json.loads((result.report_dir / "metrics.json").read_text())
+        rows = list(csv.DictReader((result.report_dir / "predictions.csv").open()))
+        p = np.array([float(r["prediction"]) for r in rows])
+        t = np.array([float(r["label"]) for r in rows])
+        for key, mask in [(None, np.ones(len(rows), bool))] + [
+                (split, np.array([r["split"] == split for r in rows]))
+                for split in report["by_split"]]:
+            entry = report["overall"] if key is None else report["by_split"][key]
+            assert entry["test_mean_abs_error"] == pytest.approx(
+                np.mean(np.abs(p[mask] - t[mask])), abs=1e-12)
+            assert entry["test_max_abs_error"] == pytest.approx(
+                np.max(np.abs(p[mask] - t[mask])), abs=1e-12)
+        assert ((result.report_dir / "table.csv").read_text().splitlines()[0]
+                == "subset,n,lcc,srcc,mse,test_max_abs_error,test_mean_abs_error,label_mean,"
+                   "prediction_mean")
 
         stop = sets + ["train.min_delta=10.0", "train.patience=1", "train.write_report=false"]
         first = loop.train_and_evaluate(cfglib.get_config(tmp_path / "my_config.py", stop),
@@ -1072,7 +1093,20 @@ def test_a_user_registered_metric_is_monitored_and_logged(tiny, tmp_path, capsys
                 in capsys.readouterr().err)
     finally:
         metrics_lib.unregister_metric("test_mean_abs_error")
+        metrics_lib.unregister_metric("test_max_abs_error")
         sys.modules.pop("haaqi_test_user_metric", None)
+
+
+def test_report_metrics_must_name_registered_metrics(tiny):
+    """report.metrics is checked with the other settings, before any data is built."""
+    _, overrides = tiny
+    with pytest.raises(ValueError, match=r"report.metrics: 'nope' is not registered "
+                                         r"\(registered: 'lcc', 'mse', 'srcc'"):
+        loop.check_run_settings(_config(overrides + ["report.metrics=mse,nope"]))
+    c = _config(overrides + ["report.metrics=lcc,mse"])
+    assert tuple(c.report.metrics) == ("lcc", "mse")
+    loop.check_run_settings(c)
+    assert tuple(_config(overrides).report.metrics) == ()
 
 
 def test_a_monitored_metric_undefined_in_every_epoch_is_warned_of_once(tiny, tmp_path,

@@ -967,7 +967,7 @@ def check_run_settings(config: Any) -> None:
     """The loop's counts, the optimizer, the loss, the data's fractions, crops and demo clip
     lengths, the head's settings and the report's, checked before anything is built or
     trained; ValueError names the key."""
-    from haaqi_jax.evaluate import check_color_by
+    from haaqi_jax.evaluate import check_color_by, check_report_metrics
 
     cfglib.check_run_keys(config)
     if "distill" not in config:  # (a distillation reads its checkpoints from distill.*)
@@ -979,6 +979,7 @@ def check_run_settings(config: Any) -> None:
                 except FileNotFoundError as err:
                     raise FileNotFoundError(f"model.{key}: {err}") from None
     check_color_by(config.report.color_by, "report.color_by")
+    check_report_metrics(config.report.get("metrics", ()), "report.metrics")
     for dotted, least in _LEAST_VALUES.items():
         section, key = dotted.split(".")
         if section not in config or key not in config[section]:
@@ -1053,7 +1054,8 @@ def write_split_manifest(rows: Mapping[str, Sequence[Any]], path: Path) -> Path:
 def write_training_report(config: Any, net: Any, params: Any, data: TrainData,
                           eval_step: Callable, mesh: Any, keys: Sequence[str], out_dir: Path,
                           early: Mapping[str, Any]) -> Path:
-    """Evaluates the best params on every eval split and writes the report folder."""
+    """Evaluates the best params on every eval split and writes the report folder, with the
+    metrics report.metrics names and train.monitor's when it is one of your own."""
     from haaqi_jax.evaluate import prediction_records, write_report
     from haaqi_jax.model import HAAQINet
 
@@ -1069,8 +1071,10 @@ def write_training_report(config: Any, net: Any, params: Any, data: TrainData,
         # report is on disk (a distillation's student reads the teacher's best_model next).
         sharding.barrier("training report")
         return out_dir
+    extra = tuple(config.report.get("metrics", ())) + (
+        () if early["monitor"] == metrics_lib.LOSS else (early["monitor"],))
     out = write_report(records, out_dir, color_by=config.report.color_by,
-                       num_examples=int(config.report.num_example_predictions))
+                       num_examples=int(config.report.num_example_predictions), metrics=extra)
     # The run's whole config (seed included): a report folder copied away still says what
     # made it.
     summary = {"best_step": early["best_step"], "best_valid_loss": early["best_valid_loss"],
