@@ -12,11 +12,12 @@ items added to complete a batch count for nothing; the normaliser is the weight 
 (global) batch, so a data-parallel step gives the loss of the whole batch.
 
 Registered: "haaqi_mse" (HAAQI-Net), "haaqi_mse_corr" (the same plus a batch-correlation
-term), "haaqi_components" (the same on HAAQI's two parts, for a
-head with the "haaqi_components" readout); distillation terms "l1_cosine" (DistilHuBERT), "l1",
-"mse", "cosine", "info_nce" (frame-contrastive); and the distillation objectives "distill_weighted" (fixed weights) and
-"distill_uncertainty" (learned uncertainty weights, Kendall et al. 2018), which combine a HAAQI
-loss and a distillation loss given by name (see the distillation section below).
+term), "haaqi_components" (the same on HAAQI's two parts, for a head with the
+"haaqi_components" readout); distillation terms "l1_cosine" (DistilHuBERT), "l1", "mse",
+"cosine", "info_nce" (frame-contrastive); and the distillation objectives "distill_weighted"
+(fixed weights) and "distill_uncertainty" (learned uncertainty weights, Kendall et al. 2018),
+which combine a HAAQI loss and a distillation loss given by name (see the distillation
+section below).
 
 Your own loss, registered from your own code (no library edit), then chosen by config
 (`config.loss.name = "my_loss"`, keyword arguments from `config.loss.kwargs`; a distillation
