@@ -2,7 +2,7 @@
 
     python benchmarks/bench_beats.py [--seconds 10] [--repeats 5] [--batch 1]
 
-Each side runs in its own subprocess so peak RSS (ru_maxrss) is its own; the figure reported
+Each side runs in its own subprocess so peak RSS (VmHWM) is its own; the figure reported
 is peak RSS minus the RSS after imports. Released configuration (12 x 768), random weights,
 waveform in (fbank included on both sides), `--batch` clips per call (times are per call and
 per clip). Also: Flax compile time, and a check that a second clip length in the same length
@@ -14,27 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from process_memory import peak_mb, rss_mb
+
 REPO = Path(__file__).resolve().parents[1]
 SR = 16000
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_flax(seconds: float, repeats: int, batch: int = 1) -> dict:
@@ -46,7 +35,7 @@ def run_flax(seconds: float, repeats: int, batch: int = 1) -> dict:
     from haaqi_jax.beats import RELEASED_CONFIG, BEATs, BEATsConfig, init_params
     from haaqi_jax.data.buckets import pad_to_bucket
 
-    base = _rss_mb()
+    base = rss_mb()
     cfg = BEATsConfig.from_dict(RELEASED_CONFIG)
     params = init_params(cfg, jax.random.key(0))
     model = BEATs(cfg)
@@ -76,7 +65,7 @@ def run_flax(seconds: float, repeats: int, batch: int = 1) -> dict:
     forward(params, jnp.asarray(second), jnp.asarray(mask2)).block_until_ready()
     recompiled = forward._cache_size() != size_after_first
     return {"median_s": statistics.median(times), "min_s": min(times), "compile_s": compile_s,
-            "peak_rss_delta_mb": _peak_mb() - base, "bucket_len": int(first.shape[1]),
+            "peak_rss_delta_mb": peak_mb() - base, "bucket_len": int(first.shape[1]),
             "second_length_recompiled": bool(recompiled), "devices": str(jax.devices())}
 
 
@@ -93,7 +82,7 @@ def run_torch(seconds: float, repeats: int, threads: int = 0, batch: int = 1) ->
     import conftest  # noqa: F401  (bare torchaudio package so speechbrain imports)
     import beats_reference as ref
 
-    base = _rss_mb()
+    base = rss_mb()
     with tempfile.TemporaryDirectory() as tmp:
         path = ref.save_official_checkpoint(Path(tmp) / "released.pt", ref.RELEASED_CFG,
                                             ref.make_beats_state_dict(ref.RELEASED_CFG, 0))
@@ -110,7 +99,7 @@ def run_torch(seconds: float, repeats: int, threads: int = 0, batch: int = 1) ->
             model(wav, lens)
             times.append(time.perf_counter() - start)
     return {"median_s": statistics.median(times), "min_s": min(times),
-            "peak_rss_delta_mb": _peak_mb() - base, "threads": torch.get_num_threads()}
+            "peak_rss_delta_mb": peak_mb() - base, "threads": torch.get_num_threads()}
 
 
 def main() -> int:

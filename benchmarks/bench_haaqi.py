@@ -3,7 +3,7 @@
     python benchmarks/bench_haaqi.py [--seconds 10] [--rate 44100] [--batch 8]
         [--big-batch 64] [--reference-clips 1] [--no-reference]
 
-Each side runs in its own subprocess so that its peak memory (ru_maxrss) is its own:
+Each side runs in its own subprocess so that its peak memory (VmHWM) is its own:
   pyclarity   haaqi_v1 on --reference-clips clips, one at a time (seconds per clip)
   jax         haaqi_batch on --batch clips: one call to compile, one warm call timed
   jax-big     haaqi_batch on --big-batch clips (chunked), peak memory
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -25,6 +24,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from process_memory import peak_mb
 
 # Run from a checkout without installing: the repository root holds the haaqi_jax package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -51,10 +52,6 @@ def music_batch(count: int, seconds: float, rate: int) -> tuple[np.ndarray, np.n
         refs.append(x)
         procs.append(scipy.signal.lfilter(b, a, x) + 0.01 * rng.standard_normal(t.size))
     return np.stack(refs), np.stack(procs)
-
-
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def worker(args: argparse.Namespace) -> dict:

@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+from process_memory import reset_peak, status_mb
+
 REPO = Path(__file__).resolve().parents[1]
 SR = 16000
 CLIP_SECONDS = 10.0
@@ -46,24 +48,6 @@ E2E_BATCH = 2
 # ----------------------------------------------------------------------------- memory
 
 
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak() -> bool:
-    """Resets VmHWM (peak RSS) to the current RSS; False where the kernel refuses."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 _PEAK_MB = [0.0]  # highest VmHWM seen in this process (resets make VmHWM per section)
 
 
@@ -71,13 +55,13 @@ class Section:
     """Times nothing itself; records peak RSS of the code inside (VmHWM after a reset)."""
 
     def __enter__(self):
-        _PEAK_MB[0] = max(_PEAK_MB[0], _status_mb("VmHWM"))
-        self.reset = _reset_peak()
-        self.start_rss = _status_mb("VmRSS")
+        _PEAK_MB[0] = max(_PEAK_MB[0], status_mb("VmHWM"))
+        self.reset = reset_peak()
+        self.start_rss = status_mb("VmRSS")
         return self
 
     def __exit__(self, *exc):
-        self.peak_mb = _status_mb("VmHWM")
+        self.peak_mb = status_mb("VmHWM")
         _PEAK_MB[0] = max(_PEAK_MB[0], self.peak_mb)
         return False
 
@@ -324,7 +308,7 @@ def torch_worker() -> None:
     import beats_reference as beats_ref
     import haaqinet_reference as head_ref
 
-    base = _status_mb("VmRSS")
+    base = status_mb("VmRSS")
     with tempfile.TemporaryDirectory() as tmp:
         path = beats_ref.save_official_checkpoint(
             Path(tmp) / "released.pt", beats_ref.RELEASED_CFG,
@@ -356,7 +340,7 @@ def torch_worker() -> None:
             if mode == "quit":
                 break
             reply({"s": _median_time(lambda: pipeline(mode), 1)[0]})
-    peak = _status_mb("VmHWM")
+    peak = status_mb("VmHWM")
     reply({"peak_mb": peak, "peak_delta_mb": peak - base})
 
 
@@ -524,7 +508,7 @@ def main() -> int:
             torch_ref = None
     results["wall_s"] = time.perf_counter() - wall
     # Not ru_maxrss: the per-section VmHWM resets lower it too.
-    results["peak_rss_total_mb"] = max(_PEAK_MB[0], _status_mb("VmHWM"))
+    results["peak_rss_total_mb"] = max(_PEAK_MB[0], status_mb("VmHWM"))
     if "init_random_s" in results:
         print_report(results, torch_r, args)
     for f in failures:

@@ -27,17 +27,11 @@ import sys
 import time
 from pathlib import Path
 
+from process_memory import peak_mb
+
 REPO = Path(__file__).resolve().parents[1]
 SR = 16000
 AUDIOGRAM = [10.0, 15.0, 20.0, 30.0, 40.0, 45.0, 50.0, 55.0]
-
-
-def _peak_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _clip(seconds: float):
@@ -68,7 +62,7 @@ def run_jax(seconds: float, repeats: int, blocked: bool) -> dict:
         start = time.perf_counter()
         jax.block_until_ready(net.apply(wav, None, hl).clip_score)
         warm.append(time.perf_counter() - start)
-    return {"first_s": first, "warm_s": min(warm), "peak_mb": _peak_mb(), "score": score}
+    return {"first_s": first, "warm_s": min(warm), "peak_mb": peak_mb(), "score": score}
 
 
 def run_torch(seconds: float, repeats: int) -> dict:
@@ -96,7 +90,7 @@ def run_torch(seconds: float, repeats: int) -> dict:
             start = time.perf_counter()
             head(beats(wav, torch.ones(1))[0], hl)
             times.append(time.perf_counter() - start)
-    return {"first_s": times[0], "warm_s": min(times[1:]), "peak_mb": _peak_mb()}
+    return {"first_s": times[0], "warm_s": min(times[1:]), "peak_mb": peak_mb()}
 
 
 def _in_subprocess(kind: str, seconds: float, repeats: int) -> dict:
