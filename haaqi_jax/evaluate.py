@@ -28,8 +28,8 @@ writes into --out:
 Every metrics entry also has label_mean and prediction_mean, and each metric of your own that
 --metric NAME names (registered by `haaqi_jax.train.metrics.register_metric` in a module loaded
 with `haaqi-jax --import`): its value on the entry's clips, null where it fails or is undefined
-(a note on stderr names the metric and the row; n/a in table.md), and a column after MSE in
-the tables.
+(a note on stderr names the metric and the row; n/a in table.md), a column after MSE in the
+tables, and a value after MSE on the lines it prints (`summary_lines`).
 
 Hearing loss: each clip's listener is graded by the four-frequency pure-tone average (PTA:
 0.5, 1, 2, 4 kHz, dB HL) of the row's audiogram, on the WHO's 2021 grades (normal < 20, mild
@@ -730,6 +730,19 @@ def evaluate_manifest(model_dir: str | os.PathLike, manifest: str | os.PathLike,
     return {**report, "skipped": skipped}
 
 
+def summary_lines(report: Mapping[str, Any], metrics: Sequence[str] = ()) -> list[str]:
+    """The console summary of a `compute_report_metrics` report: "all", then each split
+    (sorted; none when there is one, it would repeat "all"), with n, LCC, SRCC, MSE and then
+    each of `metrics` (names of entry keys) by name; n/a where a value is null or NaN."""
+    # One line per split: a pooled figure would mix, e.g., a run's train rows with its tests.
+    entries = [("all", report["overall"])] + sorted(report["by_split"].items())
+    if len(entries) == 2:
+        entries = entries[:1]
+    return [f"{name:<14}{entry['n']:>6} clips: LCC {_fmt(entry['lcc'])}  SRCC "
+            f"{_fmt(entry['srcc'])}  MSE {_fmt(entry['mse'])}"
+            + "".join(f"  {k} {_fmt(entry[k])}" for k in metrics) for name, entry in entries]
+
+
 def run(args: argparse.Namespace) -> int:
     from haaqi_jax.cli import writable_folder
     metrics = check_report_metrics(args.metrics, "--metric")    # (after --import)
@@ -738,13 +751,8 @@ def run(args: argparse.Namespace) -> int:
                                batch_size=args.batch_size, color_by=args.color_by,
                                num_examples=args.num_examples, progress=not args.no_progress,
                                metrics=metrics)
-    # One line per split: a pooled figure would mix, e.g., a run's train rows with its tests.
-    entries = [("all", report["overall"])] + sorted(report["by_split"].items())
-    if len(entries) == 2:
-        entries = entries[:1]
-    for name, entry in entries:
-        print(f"{name:<14}{entry['n']:>6} clips: LCC {_fmt(entry['lcc'])}  SRCC "
-              f"{_fmt(entry['srcc'])}  MSE {_fmt(entry['mse'])}")
+    for line in summary_lines(report, metrics):
+        print(line)
     print(f"report in {args.out}"
           + (f" ({len(report['skipped'])} rows skipped: skipped.json)" if report["skipped"]
              else ""))

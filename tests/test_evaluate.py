@@ -881,7 +881,8 @@ def test_evaluate_metric_option_adds_a_metric_from_an_imported_module(tmp_path, 
     finally:
         metrics_lib.unregister_metric("test_cli_max_error")
         sys.modules.pop("haaqi_test_cli_metric", None)
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert "--metric: 'nope' is not registered" in err and "test_cli_max_error" in err, err
     assert not (tmp_path / "eval2").exists()
     rows = list(csv.DictReader((tmp_path / "eval" / "predictions.csv").open()))
@@ -896,3 +897,34 @@ def test_evaluate_metric_option_adds_a_metric_from_an_imported_module(tmp_path, 
                                                             abs=1e-12)
     header = (tmp_path / "eval" / "table.csv").read_text().splitlines()[0]
     assert header == "subset,n,lcc,srcc,mse,test_cli_max_error,label_mean,prediction_mean"
+    # The console lines name it too (mse, a built-in, once), with the value worked out here.
+    printed = {line.split()[0]: line for line in captured.out.splitlines()[:3]}
+    assert sorted(printed) == ["all", "test_seen", "valid"], captured.out
+    for name, line in printed.items():
+        sel = np.array([name == "all" or r["split"] == name for r in rows])
+        assert line.endswith(f"  test_cli_max_error {np.max(np.abs(p[sel] - t[sel])):.4f}"), line
+        assert line.count("MSE") == 1 and "mse" not in line, line
+
+
+def test_console_summary_lines_add_the_requested_metrics():
+    """`haaqi-jax evaluate` prints one line per split; --metric NAME adds NAME's value to each
+    (n/a where null or NaN); without --metric the lines are as they always were."""
+    nan = float("nan")
+    report = {"overall": {"n": 8, "lcc": 0.5, "srcc": -0.25, "mse": 0.1, "max_error": 0.41234,
+                          "other": 2.0},
+              "by_split": {"valid": {"n": 4, "lcc": nan, "srcc": None, "mse": 0.2,
+                                     "max_error": None, "other": nan},
+                           "test": {"n": 4, "lcc": 0.75, "srcc": 0.5, "mse": 0.05,
+                                    "max_error": 0.3, "other": 1.0}}}
+    old = ["all                8 clips: LCC 0.5000  SRCC -0.2500  MSE 0.1000",
+           "test               4 clips: LCC 0.7500  SRCC 0.5000  MSE 0.0500",
+           "valid              4 clips: LCC n/a  SRCC n/a  MSE 0.2000"]
+    assert evaluate.summary_lines(report) == old
+    assert evaluate.summary_lines(report, ()) == old
+    assert evaluate.summary_lines(report, ["max_error", "other"]) == [
+        old[0] + "  max_error 0.4123  other 2.0000",
+        old[1] + "  max_error 0.3000  other 1.0000",
+        old[2] + "  max_error n/a  other n/a"]
+    # One split: its line would repeat "all"'s.
+    one = {"overall": report["overall"], "by_split": {"test": report["by_split"]["test"]}}
+    assert evaluate.summary_lines(one, ["max_error"]) == [old[0] + "  max_error 0.4123"]
