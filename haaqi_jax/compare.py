@@ -12,7 +12,8 @@ then their mean, sample standard deviation and range over the runs.
 Settings: training workdirs (with the config.json that train.py writes) whose configs differ
 only in `seed` (and in keys that steer logging and reporting only, `REPEAT_KEYS`) form one
 setting, and the mean, sd and range are taken per setting: three seeds each of two distillation
-losses give two summaries, not one over six runs. Runs without a config (evaluate reports) form
+losses give two summaries, not one over six runs. Paths (`config.PATH_KEYS`) are compared in their
+normal spelling: "data_cache/demo", "./data_cache/demo" and "data_cache/demo/" are one setting. Runs without a config (evaluate reports) form
 a setting of their own. The settings are listed above the table by the keys that tell them
 apart. A split whose runs in one setting cover other clips (another number of clips, or an
 "all" over other `data.eval_splits`) gets no summary, and a note says so.
@@ -262,6 +263,17 @@ def _whole(value: Any) -> Any:
     return value
 
 
+def _path_spelling(key: str, value: Any, path_keys: Sequence[str]) -> Any:
+    """`value` in its normal spelling (os.path.normpath) when `key` (dotted; also under
+    distill.teacher.) is one of `path_keys` and `value` a non-empty string, else unchanged:
+    "data/demo", "./data/demo" and "data/demo/" are one folder. Not made absolute nor
+    symlinks resolved: runs started from other folders would be read from this one."""
+    bare = key[len("distill.teacher."):] if key.startswith("distill.teacher.") else key
+    if bare in path_keys and isinstance(value, str) and value:
+        return os.path.normpath(value)
+    return value
+
+
 def group_settings(configs: Mapping[str, Mapping[str, Any] | None]
                    ) -> tuple[dict[str, list[str]], dict[str, str], str | None]:
     """Groups runs into settings: runs whose flat configs differ only in REPEAT_KEYS are
@@ -272,7 +284,8 @@ def group_settings(configs: Mapping[str, Mapping[str, Any] | None]
     Returns:
       (settings {label: [run names]}, legend {label: text}, note): labels are "A", "B", ... in
       order of first appearance, each described by the values of the keys that tell the
-      settings apart; keys that only some settings have are summarised by section ("also
+      settings apart (as its first run's config writes them: paths, `config.PATH_KEYS`, are
+      compared in their normal spelling, `_path_spelling`, and shown as written); keys that only some settings have are summarised by section ("also
       distill.* (35 keys)"); a run given `distill.teacher_checkpoint` never read its
       `distill.teacher.*` keys, which therefore tell it apart from no other run. Runs without a
       config (evaluate reports) form one setting of their own. One setting "" (legend empty) when all runs share their settings or none has a
@@ -293,12 +306,22 @@ def group_settings(configs: Mapping[str, Mapping[str, Any] | None]
     keys = sorted({k for name in with_config for k in configs[name]
                    if not any(fnmatch.fnmatchcase(k, p) for p in REPEAT_KEYS)})
 
-    def value(name: str, key: str) -> Any:
+    def raw(name: str, key: str) -> Any:
         # A run given a teacher checkpoint never read its own teacher's settings.
         if key.startswith("distill.teacher.") and configs[name].get("distill.teacher_checkpoint"):
             return unused
-        found = configs[name].get(key, cfglib.IMPLICIT_VALUES.get(key, absent))
-        return absent if found is absent else json.dumps(_whole(found), sort_keys=True)
+        return configs[name].get(key, cfglib.IMPLICIT_VALUES.get(key, absent))
+
+    def spelling(name: str, key: str) -> Any:
+        """The key's value as JSON, as the run's config writes it (for the legend)."""
+        found = raw(name, key)
+        return found if found in (absent, unused) else json.dumps(_whole(found), sort_keys=True)
+
+    def value(name: str, key: str) -> Any:
+        """`spelling`, a path in its normal spelling: what tells settings apart."""
+        found = raw(name, key)
+        return found if found in (absent, unused) else json.dumps(
+            _whole(_path_spelling(key, found, cfglib.PATH_KEYS)), sort_keys=True)
 
     def values(key: str) -> set:
         return {value(n, key) for n in with_config} - {unused}
@@ -318,7 +341,7 @@ def group_settings(configs: Mapping[str, Mapping[str, Any] | None]
             text = f"no {CONFIG_FILE} (evaluate reports)"
         else:
             signature = tuple(value(name, k) for k in varying)
-            parts = [f"{k}={'<absent>' if value(name, k) is absent else value(name, k)}"
+            parts = [f"{k}={'<absent>' if value(name, k) is absent else spelling(name, k)}"
                      for k in shared if value(name, k) is not unused]
             sections: dict[str, int] = {}
             for k in varying:

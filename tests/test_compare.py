@@ -390,3 +390,43 @@ def test_a_whole_float_and_its_int_are_one_setting():
     assert legend == {"A": "loss.kwargs.score_weight=1", "B": "loss.kwargs.score_weight=0.5"}
     assert compare.group_settings({n: configs[n] for n in ("r0", "r1")})[0] == {
         "": ["r0", "r1"]}
+
+
+def test_spellings_of_one_path_are_one_setting():
+    """"data_cache/demo", "./data_cache/demo" and "data_cache/demo/" name one folder: repeats of
+    one setting (they were three). The legend keeps the spelling as written; other paths,
+    absolute vs relative spellings and strings that are not paths stay apart."""
+    base = {"seed": 0, "loss.name": "haaqi_mse", "data.train_split": "train",
+            "data.demo_dir": "data_cache/demo", "distill.teacher.data.cache_dir": "f/x"}
+    configs = {"r0": base,
+               "r1": {**base, "seed": 1, "data.demo_dir": "./data_cache/demo",
+                      "distill.teacher.data.cache_dir": "f//x/"},
+               "r2": {**base, "seed": 2, "data.demo_dir": "data_cache/demo/"},
+               "other": {**base, "data.demo_dir": "data_cache/demo2"},
+               "absolute": {**base, "data.demo_dir": "/work/data_cache/demo"},
+               "split": {**base, "data.train_split": "./train"},
+               "teacher": {**base, "distill.teacher.data.cache_dir": "f/y"}}
+    settings, legend, _ = compare.group_settings(configs)
+    assert settings == {"A": ["r0", "r1", "r2"], "B": ["other"], "C": ["absolute"],
+                        "D": ["split"], "E": ["teacher"]}
+    assert legend["A"] == ('data.demo_dir="data_cache/demo", data.train_split="train", '
+                           'distill.teacher.data.cache_dir="f/x"')
+    assert legend["B"].startswith('data.demo_dir="data_cache/demo2"')
+    assert legend["C"].startswith('data.demo_dir="/work/data_cache/demo"')
+    # Only spellings apart: one setting, as runs whose configs agree; None is no path.
+    assert compare.group_settings({n: configs[n] for n in ("r0", "r1", "r2")}) == (
+        {"": ["r0", "r1", "r2"]}, {}, None)
+    settings, legend, _ = compare.group_settings({"r1": configs["r1"],
+                                                  "none": {**base, "data.demo_dir": None}})
+    assert settings == {"A": ["r1"], "B": ["none"]}
+    assert legend == {"A": 'data.demo_dir="./data_cache/demo"', "B": "data.demo_dir=null"}
+
+
+def test_every_path_key_of_a_run_config_is_compared_as_a_path():
+    """The keys of RUN_KEYS that name a file or folder are PATH_KEYS (which resumes and
+    `compare` read as paths): a new one must join them."""
+    from haaqi_jax import config as cfglib
+    path_like = {f"{section}.{key}" for section, keys in cfglib.RUN_KEYS.items() if section
+                 for key in keys if key.endswith(("_dir", "_checkpoint", "_path", "_file"))
+                 or key == "manifest"}
+    assert path_like == set(cfglib.PATH_KEYS)
