@@ -12,8 +12,9 @@ then their mean, sample standard deviation and range over the runs.
 Settings: training workdirs (with the config.json that train.py writes) whose configs differ
 only in `seed` (and in keys that steer logging and reporting only, `REPEAT_KEYS`) form one
 setting, and the mean, sd and range are taken per setting: three seeds each of two distillation
-losses give two summaries, not one over six runs. Paths (`config.PATH_KEYS`) are compared in their
-normal spelling: "data_cache/demo", "./data_cache/demo" and "data_cache/demo/" are one setting. Runs without a config (evaluate reports) form
+losses give two summaries, not one over six runs. Paths (`config.PATH_KEYS`) are compared in
+their normal spelling: "data_cache/demo", "./data_cache/demo" and "data_cache/demo/" are one
+setting (but not an absolute spelling of it). Runs without a config (evaluate reports) form
 a setting of their own. The settings are listed above the table by the keys that tell them
 apart. A split whose runs in one setting cover other clips (another number of clips, or an
 "all" over other `data.eval_splits`) gets no summary, and a note says so.
@@ -284,12 +285,14 @@ def group_settings(configs: Mapping[str, Mapping[str, Any] | None]
     Returns:
       (settings {label: [run names]}, legend {label: text}, note): labels are "A", "B", ... in
       order of first appearance, each described by the values of the keys that tell the
-      settings apart (as its first run's config writes them: paths, `config.PATH_KEYS`, are
-      compared in their normal spelling, `_path_spelling`, and shown as written); keys that only some settings have are summarised by section ("also
-      distill.* (35 keys)"); a run given `distill.teacher_checkpoint` never read its
-      `distill.teacher.*` keys, which therefore tell it apart from no other run. Runs without a
-      config (evaluate reports) form one setting of their own. One setting "" (legend empty) when all runs share their settings or none has a
-      config. `note` says which runs had no config when others had one, else None.
+      settings apart, as its first run's config writes them (paths, `config.PATH_KEYS`, are
+      compared in their normal spelling, `_path_spelling`); keys that only some settings have
+      are summarised by section ("also distill.* (35 keys)"); a run given
+      `distill.teacher_checkpoint` never read its `distill.teacher.*` keys, which therefore
+      tell it apart from no other run. Runs without a config (evaluate reports) form one
+      setting of their own. One setting "" (legend empty) when all runs share their settings
+      or none has a config. `note` says which runs had no config when others had one, else
+      None.
     """
     import fnmatch
     from haaqi_jax import config as cfglib
