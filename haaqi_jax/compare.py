@@ -1,13 +1,19 @@
 """`haaqi-jax compare`: one table of several runs' scores, with their mean and spread.
 
     haaqi-jax compare runs/seed0 runs/seed1 runs/seed2 [--splits test_unseen valid]
-        [--out comparison.md]
+        [--metric max_error] [--out comparison.md]
 
 On the demo set one training run moves by up to 0.03 LCC when its labels move by at most 2.4e-4
 (see the README), so a setting is judged on several seeds. Each argument is a training workdir (its
 `report/metrics.json`), a report folder of `haaqi-jax evaluate` (its `metrics.json`) or a
 metrics.json itself. For every split (and "all"), the table lists each run's LCC, SRCC and MSE,
 then their mean, sample standard deviation and range over the runs.
+
+Metrics of your own: `--metric NAME` (repeatable) adds a column after MSE of the reports' NAME
+(which `evaluate --metric NAME` or a run's report.metrics put in every entry of metrics.json),
+read from the files (no registry needed), summarised as the scores are. A run whose report
+lacks it, or has null there (undefined), reads n/a, a note names it, and the summary covers
+the others (a note says so); a NAME no run has is an error.
 
 Settings: training workdirs (with the config.json that train.py writes) whose configs differ
 only in `seed` (and in keys that steer logging and reporting only, `REPEAT_KEYS`) form one
@@ -44,6 +50,8 @@ import numpy as np
 SCORES = ("lcc", "srcc", "mse")
 #: How the table heads them.
 SCORE_NAMES = {"lcc": "LCC", "srcc": "SRCC", "mse": "MSE"}
+#: Keys of every table row besides the scores: a metric of your own may not take them.
+ROW_KEYS = ("split", "setting", "run", "n")
 #: Name of the whole-report entry ("overall" in metrics.json).
 ALL = "all"
 #: Summary rows of each setting, in table order.
@@ -73,13 +81,33 @@ def metrics_path(path: str | os.PathLike) -> Path:
                             f"{', '.join(str(c) for c in candidates)})")
 
 
-def read_scores(path: str | os.PathLike) -> dict[str, dict[str, float]]:
-    """{split or "all": {"lcc", "srcc", "mse", "n"}} of one report.
+def check_metric_names(metrics: Any, what: str = "metric") -> tuple[str, ...]:
+    """The metrics of your own that `metrics` (names of report entry keys, e.g. those of
+    `evaluate --metric`) adds to lcc, srcc and mse: each once, in order, the built-ins left
+    out (every table has them). ValueError naming `what` for a name of a table column
+    (ROW_KEYS) or for `metrics` that is not a list of names."""
+    if isinstance(metrics, (str, bytes)) or not isinstance(metrics, Sequence) or not all(
+            isinstance(m, str) for m in metrics):
+        raise ValueError(f"{what}: expected a list of metric names, got {metrics!r}")
+    for name in metrics:
+        if name in ROW_KEYS:
+            raise ValueError(f"{what} {name}: {name!r} is a column of every table, not a metric")
+    return tuple(m for m in dict.fromkeys(metrics) if m not in SCORES)
 
+
+def read_scores(path: str | os.PathLike, metrics: Sequence[str] = ()
+                ) -> dict[str, dict[str, float]]:
+    """{split or "all": {"lcc", "srcc", "mse", "n", and each of `metrics` the entry has}} of
+    one report (NaN where it is null).
+
+    Args:
+      metrics: metrics of your own to read as well (`check_metric_names`); an entry without
+        one is left without it (`compare` shows n/a and `missing_metrics` names it).
     Raises:
       FileNotFoundError / ValueError naming the file when it is missing, not JSON, or lacks
-      the "overall" entry or a score.
+      the "overall" entry or a score, or a metric's value is not a number or null.
     """
+    metrics = check_metric_names(metrics)
     file = metrics_path(path)
     try:
         report = json.loads(file.read_text())
@@ -98,6 +126,14 @@ def read_scores(path: str | os.PathLike) -> dict[str, dict[str, float]]:
         if not (n >= 0 and n == int(n)):
             raise ValueError(f"{file}: entry {name!r} has n = {entry['n']!r}; expected the "
                              f"number of clips it scored")
+        for k in metrics:
+            if k not in entry:
+                continue
+            if entry[k] is not None and (isinstance(entry[k], bool)
+                                         or not isinstance(entry[k], (int, float))):
+                raise ValueError(f"{file}: entry {name!r} has {k} = {entry[k]!r}; expected "
+                                 f"a number or null")
+            scores[name][k] = _number(entry[k])
     return scores
 
 
@@ -107,23 +143,34 @@ def _number(value: Any) -> float:
 
 def compare(runs: Mapping[str, Mapping[str, Mapping[str, float]]],
             splits: Sequence[str] | None = None,
-            settings: Mapping[str, Sequence[str]] | None = None) -> list[dict[str, Any]]:
+            settings: Mapping[str, Sequence[str]] | None = None,
+            metrics: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Table rows: per split and setting, one row per run, then "mean", "sd" and "range".
 
     Args:
-      runs: {run name: `read_scores` output}, in table order.
+      runs: {run name: `read_scores` output (read with `metrics`)}, in table order.
       splits: splits to keep (default: every split any run has, "all" first, then sorted).
       settings: {setting label: [run names]} (see `group_settings`), in table order; default
         one setting "" of all runs.
+      metrics: metrics of your own (keys of the report entries, `check_metric_names`) tabulated
+        after MSE and summarised as the scores are.
     Returns:
-      [{"split", "setting", "run", "n", "lcc", "srcc", "mse"}]; the summary rows have n = number
-      of the setting's runs that have the split, "sd" is the sample standard deviation (NaN for
-      a single run) and "range" holds (min, max) pairs. Splits missing from a run are left out
-      of its rows; a split whose runs in one setting cover other clips (another n, or an "all"
-      over other splits) gets no summary rows (`unsummarised` names them).
+      [{"split", "setting", "run", "n", "lcc", "srcc", "mse", *metrics}]; the summary rows have
+      n = number of the setting's runs that have the split, "sd" is the sample standard
+      deviation (NaN for a single run) and "range" holds (min, max) pairs. A metric's value is
+      None in the row of a run whose entry lacks it, NaN where it is null; both are left out
+      of the summary (`left_out`, `missing_metrics` say so). Splits missing from a run are
+      left out of its rows; a split whose runs in one setting cover other clips (another n,
+      or an "all" over other splits) gets no summary rows (`unsummarised` names them).
     Raises:
-      ValueError naming a requested split that no run has, or a run in no setting.
+      ValueError naming a requested split or metric that no run has, or a run in no setting.
     """
+    metrics = check_metric_names(metrics)
+    unknown = [m for m in metrics
+               if not any(m in entry for scores in runs.values() for entry in scores.values())]
+    if unknown:
+        raise ValueError(f"no run has metric {unknown[0]!r} (a report has a metric of your own "
+                         f"when `evaluate --metric` or report.metrics named it)")
     present = sorted({s for scores in runs.values() for s in scores} - {ALL})
     present = ([ALL] if any(ALL in s for s in runs.values()) else []) + present
     if splits is None:
@@ -141,10 +188,11 @@ def compare(runs: Mapping[str, Mapping[str, Mapping[str, float]]],
             have = {name: runs[name][split] for name in names if split in runs[name]}
             if not have:
                 continue
-            rows += [{"split": split, "setting": setting, "run": name, **entry}
-                     for name, entry in have.items()]
+            rows += [{"split": split, "setting": setting, "run": name,
+                      **{k: entry[k] for k in SCORES + ("n",)},
+                      **{k: entry.get(k) for k in metrics}} for name, entry in have.items()]
             if _unpooled(runs, list(have), split) is None:
-                rows += _summary_rows(have, split, setting)
+                rows += _summary_rows(have, split, setting, SCORES + metrics)
     return rows
 
 
@@ -182,39 +230,74 @@ def unsummarised(runs: Mapping[str, Mapping[str, Mapping[str, float]]],
     return notes
 
 
-def left_out(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Notes on summaries that leave runs out: a run whose score is undefined (n/a, e.g. the
-    correlations of constant predictions) is not averaged, so its setting's mean, sd and range
-    cover fewer runs than the "n runs" of its row says."""
+def _defined(value: float | None) -> bool:
+    """False for a score that is undefined (NaN) or not in the run's report (None)."""
+    return value is not None and math.isfinite(value)
+
+
+def left_out(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = ()) -> list[str]:
+    """Notes on summaries that leave runs out: a run whose score (or one of `metrics`) is
+    undefined (n/a, e.g. the correlations of constant predictions) or not in its report is
+    not averaged, so its setting's mean, sd and range cover fewer runs than the "n runs" of
+    its row says."""
     summarised = {(row["split"], row.get("setting", "")) for row in rows
                   if row["run"] in SUMMARIES}
     notes = []
     for (split, setting), group in _run_rows(rows).items():
         if (split, setting) not in summarised:
             continue
-        by_runs: dict[tuple[str, ...], list[str]] = {}
-        for k in SCORES:
-            undefined = tuple(row["run"] for row in group if not math.isfinite(row[k]))
-            if undefined:
-                by_runs.setdefault(undefined, []).append(SCORE_NAMES[k])
-        for names, scores in by_runs.items():
-            others = len(group) - len(names)
+        # {(undefined runs, runs whose report lacks it): score names}
+        by_runs: dict[tuple[tuple[str, ...], tuple[str, ...]], list[str]] = {}
+        for k in SCORES + tuple(metrics):
+            undefined = tuple(row["run"] for row in group
+                              if row.get(k) is not None and not _defined(row[k]))
+            absent = tuple(row["run"] for row in group if row.get(k) is None)
+            if undefined or absent:
+                by_runs.setdefault((undefined, absent), []).append(SCORE_NAMES.get(k, k))
+        for (undefined, absent), scores in by_runs.items():
+            others = len(group) - len(undefined) - len(absent)
             if not others:              # no run left: the summary itself shows n/a
                 continue
+            why = ([f"undefined for {', '.join(undefined)}"] if undefined else []) + (
+                [f"not in the report{'s' if len(absent) > 1 else ''} of {', '.join(absent)}"]
+                if absent else [])
             notes.append(f"split {split!r}{f', setting {setting}' if setting else ''}: "
                          f"{' and '.join(scores)} {'is' if len(scores) == 1 else 'are'} "
-                         f"undefined for {', '.join(names)}; "
+                         f"{' and '.join(why)}; "
                          f"{'its' if len(scores) == 1 else 'their'} mean, sd and range cover "
                          f"the other {others} run{'s' if others != 1 else ''}")
     return notes
 
 
-def _summary_rows(have: Mapping[str, Mapping[str, float]], split: str, setting: str
-                  ) -> list[dict[str, Any]]:
-    # A run whose score is undefined (e.g. a correlation over one clip) is left out of that
-    # score's summary instead of turning it into NaN.
-    values = {k: np.asarray([v for v in (entry[k] for entry in have.values())
-                             if math.isfinite(v)]) for k in SCORES}
+def missing_metrics(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> list[str]:
+    """Notes naming each run whose report lacks one of `metrics` in some of the `compare` rows'
+    splits (its cells read n/a): a report written without that metric, or another metric's."""
+    lacking: dict[tuple[str, str], list[str]] = {}       # (run, metric) -> splits
+    shown: dict[str, list[str]] = {}                    # run -> its splits in the rows
+    for row in rows:
+        if row["run"] in SUMMARIES:
+            continue
+        shown.setdefault(row["run"], []).append(row["split"])
+        for k in metrics:
+            if row.get(k) is None:
+                lacking.setdefault((row["run"], k), []).append(row["split"])
+    notes = []
+    for (run, k), splits in lacking.items():
+        where = ("" if splits == shown[run]
+                 else f" for split{'s' if len(splits) > 1 else ''} "
+                      f"{', '.join(repr(s) for s in splits)}")
+        notes.append(f"{run}: its report has no {k}{where} (n/a in the table; a report has it "
+                     f"when `evaluate --metric {k}` or report.metrics named it)")
+    return notes
+
+
+def _summary_rows(have: Mapping[str, Mapping[str, float]], split: str, setting: str,
+                  keys: Sequence[str] = SCORES) -> list[dict[str, Any]]:
+    """The "mean", "sd" and "range" rows of `keys` over the runs' entries `have`."""
+    # A run whose score is undefined (e.g. a correlation over one clip) or not in its report
+    # is left out of that score's summary instead of turning it into NaN.
+    values = {k: np.asarray([v for v in (entry.get(k) for entry in have.values())
+                             if _defined(v)]) for k in keys}
     head = {"split": split, "setting": setting, "n": len(have)}
     return [
         {**head, "run": "mean",
@@ -425,20 +508,22 @@ def distill_rows(reports: Mapping[str, Mapping[str, Any]],
 def _cell(value: Any) -> str:
     if isinstance(value, tuple):
         return f"{value[0]:.4f} to {value[1]:.4f}"
-    return "n/a" if math.isnan(value) else f"{value:.4f}"
+    return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
 
 
 def markdown(rows: Sequence[Mapping[str, Any]], legend: Mapping[str, str] | None = None,
-             distill: Sequence[Mapping[str, Any]] = ()) -> str:
-    """The `compare` rows as a Markdown table (summary rows in bold); with several settings a
-    "setting" column and the `legend` above the table; the `distill_rows` as a second table."""
+             distill: Sequence[Mapping[str, Any]] = (), metrics: Sequence[str] = ()) -> str:
+    """The `compare` rows as a Markdown table (summary rows in bold), a column for each of
+    `metrics` after MSE; with several settings a "setting" column and the `legend` above the
+    table; the `distill_rows` as a second table."""
     grouped = bool(legend)
     lines = []
     if grouped:
         lines += ["Settings (runs that differ only in their seed are one setting):", ""]
         lines += [f"- **{label}**: {text}" for label, text in legend.items()] + [""]
-    lines += ["| split | " + ("setting | " if grouped else "") + "run | n | LCC | SRCC | MSE |",
-              "|---|" + ("---|" if grouped else "") + "---|---|---|---|---|"]
+    lines += ["| split | " + ("setting | " if grouped else "") + "run | n | LCC | SRCC | MSE |"
+              + "".join(f" {k} |" for k in metrics),
+              "|---|" + ("---|" if grouped else "") + "---|" * (5 + len(metrics))]
     for row in rows:
         summary = row["run"] in SUMMARIES
         run = f"**{row['run']}**" if summary else row["run"]
@@ -446,7 +531,7 @@ def markdown(rows: Sequence[Mapping[str, Any]], legend: Mapping[str, str] | None
              else int(row["n"]))
         setting = f"{row.get('setting', '')} | " if grouped else ""
         lines.append(f"| {row['split']} | {setting}{run} | {n} | "
-                     + " | ".join(_cell(row[k]) for k in SCORES) + " |")
+                     + " | ".join(_cell(row[k]) for k in SCORES + tuple(metrics)) + " |")
     if distill:
         lines += ["", "Distillation (distill_report.json): student vs teacher; time ratio = "
                   "student / teacher inference time per clip, whole model (encoder alone)", "",
@@ -507,14 +592,18 @@ def comparison_plot(rows: Sequence[Mapping[str, Any]], path: Path, score: str = 
     return path
 
 
-def _write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+def _write_csv(rows: Sequence[Mapping[str, Any]], path: Path, metrics: Sequence[str] = ()
+               ) -> None:
+    """The `compare` rows as CSV; a metric not in a run's report is an empty cell (an
+    undefined one "nan", as the scores)."""
+    columns = SCORES + tuple(metrics)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["split", "setting", "run", "n", *SCORES])
+        writer.writerow(["split", "setting", "run", "n", *columns])
         for row in rows:
             writer.writerow([row["split"], row.get("setting", ""), row["run"], int(row["n"]),
                              *(("%s to %s" % row[k]) if isinstance(row[k], tuple) else row[k]
-                               for k in SCORES)])
+                               for k in columns)])
 
 
 def _write_distill_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
@@ -567,6 +656,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training workdirs, evaluate report folders or metrics.json files")
     parser.add_argument("--splits", nargs="+", default=None,
                         help="splits to show (default: all of them, 'all' first)")
+    parser.add_argument("--metric", dest="metrics", action="append", default=[],
+                        metavar="NAME", help="also a metric of your own from the reports (one "
+                        "that evaluate --metric or report.metrics put in them), after MSE "
+                        "(repeatable)")
     parser.add_argument("--out", type=Path, default=None,
                         help="also write the tables to this Markdown file (X.md), the numbers to "
                              "X.csv (and X.distill.csv) and an LCC plot to X.png beside it")
@@ -578,6 +671,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
     from haaqi_jax.cli import writable_file
 
+    metrics = check_metric_names(args.metrics, "--metric")
     outputs = {}
     if args.out is not None:
         outputs = {kind: writable_file(path, "--out" if kind == "table" else f"--out's {kind}")
@@ -591,7 +685,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"skipped: {path} is the same report as {readable[file][0]}",
                       file=sys.stderr)
                 continue
-            readable[file] = (path, read_scores(path))
+            readable[file] = (path, read_scores(path, metrics))
         except (OSError, ValueError) as err:
             print(f"skipped: {err}", file=sys.stderr)
             unreadable += 1
@@ -634,16 +728,18 @@ def run(args: argparse.Namespace) -> int:
     settings, legend, note = group_settings(configs)
     if note:
         print(f"note: {note}", file=sys.stderr)
-    rows = compare(runs, args.splits, settings)   # a split no run has: one line, exit 2 (cli)
-    for text in unsummarised(runs, rows) + left_out(rows):
+    # A split or metric no run has: one line, exit 2 (cli).
+    rows = compare(runs, args.splits, settings, metrics)
+    for text in (missing_metrics(rows, metrics) + unsummarised(runs, rows)
+                 + left_out(rows, metrics)):
         print(f"note: {text}", file=sys.stderr)
     distilled = distill_rows(distill, args.splits)
-    text = markdown(rows, legend, distilled)
+    text = markdown(rows, legend, distilled, metrics)
     print(text, end="")
     if outputs:
         outputs["table"].parent.mkdir(parents=True, exist_ok=True)
         outputs["table"].write_text(text)
-        _write_csv(rows, outputs["csv"])
+        _write_csv(rows, outputs["csv"], metrics)
         if distilled:
             _write_distill_csv(distilled, outputs["distill_csv"])
         comparison_plot(rows, outputs["plot"])

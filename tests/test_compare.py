@@ -430,3 +430,194 @@ def test_every_path_key_of_a_run_config_is_compared_as_a_path():
                  for key in keys if key.endswith(("_dir", "_checkpoint", "_path", "_file"))
                  or key == "manifest"}
     assert path_like == set(cfglib.PATH_KEYS)
+
+
+# ----------------------------------------------------------------------------- --metric NAME
+
+#: The tables' heads without --metric (they must stay as they were: scripts read them).
+OLD_CSV_HEADER = "split,setting,run,n,lcc,srcc,mse"
+OLD_MD_HEADER = ["| split | run | n | LCC | SRCC | MSE |", "|---|---|---|---|---|---|"]
+
+
+def _max_abs_error(pred, true, weight):       # (n,) float64 of the kept clips
+    return float(np.max(np.abs(pred - true)))
+
+
+@pytest.fixture
+def max_error():
+    from haaqi_jax.train import metrics as metrics_lib
+    metrics_lib.register_metric("test_cmp_max_error", _max_abs_error, higher_is_better=False)
+    yield "test_cmp_max_error"
+    metrics_lib.unregister_metric("test_cmp_max_error")
+
+
+def _write_metrics(folder, entries):
+    """A hand-made metrics.json: entries {"all" or split: entry}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    report = {"overall": entries["all"],
+              "by_split": {k: v for k, v in entries.items() if k != "all"}}
+    (folder / "metrics.json").write_text(json.dumps(report))
+    return folder
+
+
+def test_a_metric_of_your_own_gets_columns_and_summaries(tmp_path):
+    """compare(..., metrics=[NAME]): each run's value as its metrics.json has it, the mean, sd
+    and range over the runs worked out here; a null value is n/a and left out of them."""
+    rng = np.random.default_rng(3)
+    values = {f"r{i}": {"all": rng.uniform(0.2, 0.6), "valid": rng.uniform(0.2, 0.6)}
+              for i in range(4)}
+    values["r3"]["valid"] = None                         # undefined on valid
+    runs = {}
+    for name, by_split in values.items():
+        entries = {split: {"n": 30 if split == "valid" else 70, "lcc": rng.uniform(),
+                           "srcc": rng.uniform(), "mse": rng.uniform(0, 0.1),
+                           "max_error": value, "label_mean": 0.5}
+                   for split, value in by_split.items()}
+        runs[name] = compare.read_scores(_write_metrics(tmp_path / name, entries),
+                                         ["max_error"])
+    rows = compare.compare(runs, metrics=["max_error"])
+    plain = compare.compare(runs)
+    assert [{k: v for k, v in r.items() if k != "max_error"} for r in rows] == plain
+    for split in ("all", "valid"):
+        mine = {r["run"]: r for r in rows if r["split"] == split}
+        for name in values:
+            want = values[name][split]
+            assert (np.isnan(mine[name]["max_error"]) if want is None
+                    else mine[name]["max_error"] == want), (split, name)
+        defined = np.array([v[split] for v in values.values() if v[split] is not None])
+        assert len(defined) == (4 if split == "all" else 3)
+        assert mine["mean"]["max_error"] == pytest.approx(defined.mean(), abs=1e-12)
+        assert mine["sd"]["max_error"] == pytest.approx(defined.std(ddof=1), abs=1e-12)
+        assert mine["range"]["max_error"] == pytest.approx((defined.min(), defined.max()))
+        assert mine["mean"]["n"] == 4
+    assert compare.left_out(rows, ["max_error"]) == [
+        "split 'valid': max_error is undefined for r3; its mean, sd and range cover the other "
+        "3 runs"]
+    text = compare.markdown(rows, metrics=["max_error"]).splitlines()
+    assert text[:2] == ["| split | run | n | LCC | SRCC | MSE | max_error |",
+                        "|---|---|---|---|---|---|---|"]
+    lines = {(l.split(" | ")[0][2:], l.split(" | ")[1]): l for l in text[2:]}
+    assert lines["all", "r0"].endswith(f" | {values['r0']['all']:.4f} |")
+    assert lines["valid", "r3"].endswith(" | n/a |")
+    mean = np.mean([v["valid"] for n, v in values.items() if n != "r3"])
+    assert lines["valid", "**mean**"].endswith(f" | {mean:.4f} |")
+    # The built-in columns are the table without --metric.
+    assert [l.rsplit(" | ", 1)[0] + " |" for l in text[2:]] == \
+        compare.markdown(plain).splitlines()[2:]
+    # Asked for by another name: read_scores keeps what it is asked for.
+    assert "label_mean" not in runs["r0"]["all"]
+
+
+def test_compare_metric_option_reads_it_from_every_report(tmp_path, max_error, capsys):
+    """`haaqi-jax compare --metric NAME`: a column in the table and the CSV, the setting's mean,
+    sd and range of the values that `evaluate --metric` wrote (worked out here from the
+    records); a run whose report lacks it and a null value read n/a, are named in a note, and
+    the summary says it covers the others."""
+    records = {f"s{i}": _records(i, 0.05 + 0.05 * i) for i in range(4)}
+    paths = []
+    for i, (name, recs) in enumerate(records.items()):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"seed": i}))
+        evaluate.write_report(recs, tmp_path / name / "report",
+                              metrics=[max_error] if name != "s3" else [])
+        paths.append(tmp_path / name)
+    file = tmp_path / "s1" / "report" / "metrics.json"
+    report = json.loads(file.read_text())
+    report["by_split"]["valid"][max_error] = None        # undefined there
+    file.write_text(json.dumps(report))
+
+    def truth(name, split):
+        sel = [r for r in records[name] if split == "all" or r["split"] == split]
+        return _max_abs_error(np.array([r["prediction"] for r in sel]),
+                              np.array([r["label"] for r in sel]), None)
+
+    out = tmp_path / "cmp.md"
+    assert cli.main(["compare", *map(str, paths), "--metric", max_error, "--out",
+                     str(out)]) == 0
+    captured = capsys.readouterr()
+    assert f"note: s3: its report has no {max_error} (n/a in the table;" in captured.err
+    assert "s1: its report" not in captured.err      # null in its report: undefined, not absent
+    assert (f"split 'valid': {max_error} is undefined for s1 and not in the report of s3; its "
+            f"mean, sd and range cover the other 2 runs") in captured.err, captured.err
+    assert (f"split 'all': {max_error} is not in the report of s3; its mean, sd and range "
+            f"cover the other 3 runs") in captured.err, captured.err
+    assert out.read_text() == captured.out
+    lines = captured.out.splitlines()
+    assert lines[0] == f"| split | run | n | LCC | SRCC | MSE | {max_error} |"
+    table = {(r["split"], r["run"]): r for r in csv.DictReader(out.with_suffix(".csv").open())}
+    assert list(next(iter(table.values()))) == OLD_CSV_HEADER.split(",") + [max_error]
+    for split in ("all", "valid", "test_unseen"):
+        have = [n for n in ("s0", "s1", "s2") if not (split == "valid" and n == "s1")]
+        want = np.array([truth(n, split) for n in have])
+        for name in have:
+            assert float(table[split, name][max_error]) == pytest.approx(truth(name, split),
+                                                                         abs=1e-12)
+        assert table[split, "s3"][max_error] == ""                # not in its report
+        assert float(table[split, "mean"][max_error]) == pytest.approx(want.mean(), abs=1e-12)
+        assert float(table[split, "sd"][max_error]) == pytest.approx(want.std(ddof=1), abs=1e-12)
+        low, high = map(float, table[split, "range"][max_error].split(" to "))
+        assert (low, high) == pytest.approx((want.min(), want.max()), abs=1e-12)
+        row = next(l for l in lines if l.startswith(f"| {split} | **mean** |"))
+        assert row.endswith(f" | {want.mean():.4f} |"), row
+        assert next(l for l in lines if l.startswith(f"| {split} | s3 |")).endswith(" | n/a |")
+    assert float(table["valid", "s1"][max_error]) != float(table["valid", "s1"][max_error])  # nan
+    assert out.with_suffix(".png").is_file()
+
+
+def test_without_metric_option_the_outputs_are_as_before(tmp_path, max_error, capsys):
+    """Reports with a metric of their own, compared without --metric (or with a built-in
+    name): table, CSV and plot byte for byte those of the same reports without it."""
+    outputs = {}
+    for kind, metrics in (("plain", []), ("with", [max_error])):
+        paths = []
+        for i in range(3):
+            path = tmp_path / kind / f"s{i}"
+            evaluate.write_report(_records(i, 0.1), path, metrics=metrics)
+            paths.append(path)
+        for extra in ([], ["--metric", "lcc"]):
+            out = tmp_path / f"{kind}{len(extra)}" / "cmp.md"
+            assert cli.main(["compare", *map(str, paths), "--out", str(out), *extra]) == 0
+            captured = capsys.readouterr()
+            assert captured.err == ""
+            outputs[kind, len(extra)] = [captured.out] + [
+                out.with_suffix(ext).read_bytes() for ext in (".md", ".csv", ".png")]
+    assert len({tuple(v) for v in outputs.values()}) == 1
+    text, _, csv_text, _ = outputs["plain", 0]
+    assert text.splitlines()[:2] == OLD_MD_HEADER
+    assert csv_text.decode().splitlines()[0] == OLD_CSV_HEADER
+
+
+def test_a_metric_no_report_has_or_a_column_name_is_refused(tmp_path, max_error, capsys):
+    for i in range(2):
+        evaluate.write_report(_records(i, 0.1), tmp_path / f"s{i}", metrics=[max_error])
+    runs = [str(tmp_path / "s0"), str(tmp_path / "s1")]
+    assert cli.main(["compare", *runs, "--metric", "max_eror"]) == 2
+    assert "no run has metric 'max_eror'" in capsys.readouterr().err
+    for name in ("n", "run", "split", "setting"):
+        assert cli.main(["compare", *runs, "--metric", name]) == 2
+        assert f"--metric {name}" in capsys.readouterr().err
+    runs = {f"s{i}": compare.read_scores(tmp_path / f"s{i}", [max_error]) for i in range(2)}
+    with pytest.raises(ValueError, match="no run has metric 'nope'"):
+        compare.compare(runs, metrics=[max_error, "nope"])
+    # A value that is no number: that report is named and skipped, as other unreadable ones.
+    report = json.loads((tmp_path / "s1" / "metrics.json").read_text())
+    report["overall"][max_error] = "high"
+    (tmp_path / "s1" / "metrics.json").write_text(json.dumps(report))
+    with pytest.raises(ValueError, match=rf"entry 'all' has {max_error} = 'high'"):
+        compare.read_scores(tmp_path / "s1", [max_error])
+
+
+def test_compare_with_a_metric_does_not_import_jax(tmp_path, max_error):
+    """compare reads the values from the reports: no registry, no jax (a light command)."""
+    import subprocess
+    import sys
+    for i in range(2):
+        evaluate.write_report(_records(i, 0.1), tmp_path / f"s{i}", metrics=[max_error])
+    code = ("import sys\nfrom haaqi_jax import cli\n"
+            f"assert cli.main(['compare', {str(tmp_path / 's0')!r}, {str(tmp_path / 's1')!r}, "
+            f"'--metric', {max_error!r}, '--out', {str(tmp_path / 'c.md')!r}]) == 0\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax'))\n"
+            "assert not bad, bad\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert max_error in (tmp_path / "c.csv").read_text().splitlines()[0]
