@@ -5,6 +5,8 @@ import json
 import numpy as np
 import pytest
 
+from figures import drawn, overlap
+
 from haaqi_jax.train import curves
 
 
@@ -101,23 +103,7 @@ def _distill_log(tmp_path):
 
 
 def _drawn_curves(path, out):
-    import warnings
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.close("all")
-    close, plt.close = plt.close, (lambda *a, **k: None)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            curves.learning_curves(path, out, title="distill")
-    finally:
-        plt.close = close
-    fig = plt.gcf()
-    fig.canvas.draw()
-    return fig
+    return drawn(curves.learning_curves, path, out, title="distill")
 
 
 def test_the_best_step_is_named_in_the_legend_not_under_it(tmp_path):
@@ -129,8 +115,7 @@ def test_the_best_step_is_named_in_the_legend_not_under_it(tmp_path):
     legend = loss_ax.get_legend().get_window_extent()
     for text in loss_ax.texts:                                     # no note left under it
         box = text.get_window_extent()
-        assert not (box.x0 < legend.x1 and legend.x0 < box.x1 and box.y0 < legend.y1
-                    and legend.y0 < box.y1), text.get_text()
+        assert not overlap(box, legend), text.get_text()
 
 
 def test_a_log_loss_axis_under_a_decade_reads_off_values(tmp_path):

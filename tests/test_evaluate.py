@@ -11,6 +11,8 @@ import pytest
 import scipy.stats
 import soundfile as sf
 
+from figures import drawn, inside, overlap
+
 from haaqi_jax import cli, evaluate
 
 _spec = importlib.util.spec_from_file_location("_train_helpers", Path(__file__).with_name("test_train.py"))
@@ -541,38 +543,6 @@ def test_predictions_csv_grades_hand_made_records_as_the_report_does(tmp_path):
 # ------------------------------------------------------------------ how the plots read
 
 
-def _drawn(plot, *args, **kwargs):
-    """Draws a plot with warnings as errors (a tight_layout that gives up warns) and returns
-    its figure, kept open and drawn so that extents are final."""
-    import warnings
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.close("all")
-    close = plt.close
-    plt.close = lambda *a, **k: None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            plot(*args, **kwargs)
-    finally:
-        plt.close = close
-    fig = plt.gcf()
-    fig.canvas.draw()
-    return fig
-
-
-def _inside(inner, outer, tol=1.0):
-    return (inner.x0 >= outer.x0 - tol and inner.y0 >= outer.y0 - tol
-            and inner.x1 <= outer.x1 + tol and inner.y1 <= outer.y1 + tol)
-
-
-def _overlap(a, b):
-    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
-
-
 def _texts(fig):
     return "\n".join([fig._suptitle.get_text() if fig._suptitle else ""]
                      + [ax.get_title(loc) for ax in fig.axes for loc in ("left", "center")])
@@ -597,10 +567,10 @@ def test_every_report_plot_names_its_splits_and_clip_count(which):
     its folder said neither)."""
     records = _demo_records(np.random.default_rng(1), _BASE[:5])
     report = evaluate.compute_report_metrics(records)
-    fig = {"scatter": lambda: _drawn(evaluate.scatter_plot, records, Path("/dev/null")),
-           "distortion": lambda: _drawn(evaluate.distortion_plot, records, report,
+    fig = {"scatter": lambda: drawn(evaluate.scatter_plot, records, Path("/dev/null")),
+           "distortion": lambda: drawn(evaluate.distortion_plot, records, report,
                                         Path("/dev/null")),
-           "hearing_loss": lambda: _drawn(evaluate.hearing_loss_plot, records, report,
+           "hearing_loss": lambda: drawn(evaluate.hearing_loss_plot, records, report,
                                           Path("/dev/null"))}[which]()
     text = _texts(fig)
     assert "valid, test_seen, test_unseen" in text and "15 clips" in text, text
@@ -612,11 +582,11 @@ def test_a_scatter_legend_is_whole_and_off_the_points(tmp_path, color_by, names)
     """Beside the axes for any number of groups (inside, it hid the over-predicted clips in the
     top-left corner), and whole: 64 distortions ran off the bottom and right of the figure."""
     records = _demo_records(np.random.default_rng(2), names)
-    fig = _drawn(evaluate.scatter_plot, records, tmp_path / "s.png", color_by=color_by)
+    fig = drawn(evaluate.scatter_plot, records, tmp_path / "s.png", color_by=color_by)
     (ax,) = fig.axes
     legend = ax.get_legend().get_window_extent()
-    assert _inside(legend, fig.bbox)
-    assert not any(_overlap(legend, a.get_window_extent())     # nor over a tick label
+    assert inside(legend, fig.bbox)
+    assert not any(overlap(legend, a.get_window_extent())     # nor over a tick label
                    for a in [ax] + ax.get_xticklabels() + ax.get_yticklabels())
     assert len(ax.get_legend().get_texts()) == len({r[color_by] for r in records}
                                                    if color_by != "hearing_loss" else
@@ -628,7 +598,7 @@ def test_a_scatter_shows_clips_on_the_edges_whole():
     three quarters of each marker cut off."""
     records = [{"id": str(i), "split": "t", "distortion": "x", "label": float(i % 2),
                 "prediction": float(i % 2)} for i in range(4)]
-    (ax,) = _drawn(evaluate.scatter_plot, records, Path("/dev/null")).axes
+    (ax,) = drawn(evaluate.scatter_plot, records, Path("/dev/null")).axes
     for low, high in (ax.get_xlim(), ax.get_ylim()):
         assert low < 0 < 1 < high <= 1.05
 
@@ -641,11 +611,11 @@ def test_the_distortion_plot_fits_its_text_and_keeps_its_legend_off_the_rows(nam
     splits wrote one legend line wider than the figure; and the legend sat on the top rows."""
     records = _demo_records(np.random.default_rng(3), names, splits)
     report = evaluate.compute_report_metrics(records)
-    fig = _drawn(evaluate.distortion_plot, records, report, Path("/dev/null"))
+    fig = drawn(evaluate.distortion_plot, records, report, Path("/dev/null"))
     (ax,) = fig.axes
     legend = ax.get_legend().get_window_extent()
-    assert _inside(legend, fig.bbox) and _inside(ax.get_tightbbox(), fig.bbox)
-    assert not _overlap(legend, ax.get_window_extent())
+    assert inside(legend, fig.bbox) and inside(ax.get_tightbbox(), fig.bbox)
+    assert not overlap(legend, ax.get_window_extent())
     assert ax.get_window_extent().width > 0.4 * fig.bbox.width      # long names leave room
 
 
@@ -654,13 +624,13 @@ def test_the_hearing_loss_plot_keeps_its_legends_off_the_boxes_and_bars():
     for r in records[:20]:
         r["label"], r["prediction"] = 0.05, 0.97                   # boxes reach both ends
     report = evaluate.compute_report_metrics(records)
-    fig = _drawn(evaluate.hearing_loss_plot, records, report, Path("/dev/null"))
+    fig = drawn(evaluate.hearing_loss_plot, records, report, Path("/dev/null"))
     for ax in fig.axes:
         legend = ax.get_legend().get_window_extent()
-        assert _inside(legend, fig.bbox)
+        assert inside(legend, fig.bbox)
         data = (list(ax.patches) + list(ax.collections)
                 + [l for l in ax.lines if len(l.get_xdata()) and l.get_linestyle() != "--"])
-        hits = [a for a in data if _overlap(legend, a.get_window_extent())]
+        hits = [a for a in data if overlap(legend, a.get_window_extent())]
         assert not hits, (ax.get_title(), hits[:3])
 
 
