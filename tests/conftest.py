@@ -8,6 +8,7 @@ import os
 import sys
 import types
 
+import numpy as np
 import pytest
 
 # Agreement tests compare float32 results at 1e-4: make every JAX matmul full precision.
@@ -67,3 +68,18 @@ def query_blocks(monkeypatch):
     monkeypatch.setattr(attention, "CPU_STEP_BYTES", 1)
     monkeypatch.setattr(attention, "ACCELERATOR_BLOCK_BYTES", 1)
     assert attention.default_query_block(2, 40, 40) == 8
+
+
+def max_abs_error(pred, true, weight):
+    """A metric of a user's: the largest |prediction - label| of the kept clips ((n,) float64
+    each, as register_metric passes them)."""
+    return float(np.max(np.abs(pred - true)))
+
+
+@pytest.fixture
+def max_error():
+    """`max_abs_error` registered as "test_max_error" (lower is better) for the test; its name."""
+    from haaqi_jax.train import metrics as metrics_lib
+    metrics_lib.register_metric("test_max_error", max_abs_error, higher_is_better=False)
+    yield "test_max_error"
+    metrics_lib.unregister_metric("test_max_error")

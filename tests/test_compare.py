@@ -439,18 +439,6 @@ OLD_CSV_HEADER = "split,setting,run,n,lcc,srcc,mse"
 OLD_MD_HEADER = ["| split | run | n | LCC | SRCC | MSE |", "|---|---|---|---|---|---|"]
 
 
-def _max_abs_error(pred, true, weight):       # (n,) float64 of the kept clips
-    return float(np.max(np.abs(pred - true)))
-
-
-@pytest.fixture
-def max_error():
-    from haaqi_jax.train import metrics as metrics_lib
-    metrics_lib.register_metric("test_cmp_max_error", _max_abs_error, higher_is_better=False)
-    yield "test_cmp_max_error"
-    metrics_lib.unregister_metric("test_cmp_max_error")
-
-
 def _write_metrics(folder, entries):
     """A hand-made metrics.json: entries {"all" or split: entry}."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -528,8 +516,8 @@ def test_compare_metric_option_reads_it_from_every_report(tmp_path, max_error, c
 
     def truth(name, split):
         sel = [r for r in records[name] if split == "all" or r["split"] == split]
-        return _max_abs_error(np.array([r["prediction"] for r in sel]),
-                              np.array([r["label"] for r in sel]), None)
+        return float(np.max(np.abs(np.array([r["prediction"] for r in sel])
+                                   - np.array([r["label"] for r in sel]))))
 
     out = tmp_path / "cmp.md"
     assert cli.main(["compare", *map(str, paths), "--metric", max_error, "--out",

@@ -643,18 +643,6 @@ OLD_MD_HEADER = ["| subset | n | LCC | SRCC | MSE | mean label | mean prediction
                  "|---|---|---|---|---|---|---|"]
 
 
-def _max_abs_error(pred, true, weight):       # (n,) float64 of the kept clips
-    return float(np.max(np.abs(pred - true)))
-
-
-@pytest.fixture
-def max_error():
-    from haaqi_jax.train import metrics as metrics_lib
-    metrics_lib.register_metric("test_max_error", _max_abs_error, higher_is_better=False)
-    yield "test_max_error"
-    metrics_lib.unregister_metric("test_max_error")
-
-
 def _report_records(n=40, seed=7):
     """Records filling every kind of report entry: three splits, four distortions and one of a
     single clip, groups, audiograms (some missing) and listener shapes (some missing)."""
