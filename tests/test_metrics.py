@@ -291,3 +291,58 @@ def test_a_metric_that_raises_is_named_in_the_error():
     finally:
         metrics.unregister_metric("test_bad_value")
         metrics.unregister_metric("test_bad_code")
+
+
+@pytest.mark.parametrize("name", ["loss", "step", "epoch", "kind", "best", "n"])
+def test_every_key_of_a_validation_row_is_refused_as_a_metric_name(name):
+    """A validation row of metrics.jsonl holds step, epoch, kind, loss, lcc, srcc, mse, best
+    (and n is every report entry's clip count): a metric under one of those names would
+    overwrite it in the row."""
+    with pytest.raises(ValueError, match=rf"{name!r} is a name of the validation rows"):
+        metrics.register_metric(name, lambda p, t, w: 0.0, higher_is_better=False)
+    assert metrics.higher_is_better("loss") is False
+    assert name == "loss" or name not in metrics.available_metrics()
+
+
+def _max_error_factory():
+    def max_error(pred, true, weight):
+        return float(np.max(np.abs(pred - true)))
+    return max_error
+
+
+def test_a_definition_run_again_replaces_itself_without_overwrite():
+    """A config file loaded twice runs its `@register_metric` again: a new function object of
+    the same definition, which replaces the first (another definition needs overwrite)."""
+    first, again = _max_error_factory(), _max_error_factory()
+    assert first is not again                       # the premise: two function objects
+    try:
+        metrics.register_metric("test_again", first, higher_is_better=False)
+        metrics.register_metric("test_again", again, higher_is_better=False)
+        assert metrics.metric_value("test_again", [0.5, 0.25], [0.0, 0.0]) == 0.5
+    finally:
+        metrics.unregister_metric("test_again")
+
+
+def test_unregistering_a_name_that_is_not_registered_does_nothing():
+    before = metrics.available_metrics()
+    metrics.unregister_metric("test_never_registered")
+    assert metrics.available_metrics() == before
+
+
+@pytest.mark.parametrize("bad", [["lcc"], {"lcc": 1}, None, 3])
+def test_a_monitor_that_is_not_a_name_is_refused_by_key(bad):
+    """`--set train.monitor=[lcc]` or a config's dict: one ValueError naming the key (a list
+    is unhashable: a registry look-up would raise a TypeError with a traceback)."""
+    with pytest.raises(ValueError, match=r"train.monitor must be 'loss' or a registered metric"):
+        metrics.check_monitor(bad)
+
+
+@pytest.mark.parametrize("returned", [True, False])
+def test_a_metric_that_returns_a_truth_value_is_refused(returned):
+    """A comparison (True / False) is no score: float(True) would read as a value of 1."""
+    metrics.register_metric("test_truth", lambda p, t, w: returned, higher_is_better=True)
+    try:
+        with pytest.raises(ValueError, match=r"metric 'test_truth' returned .*a number"):
+            metrics.metric_value("test_truth", [0.1, 0.2], [0.2, 0.1])
+    finally:
+        metrics.unregister_metric("test_truth")
