@@ -903,6 +903,12 @@ NAN = float("nan")
     ("lcc", [NAN, NAN, -0.2, NAN, -0.25, 0.3, NAN, NAN, NAN], 0.5, 3, (3, 6)),
     ("srcc", [0.4, NAN, NAN, 0.41], 0.0, 0, (4, None)),
     ("mse", [0.3, 0.2, 0.25, 0.19, 0.1, 0.12, 0.11], 0.02, 2, (2, 4)),  # lower is better
+    # exactly min_delta better is not better (0.5 - 0.25 is 0.25 in binary too), nor a tie
+    ("mse", [0.5, 0.25, 0.5, 0.125], 0.25, 0, (4, None)),
+    ("lcc", [0.25, 0.5, 0.25, 0.625], 0.25, 0, (4, None)),
+    ("loss", [0.3, 0.3, 0.3, 0.31], 0.0, 3, (1, 4)),
+    # undefined in every epoch: the first stays the best, with no value (None, not NaN)
+    ("srcc", [NAN, NAN, NAN], 0.0, 2, (1, 3)),
 ])
 def test_early_stopping_on_a_metric_against_a_plain_reference(monitor, values, min_delta,
                                                               patience, by_hand):
@@ -920,7 +926,7 @@ def test_early_stopping_on_a_metric_against_a_plain_reference(monitor, values, m
         if early["stopped"]:
             stopped_at = epoch
             break
-    sign = -1 if monitor == "mse" else 1
+    sign = -1 if monitor in ("mse", "loss") else 1
     best, best_epoch, since, expected_stop, expected_flags = None, None, 0, None, []
     for epoch, value in enumerate(values, start=1):
         finite = value == value
