@@ -393,3 +393,31 @@ def test_every_fraction_setting_refuses_what_is_not_a_number_in_0_1_by_name(bad)
         with pytest.raises(ValueError, match=key + r" must be a number in \[0, 1\)"):
             build(bad)
     assert cfglib.check_fraction(0, "a.b") == 0.0 and cfglib.check_fraction(0.999, "a") == 0.999
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), -0.5])
+def test_a_min_delta_that_no_epoch_could_beat_is_refused(bad):
+    """train.min_delta from a config file: an infinite one would keep the first epoch best
+    forever (every later epoch a bad one), a NaN compares false with everything."""
+    from haaqi_jax.train import loop
+    d = cfglib.load_config_file(REPO / "configs" / "tiny.py")
+    d.train.min_delta = bad
+    with pytest.raises(ValueError, match=r"train.min_delta must be a number >= 0, got"):
+        loop.check_run_settings(d)
+
+
+def test_a_fraction_comes_back_a_float_and_its_note_is_in_the_message():
+    """check_fraction returns float(value) (an int 0 from a config file is 0.0), and its note
+    (what 0 means) is in the message, as train.ema_decay's."""
+    from haaqi_jax.train import state
+    for value in (0, 0.5):
+        assert type(cfglib.check_fraction(value, "a.b")) is float
+    assert type(state.check_ema_decay(0)) is float and state.check_ema_decay(0) == 0.0
+    with pytest.raises(ValueError, match=r"^a\.b must be a number in \[0, 1\) \(0 = none\), "
+                                         r"got 2$"):
+        cfglib.check_fraction(2, "a.b", "0 = none")
+    with pytest.raises(ValueError, match=r"^a\.b must be a number in \[0, 1\), got 2$"):
+        cfglib.check_fraction(2, "a.b")
+    with pytest.raises(ValueError, match=r"^train\.ema_decay must be a number in \[0, 1\) "
+                                         r"\(0 = no moving average of the parameters\), got 1$"):
+        state.check_ema_decay(1)
