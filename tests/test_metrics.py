@@ -337,9 +337,10 @@ def test_a_monitor_that_is_not_a_name_is_refused_by_key(bad):
         metrics.check_monitor(bad)
 
 
-@pytest.mark.parametrize("returned", [True, False])
+@pytest.mark.parametrize("returned", [True, False, np.True_, np.False_])
 def test_a_metric_that_returns_a_truth_value_is_refused(returned):
-    """A comparison (True / False) is no score: float(True) would read as a value of 1."""
+    """A comparison (True / False) is no score: float(True) would read as a value of 1. A
+    comparison of numpy values (`np.mean(pred) > 0.5`) gives a numpy bool, no Python bool."""
     metrics.register_metric("test_truth", lambda p, t, w: returned, higher_is_better=True)
     try:
         with pytest.raises(ValueError, match=r"metric 'test_truth' returned .*a number"):

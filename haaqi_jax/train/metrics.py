@@ -242,7 +242,8 @@ def metric_value(name: str, pred: Any, true: Any, weight: Any | None = None) -> 
         err.add_note(f"in {where}, on {kept[0].size} clips")
         raise
     try:
-        if isinstance(value, bool) or np.ndim(value) != 0:
+        # A numpy comparison's np.bool_ is no Python bool, and float() takes both.
+        if isinstance(value, (bool, np.bool_)) or np.ndim(value) != 0:
             raise TypeError
         return float(value)
     except (TypeError, ValueError):
