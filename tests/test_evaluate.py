@@ -886,3 +886,75 @@ def test_console_summary_lines_add_the_requested_metrics():
     # One split: its line would repeat "all"'s.
     one = {"overall": report["overall"], "by_split": {"test": report["by_split"]["test"]}}
     assert evaluate.summary_lines(one, ["max_error"]) == [old[0] + "  max_error 0.4123"]
+
+
+def test_a_metric_gets_the_predictions_first_and_the_labels_second(tmp_path):
+    """A metric that is not symmetric (a bias: mean prediction minus mean label) is called as
+    fn(pred, true, weight), on every entry's clips; worked out here with numpy."""
+    from haaqi_jax.train import metrics as metrics_lib
+    metrics_lib.register_metric("test_bias", lambda p, t, w: float(np.mean(p - t)),
+                                higher_is_better=False)
+    records = _report_records(n=12)
+    try:
+        report = evaluate.compute_report_metrics(records, ["test_bias"])
+    finally:
+        metrics_lib.unregister_metric("test_bias")
+    pred = np.array([r["prediction"] for r in records])
+    true = np.array([r["label"] for r in records])
+    for (section, key), mask in _subset_masks(records).items():
+        entry = report[section] if key is None else report[section][key]
+        assert entry["test_bias"] == pytest.approx(np.mean(pred[mask]) - np.mean(true[mask]),
+                                                   abs=1e-12), (section, key)
+    assert report["overall"]["test_bias"] != pytest.approx(0.0, abs=1e-3)   # the premise
+
+
+def test_an_infinite_metric_value_is_n_a_with_a_note_naming_it(tmp_path, capsys):
+    """inf is no value either: null in metrics.json, NaN in the returned report (as a failure
+    or a NaN), and the note says what came back."""
+    from haaqi_jax.train import metrics as metrics_lib
+    metrics_lib.register_metric(
+        "test_inf", lambda p, t, w: float("inf") if p.size == 1 else float(p.size),
+        higher_is_better=False)
+    records = _report_records(n=12)
+    try:
+        report = evaluate.compute_report_metrics(records, ["test_inf"])
+        evaluate.write_report(records, tmp_path, metrics=["test_inf"])
+    finally:
+        metrics_lib.unregister_metric("test_inf")
+    assert report["by_distortion"]["single"]["n"] == 1
+    assert np.isnan(report["by_distortion"]["single"]["test_inf"])
+    assert report["overall"]["test_inf"] == 12.0
+    err = capsys.readouterr().err
+    assert ("note: metric 'test_inf' is n/a on distortion=single (1 clip): it returned inf"
+            in err), err
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["by_distortion"]["single"]["test_inf"] is None
+
+
+def test_a_metric_named_twice_is_one_column(tmp_path, max_error):
+    """--metric NAME --metric NAME (or report.metrics naming the monitored metric again): one
+    column, as the built-ins asked for are none."""
+    records = _report_records(n=12)
+    evaluate.write_report(records, tmp_path / "twice", metrics=[max_error, "lcc", max_error])
+    evaluate.write_report(records, tmp_path / "once", metrics=[max_error])
+    for name in ("table.csv", "table.md", "metrics.json"):
+        assert ((tmp_path / "twice" / name).read_bytes()
+                == (tmp_path / "once" / name).read_bytes()), name
+    header = (tmp_path / "twice" / "table.csv").read_text().splitlines()[0]
+    assert header == OLD_CSV_HEADER.replace("mse,", f"mse,{max_error},")
+
+
+@pytest.mark.parametrize("key", ["label_mean", "prediction_mean", "ci95", "pta_db_range"])
+def test_a_metric_named_like_an_entry_key_is_refused(key):
+    """A metric registered as label_mean (it may be: the registry reserves the validation rows'
+    keys only) would overwrite every report entry's own label_mean."""
+    from haaqi_jax.train import metrics as metrics_lib
+    metrics_lib.register_metric(key, _max_abs_error, higher_is_better=False)
+    try:
+        with pytest.raises(ValueError, match=rf"report.metrics: {key!r} is a key of every "
+                                             r"report entry"):
+            evaluate.check_report_metrics([key], "report.metrics")
+        with pytest.raises(ValueError, match=rf"{key!r} is a key of every report entry"):
+            evaluate.compute_report_metrics(_report_records(n=6), [key])
+    finally:
+        metrics_lib.unregister_metric(key)
