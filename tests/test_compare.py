@@ -609,3 +609,38 @@ def test_compare_with_a_metric_does_not_import_jax(tmp_path, max_error):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert max_error in (tmp_path / "c.csv").read_text().splitlines()[0]
+
+
+def test_a_metric_named_twice_is_one_column(tmp_path):
+    """--metric NAME --metric NAME (or --metric lcc, a built-in): one column, one summary."""
+    entry = {"n": 10, "lcc": 0.5, "srcc": 0.4, "mse": 0.02, "max_error": 0.25}
+    runs = {f"r{i}": compare.read_scores(_write_metrics(tmp_path / f"r{i}", {"all": dict(
+        entry, max_error=0.25 * (i + 1))}), ["max_error", "max_error"]) for i in range(2)}
+    assert compare.check_metric_names(["max_error", "lcc", "max_error"]) == ("max_error",)
+    rows = compare.compare(runs, metrics=["max_error", "max_error"])
+    text = compare.markdown(rows, metrics=compare.check_metric_names(["max_error", "max_error"]))
+    assert text.splitlines()[0] == "| split | run | n | LCC | SRCC | MSE | max_error |"
+    assert {r["run"]: r["max_error"] for r in rows if r["run"] in ("r0", "r1", "mean")} == {
+        "r0": 0.25, "r1": 0.5, "mean": 0.375}
+
+
+@pytest.mark.parametrize("value", [True, False, "0.5", [0.5]])
+def test_a_metric_value_that_is_no_number_names_the_file(tmp_path, value):
+    """true / false in a metrics.json are no values (float(True) would read as 1.0)."""
+    folder = _write_metrics(tmp_path / "r", {"all": {"n": 10, "lcc": 0.5, "srcc": 0.4,
+                                                     "mse": 0.02, "max_error": value}})
+    with pytest.raises(ValueError, match=r"metrics.json: entry 'all' has max_error = .*; "
+                                         r"expected a number or null"):
+        compare.read_scores(folder, ["max_error"])
+
+
+def test_a_setting_of_one_run_has_no_sd_and_no_warning():
+    """The sd of one run is n/a (NaN), said without numpy's degrees-of-freedom warning on the
+    console."""
+    import warnings
+    runs = {"a": {"valid": {"n": 40.0, "lcc": 0.8, "srcc": 0.7, "mse": 0.02, "m": 0.1}}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = {r["run"]: r for r in compare.compare(runs, ["valid"], metrics=["m"])}
+    assert all(np.isnan(rows["sd"][k]) for k in ("lcc", "srcc", "mse", "m"))
+    assert rows["mean"]["m"] == 0.1 and rows["range"]["m"] == (0.1, 0.1)
