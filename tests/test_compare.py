@@ -644,3 +644,22 @@ def test_a_setting_of_one_run_has_no_sd_and_no_warning():
         rows = {r["run"]: r for r in compare.compare(runs, ["valid"], metrics=["m"])}
     assert all(np.isnan(rows["sd"][k]) for k in ("lcc", "srcc", "mse", "m"))
     assert rows["mean"]["m"] == 0.1 and rows["range"]["m"] == (0.1, 0.1)
+
+
+def test_a_report_lacking_a_metric_in_some_splits_is_named_with_those_splits():
+    """A report with the metric in "all" only (e.g. a hand-edited one): the note names the
+    splits whose cells read n/a; a run that lacks it everywhere is named without splits."""
+    entry = {"n": 10.0, "lcc": 0.5, "srcc": 0.4, "mse": 0.02}
+    runs = {"part": {"all": dict(entry, m=0.1), "valid": dict(entry), "test": dict(entry)},
+            "none": {"all": dict(entry), "valid": dict(entry), "test": dict(entry)},
+            "whole": {"all": dict(entry, m=0.2), "valid": dict(entry, m=0.3),
+                      "test": dict(entry, m=0.4)}}
+    rows = compare.compare(runs, metrics=["m"])
+    hint = "(n/a in the table; a report has it when `evaluate --metric m` or report.metrics " \
+           "named it)"
+    assert sorted(compare.missing_metrics(rows, ["m"])) == [
+        f"none: its report has no m {hint}",
+        f"part: its report has no m for splits 'test', 'valid' {hint}"]
+    one = compare.compare(runs, ["all", "valid"], metrics=["m"])
+    assert f"part: its report has no m for split 'valid' {hint}" in compare.missing_metrics(
+        one, ["m"])
