@@ -663,3 +663,14 @@ def test_a_report_lacking_a_metric_in_some_splits_is_named_with_those_splits():
     one = compare.compare(runs, ["all", "valid"], metrics=["m"])
     assert f"part: its report has no m for split 'valid' {hint}" in compare.missing_metrics(
         one, ["m"])
+
+
+def test_an_empty_path_is_no_spelling_of_the_current_folder():
+    """model.encoder_checkpoint="" means none (read as false), "." the current folder:
+    normpath("") is "." but they are two settings."""
+    base = {"seed": 0, "model.encoder_checkpoint": ""}
+    settings, legend, _ = compare.group_settings({
+        "none": base, "none1": {**base, "seed": 1},
+        "here": {**base, "model.encoder_checkpoint": "."}})
+    assert settings == {"A": ["none", "none1"], "B": ["here"]}
+    assert legend == {"A": 'model.encoder_checkpoint=""', "B": 'model.encoder_checkpoint="."'}
