@@ -674,3 +674,13 @@ def test_an_empty_path_is_no_spelling_of_the_current_folder():
         "here": {**base, "model.encoder_checkpoint": "."}})
     assert settings == {"A": ["none", "none1"], "B": ["here"]}
     assert legend == {"A": 'model.encoder_checkpoint=""', "B": 'model.encoder_checkpoint="."'}
+
+
+def test_a_relative_path_and_its_absolute_spelling_here_stay_apart():
+    """Not made absolute: runs started from other folders read "data/demo" from theirs, so
+    it is not this folder's absolute path, even where the two would name one folder here."""
+    import os
+    base = {"seed": 0, "data.demo_dir": "data_cache/demo"}
+    here = {**base, "seed": 1, "data.demo_dir": os.path.join(os.getcwd(), "data_cache/demo")}
+    settings, _, _ = compare.group_settings({"relative": base, "absolute": here})
+    assert settings == {"A": ["relative"], "B": ["absolute"]}
