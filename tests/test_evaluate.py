@@ -949,7 +949,8 @@ def test_a_metric_named_like_an_entry_key_is_refused(key):
     """A metric registered as label_mean (it may be: the registry reserves the validation rows'
     keys only) would overwrite every report entry's own label_mean."""
     from haaqi_jax.train import metrics as metrics_lib
-    metrics_lib.register_metric(key, _max_abs_error, higher_is_better=False)
+    metrics_lib.register_metric(key, lambda pred, true, weight: float(np.max(np.abs(pred - true))),
+                                higher_is_better=False)
     try:
         with pytest.raises(ValueError, match=rf"report.metrics: {key!r} is a key of every "
                                              r"report entry"):
