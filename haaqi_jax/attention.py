@@ -110,8 +110,16 @@ def default_items_per_step(batch: int, heads: int, queries: int, keys: int) -> i
 
 def _attend_item(q, k, v, key_valid, bias, bias_gate, dropout_rate, dropout_key):
     """One item: q (H, T, Dh), k, v (H, S, Dh), key_valid (S,), bias (H, T, S) | None,
-    bias_gate (H, T, 1) | None, dropout_key | None -> (H, T, Dh)."""
-    logits = jnp.einsum("hqd,hkd->hqk", q, k)
+    bias_gate (H, T, 1) | None, dropout_key | None -> (H, T, Dh) in v's dtype.
+
+    Half-precision q, k, v (a bfloat16 compute dtype) give float32 logits, softmax and
+    normaliser: the products are accumulated into float32, the unnormalised weights (in [0, 1]
+    after the max is taken off) multiply v in v's dtype into a float32 sum, and the division
+    by the float32 total comes before the result is rounded back. float32 inputs take the
+    float32 path exactly as before (no casts)."""
+    half = _is_half(q.dtype)
+    logits = jnp.einsum("hqd,hkd->hqk", q, k,
+                        **({"preferred_element_type": jnp.float32} if half else {}))
     if bias is not None:
         logits = logits + (bias if bias_gate is None else bias_gate * bias)
     # Padded keys get half the dtype's lowest value added, not -inf: no logit below half the
@@ -127,7 +135,16 @@ def _attend_item(q, k, v, key_valid, bias, bias_gate, dropout_rate, dropout_key)
         # Dropout of the normalised weights, applied before the (deferred) normalisation.
         keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, exp.shape)
         exp = jnp.where(keep, exp / (1.0 - dropout_rate), 0.0)
+    if half:
+        weighted = jnp.einsum("hqk,hkd->hqd", exp.astype(v.dtype), v,
+                              preferred_element_type=jnp.float32)
+        return (weighted / total).astype(v.dtype)
     return jnp.einsum("hqk,hkd->hqd", exp, v) / total
+
+
+def _is_half(dtype) -> bool:
+    """A floating dtype narrower than float32 (bfloat16, float16)."""
+    return jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32
 
 
 def _attend_item_blocked(q, k, v, key_valid, bias, bias_gate, dropout_rate, dropout_key,
@@ -186,7 +203,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array, *,
       query_block: queries attended together within an item; None = all of them, "auto" =
         `default_query_block` of these shapes (None unless the item is long).
     Returns:
-      (B, H, T, Dh) attended values.
+      (B, H, T, Dh) attended values, in v's dtype (half-precision inputs: float32 logits,
+      softmax and normaliser, see `_attend_item`).
     """
     batch = q.shape[0]
     if items_per_step == "auto":

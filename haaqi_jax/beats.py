@@ -50,6 +50,7 @@ original pre-training and are not applied here; dropout is, when `deterministic=
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import types
@@ -57,6 +58,7 @@ from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import flax.struct
+from flax.linen.dtypes import promote_dtype
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -327,8 +329,15 @@ def check_fbank(fbank: jax.Array, frame_padding_mask: jax.Array | None,
 # Modules
 
 
-def _layer_norm(name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=LAYER_NORM_EPS, name=name)
+def _layer_norm(name: str, dtype: Any = None) -> nn.LayerNorm:
+    # flax computes the statistics in float32 whatever `dtype` (the output's) is
+    return nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=dtype, name=name)
+
+
+def _at_least_float32(x: jax.Array) -> jax.Array:
+    """x in float32 if it is a narrower float (a half-precision compute dtype), else as it is
+    (no op in the float32 default)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 class BEATsFrontEnd(nn.Module):
@@ -336,9 +345,12 @@ class BEATsFrontEnd(nn.Module):
 
     __call__(fbank (B, F, 128) normalised, frame_padding_mask (B, F) True=pad) ->
       (features (B, T, C), token_padding_mask (B, T) True=pad)
+    dtype: compute dtype of the matmuls and of the output (None: the inputs', float32);
+      parameters stay float32 (see `BEATs`).
     """
 
     config: BEATsConfig
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, fbank: jax.Array, frame_padding_mask: jax.Array, *,
@@ -348,13 +360,13 @@ class BEATsFrontEnd(nn.Module):
         batch, n_frames, n_mels = fbank.shape
         n_time = n_frames // p
         patches = nn.Conv(cfg.embed_dim, (p, p), strides=(p, p), padding="VALID",
-                          use_bias=cfg.conv_bias, name="patch_embedding")(
+                          use_bias=cfg.conv_bias, dtype=self.dtype, name="patch_embedding")(
                               fbank[:, :n_time * p, :, None])       # (B, F/p, M/p, E)
         x = patches.reshape(batch, n_time * (n_mels // p), cfg.embed_dim)
-        x = _layer_norm("layer_norm")(x)
+        x = _layer_norm("layer_norm", self.dtype)(x)
         token_padding = token_padding_mask(frame_padding_mask, x.shape[1])
         if cfg.embed_dim != cfg.encoder_embed_dim:
-            x = nn.Dense(cfg.encoder_embed_dim, name="post_extract_proj")(x)
+            x = nn.Dense(cfg.encoder_embed_dim, dtype=self.dtype, name="post_extract_proj")(x)
         x = nn.Dropout(cfg.dropout_input)(x, deterministic=deterministic)
         return x, token_padding
 
@@ -363,9 +375,12 @@ class PositionalConv(nn.Module):
     """Grouped Conv1d with weight norm over the kernel axis, last step dropped, exact GELU.
 
     __call__(x (B, T, C)) -> (B, T, C)
+    dtype: compute dtype of the convolution (None: the inputs'); the weight norm is taken in
+      float32, the parameters' dtype.
     """
 
     config: BEATsConfig
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -377,6 +392,7 @@ class PositionalConv(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (channels,))
         norm = jnp.sqrt(jnp.sum(weight_v ** 2, axis=(1, 2), keepdims=True))
         kernel = weight_g[:, None, None] * weight_v / norm
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
         y = jax.lax.conv_general_dilated(
             x, kernel, window_strides=(1,), padding=[(width // 2, width // 2)],
             dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=groups,
@@ -449,27 +465,33 @@ class BEATsSelfAttention(nn.Module):
 
     __call__(x (B, T, C), key_padding_mask (B, T) True=pad, position_bias (H, T, T), an
       attention.ToeplitzBias or None) -> (B, T, C)
+    dtype: compute dtype of the projections (None: the inputs'); `attention.attend` keeps
+      the logits and softmax float32, the float32 position bias is added to them.
     """
 
     config: BEATsConfig
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, key_padding_mask: jax.Array,
                  position_bias: jax.Array | None, *, deterministic: bool = True) -> jax.Array:
         cfg = self.config
         batch, length, channels = x.shape
+        dense = functools.partial(nn.Dense, dtype=self.dtype)
         heads, head_dim = cfg.encoder_attention_heads, cfg.head_dim
         split = lambda y: y.reshape(batch, length, heads, head_dim)
-        q = split(nn.Dense(channels, name="q_proj")(x))
-        k = split(nn.Dense(channels, name="k_proj")(x))
-        v = split(nn.Dense(channels, name="v_proj")(x))
+        q = split(dense(channels, name="q_proj")(x))
+        k = split(dense(channels, name="k_proj")(x))
+        v = split(dense(channels, name="v_proj")(x))
         heads_first = lambda y: jnp.transpose(y, (0, 2, 1, 3))          # (B, H, T, Dh)
         gate = None
         if position_bias is not None and cfg.gru_rel_pos:
             # Gate from the unscaled per-head query; grep_linear is shared across heads.
             grep_a = self.param("grep_a", nn.initializers.ones, (heads,))
-            gates = nn.Dense(8, name="grep_linear")(q)                   # (B, T, H, 8)
-            gates = jax.nn.sigmoid(gates.reshape(batch, length, heads, 2, 4).sum(-1))
+            gates = dense(8, name="grep_linear")(q)                      # (B, T, H, 8)
+            # the gate scales a float32 bias: its sigmoid in float32 too
+            gates = _at_least_float32(gates).reshape(batch, length, heads, 2, 4).sum(-1)
+            gates = jax.nn.sigmoid(gates)
             gate_a, gate_b = gates[..., 0], gates[..., 1]                 # (B, T, H)
             gate = jnp.transpose(gate_a * (gate_b * grep_a - 1.0) + 2.0, (0, 2, 1))[..., None]
         dropout_key = None
@@ -480,7 +502,7 @@ class BEATsSelfAttention(nn.Module):
             bias=position_bias, bias_gate=gate, dropout_rate=cfg.attention_dropout,
             dropout_key=dropout_key)
         out = jnp.transpose(out, (0, 2, 1, 3)).reshape(batch, length, channels)
-        return nn.Dense(channels, name="out_proj")(out)
+        return dense(channels, name="out_proj")(out)
 
 
 class BEATsEncoderLayer(nn.Module):
@@ -488,9 +510,12 @@ class BEATsEncoderLayer(nn.Module):
 
     __call__(x (B, T, C), key_padding_mask (B, T) True=pad, position_bias (H, T, T), an
       attention.ToeplitzBias or None) -> (B, T, C)
+    dtype: compute dtype of the matmuls and activations (None: the inputs'); LayerNorm
+      statistics and the attention's softmax stay float32.
     """
 
     config: BEATsConfig
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, key_padding_mask: jax.Array,
@@ -498,15 +523,16 @@ class BEATsEncoderLayer(nn.Module):
         cfg = self.config
         alpha = cfg.deep_norm_alpha
         activation = _ACTIVATIONS[cfg.activation_fn]
-        attended = BEATsSelfAttention(cfg, name="self_attn")(
+        attended = BEATsSelfAttention(cfg, self.dtype, name="self_attn")(
             x, key_padding_mask, position_bias, deterministic=deterministic)
         attended = nn.Dropout(cfg.dropout)(attended, deterministic=deterministic)
-        x = _layer_norm("self_attn_layer_norm")(x * alpha + attended)
-        hidden = activation(nn.Dense(cfg.encoder_ffn_embed_dim, name="fc1")(x))
+        x = _layer_norm("self_attn_layer_norm", self.dtype)(x * alpha + attended)
+        hidden = activation(nn.Dense(cfg.encoder_ffn_embed_dim, dtype=self.dtype,
+                                     name="fc1")(x))
         hidden = nn.Dropout(cfg.activation_dropout)(hidden, deterministic=deterministic)
-        hidden = nn.Dense(cfg.encoder_embed_dim, name="fc2")(hidden)
+        hidden = nn.Dense(cfg.encoder_embed_dim, dtype=self.dtype, name="fc2")(hidden)
         hidden = nn.Dropout(cfg.dropout)(hidden, deterministic=deterministic)
-        return _layer_norm("final_layer_norm")(x * alpha + hidden)
+        return _layer_norm("final_layer_norm", self.dtype)(x * alpha + hidden)
 
 
 class BEATs(nn.Module):
@@ -516,22 +542,29 @@ class BEATs(nn.Module):
       -> BEATsOutput
     encode_fbank(fbank (B, F, 128) normalised, frame_padding_mask (B, F) True=pad | None)
       -> BEATsOutput
+
+    dtype: the compute dtype (None: the inputs', float32; jnp.bfloat16 for half-precision
+      training and inference on accelerators). Matmuls, convolutions and the hidden states
+      take it; the parameters stay float32 (flax casts them at each use), and so do the
+      log-mel front end, LayerNorm statistics, the attention logits and softmax, the position
+      bias and the predictor's time mean and sigmoid.
     """
 
     config: BEATsConfig
+    dtype: Any = None
 
     def setup(self):
         cfg = self.config
-        self.front_end = BEATsFrontEnd(cfg)
-        self.pos_conv = PositionalConv(cfg)
-        self.encoder_layer_norm = nn.LayerNorm(epsilon=LAYER_NORM_EPS)
+        self.front_end = BEATsFrontEnd(cfg, self.dtype)
+        self.pos_conv = PositionalConv(cfg, self.dtype)
+        self.encoder_layer_norm = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype)
         self.encoder_dropout = nn.Dropout(cfg.dropout)
         if cfg.relative_position_embedding:
             self.relative_position_bias = RelativePositionBias(cfg)
-        self.layers = [BEATsEncoderLayer(cfg) for _ in range(cfg.encoder_layers)]
+        self.layers = [BEATsEncoderLayer(cfg, self.dtype) for _ in range(cfg.encoder_layers)]
         if cfg.finetuned_model:
             self.predictor_dropout = nn.Dropout(cfg.predictor_dropout)
-            self.predictor = nn.Dense(cfg.predictor_class)
+            self.predictor = nn.Dense(cfg.predictor_class, dtype=self.dtype)
 
     def __call__(self, waveform: jax.Array, padding_mask: jax.Array | None = None, *,
                  deterministic: bool = True) -> BEATsOutput:
@@ -556,7 +589,8 @@ class BEATs(nn.Module):
             hidden_states.append(x)
         logits = probs = None
         if cfg.finetuned_model:
-            token_logits = self.predictor(self.predictor_dropout(x, deterministic=deterministic))
+            token_logits = _at_least_float32(
+                self.predictor(self.predictor_dropout(x, deterministic=deterministic)))
             valid = (~token_padding)[..., None].astype(token_logits.dtype)
             logits = (token_logits * valid).sum(1) / jnp.maximum(valid.sum(1), 1.0)
             probs = jax.nn.sigmoid(logits)

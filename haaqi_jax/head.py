@@ -38,6 +38,7 @@ import dataclasses
 from typing import Any, NamedTuple
 
 import flax.linen as nn
+from flax.linen.dtypes import promote_dtype
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,6 +115,12 @@ class HeadConfig:
         return cls(**d)
 
 
+def _at_least_float32(x: jax.Array) -> jax.Array:
+    """x in float32 if it is a narrower float (a half-precision compute dtype), else as it is
+    (no op in the float32 default)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 class HeadOutput(NamedTuple):
     """frame_scores: (B, T) in (0, 1), 0 on padded tokens; clip_score: (B,).
 
@@ -150,10 +157,11 @@ class LSTMDirection(nn.Module):
     """
 
     hidden: int
+    dtype: Any = None       # of the input projection (None: the inputs')
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        gates_in = nn.Dense(4 * self.hidden, name="input")(x)
+        gates_in = nn.Dense(4 * self.hidden, dtype=self.dtype, name="input")(x)
         w_hh = self.param("recurrent_kernel", nn.initializers.orthogonal(),
                           (self.hidden, 4 * self.hidden), jnp.float32)
         return gates_in, w_hh
@@ -196,11 +204,16 @@ class BLSTM(nn.Module):
     directions advance in one scan (half the sequential steps of one scan per direction).
     Parameters: forward / backward for the first layer (the released single-layer names),
     forward_k / backward_k for layer k >= 1.
+
+    dtype: compute dtype of the input projections (None: the inputs'). The recurrence itself
+    (gates, cell state, hidden state) runs in float32 whatever it is: it accumulates over
+    hundreds of steps, and its per-step matmul is too small to gain from half precision.
     """
 
     hidden: int
     num_layers: int = 1
     dropout_rate: float = 0.0
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, lengths: jax.Array, *,
@@ -210,10 +223,11 @@ class BLSTM(nn.Module):
             if layer:
                 x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
             suffix = f"_{layer}" if layer else ""
-            fwd_in, fwd_hh = LSTMDirection(self.hidden, name="forward" + suffix)(x)
-            bwd_in, bwd_hh = LSTMDirection(self.hidden, name="backward" + suffix)(
+            fwd_in, fwd_hh = LSTMDirection(self.hidden, self.dtype, name="forward" + suffix)(x)
+            bwd_in, bwd_hh = LSTMDirection(self.hidden, self.dtype, name="backward" + suffix)(
                 reverse_valid(x, lengths))
-            hs = lstm_recurrence(jnp.stack([fwd_in, bwd_in]), jnp.stack([fwd_hh, bwd_hh]))
+            gates_in = _at_least_float32(jnp.stack([fwd_in, bwd_in]))
+            hs = lstm_recurrence(gates_in, jnp.stack([fwd_hh, bwd_hh]))
             x = jnp.concatenate([hs[0], reverse_valid(hs[1], lengths)], axis=-1)
         return x
 
@@ -248,9 +262,13 @@ class SelfAttentionReadout(nn.Module):
     rounding; for a 10 s clip it saves ~1.3 of the head's ~11 ms on the project's CPU.
 
     __call__(x (B, T, D), token_mask (B, T) True = valid, w (D, K), b (K,)) -> (B, T, K)
+    dtype: compute dtype of the projections and the attention's matmuls (None: the
+      inputs'); the folding of the parameters, the softmax and the sum over heads (the
+      output) stay float32.
     """
 
     num_heads: int
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, token_mask: jax.Array, w: jax.Array,
@@ -260,7 +278,7 @@ class SelfAttentionReadout(nn.Module):
         heads_first = lambda y: jnp.transpose(y, (0, 2, 1, 3))      # (B, heads, T, ...)
 
         def heads(name):                                     # -> (B, heads, T, head_dim)
-            y = nn.Dense(dim, name=name)(x)
+            y = nn.Dense(dim, dtype=self.dtype, name=name)(x)
             return heads_first(y.reshape(batch, length, self.num_heads, head_dim))
 
         value_kernel, value_bias = DenseParams(dim, name="value")(dim)
@@ -271,10 +289,11 @@ class SelfAttentionReadout(nn.Module):
                   .reshape(dim, -1))
         value_bias = jnp.einsum("hd,hdk->hk", value_bias.reshape(self.num_heads, head_dim),
                                 per_channel).reshape(-1)
-        values = (x @ values + value_bias).reshape(batch, length, self.num_heads, -1)
+        x_values, values, value_bias = promote_dtype(x, values, value_bias, dtype=self.dtype)
+        values = (x_values @ values + value_bias).reshape(batch, length, self.num_heads, -1)
         out = attention_lib.attend(heads("query") * head_dim ** -0.5, heads("key"),
                                    heads_first(values), token_mask)          # (B, H, T, K)
-        return out.sum(axis=1) + out_bias @ w + b
+        return _at_least_float32(out).sum(axis=1) + out_bias @ w + b
 
 
 def check_valid_first(valid, where: str, what: str) -> None:
@@ -294,9 +313,16 @@ def check_valid_first(valid, where: str, what: str) -> None:
 
 
 class HAAQINetHead(nn.Module):
-    """HAAQI-Net head. See the module docstring for the layers and parameter names."""
+    """HAAQI-Net head. See the module docstring for the layers and parameter names.
+
+    dtype: the compute dtype of the Dense layers, LayerNorms and attention matmuls (None: the
+    features', float32; jnp.bfloat16 for half precision). Parameters stay float32, and so do
+    the LayerNorm statistics, the layer-weight softmax, the LSTM recurrence, the attention
+    softmax, the frame scores and the clip-score mean.
+    """
 
     config: HeadConfig = HeadConfig()
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, features: jax.Array, token_mask: jax.Array, audiogram: jax.Array, *,
@@ -322,7 +348,8 @@ class HAAQINetHead(nn.Module):
             layer_logits = self.param("layer_weights", nn.initializers.ones,
                                       (cfg.num_weighted_layers,), jnp.float32)
             layer_weights = jax.nn.softmax(layer_logits)
-            x = sum(nn.LayerNorm(epsilon=cfg.layer_norm_eps, name=f"layer_norm_{i}")(
+            x = sum(nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype,
+                                 name=f"layer_norm_{i}")(
                 features[:, i]) * layer_weights[i] for i in range(cfg.num_weighted_layers))
         else:
             if features.ndim != 3:
@@ -340,17 +367,18 @@ class HAAQINetHead(nn.Module):
         token_mask = token_mask.astype(bool)
         lengths = token_mask.sum(axis=-1).astype(jnp.int32)
 
-        x = nn.Dense(cfg.adapter_dim, name="adapter")(x)
+        x = nn.Dense(cfg.adapter_dim, dtype=self.dtype, name="adapter")(x)
         hl = jnp.broadcast_to(cfg.audiogram_scale * audiogram[:, None, :].astype(x.dtype),
                               (batch, length, cfg.audiogram_dim))
         x = jnp.concatenate([x, hl], axis=-1)
-        x = BLSTM(cfg.lstm_hidden, cfg.lstm_layers, cfg.lstm_dropout_rate, name="blstm")(
+        x = BLSTM(cfg.lstm_hidden, cfg.lstm_layers, cfg.lstm_dropout_rate, self.dtype,
+                  name="blstm")(
             x, lengths, deterministic=deterministic)
-        x = nn.relu(nn.Dense(cfg.dense_dim, name="dense")(x))
+        x = nn.relu(nn.Dense(cfg.dense_dim, dtype=self.dtype, name="dense")(x))
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         outputs = 2 if cfg.readout == "haaqi_components" else 1
         score_kernel, score_bias = DenseParams(outputs, name="frame_score")(cfg.dense_dim)
-        frame = jax.nn.sigmoid(SelfAttentionReadout(cfg.num_heads, name="attention")(
+        frame = jax.nn.sigmoid(SelfAttentionReadout(cfg.num_heads, self.dtype, name="attention")(
             x, token_mask, score_kernel, score_bias))                       # (B, T, outputs)
         frame = jnp.where(token_mask[..., None], frame, 0.0)
         clip = frame.sum(axis=1) / jnp.maximum(lengths, 1).astype(frame.dtype)[:, None]

@@ -246,6 +246,32 @@ class HAAQINetConfig:
             d["feature_layers"] = tuple(d["feature_layers"])
         return cls(**d)
 
+# ----------------------------------------------------------------------------- compute dtype
+
+#: Names `compute_dtype` accepts (the run config's `model.dtype`). float16 is left out: without
+#: loss scaling its gradients underflow, and its 65,504 ceiling is within reach of raw logits.
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def compute_dtype(name: str | None, where: str = "model.dtype") -> Any:
+    """The module `dtype` attribute for a compute-dtype name: None for "float32" (or None;
+    every computation exactly as it has always been), jnp.bfloat16 for "bfloat16".
+
+    The compute dtype is a run setting, not architecture: parameters stay float32 whatever it
+    is, and a saved model (config.json) does not record it.
+
+    Raises:
+      ValueError naming `where` and the accepted names.
+    """
+    if name is None or name == "float32":
+        return None
+    if name == "bfloat16":
+        return jnp.bfloat16
+    why = (" (float16 would need loss scaling in training; use bfloat16)"
+           if name == "float16" else "")
+    raise ValueError(f"{where} must be one of {', '.join(map(repr, COMPUTE_DTYPES))}, got "
+                     f"{name!r}{why}")
+
 # ----------------------------------------------------------------------------- masks
 
 
@@ -282,14 +308,23 @@ def encoder_padding_mask(num_samples: jax.Array, padded_length: int) -> jax.Arra
 
 
 class HAAQINetModel(nn.Module):
-    """Encoder + head; parameters {"encoder": ..., "head": ...}."""
+    """Encoder + head; parameters {"encoder": ..., "head": ...}.
+
+    dtype: the compute dtype (`compute_dtype`; None = float32, the default), handed to the
+    head and to an encoder module that has a `dtype` attribute (BEATs, the student); an
+    encoder without one (fbank_patches: no matmuls) computes as it always does.
+    """
 
     config: HAAQINetConfig
+    dtype: Any = None
 
     def setup(self):
         cfg = self.config
-        self.encoder = encoder_spec(cfg.encoder_kind).build(_thaw_json(cfg.encoder_config))
-        self.head = HAAQINetHead(cfg.head)
+        encoder = encoder_spec(cfg.encoder_kind).build(_thaw_json(cfg.encoder_config))
+        if self.dtype is not None and "dtype" in {f.name for f in dataclasses.fields(encoder)}:
+            encoder = encoder.clone(dtype=self.dtype)
+        self.encoder = encoder
+        self.head = HAAQINetHead(cfg.head, self.dtype)
 
     def encode(self, waveform: jax.Array, padding_mask: jax.Array | None = None, *,
                deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
@@ -478,7 +513,12 @@ def _checked_padding_mask(waveform, padding_mask, where: str):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class HAAQINet:
-    """A HAAQI-Net ready to use: config + linen module + parameters (+ a jitted forward)."""
+    """A HAAQI-Net ready to use: config + linen module + parameters (+ a jitted forward).
+
+    dtype: the compute dtype of `apply`, `encode` and `predict`, "float32" (default) or
+    "bfloat16" (`compute_dtype`): a run setting, not saved with the model, so a loaded model
+    computes in float32 unless asked (`HAAQINet.load(path, dtype="bfloat16")`).
+    """
 
     config: HAAQINetConfig
     params: Any
@@ -486,9 +526,11 @@ class HAAQINet:
     _forward: Callable[..., HeadOutput] = dataclasses.field(init=False, repr=False)
     _encode: Callable[..., tuple[jax.Array, jax.Array]] = dataclasses.field(init=False,
                                                                              repr=False)
+    dtype: str = "float32"
 
     def __post_init__(self):
-        object.__setattr__(self, "module", HAAQINetModel(self.config))
+        object.__setattr__(self, "module", HAAQINetModel(
+            self.config, compute_dtype(self.dtype, "HAAQINet dtype")))
         module = self.module
         object.__setattr__(self, "_forward", jax.jit(
             lambda params, wav, mask, hl: module.apply({"params": params}, wav, mask, hl)))
@@ -527,14 +569,16 @@ class HAAQINet:
         return cls(config, params)
 
     @classmethod
-    def from_params(cls, config: HAAQINetConfig, params) -> "HAAQINet":
+    def from_params(cls, config: HAAQINetConfig, params, *,
+                    dtype: str = "float32") -> "HAAQINet":
         """Wraps a parameter tree after checking it against the config."""
         check_param_tree(params, cls.param_shapes(config), "HAAQI-Net parameters")
-        return cls(config, params)
+        return cls(config, params, dtype=dtype)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "HAAQINet":
-        """Reads a directory written by `save` (or by `convert_haaqinet`).
+    def load(cls, directory: str | os.PathLike, *, dtype: str = "float32") -> "HAAQINet":
+        """Reads a directory written by `save` (or by `convert_haaqinet`); `dtype` is the
+        compute dtype to run it in ("float32" or "bfloat16"; see the class docstring).
 
         Raises:
           FileNotFoundError: no such folder, no config.json or params/ in it, or a PyTorch
@@ -553,7 +597,7 @@ class HAAQINet:
                              f"{CHECKPOINT_KIND!r} (is this a HAAQI-Net checkpoint?)")
         config = HAAQINetConfig.from_dict(meta["config"])
         params, _ = load_params(directory)
-        return cls.from_params(config, params)
+        return cls.from_params(config, params, dtype=dtype)
 
     def save(self, directory: str | os.PathLike, *, overwrite: bool = False,
              extra: Mapping[str, Any] | None = None):
@@ -655,7 +699,7 @@ class HAAQINet:
         """The head alone on cached features (B, T, C) / (B, L, T, C); `head_params` defaults
         to this model's."""
         head_params = self.params["head"] if head_params is None else head_params
-        return HAAQINetHead(self.config.head).apply(
+        return HAAQINetHead(self.config.head, self.module.dtype).apply(
             {"params": head_params}, features, token_mask, audiogram,
             deterministic=deterministic, rngs=rngs)
 

@@ -113,13 +113,15 @@ class StudentEncoder(nn.Module):
       -> BEATsOutput (hidden_states: num_layers + 1 entries)
     encode_fbank(fbank (B, F, 128) normalised, frame_padding_mask (B, F) True=pad | None)
       -> BEATsOutput
+    dtype: the compute dtype, as `beats.BEATs.dtype` (None: the inputs', float32).
     """
 
     config: StudentConfig
+    dtype: Any = None
 
     def setup(self):
         cfg, bcfg = self.config, self.config.beats
-        self.front_end = beats_lib.BEATsFrontEnd(bcfg)
+        self.front_end = beats_lib.BEATsFrontEnd(bcfg, self.dtype)
         if bcfg.relative_position_embedding:
             if self.config.shared_position_bias:
                 self.relative_position_bias = beats_lib.RelativePositionBias(bcfg)
@@ -128,7 +130,8 @@ class StudentEncoder(nn.Module):
                 self.relative_position_bias = [beats_lib.RelativePositionBias(bcfg)
                                                for _ in range(cfg.num_layers)]
         # The teacher's config: deep-norm alpha of the teacher (see the module docstring).
-        self.layers = [beats_lib.BEATsEncoderLayer(bcfg) for _ in range(cfg.num_layers)]
+        self.layers = [beats_lib.BEATsEncoderLayer(bcfg, self.dtype)
+                       for _ in range(cfg.num_layers)]
 
     def __call__(self, waveform: jax.Array, padding_mask: jax.Array | None = None, *,
                  deterministic: bool = True) -> beats_lib.BEATsOutput:
@@ -242,10 +245,12 @@ class PredictionHeads(nn.Module):
 
     kind "independent": y_k = Dense_k(x); "sequential": y_k = Dense_k(y_{k-1}), y_0 = x.
     __call__(x (B, T, C)) -> (B, K, T, C)
+    dtype: compute dtype of the heads (None: the inputs').
     """
 
     num_targets: int
     kind: str = "independent"
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -254,7 +259,8 @@ class PredictionHeads(nn.Module):
                              f"{self.kind!r}")
         outputs, h = [], x
         for k in range(self.num_targets):
-            h = nn.Dense(x.shape[-1], name=f"head_{k}")(x if self.kind == "independent" else h)
+            h = nn.Dense(x.shape[-1], dtype=self.dtype, name=f"head_{k}")(
+                x if self.kind == "independent" else h)
             outputs.append(h)
         return jnp.stack(outputs, axis=1)
 

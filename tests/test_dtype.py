@@ -43,9 +43,8 @@ def _dot_dtypes(jaxpr) -> list[tuple[str, ...]]:
             found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
         for value in eqn.params.values():
             for sub in value if isinstance(value, (tuple, list)) else (value,):
-                if isinstance(sub, jax.core.ClosedJaxpr):
-                    found += _dot_dtypes(sub.jaxpr)
-                elif isinstance(sub, jax.core.Jaxpr):
+                sub = getattr(sub, "jaxpr", sub)             # a ClosedJaxpr's Jaxpr
+                if hasattr(sub, "eqns"):
                     found += _dot_dtypes(sub)
     return found
 
