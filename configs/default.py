@@ -58,6 +58,11 @@ def get_config() -> ConfigDict:
     c.model.feature_mode = "last"  # "last" | "weighted"
     c.model.feature_layers = (0,)  # hidden states summed by "weighted" (0 = encoder input)
     c.model.freeze_encoder = True
+    # Compute dtype of the encoder's and the head's matmuls and activations: "float32" or
+    # "bfloat16" (TPUs, recent GPUs). Parameters, optimizer state, the log-mel front end,
+    # softmaxes, LayerNorm statistics, the LSTM state, scores and losses stay float32; the
+    # feature cache is always encoded in float32, and a saved model loads in float32.
+    c.model.dtype = "float32"
     # audiogram_scale 0.01: a head trained from scratch needs levels of order 1 (the released
     # model's raw dB HL saturated the BLSTM: unseen LCC 0.47 vs 0.63 on an 800-clip demo set).
     c.model.head = ConfigDict({"adapter_dim": 256, "lstm_hidden": 100, "lstm_layers": 1,

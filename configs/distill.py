@@ -39,6 +39,9 @@ def get_config():
     c.data.cache = False  # the student encoder trains on waveforms
     c.model = ConfigDict()  # the student's architecture comes from the teacher
     c.model.encoder_checkpoint = config_dict.placeholder(str)
+    # Compute dtype of the student, its prediction heads, the teacher's targets and the
+    # evaluations (configs/default.py's model.dtype); the teacher cache stays float32.
+    c.model.dtype = "float32"
 
     # The adaptive loss's uncertainty weights: None = trained with the model's learning rate
     # (as Kendall et al.), at which Adam moves them by at most ~0.3 in log over a demo run

@@ -104,7 +104,7 @@ RUN_KEYS: dict[str, frozenset[str]] = {
         "bucket_pool"}),
     "model": frozenset({
         "encoder_kind", "encoder_config", "encoder_checkpoint", "head_checkpoint",
-        "feature_mode", "feature_layers", "freeze_encoder", "head"}),
+        "feature_mode", "feature_layers", "freeze_encoder", "head", "dtype"}),
     "loss": frozenset({"name", "kwargs"}),
     "optimizer": frozenset({
         "name", "learning_rate", "schedule", "warmup_steps", "grad_clip_norm", "weight_decay",
@@ -418,7 +418,8 @@ RESUMABLE_KEYS = _LOOP_KEYS + ("distill.timing_*",) + tuple(f"distill.teacher.{k
 IMPLICIT_VALUES = {
     **{f"{where}model.{key}": value for where in ("", "distill.teacher.")
        for key, value in (("head.readout", "score"), ("head_checkpoint", None),
-                          ("head.lstm_layers", 1), ("head.lstm_dropout_rate", 0.0))},
+                          ("head.lstm_layers", 1), ("head.lstm_dropout_rate", 0.0),
+                          ("dtype", "float32"))},
     "train.ema_decay": 0.0,
     # (before train.monitor, early stopping and the best checkpoint followed the valid loss)
     **{f"{where}train.monitor": "loss" for where in ("", "distill.teacher.")},

@@ -279,11 +279,12 @@ def _teacher_targets(teacher: Any, teacher_params: Any, waveform: jax.Array,
     """(targets (B, K, T, C) under stop_gradient, token padding mask (B, T) True = pad)."""
     out = teacher.apply({"params": teacher_params}, waveform, enc_mask, deterministic=True)
     targets = jnp.stack([out.hidden_states[i] for i in target_layers], axis=1)
-    return jax.lax.stop_gradient(targets), out.padding_mask
+    return jax.lax.stop_gradient(targets.astype(jnp.float32)), out.padding_mask
 
 
 def make_distill_forward(teacher_cfg: Any, student_cfg: Any, target_layers, head_kind: str, *,
-                         cached_targets: bool = False) -> Callable[..., dict[str, jax.Array]]:
+                         cached_targets: bool = False,
+                         dtype: Any = None) -> Callable[..., dict[str, jax.Array]]:
     """The distillation forward.
 
     cached_targets=False: (params, teacher_params, batch, *, rng, deterministic); the teacher
@@ -294,14 +295,17 @@ def make_distill_forward(teacher_cfg: Any, student_cfg: Any, target_layers, head
 
     predictions: clip_score (B,), frame_scores (B, T), frame_mask (B, T) True = valid,
     student_layers / teacher_layers (B, K, T, C) float32, loss_params.
+    dtype: compute dtype of the student, its heads and the teacher (`loop.run_dtype`; None =
+    float32); the layers the loss compares are float32 whatever it is.
     """
     from haaqi_jax.head import HAAQINetHead
     from haaqi_jax.model import _thaw_json, encoder_spec
     from haaqi_jax.student import PredictionHeads
 
-    student = encoder_spec("student").build(_thaw_json(student_cfg.encoder_config))
-    head = HAAQINetHead(student_cfg.head)
-    heads = PredictionHeads(len(target_layers), head_kind)
+    student = encoder_spec("student").build(_thaw_json(student_cfg.encoder_config)).clone(
+        dtype=dtype)
+    head = HAAQINetHead(student_cfg.head, dtype)
+    heads = PredictionHeads(len(target_layers), head_kind, dtype)
     target_layers = tuple(int(i) for i in target_layers)
     feature_layers = tuple(student_cfg.feature_layers)
     weighted = student_cfg.feature_mode == "weighted"
@@ -318,7 +322,8 @@ def make_distill_forward(teacher_cfg: Any, student_cfg: Any, target_layers, head
                     if weighted else s_out.last_hidden_state)
         out = head.apply({"params": params["head"]}, features, token_mask, batch["audiogram"],
                          deterministic=deterministic, rngs=h_rngs)
-        predicted = heads.apply({"params": params["pred_heads"]}, s_out.last_hidden_state)
+        predicted = heads.apply({"params": params["pred_heads"]},
+                                s_out.last_hidden_state).astype(jnp.float32)
         if targets.shape != predicted.shape:
             raise ValueError(f"distillation targets have shape {targets.shape}, the prediction "
                              f"heads make {predicted.shape} (B, K, T, C)")
@@ -333,7 +338,8 @@ def make_distill_forward(teacher_cfg: Any, student_cfg: Any, target_layers, head
 
         return forward_cached
 
-    teacher = encoder_spec("beats").build(_thaw_json(teacher_cfg.encoder_config))
+    teacher = encoder_spec("beats").build(_thaw_json(teacher_cfg.encoder_config)).clone(
+        dtype=dtype)
 
     def forward(params, teacher_params, batch, *, rng=None, deterministic=True):
         enc_mask = _encoder_mask(batch)
@@ -660,7 +666,8 @@ def distill_and_evaluate(config: Any, workdir: str | os.PathLike, *, data: Any =
     tx = state_lib.make_optimizer(config.optimizer, labels, total_steps)
     state = sharding.replicate(state_lib.create_train_state(params, tx, int(config.seed)), mesh)
     forward = make_distill_forward(teacher.config, student.config, dc.target_layers,
-                                   str(dc.head_kind), cached_targets=cached)
+                                   str(dc.head_kind), cached_targets=cached,
+                                   dtype=loop.run_dtype(config))
     step_fn = jit_distill_step(make_distill_step(forward, loss_fn, tx, labels), mesh,
                                with_teacher=not cached)
     if not cached:
@@ -670,7 +677,9 @@ def distill_and_evaluate(config: Any, workdir: str | os.PathLike, *, data: Any =
     head_loss = _head_loss(config)
     _, student_eval = steps_lib.jit_steps(
         lambda s, b: (s, {}),
-        steps_lib.make_eval_step(loop.make_forward(student.config, "waveform"), head_loss), mesh)
+        steps_lib.make_eval_step(
+            loop.make_forward(student.config, "waveform", loop.run_dtype(config)), head_loss),
+        mesh)
 
     run = loop.run_loop(
         state, step_fn=step_fn,
@@ -730,7 +739,9 @@ def compare(config: Any, teacher: Any, student: Any, data: Any, head_loss: steps
     progress = bool(config.train.get("progress", True))
     _, teacher_eval = steps_lib.jit_steps(
         lambda s, b: (s, {}),
-        steps_lib.make_eval_step(loop.make_forward(teacher.config, "waveform"), head_loss), mesh)
+        steps_lib.make_eval_step(
+            loop.make_forward(teacher.config, "waveform", loop.run_dtype(config)), head_loss),
+        mesh)
     splits = {}
     for split in loop.evaluated_splits(config):
         if split not in data.rows or not len(data.rows[split]):

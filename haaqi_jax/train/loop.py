@@ -247,15 +247,24 @@ def frozen_patterns(config: Any) -> tuple[str, ...]:
     return patterns
 
 
-def make_forward(net_cfg: Any, mode: str) -> steps_lib.ForwardFn:
-    """The step's forward: the head on features, preceded by the encoder in waveform mode."""
+def run_dtype(config: Any, where: str = "model.dtype") -> Any:
+    """The compute dtype of a run config's `model.dtype` (absent: "float32") as the modules'
+    `dtype` attribute (`haaqi_jax.model.compute_dtype`: None for float32); ValueError naming
+    `where` for another name."""
+    from haaqi_jax.model import compute_dtype
+    return compute_dtype(config.model.get("dtype", "float32"), where)
+
+
+def make_forward(net_cfg: Any, mode: str, dtype: Any = None) -> steps_lib.ForwardFn:
+    """The step's forward: the head on features, preceded by the encoder in waveform mode;
+    `dtype` is the compute dtype (`run_dtype`; None = float32)."""
     from haaqi_jax.head import HAAQINetHead
     from haaqi_jax.model import HAAQINetModel
 
-    head_forward = steps_lib.make_head_forward(HAAQINetHead(net_cfg.head))
+    head_forward = steps_lib.make_head_forward(HAAQINetHead(net_cfg.head, dtype))
     if mode == "features":
         return head_forward
-    model = HAAQINetModel(net_cfg)
+    model = HAAQINetModel(net_cfg, dtype)
 
     def encode(params, waveform, padding_mask, *, rng=None, deterministic=True):
         rngs = None if (deterministic or rng is None) else {"dropout": rng}
@@ -666,7 +675,7 @@ def _train_and_evaluate(config: Any, workdir: Path, *, data: TrainData | None) -
                                                             ema_decay=ema_decay), mesh)
 
     loss_fn = losses.get_loss(config.loss.name, **cfglib.to_dict(config.loss.get("kwargs") or {}))
-    forward = make_forward(net.config, mode)
+    forward = make_forward(net.config, mode, run_dtype(config))
     train_step, eval_step = steps_lib.jit_steps(
         steps_lib.make_train_step(forward, loss_fn, tx, labels, ema_decay=ema_decay),
         steps_lib.make_eval_step(forward, loss_fn), mesh)
@@ -970,6 +979,9 @@ def check_run_settings(config: Any) -> None:
     from haaqi_jax.evaluate import check_color_by, check_report_metrics
 
     cfglib.check_run_keys(config)
+    run_dtype(config)
+    if "distill" in config and config.distill.get("teacher") is not None:
+        run_dtype(config.distill.teacher, "distill.teacher.model.dtype")
     if "distill" not in config:  # (a distillation reads its checkpoints from distill.*)
         from haaqi_jax.train.checkpoint import load_config
         for key in ("encoder_checkpoint", "head_checkpoint"):
