@@ -242,3 +242,31 @@ def test_a_bfloat16_training_step_keeps_float32_state_and_a_close_loss(tmp_path)
     moved = jax.tree_util.tree_map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
                                    half.state.params["encoder"], full.state.params["encoder"])
     assert any(jax.tree_util.tree_leaves(moved))    # the two runs did compute differently
+
+
+def test_a_bfloat16_distillation_step_compares_float32_layers_and_keeps_float32_state():
+    from haaqi_jax import distill
+    from test_distill import _tiny_setup
+
+    teacher, student, state, labels, tx, loss_fn, forward, batch = _tiny_setup()
+    half = distill.make_distill_forward(teacher.config, student.config, (2, 4), "sequential",
+                                        dtype=jnp.bfloat16)
+    teacher_params = teacher.params["encoder"]
+    full_out = forward(state.params, teacher_params, batch, rng=None, deterministic=True)
+    half_out = half(state.params, teacher_params, batch, rng=None, deterministic=True)
+    for key in ("student_layers", "teacher_layers", "clip_score"):
+        assert half_out[key].dtype == jnp.float32, key
+    for key in ("student_layers", "teacher_layers"):
+        mask = np.asarray(full_out["frame_mask"])[:, None, :, None]
+        assert _relative_error(np.asarray(half_out[key]) * mask,
+                               np.asarray(full_out[key]) * mask) < 3e-2, key
+    steps = {name: jax.jit(distill.make_distill_step(fn, loss_fn, tx, labels))
+             for name, fn in (("full", forward), ("half", half))}
+    (full_state, full_metrics), (half_state, half_metrics) = (
+        steps[name](state, teacher_params, batch) for name in ("full", "half"))
+    assert np.isfinite(float(half_metrics["loss"]))
+    assert abs(float(half_metrics["loss"]) - float(full_metrics["loss"])) <= \
+        2e-2 * abs(float(full_metrics["loss"]))
+    leaves = jax.tree_util.tree_leaves((half_state.params, half_state.opt_state))
+    assert {x.dtype for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)} == \
+        {jnp.dtype("float32")}
