@@ -663,9 +663,11 @@ EVAL_CHUNK_BATCHES = 16
 def evaluate_manifest(model_dir: str | os.PathLike, manifest: str | os.PathLike,
                       out_dir: str | os.PathLike, *, splits: Sequence[str] | None = None,
                       batch_size: int = 8, color_by: str = "split", num_examples: int = 8,
-                      progress: bool = True, metrics: Sequence[str] = ()) -> dict[str, Any]:
+                      progress: bool = True, metrics: Sequence[str] = (),
+                      dtype: str = "float32") -> dict[str, Any]:
     """Predicts every (selected) row of a labelled manifest and writes the report (with your
-    registered `metrics` too, see `write_report`).
+    registered `metrics` too, see `write_report`); `dtype` is the compute dtype of the model
+    ("float32" or "bfloat16", `HAAQINet.load`).
 
     Bad rows (malformed, a missing, corrupt, NaN, silent or too short file) are reported and
     skipped, as `haaqi-jax predict` skips bad files: metrics["skipped"] lists them
@@ -676,11 +678,12 @@ def evaluate_manifest(model_dir: str | os.PathLike, manifest: str | os.PathLike,
       the metrics dict written to metrics.json, plus "skipped".
     """
     from haaqi_jax.data.manifest import read_manifest
-    from haaqi_jax.model import HAAQINet
+    from haaqi_jax.model import HAAQINet, compute_dtype
     from haaqi_jax.predict import Job, score_jobs
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    compute_dtype(dtype, "evaluate_manifest: dtype")           # before the manifest is read
     metrics = check_report_metrics(metrics)
     rows = read_manifest(manifest, require_label=True, check_files=True, on_error="skip",
                          progress=progress)
@@ -697,7 +700,7 @@ def evaluate_manifest(model_dir: str | os.PathLike, manifest: str | os.PathLike,
     missing = [s for s in splits if s not in available]
     if missing:
         raise ValueError(f"{manifest}: no rows in split(s) {missing} (have {available})")
-    net = HAAQINet.load(model_dir)
+    net = HAAQINet.load(model_dir, dtype=dtype)
     records = []
     # Clips are read and scored EVAL_CHUNK_BATCHES batches at a time, shortest first
     # (`haaqi-jax predict`'s loader and checks): host memory stays bounded on a large set, and

@@ -189,6 +189,11 @@ def test_saved_model_loads_in_float32_unless_asked(tmp_path):
 def test_compute_dtype_is_checked_by_name(value, message):
     with pytest.raises(ValueError, match=message):
         M.compute_dtype(value)
+    with pytest.raises(ValueError, match=message.replace("model.dtype", "HAAQINet dtype")):
+        M.HAAQINet(M.HAAQINetConfig(encoder_kind="fbank_patches"), {}, dtype=value)
+    from haaqi_jax.evaluate import evaluate_manifest
+    with pytest.raises(ValueError, match="evaluate_manifest: dtype"):
+        evaluate_manifest("no_model", "no_manifest.jsonl", "no_out", dtype=value)
 
 
 def test_model_dtype_in_the_run_configs_and_resumes_old_runs():
