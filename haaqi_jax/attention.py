@@ -147,6 +147,12 @@ def _is_half(dtype) -> bool:
     return jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32
 
 
+def at_least_float32(x: jax.Array) -> jax.Array:
+    """x in float32 if it is a narrower float (a half-precision compute dtype), else as it is
+    (no op in the float32 default): for the sums and nonlinearities kept in float32."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _attend_item_blocked(q, k, v, key_valid, bias, bias_gate, dropout_rate, dropout_key,
                          block: int):
     """`_attend_item` over blocks of `block` queries (the last one padded), each under

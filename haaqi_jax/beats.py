@@ -334,12 +334,6 @@ def _layer_norm(name: str, dtype: Any = None) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=dtype, name=name)
 
 
-def _at_least_float32(x: jax.Array) -> jax.Array:
-    """x in float32 if it is a narrower float (a half-precision compute dtype), else as it is
-    (no op in the float32 default)."""
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
 class BEATsFrontEnd(nn.Module):
     """Patch embedding + LayerNorm + post_extract_proj (+ input dropout).
 
@@ -490,8 +484,8 @@ class BEATsSelfAttention(nn.Module):
             grep_a = self.param("grep_a", nn.initializers.ones, (heads,))
             gates = dense(8, name="grep_linear")(q)                      # (B, T, H, 8)
             # the gate scales a float32 bias: its sigmoid in float32 too
-            gates = _at_least_float32(gates).reshape(batch, length, heads, 2, 4).sum(-1)
-            gates = jax.nn.sigmoid(gates)
+            gates = attention_lib.at_least_float32(gates).reshape(batch, length, heads, 2, 4)
+            gates = jax.nn.sigmoid(gates.sum(-1))
             gate_a, gate_b = gates[..., 0], gates[..., 1]                 # (B, T, H)
             gate = jnp.transpose(gate_a * (gate_b * grep_a - 1.0) + 2.0, (0, 2, 1))[..., None]
         dropout_key = None
@@ -589,7 +583,7 @@ class BEATs(nn.Module):
             hidden_states.append(x)
         logits = probs = None
         if cfg.finetuned_model:
-            token_logits = _at_least_float32(
+            token_logits = attention_lib.at_least_float32(
                 self.predictor(self.predictor_dropout(x, deterministic=deterministic)))
             valid = (~token_padding)[..., None].astype(token_logits.dtype)
             logits = (token_logits * valid).sum(1) / jnp.maximum(valid.sum(1), 1.0)

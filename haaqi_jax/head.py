@@ -115,12 +115,6 @@ class HeadConfig:
         return cls(**d)
 
 
-def _at_least_float32(x: jax.Array) -> jax.Array:
-    """x in float32 if it is a narrower float (a half-precision compute dtype), else as it is
-    (no op in the float32 default)."""
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
 class HeadOutput(NamedTuple):
     """frame_scores: (B, T) in (0, 1), 0 on padded tokens; clip_score: (B,).
 
@@ -226,7 +220,7 @@ class BLSTM(nn.Module):
             fwd_in, fwd_hh = LSTMDirection(self.hidden, self.dtype, name="forward" + suffix)(x)
             bwd_in, bwd_hh = LSTMDirection(self.hidden, self.dtype, name="backward" + suffix)(
                 reverse_valid(x, lengths))
-            gates_in = _at_least_float32(jnp.stack([fwd_in, bwd_in]))
+            gates_in = attention_lib.at_least_float32(jnp.stack([fwd_in, bwd_in]))
             hs = lstm_recurrence(gates_in, jnp.stack([fwd_hh, bwd_hh]))
             x = jnp.concatenate([hs[0], reverse_valid(hs[1], lengths)], axis=-1)
         return x
@@ -293,7 +287,7 @@ class SelfAttentionReadout(nn.Module):
         values = (x_values @ values + value_bias).reshape(batch, length, self.num_heads, -1)
         out = attention_lib.attend(heads("query") * head_dim ** -0.5, heads("key"),
                                    heads_first(values), token_mask)          # (B, H, T, K)
-        return _at_least_float32(out).sum(axis=1) + out_bias @ w + b
+        return attention_lib.at_least_float32(out).sum(axis=1) + out_bias @ w + b
 
 
 def check_valid_first(valid, where: str, what: str) -> None:
