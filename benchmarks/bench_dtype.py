@@ -65,8 +65,9 @@ def main() -> None:
                 times[dtype].append(time.perf_counter() - start)
         for dtype, values in times.items():
             print(f"{part:8s} {dtype:8s} batch {args.batch} x {args.seconds:g} s on "
-                  f"{jax.default_backend()}: min {min(values):.3f} s, median "
-                  f"{statistics.median(values):.3f} s (compile {runs[dtype][1]:.1f} s)")
+                  f"{jax.default_backend()}: min {1e3 * min(values):.2f} ms, median "
+                  f"{1e3 * statistics.median(values):.2f} ms per call (compile "
+                  f"{runs[dtype][1]:.1f} s)")
         ratio = min(times["bfloat16"]) / min(times["float32"])
         diff = np.abs(outputs["bfloat16"] - outputs["float32"])
         scale = np.abs(outputs["float32"]).max()
