@@ -2,6 +2,11 @@
 whole HAAQI-Net (that BEATs + the released head), float32 vs bfloat16, random weights.
 
     python benchmarks/bench_dtype.py [--seconds 10] [--batch 1] [--repeats 5]
+        [--parts beats haaqinet gradient]
+
+Parts: "beats" the encoder's forward, "haaqinet" the whole model's, "gradient" one training
+step's work with the encoder trained (the loss, mean squared error of the clip scores to fixed
+labels, and its gradient for every parameter; no optimizer update).
 
 Jitted and warm; each dtype is compiled once, then the two are timed in alternating rounds so
 that a slower spell of the machine hits both alike. Prints min and median per call and the
@@ -27,6 +32,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--parts", nargs="+", default=["beats", "haaqinet"],
+                        choices=["beats", "haaqinet", "gradient"])
     args = parser.parse_args()
 
     import jax
@@ -42,18 +49,28 @@ def main() -> None:
     wav = jnp.asarray((0.1 * rng.normal(size=(args.batch, int(args.seconds * SR))))
                       .astype(np.float32))
     levels = jnp.asarray(rng.uniform(0, 60, (args.batch, 8)).astype(np.float32))
+    labels = jnp.asarray(rng.uniform(0, 1, args.batch).astype(np.float32))
 
     def compiled(dtype: str, part: str):
         module = HAAQINetModel(config, compute_dtype(dtype))
         if part == "beats":
             fn = lambda p, w: module.apply({"params": p}, w, None, method="encode")[0]
-        else:
+        elif part == "haaqinet":
             fn = lambda p, w: module.apply({"params": p}, w, None, levels).clip_score
+        else:
+            def fn(p, w):                   # -> (loss, gradient norm): all gradients computed
+                def loss(q):
+                    scores = module.apply({"params": q}, w, None, levels).clip_score
+                    return jnp.mean((scores - labels) ** 2)
+                value, grads = jax.value_and_grad(loss)(p)
+                norm = jnp.sqrt(sum(jnp.sum(g.astype(jnp.float32) ** 2)
+                                    for g in jax.tree_util.tree_leaves(grads)))
+                return jnp.stack([value, norm])
         start = time.perf_counter()
         out = jax.jit(fn).lower(params, wav).compile()
         return out, time.perf_counter() - start
 
-    for part in ("beats", "haaqinet"):
+    for part in args.parts:
         runs = {dtype: compiled(dtype, part) for dtype in ("float32", "bfloat16")}
         outputs = {dtype: np.asarray(fn(params, wav).astype(jnp.float32))
                    for dtype, (fn, _) in runs.items()}
