@@ -86,13 +86,12 @@ def check_metric_names(metrics: Any, what: str = "metric") -> tuple[str, ...]:
     `evaluate --metric`) adds to lcc, srcc and mse: each once, in order, the built-ins left
     out (every table has them). ValueError naming `what` for a name of a table column
     (ROW_KEYS) or for `metrics` that is not a list of names."""
-    if isinstance(metrics, (str, bytes)) or not isinstance(metrics, Sequence) or not all(
-            isinstance(m, str) for m in metrics):
-        raise ValueError(f"{what}: expected a list of metric names, got {metrics!r}")
-    for name in metrics:
+    from haaqi_jax.train.metrics import own_metric_names   # (numpy only: no jax here)
+    names = own_metric_names(metrics, what)
+    for name in names:
         if name in ROW_KEYS:
             raise ValueError(f"{what} {name}: {name!r} is a column of every table, not a metric")
-    return tuple(m for m in dict.fromkeys(metrics) if m not in SCORES)
+    return names
 
 
 def read_scores(path: str | os.PathLike, metrics: Sequence[str] = ()

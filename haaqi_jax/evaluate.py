@@ -175,10 +175,8 @@ def check_report_metrics(metrics: Any, what: str = "metrics") -> tuple[str, ...]
     `haaqi_jax.train.metrics.register_metric`) less the built-ins, which every report has, each
     once, in order. ValueError naming `what` for a name that is not registered (listing those
     that are) or one of ENTRY_KEYS, or for `metrics` that is not a list of names."""
-    if isinstance(metrics, (str, bytes)) or not isinstance(metrics, Sequence) or not all(
-            isinstance(m, str) for m in metrics):
-        raise ValueError(f"{what} must be a list of metric names, got {metrics!r}")
-    for name in metrics:
+    names = metrics_lib.own_metric_names(metrics, what)
+    for name in names:
         if name in ENTRY_KEYS:
             raise ValueError(f"{what}: {name!r} is a key of every report entry; register your "
                              "metric under another name")
@@ -187,7 +185,7 @@ def check_report_metrics(metrics: Any, what: str = "metrics") -> tuple[str, ...]
                              f"{', '.join(repr(n) for n in metrics_lib.available_metrics())}; "
                              "haaqi_jax.train.metrics.register_metric adds yours, from your "
                              "config file or a module loaded with --import)")
-    return tuple(m for m in dict.fromkeys(metrics) if m not in metrics_lib.BUILTIN_METRICS)
+    return names
 
 
 def _subset_metric(name: str, pred: np.ndarray, true: np.ndarray, subset: str) -> float:

@@ -152,6 +152,17 @@ RESERVED_NAMES = (LOSS, "step", "epoch", "kind", "best", "n")
 BUILTIN_METRICS = ("lcc", "srcc", "mse")
 
 
+def own_metric_names(metrics: Any, what: str = "metrics") -> tuple[str, ...]:
+    """The metrics of your own among `metrics`, a list of names: each once, in order, the
+    built-ins left out (every report and comparison has them). Not checked against the
+    registry (`compare` reads reports without it). ValueError naming `what` when `metrics` is
+    not a list of names (a bare string would be read letter by letter)."""
+    if isinstance(metrics, (str, bytes)) or not isinstance(metrics, Sequence) or not all(
+            isinstance(m, str) for m in metrics):
+        raise ValueError(f"{what} must be a list of metric names, got {metrics!r}")
+    return tuple(m for m in dict.fromkeys(metrics) if m not in BUILTIN_METRICS)
+
+
 def register_metric(name: str, fn: MetricFn | None = None, higher_is_better: bool | None = None,
                     *, overwrite: bool = False) -> Any:
     """Adds a validation metric under `name` (an existing name needs overwrite; the built-in
