@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         if not config_file.is_file() and not config_file.is_absolute() \
                 and (Path(__file__).parent / config_file).is_file():
             config_file = Path(__file__).parent / config_file   # run from another folder
+        cfglib.check_distinct_overrides(args.overrides)
         config = cfglib.get_config(config_file, args.overrides)
     except (ValueError, FileNotFoundError) as err:   # one line, as for errors that come later
         print(f"train.py: error: {err}", file=sys.stderr)

@@ -380,6 +380,23 @@ def apply_overrides(cfg: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
     return cfg
 
 
+def check_distinct_overrides(overrides: Iterable[str]) -> None:
+    """Refuses a command line that gives one key twice (ValueError naming both values).
+
+    `apply_overrides` applies its list in order (Python callers compose lists); on a command
+    line a second `--set` of the same key is usually a slip whose value would silently win.
+    """
+    given: dict[str, str] = {}
+    for item in overrides:
+        if "=" not in item:
+            continue                    # apply_overrides names the malformed one
+        key, text = (part.strip() for part in item.split("=", 1))
+        if key in given:
+            raise ValueError(f"--set {key} is given twice ({key}={given[key]} and "
+                             f"{key}={text}); give it once")
+        given[key] = text
+
+
 def freeze(cfg: ConfigDict) -> FrozenConfigDict:
     """An immutable, hashable copy (safe to close over in jitted functions)."""
     return FrozenConfigDict(cfg)

@@ -83,6 +83,30 @@ def test_override_errors_name_the_key(override, match):
         cfglib.apply_overrides(_cfg(), [override])
 
 
+def test_train_py_refuses_a_key_set_twice_naming_both_values(tmp_path, capsys):
+    # On a long command line a second --set of one key is usually a slip; the run would
+    # silently take the last.
+    with pytest.raises(ValueError, match=r"--set train.num_epochs is given twice "
+                                         r"\(train.num_epochs=2 and train.num_epochs=3\)"):
+        cfglib.check_distinct_overrides(["train.num_epochs=2", "train.lr=0.1",
+                                         " train.num_epochs =3"])
+    # Distinct keys, a section and then a key inside it: fine.
+    cfglib.check_distinct_overrides(["loss.kwargs={}", "loss.kwargs.beta=2", "train.lr=0.1"])
+    # (apply_overrides itself applies edits in order, as Python callers compose lists.)
+    assert cfglib.apply_overrides(_cfg(), ["train.num_epochs=2", "train.num_epochs=3"]
+                                  ).train.num_epochs == 3
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_train_script", REPO / "train.py")
+    train_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_script)
+    code = train_script.main(["--config", "configs/tiny.py", "--set", "seed=1", "--set",
+                              "seed=2", "--workdir", str(tmp_path / "run"),
+                              "--compilation-cache", "none"])
+    assert code == 2
+    assert "--set seed is given twice (seed=1 and seed=2)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_freeze_and_json_roundtrip(tmp_path):
     c = _cfg()
     frozen = cfglib.freeze(c)
