@@ -140,6 +140,14 @@ def add_import_argument(parser: argparse.ArgumentParser, when: str) -> None:
                         "or a .py file) that registers your own encoder or loss, " + when)
 
 
+def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    """`--dtype`, the model's compute dtype (`model.compute_dtype` checks the name in `run`,
+    so that `--help` imports no JAX)."""
+    parser.add_argument("--dtype", default="float32",
+                        help="compute dtype of the model's matmuls and activations: float32 "
+                             "(default) or bfloat16 (TPUs, recent GPUs; slower on most CPUs)")
+
+
 def import_user_module(name: str) -> None:
     """Imports `name`: a module importable from the current folder, or a .py file. ValueError
     naming it when it cannot be found; errors inside it keep their traceback."""

@@ -633,7 +633,7 @@ def _write_report(records: Sequence[Mapping[str, Any]], report: Mapping[str, Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from haaqi_jax.cli import positive_int
+    from haaqi_jax.cli import add_dtype_argument, positive_int
     parser.add_argument("--model", required=True,
                         help="HAAQI-Net directory (e.g. a run's report/best_model)")
     parser.add_argument("--manifest", required=True, help="labelled manifest.jsonl")
@@ -651,6 +651,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="NAME", help="a metric of your own (register_metric, in a "
                         "module loaded with haaqi-jax --import) for every row of the report "
                         "(repeatable)")
+    add_dtype_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -747,11 +748,13 @@ def summary_lines(report: Mapping[str, Any], metrics: Sequence[str] = ()) -> lis
 def run(args: argparse.Namespace) -> int:
     from haaqi_jax.cli import writable_folder
     metrics = check_report_metrics(args.metrics, "--metric")    # (after --import)
+    from haaqi_jax.model import compute_dtype
+    compute_dtype(args.dtype, "--dtype")                      # before anything is written
     writable_folder(args.out, "--out")                       # before the model runs
     report = evaluate_manifest(args.model, args.manifest, args.out, splits=args.splits,
                                batch_size=args.batch_size, color_by=args.color_by,
                                num_examples=args.num_examples, progress=not args.no_progress,
-                               metrics=metrics)
+                               metrics=metrics, dtype=args.dtype)
     for line in summary_lines(report, metrics):
         print(line)
     print(f"report in {args.out}"

@@ -71,7 +71,7 @@ class Job:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from haaqi_jax.cli import positive_int
+    from haaqi_jax.cli import add_dtype_argument, positive_int
     parser.add_argument("inputs", nargs="+", metavar="INPUTS",
                         help="audio files, folders (recursive) or .jsonl manifests")
     parser.add_argument("--checkpoint", required=True,
@@ -86,6 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="CSV to write")
     parser.add_argument("--batch-size", type=positive_int, default=8,
                         help="clips per forward pass (default 8)")
+    add_dtype_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -394,15 +395,16 @@ def write_results(path: str | Path, jobs: list[Job]) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from haaqi_jax.cli import writable_file
-    from haaqi_jax.model import HAAQINet
+    from haaqi_jax.model import HAAQINet, compute_dtype
     # Usage errors raise: `haaqi-jax` reports them in one line with exit 2.
+    compute_dtype(args.dtype, "--dtype")
     default = None if args.audiogram is None else parse_audiogram(args.audiogram)
     table = {} if args.audiograms is None else read_audiogram_table(args.audiograms)
     writable_file(args.out, "--out")                        # before the scoring, not after
     jobs = collect_jobs(args.inputs)
     if not jobs:
         raise ValueError("no audio files found in INPUTS")
-    net = HAAQINet.load(args.checkpoint)
+    net = HAAQINet.load(args.checkpoint, dtype=args.dtype)
     manifests = any(Path(i).suffix.lower() in MANIFEST_SUFFIXES for i in args.inputs)
     if default is None and args.audiograms is None and not manifests:
         raise ValueError("no audiogram for any file: pass --audiogram L250,...,L8000 (one "

@@ -99,6 +99,25 @@ def test_evaluate_subcommand_writes_its_files(tmp_path, capsys):
     assert float(csv_rows["distortion=noise"]["prediction_mean"]) == pytest.approx(
         p[noise].mean(), abs=1e-12)
 
+    # --dtype bfloat16: the model's bfloat16 predictions (near float32's, not equal to them);
+    # a dtype it cannot run is refused before anything is written.
+    half_out = tmp_path / "eval_half"
+    assert cli.main(["evaluate", "--model", str(tmp_path / "model"), "--manifest", str(manifest),
+                     "--out", str(half_out), "--splits", "valid", "test_seen", "test_unseen",
+                     "--dtype", "bfloat16", "--no-progress"]) == 0
+    half_rows = list(csv.DictReader((half_out / "predictions.csv").open()))
+    assert [r["id"] for r in half_rows] == [r["id"] for r in rows]
+    half = np.array([float(r["prediction"]) for r in half_rows])
+    np.testing.assert_allclose(half, HAAQINet.load(tmp_path / "model", dtype="bfloat16").predict(
+        waves, 16000, [manifest_rows[r["id"]]["audiogram"] for r in rows], progress=False),
+        atol=1e-5)
+    assert 0 < np.max(np.abs(half - p)) < 3e-2
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--model", str(tmp_path / "model"), "--manifest", str(manifest),
+                     "--out", str(tmp_path / "eval_f16"), "--dtype", "float16"]) == 2
+    assert "--dtype must be one of 'float32', 'bfloat16', got 'float16'" in capsys.readouterr().err
+    assert not (tmp_path / "eval_f16").exists()
+
 
 def test_report_errors(tmp_path):
     rows = [{"id": "a", "haaqi_score": 0.5, "distortion": "x"}, {"id": "b", "haaqi_score": None}]

@@ -78,6 +78,28 @@ def test_predict_folder_with_bad_files(setup, capsys):
     assert "broken.wav" in err and "scored 3 of 6" in err and "HAAQI-Net" in err  # tqdm bar
 
 
+def test_dtype_bfloat16_scores_as_the_api_does_in_bfloat16(setup, tmp_path):
+    root, net = setup
+    files = [root / "music" / "a.wav", root / "music" / "sub" / "b.flac"]
+    scored = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / f"{dtype}.csv"
+        assert cli.main(["predict", "--checkpoint", str(root / "ckpt"), "--audiogram",
+                         ",".join(map(str, LEVELS)), *map(str, files), "--out", str(out),
+                         "--dtype", dtype, "--no-progress"]) == 0
+        scored[dtype] = _rows(out)
+    half = HAAQINet.load(root / "ckpt", dtype="bfloat16")
+    for path in files:
+        row = scored["bfloat16"][str(path)]
+        assert float(row["haaqi"]) == pytest.approx(_reference(half, path, LEVELS), abs=1e-5)
+        assert float(scored["float32"][str(path)]["haaqi"]) == pytest.approx(
+            _reference(net, path, LEVELS), abs=1e-5)
+    # bfloat16 really ran: its scores are near float32's, not equal to them.
+    gaps = [abs(float(scored["bfloat16"][k]["haaqi"]) - float(scored["float32"][k]["haaqi"]))
+            for k in map(str, files)]
+    assert 0 < max(gaps) < 3e-2
+
+
 def test_audiogram_table_and_manifest(setup):
     root, net = setup
     music = root / "music"
@@ -166,6 +188,7 @@ def test_manifest_rows_of_one_channel(setup):
     (["--out", "UNDER_A_FILE"], "--out"),                   # found before scoring, not after
     (["--out", "A_FOLDER"], "is a folder"),
     ([], "no audiogram for any file: pass --audiogram"),  # not a CSV of one error per file
+    (["--dtype", "float16"], "--dtype must be one of 'float32', 'bfloat16', got 'float16'"),
 ])
 def test_usage_errors_exit_2(setup, capsys, args, message):
     root, _ = setup
