@@ -552,8 +552,9 @@ MIN_PLOT_RANGE = 0.05
 
 
 def comparison_plot(rows: Sequence[Mapping[str, Any]], path: Path, score: str = "lcc") -> Path:
-    """One panel per split: each run's `score` as a dot, its setting's mean +- sd as a bar
-    (settings side by side on the x axis; one column when the runs are one setting)."""
+    """One panel per split: each run's `score` (lcc, srcc, mse or a metric of the rows) as a
+    dot, its setting's mean +- sd as a bar (settings side by side on the x axis; one column
+    when the runs are one setting); runs without a value there are not drawn."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -566,13 +567,14 @@ def comparison_plot(rows: Sequence[Mapping[str, Any]], path: Path, score: str = 
     for ax, split in zip(axes[0], splits):
         for x, setting in enumerate(settings):
             mine = [r for r in rows if r["split"] == split and r.get("setting", "") == setting]
+            # A run whose report lacks a metric of your own has None there: not drawn.
             values = [r[score] for r in mine if r["run"] not in SUMMARIES
-                      and math.isfinite(r[score])]
-            summary = {r["run"]: r[score] for r in mine if r["run"] in SUMMARIES}
+                      and _defined(r.get(score))]
+            summary = {r["run"]: r.get(score) for r in mine if r["run"] in SUMMARIES}
             ax.scatter([x] * len(values), values, s=16, color="tab:blue", alpha=0.7, zorder=3)
-            mean, sd = summary.get("mean", math.nan), summary.get("sd", math.nan)
-            if math.isfinite(mean):
-                ax.errorbar([x + 0.15], [mean], yerr=[[sd if math.isfinite(sd) else 0.0]] * 2,
+            mean, sd = summary.get("mean"), summary.get("sd")
+            if _defined(mean):
+                ax.errorbar([x + 0.15], [mean], yerr=[[sd if _defined(sd) else 0.0]] * 2,
                             fmt="_", color="black", ms=14, capsize=3, zorder=4)
         ax.set_xticks(range(len(settings)), [s or "all runs" for s in settings])
         ax.set_xlim(-0.5, len(settings) - 0.5)
@@ -661,7 +663,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(repeatable)")
     parser.add_argument("--out", type=Path, default=None,
                         help="also write the tables to this Markdown file (X.md), the numbers to "
-                             "X.csv (and X.distill.csv) and an LCC plot to X.png beside it")
+                             "X.csv (and X.distill.csv) and a plot to X.png beside it")
+    parser.add_argument("--plot", default="lcc", metavar="NAME",
+                        help="what X.png shows per run and setting: lcc (default), srcc, mse "
+                             "or one of the --metric names")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -671,6 +676,9 @@ def run(args: argparse.Namespace) -> int:
     from haaqi_jax.cli import writable_file
 
     metrics = check_metric_names(args.metrics, "--metric")
+    if args.plot not in SCORES + metrics:
+        raise ValueError(f"--plot {args.plot!r}: not {', '.join(SCORES[:-1])}, {SCORES[-1]} "
+                         f"nor a --metric of this comparison ({list(metrics)})")
     outputs = {}
     if args.out is not None:
         outputs = {kind: writable_file(path, "--out" if kind == "table" else f"--out's {kind}")
@@ -741,5 +749,5 @@ def run(args: argparse.Namespace) -> int:
         _write_csv(rows, outputs["csv"], metrics)
         if distilled:
             _write_distill_csv(distilled, outputs["distill_csv"])
-        comparison_plot(rows, outputs["plot"])
+        comparison_plot(rows, outputs["plot"], args.plot)
     return 1 if unreadable else 0

@@ -552,6 +552,54 @@ def test_compare_metric_option_reads_it_from_every_report(tmp_path, max_error, c
     assert out.with_suffix(".png").is_file()
 
 
+def test_plot_option_draws_the_named_score_or_metric(tmp_path, max_error, capsys,
+                                                     monkeypatch):
+    """`--plot NAME`: the PNG shows that score or --metric per run (a run lacking the metric
+    is left out of its panel, not drawn at nan); a name neither is refused before anything is
+    written."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.collections
+    import matplotlib.pyplot as plt
+
+    records = {f"s{i}": _records(i, 0.05 + 0.05 * i) for i in range(3)}
+    paths = []
+    for i, (name, recs) in enumerate(records.items()):
+        evaluate.write_report(recs, tmp_path / name, metrics=[max_error] if i < 2 else [])
+        paths.append(tmp_path / name)
+
+    def drawn(plot):
+        monkeypatch.setattr(plt, "close", lambda *a, **k: None)
+        assert cli.main(["compare", *map(str, paths), "--splits", "valid", "--metric",
+                         max_error, "--out", str(tmp_path / f"{plot}.md"), "--plot", plot]) == 0
+        (ax,) = plt.gcf().axes
+        dots = sorted(float(y) for c in ax.collections
+                      if isinstance(c, matplotlib.collections.PathCollection)
+                      for _, y in c.get_offsets())
+        label = ax.get_ylabel()
+        plt.close("all")
+        return dots, label
+
+    def truth(name, fn):
+        sel = [r for r in records[name] if r["split"] == "valid"]
+        return fn(np.array([r["prediction"] for r in sel]), np.array([r["label"] for r in sel]))
+
+    dots, label = drawn(max_error)
+    assert label == max_error.upper()
+    assert dots == pytest.approx(sorted(truth(n, lambda p, t: np.max(np.abs(p - t)))
+                                        for n in ("s0", "s1")), abs=1e-12)
+    dots, label = drawn("srcc")
+    assert label == "SRCC"
+    assert dots == pytest.approx(sorted(truth(n, lambda p, t: scipy.stats.spearmanr(p, t)[0])
+                                        for n in records), abs=1e-9)
+    capsys.readouterr()
+    assert cli.main(["compare", *map(str, paths), "--out", str(tmp_path / "x.md"),
+                     "--plot", max_error]) == 2           # not among this comparison's --metric
+    err = capsys.readouterr().err
+    assert f"--plot {max_error!r}: not lcc, srcc, mse nor a --metric" in err, err
+    assert not (tmp_path / "x.md").exists()
+
+
 def test_without_metric_option_the_outputs_are_as_before(tmp_path, max_error, capsys):
     """Reports with a metric of their own, compared without --metric (or with a built-in
     name): table, CSV and plot byte for byte those of the same reports without it."""
