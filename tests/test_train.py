@@ -1137,6 +1137,35 @@ def test_a_monitored_metric_undefined_in_every_epoch_is_warned_of_once(tiny, tmp
     assert [row["test_undefined"] for row in _valid_rows(tmp_path / "w")] == [None, None]
 
 
+@pytest.mark.parametrize("setting", ["train.monitor=test_broken", "report.metrics=test_broken"])
+def test_a_metric_of_your_own_that_fails_on_any_input_stops_the_run_before_training(
+        tiny, tmp_path, setting):
+    """A monitored metric with a bug used to stop the run after its first epoch (that epoch's
+    checkpoint lost), and a report metric's only showed as n/a after the whole training: both
+    are now tried once on the validation labels before the first step."""
+    from haaqi_jax.train import metrics as metrics_lib
+    _, overrides = tiny
+    calls = []
+
+    def broken(pred, true, weight):
+        calls.append((pred.size, float(np.std(pred)), float(np.max(np.abs(pred - true)))))
+        return {"mae": 0.1}["mea"]
+
+    metrics_lib.register_metric("test_broken", broken, higher_is_better=False)
+    try:
+        with pytest.raises(ValueError) as err:
+            loop.train_and_evaluate(_config(overrides + [setting]), tmp_path / "w")
+    finally:
+        metrics_lib.unregister_metric("test_broken")
+    key = setting.split("=")[0]
+    assert (f"{key}: metric 'test_broken' fails on the 4 valid labels and a trial prediction "
+            f"of them, before training: KeyError: 'mea'") in str(err.value)
+    assert isinstance(err.value.__cause__, KeyError)
+    assert not (tmp_path / "w" / loop.CHECKPOINT_DIR).exists()
+    (size, spread, gap), = calls      # tried once, on a prediction that varies and is no copy
+    assert size == 4 and spread > 0 and 0 < gap < 0.2
+
+
 def test_adamw_with_clipping_matches_torch():
     """optimizer.name=adamw with weight_decay and grad_clip_norm against torch.optim.AdamW and
     torch.nn.utils.clip_grad_norm_ on a fixed gradient sequence."""

@@ -577,11 +577,21 @@ def split_labels(rows: Sequence[Any], split: str, row_fields: Sequence[str] = ()
 
 def training_labels(config: Any, rows: Mapping[str, Sequence[Any]]) -> np.ndarray:
     """Checks the train and valid rows for what the configured loss needs (a label and its
-    `losses.required_row_fields`) and returns the valid split's labels."""
+    `losses.required_row_fields`), tries the metrics of your own that train.monitor and
+    report.metrics name on the valid labels (`metrics.try_metrics`), and returns those."""
     needs = losses.required_row_fields(config.loss.name,
                                        cfglib.to_dict(config.loss.get("kwargs") or {}))
-    valid_labels = split_labels(rows[config.data.valid_split], config.data.valid_split, needs)
+    valid_split = config.data.valid_split
+    valid_labels = split_labels(rows[valid_split], valid_split, needs)
     split_labels(rows[config.data.train_split], config.data.train_split, needs)
+    monitor = config.train.get("monitor", metrics_lib.LOSS)
+    metrics_lib.try_metrics(metrics_lib.own_metric_names(
+        [] if monitor == metrics_lib.LOSS else [monitor]), valid_labels, "train.monitor",
+        valid_split)
+    report = config.get("report") or {}
+    metrics_lib.try_metrics(metrics_lib.own_metric_names(list(report.get("metrics", ())),
+                                                         "report.metrics"),
+                            valid_labels, "report.metrics", valid_split)
     return valid_labels
 
 

@@ -267,6 +267,28 @@ register_metric("srcc", _reported_srcc, higher_is_better=True)
 register_metric("mse", _mse, higher_is_better=False)
 
 
+def try_metrics(names: Sequence[str], labels: Any, where: str, split: str = "valid") -> None:
+    """Calls each registered metric once on `labels` (n,) and a trial prediction of them (the
+    labels moved by up to 0.1, clipped to [0, 1]), before a run trains: a metric that fails
+    on any input then stops the run at once, not after its first epoch (train.monitor) or
+    the whole training (report.metrics, where it would only read n/a). A NaN is allowed.
+
+    Raises:
+      ValueError naming `where`, the metric, and what it raised (the error is its cause).
+    """
+    labels = np.asarray(labels, np.float64)
+    trial = np.clip(labels + 0.1 * np.sin(1.0 + np.arange(labels.size)), 0.0, 1.0)
+    for name in names:
+        try:
+            metric_value(name, trial, labels)
+        except Exception as err:     # noqa: BLE001 (a metric of the user's may raise anything)
+            # metric_value re-raises a metric's own ValueError wrapped: name the original.
+            cause = err.__cause__ if isinstance(err, ValueError) and err.__cause__ else err
+            raise ValueError(f"{where}: metric {name!r} fails on the {labels.size} {split} "
+                             f"labels and a trial prediction of them, before training: "
+                             f"{type(cause).__name__}: {cause}") from cause
+
+
 def bootstrap_intervals(pred: Any, true: Any, weight: Any | None = None, *,
                         groups: Sequence[Any] | None = None, n_resamples: int = 1000,
                         level: float = 0.95, seed: int = 0) -> dict[str, list[float]]:
