@@ -16,7 +16,7 @@ import pytest
 import soundfile as sf
 
 from haaqi_jax import config as cfglib
-from haaqi_jax.train import loop
+from haaqi_jax.train import early_stopping, loop
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.py"
@@ -870,8 +870,8 @@ def test_early_stopping_against_a_numpy_reference(losses_, min_delta, patience):
     early = {"best_valid_loss": None, "best_step": None, "bad_epochs": 0, "stopped": False}
     steps_per_epoch, stopped_at = 10, None
     for epoch, value in enumerate(losses_, start=1):
-        loop.update_early_stopping(early, value, epoch * steps_per_epoch,
-                                   min_delta=min_delta, patience=patience)
+        early_stopping.update(early, value, epoch * steps_per_epoch,
+                              min_delta=min_delta, patience=patience)
         if early["stopped"]:
             stopped_at = epoch
             break
@@ -916,13 +916,13 @@ def test_early_stopping_on_a_metric_against_a_plain_reference(monitor, values, m
     LCC / SRCC, least MSE), beaten by more than min_delta in its own units; the run stops
     after `patience` epochs in a row that do not beat it. The valid losses rise throughout
     (following the loss would keep epoch 1); best_valid_loss is the best epoch's loss."""
-    early = loop.new_early_stopping(monitor)
+    early = early_stopping.new_record(monitor)
     steps_per_epoch, stopped_at, flags = 10, None, []
     valid_losses = [1.0 + 0.1 * epoch for epoch in range(len(values))]
     for epoch, (loss, value) in enumerate(zip(valid_losses, values), start=1):
-        flags.append(loop.update_early_stopping(early, loss, epoch * steps_per_epoch,
-                                                value=value, min_delta=min_delta,
-                                                patience=patience))
+        flags.append(early_stopping.update(early, loss, epoch * steps_per_epoch,
+                                           value=value, min_delta=min_delta,
+                                           patience=patience))
         if early["stopped"]:
             stopped_at = epoch
             break
@@ -945,27 +945,27 @@ def test_early_stopping_on_a_metric_against_a_plain_reference(monitor, values, m
     assert early["best_value"] == best and stopped_at == expected_stop
     assert early["best_valid_loss"] == valid_losses[best_epoch - 1]
     with pytest.raises(ValueError, match="the value of the monitored 'lcc'"):
-        loop.update_early_stopping(loop.new_early_stopping("lcc"), 0.5, 10, min_delta=0.0,
-                                   patience=0)
+        early_stopping.update(early_stopping.new_record("lcc"), 0.5, 10, min_delta=0.0,
+                              patience=0)
 
 
 def test_an_early_stopping_record_from_before_train_monitor_resumes_as_loss():
     """A checkpoint written before train.monitor holds no monitor and no best_value: it
     followed the valid loss. Resuming it under another monitor is refused by name."""
     old = {"best_valid_loss": 0.25, "best_step": 8, "bad_epochs": 1, "stopped": False}
-    early = loop.resumed_early_stopping(old, "loss")
+    early = early_stopping.resumed_record(old, "loss")
     assert early == {**old, "monitor": "loss", "best_value": 0.25}
     for value in (0.26, 0.24):
         again = dict(old)                            # an old record updated in place works too
-        assert loop.update_early_stopping(again, value, 12, min_delta=0.0,
-                                          patience=0) == (value < 0.25)
+        assert early_stopping.update(again, value, 12, min_delta=0.0,
+                                     patience=0) == (value < 0.25)
     with pytest.raises(ValueError, match=r"its checkpoints followed train.monitor='loss'.*"
                                          r"train.monitor='lcc'"):
-        loop.resumed_early_stopping(old, "lcc")
-    new = loop.new_early_stopping("srcc")
-    assert loop.resumed_early_stopping(dict(new), "srcc") == new
+        early_stopping.resumed_record(old, "lcc")
+    new = early_stopping.new_record("srcc")
+    assert early_stopping.resumed_record(dict(new), "srcc") == new
     with pytest.raises(ValueError, match=r"train.monitor='srcc'.*train.monitor='loss'"):
-        loop.resumed_early_stopping(new, "loss")
+        early_stopping.resumed_record(new, "loss")
 
 
 def _valid_rows(workdir):

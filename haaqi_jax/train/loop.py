@@ -41,6 +41,7 @@ import numpy as np
 from haaqi_jax import config as cfglib
 from haaqi_jax import losses
 from haaqi_jax.files import complete_lines, exclusive_lock, read_json, write_atomic
+from haaqi_jax.train import early_stopping
 from haaqi_jax.train import metrics as metrics_lib
 from haaqi_jax.train import sharding
 from haaqi_jax.train import state as state_lib
@@ -764,7 +765,7 @@ def run_loop(state: Any, *, step_fn: Callable, evaluate: Callable, data: TrainDa
     total_steps = int(tc.num_epochs) * data.steps_per_epoch
     ckpt = TrainCheckpointManager(workdir / CHECKPOINT_DIR)
     monitor = metrics_lib.check_monitor(tc.get("monitor", metrics_lib.LOSS))
-    early = new_early_stopping(monitor)
+    early = early_stopping.new_record(monitor)
     warn = (lambda text: print(f"{desc}: {text}", file=sys.stderr)) \
         if sharding.is_main_process() else (lambda text: None)
     restored = ckpt.restore_latest(state, warn)
@@ -774,7 +775,7 @@ def run_loop(state: Any, *, step_fn: Callable, evaluate: Callable, data: TrainDa
         warn(f"resuming {workdir} from its checkpoint at step {start}")
         data.train.set_state(meta["data_state"])
         try:
-            early = resumed_early_stopping(meta["early_stopping"], monitor)
+            early = early_stopping.resumed_record(meta["early_stopping"], monitor)
         except ValueError as err:
             raise ValueError(f"{workdir}: {err}") from None
         # train.patience may change on a resume: the stop is decided again with its value.
@@ -842,7 +843,7 @@ def run_loop(state: Any, *, step_fn: Callable, evaluate: Callable, data: TrainDa
                     values[monitor] = metrics_lib.metric_value(
                         monitor, predictions, valid_labels,
                         np.isfinite(predictions).astype(float))
-                improved = update_early_stopping(early, valid_loss, step, value=values[monitor],
+                improved = early_stopping.update(early, valid_loss, step, value=values[monitor],
                                                  min_delta=float(tc.min_delta),
                                                  patience=patience)
                 writer.write({"step": step, "epoch": epoch, "kind": "valid", **values,
@@ -870,88 +871,6 @@ def _is_constant(predictions: np.ndarray) -> bool:
     """True when at least two finite predictions exist and all are equal."""
     finite = predictions[np.isfinite(predictions)]
     return finite.size > 1 and np.ptp(finite) == 0
-
-
-def new_early_stopping(monitor: str = metrics_lib.LOSS) -> dict[str, Any]:
-    """A fresh early-stopping record following `monitor` (train.monitor), as the loop keeps
-    and checkpoints it: {"monitor", "best_value": the monitored value of the best step (None
-    before the first epoch, and while it is undefined), "best_valid_loss": that step's valid
-    loss, "best_step", "bad_epochs", "stopped"}."""
-    return {"monitor": monitor, "best_value": None, "best_valid_loss": None, "best_step": None,
-            "bad_epochs": 0, "stopped": False}
-
-
-def _with_monitor(record: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of an early-stopping record; one written before train.monitor existed (no
-    "monitor", no "best_value") followed the valid loss, and says so."""
-    return {"monitor": metrics_lib.LOSS, "best_value": record["best_valid_loss"], **record}
-
-
-def resumed_early_stopping(record: Mapping[str, Any], monitor: str) -> dict[str, Any]:
-    """The early-stopping record of a checkpoint, to go on with under train.monitor=`monitor`.
-
-    A record written before train.monitor existed has no "monitor" and "best_value": it
-    followed the valid loss. A run whose checkpoints followed another quantity is not resumed
-    under this one (their best step and patience count were chosen by the other).
-
-    Raises:
-      ValueError naming both monitors.
-    """
-    early = _with_monitor(record)
-    if early["monitor"] != monitor:
-        raise ValueError(f"its checkpoints followed train.monitor={early['monitor']!r} (their "
-                         f"best step and patience count), this config has train.monitor="
-                         f"{monitor!r}: set it back to {early['monitor']!r}, or pass another "
-                         f"--workdir to start over")
-    return early
-
-
-def update_early_stopping(early: dict[str, Any], valid_loss: float, step: int, *,
-                          min_delta: float, patience: int, value: float | None = None) -> bool:
-    """Records one epoch's validation in `early` (in place) and says whether it improved.
-
-    The quantity followed is `early["monitor"]` (train.monitor; "loss" for a record without
-    one): `value`, or the valid loss for "loss". An epoch improves when its value beats the
-    best so far by more than `min_delta` (in that quantity's units: below it for "loss",
-    "mse" and other lower-is-better metrics, above it for "lcc", "srcc" and other
-    higher-is-better ones); the first epoch always does, so that a best step exists. A value
-    that is not finite (NaN: an LCC or SRCC of constant predictions) never improves on an
-    earlier epoch; when the best so far is not finite (a first epoch of NaN, recorded as
-    best_value None) any finite value improves on it, whatever `min_delta`. The best step is
-    that epoch's last step. After `patience` epochs in a row without improvement
-    (patience > 0) `early["stopped"]` turns True.
-
-    Args:
-      early: `new_early_stopping(monitor)`, as the loop keeps (and checkpoints) it.
-    """
-    early.update(_with_monitor(early))
-    monitor = early["monitor"]
-    if value is None:
-        if monitor != metrics_lib.LOSS:
-            raise ValueError(f"update_early_stopping: the value of the monitored {monitor!r} "
-                             "is missing (value=...)")
-        value = valid_loss
-    value = float(value)
-    finite = bool(np.isfinite(value))
-    best = early["best_value"]
-    if early["best_step"] is None:
-        improved = True
-    elif not finite:
-        improved = False
-    elif best is None or not np.isfinite(best):
-        improved = True
-    elif metrics_lib.higher_is_better(monitor):
-        improved = value > best + min_delta
-    else:
-        improved = value < best - min_delta
-    if improved:
-        early.update(best_value=value if finite else None, best_valid_loss=valid_loss,
-                     best_step=step, bad_epochs=0)
-    else:
-        early["bad_epochs"] += 1
-    if patience > 0 and early["bad_epochs"] >= patience:
-        early["stopped"] = True
-    return improved
 
 
 #: Loop settings and their least values (a negative epoch count would train nothing and
