@@ -289,6 +289,10 @@ def _field_type(cfg: ConfigDict, name: str) -> type | None:
 #: Sections named so (`loss.kwargs`, a distillation term's `kwargs`) accept new keys from
 #: overrides: they are keyword arguments of a loss picked by name, which checks them itself.
 OPEN_SECTION = "kwargs"
+#: A section named so (`model.encoder_config`, and sections inside it) accepts new keys from
+#: overrides too: any key of the encoder kind's config, which `model.resolve_encoder_config`
+#: checks (name and type) before the run, whatever keys the config file listed.
+ENCODER_SECTION = "encoder_config"
 
 
 def _typed_items(key: str, text: str, value: tuple | list, current: Any) -> tuple | list:
@@ -317,9 +321,10 @@ def _unknown_key(key: str, name: str, parents: list[str], node: ConfigDict) -> V
 def apply_overrides(cfg: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
     """Applies `a.b.c=value` overrides in place and returns cfg.
 
-    A key may be added only under a section named `kwargs` (its value is read as a Python
-    literal, true / false as a bool), where a whole section may also be replaced by a literal
-    (a dict, or a loss name); everywhere else the key must exist.
+    A key may be added only under a section named `kwargs` or in `model.encoder_config` (its
+    value is read as a Python literal, true / false as a bool; the loss or the encoder's config
+    checks it), and under `kwargs` a whole section may also be replaced by a literal (a dict,
+    or a loss name); everywhere else the key must exist.
 
     Raises:
       ValueError naming the key when an override is malformed, names a key the config does not
@@ -340,8 +345,9 @@ def apply_overrides(cfg: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
                 raise _unknown_key(key, name, parents[:depth], node)
             node = node[name]
         if leaf not in node:
-            if parents and parents[-1] == OPEN_SECTION:
-                # A loss's keywords are its own: a new one is checked by losses.get_loss.
+            if (parents and parents[-1] == OPEN_SECTION) or ENCODER_SECTION in parents:
+                # A loss's keywords are its own (checked by losses.get_loss), an encoder's
+                # settings its config's (model.resolve_encoder_config).
                 node[leaf] = parse_value(key, text, None)
                 continue
             raise _unknown_key(key, leaf, parents, node)

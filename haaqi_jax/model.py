@@ -101,7 +101,9 @@ def resolve_encoder_config(kind: str, overrides: Mapping[str, Any] | Any | None
     Returns:
       a plain dict with every key of the kind's default config.
     Raises:
-      ValueError: naming the unknown keys.
+      ValueError: naming the unknown keys, or a value whose type is not the default's (a bool
+        for a bool, an int for an int, a number for a float, a string, a list); a float
+        setting given an int becomes that float.
     """
     from haaqi_jax.config import unknown_keys_message
     merged = _thaw_json(_config_dict(encoder_spec(kind).default_config()))
@@ -116,13 +118,43 @@ def resolve_encoder_config(kind: str, overrides: Mapping[str, Any] | Any | None
             if unknown:
                 raise ValueError(f"encoder_config.{key}: " + unknown_keys_message(
                     unknown, merged[key], f"encoder kind {kind!r}"))
-            value = {**merged[key], **value}
-        merged[key] = value
+            value = {**merged[key], **{k: _typed_like(merged[key][k], v, f"{key}.{k}", kind)
+                                       for k, v in value.items()}}
+        merged[key] = _typed_like(merged[key], value, key, kind)
     unknown = set(overrides) - set(merged)
     if unknown:
         raise ValueError("encoder_config: " + unknown_keys_message(
             unknown, merged, f"encoder kind {kind!r}"))
     return merged
+
+
+def _typed_like(default: Any, value: Any, key: str, kind: str) -> Any:
+    """`value` for an encoder config key whose default is `default`, checked to be of its
+    type (an int for a float setting becomes a float); None or dict defaults take any value.
+
+    Raises:
+      ValueError naming `encoder_config.KEY`, the kind, the default and the value.
+    """
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if default is None or isinstance(default, dict):
+        return value
+    if isinstance(default, bool):
+        ok, wanted = isinstance(value, bool), "a bool"
+    elif isinstance(default, int):
+        ok, wanted = number and isinstance(value, int), "an int"
+    elif isinstance(default, float):
+        ok, wanted = number, "a number"
+        value = float(value) if ok else value
+    elif isinstance(default, str):
+        ok, wanted = isinstance(value, str), "a string"
+    elif isinstance(default, (list, tuple)):
+        ok, wanted = isinstance(value, (list, tuple)), "a list"
+    else:
+        return value
+    if not ok:
+        raise ValueError(f"encoder_config.{key}: expected {wanted} for encoder kind {kind!r} "
+                         f"(default {default!r}), got {value!r}")
+    return value
 
 
 def encoder_spec(kind: str) -> EncoderSpec:

@@ -107,6 +107,42 @@ def test_train_py_refuses_a_key_set_twice_naming_both_values(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_an_encoder_config_key_can_be_added_by_override_and_the_encoder_checks_it():
+    """`--set model.encoder_config.KEY=...` may name any key of the encoder kind's config, not
+    only those the config file lists; the encoder's config then refuses a misspelt key or a
+    value of another type by name before the run (a string conv_pos used to pass the checks
+    and fail deep in the model)."""
+    from haaqi_jax.train import loop
+
+    def random_beats(*overrides):
+        c = cfglib.load_config_file(REPO / "configs" / "demo_random_beats.py")
+        return cfglib.apply_overrides(c, list(overrides))
+
+    c = random_beats("model.encoder_config.conv_pos=64",
+                     "model.encoder_config.layer_norm_first=true",
+                     "model.encoder_config.encoder_layerdrop=0")
+    assert c.model.encoder_config.conv_pos == 64 and c.model.encoder_config.layer_norm_first is True
+    loop.check_run_settings(c)
+    built = loop.build_model_config(c).encoder_config
+    assert built["conv_pos"] == 64 and built["layer_norm_first"] is True
+    assert built["encoder_layerdrop"] == 0.0 and isinstance(built["encoder_layerdrop"], float)
+    assert built["encoder_layers"] == 2                     # the file's own keys stay
+    with pytest.raises(ValueError, match=r"unknown key conv_pso \(did you mean conv_pos\?\)"):
+        loop.check_run_settings(random_beats("model.encoder_config.conv_pso=64"))
+    for text, got in (("abc", "'abc'"), ("2.5", "2.5"), ("true", "True")):
+        with pytest.raises(ValueError, match=rf"encoder_config.conv_pos: expected an int for "
+                                             rf"encoder kind 'beats' \(default 128\), got {got}"):
+            loop.check_run_settings(random_beats(f"model.encoder_config.conv_pos={text}"))
+    with pytest.raises(ValueError, match=r"encoder_config.layer_norm_first: expected a bool"):
+        loop.check_run_settings(random_beats("model.encoder_config.layer_norm_first=1"))
+    # A key the file lists keeps its type check at the override itself.
+    with pytest.raises(ValueError, match=r"model.encoder_config.encoder_layers=.*int"):
+        random_beats("model.encoder_config.encoder_layers=2.5")
+    # Elsewhere keys still cannot be added.
+    with pytest.raises(ValueError, match=r"unknown key 'dropout' under model.head"):
+        random_beats("model.head.dropout=0.1")
+
+
 def test_freeze_and_json_roundtrip(tmp_path):
     c = _cfg()
     frozen = cfglib.freeze(c)

@@ -960,6 +960,18 @@ def check_run_settings(config: Any) -> None:
     crop = config.data.get("crop_seconds")
     if crop is not None and (not cfglib.is_number(crop) or not 0 < crop < float("inf")):
         raise ValueError(f"data.crop_seconds must be None or seconds > 0, got {crop!r}")
+    # The encoder's settings (names and types) before any data is built; with a converted
+    # checkpoint (or a distillation's teacher checkpoint) that checkpoint's are used instead.
+    teacher = config.distill.get("teacher") if "distill" in config else None
+    for where, run in (("", config), ("distill.teacher.", teacher)):
+        if (run is None or not run.get("model") or not run.model.get("encoder_kind")
+                or run.model.get("encoder_checkpoint")
+                or (where and config.distill.get("teacher_checkpoint"))):
+            continue
+        try:
+            build_model_config(run)
+        except ValueError as err:
+            raise ValueError(f"{where}{err}") from None
     if config.get("model") and config.model.get("head"):
         from haaqi_jax.head import HeadConfig
         try:                        # the head's own checks, before any data is built
