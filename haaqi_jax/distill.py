@@ -24,7 +24,8 @@ a config that has a `distill` section, holding the workdir's lock):
     default, resumable) and the step reads them from the batch: the teacher never runs in it;
  4. the report: the student's report folder (as the teacher's) plus distill_report.json with
     student vs teacher LCC, SRCC, MSE per split, parameter counts and inference time per 10 s
-    clip (`time_inference`: teacher and student timed interleaved, min and median).
+    clip (`time_inference`: teacher and student timed interleaved, min and median), and
+    distill_report.png showing them.
 
 Cached targets are off by default: they cost disk (K layers x C x 2 bytes per token: 2.3 MB per
 10 s clip for 3 layers of 768 in float16), pay off only after the first epoch (that epoch runs
@@ -61,6 +62,10 @@ from haaqi_jax.train import steps as steps_lib
 from haaqi_jax.train.state import TrainState
 
 REPORT_FILE = "distill_report.json"
+#: The same at a glance: scores per split, time per clip and parameters (`comparison_plot`).
+PLOT_FILE = "distill_report.png"
+#: How far below its teacher's LCC the student may score (issue 6's target), drawn on the plot.
+LCC_TARGET_GAP = 0.03
 TEACHER_DIR = "teacher"
 TARGET_CACHE_DIR = "target_cache"
 
@@ -705,6 +710,7 @@ def distill_and_evaluate(config: Any, workdir: str | os.PathLike, *, data: Any =
         if sharding.is_main_process():
             (workdir / REPORT_FILE).write_text(json.dumps(metrics_lib.json_safe(comparison),
                                                           indent=2, sort_keys=True) + "\n")
+            comparison_plot(comparison, workdir / PLOT_FILE)
             print(format_comparison(comparison))
     ckpt.close()
     return loop.TrainResult(workdir=workdir, final_step=step, best_step=early["best_step"],
@@ -798,3 +804,75 @@ def format_comparison(c: Mapping[str, Any]) -> str:
                  f"{t['student']['model']:.4f} s (ratio {t['ratio_model']:.3f}, of minima "
                  f"{t['ratios']['model']['min']:.3f}; encoders alone {t['ratio_encoder']:.3f})")
     return "\n".join(lines)
+
+
+def comparison_plot(c: Mapping[str, Any], path: Path) -> Path:
+    """`compare`'s result as a figure: per split, teacher and student LCC and SRCC as bars
+    (the student's LCC target, the teacher's minus `LCC_TARGET_GAP`, as a dashed line over
+    its bar; an undefined score reads n/a), the median time per clip of both encoders and
+    whole models with the student/teacher ratios, and the parameter counts in the title."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    colours = {"teacher": "0.6", "student": "tab:blue"}
+    width = 0.38
+    splits = list(c["splits"])
+    fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.8), dpi=120,
+                             gridspec_kw={"width_ratios": [len(splits), len(splits), 2]})
+
+    def bar(ax, x, value, model):
+        if value is None or not np.isfinite(value):
+            ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=7)
+            return
+        ax.bar(x, value, width, color=colours[model])
+        ax.text(x, value, f"{value:.3f}", ha="center", va="bottom" if value >= 0 else "top",
+                fontsize=7)
+
+    for ax, metric in zip(axes[:2], ("lcc", "srcc")):
+        values = []
+        for i, split in enumerate(splits):
+            row = c["splits"][split]
+            for offset, model in ((-width / 2, "teacher"), (width / 2, "student")):
+                value = row[model][metric]
+                values.append(value)
+                bar(ax, i + offset, value, model)
+            teacher = row["teacher"][metric]
+            if metric == "lcc" and teacher is not None and np.isfinite(teacher):
+                ax.plot([i, i + width], [teacher - LCC_TARGET_GAP] * 2, color="black",
+                        linestyle="--", linewidth=1)
+        finite = [v for v in values if v is not None and np.isfinite(v)] or [0.0]
+        ax.set_ylim(min(0.0, min(finite)) * 1.15, max(1.0, max(finite)) * 1.12)
+        ax.set_xticks(range(len(splits)),
+                      [f"{s}\n{c['splits'][s].get('n', '?')} clips" for s in splits])
+        ax.set_title(metric.upper())
+        ax.grid(axis="y", color="0.92")
+        ax.set_axisbelow(True)
+    t = c["seconds_per_clip"]
+    ax = axes[2]
+    for i, (part, ratio) in enumerate((("encoder", t["ratio_encoder"]),
+                                       ("model", t["ratio_model"]))):
+        ax.bar(i - width / 2, t["teacher"][part], width, color=colours["teacher"])
+        ax.bar(i + width / 2, t["student"][part], width, color=colours["student"])
+        ax.text(i + width / 2, t["student"][part], f"{ratio:.3f}x", ha="center",
+                va="bottom", fontsize=7)
+    ax.set_ylim(0, max(t["teacher"]["model"], t["teacher"]["encoder"]) * 1.15)
+    ax.set_xticks([0, 1], ["encoder", "whole model"])
+    ax.set_ylabel(f"seconds (median of {t['repeats']})", fontsize=8)
+    ax.set_title(f"time per {t['clip_seconds']:g} s clip")
+    p = c["params"]
+    fig.suptitle(f"student vs teacher: {p['teacher_encoder'] / 1e6:.1f} M -> "
+                 f"{p['student_encoder'] / 1e6:.1f} M encoder parameters "
+                 f"({100 * p['encoder_reduction']:.2f} % fewer); best step "
+                 f"{c.get('best_step', '?')}", fontsize=9)
+    handles = [Patch(color=colours["teacher"], label="teacher"),
+               Patch(color=colours["student"], label="student"),
+               Line2D([], [], color="black", linestyle="--", linewidth=1,
+                      label=f"teacher LCC - {LCC_TARGET_GAP} (the student's target)")]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -658,6 +658,8 @@ def test_distillation_job_end_to_end(distill_job):
     net = HAAQINet.load(workdir / "report" / "best_model")
     assert net.config.encoder_kind == "student"
     assert (workdir / "teacher" / "report" / "best_model" / "config.json").is_file()
+    import matplotlib.image
+    assert matplotlib.image.imread(workdir / "distill_report.png").ndim == 3
     assert not (workdir / "target_cache").exists()  # cache_targets is off by default
 
 
@@ -974,3 +976,71 @@ def test_cached_targets_with_crops_fail_before_the_teacher_trains(tmp_path):
                                          r"data.crop_seconds=None"):
         loop.train_and_evaluate(cfglib.freeze(config), tmp_path / "run")
     assert not (tmp_path / "run" / "teacher").exists()
+
+
+def _comparison(test_unseen_student_lcc=0.536):
+    """A distill_report.json's content, by hand (the demo's figures of 2026-11-29)."""
+    def scores(lcc, srcc, mse):
+        return {"lcc": lcc, "srcc": srcc, "mse": mse}
+    return {
+        "best_step": 240,
+        "params": {"teacher_encoder": 90_311_792, "student_encoder": 21_802_812,
+                   "encoder_reduction": 1 - 21_802_812 / 90_311_792,
+                   "teacher_total": 90_984_465, "student_total": 22_475_485},
+        "seconds_per_clip": {
+            "clip_seconds": 10.0, "repeats": 15, "ratio_encoder": 0.240, "ratio_model": 0.257,
+            "ratios": {"encoder": {"min": 0.240, "median": 0.240, "paired_median": 0.241},
+                       "model": {"min": 0.279, "median": 0.257, "paired_median": 0.257}},
+            "teacher": {"encoder": 0.520, "encoder_min": 0.50, "model": 0.531, "model_min": 0.51},
+            "student": {"encoder": 0.125, "encoder_min": 0.12, "model": 0.1365,
+                        "model_min": 0.142}},
+        "splits": {
+            "valid": {"n": 80, "lcc_gap": 0.0002, "teacher": scores(0.785, 0.769, 0.041),
+                      "student": scores(0.785, 0.763, 0.041)},
+            "test_unseen": {"n": 160, "lcc_gap": 0.478 - test_unseen_student_lcc,
+                            "teacher": scores(0.478, 0.513, 0.109),
+                            "student": scores(test_unseen_student_lcc, 0.561, 0.096)}}}
+
+
+def test_the_distill_plot_shows_each_split_s_scores_times_and_parameters(tmp_path):
+    """distill_report.png: per split, teacher and student LCC and SRCC as bars of those
+    heights, the target line (teacher LCC - 0.03) over each student LCC bar, the time per clip
+    of both (encoder, whole model) with their ratios, and the parameter counts; every text
+    inside the figure. An undefined LCC is no bar but "n/a"."""
+    from figures import drawn, inside
+    from haaqi_jax import distill
+
+    c = _comparison()
+    fig = drawn(distill.comparison_plot, c, tmp_path / "d.png")
+    assert (tmp_path / "d.png").stat().st_size > 5_000
+    scores_axes = {ax.get_title(): ax for ax in fig.axes}
+    assert set(scores_axes) == {"LCC", "SRCC", "time per 10 s clip"}, set(scores_axes)
+    for metric in ("lcc", "srcc"):
+        ax = scores_axes[metric.upper()]
+        heights = sorted(round(p.get_height(), 6) for p in ax.patches)
+        want = sorted(round(c["splits"][s][m][metric], 6) for s in c["splits"]
+                      for m in ("teacher", "student"))
+        assert heights == want, (metric, heights)
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["valid\n80 clips",
+                                                                 "test_unseen\n160 clips"]
+    targets = sorted(round(y, 6) for line in scores_axes["LCC"].get_lines()
+                     for y in line.get_ydata())
+    assert targets == sorted(round(c["splits"][s]["teacher"]["lcc"] - 0.03, 6)
+                             for s in c["splits"] for _ in (0, 1))
+    time_ax = scores_axes["time per 10 s clip"]
+    assert sorted(round(p.get_height(), 6) for p in time_ax.patches) == sorted(
+        [0.520, 0.125, 0.531, 0.1365])
+    texts = [t.get_text() for t in fig.findobj(lambda a: hasattr(a, "get_text"))
+             if t.get_text()]
+    assert any("0.240x" in t for t in texts) and any("0.257x" in t for t in texts), texts
+    assert any("90.3 M -> 21.8 M encoder parameters (75.86 % fewer)" in t for t in texts), texts
+    box = fig.bbox
+    renderer = fig.canvas.get_renderer()
+    for t in fig.findobj(lambda a: hasattr(a, "get_text") and a.get_visible()):
+        if t.get_text():
+            assert inside(t.get_window_extent(renderer), box), t.get_text()
+    # An undefined LCC: no bar of nan height, a label saying n/a.
+    fig = drawn(distill.comparison_plot, _comparison(float("nan")), tmp_path / "e.png")
+    ax = {a.get_title(): a for a in fig.axes}["LCC"]
+    assert all(np.isfinite(p.get_height()) for p in ax.patches) and len(ax.patches) == 3
+    assert "n/a" in [t.get_text() for t in ax.texts]
