@@ -747,8 +747,8 @@ def summary_lines(report: Mapping[str, Any], metrics: Sequence[str] = ()) -> lis
 
 def run(args: argparse.Namespace) -> int:
     from haaqi_jax.cli import writable_folder
-    metrics = check_report_metrics(args.metrics, "--metric")    # (after --import)
     from haaqi_jax.model import compute_dtype
+    metrics = check_report_metrics(args.metrics, "--metric")    # (after --import)
     compute_dtype(args.dtype, "--dtype")                      # before anything is written
     writable_folder(args.out, "--out")                       # before the model runs
     report = evaluate_manifest(args.model, args.manifest, args.out, splits=args.splits,
