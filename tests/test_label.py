@@ -1008,3 +1008,29 @@ def test_float32_labels_on_a_tpu_host_keep_to_the_accelerators(tmp_path, monkeyp
         label_mod.label_manifest(manifest, tmp_path / "l.jsonl", dtype="float32",
                                  progress=False)
     assert built.value.devices == tpus
+
+
+def test_a_pair_below_haaqis_lowest_rate_fails_alone(dataset, tmp_path):
+    """A pair at 500 Hz (HAAQI refuses rates below 1 kHz) is a bad row: it goes to the errors
+    file naming its rate and file, and the other rows are still labelled. It used to abort the
+    whole run (exit 2) with "sample_rate must be at least 1000 Hz", naming no row or file."""
+    x = _music(np.random.default_rng(3), 4000, 500, 60.0)
+    low = _write(tmp_path / "low.wav", x, 500)
+    good = dict(dataset["rows"][1], id="good")
+    good["reference"] = str(dataset["root"] / good["reference"])
+    good["processed"] = str(dataset["root"] / good["processed"])
+    manifest = _write_jsonl(tmp_path / "low.jsonl", [
+        {"id": "low", "reference": low, "processed": low, "audiogram": NORMAL}, good])
+    out = tmp_path / "labels.jsonl"
+    summary = label_mod.label_manifest(manifest, out, scorer=FakeScorer(), progress=False)
+    assert (summary.n_ok, summary.n_failed) == (1, 1)
+    assert [r["id"] for r in _read_jsonl(out)] == ["good"]
+    [error] = _read_jsonl(tmp_path / "labels.errors.jsonl")
+    assert error["id"] == "low" and "500 Hz" in error["reason"]
+    assert "low.wav" in error["reason"] and "1000 Hz" in error["reason"]
+    # The built-in metric: the same row is reported, not raised (only it is in this manifest,
+    # so nothing is compiled).
+    alone = _write_jsonl(tmp_path / "alone.jsonl", [
+        {"id": "low", "reference": low, "processed": low, "audiogram": NORMAL}])
+    summary = label_mod.label_manifest(alone, tmp_path / "alone_labels.jsonl", progress=False)
+    assert (summary.n_ok, summary.n_failed) == (0, 1)

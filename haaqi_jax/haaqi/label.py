@@ -326,6 +326,10 @@ def _probe(row: LabelRow) -> _Probe:
     if ref.samplerate != proc.samplerate:
         raise ValueError(f"sample rates differ: reference {ref.samplerate} Hz, processed "
                          f"{proc.samplerate} Hz (resample one of them first)")
+    from haaqi_jax.haaqi.ear_model import MIN_SAMPLE_RATE
+    if ref.samplerate < MIN_SAMPLE_RATE:   # HAAQI refuses it; the batch's rate would abort all
+        raise ValueError(f"reference file {row.reference_path} is at {ref.samplerate} Hz; HAAQI "
+                         f"needs at least {MIN_SAMPLE_RATE:g} Hz")
     if ref.frames != proc.frames:
         raise ValueError(f"lengths differ: reference {ref.frames} samples, processed "
                          f"{proc.frames} samples")
