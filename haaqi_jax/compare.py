@@ -108,21 +108,30 @@ def read_scores(path: str | os.PathLike, metrics: Sequence[str] = ()
     """
     metrics = check_metric_names(metrics)
     file = metrics_path(path)
-    try:
-        report = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{file}: not JSON ({err.msg})") from None
+    report = _read_json(file)
     if not isinstance(report, Mapping) or "overall" not in report:
         raise ValueError(f"{file}: no 'overall' entry; is it a haaqi_jax metrics.json?")
-    entries = {ALL: report["overall"], **dict(report.get("by_split") or {})}
+    by_split = report.get("by_split") or {}
+    if not isinstance(by_split, Mapping):
+        raise ValueError(f"{file}: 'by_split' is not an object of splits")
+    entries = {ALL: report["overall"], **by_split}
     scores = {}
     for name, entry in entries.items():
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{file}: entry {name!r} is not an object of scores")
         missing = [k for k in SCORES + ("n",) if k not in entry]
         if missing:
             raise ValueError(f"{file}: entry {name!r} has no {missing[0]!r}")
+        wrong = [k for k in SCORES if not _is_number(entry[k])]
+        if wrong:
+            raise ValueError(f"{file}: entry {name!r} has {wrong[0]} = {entry[wrong[0]]!r}; "
+                             f"expected a number or null")
+        if not _is_number(entry["n"]) or entry["n"] is None:
+            raise ValueError(f"{file}: entry {name!r} has n = {entry['n']!r}; expected the "
+                             f"number of clips it scored")
         scores[name] = {k: _number(entry[k]) for k in SCORES + ("n",)}
         n = scores[name]["n"]
-        if not (n >= 0 and n == int(n)):
+        if not (math.isfinite(n) and n >= 0 and n == int(n)):
             raise ValueError(f"{file}: entry {name!r} has n = {entry['n']!r}; expected the "
                              f"number of clips it scored")
         for k in metrics:
@@ -136,8 +145,23 @@ def read_scores(path: str | os.PathLike, metrics: Sequence[str] = ()
     return scores
 
 
+def _read_json(file: Path) -> Any:
+    """The JSON document in `file`; ValueError naming it when it is not JSON or not UTF-8."""
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: not JSON ({err.msg})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{file}: not JSON (not UTF-8 text)") from None
+
+
 def _number(value: Any) -> float:
     return math.nan if value is None else float(value)   # json_safe writes NaN as null
+
+
+def _is_number(value: Any) -> bool:
+    """A number or null (NaN) in a report; true / false are no numbers."""
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
 def compare(runs: Mapping[str, Mapping[str, Mapping[str, float]]],
@@ -324,10 +348,7 @@ def read_config(folder: Path) -> dict[str, Any]:
     from haaqi_jax import config as cfglib
 
     file = folder / CONFIG_FILE
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{file}: not JSON ({err.msg})") from None
+    config = _read_json(file)
     if not isinstance(config, Mapping):
         raise ValueError(f"{file}: a {type(config).__name__}, not a run's config (an object "
                          f"of sections)")
@@ -459,10 +480,7 @@ def read_distill_report(folder: Path) -> dict[str, Any] | None:
     file = folder / DISTILL_REPORT_FILE
     if not file.is_file():
         return None
-    try:
-        report = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{file}: not JSON ({err.msg})") from None
+    report = _read_json(file)
     if not isinstance(report, Mapping) or not isinstance(report.get("splits"), Mapping):
         raise ValueError(f"{file}: no 'splits' entry; is it a haaqi_jax distill_report.json?")
     return report

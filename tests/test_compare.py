@@ -732,3 +732,33 @@ def test_a_relative_path_and_its_absolute_spelling_here_stay_apart():
     here = {**base, "seed": 1, "data.demo_dir": os.path.join(os.getcwd(), "data_cache/demo")}
     settings, _, _ = compare.group_settings({"relative": base, "absolute": here})
     assert settings == {"A": ["relative"], "B": ["absolute"]}
+
+
+@pytest.mark.parametrize("content,match", [
+    (b'{"overall": 5}', r"entry 'all' is not an object"),
+    (b'{"overall": {"lcc": [1], "srcc": 1, "mse": 0, "n": 3}}', r"entry 'all' has lcc = \[1\]"),
+    (b'{"overall": {"lcc": "high", "srcc": 1, "mse": 0, "n": 3}}',
+     r"entry 'all' has lcc = 'high'"),
+    (b'{"overall": {"lcc": 1, "srcc": 1, "mse": 0, "n": "x"}}', r"entry 'all' has n = 'x'"),
+    (b'{"overall": {"lcc": 1, "srcc": 1, "mse": 0, "n": Infinity}}', r"entry 'all' has n = inf"),
+    (b'{"overall": {"lcc": 1, "srcc": 1, "mse": 0, "n": 3}, "by_split": "x"}',
+     r"'by_split' is not an object"),
+    (b'\xff\xfe{}', r"not JSON \(not UTF-8 text\)"),
+])
+def test_a_damaged_report_is_skipped_by_name_and_the_others_compared(reports, tmp_path, capsys,
+                                                                     content, match):
+    """A metrics.json of the wrong shape (an entry that is no object, a score that is no
+    number, by_split no object, bytes that are no UTF-8) is one skipped run named by its
+    file: it used to end `compare` with a TypeError traceback, or skip it with Python's bare
+    "could not convert string to float" naming no file."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "metrics.json").write_bytes(content)
+    with pytest.raises(ValueError, match=match) as err:
+        compare.read_scores(bad)
+    assert str(bad / "metrics.json") in str(err.value)
+    paths, _ = reports
+    assert cli.main(["compare", str(paths[0]), str(bad), str(paths[1])]) == 1
+    out, err_text = capsys.readouterr()
+    assert f"skipped: {bad / 'metrics.json'}" in err_text
+    assert "| all | seed0 |" in out and "| all | seed1 |" in out
