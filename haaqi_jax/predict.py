@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
 import json
 import sys
 import warnings
@@ -120,8 +121,16 @@ def read_audiogram_table(path: str | Path) -> dict[str, np.ndarray | str]:
       (not JSON, not a mapping, a wrong CSV header).
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--audiograms: {path} is a folder; give a CSV or JSON file")
     if not path.is_file():
         raise FileNotFoundError(f"--audiograms: {path} does not exist")
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:   # a BOM (Excel's CSV UTF-8)
+            text = f.read()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8"
+                         ) from None
     table: dict[str, np.ndarray] = {}
     if path.suffix.lower() == ".json":
         twice: set[str] = set()
@@ -133,7 +142,7 @@ def read_audiogram_table(path: str | Path) -> dict[str, np.ndarray | str]:
             return dict(items)
 
         try:
-            data = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=pairs)
+            data = json.loads(text, object_pairs_hook=pairs)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(data, dict):
@@ -144,13 +153,14 @@ def read_audiogram_table(path: str | Path) -> dict[str, np.ndarray | str]:
                 table[str(key)] = f"{where}: listed twice"
                 continue
             try:
-                if not isinstance(levels, list):
-                    raise ValueError(f"{where}: expected a list of 8 levels")
+                if not isinstance(levels, list) or not all(
+                        isinstance(v, (int, float)) and not isinstance(v, bool) for v in levels):
+                    raise ValueError(f"{where}: expected a list of 8 numbers")
                 table[str(key)] = validate_levels(levels, where=where)
             except ValueError as err:
                 table[str(key)] = str(err)
         return table
-    with path.open(newline="", encoding="utf-8-sig") as f:   # a BOM (Excel's CSV UTF-8)
+    with io.StringIO(text, newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:

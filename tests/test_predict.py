@@ -184,6 +184,9 @@ def test_manifest_rows_of_one_channel(setup):
     (["--audiogram", "10,20,30,40,50,60,70,500"], "dB HL at 8000 Hz"),
     (["--audiograms", "TABLE_BAD_HEADER"], "header must be"),
     (["--audiograms", "MISSING.csv"], "does not exist"),
+    (["--audiograms", "NOT_UTF8.csv"], "not_utf8.csv: not UTF-8 text"),   # named no file
+    (["--audiograms", "NOT_UTF8.json"], "not_utf8.json: not UTF-8 text"),
+    (["--audiograms", "A_FOLDER"], "is a folder"),                       # "does not exist"
     (["--checkpoint", "NOT_A_CHECKPOINT"], "config.json is missing"),
     (["--out", "UNDER_A_FILE"], "--out"),                   # found before scoring, not after
     (["--out", "A_FOLDER"], "is a folder"),
@@ -196,9 +199,14 @@ def test_usage_errors_exit_2(setup, capsys, args, message):
                                       "a.wav,1,2,3,4,5,6,7,8\n"
                                       "b.wav,1,2,3,4,5,6,7\n")
     (root / "bad_header.csv").write_text("name,250,500\n")
+    (root / "not_utf8.csv").write_bytes(b"file,250,500,1000,2000,3000,4000,6000,8000\n"
+                                        b"a\xff.wav,1,2,3,4,5,6,7,8\n")
+    (root / "not_utf8.json").write_bytes(b'{"a\xff.wav": [1, 2, 3, 4, 5, 6, 7, 8]}')
     subst = {"TABLE_BAD_ROW": str(root / "bad_row.csv"),
              "TABLE_BAD_HEADER": str(root / "bad_header.csv"),
              "MISSING.csv": str(root / "missing.csv"), "NOT_A_CHECKPOINT": str(root / "music"),
+             "NOT_UTF8.csv": str(root / "not_utf8.csv"),
+             "NOT_UTF8.json": str(root / "not_utf8.json"),
              "UNDER_A_FILE": str(root / "bad_row.csv" / "x.csv"), "A_FOLDER": str(root)}
     args = [subst.get(a, a) for a in args]
     base = ["predict", str(root / "music" / "a.wav")]
@@ -429,3 +437,32 @@ def test_a_clip_too_long_for_memory_fails_by_name_and_the_others_are_scored(setu
     assert "shorter parts" in long_row["error"]
     err = capsys.readouterr().err
     assert "b.flac" in err and "out of memory" in err
+
+
+def test_a_json_table_entry_that_is_not_8_plain_numbers_fails_only_its_file(setup, tmp_path,
+                                                                           capsys):
+    """An entry nested one list deeper ([[8 levels]]) used to pass the check and then end the
+    whole run (exit 2) with numpy's "all input arrays must have the same shape"; true / false
+    were read as 1 / 0 dB HL. Each now fails its own file, the others are scored."""
+    from haaqi_jax import predict
+
+    root, net = setup
+    music = root / "music"
+    table = tmp_path / "listeners.json"
+    table.write_text(json.dumps({"a.wav": LEVELS, "b.flac": [LEVELS],
+                                 "c.wav": [True] + LEVELS[1:]}))
+    read = predict.read_audiogram_table(table)
+    np.testing.assert_array_equal(read["a.wav"], LEVELS)
+    assert read["b.flac"] == f"{table}: key 'b.flac': expected a list of 8 numbers"
+    assert read["c.wav"] == f"{table}: key 'c.wav': expected a list of 8 numbers"
+    out = tmp_path / "r.csv"
+    rc = cli.main(["predict", "--checkpoint", str(root / "ckpt"), "--audiograms", str(table),
+                   str(music / "a.wav"), str(music / "sub" / "b.flac"),
+                   str(music / "sub" / "c.wav"), "--out", str(out), "--no-progress"])
+    assert rc == 1
+    rows = _rows(out)
+    assert float(rows[str(music / "a.wav")]["haaqi"]) == pytest.approx(
+        _reference(net, music / "a.wav", LEVELS), abs=1e-5)
+    for name in ("sub/b.flac", "sub/c.wav"):
+        assert rows[str(music / name)]["haaqi"] == ""
+        assert "expected a list of 8 numbers" in rows[str(music / name)]["error"]
