@@ -95,6 +95,11 @@ class HeadConfig:
         if self.readout not in READOUTS:
             raise ValueError(f"HeadConfig: readout must be one of {READOUTS}, got "
                              f"{self.readout!r}")
+        for name in ("adapter_dim", "lstm_hidden", "dense_dim", "num_heads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"HeadConfig: {name} must be a whole number >= 1, got "
+                                 f"{value!r}")
         if self.dense_dim % self.num_heads:
             raise ValueError(f"HeadConfig: dense_dim {self.dense_dim} is not divisible by "
                              f"num_heads {self.num_heads}")

@@ -293,3 +293,14 @@ def test_head_conversion_is_strict():
     bad = dict(stacked, **{"blstm.weight_ih_l1": stacked["blstm.weight_ih_l1"][:, :7]})
     with pytest.raises(ValueError, match=r"blstm.weight_ih_l1.*expected \(400, 200\)"):
         head_params_from_state_dict(bad)
+
+
+@pytest.mark.parametrize("name", ["adapter_dim", "lstm_hidden", "dense_dim", "num_heads"])
+@pytest.mark.parametrize("value", [0, -16])
+def test_a_width_below_one_is_refused_by_name(name, value):
+    """`--set model.head.adapter_dim=0` ended train.py with flax's ZeroDivisionError
+    traceback from the initialiser, and num_heads=0 with Python's "integer modulo by zero";
+    a 0 dense_dim passed the divisibility check."""
+    with pytest.raises(ValueError, match=rf"HeadConfig: {name} must be a whole number >= 1, "
+                                         rf"got {value}"):
+        HeadConfig(**{name: value})
