@@ -535,7 +535,12 @@ def test_relabelled_manifest_is_refused_on_resume(tiny, tmp_path):
     ("report.num_example_predictions=-1", r"report.num_example_predictions must be a whole "
                                           r"number >= 0, got -1"),
     ("train.monitor=lccc", r"train.monitor must be 'loss' or a registered metric \('lcc', "
-                           r"'mse', 'srcc'; .*\), got 'lccc'")])
+                           r"'mse', 'srcc'; .*\), got 'lccc'"),
+    # a negative seed failed in numpy naming no key ("expected non-negative integer"), the demo
+    # seed without its section; a demo label batch of 0 was taken for the default 8
+    ("seed=-1", r"^seed must be a whole number >= 0, got -1"),
+    ("data.demo_seed=-1", r"data.demo_seed must be a whole number >= 0, got -1"),
+    ("data.demo_label_batch=0", r"data.demo_label_batch must be a whole number >= 1, got 0")])
 def test_run_settings_are_checked_before_training(tiny, tmp_path, override, message):
     """Before, a negative epoch count trained nothing and exited 0, a zero batch failed naming
     an internal class, and a third demo length was dropped; a loss typo or a cache dtype

@@ -876,7 +876,8 @@ def _is_constant(predictions: np.ndarray) -> bool:
 #: Loop settings and their least values (a negative epoch count would train nothing and
 #: exit 0; a zero batch fails deep in the input pipeline). num_epochs=0 builds the data and
 #: its feature cache only (the README's multi-host recipe).
-_LEAST_VALUES = {"train.batch_size": 1, "train.eval_batch_size": 1, "train.num_epochs": 0,
+_LEAST_VALUES = {"seed": 0, "data.demo_seed": 0, "data.demo_label_batch": 1,
+                 "train.batch_size": 1, "train.eval_batch_size": 1, "train.num_epochs": 0,
                  "train.patience": 0, "train.log_every_steps": 1,
                  "train.checkpoint_every_steps": 1, "train.stop_after_steps": 0,
                  "data.encode_batch_size": 1, "data.demo_clips": 1, "data.prefetch": 0,
@@ -922,10 +923,11 @@ def check_run_settings(config: Any) -> None:
     check_color_by(config.report.color_by, "report.color_by")
     check_report_metrics(config.report.get("metrics", ()), "report.metrics")
     for dotted, least in _LEAST_VALUES.items():
-        section, key = dotted.split(".")
-        if section not in config or key not in config[section]:
+        section, _, key = dotted.rpartition(".")
+        where = config[section] if section in config else None if section else config
+        if where is None or key not in where:
             continue
-        value = config[section][key]
+        value = where[key]
         if not cfglib.is_whole(value) or value < least:
             raise ValueError(f"{dotted} must be a whole number >= {least}, got {value!r}")
     if "train" in config:       # the global batches divide over this run's devices and hosts
