@@ -453,3 +453,15 @@ def test_a_made_dataset_is_read_without_a_lock_and_a_run_lock_is_not_waited_on(
         builder.join(timeout=30)
         assert not builder.is_alive()
     assert errors and "is not empty and holds no demo dataset" in errors[0]
+
+
+@pytest.mark.parametrize("option", ["--n", "--batch-size"])
+def test_cli_counts_below_one_are_named_by_their_option(tmp_path, capsys, option):
+    """`demo-data --n 0` was refused as "n_clips must be a whole number >= 1", a name the
+    command line does not have; now argparse names the option, before anything is made."""
+    from haaqi_jax.cli import main
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo-data", str(tmp_path / "d"), option, "0", "--no-progress"])
+    assert exit_.value.code == 2
+    assert f"argument {option}: expected a number >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

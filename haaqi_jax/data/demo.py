@@ -545,14 +545,16 @@ def summarize(manifest: str | os.PathLike) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from haaqi_jax.cli import positive_int
     parser.add_argument("out_dir", metavar="OUT_DIR", help="folder to write the dataset into")
-    parser.add_argument("--n", type=int, default=100, help="number of clips (default 100)")
+    parser.add_argument("--n", type=positive_int, default=100,
+                        help="number of clips (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     parser.add_argument("--seconds", type=float, nargs=2, metavar=("MIN", "MAX"),
                         default=list(DEFAULT_SECONDS),
                         help=f"clip length range in seconds, within {MIN_CLIP_SECONDS}.."
                              f"{MAX_CLIP_SECONDS:g} (default 3 5)")
-    parser.add_argument("--batch-size", type=int, default=8,
+    parser.add_argument("--batch-size", type=positive_int, default=8,
                         help="clips per HAAQI call (default 8)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
