@@ -41,6 +41,8 @@ import numpy as np
 
 from haaqi_jax import fbank as fbank_lib
 from haaqi_jax.audiogram import STANDARD_FREQUENCIES, is_audiogram, standard_levels
+# The sample rates `prepare_waveform` accepts (Hz), as `load_audio` does for files.
+from haaqi_jax.data.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
 from haaqi_jax.fbank import FRAME_LENGTH, FRAME_SHIFT, SAMPLE_RATE
 from haaqi_jax.head import HAAQINetHead, HeadConfig, HeadOutput, check_valid_first
 
@@ -430,11 +432,6 @@ def resample_to_16k(waveform: np.ndarray, sample_rate: int) -> np.ndarray:
     does, so that scoring a file and scoring its samples give the same number."""
     from haaqi_jax.data.audio import resample
     return resample(waveform, int(sample_rate), SAMPLE_RATE)
-
-
-#: Sample rates `prepare_waveform` accepts (Hz): below 1 kHz no music is left to judge (HAAQI
-#: refuses it too); above 768 kHz the rate is more likely a mistake than a recording.
-MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 768_000
 
 
 def prepare_waveform(waveform, sample_rate: int, *, where: str = "waveform") -> np.ndarray:

@@ -142,3 +142,19 @@ def test_load_audio_reads_one_channel(tmp_path, channels):
                                load_audio(tmp_path / "x.wav", 16000, "right"))
     with pytest.raises(ValueError, match="channel must be one of"):
         load_audio(tmp_path / "x.wav", 16000, "centre")
+
+
+@pytest.mark.parametrize("rate", [1, 500, 999])
+def test_a_file_at_no_audio_rate_is_refused_as_its_samples_are(tmp_path, rate):
+    """A file whose header says 1 or 500 Hz (a corrupt header, or a sensor log) was upsampled
+    to 16 kHz and scored by `haaqi-jax predict` and `evaluate`, while the same samples given
+    to the model with their rate are refused (`model.prepare_waveform`, and HAAQI itself,
+    accept 1 kHz to 768 kHz)."""
+    path = tmp_path / "low.wav"
+    sf.write(path, 0.3 * np.sin(np.arange(4 * rate + 8) / 3), rate)
+    with pytest.raises(ValueError, match=rf"low.wav: sample rate {rate} Hz is not an audio "
+                                         rf"rate \(accepted: 1000 Hz to 768 kHz\)"):
+        load_audio(path)
+    ok = tmp_path / "ok.wav"
+    sf.write(ok, 0.3 * np.sin(np.arange(4000) / 3), 1000)   # the lowest accepted rate
+    assert load_audio(ok).shape == (64000,)

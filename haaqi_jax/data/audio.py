@@ -18,6 +18,9 @@ import numpy as np
 #: Fewest samples at 16 kHz that give one 16x16 BEATs patch: 16 fbank frames of 400 samples
 #: with a 160-sample shift.
 MIN_SAMPLES = 400 + 15 * 160
+#: Sample rates accepted (Hz): below 1 kHz no music is left to judge (HAAQI refuses it too);
+#: above 768 kHz the rate is more likely a mistake than a recording.
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 768_000
 #: |x| below this everywhere counts as silence (float32 audio from a broken export or a
 #: muted channel; real recordings have dither or noise far above it).
 SILENCE_THRESHOLD = 1e-8
@@ -69,7 +72,8 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000,
 
     Raises:
       FileNotFoundError: the file does not exist.
-      ValueError: naming the file, when it is unreadable or corrupt, empty, or holds NaN/inf.
+      ValueError: naming the file, when it is unreadable or corrupt, empty, holds NaN/inf, or
+        its rate is outside MIN_SAMPLE_RATE..MAX_SAMPLE_RATE (as `model.prepare_waveform`).
     """
     import soundfile as sf
 
@@ -85,6 +89,9 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000,
         raise ValueError(f"{path}: cannot decode audio ({err})") from None
     if data.shape[0] == 0:
         raise ValueError(f"{path}: audio file is empty")
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise ValueError(f"{path}: sample rate {rate} Hz is not an audio rate (accepted: "
+                         f"{MIN_SAMPLE_RATE} Hz to {MAX_SAMPLE_RATE // 1000} kHz)")
     if not np.all(np.isfinite(data)):
         bad = int(np.flatnonzero(~np.isfinite(data).all(axis=1))[0])
         raise ValueError(f"{path}: sample {bad} is NaN or infinite")
