@@ -142,3 +142,13 @@ def test_ctrl_c_in_a_real_label_process_exits_130(tmp_path):
     seen += proc.stderr.read()
     assert proc.wait(timeout=120) == 130, seen.decode(errors="replace")[-2000:]
     assert b"interrupted; finished work is kept" in seen
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296", "1.5", "x"])
+def test_score_seed_outside_numpy_s_range_is_refused_naming_the_option(capsys, seed):
+    """numpy's 'Seed must be between 0 and 2**32 - 1' named no option."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["score", "r.wav", "p.wav", "--audiogram", "0,0,0,0,0,0,0,0", "--seed", seed])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --seed: expected a whole number from 0 to 4294967295, got {seed!r}" in err

@@ -57,9 +57,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dB SPL of a signal with RMS 1, or 'cadenza' (default 65)")
     parser.add_argument("--channel", default="mean",
                         help="channel index to score, or 'mean' (default) to average channels")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=_seed, default=0,
                         help="numpy seed for the threshold noise (default 0)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _seed(text: str) -> int:
+    """argparse type: a seed numpy's global generator takes (0 .. 2**32 - 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number from 0 to {2**32 - 1}, got {text!r}")
+    return value
 
 
 def _read(path: str) -> tuple[np.ndarray, int]:
