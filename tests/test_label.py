@@ -144,6 +144,7 @@ def _make_dataset(root: Path) -> dict:
 
 def _write_jsonl(path: Path, rows: list) -> Path:
     with open(path, "w") as f:
+        f.write("# comment lines are not rows (as read_manifest reads them)\n")
         for row in rows:
             if isinstance(row, dict):
                 row = json.dumps({k: v for k, v in row.items() if v is not None})
@@ -636,7 +637,8 @@ def _pyclarity_labels(manifest: Path, *, equalisation: int, level1_rule) -> dict
 
 
 def _read_jsonl_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
 
 
 def _check_against_pyclarity(out: Path, want: dict, atol: float) -> None:

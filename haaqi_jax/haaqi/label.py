@@ -229,8 +229,8 @@ def _raw_rows(path: Path) -> Iterable[tuple[int, int, dict[str, Any] | None, str
     with open(path, encoding="utf-8-sig") as f:
         index = 0
         for line_number, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
+            if not text.strip() or text.lstrip().startswith("#"):
+                continue                    # blank and comment lines, as read_manifest
             try:
                 fields = json.loads(text)
             except json.JSONDecodeError as err:
