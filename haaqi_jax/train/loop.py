@@ -924,7 +924,7 @@ def check_run_settings(config: Any) -> None:
     check_report_metrics(config.report.get("metrics", ()), "report.metrics")
     for dotted, least in _LEAST_VALUES.items():
         section, _, key = dotted.rpartition(".")
-        where = config[section] if section in config else None if section else config
+        where = config.get(section) if section else config   # "seed" is top level
         if where is None or key not in where:
             continue
         value = where[key]
