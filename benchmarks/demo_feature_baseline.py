@@ -11,6 +11,11 @@ installed, gradient-boosted trees, on the train split, and prints LCC / SRCC per
 as `train.py --set data.hold_out=...` does, so the yardstick can be read next to that split.
 --with-reference adds the same statistics of processed minus reference (an intrusive yardstick:
 what these summaries can tell when the clean clip is known, which HAAQI-Net never sees).
+--reference-estimates asks how much of that an *estimate* of the reference could give: trees
+(mean of two seeds) on the processed statistics plus processed minus (a) the true reference's
+band means only, (b) a ridge or (c) an MLP estimate of the reference's statistics from the
+processed clip's (fitted on the train split), (d) the mean spectrum's part outside the top
+principal components of the train split's references (docs/demo_experiments.md has the table).
 """
 
 from __future__ import annotations
@@ -50,12 +55,62 @@ def report(name: str, predicted: np.ndarray, labels: np.ndarray, splits: np.ndar
     print(f"{name:<14} LCC / SRCC: " + ", ".join(parts))
 
 
+def _trees(x: np.ndarray, labels: np.ndarray, train: np.ndarray, seeds=(0, 1)) -> np.ndarray:
+    """Mean prediction of gradient-boosted trees of two seeds, fitted on the train rows."""
+    from sklearn.ensemble import HistGradientBoostingRegressor
+    z = (x - x[train].mean(0)) / (x[train].std(0) + 1e-6)
+    return np.mean([HistGradientBoostingRegressor(max_iter=300, learning_rate=0.05,
+                                                  random_state=seed)
+                    .fit(z[train], labels[train]).predict(z) for seed in seeds], axis=0)
+
+
+def reference_estimates(features: np.ndarray, reference: np.ndarray, n_stats: int,
+                        labels: np.ndarray, splits: np.ndarray) -> None:
+    """Prints the trees' scores with processed minus each estimate of the reference's
+    statistics beside the processed features (`--reference-estimates`)."""
+    from sklearn.decomposition import PCA
+    from sklearn.neural_network import MLPRegressor
+
+    train = splits == "train"
+    bands = n_stats // 3                                 # mean, spread, change per band
+    processed = features[:, :n_stats]
+    z = (features - features[train].mean(0)) / (features[train].std(0) + 1e-6)
+
+    def with_difference(name: str, estimate: np.ndarray) -> None:
+        width = estimate.shape[1]
+        extra = processed[:, :width] - estimate
+        report(name, _trees(np.concatenate([features, extra], 1), labels, train), labels,
+               splits)
+
+    report("trees alone", _trees(features, labels, train), labels, splits)
+    with_difference("true ref means", reference[:, :bands])
+    centred = reference[train] - reference[train].mean(0)
+    for penalty in (100.0, 1000.0):
+        a = z[train]
+        w = np.linalg.solve(a.T @ a + penalty * np.eye(a.shape[1]), a.T @ centred)
+        with_difference(f"ridge {penalty:g} est", z @ w + reference[train].mean(0))
+    pca = PCA(24).fit(reference[train])
+    for hidden in ((256,), (512, 256)):
+        mlp = MLPRegressor(hidden_layer_sizes=hidden, alpha=1e-2, max_iter=2000,
+                           early_stopping=True, random_state=0)
+        mlp.fit(z[train], pca.transform(reference[train]))
+        with_difference(f"mlp {'+'.join(map(str, hidden))} est",
+                        pca.inverse_transform(mlp.predict(z)))
+    for k in (4, 8, 16):
+        clean = PCA(k).fit(reference[train][:, :bands])
+        with_difference(f"outside pca {k}",
+                        clean.inverse_transform(clean.transform(processed[:, :bands])))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("manifest", nargs="?", default="data_cache/demo/manifest.jsonl")
     parser.add_argument("--with-reference", action="store_true",
                         help="also give the models the processed-minus-reference statistics "
                              "(intrusive; an upper yardstick for these summaries)")
+    parser.add_argument("--reference-estimates", action="store_true",
+                        help="also trees on estimates of the reference's statistics "
+                             "(needs scikit-learn)")
     parser.add_argument("--hold-out", default="", metavar="STAGES",
                         help="comma-separated distortion stages whose train/valid rows form "
                         "the split held_out (as data.hold_out)")
@@ -65,21 +120,25 @@ def main() -> None:
     if stages:
         parts = hold_out_distortions(parts, stages)
     rows = [(name, row) for name, part in parts.items() for row in part]
-    if args.with_reference:
+    needs_reference = args.with_reference or args.reference_estimates
+    if needs_reference:
         missing = [row.id for _, row in rows if row.reference is None]
         if missing:
-            parser.error(f"--with-reference: {len(missing)} row(s) have no 'reference', "
-                         f"e.g. id {missing[0]!r}")
+            parser.error(f"--with-reference / --reference-estimates: {len(missing)} row(s) "
+                         f"have no 'reference', e.g. id {missing[0]!r}")
     features = np.stack([clip_features(row.file_path, row.audiogram)
                          for _, row in tqdm(rows, desc="features")])
-    if args.with_reference:
-        n_stats = features.shape[1] - len(rows[0][1].audiogram)
-        reference = np.stack([clip_features(row.reference, row.audiogram)[:n_stats]
-                              for _, row in tqdm(rows, desc="reference features")])
-        features = np.concatenate([features, features[:, :n_stats] - reference], axis=1)
     labels = np.asarray([row.haaqi_score for _, row in rows])
     splits = np.asarray([name for name, _ in rows])
     train = splits == "train"
+    if needs_reference:
+        n_stats = features.shape[1] - len(rows[0][1].audiogram)
+        reference = np.stack([clip_features(row.reference, row.audiogram)[:n_stats]
+                              for _, row in tqdm(rows, desc="reference features")])
+        if args.reference_estimates:
+            reference_estimates(features, reference, n_stats, labels, splits)
+        if args.with_reference:
+            features = np.concatenate([features, features[:, :n_stats] - reference], axis=1)
     mean, std = features[train].mean(0), features[train].std(0) + 1e-6
     z = (features - mean) / std
     for penalty in (10.0, 100.0, 1000.0):
