@@ -50,8 +50,8 @@ def resumed_record(record: Mapping[str, Any], monitor: str) -> dict[str, Any]:
     return early
 
 
-def update(early: dict[str, Any], valid_loss: float, step: int, *,
-                          min_delta: float, patience: int, value: float | None = None) -> bool:
+def update(early: dict[str, Any], valid_loss: float, step: int, *, min_delta: float,
+           patience: int, value: float | None = None) -> bool:
     """Records one epoch's validation in `early` (in place) and says whether it improved.
 
     The quantity followed is `early["monitor"]` (train.monitor; "loss" for a record without
