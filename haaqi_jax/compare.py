@@ -161,7 +161,8 @@ def _number(value: Any) -> float:
 
 def _is_number(value: Any) -> bool:
     """A number or null (NaN) in a report; true / false are no numbers."""
-    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+    from haaqi_jax.config import is_number   # (no jax: compare imports none)
+    return value is None or is_number(value)
 
 
 def compare(runs: Mapping[str, Mapping[str, Mapping[str, float]]],

@@ -137,15 +137,15 @@ def _typed_like(default: Any, value: Any, key: str, kind: str) -> Any:
     Raises:
       ValueError naming `encoder_config.KEY`, the kind, the default and the value.
     """
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    from haaqi_jax.config import is_number, is_whole
     if default is None or isinstance(default, dict):
         return value
     if isinstance(default, bool):
         ok, wanted = isinstance(value, bool), "a bool"
     elif isinstance(default, int):
-        ok, wanted = number and isinstance(value, int), "an int"
+        ok, wanted = is_whole(value), "an int"
     elif isinstance(default, float):
-        ok, wanted = number, "a number"
+        ok, wanted = is_number(value), "a number"
         value = float(value) if ok else value
     elif isinstance(default, str):
         ok, wanted = isinstance(value, str), "a string"

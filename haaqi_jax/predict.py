@@ -120,6 +120,7 @@ def read_audiogram_table(path: str | Path) -> dict[str, np.ndarray | str]:
       FileNotFoundError, or ValueError naming the file for a table that cannot be read at all
       (not JSON, not a mapping, a wrong CSV header).
     """
+    from haaqi_jax.config import is_number
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"--audiograms: {path} is a folder; give a CSV or JSON file")
@@ -153,8 +154,7 @@ def read_audiogram_table(path: str | Path) -> dict[str, np.ndarray | str]:
                 table[str(key)] = f"{where}: listed twice"
                 continue
             try:
-                if not isinstance(levels, list) or not all(
-                        isinstance(v, (int, float)) and not isinstance(v, bool) for v in levels):
+                if not isinstance(levels, list) or not all(map(is_number, levels)):
                     raise ValueError(f"{where}: expected a list of 8 numbers")
                 table[str(key)] = validate_levels(levels, where=where)
             except ValueError as err:
