@@ -37,6 +37,8 @@ EPILOG = ("exit codes: 0 done; 1 done, but some items failed (each named on stde
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="haaqi-jax", description=__doc__.splitlines()[0],
                                      epilog=EPILOG)
+    from haaqi_jax import __version__
+    parser.add_argument("--version", action="version", version=f"haaqi-jax {__version__}")
     add_import_argument(parser, "before the command runs, for a model that uses it "
                                 "(repeatable; before COMMAND)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

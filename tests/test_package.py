@@ -41,6 +41,19 @@ def test_importing_haaqi_jax_does_not_import_torch():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+def test_cli_version_is_the_package_version():
+    result = subprocess.run([sys.executable, "-m", "haaqi_jax.cli", "--version"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["haaqi-jax", _source_version()]
+
+
+def test_package_declares_its_type_hints():
+    # PEP 561: type checkers read an installed package's annotations only when it has py.typed
+    # (setuptools >= 69 packs it; test_wheel_holds_every_file_of_the_package checks the wheel).
+    assert (ROOT / "haaqi_jax" / "py.typed").is_file()
+
+
 def test_cli_help_lists_every_subcommand():
     result = subprocess.run([sys.executable, "-m", "haaqi_jax.cli", "--help"],
                             capture_output=True, text=True)
