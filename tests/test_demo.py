@@ -117,8 +117,10 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     c = demo.build_demo_dataset(tmp_path / "c", seed=4, **SMALL)
     files_a, files_b, files_c = (_files(p.parent) for p in (a, b, c))
     assert files_a == files_b
-    # 2 wavs + 1 json per clip, settings, labels, manifest, and the (empty) lock file
-    assert len(files_a) == 3 * 6 + 4 and files_a[demo.LOCK_FILE] == b""
+    # 2 wavs + 1 json per clip, settings, labels, manifest, labels.png and the (empty) lock
+    # file; the plot's bytes too are the same for the same seed
+    assert len(files_a) == 3 * 6 + 5 and files_a[demo.LOCK_FILE] == b""
+    assert files_a["labels.png"].startswith(b"\x89PNG")
     for name, data in files_a.items():
         if name.endswith(".wav"):
             assert files_c[name] != data, name
@@ -379,6 +381,8 @@ def test_cli_writes_a_readable_manifest(tmp_path, capsys):
     assert rc == 0
     captured = capsys.readouterr()
     assert "HAAQI of 4 clips" in captured.out and "manifest:" in captured.out
+    assert f"labels plot: {tmp_path / 'labels.png'}" in captured.out
+    assert (tmp_path / "labels.png").stat().st_size > 0
     assert "labelling (HAAQI)" not in captured.err and "%|" not in captured.err  # no bars
     rows = read_manifest(tmp_path / "manifest.jsonl", require_label=True, check_files=True)
     assert len(rows) == 4

@@ -21,6 +21,8 @@ Layout of OUT_DIR:
                                listener_shape, plus style, music (the piece: tempo, key,
                                bars, instruments, ...), seconds, level_dbfs; paths relative
                                to OUT_DIR
+  labels.png                   the labels at a glance: per split, and per distortion type
+                               (`overview.label_plot`; written just before the manifest)
   .demo.lock                   held while a process builds the folder (a second one waits)
 
 The processed clip is what a hearing aid fitted to the listener would deliver: the degraded
@@ -51,6 +53,7 @@ from tqdm.auto import tqdm
 from haaqi_jax.audiogram import STANDARD_FREQUENCIES, validate_levels
 from haaqi_jax.data import degrade as degrade_lib
 from haaqi_jax.data import listeners as listeners_lib
+from haaqi_jax.data import overview
 from haaqi_jax.data import synth
 from haaqi_jax.data.manifest import COMPONENT_NAMES, RAW_LABEL_RANGE, label_fields
 from haaqi_jax.files import complete_lines, exclusive_lock, read_json, write_atomic
@@ -295,7 +298,7 @@ def _prepare_dir(out: Path, settings: DemoSettings) -> None:
         for pattern in _OWN_FILES:
             for own in out.glob(pattern):
                 own.unlink()
-    for name in ("labels.jsonl", "manifest.jsonl"):
+    for name in ("labels.jsonl", "manifest.jsonl", overview.PLOT_FILE):
         (out / name).unlink(missing_ok=True)
     write_atomic(path, json.dumps(settings.to_json(), indent=1) + "\n")
 
@@ -504,6 +507,8 @@ def _build(out: Path, settings: DemoSettings, splits: tuple[tuple[str, float], .
         row.update(label_fields(label["haaqi_score"], label.get("haaqi_components")))
         row.update({k: v for k, v in meta.items() if k not in row})
         rows.append(row)
+    # Before the manifest, which marks the folder complete: a finished folder has its plot.
+    overview.label_plot(rows, out / overview.PLOT_FILE, title="demo set")
     _write_manifest(manifest, rows)
     return manifest
 
@@ -565,4 +570,7 @@ def run(args: argparse.Namespace) -> int:
                                   progress=not args.no_progress)
     print(summarize(manifest))
     print(f"manifest: {manifest}")
+    plot = manifest.parent / overview.PLOT_FILE
+    if plot.exists():                   # (a folder made before the plot existed has none)
+        print(f"labels plot: {plot}")
     return 0
