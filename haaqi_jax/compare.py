@@ -46,6 +46,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from haaqi_jax.files import read_json
+
 #: Scores tabulated per run and split, in table order.
 SCORES = ("lcc", "srcc", "mse")
 #: How the table heads them.
@@ -108,7 +110,7 @@ def read_scores(path: str | os.PathLike, metrics: Sequence[str] = ()
     """
     metrics = check_metric_names(metrics)
     file = metrics_path(path)
-    report = _read_json(file)
+    report = read_json(file)
     if not isinstance(report, Mapping) or "overall" not in report:
         raise ValueError(f"{file}: no 'overall' entry; is it a haaqi_jax metrics.json?")
     by_split = report.get("by_split") or {}
@@ -143,16 +145,6 @@ def read_scores(path: str | os.PathLike, metrics: Sequence[str] = ()
                                  f"a number or null")
             scores[name][k] = _number(entry[k])
     return scores
-
-
-def _read_json(file: Path) -> Any:
-    """The JSON document in `file`; ValueError naming it when it is not JSON or not UTF-8."""
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{file}: not JSON ({err.msg})") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{file}: not JSON (not UTF-8 text)") from None
 
 
 def _number(value: Any) -> float:
@@ -349,7 +341,7 @@ def read_config(folder: Path) -> dict[str, Any]:
     from haaqi_jax import config as cfglib
 
     file = folder / CONFIG_FILE
-    config = _read_json(file)
+    config = read_json(file)
     if not isinstance(config, Mapping):
         raise ValueError(f"{file}: a {type(config).__name__}, not a run's config (an object "
                          f"of sections)")
@@ -481,7 +473,7 @@ def read_distill_report(folder: Path) -> dict[str, Any] | None:
     file = folder / DISTILL_REPORT_FILE
     if not file.is_file():
         return None
-    report = _read_json(file)
+    report = read_json(file)
     if not isinstance(report, Mapping) or not isinstance(report.get("splits"), Mapping):
         raise ValueError(f"{file}: no 'splits' entry; is it a haaqi_jax distill_report.json?")
     return report

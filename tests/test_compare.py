@@ -78,7 +78,7 @@ def test_cli_skips_unreadable_runs_and_writes_tables(reports, tmp_path, capsys):
                      "test_unseen", "--out", str(out)])
     assert code == 1         # done, but two runs could not be read (named below)
     captured = capsys.readouterr()
-    assert "missing: no report found" in captured.err and "broken/metrics.json: not JSON" in \
+    assert "missing: no report found" in captured.err and "broken/metrics.json is damaged: not JSON" in \
         captured.err
     assert f"{paths[0] / 'report'} is the same report as {paths[0]}" in captured.err  # not a 4th
     assert "| test_unseen | seed0 | 40 |" in captured.out
@@ -214,7 +214,7 @@ def test_runs_are_summarised_per_setting(tmp_path, capsys):
     assert cli.main(["compare", *map(str, paths), str(tmp_path / "eval"), "--splits",
                      "valid"]) == 1
     captured = capsys.readouterr()
-    assert "skipped: " in captured.err and "config.json: not JSON" in captured.err
+    assert "skipped: " in captured.err and "config.json is damaged: not JSON" in captured.err
     assert "| valid | A | **mean** | 2 runs |" in captured.out
     assert "| valid | B | **mean** | 1 run |" in captured.out   # b0 alone
     assert "| valid | C | **mean** | 1 run |" in captured.out   # the evaluate report alone
@@ -245,7 +245,7 @@ def test_distillation_reports_get_their_own_table(tmp_path, capsys):
     assert cli.main(["compare", str(run)]) == 1              # named; the scores still count
     captured = capsys.readouterr()
     assert "| all | kd |" in captured.out
-    assert "distill_report.json: not JSON" in captured.err and "Distillation" not in captured.out
+    assert "distill_report.json is damaged: not JSON" in captured.err and "Distillation" not in captured.out
 
 
 def test_file_names_agree_with_the_writers():
