@@ -584,6 +584,30 @@ def test_cli_arguments_reach_the_labeller(dataset, tmp_path, monkeypatch, capsys
         cli.main(["label", str(dataset["manifest"]), "--out", str(out), "--level1", "loud"])
 
 
+def test_cli_plot_draws_the_training_manifests_labels(dataset, tmp_path, monkeypatch, capsys):
+    from figures import drawn
+
+    monkeypatch.setattr(label_mod, "label_manifest",
+                        functools.partial(label_mod.label_manifest, scorer=FakeScorer()))
+    out, train, plot = tmp_path / "l.jsonl", tmp_path / "train.jsonl", tmp_path / "labels.png"
+    # Without the training manifest there is nothing to draw: refused before any labelling.
+    assert cli.main(["label", str(dataset["manifest"]), "--out", str(out), "--plot",
+                     str(plot)]) == 2
+    assert "give --manifest-out too" in capsys.readouterr().err and not out.exists()
+    assert cli.main(["label", str(dataset["manifest"]), "--out", str(out), "--limit", "4",
+                     "--no-progress", "--manifest-out", str(train), "--plot", str(plot)]) == 0
+    assert f"labels plot: {plot}" in capsys.readouterr().out
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    # What it draws: every training row's label once (one row per scored ear; these rows name
+    # no split: "(none)").
+    scores = [json.loads(line)["haaqi_score"] for line in train.read_text().splitlines()]
+    fig = drawn(label_mod.plot_labels, train, tmp_path / "again.png")
+    (hist,) = [a for a in fig.axes[0].get_children() if (a.get_gid() or "") == "hist:(none)"]
+    expected, _ = np.histogram(np.clip(scores, 0, 1), bins=20, range=(0.0, 1.0))
+    np.testing.assert_array_equal(hist.get_data().values, expected)
+    assert len(fig.axes) == 1 and f"{len(scores)} clips" in fig.axes[0].get_title()
+
+
 # ------------------------------------------------------------------------------------------------
 # The real metric (haaqi_jax.haaqi.api) against pyclarity 0.9.0's haaqi_v1
 

@@ -1220,6 +1220,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--manifest-out", type=Path, default=None, metavar="TRAIN.jsonl",
                         help="also write the training manifest train.py reads: one row per "
                              "scored ear (score, parts, that ear's audiogram and channel)")
+    parser.add_argument("--plot", type=Path, default=None, metavar="LABELS.png",
+                        help="with --manifest-out: draw its labels there, per split and per "
+                             "distortion type where its rows name them")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -1230,8 +1233,11 @@ def run(args: argparse.Namespace) -> int:
     if Path(args.manifest).expanduser().is_dir():
         raise ValueError(f"manifest {args.manifest} is a folder; give the manifest file (JSONL "
                          f"or CSV)")
+    if args.plot is not None and args.manifest_out is None:
+        raise ValueError("--plot draws the training manifest's labels: give --manifest-out too")
     errors = default_errors_path(args.out) if args.errors is None else args.errors
-    outputs = {"--out": args.out, "--errors": errors, "--manifest-out": args.manifest_out}
+    outputs = {"--out": args.out, "--errors": errors, "--manifest-out": args.manifest_out,
+               "--plot": args.plot}
     named = {}
     for option, path in outputs.items():
         if path is None:
@@ -1249,4 +1255,18 @@ def run(args: argparse.Namespace) -> int:
                              seed=args.seed, limit=args.limit, progress=not args.no_progress,
                              manifest_out=args.manifest_out)
     print(summary)
+    if args.plot is not None and summary.training is not None:
+        print(f"labels plot: {plot_labels(summary.training.path, args.plot)}")
     return 1 if summary.n_failed else 0
+
+
+def plot_labels(manifest: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Draws the labels of a training manifest (`--manifest-out`'s) into `path` with
+    `data.overview.label_plot`: per split, and per distortion type where rows name one."""
+    from haaqi_jax.data.manifest import read_manifest
+    from haaqi_jax.data.overview import label_plot
+    rows = read_manifest(manifest, require_label=True, progress=False)
+    return label_plot([{"id": r.id, "haaqi_score": r.haaqi_score,
+                        **{k: getattr(r, k) for k in ("split", "distortion")
+                           if getattr(r, k) is not None}} for r in rows],
+                      path, title=Path(manifest).name)
