@@ -391,15 +391,19 @@ def distortion_plot(records: Sequence[Mapping[str, Any]], report: Mapping[str, A
     are in, e.g. "valid, test_seen" or "test_unseen") of every distortion, one row each,
     sorted by prediction - label (rated too close to clean at the top). The title names the
     splits and clip count; the legend stands beside the rows, the figure as wide as the
-    longest name needs."""
+    longest name needs. At most `data.overview.MAX_TYPES` rows: those with the most clips
+    (metrics.json and the tables keep every type)."""
     import textwrap
 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from haaqi_jax.data.overview import MAX_TYPES
+
     by_type = report["by_distortion"]
-    names = sorted(by_type, key=lambda k: by_type[k]["prediction_mean"] - by_type[k]["label_mean"])
+    names = sorted(by_type, key=lambda k: (-by_type[k]["n"], k))[:MAX_TYPES]
+    names.sort(key=lambda k: by_type[k]["prediction_mean"] - by_type[k]["label_mean"])
     counts: dict[str, dict[str, int]] = {}                  # distortion -> split -> clips
     for r in records:
         per_split = counts.setdefault(str(r["distortion"]), {})
@@ -427,7 +431,9 @@ def distortion_plot(records: Sequence[Mapping[str, Any]], report: Mapping[str, A
                   [f"{name} ({by_type[name]['n']})" for name in names], fontsize=7)
     ax.set(xlim=HAAQI_LIMITS, ylim=(-0.6, len(names) - 0.4), xlabel="mean HAAQI",
            ylabel="distortion (clips)")
-    ax.set_title(f"Mean label vs mean prediction per distortion\n{_scope(records, 60)}\n"
+    shown = (f" (the {MAX_TYPES} of {len(by_type)} with the most clips)"
+             if len(by_type) > MAX_TYPES else "")
+    ax.set_title(f"Mean label vs mean prediction per distortion{shown}\n{_scope(records, 60)}\n"
                  "top: rated too close to clean; bottom: rated too harshly", fontsize=9)
     ax.grid(axis="x", color="0.9")
     # Beside the rows, never over them (at "best" it sat on the top rows' points).

@@ -638,6 +638,23 @@ def test_the_distortion_plot_fits_its_text_and_keeps_its_legend_off_the_rows(nam
     assert ax.get_window_extent().width > 0.4 * fig.bbox.width      # long names leave room
 
 
+def test_the_distortion_plot_draws_at_most_max_types_rows_with_the_most_clips():
+    """A manifest of per-clip free-text distortion names made a row per name: a figure
+    hundreds of inches high. The rows kept are the types with the most clips."""
+    from haaqi_jax.data.overview import MAX_TYPES
+    rng = np.random.default_rng(5)
+    records = _demo_records(rng, [f"one{i:02d}" for i in range(MAX_TYPES + 6)], per=1)
+    records += _demo_records(rng, ["zz_big", "zz_bigger"], per=4)
+    report = evaluate.compute_report_metrics(records)
+    assert len(report["by_distortion"]) == MAX_TYPES + 8          # the metrics keep them all
+    fig = drawn(evaluate.distortion_plot, records, report, Path("/dev/null"))
+    (ax,) = fig.axes
+    shown = {t.get_text().rsplit(" (", 1)[0] for t in ax.get_yticklabels()}
+    assert shown == {"zz_big", "zz_bigger"} | {f"one{i:02d}" for i in range(MAX_TYPES - 2)}
+    assert f"(the {MAX_TYPES} of {MAX_TYPES + 8} with the most clips)" in ax.get_title()
+    assert inside(ax.get_tightbbox(), fig.bbox) and fig.get_size_inches()[1] < 25
+
+
 def test_the_hearing_loss_plot_keeps_its_legends_off_the_boxes_and_bars():
     records = _demo_records(np.random.default_rng(4), _BASE, per=6)
     for r in records[:20]:

@@ -90,6 +90,19 @@ def test_every_text_is_inside_the_figure(tmp_path):
         assert inside(t.get_window_extent(renderer), box), t.get_text()
 
 
+def test_at_most_max_types_rows_those_with_the_most_clips(tmp_path):
+    # 70 one-clip names and two of 3 clips: the two, then the first 62 one-clip names by name.
+    rows = [{"id": f"o{i}", "haaqi_score": 0.5, "split": "t", "distortion": f"one{i:02d}"}
+            for i in range(70)]
+    rows += [{"id": f"{name}{i}", "haaqi_score": 0.3, "split": "t", "distortion": name}
+             for name in ("zz_big", "zz_bigger") for i in range(3)]
+    fig = drawn(overview.label_plot, rows, tmp_path / "labels.png")
+    shown = set(_by_gid(fig, "median:"))
+    assert shown == {"zz_big", "zz_bigger"} | {f"one{i:02d}" for i in range(62)}
+    assert "the 64 of 72 distortions with the most clips" in fig.axes[1].get_title()
+    assert fig.get_size_inches()[1] < 20
+
+
 def test_rows_without_types_get_the_histogram_alone(tmp_path):
     fig = drawn(overview.label_plot, _rows(with_types=False), tmp_path / "labels.png")
     assert len(fig.axes) == 1 and set(_by_gid(fig, "hist:")) == {"train", "test_unseen"}

@@ -21,6 +21,9 @@ PLOT_FILE = "labels.png"
 BINS = 20
 #: Vertical spread of one type's dots (fraction of a row), so that equal labels stay visible.
 JITTER = 0.28
+#: Most distortion rows drawn: a manifest of free-text, per-clip distortion names keeps those
+#: with the most clips (a row per name made a figure hundreds of inches high).
+MAX_TYPES = 64
 
 
 def _groups(rows: Sequence[Mapping[str, Any]], key: str) -> dict[str, np.ndarray]:
@@ -37,10 +40,11 @@ def label_plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
 
     Left: a histogram of the labels over [0, 1] (`BINS` bins, labels outside clipped to the
     end bins) per split, as steps, each split's clip count in the legend. Right, when any row
-    names a distortion: one row per distortion type, sorted by median label (highest at the
-    top), with every clip's label as a dot (spread a little in height), a black tick at the
-    median and a bar over the quartiles; a type's colour says which splits its clips are in
-    (the demo's unseen types: test_unseen alone).
+    names a distortion: one row per distortion type (at most `MAX_TYPES`, those with the most
+    clips), sorted by median label (highest at the top), with every clip's label as a dot
+    (spread a little in height), a black tick at the median and a bar over the quartiles; a
+    type's colour says which splits its clips are in (the demo's unseen types: test_unseen
+    alone).
 
     Raises:
       ValueError: no rows, or a row whose haaqi_score is missing or not finite (named by index).
@@ -60,6 +64,10 @@ def label_plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
     by_split = _groups(rows, "split")
     with_types = any("distortion" in row for row in rows)
     by_type = _groups(rows, "distortion") if with_types else {}
+    n_types = len(by_type)
+    if n_types > MAX_TYPES:
+        kept = sorted(by_type, key=lambda k: (-by_type[k].size, k))[:MAX_TYPES]
+        by_type = {k: by_type[k] for k in kept}
     names = sorted(by_type, key=lambda k: (np.median(by_type[k]), k))
     homes: dict[str, set[str]] = {}
     for row in rows:
@@ -105,7 +113,9 @@ def label_plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
         ax.set_yticks(range(len(names)), [f"{n} ({by_type[n].size})" for n in names],
                       fontsize=7)
         ax.set(xlim=(-0.02, 1.02), ylim=(-0.6, len(names) - 0.4), xlabel="HAAQI label")
-        ax.set_title("by distortion (clips), highest median at the top;\n"
+        shown = (f"the {MAX_TYPES} of {n_types} distortions with the most clips"
+                 if n_types > MAX_TYPES else "by distortion (clips)")
+        ax.set_title(f"{shown}, highest median at the top;\n"
                      "tick: median, bar: quartiles; colour: the splits", fontsize=9)
         ax.grid(axis="x", color="0.9")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
