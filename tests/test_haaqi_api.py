@@ -354,6 +354,19 @@ def test_batch_takes_audiogram_objects():
                                plain.combined, atol=1e-6)
 
 
+def test_batch_refuses_one_audiogram_object_by_name():
+    """One Audiogram for a batch (haaqi_batch takes B of them) is refused naming
+    audiogram_levels; it failed with numpy's "float() argument must be ... not 'Audiogram'"."""
+    ref, proc = _pairs(2)
+    for one in (Audiogram(AUDIOGRAMS["sloping"]),
+                ClarityAudiogram(levels=np.asarray(AUDIOGRAMS["sloping"], float),
+                                 frequencies=np.asarray(STANDARD_FREQUENCIES))):
+        with pytest.raises(ValueError, match=r"audiogram_levels: one Audiogram for 2 items"):
+            haaqi_batch(ref, proc, FS, one)
+        with pytest.raises(ValueError, match=r"audiogram_levels: one Audiogram for 2 items"):
+            prepare_batch(ref, proc, FS, one)
+
+
 def test_haaqi_v1_argument_checks():
     ref, proc = _pairs(1)
     with pytest.raises(ValueError, match="level1 must be one number"):

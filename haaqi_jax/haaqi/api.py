@@ -353,8 +353,8 @@ def prepare_batch(reference, processed, sample_rate: float, audiogram_levels,
     Raises:
       ValueError: only for problems of the whole batch: the arrays' shapes or dtypes (not
         (B, N), empty, complex or non-numeric), equalisation, sample rate, and the shapes of
-        audiogram_levels / audiogram_frequencies (or a list of Audiograms that is not B
-        long), level1 and lengths.
+        audiogram_levels / audiogram_frequencies (one Audiogram, or a list of Audiograms that
+        is not B long), level1 and lengths.
       TypeError: under jax.jit / vmap / grad (host-side numpy).
     """
     from haaqi_jax.tracing import refuse_traced
@@ -369,6 +369,9 @@ def prepare_batch(reference, processed, sample_rate: float, audiogram_levels,
         raise ValueError(f"equalisation must be 1 (apply NAL-R) or 2 (already amplified), got "
                          f"{equalisation!r}")
     ear_model.check_sample_rate(sample_rate, "sample_rate")
+    if is_audiogram(audiogram_levels):
+        raise ValueError(f"audiogram_levels: one Audiogram for {batch} items; give one per "
+                         f"item (e.g. [audiogram] * {batch}) or a ({batch}, frequencies) array")
     if isinstance(audiogram_levels, (list, tuple)) and any(map(is_audiogram,
                                                                audiogram_levels)):
         if len(audiogram_levels) != batch:
