@@ -119,7 +119,8 @@ def get_loss(name: str, **kwargs: Any) -> LossFn:
     """The registered loss `name` with `kwargs` bound: `fn(predictions, batch) -> (loss, aux)`.
 
     Raises ValueError naming the keyword when the loss does not take one of `kwargs` (a typo in
-    a config's `loss.kwargs` fails here, not inside a compiled step).
+    a config's `loss.kwargs` fails here, not inside a compiled step), or when `kwargs` lack a
+    keyword that has no default.
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown loss {name!r}; registered: {available_losses()}")
@@ -133,6 +134,13 @@ def get_loss(name: str, **kwargs: Any) -> LossFn:
         if unknown:
             raise ValueError(f"loss {name!r} takes no keyword {unknown[0]!r} (its keywords: "
                              f"{takes})")
+    missing = [n for n, p in list(params.items())[2:]
+               if p.default is inspect.Parameter.empty and n not in kwargs
+               and p.kind in (inspect.Parameter.KEYWORD_ONLY,
+                              inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    if missing:                   # else a TypeError when the step is first traced
+        raise ValueError(f"loss {name!r} needs keyword {missing[0]!r} (it has no default); "
+                         f"give it in the loss's kwargs")
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
     for key, value in kwargs.items():
         default = params[key].default if key in params else None

@@ -220,6 +220,30 @@ def test_a_bool_keyword_refuses_a_string():
             losses.get_loss("test_bool_keyword", symmetric=value)
 
 
+def test_a_keyword_without_default_must_be_given():
+    """A loss keyword with no default that the config does not give was found only when the
+    step was first traced: in a distillation after the teacher had trained, as a bare
+    TypeError. It is refused with the keyword named, by get_loss and by check_loss_config,
+    for the objective and for a distillation term."""
+
+    @losses.register_loss("test_needs_scale", overwrite=True)
+    def needs_scale(predictions, batch, *, scale):
+        return scale * jnp.mean(predictions["clip_score"]), {}
+
+    preds, batch, _ = _batch()
+    assert float(losses.get_loss("test_needs_scale", scale=0.0)(preds, batch)[0]) == 0.0
+    with pytest.raises(ValueError, match=r"loss 'test_needs_scale' needs keyword 'scale' "
+                                         r"\(it has no default\)"):
+        losses.get_loss("test_needs_scale")
+    with pytest.raises(ValueError, match=r"^loss.name='test_needs_scale': .*needs keyword "
+                                         r"'scale'"):
+        losses.check_loss_config("test_needs_scale", {})
+    with pytest.raises(ValueError, match=r"^loss.kwargs.distill: .*needs keyword 'scale'"):
+        losses.check_loss_config("distill_weighted", {"distill": "test_needs_scale"})
+    losses.check_loss_config("distill_weighted", {"distill": {"name": "test_needs_scale",
+                                                              "kwargs": {"scale": 2.0}}})
+
+
 def test_weighted_pearson_matches_scipy_and_ignores_filler():
     from scipy.stats import pearsonr
 
