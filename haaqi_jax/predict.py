@@ -29,7 +29,10 @@ duration_s, error (empty when scored), audiogram (manifest | --audiograms KEY | 
 A bad file (unreadable, NaN, silent, too short, no or bad audiogram, including a bad
 --audiograms entry) or a manifest that cannot be read is reported on stderr and in `error`; the
 others are still scored. Interrupted (Ctrl-C), it writes what it scored so far, the rest marked
-"not scored: interrupted". Exit status: 0 when every file was scored, 1 when some failed, 2 on a
+"not scored: interrupted". While it runs, OUT.partial.jsonl records each scored file, so that a
+rerun of the same command after an interruption or a kill scores only the files not scored yet
+(by the same model, with the same audiogram, and unchanged since); it is deleted once the CSV
+is written whole. Exit status: 0 when every file was scored, 1 when some failed, 2 on a
 usage error (bad checkpoint, bad --audiogram, an --audiograms file that cannot be read, no
 inputs, an unwritable --out), 130 when interrupted.
 """
@@ -52,6 +55,10 @@ from haaqi_jax.audiogram import STANDARD_FREQUENCIES, parse_numbers, validate_le
 
 #: Inputs read as manifests (a .csv is named as not one, instead of read as audio).
 MANIFEST_SUFFIXES = (".jsonl", ".json", ".csv")
+#: Beside --out while `predict` runs: the scores so far, one line per file, so that a killed or
+#: interrupted run resumes where it stopped (rerun the same command); deleted once the CSV is
+#: written whole.
+JOURNAL_SUFFIX = ".partial.jsonl"
 
 
 @dataclasses.dataclass
@@ -348,21 +355,104 @@ def _predict_within_memory(net, jobs: list[Job], clips: list[np.ndarray], batch_
     return scores
 
 
+def journal_path(out: str | Path) -> Path:
+    """The journal of a `predict` run writing the CSV `out`."""
+    out = Path(out)
+    return out.with_name(out.name + JOURNAL_SUFFIX)
+
+
+def model_id(net, dtype: str) -> str:
+    """What a journal's scores depend on besides the files: the weights, config and dtype."""
+    from haaqi_jax.data.cache import params_fingerprint
+    return f"{params_fingerprint(net.params, net.config.to_dict())}|{dtype}"
+
+
+def _source_key(job: Job) -> str | None:
+    """What job's score was computed from: the file as it is now (path, size, modification
+    time), the channel read and the audiogram; None when the file cannot be stat'ed."""
+    try:
+        stat = job.file.stat()
+    except OSError:
+        return None
+    levels = ",".join(repr(float(v)) for v in np.asarray(job.audiogram).ravel())
+    return (f"{job.file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{job.channel or ''}|"
+            f"{levels}")
+
+
+class ScoreJournal:
+    """An append-only JSONL record of scored files (`JOURNAL_SUFFIX`, beside --out).
+
+    Line 1 names the model (`model_id`); each further line is {"key", "score", "duration_s"}
+    of one scored file (`_source_key`). A journal of another model is started afresh; a line
+    cut short by a kill is dropped; a file changed since (size or modification time), read
+    with another audiogram or channel, has another key and is scored again.
+    """
+
+    def __init__(self, path: str | Path, model: str):
+        self.path, self.model = Path(path), model
+
+    def restore(self, jobs: Iterable[Job]) -> int:
+        """Fills score and duration_s of the jobs the journal holds; returns how many. Starts
+        the journal (its model line) when there is none, or it is another model's."""
+        from haaqi_jax.files import complete_lines
+        lines = complete_lines(self.path)
+        entries: dict[str, dict] = {}
+        header = None
+        if lines:
+            try:
+                header = json.loads(lines[0])
+                entries = {e["key"]: e for e in map(json.loads, lines[1:])}
+            except (json.JSONDecodeError, KeyError, TypeError):
+                header = None
+        if not isinstance(header, dict) or header.get("model") != self.model:
+            if lines:
+                print(f"note: {self.path} holds another model's scores (or is damaged); "
+                      f"scoring every file afresh", file=sys.stderr)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps({"model": self.model}) + "\n")
+            return 0
+        restored = 0
+        for job in jobs:
+            entry = None if job.error else entries.get(_source_key(job))
+            if entry is not None:
+                job.score, job.duration_s = float(entry["score"]), entry["duration_s"]
+                restored += 1
+        return restored
+
+    def record(self, jobs: Iterable[Job]) -> None:
+        """Appends the scored jobs (flushed to disk: a kill loses no recorded line)."""
+        import os
+        lines = [json.dumps({"key": key, "score": job.score, "duration_s": job.duration_s})
+                 for job in jobs if job.score is not None
+                 and (key := _source_key(job)) is not None]
+        if lines:
+            with open(self.path, "a") as f:
+                f.write("\n".join(lines) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+
 def score_jobs(net, jobs: list[Job], *, batch_size: int = 8, progress: bool = True,
                chunk_size: int | None = None, desc: str = "HAAQI-Net",
-               print_errors: bool = True) -> None:
+               print_errors: bool = True, journal: ScoreJournal | None = None) -> None:
     """Loads and scores the jobs, filling job.score / job.error.
 
     Files are read shortest first, `chunk_size` at a time (default two batches): memory stays
     bounded, chunks of like lengths fill whole batches, and Ctrl-C loses at most the chunk in
     flight. `desc` names the progress bar; `print_errors=False` leaves the errors to the
-    caller (they are in job.error either way).
+    caller (they are in job.error either way). With a `journal`, the jobs it holds are not
+    scored again, and each chunk's scores are recorded in it once scored.
     """
     from tqdm.auto import tqdm
     chunk_size = chunk_size or 2 * batch_size
-    ordered = _by_length(jobs)
+    restored = 0 if journal is None else journal.restore(jobs)
+    if restored:
+        print(f"{desc}: {restored} of {len(jobs)} files scored by an earlier run "
+              f"({journal.path}); scoring the rest", file=sys.stderr)
+    ordered = _by_length([job for job in jobs if job.score is None])
     say = (lambda text: print(text, file=sys.stderr)) if print_errors else (lambda text: None)
-    with tqdm(total=len(jobs), desc=desc, unit="file", disable=not progress) as bar:
+    with tqdm(total=len(jobs), initial=restored, desc=desc, unit="file",
+              disable=not progress) as bar:
         for start in range(0, len(ordered), chunk_size):
             chunk = ordered[start:start + chunk_size]
             ready, clips = [], []
@@ -387,6 +477,8 @@ def score_jobs(net, jobs: list[Job], *, batch_size: int = 8, progress: bool = Tr
                 else:   # never a silent NaN in the results: the model's weights are suspect
                     job.error = "the model gave a non-finite score (NaN weights?)"
                     say(f"error: {job.name}: {job.error}")
+            if journal is not None:
+                journal.record(ready)
 
 
 def write_results(path: str | Path, jobs: list[Job]) -> Path:
@@ -428,15 +520,20 @@ def run(args: argparse.Namespace) -> int:
               f"{', ...' if len(unused) > 5 else ''} (a key is a path relative to this folder, "
               f"to the table's folder or to a folder argument, or a bare file name)",
               file=sys.stderr)
+    journal = ScoreJournal(journal_path(args.out), model_id(net, args.dtype))
     try:
-        score_jobs(net, jobs, batch_size=args.batch_size, progress=not args.no_progress)
+        score_jobs(net, jobs, batch_size=args.batch_size, progress=not args.no_progress,
+                   journal=journal)
     except KeyboardInterrupt:   # keep what was scored
         for job in jobs:
             if job.score is None and not job.error:
                 job.error = "not scored: interrupted"
         write_results(args.out, jobs)
+        print(f"interrupted: rerun the same command to score the rest (the scores so far "
+              f"are in {journal.path})", file=sys.stderr)
         raise
     out = write_results(args.out, jobs)
+    journal.path.unlink(missing_ok=True)        # the CSV holds every score now
     failed = sum(job.score is None for job in jobs)
     print(f"scored {len(jobs) - failed} of {len(jobs)} files -> {out}", file=sys.stderr)
     return 1 if failed else 0

@@ -396,6 +396,97 @@ def test_an_interrupted_predict_writes_what_it_scored(setup, monkeypatch):
     assert [r["error"] for r in rows if not r["haaqi"]] == ["not scored: interrupted"]
 
 
+def _count_scored(monkeypatch, interrupt_after=None):
+    """Counts the clips HAAQINet.predict is asked to score; raises KeyboardInterrupt once
+    `interrupt_after` calls have run (a Ctrl-C between two chunks)."""
+    scored = []
+    real = HAAQINet.predict
+
+    def counting(self, clips, *args, **kwargs):
+        if interrupt_after is not None and len(scored) >= interrupt_after:
+            raise KeyboardInterrupt
+        scored.append(len(clips))
+        return real(self, clips, *args, **kwargs)
+    monkeypatch.setattr(HAAQINet, "predict", counting)
+    return scored
+
+
+def test_a_rerun_after_an_interruption_scores_only_the_rest(setup, tmp_path, monkeypatch,
+                                                             capsys):
+    from haaqi_jax import predict
+
+    root, net = setup
+    music = tmp_path / "music"
+    music.mkdir()
+    for i in range(6):
+        sf.write(music / f"{i}.wav", _tone(16000, 0.5 + 0.05 * i, seed=20 + i), 16000)
+    args = ["predict", "--checkpoint", str(root / "ckpt"), "--audiogram",
+            ",".join(map(str, LEVELS)), str(music), "--no-progress", "--batch-size", "1"]
+    whole = tmp_path / "whole.csv"
+    assert cli.main(args + ["--out", str(whole)]) == 0
+    assert not predict.journal_path(whole).exists()          # deleted with the CSV written
+    out = tmp_path / "out.csv"
+    # Chunks of two files (batch size 1): interrupted once two chunks are scored.
+    scored = _count_scored(monkeypatch, interrupt_after=2)
+    assert cli.main(args + ["--out", str(out)]) == 130
+    assert "rerun the same command" in capsys.readouterr().err
+    assert sum(scored) == 4 and len(predict.journal_path(out).read_text().splitlines()) == 5
+    monkeypatch.undo()
+    # A kill mid-line leaves half a line: dropped, that file scored again.
+    with open(predict.journal_path(out), "a") as f:
+        f.write('{"key": "/x|1')
+    scored = _count_scored(monkeypatch)
+    assert cli.main(args + ["--out", str(out)]) == 0
+    assert "4 of 6 files scored by an earlier run" in capsys.readouterr().err
+    assert sum(scored) == 2                                   # only the two not scored yet
+    assert _rows(out) == _rows(whole)                         # the same scores, durations
+    assert not predict.journal_path(out).exists()
+
+
+def test_a_journal_is_not_used_for_another_model_audiogram_or_changed_file(setup, tmp_path,
+                                                                           monkeypatch, capsys):
+    from haaqi_jax import predict
+
+    root, net = setup
+    music = tmp_path / "music"
+    music.mkdir()
+    for i in range(3):
+        sf.write(music / f"{i}.wav", _tone(16000, 0.5, seed=40 + i), 16000)
+    out = tmp_path / "out.csv"
+
+    def run(levels=LEVELS, checkpoint=root / "ckpt"):
+        return cli.main(["predict", "--checkpoint", str(checkpoint), "--audiogram",
+                         ",".join(map(str, levels)), str(music), "--no-progress", "--out",
+                         str(out)])
+    _count_scored(monkeypatch, interrupt_after=0)
+    assert run() == 130                                   # a journal with its model line only
+    monkeypatch.undo()
+    journal = predict.journal_path(out)
+    model_line = journal.read_text()
+    # A journal holding every file: whatever differs from it is scored again.
+    jobs = predict.collect_jobs([str(music)])
+    for job in jobs:
+        job.audiogram, job.score, job.duration_s = np.asarray(LEVELS, float), 0.123, 0.5
+    predict.ScoreJournal(journal, json.loads(model_line)["model"]).record(jobs)
+    sf.write(music / "2.wav", _tone(16000, 0.5, seed=99), 16000)          # changed since
+    scored = _count_scored(monkeypatch)
+    assert run() == 0 and sum(scored) == 1
+    rows = _rows(out)
+    assert [rows[str(music / f"{i}.wav")]["haaqi"] for i in range(2)] == ["0.123000"] * 2
+    assert float(rows[str(music / "2.wav")]["haaqi"]) == pytest.approx(
+        _reference(net, music / "2.wav", LEVELS), abs=1e-5)
+    # Another audiogram, or another model (weights), scores everything afresh.
+    for other in ({"levels": [20] * 8}, {"checkpoint": tmp_path / "other"}):
+        if "checkpoint" in other:
+            HAAQINet.init_random(HAAQINetConfig(encoder_config=TINY_CFG), seed=12).save(
+                tmp_path / "other")
+        journal.write_text(model_line)
+        predict.ScoreJournal(journal, json.loads(model_line)["model"]).record(jobs)
+        scored.clear()
+        assert run(**other) == 0 and sum(scored) == 3, other
+        assert ("another model's scores" in capsys.readouterr().err) == ("checkpoint" in other)
+
+
 def test_a_json_table_with_a_key_twice_fails_that_key(tmp_path):
     from haaqi_jax import predict
 
