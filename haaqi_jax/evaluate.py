@@ -663,6 +663,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 #: `evaluate_manifest` reads and scores this many batches of clips at a time.
 EVAL_CHUNK_BATCHES = 16
+#: In the report folder while `evaluate_manifest` scores: each scored clip, for a rerun to
+#: resume from (`predict.ScoreJournal`).
+SCORES_JOURNAL = "scores.partial.jsonl"
 
 
 def evaluate_manifest(model_dir: str | os.PathLike, manifest: str | os.PathLike,
@@ -677,14 +680,16 @@ def evaluate_manifest(model_dir: str | os.PathLike, manifest: str | os.PathLike,
     Bad rows (malformed, a missing, corrupt, NaN, silent or too short file) are reported and
     skipped, as `haaqi-jax predict` skips bad files: metrics["skipped"] lists them
     ({"line" or "id", "reason"}), and the report covers the others. Rows without a split are
-    scored as split "unsplit".
+    scored as split "unsplit". While it scores, out_dir/`SCORES_JOURNAL` records each scored
+    clip (`predict.ScoreJournal`): run again after an interruption or a kill, it scores only
+    the rest; the journal is deleted once the report is written.
 
     Returns:
       the metrics dict written to metrics.json, plus "skipped".
     """
     from haaqi_jax.data.manifest import read_manifest
     from haaqi_jax.model import HAAQINet, compute_dtype
-    from haaqi_jax.predict import Job, score_jobs
+    from haaqi_jax.predict import Job, ScoreJournal, model_id, score_jobs
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -706,6 +711,8 @@ def evaluate_manifest(model_dir: str | os.PathLike, manifest: str | os.PathLike,
     if missing:
         raise ValueError(f"{manifest}: no rows in split(s) {missing} (have {available})")
     net = HAAQINet.load(model_dir, dtype=dtype)
+    # A killed or interrupted evaluation resumes: the same command scores only the rest.
+    journal = ScoreJournal(Path(out_dir) / SCORES_JOURNAL, model_id(net, dtype))
     records = []
     # Clips are read and scored EVAL_CHUNK_BATCHES batches at a time, shortest first
     # (`haaqi-jax predict`'s loader and checks): host memory stays bounded on a large set, and
@@ -716,7 +723,7 @@ def evaluate_manifest(model_dir: str | os.PathLike, manifest: str | os.PathLike,
                     channel=r.channel) for r in split_rows]
         score_jobs(net, jobs, batch_size=batch_size, progress=progress,
                    chunk_size=EVAL_CHUNK_BATCHES * batch_size, desc=f"HAAQI-Net {split}",
-                   print_errors=False)
+                   print_errors=False, journal=journal)
         skipped += [{"id": r.id, "reason": job.error} for r, job in zip(split_rows, jobs)
                     if job.score is None]
         scored = [(r, job.score) for r, job in zip(split_rows, jobs) if job.score is not None]
@@ -735,6 +742,7 @@ def evaluate_manifest(model_dir: str | os.PathLike, manifest: str | os.PathLike,
         (Path(out_dir) / "skipped.json").write_text(json.dumps(skipped, indent=1) + "\n")
     else:   # an earlier run's list would read as this run's
         (Path(out_dir) / "skipped.json").unlink(missing_ok=True)
+    journal.path.unlink(missing_ok=True)              # the report holds every score now
     return {**report, "skipped": skipped}
 
 

@@ -348,6 +348,51 @@ def test_a_large_split_is_read_and_scored_a_chunk_at_a_time(tmp_path, monkeypatc
     np.testing.assert_allclose([got[f"c{i}"] for i in range(7)], expected, atol=1e-5)
 
 
+def test_an_interrupted_evaluation_resumes_scoring_only_the_rest(tmp_path, monkeypatch):
+    """A kill or Ctrl-C mid-way keeps the scored chunks in the report folder's journal; the
+    same call again scores only the clips not scored yet, and the report equals an
+    uninterrupted run's."""
+    from haaqi_jax import config as cfglib
+    from haaqi_jax.model import HAAQINet
+    from haaqi_jax.train import loop
+
+    rng = np.random.default_rng(8)
+    rows = []
+    for i in range(6):
+        sf.write(tmp_path / f"c{i}.wav", 0.1 * rng.standard_normal(6000 + 1000 * i), 16000,
+                 subtype="FLOAT")
+        rows.append({"id": f"c{i}", "file_path": f"c{i}.wav", "audiogram": [20] * 8,
+                     "haaqi_score": float(rng.uniform()), "split": ("a", "b")[i % 2]})
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loop.build_model(cfglib.load_config_file(_helpers.TINY)).save(tmp_path / "model")
+    monkeypatch.setattr(evaluate, "EVAL_CHUNK_BATCHES", 1, raising=False)
+    run = lambda out: evaluate.evaluate_manifest(tmp_path / "model", manifest, tmp_path / out,
+                                                 batch_size=2, progress=False)
+    run("whole")
+    assert not (tmp_path / "whole" / evaluate.SCORES_JOURNAL).exists()
+    scored, predict = [], HAAQINet.predict
+
+    def counting(self, waveforms, *args, **kwargs):
+        if interrupt and len(scored) == 2:
+            raise KeyboardInterrupt
+        scored.append(len(waveforms))
+        return predict(self, waveforms, *args, **kwargs)
+
+    monkeypatch.setattr(HAAQINet, "predict", counting)
+    interrupt = True
+    with pytest.raises(KeyboardInterrupt):     # split a's 3 clips in chunks of 2, then b's
+        run("resumed")
+    assert scored == [2, 1]
+    scored.clear()
+    interrupt = False
+    run("resumed")
+    assert sum(scored) == 3                                  # split b's clips alone
+    assert not (tmp_path / "resumed" / evaluate.SCORES_JOURNAL).exists()
+    read = lambda out: list(csv.DictReader((tmp_path / out / "predictions.csv").open()))
+    assert read("resumed") == read("whole")
+
+
 #: WHO 2021 grades (World report on hearing, Table 1.3), written out here apart from the
 #: library's: (name, lowest PTA in the grade, first PTA above it), dB HL.
 WHO_2021_GRADES = [("normal", -np.inf, 20.0), ("mild", 20.0, 35.0), ("moderate", 35.0, 50.0),
