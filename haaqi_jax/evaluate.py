@@ -290,6 +290,8 @@ def check_color_by(color_by: str, what: str = "color_by") -> None:
 SCATTER_MARKERS = "os^DvP"
 #: Legend entries per column beside the scatter (more: another column, the figure widens).
 SCATTER_LEGEND_ROWS = 24
+#: The scatter's one group for the clips of every group past the most common ones.
+OTHER_GROUPS = "(the other types)"
 #: Both HAAQI axes of the report's plots: [0, 1] and a margin, so that a clip on 0 or 1 (a
 #: clean reference) shows its whole marker.
 HAAQI_LIMITS = (-0.025, 1.025)
@@ -337,8 +339,11 @@ def scatter_plot(records: Sequence[Mapping[str, Any]], path: Path, color_by: str
     ('split' | 'distortion' | 'hearing_loss': the WHO grades mildest first, then the clips
     without an audiogram); the title names the splits, the clip count, LCC and SRCC. The
     legend (every group, with its clip count) stands beside the axes, in columns of
-    SCATTER_LEGEND_ROWS, the figure widened to hold it."""
+    SCATTER_LEGEND_ROWS, the figure widened to hold it. Past `data.overview.MAX_TYPES`
+    groups, those with the most clips keep their colours and the rest are `OTHER_GROUPS`."""
     import math
+
+    from haaqi_jax.data.overview import MAX_TYPES
 
     import matplotlib
     matplotlib.use("Agg")
@@ -352,6 +357,13 @@ def scatter_plot(records: Sequence[Mapping[str, Any]], path: Path, color_by: str
         groups = [g for g in HEARING_LOSS_GRADES + (NO_AUDIOGRAM,) if g in present]
     else:
         groups = sorted({r[color_by] for r in records})
+        if len(groups) > MAX_TYPES:   # per-clip free-text names: a legend many inches wide
+            from collections import Counter
+            counts = Counter(r[color_by] for r in records)
+            kept = set(sorted(groups, key=lambda g: (-counts[g], g))[:MAX_TYPES - 1])
+            records = [r if r[color_by] in kept else {**r, color_by: OTHER_GROUPS}
+                       for r in records]
+            groups = sorted(kept) + [OTHER_GROUPS]
     many = len(groups) > 10                   # e.g. the demo's 26 distortions
     cmap = plt.get_cmap("tab20" if many else "tab10")
     colors = _group_colors(groups, color_by, cmap)

@@ -657,6 +657,20 @@ def test_a_scatter_legend_is_whole_and_off_the_points(tmp_path, color_by, names)
                                                    set(evaluate.hearing_loss_of_records(records)))
 
 
+def test_a_scatter_of_more_types_than_max_types_pools_the_rarest(tmp_path):
+    from haaqi_jax.data.overview import MAX_TYPES
+    rng = np.random.default_rng(6)
+    names = [f"t{i:03d}" for i in range(MAX_TYPES + 10)]
+    records = _demo_records(rng, names, per=1) + _demo_records(rng, ["zz_common"], per=5)
+    fig = drawn(evaluate.scatter_plot, records, tmp_path / "s.png", color_by="distortion")
+    texts = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    # The common type and the first MAX_TYPES - 2 one-clip names by name, then the rest pooled.
+    assert len(texts) == MAX_TYPES and "zz_common (5)" in texts
+    assert texts[-1] == f"{evaluate.OTHER_GROUPS} (12)"
+    assert sum(len(c.get_offsets()) for c in fig.axes[0].collections) == len(records)
+    assert inside(fig.axes[0].get_legend().get_window_extent(), fig.bbox)
+
+
 def test_a_scatter_shows_clips_on_the_edges_whole():
     """Labels and predictions of exactly 0 or 1 (clean references) sat on the axes' edges,
     three quarters of each marker cut off."""
