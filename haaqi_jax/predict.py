@@ -369,7 +369,10 @@ def model_id(net, dtype: str) -> str:
 
 def _source_key(job: Job) -> str | None:
     """What job's score was computed from: the file as it is now (path, size, modification
-    time), the channel read and the audiogram; None when the file cannot be stat'ed."""
+    time), the channel read and the audiogram; None when the file cannot be stat'ed or the
+    job has no audiogram (it fails without a score)."""
+    if job.audiogram is None:
+        return None
     try:
         stat = job.file.stat()
     except OSError:
