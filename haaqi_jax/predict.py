@@ -44,6 +44,7 @@ import csv
 import dataclasses
 import io
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -398,17 +399,17 @@ class ScoreJournal:
         """Fills score and duration_s of the jobs the journal holds; returns how many. Starts
         the journal (its model line) when there is none, or it is another model's."""
         from haaqi_jax.files import complete_lines
-        lines = complete_lines(self.path)
-        entries: dict[str, dict] = {}
+        entries: dict[str, tuple[float, float]] = {}
         header = None
-        if lines:
-            try:
-                header = json.loads(lines[0])
-                entries = {e["key"]: e for e in map(json.loads, lines[1:])}
-            except (json.JSONDecodeError, KeyError, TypeError):
-                header = None
+        try:
+            lines = complete_lines(self.path)
+            header = json.loads(lines[0]) if lines else None
+            entries = {e["key"]: (float(e["score"]), float(e["duration_s"]))
+                       for e in map(json.loads, lines[1:])}
+        except (ValueError, KeyError, TypeError, IndexError):   # not UTF-8 / JSON / entries
+            header = None
         if not isinstance(header, dict) or header.get("model") != self.model:
-            if lines:
+            if self.path.is_file() and self.path.stat().st_size:
                 print(f"note: {self.path} holds another model's scores (or is damaged); "
                       f"scoring every file afresh", file=sys.stderr)
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -418,13 +419,12 @@ class ScoreJournal:
         for job in jobs:
             entry = None if job.error else entries.get(_source_key(job))
             if entry is not None:
-                job.score, job.duration_s = float(entry["score"]), entry["duration_s"]
+                job.score, job.duration_s = entry
                 restored += 1
         return restored
 
     def record(self, jobs: Iterable[Job]) -> None:
         """Appends the scored jobs (flushed to disk: a kill loses no recorded line)."""
-        import os
         lines = [json.dumps({"key": key, "score": job.score, "duration_s": job.duration_s})
                  for job in jobs if job.score is not None
                  and (key := _source_key(job)) is not None]

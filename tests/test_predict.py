@@ -475,6 +475,12 @@ def test_a_journal_is_not_used_for_another_model_audiogram_or_changed_file(setup
     assert [rows[str(music / f"{i}.wav")]["haaqi"] for i in range(2)] == ["0.123000"] * 2
     assert float(rows[str(music / "2.wav")]["haaqi"]) == pytest.approx(
         _reference(net, music / "2.wav", LEVELS), abs=1e-5)
+    # A damaged journal (not UTF-8, an entry without its score) is started afresh, named.
+    for damage in (b"\xff\xfe\n", b'{"key": "x", "duration_s": 1}\n'):
+        journal.write_bytes(model_line.encode() + damage)
+        scored.clear()
+        assert run() == 0 and sum(scored) == 3
+        assert "or is damaged" in capsys.readouterr().err
     # Another audiogram, or another model (weights), scores everything afresh.
     for other in ({"levels": [20] * 8}, {"checkpoint": tmp_path / "other"}):
         if "checkpoint" in other:
