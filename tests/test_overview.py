@@ -117,6 +117,12 @@ def test_a_bad_label_is_named_by_row(tmp_path, score):
     assert not (tmp_path / "labels.png").exists()
 
 
+def test_numpy_scores_are_numbers_too(tmp_path):
+    rows = [dict(r, haaqi_score=np.float32(r["haaqi_score"])) for r in _rows()]
+    fig = drawn(overview.label_plot, rows, tmp_path / "labels.png")
+    assert sum(h.get_data().values.sum() for h in _by_gid(fig, "hist:").values()) == len(rows)
+
+
 def test_no_rows_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no rows"):
         overview.label_plot([], tmp_path / "labels.png")

@@ -15,6 +15,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from haaqi_jax.config import is_number
+
 #: File name of the plot in a dataset folder.
 PLOT_FILE = "labels.png"
 #: Histogram bins over [0, 1].
@@ -57,8 +59,7 @@ def label_plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
         raise ValueError("label_plot: no rows to plot")
     for i, row in enumerate(rows):
         score = row.get("haaqi_score")
-        if not isinstance(score, (int, float)) or isinstance(score, bool) \
-                or not np.isfinite(score):
+        if not (is_number(score) or isinstance(score, np.floating)) or not np.isfinite(score):
             raise ValueError(f"label_plot: row {i} ({row.get('id', 'no id')}) has haaqi_score "
                              f"{score!r}; expected a finite number")
     by_split = _groups(rows, "split")
