@@ -164,5 +164,9 @@ def kaldi_fbank(waveform: jax.Array, lengths: jax.Array | None = None
 
 
 def normalize_fbank(x: jax.Array) -> jax.Array:
-    """BEATs input normalisation: (x - 15.41663) / (2 * 6.55582) (the factor 2 is deliberate)."""
+    """BEATs input normalisation: (x - 15.41663) / (2 * 6.55582) (the factor 2 is deliberate).
+
+    Elementwise: x is a `kaldi_fbank` output (B, F, 128) or any shape; the result has x's
+    shape (and x's dtype when x is a float array).
+    """
     return (x - FBANK_MEAN) / (2.0 * FBANK_STD)
