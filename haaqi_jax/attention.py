@@ -148,8 +148,10 @@ def _is_half(dtype) -> bool:
 
 
 def at_least_float32(x: jax.Array) -> jax.Array:
-    """x in float32 if it is a narrower float (a half-precision compute dtype), else as it is
-    (no op in the float32 default): for the sums and nonlinearities kept in float32."""
+    """x (any shape) in at least float32, for the sums and nonlinearities kept in float32:
+    a narrower float (a half-precision compute dtype) becomes float32, float32 and float64
+    stay as they are (no op in the float32 default); integers and bools become float32
+    (`jnp.promote_types(x.dtype, float32)`)."""
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
