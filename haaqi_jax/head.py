@@ -67,7 +67,8 @@ class HeadConfig:
         `dropout`; not stored in a torch file, so a converted head gets 0).
       dense_dim: width after the BLSTM and of the attention (256).
       num_heads: attention heads (16).
-      dropout_rate: dropout after the ReLU (0.3); the only dropout in the head.
+      dropout_rate: dropout after the ReLU (0.3); the head's only other dropout is
+        `lstm_dropout_rate` between stacked BLSTM layers (none in the attention).
       layer_norm_eps: epsilon of the per-layer LayerNorms (PyTorch's 1e-5).
       audiogram_scale: factor on the dB HL levels before they join the tokens. 1.0 is the
         released model (raw 0..120 dB into the BLSTM gates, which saturates them); a head
@@ -156,7 +157,8 @@ class LSTMDirection(nn.Module):
     """
 
     hidden: int
-    dtype: Any = None       # of the input projection (None: the inputs')
+    dtype: Any = None       # of the input projection (None: float32, the float32 parameters
+                            # promoted with the inputs, so half-precision inputs too)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -204,7 +206,8 @@ class BLSTM(nn.Module):
     Parameters: forward / backward for the first layer (the released single-layer names),
     forward_k / backward_k for layer k >= 1.
 
-    dtype: compute dtype of the input projections (None: the inputs'). The recurrence itself
+    dtype: compute dtype of the input projections (None: float32, half-precision inputs
+    included, as flax promotes them with the float32 parameters). The recurrence itself
     (gates, cell state, hidden state) runs in float32 whatever it is: it accumulates over
     hundreds of steps, and its per-step matmul is too small to gain from half precision.
     """
@@ -261,9 +264,9 @@ class SelfAttentionReadout(nn.Module):
     rounding; for a 10 s clip it saves ~1.3 of the head's ~11 ms on the project's CPU.
 
     __call__(x (B, T, D), token_mask (B, T) True = valid, w (D, K), b (K,)) -> (B, T, K)
-    dtype: compute dtype of the projections and the attention's matmuls (None: the
-      inputs'); the folding of the parameters, the softmax and the sum over heads (the
-      output) stay float32.
+    dtype: compute dtype of the projections and the attention's matmuls (None: float32,
+      half-precision inputs included, as flax promotes them with the float32 parameters); the
+      folding of the parameters, the softmax and the sum over heads (the output) stay float32.
     """
 
     num_heads: int
@@ -333,10 +336,15 @@ class HAAQINetHead(nn.Module):
             config.num_weighted_layers = L > 0.
           token_mask: (B, T) bool, True = valid token; valid tokens must come first (checked
             when the mask is concrete).
-          audiogram: (B, 8) raw hearing levels in dB HL (not normalised, as released).
+          audiogram: (B, config.audiogram_dim) (8 as released) raw hearing levels in dB HL
+            (not normalised, as released; multiplied by config.audiogram_scale here).
           deterministic: False turns dropout on (needs a 'dropout' rng).
         Returns:
-          HeadOutput(frame_scores (B, T), clip_score (B,)).
+          HeadOutput(frame_scores (B, T), clip_score (B,)), float32 whatever `dtype`; with the
+          "haaqi_components" readout also frame_components (B, T, 2), clip_components (B, 2).
+        Raises:
+          ValueError: features, token_mask or audiogram of another shape, or (concrete masks
+            only) a row with a valid token after a padded one.
         """
         cfg = self.config
         if cfg.num_weighted_layers:
