@@ -142,7 +142,9 @@ class StudentEncoder(nn.Module):
 
     def encode_fbank(self, fbank: jax.Array, frame_padding_mask: jax.Array | None = None, *,
                      deterministic: bool = True) -> beats_lib.BEATsOutput:
-        """Feature-level entry point: normalised fbank (B, F, 128) -> BEATsOutput."""
+        """Feature-level entry point: normalised fbank (B, F, 128), frame_padding_mask (B, F)
+        bool True = padded frame | None -> BEATsOutput (hidden_states[0]: the front end's
+        output with padded tokens zeroed; no positional conv, no encoder LayerNorm)."""
         bcfg = self.config.beats
         frame_padding_mask = beats_lib.check_fbank(fbank, frame_padding_mask,
                                                    bcfg.input_patch_size)
@@ -245,7 +247,8 @@ class PredictionHeads(nn.Module):
 
     kind "independent": y_k = Dense_k(x); "sequential": y_k = Dense_k(y_{k-1}), y_0 = x.
     __call__(x (B, T, C)) -> (B, K, T, C)
-    dtype: compute dtype of the heads (None: the inputs').
+    dtype: compute dtype of the heads (None: float32, half-precision inputs included, as flax
+      promotes them with the float32 parameters).
     """
 
     num_targets: int
