@@ -236,7 +236,9 @@ _SUB_LAYER_WEIGHTS = ("{where}.kwargs.distill.kwargs.layer_weights: a distillati
 
 
 def weighted_mean(values: jax.Array, weight: jax.Array) -> jax.Array:
-    """sum(w * v) / sum(w) over the leading axis; 0 when every weight is 0 (all filler)."""
+    """sum(w * v) / sum(w) over items: values (B,) and weight (B,) -> scalar; 0 when every
+    weight is 0 (all filler). For (B, K) values map it over K, as `_per_layer` does: given
+    them directly, the weight would broadcast against the last axis, not against B."""
     total = jnp.sum(weight)
     return jnp.sum(weight * values) / jnp.where(total > 0, total, 1.0)
 
@@ -489,9 +491,9 @@ def distillation_terms(predictions, batch, *, haaqi=None, distill=None):
     `haaqi` / `distill`: registered loss names or {"name", "kwargs"} (default "haaqi_mse" and
     "l1_cosine"). The distillation loss is called once per target layer, so any registered
     loss of the (predictions, batch) form -- a user's own included -- gives per-layer terms.
-    Returns ((1 + K,) terms, aux): aux holds the HAAQI loss's terms as haaqi/<key>, each
-    layer's term as distill_<k> and the distillation loss's own terms of layer k as
-    distill_<k>/<key>.
+    Returns ((1 + K,) terms, aux): aux holds the HAAQI loss as haaqi_loss and its terms as
+    haaqi/<key>, each layer's term as distill_<k> (k = 0 .. K - 1) and the distillation loss's
+    own terms of layer k as distill_<k>/<key>.
     """
     haaqi_name, haaqi_kwargs = _named(haaqi, SUB_LOSS_DEFAULTS["haaqi"])
     distill_name, distill_kwargs = _named(distill, SUB_LOSS_DEFAULTS["distill"])
