@@ -188,7 +188,7 @@ class BEATsOutput:
 
     last_hidden_state: (B, T, C) output of the last layer.
     hidden_states: tuple of L + 1 arrays (B, T, C): encoder input after the encoder LayerNorm,
-      then each layer's output.
+      then each layer's output (the distilled student's index 0: its front end's output).
     padding_mask: (B, T) bool, True = padded token.
     logits: (B, classes) masked time mean of the predictor (fine-tuned models), else None.
     probs: sigmoid(logits), else None.
@@ -310,8 +310,9 @@ def encoder_input(waveform: jax.Array, padding_mask: jax.Array | None, *,
 
 def check_fbank(fbank: jax.Array, frame_padding_mask: jax.Array | None,
                 patch_size: int) -> jax.Array:
-    """Shape checks of the feature-level entry point; returns the (B, F) mask (all False when
-    None was given). Raises ValueError naming the problem."""
+    """Shape checks of the feature-level entry point: fbank (B, F, 128) with F >= patch_size,
+    frame_padding_mask (B, F) True = padded frame, or None. Returns the (B, F) mask (all False
+    when None was given). Raises ValueError naming the problem."""
     if fbank.ndim != 3 or fbank.shape[-1] != fbank_lib.NUM_MEL_BINS:
         raise ValueError(f"fbank must be (batch, frames, {fbank_lib.NUM_MEL_BINS}), "
                          f"got {fbank.shape}")
@@ -369,8 +370,9 @@ class PositionalConv(nn.Module):
     """Grouped Conv1d with weight norm over the kernel axis, last step dropped, exact GELU.
 
     __call__(x (B, T, C)) -> (B, T, C)
-    dtype: compute dtype of the convolution (None: the inputs'); the weight norm is taken in
-      float32, the parameters' dtype.
+    dtype: compute dtype of the convolution (None: float32, half-precision inputs included,
+      as they are promoted with the float32 kernel); the weight norm is taken in float32, the
+      parameters' dtype.
     """
 
     config: BEATsConfig
@@ -430,7 +432,8 @@ def offset_buckets(relative: np.ndarray, num_buckets: int, max_distance: int) ->
 
 
 class RelativePositionBias(nn.Module):
-    """One learned bias table shared by all layers.
+    """One learned bias table (BEATs shares it across all layers; the student may give each
+    layer its own).
 
     __call__(n_tokens) -> (H, T, T) bias added to the attention logits; for inputs long enough
     that `attention.attend` walks them in query blocks (`attention.default_query_block`), the
@@ -459,8 +462,9 @@ class BEATsSelfAttention(nn.Module):
 
     __call__(x (B, T, C), key_padding_mask (B, T) True=pad, position_bias (H, T, T), an
       attention.ToeplitzBias or None) -> (B, T, C)
-    dtype: compute dtype of the projections (None: the inputs'); `attention.attend` keeps
-      the logits and softmax float32, the float32 position bias is added to them.
+    dtype: compute dtype of the projections (None: float32, half-precision inputs included,
+      as flax promotes them with the float32 parameters); `attention.attend` keeps the logits
+      and softmax float32, the float32 position bias is added to them.
     """
 
     config: BEATsConfig
@@ -504,8 +508,9 @@ class BEATsEncoderLayer(nn.Module):
 
     __call__(x (B, T, C), key_padding_mask (B, T) True=pad, position_bias (H, T, T), an
       attention.ToeplitzBias or None) -> (B, T, C)
-    dtype: compute dtype of the matmuls and activations (None: the inputs'); LayerNorm
-      statistics and the attention's softmax stay float32.
+    dtype: compute dtype of the matmuls and activations (None: float32, half-precision inputs
+      included, as flax promotes them with the float32 parameters); LayerNorm statistics and
+      the attention's softmax stay float32.
     """
 
     config: BEATsConfig
