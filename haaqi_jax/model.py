@@ -328,6 +328,8 @@ def encoder_padding_mask(num_samples: jax.Array, padded_length: int) -> jax.Arra
     reduction flag exactly the tokens >= K, where K = `tokens_for_samples(num_samples)` is what
     the clip alone gives; the frames those K tokens read never reach past the clip's own
     samples. (Padding right after the clip's last sample would flag about K + 1 tokens.)
+
+    Raises ValueError when `padded_length` is shorter than one patch (MIN_SAMPLES).
     """
     frames = 1 + (padded_length - FRAME_LENGTH) // FRAME_SHIFT
     tokens = tokens_for_samples(padded_length)
@@ -725,8 +727,10 @@ class HAAQINet:
 
     def head_apply(self, features, token_mask, audiogram, *, head_params=None,
                    deterministic: bool = True, rngs=None) -> HeadOutput:
-        """The head alone on cached features (B, T, C) / (B, L, T, C); `head_params` defaults
-        to this model's."""
+        """The head alone on cached features (B, T, C) / (B, L, T, C) ("weighted" mode),
+        token_mask (B, T) bool True = valid token (valid tokens first), audiogram (B, 8) dB HL
+        -> HeadOutput(frame_scores (B, T), clip_score (B,)); `head_params` defaults to this
+        model's. Unlike `apply` it checks no values (the head checks shapes and the mask)."""
         head_params = self.params["head"] if head_params is None else head_params
         return HAAQINetHead(self.config.head, self.module.dtype).apply(
             {"params": head_params}, features, token_mask, audiogram,
