@@ -104,8 +104,10 @@ def hearing_loss_6(audiogram) -> np.ndarray:
 
 
 def bucket_length(n: int) -> int:
-    """Buffer length for a valid length n: n rounded up to BUCKET_UNIT times a number with at
-    most 4 significant bits (8..15 times a power of 2), i.e. at most 12.5% padding."""
+    """Buffer length (24 kHz samples) for a valid length n: n rounded up to BUCKET_UNIT times
+    a number of units that is at most 16 or has at most 4 significant bits (8..15 times a
+    power of 2). That is under 12.5 % padding once n exceeds 8 units (3,072 samples, 128 ms);
+    a shorter n is only rounded up to whole units (385 samples -> 768)."""
     units = max(1, math.ceil(n / BUCKET_UNIT))
     if units > 16:
         step = 1 << (units.bit_length() - 4)
@@ -144,7 +146,8 @@ def threshold_noise(key: jax.Array, length: int, dtype=jnp.float32) -> jax.Array
 
 
 def open_unit_uniform(bits: jax.Array, dtype=jnp.float32) -> jax.Array:
-    """uint32 bits -> uniforms on the grid (k + 1/2) 2^-23, k < 2^23: strictly inside (0, 1)
+    """uint32 bits (any shape) -> uniforms of that shape in `dtype`, elementwise from the top
+    23 bits, on the grid (k + 1/2) 2^-23, k < 2^23: strictly inside (0, 1)
     in float32 too. (With 24 bits the top value, 1 - 2^-25, rounds to 1.0 in float32, whose
     normal quantile is inf: about one threshold-noise sample in 2^24 was infinite.)"""
     return ((bits >> 9).astype(dtype) + 0.5) * (2.0 ** -23)
