@@ -30,9 +30,9 @@ LossFn = Callable[[Mapping[str, jax.Array], Batch], tuple[jax.Array, dict[str, j
 
 
 def head_predictions(out: Any, token_mask: jax.Array) -> dict[str, jax.Array]:
-    """A HeadOutput as the predictions a loss reads: clip_score, frame_scores, frame_mask
-    (token_mask as bool) and, from the "haaqi_components" readout, clip_components and
-    frame_components."""
+    """A HeadOutput as the predictions a loss reads: clip_score (B,), frame_scores (B, T),
+    frame_mask (B, T) (token_mask (B, T), True = valid, as bool) and, from the
+    "haaqi_components" readout, clip_components (B, 2) and frame_components (B, T, 2)."""
     predictions = {"clip_score": out.clip_score, "frame_scores": out.frame_scores,
                    "frame_mask": token_mask.astype(bool)}
     if out.clip_components is not None:
