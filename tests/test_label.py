@@ -598,6 +598,15 @@ def test_cli_plot_draws_the_training_manifests_labels(dataset, tmp_path, monkeyp
                      "--no-progress", "--manifest-out", str(train), "--plot", str(plot)]) == 0
     assert f"labels plot: {plot}" in capsys.readouterr().out
     assert plot.read_bytes().startswith(b"\x89PNG")
+    # Nothing labelled (every row fails): no plot, and a line that says so.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "x", "reference": "missing.wav", "processed": "missing.wav",
+                               "audiogram": [10] * 8}) + "\n")
+    assert cli.main(["label", str(bad), "--out", str(tmp_path / "b.jsonl"), "--no-progress",
+                     "--manifest-out", str(tmp_path / "bt.jsonl"), "--plot",
+                     str(tmp_path / "none.png")]) == 1
+    assert "no labels plot: no row is labelled" in capsys.readouterr().err
+    assert not (tmp_path / "none.png").exists()
     # What it draws: every training row's label once (one row per scored ear; these rows name
     # no split: "(none)").
     scores = [json.loads(line)["haaqi_score"] for line in train.read_text().splitlines()]

@@ -91,7 +91,7 @@ def label_plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
                        label=f"{split} ({labels.size})", gid=f"hist:{split}")
     hist_ax.set(xlim=(0.0, 1.0), xlabel="HAAQI label", ylabel="clips")
     hist_ax.set_title(f"{title}: {len(rows)} clips, by split", fontsize=9)
-    hist_ax.legend(fontsize=7, loc="upper left")
+    hist_ax.legend(fontsize=7, loc="best")
     hist_ax.grid(axis="y", color="0.9")
 
     if with_types:

@@ -65,6 +65,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -1257,6 +1258,9 @@ def run(args: argparse.Namespace) -> int:
     print(summary)
     if args.plot is not None and summary.training is not None:
         print(f"labels plot: {plot_labels(summary.training.path, args.plot)}")
+    elif args.plot is not None:
+        print(f"no labels plot: no row is labelled, so {args.plot} is not written",
+              file=sys.stderr)
     return 1 if summary.n_failed else 0
 
 
