@@ -254,9 +254,10 @@ def check_waveform_batch(waveform: Any, padding_mask: Any = None, *,
         if tuple(np.shape(padding_mask)) != shape:
             raise ValueError(f"padding_mask shape {tuple(np.shape(padding_mask))} != waveform "
                              f"shape {shape}")
-        if np.dtype(padding_mask.dtype) != np.bool_:
-            raise ValueError(f"padding_mask must be bool (True = padding), got "
-                             f"{padding_mask.dtype}")
+        mask_dtype = np.dtype(padding_mask.dtype if hasattr(padding_mask, "dtype")
+                              else np.asarray(padding_mask).dtype)
+        if mask_dtype != np.bool_:
+            raise ValueError(f"padding_mask must be bool (True = padding), got {mask_dtype}")
     if not _is_concrete(waveform):
         return
     values = np.asarray(waveform, np.float32)

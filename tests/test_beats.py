@@ -258,6 +258,11 @@ def test_bad_masks_and_fbank_raise(tiny):
         check_waveform_batch(wav, np.zeros((2, SR + 1), bool))
     with pytest.raises(ValueError, match="bool"):
         check_waveform_batch(wav, np.zeros((2, SR), np.int32))
+    # Nested lists are masks too: checked as arrays (their dtype was read off the list, an
+    # AttributeError), a list of 0 / 1 refused as not bool like an int array.
+    check_waveform_batch(wav, [[False] * SR] * 2)
+    with pytest.raises(ValueError, match="bool"):
+        check_waveform_batch(wav, [[0] * SR] * 2)
     # A row whose mask leaves no token valid under the reference's reduction rule.
     empty = np.arange(SR)[None, :] >= np.array([[SR], [0]])
     with pytest.raises(ValueError, match=r"rows \[1\].*too few valid samples"):
