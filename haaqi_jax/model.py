@@ -441,7 +441,8 @@ def prepare_waveform(waveform, sample_rate: int, *, where: str = "waveform") -> 
 
     Raises:
       ValueError naming `where` for: a bad sample rate, not 1-D, not float, non-finite
-      samples, silence, or fewer samples than one BEATs patch (0.175 s) after resampling
+      samples, a peak far outside [-1, 1] (above `fbank.MAX_PEAK`: integer PCM read as
+      float), silence, or fewer samples than one BEATs patch (0.175 s) after resampling
       (checks of `haaqi_jax.data.audio.check_waveform`).
     """
     from haaqi_jax.data.audio import check_waveform
