@@ -27,6 +27,9 @@ SUBCOMMANDS = {
     "compare": ("haaqi_jax.compare", "several runs' LCC/SRCC/MSE side by side, mean and spread"),
 }
 
+#: Commands that an interrupted run resumes when the same command runs again.
+RESUMABLE = ("label", "demo-data", "predict", "evaluate")
+
 
 EPILOG = ("exit codes: 0 done; 1 done, but some items failed (each named on stderr, or in the "
           "errors file of label); 2 a usage "
@@ -187,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         return module.run(args)
 
     return run_guarded(f"haaqi-jax {args.command}", job,
-                       interrupted="interrupted; finished work is kept (label, demo-data: the "
-                       "same command resumes)")
+                       interrupted="interrupted; finished work is kept"
+                       + (" (run the same command again to resume)"
+                          if args.command in RESUMABLE else ""))
 
 
 def exit_with(code: int, *, at_once: bool = False) -> NoReturn:

@@ -29,6 +29,25 @@ def test_user_errors_are_one_line_and_interruption_exits_130(monkeypatch, capsys
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv", [
+    ["predict", "--checkpoint", "ck", "--audiogram", "0,0,0,0,0,0,0,0", "music", "--out",
+     "r.csv"],
+    ["evaluate", "--model", "m", "--manifest", "m.jsonl", "--out", "eval"],
+    ["label", "pairs.jsonl", "--out", "labels.jsonl"],
+])
+def test_interrupting_a_resumable_command_says_that_it_resumes(monkeypatch, capsys, argv):
+    """README: predict and evaluate resume, as label does, when the same command runs again.
+    Their Ctrl-C line said "(label, demo-data: the same command resumes)", as if they did
+    not."""
+    import importlib
+    monkeypatch.setattr(importlib.import_module(cli.SUBCOMMANDS[argv[0]][0]), "run",
+                        _raise(KeyboardInterrupt()))
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err
+    assert err == (f"haaqi-jax {argv[0]}: interrupted; finished work is kept (run the same "
+                   f"command again to resume)\n")
+
+
 def test_the_traceback_on_request_and_bugs_are_not_swallowed(monkeypatch):
     monkeypatch.setattr(score_cli, "run", _raise(ValueError("bad input")))
     monkeypatch.setenv(cli.TRACEBACK_ENV, "1")
