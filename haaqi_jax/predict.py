@@ -532,8 +532,8 @@ def run(args: argparse.Namespace) -> int:
             if job.score is None and not job.error:
                 job.error = "not scored: interrupted"
         write_results(args.out, jobs)
-        print(f"interrupted: rerun the same command to score the rest (the scores so far "
-              f"are in {journal.path})", file=sys.stderr)
+        print(f"the files scored so far are in {args.out} and {journal.path}, which a rerun "
+              f"of the same command reads", file=sys.stderr)
         raise
     out = write_results(args.out, jobs)
     journal.path.unlink(missing_ok=True)        # the CSV holds every score now

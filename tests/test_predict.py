@@ -429,7 +429,8 @@ def test_a_rerun_after_an_interruption_scores_only_the_rest(setup, tmp_path, mon
     # Chunks of two files (batch size 1): interrupted once two chunks are scored.
     scored = _count_scored(monkeypatch, interrupt_after=2)
     assert cli.main(args + ["--out", str(out)]) == 130
-    assert "rerun the same command" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "run the same command again to resume" in err and str(predict.journal_path(out)) in err
     assert sum(scored) == 4 and len(predict.journal_path(out).read_text().splitlines()) == 5
     monkeypatch.undo()
     # A kill mid-line leaves half a line: dropped, that file scored again.
