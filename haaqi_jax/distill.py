@@ -702,7 +702,8 @@ def distill_and_evaluate(config: Any, workdir: str | os.PathLike, *, data: Any =
         best_state, _ = ckpt.restore(int(early["best_step"]), state)
         best = _model_params(best_state.params)
         report_dir = loop.write_training_report(config, student, best, data, student_eval, mesh,
-                                                keys, workdir / loop.REPORT_DIR, early)
+                                                keys, workdir / loop.REPORT_DIR,
+                                                {**early, "stopped": run.stopped_early})
         comparison = compare(config, teacher, HAAQINet(student.config, jax.device_get(best)),
                              data, head_loss, mesh, keys, student_eval, best,
                              timing=_earlier_timing(workdir / REPORT_FILE, config,
@@ -716,7 +717,7 @@ def distill_and_evaluate(config: Any, workdir: str | os.PathLike, *, data: Any =
     ckpt.close()
     return loop.TrainResult(workdir=workdir, final_step=step, best_step=early["best_step"],
                             best_valid_loss=early["best_valid_loss"],
-                            stopped_early=early["stopped"], interrupted=interrupted,
+                            stopped_early=run.stopped_early, interrupted=interrupted,
                             state=state, report_dir=report_dir, monitor=early["monitor"],
                             best_value=early["best_value"])
 

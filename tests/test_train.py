@@ -1242,6 +1242,23 @@ def test_raising_patience_on_a_resume_trains_on(tiny, tmp_path, capsys):
     assert not longer.stopped_early and int(longer.state.step) == 16
 
 
+def test_patience_running_out_on_the_last_epoch_is_no_early_stop(tiny, tmp_path, capsys):
+    """Every planned step ran, so train.py must not say "stopped early at step 8" (nor the
+    report's training.json stopped_early), as it did when patience ran out on the last epoch."""
+    _, overrides = tiny
+    base = overrides + ["optimizer.schedule=constant", "train.min_delta=10.0",
+                        "train.patience=1"]
+    result = loop.train_and_evaluate(_config(base + ["train.num_epochs=2"]), tmp_path / "w")
+    assert int(result.state.step) == 8 and result.final_step == 8     # 2 epochs of 4 steps
+    assert not result.stopped_early
+    summary = json.loads((result.report_dir / "training.json").read_text())
+    assert summary["stopped_early"] is False
+    # One more planned epoch: the same patience does stop the run early.
+    early = loop.train_and_evaluate(
+        _config(base + ["train.num_epochs=3", "train.write_report=False"]), tmp_path / "w3")
+    assert early.stopped_early and early.final_step == 8
+
+
 def test_grad_norm_is_the_norm_that_clipping_sees():
     """Logged grad_norm: the model's trainable leaves only, not frozen ones nor a loss's own
     parameters (those have their own unclipped optimizer)."""

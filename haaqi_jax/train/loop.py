@@ -707,10 +707,10 @@ def _train_and_evaluate(config: Any, workdir: Path, *, data: TrainData | None) -
         best_state, _ = ckpt.restore(int(early["best_step"]), state)
         report_dir = write_training_report(config, net, state_lib.eval_params(best_state),
                                            data, eval_step, mesh, keys, workdir / REPORT_DIR,
-                                           early)
+                                           {**early, "stopped": run.stopped_early})
     ckpt.close()
     return TrainResult(workdir=workdir, final_step=step, best_step=early["best_step"],
-                       best_valid_loss=early["best_valid_loss"], stopped_early=early["stopped"],
+                       best_valid_loss=early["best_valid_loss"], stopped_early=run.stopped_early,
                        interrupted=interrupted, state=state, report_dir=report_dir,
                        monitor=early["monitor"], best_value=early["best_value"])
 
@@ -718,13 +718,16 @@ def _train_and_evaluate(config: Any, workdir: Path, *, data: TrainData | None) -
 @dataclasses.dataclass
 class LoopRun:
     """What `run_loop` leaves: the last state and step, the early-stopping record, whether a
-    test hook stopped it, and the (still open) checkpoint manager."""
+    test hook stopped it, the (still open) checkpoint manager, and whether patience ended the
+    run before its last planned step (patience running out on the last epoch is no early
+    stop: every step ran)."""
 
     state: Any
     step: int
     early: dict
     interrupted: bool
     ckpt: TrainCheckpointManager
+    stopped_early: bool = False
 
 
 def _check_finite(record: Mapping[str, float], where: str, ckpt: Any) -> None:
@@ -864,7 +867,8 @@ def run_loop(state: Any, *, step_fn: Callable, evaluate: Callable, data: TrainDa
                           keep=(early["best_step"],))
     finally:
         bar.close()
-    return LoopRun(state=state, step=step, early=early, interrupted=interrupted, ckpt=ckpt)
+    return LoopRun(state=state, step=step, early=early, interrupted=interrupted, ckpt=ckpt,
+                   stopped_early=bool(early["stopped"]) and step < total_steps)
 
 
 def _is_constant(predictions: np.ndarray) -> bool:
@@ -1010,7 +1014,9 @@ def write_training_report(config: Any, net: Any, params: Any, data: TrainData,
                           eval_step: Callable, mesh: Any, keys: Sequence[str], out_dir: Path,
                           early: Mapping[str, Any]) -> Path:
     """Evaluates the best params on every eval split and writes the report folder, with the
-    metrics report.metrics names and train.monitor's when it is one of your own."""
+    metrics report.metrics names and train.monitor's when it is one of your own.
+    `early["stopped"]` is written as training.json's stopped_early: True when patience ended
+    the run before its last planned step (`LoopRun.stopped_early`)."""
     from haaqi_jax.evaluate import prediction_records, write_report
     from haaqi_jax.model import HAAQINet
 
