@@ -372,15 +372,15 @@ def _source_key(job: Job) -> str | None:
     """What job's score was computed from: the file as it is now (path, size, modification
     time), the channel read and the audiogram; None when the file cannot be stat'ed or the
     job has no audiogram (it fails without a score)."""
+    from haaqi_jax.data.cache import source_id
     if job.audiogram is None:
         return None
     try:
-        stat = job.file.stat()
+        source = source_id(job.file.resolve(), job.channel)
     except OSError:
         return None
     levels = ",".join(repr(float(v)) for v in np.asarray(job.audiogram).ravel())
-    return (f"{job.file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{job.channel or ''}|"
-            f"{levels}")
+    return f"{source}|{levels}"
 
 
 class ScoreJournal:

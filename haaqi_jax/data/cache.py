@@ -79,11 +79,17 @@ def params_fingerprint(params: Any, config: Any = None) -> str:
     return h.hexdigest()[:32]
 
 
+def source_id(path: Path, channel: str | None = None) -> str:
+    """What a result computed from an audio file depends on: the file as it is now (path,
+    size, modification time) and the channel read. OSError when the file cannot be stat'ed."""
+    stat = path.stat()
+    channel = "" if channel is None else f"|{channel}"
+    return f"{path}|{stat.st_size}|{stat.st_mtime_ns}{channel}"
+
+
 def _source_id(row: ManifestRow) -> str:
     """What the stored features were computed from: the file as it was, and the channel."""
-    stat = row.file_path.stat()
-    channel = "" if row.channel is None else f"|{row.channel}"
-    return f"{row.file_path}|{stat.st_size}|{stat.st_mtime_ns}{channel}"
+    return source_id(row.file_path, row.channel)
 
 
 def _file_name(row_id: str, source: str) -> str:
