@@ -343,7 +343,7 @@ def scatter_plot(records: Sequence[Mapping[str, Any]], path: Path, color_by: str
     groups, those with the most clips keep their colours and the rest are `OTHER_GROUPS`."""
     import math
 
-    from haaqi_jax.data.overview import MAX_TYPES
+    from haaqi_jax.data.overview import MAX_TYPES, most_common
 
     import matplotlib
     matplotlib.use("Agg")
@@ -359,8 +359,7 @@ def scatter_plot(records: Sequence[Mapping[str, Any]], path: Path, color_by: str
         groups = sorted({r[color_by] for r in records})
         if len(groups) > MAX_TYPES:   # per-clip free-text names: a legend many inches wide
             from collections import Counter
-            counts = Counter(r[color_by] for r in records)
-            kept = set(sorted(groups, key=lambda g: (-counts[g], g))[:MAX_TYPES - 1])
+            kept = set(most_common(Counter(r[color_by] for r in records), MAX_TYPES - 1))
             records = [r if r[color_by] in kept else {**r, color_by: OTHER_GROUPS}
                        for r in records]
             groups = sorted(kept) + [OTHER_GROUPS]
@@ -411,10 +410,10 @@ def distortion_plot(records: Sequence[Mapping[str, Any]], report: Mapping[str, A
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from haaqi_jax.data.overview import MAX_TYPES
+    from haaqi_jax.data.overview import MAX_TYPES, most_common
 
     by_type = report["by_distortion"]
-    names = sorted(by_type, key=lambda k: (-by_type[k]["n"], k))[:MAX_TYPES]
+    names = most_common({k: entry["n"] for k, entry in by_type.items()})
     names.sort(key=lambda k: by_type[k]["prediction_mean"] - by_type[k]["label_mean"])
     counts: dict[str, dict[str, int]] = {}                  # distortion -> split -> clips
     for r in records:

@@ -28,6 +28,12 @@ JITTER = 0.28
 MAX_TYPES = 64
 
 
+def most_common(counts: Mapping[str, int], limit: int = MAX_TYPES) -> list[str]:
+    """The `limit` names with the most clips (`counts`: name -> clips), ties by name, in that
+    order: which distortion types a plot of at most `limit` of them keeps."""
+    return sorted(counts, key=lambda name: (-counts[name], name))[:limit]
+
+
 def _groups(rows: Sequence[Mapping[str, Any]], key: str) -> dict[str, np.ndarray]:
     """key value (str; "(none)" where a row lacks it) -> (n,) labels, in first-seen order."""
     out: dict[str, list[float]] = {}
@@ -67,7 +73,7 @@ def label_plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
     by_type = _groups(rows, "distortion") if with_types else {}
     n_types = len(by_type)
     if n_types > MAX_TYPES:
-        kept = sorted(by_type, key=lambda k: (-by_type[k].size, k))[:MAX_TYPES]
+        kept = most_common({k: v.size for k, v in by_type.items()})
         by_type = {k: by_type[k] for k in kept}
     names = sorted(by_type, key=lambda k: (np.median(by_type[k]), k))
     homes: dict[str, set[str]] = {}
