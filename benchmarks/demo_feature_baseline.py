@@ -55,10 +55,23 @@ def report(name: str, predicted: np.ndarray, labels: np.ndarray, splits: np.ndar
     print(f"{name:<14} LCC / SRCC: " + ", ".join(parts))
 
 
+def _standardised(x: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """Each column minus the train rows' mean, over their spread."""
+    return (x - x[train].mean(0)) / (x[train].std(0) + 1e-6)
+
+
+def _ridge(z: np.ndarray, target: np.ndarray, train: np.ndarray, penalty: float) -> np.ndarray:
+    """Ridge regression of `target` (n,) or (n, k) on standardised `z`, fitted on the train
+    rows (the target centred there), predicted for every row."""
+    a, mean = z[train], target[train].mean(0)
+    w = np.linalg.solve(a.T @ a + penalty * np.eye(a.shape[1]), a.T @ (target[train] - mean))
+    return z @ w + mean
+
+
 def _trees(x: np.ndarray, labels: np.ndarray, train: np.ndarray, seeds=(0, 1)) -> np.ndarray:
-    """Mean prediction of gradient-boosted trees of two seeds, fitted on the train rows."""
+    """Mean prediction of gradient-boosted trees of `seeds`, fitted on the train rows."""
     from sklearn.ensemble import HistGradientBoostingRegressor
-    z = (x - x[train].mean(0)) / (x[train].std(0) + 1e-6)
+    z = _standardised(x, train)
     return np.mean([HistGradientBoostingRegressor(max_iter=300, learning_rate=0.05,
                                                   random_state=seed)
                     .fit(z[train], labels[train]).predict(z) for seed in seeds], axis=0)
@@ -74,7 +87,7 @@ def reference_estimates(features: np.ndarray, reference: np.ndarray, n_stats: in
     train = splits == "train"
     bands = n_stats // 3                                 # mean, spread, change per band
     processed = features[:, :n_stats]
-    z = (features - features[train].mean(0)) / (features[train].std(0) + 1e-6)
+    z = _standardised(features, train)
 
     def with_difference(name: str, estimate: np.ndarray) -> None:
         width = estimate.shape[1]
@@ -84,11 +97,8 @@ def reference_estimates(features: np.ndarray, reference: np.ndarray, n_stats: in
 
     report("trees alone", _trees(features, labels, train), labels, splits)
     with_difference("true ref means", reference[:, :bands])
-    centred = reference[train] - reference[train].mean(0)
     for penalty in (100.0, 1000.0):
-        a = z[train]
-        w = np.linalg.solve(a.T @ a + penalty * np.eye(a.shape[1]), a.T @ centred)
-        with_difference(f"ridge {penalty:g} est", z @ w + reference[train].mean(0))
+        with_difference(f"ridge {penalty:g} est", _ridge(z, reference, train, penalty))
     pca = PCA(24).fit(reference[train])
     for hidden in ((256,), (512, 256)):
         mlp = MLPRegressor(hidden_layer_sizes=hidden, alpha=1e-2, max_iter=2000,
@@ -139,20 +149,15 @@ def main() -> None:
             reference_estimates(features, reference, n_stats, labels, splits)
         if args.with_reference:
             features = np.concatenate([features, features[:, :n_stats] - reference], axis=1)
-    mean, std = features[train].mean(0), features[train].std(0) + 1e-6
-    z = (features - mean) / std
+    z = _standardised(features, train)
     for penalty in (10.0, 100.0, 1000.0):
-        a = z[train]
-        w = np.linalg.solve(a.T @ a + penalty * np.eye(a.shape[1]),
-                            a.T @ (labels[train] - labels[train].mean()))
-        report(f"ridge {penalty:g}", z @ w + labels[train].mean(), labels, splits)
+        report(f"ridge {penalty:g}", _ridge(z, labels, train, penalty), labels, splits)
     try:
-        from sklearn.ensemble import HistGradientBoostingRegressor
+        import sklearn  # noqa: F401
     except ImportError:
         print("(scikit-learn not installed: no gradient boosting)")
         return
-    gbm = HistGradientBoostingRegressor(max_iter=300, learning_rate=0.05, random_state=0)
-    report("boosted trees", gbm.fit(z[train], labels[train]).predict(z), labels, splits)
+    report("boosted trees", _trees(features, labels, train, seeds=(0,)), labels, splits)
 
 
 if __name__ == "__main__":
